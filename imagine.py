@@ -1,0 +1,806 @@
+#!/usr/bin/env python3
+"""Imagine: a small local HTTP server for Stable Diffusion, in the spirit of Ollama.
+
+One endpoint, `POST /generate`: JSON in, a base64 PNG out, or with `"stream": N` a line of
+newline-delimited JSON every N steps while the picture forms. Models are single-file checkpoints
+(`dreamshaper_8.safetensors`), `.ckpt` files (loaded without running their pickle) or diffusers
+folders, all loaded with no network: the configs and the CLIP tokenizer ship in `configs/`.
+
+    python imagine.py --model demo          # a tiny random model: proves the path, draws noise
+    curl -s localhost:5000/generate -H 'Content-Type: application/json' -d '{"prompt": "a cat"}'
+
+The file reads top to bottom: settings, devices, models, samplers, previews, requests, generation,
+the engine that runs one generation at a time, the HTTP app, and main().
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import dataclasses
+import gc
+import io
+import json
+import logging
+import math
+import os
+import queue
+import secrets
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+
+# Before diffusers is imported: it touches transformers' image processors, which would log that
+# torchvision is missing. This server never uses them, and the notice would only confuse a user.
+transformers.utils.logging.set_verbosity_error()
+
+import diffusers  # noqa: I001 (must come after the line above)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from flask import Flask, Response, jsonify, request
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("imagine")
+# The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
+# nothing actionable to someone running a server; real errors still reach the log.
+diffusers.utils.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
+
+# ---------------------------------------------------------------------------------------------
+# Settings: every one a flag, an IMAGINE_* environment variable, and a default.
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+DEMO_MODEL = "demo"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8)
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+
+
+@dataclasses.dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    device: str = "auto"
+    fp_prec: str = "auto"
+    model: str = DEMO_MODEL
+    models_dir: Path = Path("~/.imagine/models").expanduser()
+    max_loaded: int = 1
+    allow_downloads: bool = False
+
+
+def parse_settings(argv=None) -> Settings:
+    """Reads flags, falling back to IMAGINE_* environment variables, then to the defaults."""
+    defaults = Settings()
+
+    def env(name, default):
+        return os.environ.get(f"IMAGINE_{name}", default)
+
+    parser = argparse.ArgumentParser(
+        description="Imagine: a local Stable Diffusion server with one endpoint, POST /generate.",
+        epilog="Each flag falls back to the environment variable shown, e.g. IMAGINE_PORT=5001.",
+    )
+    parser.add_argument("--host", default=env("HOST", defaults.host), help="address to listen on (IMAGINE_HOST)")
+    parser.add_argument("-p", "--port", type=int, default=env("PORT", defaults.port), help="port (IMAGINE_PORT)")
+    parser.add_argument(
+        "-d",
+        "--device",
+        default=env("DEVICE", defaults.device),
+        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE)",
+    )
+    parser.add_argument(
+        "-f",
+        "--fp_prec",
+        default=env("FP_PREC", defaults.fp_prec),
+        help="16 | 32 | auto: 16 on cuda/mps, 32 on cpu; 16 is bfloat16 on cpu (IMAGINE_FP_PREC)",
+    )
+    parser.add_argument(
+        "--model",
+        default=env("MODEL", defaults.model),
+        help="default model: a name in the models directory, a path, or 'demo' (IMAGINE_MODEL)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=env("MODELS_DIR", defaults.models_dir),
+        help="where named models live (IMAGINE_MODELS_DIR, default ~/.imagine/models)",
+    )
+    parser.add_argument(
+        "--max-loaded",
+        type=int,
+        default=env("MAX_LOADED", defaults.max_loaded),
+        help="models kept loaded at once; the least recently used goes first (IMAGINE_MAX_LOADED)",
+    )
+    parser.add_argument(
+        "--allow-downloads",
+        action="store_true",
+        default=env("ALLOW_DOWNLOADS", "") not in ("", "0"),
+        help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
+    )
+    args = parser.parse_args(argv)
+    if args.device not in ("auto", "cpu", "cuda", "mps"):
+        parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
+    if args.fp_prec not in ("auto", "16", "32"):
+        parser.error(f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}")
+    if args.max_loaded < 1:
+        parser.error(f"--max-loaded must be at least 1, not {args.max_loaded}")
+    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and precision
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' takes the fastest device present; a named one must exist."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if not available[name]:
+        raise SystemExit(f"imagine: device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
+    """16-bit means float16 on GPUs; on CPUs float16 is slow or unsupported, so bfloat16."""
+    if fp_prec == "auto":
+        fp_prec = "32" if device.type == "cpu" else "16"
+    if fp_prec == "32":
+        return torch.float32
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: resolve a name, detect the family, load offline, keep a few loaded
+# ---------------------------------------------------------------------------------------------
+
+
+class ImagineError(Exception):
+    """A problem to tell the client about; `status` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    label: str
+    config: str  # folder under configs/ holding the model_index, module configs and tokenizer
+    txt2img: type
+    img2img: type
+    latent_rgb: tuple  # 4x3 factors mapping latent channels to RGB, for cheap previews
+
+
+# ComfyUI's latent_rgb_factors for the SD1/SD2 VAE (see shared notes, diffusers-facts.md).
+SD_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+FAMILIES = {
+    "sd1": Family(
+        "Stable Diffusion 1.x", "sd1", StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, SD_LATENT_RGB
+    ),
+}
+
+# What identifies each family in an original (LDM) checkpoint: the text encoder's key prefix.
+# Checked in this order, since an SDXL file also has keys that look like the others'.
+FAMILY_KEY_PREFIXES = (
+    ("sdxl", "conditioner.embedders.1.model."),
+    ("sd2", "cond_stage_model.model."),
+    ("sd1", "cond_stage_model.transformer."),
+)
+FAMILY_NAMES = {"sdxl": "an SDXL", "sd2": "a Stable Diffusion 2.x"}
+
+
+def detect_family(keys) -> str:
+    """Names the model family of an LDM-layout checkpoint from its tensor names."""
+    keys = list(keys)
+    for family, prefix in FAMILY_KEY_PREFIXES:
+        if any(key.startswith(prefix) for key in keys):
+            return family
+    raise ImagineError("the checkpoint is not a Stable Diffusion model this server recognises", 400)
+
+
+def read_checkpoint_keys(path: Path) -> list:
+    """Tensor names of a checkpoint without loading its tensors (a .ckpt is memory-mapped, never unpickled unsafely)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return list(state.get("state_dict", state).keys())
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    family: Family
+    txt2img: DiffusionPipeline
+    img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
+    scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
+
+
+class Models:
+    """Finds models by name, loads them once, and keeps the `max_loaded` most recently used."""
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype, configs_dir: Path = CONFIGS_DIR):
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype
+        self.configs_dir = configs_dir
+        self.loaded = collections.OrderedDict()  # resolved reference -> LoadedModel, oldest first
+        self.loads = 0  # how many times a model was read from disk or built: a cache hit adds nothing
+
+    def resolve(self, name: str | None) -> str:
+        """Turns a request's model name into a reference to load: 'demo', a path, or a hub repo id."""
+        name = name or self.settings.model
+        if name == DEMO_MODEL:
+            return DEMO_MODEL
+        given = Path(name).expanduser()
+        in_dir = self.settings.models_dir / name
+        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES), given]
+        for candidate in candidates:
+            if candidate.is_dir() or (candidate.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
+                return str(candidate.resolve())
+        if self.settings.allow_downloads and name.count("/") == 1 and not given.is_absolute():
+            return name
+        raise ImagineError(f"model {name!r} not found in the models directory", 404)
+
+    def get(self, reference: str) -> LoadedModel:
+        if reference in self.loaded:
+            self.loaded.move_to_end(reference)
+            return self.loaded[reference]
+        while len(self.loaded) >= self.settings.max_loaded:
+            self.unload(next(iter(self.loaded)))
+        started = time.perf_counter()
+        model = self.load(reference)
+        self.loads += 1
+        log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
+        self.loaded[reference] = model
+        return model
+
+    def unload(self, reference: str) -> None:
+        log.info("unloading %s", self.loaded.pop(reference).name)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def load(self, reference: str) -> LoadedModel:
+        path = Path(reference)
+        if reference == DEMO_MODEL:
+            family, pipe = FAMILIES["sd1"], build_demo_pipeline(self.configs_dir / "sd1")
+        elif path.is_dir():
+            family, pipe = self.load_folder(path)
+        elif path.is_file():
+            family, pipe = self.load_single_file(path)
+        else:
+            family, pipe = self.download(reference)
+        pipe = pipe.to(device=self.device, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        img2img = family.img2img(**pipe.components)
+        img2img.set_progress_bar_config(disable=True)
+        return LoadedModel(
+            path.stem if path.is_file() else path.name, family, pipe, img2img, dict(pipe.scheduler.config)
+        )
+
+    def load_single_file(self, path: Path):
+        key = detect_family(read_checkpoint_keys(path))
+        if key not in FAMILIES:
+            raise ImagineError(f"the model is {FAMILY_NAMES[key]} checkpoint, which this server cannot load yet", 400)
+        family = FAMILIES[key]
+        # `config=` a local folder is what keeps this offline: without it diffusers fetches a
+        # reference repo's configs and tokenizer from the hub (see shared notes, offline-models.md).
+        pipe = family.txt2img.from_single_file(
+            str(path), config=str(self.configs_dir / family.config), local_files_only=True, torch_dtype=self.dtype
+        )
+        return family, pipe
+
+    def load_folder(self, path: Path):
+        index = path / "model_index.json"
+        class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
+        if family is None:
+            raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load", 400)
+        return family, family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
+
+    def download(self, repo_id: str):
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=self.dtype)
+        except (OSError, ValueError) as error:
+            raise ImagineError(f"model {repo_id!r} could not be downloaded: {error}", 502) from error
+        return FAMILIES["sd1"], pipe
+
+
+def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny Stable Diffusion with random weights, built in about a second: its pictures are noise.
+
+    It runs the real pipeline end to end (tokenizer, text encoder, UNet, VAE, samplers), so a fresh
+    machine can prove the whole path without a multi-gigabyte download. The same seed builds the same
+    weights, so the demo model gives the same picture for the same request across restarts.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        )
+        # Four VAE blocks, as in the real model: latents are 1/8 of the image, so previews and
+        # img2img see the same geometry as with a real checkpoint.
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=5,
+                num_attention_heads=4,
+                vocab_size=49408,
+                max_position_embeddings=77,
+            )
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer"),
+        unet=unet,
+        scheduler=PNDMScheduler.from_pretrained(config_dir / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: the A1111 names people know, mapped to diffusers schedulers
+# ---------------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpm++ 2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # diffusers has no exact DPM++ 2S; its single-step second-order DPM-Solver++ is the usual stand-in.
+    "dpm++ 2s": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++ sde": (DPMSolverSDEScheduler, {}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
+}
+DEFAULT_SAMPLER = "dpm++ 2m"
+
+
+def make_scheduler(sampler: str, base_config: dict, seed: int):
+    """A fresh scheduler per generation: schedulers keep per-run state."""
+    cls, options = SAMPLERS[sampler]
+    if cls is DPMSolverSDEScheduler:
+        # Its Brownian noise has its own seed; tie it to the request's so the picture repeats.
+        options = {**options, "noise_sampler_seed": seed}
+    return cls.from_config(base_config, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Previews: latents to RGB with a fixed 4x3 matrix, no VAE (a VAE decode costs more than a step)
+# ---------------------------------------------------------------------------------------------
+
+
+def latents_to_preview(latents: torch.Tensor, latent_rgb: tuple, size: tuple) -> Image.Image:
+    factors = torch.tensor(latent_rgb, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), factors)
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
+
+
+def png_base64(image: Image.Image, compress_level: int = 6) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests: every field checked before any work, errors naming the field and the value
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    prompt: str
+    model: str | None = None
+    width: int = 512
+    height: int = 512
+    num_steps: int = 25
+    guidance: float = 7.0
+    sampler: str = DEFAULT_SAMPLER
+    seed: int | None = None
+    neg: str = ""
+    img: Image.Image | None = None
+    strength: float = 0.8
+    stream: int = 0
+
+
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def _value(body, field, kinds, kind_name):
+    value = body[field]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ImagineError(f"{field} must be {kind_name}, not {json.dumps(value)[:80]}")
+    return value
+
+
+def _in_range(field, value, low, high):
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise ImagineError(f"{field} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _integer(body, field, default, low, high):
+    if body.get(field) is None:
+        return default
+    return _in_range(field, _value(body, field, int, "an integer"), low, high)
+
+
+def _number(body, field, default, low, high):
+    if body.get(field) is None:
+        return default
+    return float(_in_range(field, _value(body, field, (int, float), "a number"), low, high))
+
+
+def _text(body, field, default):
+    if body.get(field) is None:
+        return default
+    return _value(body, field, str, "a string")
+
+
+def _size(body, field, default):
+    size = _integer(body, field, default, MIN_SIZE, MAX_SIZE)
+    if size % 8:
+        raise ImagineError(f"{field} must be a multiple of 8, not {size}")
+    return size
+
+
+def decode_image(data: str) -> Image.Image:
+    """Accepts a data URI (`data:image/png;base64,...`) or bare base64 of any image Pillow reads."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise ImagineError("img must be a base64 data URI (data:image/...;base64,...)")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError):
+        raise ImagineError("img is not valid base64") from None
+    except (UnidentifiedImageError, OSError):
+        raise ImagineError("img is not an image Pillow can read") from None
+    return image.convert("RGB")
+
+
+def parse_request(body: dict) -> GenerationRequest:
+    """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
+    if body.get("prompt") is None:
+        raise ImagineError("prompt is required")
+    defaults = GenerationRequest(prompt="")
+    img = None
+    if body.get("img") is not None:
+        img = decode_image(_text(body, "img", None))
+    # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8).
+    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (512, 512)
+    sampler = _text(body, "sampler", defaults.sampler).strip().lower()
+    if sampler not in SAMPLERS:
+        raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
+    parsed = GenerationRequest(
+        prompt=_text(body, "prompt", ""),
+        model=_text(body, "model", None),
+        width=_size(body, "width", default_width),
+        height=_size(body, "height", default_height),
+        num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
+        guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
+        sampler=sampler,
+        seed=_integer(body, "seed", None, 0, MAX_SEED),
+        neg=_text(body, "neg", defaults.neg),
+        img=img,
+        strength=_number(body, "strength", defaults.strength, 0.0, 1.0),
+        stream=_integer(body, "stream", 0, 0, MAX_STEPS),
+    )
+    if img is not None and int(parsed.num_steps * parsed.strength) < 1:
+        raise ImagineError(
+            f"strength {parsed.strength} with num_steps {parsed.num_steps} leaves no step to run; raise either"
+        )
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: one picture from a loaded model; knows nothing of HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
+    """Runs the diffusers pipeline for `req` (whose seed must be set).
+
+    `on_step(step, steps, latents)` is called after each denoising step; `steps` counts model
+    evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
+    """
+    pipe = model.img2img if req.img is not None else model.txt2img
+    pipe.scheduler = make_scheduler(req.sampler, model.scheduler_config, req.seed)
+    # A CPU generator gives the same starting noise for the same seed on every device.
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    size_args = (
+        {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
+        if req.img is not None
+        else {"width": req.width, "height": req.height}
+    )
+
+    def step_end(pipe, index, timestep, tensors):
+        if on_step is not None:
+            on_step(index + 1, pipe.num_timesteps, tensors["latents"])
+        return tensors
+
+    with torch.inference_mode():
+        return pipe(
+            prompt=req.prompt,
+            negative_prompt=req.neg,
+            num_inference_steps=req.num_steps,
+            guidance_scale=req.guidance,
+            generator=generator,
+            callback_on_step_end=step_end,
+            **size_args,
+        ).images[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: a queue of jobs, run one at a time on one thread
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Started:
+    """The model is loaded and the generation has begun."""
+
+
+@dataclasses.dataclass
+class Preview:
+    step: int
+    steps: int
+    image: Image.Image
+
+
+@dataclasses.dataclass
+class Finished:
+    image: Image.Image
+    seed: int
+    model: str
+    steps: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class Failed:
+    error: ImagineError
+
+
+class Job:
+    """One accepted request; the engine reports its progress as events the caller iterates over."""
+
+    def __init__(self, request: GenerationRequest, reference: str):
+        self.request = request
+        self.reference = reference
+        self.events = queue.Queue()
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+
+class Engine:
+    """Owns the models and runs every generation on one long-lived thread.
+
+    One at a time because a device runs one generation well and two badly; on one thread because
+    starting a fresh thread per generation was measured slower (shared notes, performance.md).
+    """
+
+    def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR):
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.fp_prec, self.device)
+        self.models = Models(settings, self.device, self.dtype, configs_dir)
+        self.jobs = queue.Queue()
+
+    def submit(self, req: GenerationRequest) -> Job:
+        """Queues a request; an unknown model is refused here, before any work."""
+        job = Job(req, self.models.resolve(req.model))
+        if req.seed is None:
+            job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
+        self.jobs.put(job)
+        return job
+
+    def run_forever(self) -> None:
+        while True:
+            self.run(self.jobs.get())
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self, job: Job) -> None:
+        req = job.request
+        started = time.perf_counter()
+        try:
+            model = self.models.get(job.reference)
+            job.events.put(Started())
+            last_step = 0
+
+            def on_step(step, steps, latents):
+                nonlocal last_step
+                last_step = step
+                if req.stream and step % req.stream == 0 and step < steps:
+                    preview = latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height))
+                    job.events.put(Preview(step, steps, preview))
+
+            image = generate(model, req, on_step)
+        except ImagineError as error:
+            job.events.put(Failed(error))
+            return
+        except Exception as error:  # the server must outlive any failure inside a generation
+            log.exception("generation failed")
+            job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
+            return
+        seconds = time.perf_counter() - started
+        log.info(
+            "generated %dx%d, %d steps, %s, seed %d, model %s in %.1f s",
+            req.width, req.height, last_step, req.sampler, req.seed, model.name, seconds,
+        )  # fmt: skip
+        job.events.put(Finished(image, req.seed, model.name, last_step, round(seconds, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: POST /generate, and JSON errors for everything else
+# ---------------------------------------------------------------------------------------------
+
+
+def finished_fields(event: Finished) -> dict:
+    return {
+        "img": png_base64(event.image),
+        "seed": event.seed,
+        "model": event.model,
+        "width": event.image.width,
+        "height": event.image.height,
+        "steps": event.steps,
+        "seconds": event.seconds,
+    }
+
+
+def ndjson(fields: dict) -> str:
+    return json.dumps(fields) + "\n"
+
+
+def stream_lines(events, seed: int):
+    """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error."""
+    for event in events:
+        if isinstance(event, Preview):
+            fields = {"img": png_base64(event.image, compress_level=1), "step": event.step, "steps": event.steps}
+            yield ndjson({**fields, "seed": seed, "done": False})
+        elif isinstance(event, Finished):
+            yield ndjson({**finished_fields(event), "done": True})
+        elif isinstance(event, Failed):
+            yield ndjson({"error": event.error.message, "done": True})
+
+
+def read_json_body() -> dict:
+    if not request.is_json:
+        raise ImagineError("send a JSON body with Content-Type: application/json", 415)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}', 400)
+    return body
+
+
+def create_app(engine: Engine) -> Flask:
+    app = Flask("imagine")
+
+    @app.errorhandler(ImagineError)
+    def imagine_error(error):
+        return jsonify(error=error.message), error.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        return jsonify(error=error.description), error.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error):
+        log.exception("unexpected error")
+        return jsonify(error="internal error; the server log has the details"), 500
+
+    @app.post("/generate")
+    def generate_route():
+        job = engine.submit(parse_request(read_json_body()))
+        events = iter(job)
+        # Wait until the model is loaded (Started) or failed to load, while the status is still ours to set.
+        first = next(events)
+        if isinstance(first, Failed):
+            raise first.error
+        if job.request.stream:
+            return Response(stream_lines(events, job.request.seed), mimetype="application/x-ndjson")
+        for event in events:
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                return jsonify(finished_fields(event))
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    import waitress  # only the server needs it
+
+    settings = parse_settings(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = Engine(settings)
+    log.info(
+        "device %s, precision %s, default model %s, models directory %s",
+        engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
+    )  # fmt: skip
+    server = waitress.create_server(create_app(engine), host=settings.host, port=settings.port, threads=8)
+    threading.Thread(target=server.run, name="http", daemon=True).start()
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    try:
+        engine.run_forever()  # on the main thread: see Engine
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
