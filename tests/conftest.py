@@ -1,0 +1,112 @@
+"""Fixtures: a real engine on the tiny demo model, a Flask test client, and tiny models on disk."""
+
+import base64
+import io
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imagine
+
+# Small and quick: the tiny model draws 64x64 in a few steps in well under a second.
+FAST = {"width": 64, "height": 64, "num_steps": 4, "seed": 42}
+
+
+def decode_png(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert image.format == "PNG"
+    return image
+
+
+def pixels(data: str) -> np.ndarray:
+    return np.asarray(decode_png(data).convert("RGB"), dtype=np.int16)
+
+
+def png_data(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def save_tiny_folder(path: Path, seed: int) -> Path:
+    """A diffusers-format folder of a tiny random model (a few MB), other weights than the demo's."""
+    imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1", seed=seed).save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models directory holding one extra tiny model, as a diffusers folder named 'tiny'."""
+    path = tmp_path_factory.mktemp("models")
+    save_tiny_folder(path / "tiny", seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(models_dir):
+    """One engine for the session, default model 'demo', its thread running generations."""
+    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=models_dir, max_loaded=2))
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def client(engine):
+    """A Flask test client for the app on the shared engine."""
+    return imagine.create_app(engine).test_client()
+
+
+@pytest.fixture
+def make_engine(tmp_path):
+    """Builds a fresh engine with its own settings, for tests that count loads or change limits."""
+
+    def make(**settings):
+        settings.setdefault("models_dir", tmp_path)
+        engine = imagine.Engine(imagine.Settings(**settings))
+        engine.start()
+        return engine
+
+    return make
+
+
+@pytest.fixture
+def live_server(engine):
+    """The app served by waitress (the production server) on a free loopback port; yields its URL."""
+    import waitress
+
+    server = waitress.create_server(imagine.create_app(engine), host="127.0.0.1", port=free_port(), threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+
+
+def save_config_folder(pipe, path: Path) -> Path:
+    """What configs/sd1 is for the real model: a diffusers folder with configs and tokenizer, no weights."""
+    pipe.save_config(path)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(path / name)
+    pipe.text_encoder.config.save_pretrained(path / "text_encoder")
+    pipe.tokenizer.save_pretrained(path / "tokenizer")
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
