@@ -2,7 +2,10 @@
 
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,3 +113,28 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Starts `imagine-server` (a symlink to imagine.py, as the service installs it) with the demo model."""
+    link = tmp_path / "imagine-server"
+    link.symlink_to(Path(imagine.__file__).resolve())
+    processes = []
+
+    def start(port):
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        command = [str(link), "--model", "demo", "--models-dir", str(tmp_path), "--port", str(port)]
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "listening on" in line:
+                return f"http://127.0.0.1:{port}", log
+        raise AssertionError("the server did not start:\n" + "".join(log))
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)

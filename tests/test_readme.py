@@ -1,0 +1,49 @@
+"""The README's curl examples, run exactly as written against a server started with the demo model."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from PIL import Image
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+EXAMPLES = [block for block in re.findall(r"```bash\n(.*?)```", README, re.S) if "localhost:5000/generate" in block]
+
+
+def port_5000_is_free():
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", 5000)) != 0
+
+
+def test_the_readme_has_the_three_curl_examples():
+    assert len(EXAMPLES) == 3
+
+
+def test_the_readme_curl_examples_work_as_written(start_server, tmp_path):
+    port = 5000 if port_5000_is_free() else free_port()
+    start_server(port)
+    outputs = []
+    for example in EXAMPLES:
+        script = example.replace("localhost:5000", f"localhost:{port}")
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, f"{script}\n{result.stderr}"
+        outputs.append(result.stdout)
+    assert Image.open(tmp_path / "astronaut.png").size == (768, 512)
+    assert Image.open(tmp_path / "city.png").size == (512, 512)
+    progress = [line for line in outputs[2].splitlines() if line]
+    assert progress[0] == '{"step":5,"steps":25,"done":false}'
+    assert progress[-1] == '{"step":null,"steps":25,"done":true}'
+    assert len(progress) == 5
+
+
+@pytest.mark.parametrize("command", ["pip install -r requirements.txt && python imagine.py", "python -m pytest"])
+def test_the_readme_quick_start_commands_are_the_ones_ci_and_users_run(command):
+    assert command in README
+    if command == "python -m pytest":
+        assert command in (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
