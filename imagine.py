@@ -67,6 +67,7 @@ log = logging.getLogger("imagine")
 # The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
 # nothing actionable to someone running a server; real errors still reach the log.
 diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
 warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def parse_settings(argv=None) -> Settings:
     parser.add_argument(
         "--allow-downloads",
         action="store_true",
-        default=env("ALLOW_DOWNLOADS", "") not in ("", "0"),
+        default=env("ALLOW_DOWNLOADS", "").lower() in ("1", "true", "yes"),
         help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
     )
     args = parser.parse_args(argv)
@@ -221,7 +222,7 @@ FAMILY_KEY_PREFIXES = (
     ("sd2", "cond_stage_model.model."),
     ("sd1", "cond_stage_model.transformer."),
 )
-FAMILY_NAMES = {"sdxl": "an SDXL", "sd2": "a Stable Diffusion 2.x"}
+UNSUPPORTED_FAMILIES = {"sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
 
 
 def detect_family(keys) -> str:
@@ -230,7 +231,7 @@ def detect_family(keys) -> str:
     for family, prefix in FAMILY_KEY_PREFIXES:
         if any(key.startswith(prefix) for key in keys):
             return family
-    raise ImagineError("the checkpoint is not a Stable Diffusion model this server recognises", 400)
+    raise ImagineError("the checkpoint is not a Stable Diffusion model this server recognises")
 
 
 def read_checkpoint_keys(path: Path) -> list:
@@ -259,12 +260,11 @@ class Models:
         self.device = device
         self.dtype = dtype
         self.configs_dir = configs_dir
-        self.loaded = collections.OrderedDict()  # resolved reference -> LoadedModel, oldest first
-        self.loads = 0  # how many times a model was read from disk or built: a cache hit adds nothing
+        self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
 
     def resolve(self, name: str | None) -> str:
-        """Turns a request's model name into a reference to load: 'demo', a path, or a hub repo id."""
-        name = name or self.settings.model
+        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id."""
+        name = self.settings.model if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
         given = Path(name).expanduser()
@@ -277,69 +277,75 @@ class Models:
             return name
         raise ImagineError(f"model {name!r} not found in the models directory", 404)
 
-    def get(self, reference: str) -> LoadedModel:
-        if reference in self.loaded:
-            self.loaded.move_to_end(reference)
-            return self.loaded[reference]
+    def get(self, key: str) -> LoadedModel:
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        # Check the model before unloading another for it: a request for a file that cannot load
+        # must not cost the next request a reload of the model it evicted.
+        family = self.family_of(key)
         while len(self.loaded) >= self.settings.max_loaded:
             self.unload(next(iter(self.loaded)))
         started = time.perf_counter()
-        model = self.load(reference)
-        self.loads += 1
+        model = self.load(key, family)
         log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
-        self.loaded[reference] = model
+        self.loaded[key] = model
         return model
 
-    def unload(self, reference: str) -> None:
-        log.info("unloading %s", self.loaded.pop(reference).name)
+    def unload(self, key: str) -> None:
+        log.info("unloading %s", self.loaded.pop(key).name)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def load(self, reference: str) -> LoadedModel:
-        path = Path(reference)
-        if reference == DEMO_MODEL:
-            family, pipe = FAMILIES["sd1"], build_demo_pipeline(self.configs_dir / "sd1")
+    def family_of(self, key: str) -> Family:
+        """The model's family, from a glance at the file or folder; refuses what cannot be loaded."""
+        path = Path(key)
+        if key == DEMO_MODEL or not path.exists():  # the demo, or a hub repo id (downloads allowed)
+            return FAMILIES["sd1"]
+        if path.is_dir():
+            index = path / "model_index.json"
+            class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+            family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
+            if family is None:
+                raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
+            return family
+        try:
+            keys = read_checkpoint_keys(path)
+        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
+            raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
+        name = detect_family(keys)
+        if name in UNSUPPORTED_FAMILIES:
+            raise ImagineError(f"{UNSUPPORTED_FAMILIES[name]} checkpoints cannot be loaded yet, and this model is one")
+        return FAMILIES[name]
+
+    def load(self, key: str, family: Family) -> LoadedModel:
+        path = Path(key)
+        if key == DEMO_MODEL:
+            pipe = build_demo_pipeline(self.configs_dir / family.config)
         elif path.is_dir():
-            family, pipe = self.load_folder(path)
+            pipe = family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
         elif path.is_file():
-            family, pipe = self.load_single_file(path)
+            # `config=` a local folder is what keeps this offline: without it diffusers fetches a
+            # reference repo's configs and tokenizer from the hub (see configs/README.md).
+            pipe = family.txt2img.from_single_file(
+                key, config=str(self.configs_dir / family.config), local_files_only=True, torch_dtype=self.dtype
+            )
         else:
-            family, pipe = self.download(reference)
+            pipe = self.download(key, family)
         pipe = pipe.to(device=self.device, dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
         img2img = family.img2img(**pipe.components)
-        img2img.set_progress_bar_config(disable=True)
+        for each in (pipe, img2img):
+            each.set_progress_bar_config(disable=True)
         return LoadedModel(
             path.stem if path.is_file() else path.name, family, pipe, img2img, dict(pipe.scheduler.config)
         )
 
-    def load_single_file(self, path: Path):
-        key = detect_family(read_checkpoint_keys(path))
-        if key not in FAMILIES:
-            raise ImagineError(f"the model is {FAMILY_NAMES[key]} checkpoint, which this server cannot load yet", 400)
-        family = FAMILIES[key]
-        # `config=` a local folder is what keeps this offline: without it diffusers fetches a
-        # reference repo's configs and tokenizer from the hub (see shared notes, offline-models.md).
-        pipe = family.txt2img.from_single_file(
-            str(path), config=str(self.configs_dir / family.config), local_files_only=True, torch_dtype=self.dtype
-        )
-        return family, pipe
-
-    def load_folder(self, path: Path):
-        index = path / "model_index.json"
-        class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-        family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
-        if family is None:
-            raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load", 400)
-        return family, family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
-
-    def download(self, repo_id: str):
+    def download(self, repo_id: str, family: Family):
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=self.dtype)
+            return family.txt2img.from_pretrained(repo_id, torch_dtype=self.dtype)
         except (OSError, ValueError) as error:
             raise ImagineError(f"model {repo_id!r} could not be downloaded: {error}", 502) from error
-        return FAMILIES["sd1"], pipe
 
 
 def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
@@ -509,10 +515,13 @@ def decode_image(data: str) -> Image.Image:
         if not header.endswith(";base64"):
             raise ImagineError("img must be a base64 data URI (data:image/...;base64,...)")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        # Line breaks are allowed: `base64` wraps its output at 76 columns.
+        image = Image.open(io.BytesIO(base64.b64decode("".join(data.split()), validate=True)))
         image.load()
     except (binascii.Error, ValueError):
         raise ImagineError("img is not valid base64") from None
+    except Image.DecompressionBombError:
+        raise ImagineError("img has too many pixels to be decoded safely") from None
     except (UnidentifiedImageError, OSError):
         raise ImagineError("img is not an image Pillow can read") from None
     return image.convert("RGB")
@@ -525,20 +534,26 @@ def parse_request(body: dict) -> GenerationRequest:
         raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
     if body.get("prompt") is None:
         raise ImagineError("prompt is required")
+    if body.get("model") == "":
+        raise ImagineError("model must name a model, not be empty; leave it out for the default")
     defaults = GenerationRequest(prompt="")
     img = None
     if body.get("img") is not None:
         img = decode_image(_text(body, "img", None))
     # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8).
     default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (512, 512)
+    width, height = _size(body, "width", default_width), _size(body, "height", default_height)
+    # Sizes given in the body were checked above; one taken from img may still be out of range.
+    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+        raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {MAX_SIZE}")
     sampler = _text(body, "sampler", defaults.sampler).strip().lower()
     if sampler not in SAMPLERS:
         raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
     parsed = GenerationRequest(
         prompt=_text(body, "prompt", ""),
         model=_text(body, "model", None),
-        width=_size(body, "width", default_width),
-        height=_size(body, "height", default_height),
+        width=width,
+        height=height,
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
@@ -576,9 +591,9 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.
         else {"width": req.width, "height": req.height}
     )
 
-    def step_end(pipe, index, timestep, tensors):
+    def step_end(pipeline, index, timestep, tensors):
         if on_step is not None:
-            on_step(index + 1, pipe.num_timesteps, tensors["latents"])
+            on_step(index + 1, pipeline.num_timesteps, tensors["latents"])
         return tensors
 
     with torch.inference_mode():
@@ -627,9 +642,9 @@ class Failed:
 class Job:
     """One accepted request; the engine reports its progress as events the caller iterates over."""
 
-    def __init__(self, request: GenerationRequest, reference: str):
+    def __init__(self, request: GenerationRequest, model_key: str):
         self.request = request
-        self.reference = reference
+        self.model_key = model_key
         self.events = queue.Queue()
 
     def __iter__(self):
@@ -641,10 +656,12 @@ class Job:
 
 
 class Engine:
-    """Owns the models and runs every generation on one long-lived thread.
+    """Owns the models and runs every generation, one at a time, on one long-lived thread.
 
-    One at a time because a device runs one generation well and two badly; on one thread because
-    starting a fresh thread per generation was measured slower (shared notes, performance.md).
+    One at a time because a device runs one generation well and two badly. One long-lived thread
+    because the same diffusers call measured 1.17x slower on a freshly started thread than on the
+    process's main thread (2-core CPU, SD1.5 at 256x256), and a prototype that started a thread per
+    request measured 1.45x; main() therefore runs the engine on the main thread.
     """
 
     def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR):
@@ -674,7 +691,11 @@ class Engine:
         req = job.request
         started = time.perf_counter()
         try:
-            model = self.models.get(job.reference)
+            model = self.models.get(job.model_key)
+            log.info(
+                "generating %dx%d, %d steps, %s, seed %d, model %s",
+                req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+            )  # fmt: skip
             job.events.put(Started())
             last_step = 0
 
@@ -694,10 +715,7 @@ class Engine:
             job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
             return
         seconds = time.perf_counter() - started
-        log.info(
-            "generated %dx%d, %d steps, %s, seed %d, model %s in %.1f s",
-            req.width, req.height, last_step, req.sampler, req.seed, model.name, seconds,
-        )  # fmt: skip
+        log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         job.events.put(Finished(image, req.seed, model.name, last_step, round(seconds, 3)))
 
 
@@ -726,8 +744,9 @@ def stream_lines(events, seed: int):
     """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error."""
     for event in events:
         if isinstance(event, Preview):
-            fields = {"img": png_base64(event.image, compress_level=1), "step": event.step, "steps": event.steps}
-            yield ndjson({**fields, "seed": seed, "done": False})
+            # Previews favour speed: the lowest PNG compression, still lossless.
+            preview = png_base64(event.image, compress_level=1)
+            yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
         elif isinstance(event, Finished):
             yield ndjson({**finished_fields(event), "done": True})
         elif isinstance(event, Failed):
@@ -739,7 +758,7 @@ def read_json_body() -> dict:
         raise ImagineError("send a JSON body with Content-Type: application/json", 415)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}', 400)
+        raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}')
     return body
 
 
@@ -752,7 +771,10 @@ def create_app(engine: Engine) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(error):
-        return jsonify(error=error.description), error.code
+        response = error.get_response()  # keeps headers such as a 405's Allow
+        response.set_data(json.dumps({"error": error.description}))
+        response.content_type = "application/json"
+        return response
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
@@ -793,11 +815,14 @@ def main(argv=None) -> None:
         "device %s, precision %s, default model %s, models directory %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
-    server = waitress.create_server(create_app(engine), host=settings.host, port=settings.port, threads=8)
+    try:
+        server = waitress.create_server(create_app(engine), host=settings.host, port=settings.port, threads=8)
+    except OSError as error:
+        raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
     threading.Thread(target=server.run, name="http", daemon=True).start()
     log.info("listening on http://%s:%d", settings.host, settings.port)
     try:
-        engine.run_forever()  # on the main thread: see Engine
+        engine.run_forever()
     except KeyboardInterrupt:
         log.info("stopped")
 

@@ -69,6 +69,19 @@ def client(engine):
     return imagine.create_app(engine).test_client()
 
 
+def count_loads(engine) -> list:
+    """Records every model the engine reads from disk or builds; a cache hit records nothing."""
+    loads = []
+    load = engine.models.load
+
+    def counting_load(key, family):
+        loads.append(key)
+        return load(key, family)
+
+    engine.models.load = counting_load
+    return loads
+
+
 @pytest.fixture
 def make_engine(tmp_path):
     """Builds a fresh engine with its own settings, for tests that count loads or change limits."""
@@ -113,6 +126,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture
@@ -124,7 +138,7 @@ def start_server(tmp_path):
 
     def start(port):
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        command = [str(link), "--model", "demo", "--models-dir", str(tmp_path), "--port", str(port)]
+        command = [str(link), "--model", "demo", "--models-dir", str(tmp_path), "--port", str(port), "-d", "cpu"]
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         processes.append(process)
         log = []

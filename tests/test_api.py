@@ -55,6 +55,16 @@ def test_each_field_changes_the_picture(client, field, value):
     assert np.abs(baseline - changed).mean() > 0.5
 
 
+def test_left_out_fields_take_the_documented_defaults(client):
+    """25 steps, guidance 7, 'dpm++ 2m', no negative prompt; for img2img, strength 0.8."""
+    stated = {"num_steps": 25, "guidance": 7.0, "sampler": "dpm++ 2m", "neg": ""}
+    implicit = generate(client, num_steps=None)
+    assert np.array_equal(pixels(implicit["img"]), pixels(generate(client, **stated)["img"]))
+    img = png_data(noise_image(5))
+    implicit = generate(client, img=img)
+    assert np.array_equal(pixels(implicit["img"]), pixels(generate(client, img=img, strength=0.8)["img"]))
+
+
 def test_same_seed_and_parameters_give_identical_pixels(client):
     first = generate(client, seed=1234, sampler="euler a")
     second = generate(client, seed=1234, sampler="euler a")
@@ -73,6 +83,26 @@ def test_a_missing_seed_is_chosen_at_random_and_reported_so_the_picture_can_be_r
 def test_every_sampler_runs_whatever_the_case_of_its_name(client, sampler):
     answer = generate(client, sampler=sampler.upper())
     assert decode_png(answer["img"]).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "sampler, scheduler",
+    [
+        ("ddim", "DDIMScheduler"),
+        ("euler", "EulerDiscreteScheduler"),
+        ("euler a", "EulerAncestralDiscreteScheduler"),
+        ("heun", "HeunDiscreteScheduler"),
+        ("lms", "LMSDiscreteScheduler"),
+        ("dpm++ 2m", "DPMSolverMultistepScheduler"),
+        ("dpm++ 2s", "DPMSolverSinglestepScheduler"),
+        ("dpm++ sde", "DPMSolverSDEScheduler"),
+        ("dpm2", "KDPM2DiscreteScheduler"),
+        ("dpm2 a", "KDPM2AncestralDiscreteScheduler"),
+    ],
+)
+def test_each_sampler_name_runs_its_diffusers_scheduler(client, engine, sampler, scheduler):
+    generate(client, sampler=sampler)
+    assert type(engine.models.get("demo").txt2img.scheduler).__name__ == scheduler
 
 
 def test_the_ten_samplers_give_ten_different_pictures(client):
@@ -123,6 +153,28 @@ def test_img2img_keeps_the_input_size_unless_width_and_height_are_given(client):
     assert decode_png(generate(client, img=data, width=64, height=128)["img"]).size == (64, 128)
 
 
+@pytest.mark.parametrize("size", [(40, 40), (3000, 200)])
+def test_an_input_image_outside_the_size_limits_needs_width_and_height(client, size):
+    data = png_data(Image.new("RGB", size))
+    response = client.post("/generate", json={"prompt": "x", "img": data, "num_steps": 2})
+    assert response.status_code == 400
+    assert f"img is {size[0]}x{size[1]}" in response.get_json()["error"]
+    assert decode_png(generate(client, img=data, width=64, height=64)["img"]).size == (64, 64)
+
+
+def test_img_may_be_wrapped_across_lines_as_the_base64_command_writes_it(client):
+    data = png_data(noise_image(2))
+    wrapped = "\n".join(data[i : i + 76] for i in range(0, len(data), 76))
+    assert np.array_equal(pixels(generate(client, img=wrapped)["img"]), pixels(generate(client, img=data)["img"]))
+
+
+def test_a_decompression_bomb_is_refused_with_400(client):
+    bomb = png_data(Image.new("1", (20000, 20000)))  # a few kB of PNG, 400 million pixels decoded
+    response = client.post("/generate", json={"prompt": "x", "img": bomb})
+    assert response.status_code == 400
+    assert "img" in response.get_json()["error"]
+
+
 # ---- streaming
 
 
@@ -161,35 +213,36 @@ def test_previews_show_the_picture_forming(client):
 
 
 @pytest.mark.parametrize(
-    "body, field",
+    "body, message",
     [
-        ({}, "prompt"),
-        ({"prompt": 5}, "prompt"),
-        ({"prompt": "x", "width": 100}, "width"),
-        ({"prompt": "x", "width": 4096}, "width"),
-        ({"prompt": "x", "height": "512"}, "height"),
-        ({"prompt": "x", "height": 512.5}, "height"),
-        ({"prompt": "x", "num_steps": 0}, "num_steps"),
-        ({"prompt": "x", "num_steps": True}, "num_steps"),
-        ({"prompt": "x", "guidance": float("nan")}, "guidance"),
-        ({"prompt": "x", "guidance": -1}, "guidance"),
-        ({"prompt": "x", "sampler": "plms"}, "sampler"),
-        ({"prompt": "x", "seed": -1}, "seed"),
-        ({"prompt": "x", "seed": 2**40}, "seed"),
-        ({"prompt": "x", "neg": ["a"]}, "neg"),
-        ({"prompt": "x", "img": "not base64!"}, "img"),
-        ({"prompt": "x", "img": "aGVsbG8="}, "img"),
-        ({"prompt": "x", "img": "data:text/plain,hello"}, "img"),
-        ({"prompt": "x", "strength": 1.5}, "strength"),
-        ({"prompt": "x", "stream": "yes"}, "stream"),
-        ({"prompt": "x", "model": 3}, "model"),
-        ({"prompt": "x", "negative_prompt": "ugly"}, "negative_prompt"),
+        ({}, "prompt is required"),
+        ({"prompt": 5}, "prompt must be a string, not 5"),
+        ({"prompt": "x", "width": 100}, "width must be a multiple of 8, not 100"),
+        ({"prompt": "x", "width": 4096}, "width must be between 64 and 2048, not 4096"),
+        ({"prompt": "x", "height": "512"}, 'height must be an integer, not "512"'),
+        ({"prompt": "x", "height": 512.5}, "height must be an integer, not 512.5"),
+        ({"prompt": "x", "num_steps": 0}, "num_steps must be between 1 and 150, not 0"),
+        ({"prompt": "x", "num_steps": True}, "num_steps must be an integer, not true"),
+        ({"prompt": "x", "guidance": float("nan")}, "guidance must be between 0.0 and 30.0, not nan"),
+        ({"prompt": "x", "guidance": -1}, "guidance must be between 0.0 and 30.0, not -1"),
+        ({"prompt": "x", "sampler": "plms"}, "sampler 'plms' is unknown"),
+        ({"prompt": "x", "seed": -1}, "seed must be between 0 and 4294967295, not -1"),
+        ({"prompt": "x", "seed": 2**40}, f"seed must be between 0 and 4294967295, not {2**40}"),
+        ({"prompt": "x", "neg": ["a"]}, 'neg must be a string, not ["a"]'),
+        ({"prompt": "x", "img": "not base64!"}, "img is not valid base64"),
+        ({"prompt": "x", "img": "aGVsbG8="}, "img is not an image"),
+        ({"prompt": "x", "img": "data:text/plain,hello"}, "img must be a base64 data URI"),
+        ({"prompt": "x", "strength": 1.5}, "strength must be between 0.0 and 1.0, not 1.5"),
+        ({"prompt": "x", "stream": "yes"}, 'stream must be an integer, not "yes"'),
+        ({"prompt": "x", "model": 3}, "model must be a string, not 3"),
+        ({"prompt": "x", "model": ""}, "model must name a model"),
+        ({"prompt": "x", "negative_prompt": "ugly"}, "unknown field 'negative_prompt'"),
     ],
 )
-def test_a_bad_field_answers_400_naming_the_field(client, body, field):
+def test_a_bad_field_answers_400_naming_the_field_and_value(client, body, message):
     response = client.post("/generate", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 400
-    assert field in response.get_json()["error"]
+    assert message in response.get_json()["error"]
 
 
 def test_strength_too_low_to_run_a_step_is_refused_before_any_work(client):
@@ -206,9 +259,10 @@ def test_an_unknown_model_answers_404_without_server_paths(client, models_dir):
     assert "no-such-model" in error and str(models_dir) not in error
 
 
-def test_wrong_method_answers_405_json(client):
+def test_wrong_method_answers_405_json_saying_what_is_allowed(client):
     response = client.get("/generate")
     assert response.status_code == 405 and "error" in response.get_json()
+    assert "POST" in response.headers["Allow"]
 
 
 def test_a_body_that_is_not_json_answers_415(client):

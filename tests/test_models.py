@@ -1,13 +1,15 @@
 """Finding, loading and caching models: names, paths, single files in the LDM layout, folders, offline."""
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, pixels, save_config_folder, save_tiny_folder
+from conftest import FAST, count_loads, pixels, png_data, save_config_folder, save_tiny_folder
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from ldm_checkpoint import ldm_state_dict, save_ldm_checkpoint
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -84,23 +86,38 @@ def test_the_servers_picture_equals_a_bare_diffusers_call(tiny_engine, tiny_mode
 
 
 def test_a_second_request_for_a_loaded_model_loads_nothing(tiny_engine):
-    picture(tiny_engine, model="tiny")
-    loads = tiny_engine.models.loads
+    loads = count_loads(tiny_engine)
+    first = picture(tiny_engine, model="tiny")
     picture(tiny_engine, model="tiny", seed=1)
-    picture(tiny_engine, model="tiny", img=None, prompt="another")
-    assert tiny_engine.models.loads == loads
+    picture(tiny_engine, model="tiny-ldm")
+    picture(tiny_engine, model="tiny", img=png_data(Image.fromarray(first.astype(np.uint8))), strength=0.5)
+    picture(tiny_engine, model="tiny-ldm", prompt="another")
+    assert len(loads) == 2
 
 
 def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models):
     models, configs = tiny_models
     engine = imagine.Engine(imagine.Settings(models_dir=models, max_loaded=2), configs_dir=configs)
     engine.start()
+    loads = count_loads(engine)
     for name in ("tiny", "tiny-ldm", "tiny", "demo"):  # 'tiny-ldm' is now the least recently used
         picture(engine, model=name)
-    assert engine.models.loads == 3
     assert [model.name for model in engine.models.loaded.values()] == ["tiny", "demo"]
     picture(engine, model="tiny-ldm")
-    assert engine.models.loads == 4
+    assert [key.rsplit("/", 1)[-1] for key in loads] == ["tiny", "tiny-ldm.safetensors", "demo", "tiny-ldm.safetensors"]
+
+
+def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
+    models, configs = tiny_models
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, models / "xl.safetensors")
+    engine = imagine.Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=1), configs_dir=configs)
+    engine.start()
+    picture(engine)
+    loads = count_loads(engine)
+    response = imagine.create_app(engine).test_client().post("/generate", json={"prompt": "x", "model": "xl"})
+    assert response.status_code == 400
+    picture(engine)
+    assert loads == []
 
 
 def test_img2img_shares_the_txt2img_weights(tiny_engine):
@@ -129,7 +146,7 @@ def test_an_sdxl_checkpoint_is_refused_with_a_clear_message(tiny_engine, tiny_mo
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, models / "xl.safetensors")
     response = imagine.create_app(tiny_engine).test_client().post("/generate", json={"prompt": "x", "model": "xl"})
     assert response.status_code == 400
-    assert "SDXL" in response.get_json()["error"]
+    assert "SDXL checkpoints cannot be loaded yet" in response.get_json()["error"]
 
 
 def test_a_file_that_is_not_a_stable_diffusion_model_is_refused(tiny_engine, tiny_models):
@@ -145,15 +162,24 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tiny_engine, tiny_models):
     (models / "empty").mkdir()
     response = imagine.create_app(tiny_engine).test_client().post("/generate", json={"prompt": "x", "model": "empty"})
     assert response.status_code == 400
+    assert "not a Stable Diffusion pipeline" in response.get_json()["error"]
 
 
-def test_a_hub_repo_id_is_not_fetched_unless_downloads_are_allowed(tiny_engine):
-    response = (
-        imagine.create_app(tiny_engine)
-        .test_client()
-        .post("/generate", json={"prompt": "x", "model": "someone/some-model"})
-    )
-    assert response.status_code == 404
+def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(tiny_engine, tiny_models, tmp_path):
+    models, _ = tiny_models
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, models / "evil.ckpt")
+    client = imagine.create_app(tiny_engine).test_client()
+    response = client.post("/generate", json={"prompt": "x", "model": "evil"})
+    assert response.status_code == 400
+    assert "cannot be read as a checkpoint" in response.get_json()["error"]
+    assert not marker.exists()
+    assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
 
 
 def test_ldm_helper_writes_the_key_names_of_real_sd15_checkpoints():

@@ -4,7 +4,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import free_port
 from PIL import Image
 
@@ -40,10 +39,3 @@ def test_the_readme_curl_examples_work_as_written(start_server, tmp_path):
     assert progress[0] == '{"step":5,"steps":25,"done":false}'
     assert progress[-1] == '{"step":null,"steps":25,"done":true}'
     assert len(progress) == 5
-
-
-@pytest.mark.parametrize("command", ["pip install -r requirements.txt && python imagine.py", "python -m pytest"])
-def test_the_readme_quick_start_commands_are_the_ones_ci_and_users_run(command):
-    assert command in README
-    if command == "python -m pytest":
-        assert command in (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()

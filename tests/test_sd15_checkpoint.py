@@ -50,7 +50,7 @@ def test_an_sd15_architecture_checkpoint_loads_offline_through_the_shipped_confi
     assert decode_png(response.get_json()["img"]).size == (64, 64)
 
     loaded = engine.models.get(engine.models.resolve(None)).txt2img
-    assert loaded.unet.dtype == torch.float32 and loaded.unet.config.cross_attention_dim == 768
+    assert loaded.unet.dtype == engine.dtype and loaded.unet.config.cross_attention_dim == 768
     reloaded = ldm_state_dict(loaded, dtype=torch.float16)
     assert reloaded.keys() == state.keys()
     assert all(torch.equal(reloaded[key], state[key]) for key in state)

@@ -1,6 +1,7 @@
 """The server as a user runs it: settings, the production WSGI server, live streaming, one job at a time."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,14 +18,59 @@ import imagine
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_settings_come_from_flags_then_environment_then_defaults(monkeypatch):
-    assert imagine.parse_settings([]) == imagine.Settings()
-    monkeypatch.setenv("IMAGINE_PORT", "5055")
-    monkeypatch.setenv("IMAGINE_MODEL", "dreamshaper_8")
-    monkeypatch.setenv("IMAGINE_MODELS_DIR", "/srv/models")
-    settings = imagine.parse_settings(["--model", "demo", "-d", "cpu", "-f", "16", "--max-loaded", "2"])
-    assert (settings.port, settings.model, settings.models_dir) == (5055, "demo", Path("/srv/models"))
-    assert (settings.device, settings.fp_prec, settings.max_loaded, settings.host) == ("cpu", "16", 2, "127.0.0.1")
+@pytest.fixture
+def clean_environment(monkeypatch):
+    for name in [name for name in os.environ if name.startswith("IMAGINE_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_settings_default_to_a_local_server_on_port_5000(clean_environment):
+    settings = imagine.parse_settings([])
+    assert (settings.host, settings.port, settings.device, settings.fp_prec) == ("127.0.0.1", 5000, "auto", "auto")
+    assert (settings.model, settings.max_loaded, settings.allow_downloads) == ("demo", 1, False)
+    assert settings.models_dir == Path.home() / ".imagine" / "models"
+
+
+def test_every_setting_comes_from_its_environment_variable(clean_environment):
+    environment = {
+        "HOST": "0.0.0.0",
+        "PORT": "5055",
+        "DEVICE": "cpu",
+        "FP_PREC": "16",
+        "MODEL": "dreamshaper_8",
+        "MODELS_DIR": "/srv/models",
+        "MAX_LOADED": "3",
+        "ALLOW_DOWNLOADS": "true",
+    }
+    for name, value in environment.items():
+        clean_environment.setenv(f"IMAGINE_{name}", value)
+    expected = imagine.Settings("0.0.0.0", 5055, "cpu", "16", "dreamshaper_8", Path("/srv/models"), 3, True)
+    assert imagine.parse_settings([]) == expected
+
+
+def test_flags_override_environment_variables(clean_environment):
+    clean_environment.setenv("IMAGINE_PORT", "5055")
+    clean_environment.setenv("IMAGINE_ALLOW_DOWNLOADS", "false")
+    settings = imagine.parse_settings(["-p", "6000", "--host", "::1", "-d", "cpu", "-f", "32", "--model", "x"])
+    assert (settings.port, settings.host, settings.device, settings.fp_prec, settings.model) == (
+        6000,
+        "::1",
+        "cpu",
+        "32",
+        "x",
+    )
+    assert settings.allow_downloads is False
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert imagine.pick_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert imagine.pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert imagine.pick_device("auto").type == "cpu"
 
 
 @pytest.mark.parametrize("argv", [["-d", "tpu"], ["-f", "8"], ["--max-loaded", "0"], ["-p", "http"]])
@@ -47,7 +93,7 @@ def test_16_bit_on_cpu_loads_bfloat16_weights_and_still_draws(make_engine):
     client = imagine.create_app(engine).test_client()
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
     model = engine.models.get("demo")
-    assert model.txt2img.unet.dtype == torch.bfloat16
+    assert model.txt2img.unet.dtype == model.img2img.vae.dtype == torch.bfloat16
 
 
 def test_hub_downloads_are_attempted_only_when_allowed(make_engine):
