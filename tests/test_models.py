@@ -141,28 +141,26 @@ def test_the_family_is_detected_from_the_checkpoint_keys(prefix, family):
     assert imagine.detect_family(keys) == family
 
 
-def test_an_sdxl_checkpoint_is_refused_with_a_clear_message(tiny_engine, tiny_models):
+def tensors(*names):
+    return lambda path: save_file({name: torch.zeros(4) for name in names}, path.with_suffix(".safetensors"))
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (tensors("conditioner.embedders.1.model.ln_final.weight"), "SDXL checkpoints cannot be loaded yet"),
+        (tensors("cond_stage_model.model.ln_final.weight"), "Stable Diffusion 2.x checkpoints cannot be loaded yet"),
+        (tensors("some.other.weight"), "not a Stable Diffusion model"),
+        (lambda path: path.mkdir(), "not a Stable Diffusion pipeline"),
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_refused_with_400_saying_why(tiny_engine, tiny_models, write, message):
     models, _ = tiny_models
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, models / "xl.safetensors")
-    response = imagine.create_app(tiny_engine).test_client().post("/generate", json={"prompt": "x", "model": "xl"})
+    write(models / "unloadable")
+    client = imagine.create_app(tiny_engine).test_client()
+    response = client.post("/generate", json={"prompt": "x", "model": "unloadable"})
     assert response.status_code == 400
-    assert "SDXL checkpoints cannot be loaded yet" in response.get_json()["error"]
-
-
-def test_a_file_that_is_not_a_stable_diffusion_model_is_refused(tiny_engine, tiny_models):
-    models, _ = tiny_models
-    save_file({"some.other.weight": torch.zeros(4)}, models / "other.safetensors")
-    response = imagine.create_app(tiny_engine).test_client().post("/generate", json={"prompt": "x", "model": "other"})
-    assert response.status_code == 400
-    assert "not a Stable Diffusion model" in response.get_json()["error"]
-
-
-def test_a_folder_that_is_not_a_pipeline_is_refused(tiny_engine, tiny_models):
-    models, _ = tiny_models
-    (models / "empty").mkdir()
-    response = imagine.create_app(tiny_engine).test_client().post("/generate", json={"prompt": "x", "model": "empty"})
-    assert response.status_code == 400
-    assert "not a Stable Diffusion pipeline" in response.get_json()["error"]
+    assert message in response.get_json()["error"]
 
 
 def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(tiny_engine, tiny_models, tmp_path):
