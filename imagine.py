@@ -59,6 +59,7 @@ from diffusers import (
 )
 from flask import Flask, Response, jsonify, request
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from werkzeug.exceptions import HTTPException
@@ -440,10 +441,18 @@ def latents_to_preview(latents: torch.Tensor, latent_rgb: tuple, size: tuple) ->
     return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
 
 
-def png_base64(image: Image.Image, compress_level: int = 6) -> str:
+def png_bytes(image: Image.Image, parameters: str | None = None, compress_level: int = 6) -> bytes:
+    """A PNG, with the generation settings in a `parameters` text chunk when given."""
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image, parameters: str | None = None, compress_level: int = 6) -> str:
+    return base64.b64encode(png_bytes(image, parameters, compress_level)).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +579,29 @@ def parse_request(body: dict) -> GenerationRequest:
     return parsed
 
 
+def sampler_label(sampler: str) -> str:
+    """The AUTOMATIC1111 spelling of a sampler name: 'dpm++ 2m karras' -> 'DPM++ 2M Karras'."""
+    words = {"a": "a", "euler": "Euler", "heun": "Heun", "karras": "Karras"}
+    return " ".join(words.get(word, word.upper()) for word in sampler.split())
+
+
+def generation_parameters(req: GenerationRequest, model_name: str) -> str:
+    """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs."""
+    lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
+    settings = {
+        "Steps": req.num_steps,
+        "Sampler": sampler_label(req.sampler),
+        "CFG scale": req.guidance,
+        "Seed": req.seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model": model_name,
+    }
+    if req.img is not None:
+        settings["Denoising strength"] = req.strength
+    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation: one picture from a loaded model; knows nothing of HTTP
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +651,14 @@ class Started:
 
 
 @dataclasses.dataclass
+class Progress:
+    """A denoising step is done (every step; previews come only every `stream` steps)."""
+
+    step: int
+    steps: int
+
+
+@dataclasses.dataclass
 class Preview:
     step: int
     steps: int
@@ -628,6 +668,7 @@ class Preview:
 @dataclasses.dataclass
 class Finished:
     image: Image.Image
+    parameters: str  # the settings, as stored in the PNG (see generation_parameters)
     seed: int
     model: str
     steps: int
@@ -702,6 +743,7 @@ class Engine:
             def on_step(step, steps, latents):
                 nonlocal last_step
                 last_step = step
+                job.events.put(Progress(step, steps))
                 if req.stream and step % req.stream == 0 and step < steps:
                     preview = latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height))
                     job.events.put(Preview(step, steps, preview))
@@ -716,7 +758,8 @@ class Engine:
             return
         seconds = time.perf_counter() - started
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
-        job.events.put(Finished(image, req.seed, model.name, last_step, round(seconds, 3)))
+        parameters = generation_parameters(req, model.name)
+        job.events.put(Finished(image, parameters, req.seed, model.name, last_step, round(seconds, 3)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,7 +769,7 @@ class Engine:
 
 def finished_fields(event: Finished) -> dict:
     return {
-        "img": png_base64(event.image),
+        "img": png_base64(event.image, event.parameters),
         "seed": event.seed,
         "model": event.model,
         "width": event.image.width,

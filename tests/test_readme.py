@@ -1,7 +1,9 @@
 """The README's curl examples, run exactly as written against a server started with the demo model."""
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import free_port
@@ -39,3 +41,21 @@ def test_the_readme_curl_examples_work_as_written(start_server, tmp_path):
     assert progress[0] == '{"step":5,"steps":25,"done":false}'
     assert progress[-1] == '{"step":null,"steps":25,"done":true}'
     assert len(progress) == 5
+
+
+CLI_EXAMPLES = [block for block in re.findall(r"```bash\n(.*?)```", README, re.S) if "./imagine-cli.py" in block]
+
+
+def test_the_readme_cli_example_works_as_written(live_server, tmp_path):
+    """Run in a folder holding imagine-cli.py, as the README's `./imagine-cli.py` assumes."""
+    (tmp_path / "imagine-cli.py").symlink_to(Path(__file__).resolve().parent.parent / "imagine-cli.py")
+    env = {**os.environ, "IMAGINE_SERVER": live_server, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    [example] = CLI_EXAMPLES
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    saved = Image.open(tmp_path / result.stdout.strip())
+    assert saved.size == (768, 512)
+    settings = saved.info["parameters"].splitlines()[-1]
+    assert settings.startswith("Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.0, Seed: ")

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""imagine: generate a picture from the command line, through the Imagine server or in this process.
+
+    imagine 'a lighthouse at dusk, oil painting' -w 768 -h 512 -s 'DPM++ 2M'
+
+Without --local it posts to the server (--server, IMAGINE_SERVER, or http://127.0.0.1:5000); when no
+server was named and none answers there, it generates locally instead. The PNG is saved in the
+current directory under a name made from the prompt (or at -o), and its path printed on stdout;
+progress goes to stderr when stderr is a terminal.
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+DEFAULT_SERVER = "http://127.0.0.1:5000"
+SAMPLER_NAMES = "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a"
+
+
+class CliError(Exception):
+    """A failure to report on one line of stderr, ending the command with exit status 1."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    # -h is the height, as in the spec, so help is --help only.
+    parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
+    parser.add_argument("prompt", nargs="+", help="Prompt for model (the words are joined)")
+    parser.add_argument("-m", "--model", help="SD model: a name in the server's models directory, a path, or 'demo'")
+    parser.add_argument("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
+    parser.add_argument("-w", "--width", type=int, help="Output image width")
+    parser.add_argument("-h", "--height", type=int, help="Output image height")
+    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps")
+    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale")
+    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case: {SAMPLER_NAMES}")
+    parser.add_argument("--seed", type=int, help="Seed")
+    parser.add_argument("--neg", help="Negative prompt")
+    parser.add_argument("--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps")
+    parser.add_argument("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
+    parser.add_argument(
+        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1"
+    )
+    parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
+    parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
+    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE)")
+    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC)")
+    parser.add_argument("--help", action="help", help="Show this help and exit")
+    return parser.parse_args(argv)
+
+
+def request_body(args: argparse.Namespace) -> dict:
+    """The /generate body: the prompt and the fields given; the server's defaults fill in the rest."""
+    body = {"prompt": " ".join(args.prompt)}
+    for field in ("model", "width", "height", "num_steps", "guidance", "sampler", "seed", "neg", "strength"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    if args.img is not None:
+        try:
+            body["img"] = base64.b64encode(args.img.read_bytes()).decode("ascii")
+        except OSError as error:
+            raise CliError(f"cannot read the input image {args.img}: {error.strerror}") from None
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: a file named from the prompt, never overwriting one; every write atomic
+# ---------------------------------------------------------------------------------------------
+
+
+def reserve_output(prompt: str, directory: Path = Path()) -> Path:
+    """Creates an empty `<prompt-slug>-<timestamp>.png`, adding -2, -3... if that name is taken."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:48].strip("-") or "image"
+    stem = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for number in range(1, 1000):
+        path = directory / (f"{stem}.png" if number == 1 else f"{stem}-{number}.png")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise CliError(f"cannot find a free file name for {stem}.png in {directory.resolve()}")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes via a temporary file and a rename, so a viewer never sees a half-written picture."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as file:
+        file.write(data)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(file.name, 0o666 & ~umask)  # a temporary file is private; the picture should not be
+    os.replace(file.name, path)
+
+
+def save_updates(updates, output: Path, stream: int | None) -> None:
+    """Shows progress on stderr (if it is a terminal) and writes the final picture to `output`, and
+    with `stream` N each preview of a step divisible by N before it.
+
+    An update is a dict like a line of the server's stream: `step` and `steps` (progress), `png`
+    (bytes of a preview, or with `done` of the final picture), or `error`.
+    """
+    with tqdm(file=sys.stderr, disable=not sys.stderr.isatty(), unit="step", leave=False) as bar:
+        for update in updates:
+            if "error" in update:
+                raise CliError(update["error"])
+            if "steps" in update:
+                bar.total = update["steps"]
+                bar.update(update.get("step", bar.total) - bar.n)  # the final answer has no step: all done
+            if update.get("done"):
+                write_atomically(output, update["png"])
+                return
+            if "png" in update and stream and update["step"] % stream == 0:
+                write_atomically(output, update["png"])
+    raise CliError("the generation ended without a picture")
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote: the server's answer, or its stream, as updates
+# ---------------------------------------------------------------------------------------------
+
+
+class NoServer(CliError):
+    """Nothing listens at the server's address."""
+
+
+def remote_updates(server: str, body: dict):
+    try:
+        response = requests.post(f"{server.rstrip('/')}/generate", json=body, stream=True, timeout=(10, None))
+    except requests.ConnectionError:
+        raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
+    except requests.RequestException as error:
+        raise CliError(f"cannot reach the server at {server}: {error}") from None
+    with response:
+        if response.status_code != 200:
+            raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+        answers = (
+            (json.loads(line) for line in response.iter_lines() if line) if "stream" in body else [response.json()]
+        )
+        for answer in answers:
+            if "img" in answer:
+                answer["png"] = base64.b64decode(answer.pop("img"))
+            yield {"done": True, **answer}  # a plain answer is done; a stream line says whether it is
+
+
+def error_message(response: requests.Response) -> str:
+    try:
+        return response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return response.text.strip()[:200] or response.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Local: the engine of imagine.py in this process
+# ---------------------------------------------------------------------------------------------
+
+
+def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None:
+    """Runs the generation on this (main) thread, where it runs fastest, and saves from another."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
+    import imagine  # torch and diffusers take seconds to import: only when generating here
+
+    flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
+    try:
+        engine = imagine.Engine(imagine.parse_settings(flags))
+        job = engine.submit(imagine.parse_request({**body, "stream": args.stream or 0}))
+    except imagine.ImagineError as error:
+        raise CliError(error.message) from None
+
+    def updates():
+        for event in job:
+            if isinstance(event, imagine.Progress):
+                yield {"step": event.step, "steps": event.steps}
+            elif isinstance(event, imagine.Preview):
+                yield {
+                    "png": imagine.png_bytes(event.image, compress_level=1),
+                    "step": event.step,
+                    "steps": event.steps,
+                }
+            elif isinstance(event, imagine.Finished):
+                yield {"png": imagine.png_bytes(event.image, event.parameters), "done": True}
+            elif isinstance(event, imagine.Failed):
+                yield {"error": event.error.message}
+
+    failures = []
+
+    def save():
+        try:
+            save_updates(updates(), output, args.stream)
+        except (CliError, OSError) as error:
+            failures.append(error)
+
+    saver = threading.Thread(target=save, name="save")
+    saver.start()
+    engine.run(job)
+    saver.join()
+    if failures:
+        raise failures[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Path:
+    body = request_body(args)
+    if args.output is not None and not args.output.parent.is_dir():
+        raise CliError(f"cannot write {args.output}: the folder {args.output.parent} does not exist")
+    output = args.output or reserve_output(body["prompt"])
+    try:
+        if args.local:
+            generate_locally(body, args, output)
+            return output
+        server = args.server or os.environ.get("IMAGINE_SERVER")
+        if args.stream or sys.stderr.isatty():
+            body["stream"] = 1  # every step's line carries the progress; previews are kept every --stream steps
+        try:
+            save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream)
+        except NoServer:
+            if server:
+                raise
+            print(f"imagine: no server at {DEFAULT_SERVER}; generating in this process", file=sys.stderr)
+            generate_locally(body, args, output)
+        return output
+    except BaseException:
+        if args.output is None:  # the name was ours: leave no empty or unfinished file behind
+            output.unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except CliError as error:
+        print(f"imagine: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"imagine: cannot write the picture: {error.strerror} ({error.filename})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imagine: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
