@@ -107,7 +107,9 @@ def save_updates(updates, output: Path, stream: int | None) -> None:
     An update is a dict like a line of the server's stream: `step` and `steps` (progress), `png`
     (bytes of a preview, or with `done` of the final picture), or `error`.
     """
-    with tqdm(file=sys.stderr, disable=not sys.stderr.isatty(), unit="step", leave=False) as bar:
+    # Every step is drawn: steps come seconds apart on most machines, and a short run should still show them.
+    terminal = sys.stderr.isatty()
+    with tqdm(file=sys.stderr, disable=not terminal, unit="step", leave=False, mininterval=0, miniters=1) as bar:
         for update in updates:
             if "error" in update:
                 raise CliError(update["error"])
@@ -197,7 +199,7 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
         except (CliError, OSError) as error:
             failures.append(error)
 
-    saver = threading.Thread(target=save, name="save")
+    saver = threading.Thread(target=save, name="save", daemon=True)  # an interrupt must not wait for it
     saver.start()
     engine.run(job)
     saver.join()
