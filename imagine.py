@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Imagine: a small local HTTP server for Stable Diffusion, in the spirit of Ollama.
 
-One endpoint, `POST /generate`: JSON in, a base64 PNG out, or with `"stream": N` a line of
+`POST /generate`: JSON in, a base64 PNG out, or with `"stream": N` a line of
 newline-delimited JSON every N steps while the picture forms. Models are single-file checkpoints
 (`dreamshaper_8.safetensors`), `.ckpt` files (loaded without running their pickle) or diffusers
 folders, all loaded with no network: the configs and the CLIP tokenizer ship in `configs/`.
@@ -415,7 +415,15 @@ SAMPLERS = {
     "dpm++ sde": (DPMSolverSDEScheduler, {}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpm++ 2m sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
+# "<name> karras": the same sampler on the Karras et al. noise schedule, for every sampler whose
+# diffusers scheduler offers it (DDIM and Euler a do not). A plain name turns it off explicitly:
+# some models' own scheduler configs switch it on, and the name should mean the same on every model.
+for _name in ("euler", "heun", "lms", "dpm++ 2m", "dpm++ 2s", "dpm++ sde", "dpm2", "dpm2 a", "dpm++ 2m sde"):
+    _cls, _options = SAMPLERS[_name]
+    SAMPLERS[_name] = (_cls, {**_options, "use_karras_sigmas": False})
+    SAMPLERS[f"{_name} karras"] = (_cls, {**_options, "use_karras_sigmas": True})
 DEFAULT_SAMPLER = "dpm++ 2m"
 
 
@@ -720,7 +728,7 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP: POST /generate, and JSON errors for everything else
+# HTTP: POST /generate, GET /samplers, and JSON errors for everything else
 # ---------------------------------------------------------------------------------------------
 
 
@@ -796,6 +804,10 @@ def create_app(engine: Engine) -> Flask:
                 raise event.error
             if isinstance(event, Finished):
                 return jsonify(finished_fields(event))
+
+    @app.get("/samplers")
+    def samplers_route():
+        return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
 
     return app
 
