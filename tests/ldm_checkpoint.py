@@ -194,3 +194,54 @@ def save_ldm_checkpoint(pipe, path, dtype: torch.dtype | None = None, family: st
         torch.save({"state_dict": sd}, path)
     else:
         raise ValueError(f"expected a .safetensors or .ckpt path, got {path}")
+
+
+def ldm_shapes(config_dir, family: str) -> dict[str, tuple]:
+    """Tensor names and shapes of a checkpoint of `family` whose modules a config folder describes, built on the
+    `meta` device: no weights, no memory, a second or two even for SDXL."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config_dir = Path(config_dir)
+    with torch.device("meta"):
+        modules = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+        }
+        if family == "sdxl":
+            text_2 = CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2")
+            modules["text_encoder_2"] = CLIPTextModelWithProjection(text_2)
+    return {key: tuple(t.shape) for key, t in ldm_state_dict(type("Pipe", (), modules), family=family).items()}
+
+
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def save_random_checkpoint(shapes: dict[str, tuple], path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+    """Write a .safetensors file of small random values with these names and shapes, one tensor at a time.
+
+    safetensors' own save_file holds the whole file in memory twice over; a full-size SDXL checkpoint
+    (5 GB in 16 bits) would need 10 GB. This writes the format directly: an 8-byte header length, a
+    JSON header of names, dtypes, shapes and byte offsets, then the raw tensor bytes in that order."""
+    import json
+
+    generator = torch.Generator().manual_seed(seed)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = itemsize * int(torch.Size(shape).numel())
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for shape in shapes.values():
+            values = torch.randn(shape, generator=generator).mul_(0.02).to(dtype)
+            f.write(values.reshape(-1).view(torch.uint8).numpy().tobytes())

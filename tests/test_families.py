@@ -15,7 +15,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from ldm_checkpoint import ldm_state_dict, save_ldm_checkpoint
+from ldm_checkpoint import ldm_shapes, save_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -253,26 +253,10 @@ def test_an_unknown_prediction_is_refused_naming_the_field(tiny_engine):
 # ---- the detector on the key sets of real checkpoints
 
 
-def real_key_set(family: str) -> dict:
-    """Names and shapes (no weights: the meta device) of a real checkpoint of `family`, from the shipped configs."""
-    config = imagine.CONFIGS_DIR / family
-    with torch.device("meta"):
-        modules = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-        }
-        if family == "sdxl":
-            modules["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(config / "text_encoder_2")
-            )
-    keys = ldm_state_dict(type("Pipe", (), modules), family=family)
-    return {key: tuple(tensor.shape) for key, tensor in keys.items()}
-
-
 @pytest.fixture(scope="module")
 def real_key_sets():
-    sets = {family: real_key_set(family) for family in ("sd1", "sd2", "sdxl")}
+    """Names and shapes (meta device, no weights) of real checkpoints of each family, from the shipped configs."""
+    sets = {family: ldm_shapes(imagine.CONFIGS_DIR / family, family) for family in ("sd1", "sd2", "sdxl")}
     # What real files hold beyond the modules diffusers keeps: SD2 ships OpenCLIP's 24th layer (unused:
     # SD2 conditions on the penultimate one) and its projection; all carry CLIP's logit scale or ids.
     sets["sd2"] |= {
