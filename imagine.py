@@ -326,7 +326,7 @@ class Models:
             family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
             if family is None:
                 raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
-            return family
+            return folder_sd2_family(path) or family
         try:
             keys = read_checkpoint_keys(path)
         except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
@@ -373,6 +373,19 @@ def sd2_family(path: Path) -> Family:
         v = re.search(r"""^\s*parameterization:\s*["']?v["']?\s*$""", yaml.read_text(errors="replace"), re.M)
         return FAMILIES["sd2-v" if v else "sd2"]
     return FAMILIES["sd2-v"]
+
+
+def folder_sd2_family(path: Path) -> Family | None:
+    """An SD2 diffusers folder shares SD1's pipeline class; its OpenCLIP text encoder (gelu, where
+    OpenAI's CLIP uses quick_gelu) and its scheduler's prediction type tell which SD2 it is."""
+    try:
+        text_encoder = json.loads((path / "text_encoder" / "config.json").read_text())
+        scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # diffusers itself will say what is missing
+    if text_encoder.get("hidden_act") != "gelu":
+        return None
+    return FAMILIES["sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"]
 
 
 def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:

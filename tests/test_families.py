@@ -309,3 +309,16 @@ def test_an_sdxl_refiner_is_refused_as_unrecognised(tiny_engine, tiny_files):
     response = client.post("/generate", json={"prompt": "x", "model": "refiner"})
     assert response.status_code == 400
     assert "not a Stable Diffusion model this server recognises" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("name, family, size", [("sd2", "sd2", 512), ("sd2-v", "sd2-v", 768)])
+def test_an_sd2_diffusers_folder_is_recognised_as_its_kind_of_sd2(tiny_files, tmp_path, name, family, size):
+    _, configs, sources = tiny_files
+    scheduler = PNDMScheduler.from_pretrained(configs / name / "scheduler")
+    StableDiffusionPipeline(**{**sources["sd2"].components, "scheduler": scheduler}).save_pretrained(
+        tmp_path / "folder"
+    )
+    engine = imagine.Engine(imagine.Settings(model="folder", models_dir=tmp_path))
+    engine.start()
+    assert decode_png(answer(engine, width=None, height=None, num_steps=1)["img"]).size == (size, size)
+    assert engine.models.get(engine.models.resolve(None)).family is imagine.FAMILIES[family]
