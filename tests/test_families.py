@@ -1,6 +1,8 @@
 """SDXL and SD2.x single-file checkpoints: tiny models written in the original key layouts, loaded back
 offline through tiny config folders, and generated with; the family detector on real checkpoints' key sets."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -194,7 +196,12 @@ def test_sdxl_img2img_keeps_the_input_size(tiny_engine):
     assert decode_png(result["img"]).size == (96, 64)
 
 
-def test_sdxl_previews_use_the_sdxl_latent_factors(tiny_engine):
+def test_sdxl_streams_previews_made_with_the_sdxl_latent_factors(tiny_engine):
+    client = imagine.create_app(tiny_engine).test_client()
+    response = client.post("/generate", json={"prompt": "a cat", **FAST, "model": "xl", "width": 96, "stream": 2})
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert [line["done"] for line in lines] == [False, True]
+    assert decode_png(lines[0]["img"]).size == (96, 64)
     assert tiny_engine.models.get(tiny_engine.models.resolve("xl")).family.latent_rgb == imagine.SDXL_LATENT_RGB
     assert imagine.SDXL_LATENT_RGB != imagine.SD_LATENT_RGB
 
