@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Imagine: a small local HTTP server for Stable Diffusion, in the spirit of Ollama.
 
-One endpoint, `POST /generate`: JSON in, a base64 PNG out, or with `"stream": N` a line of
+`POST /generate`: JSON in, a base64 PNG out, or with `"stream": N` a line of
 newline-delimited JSON every N steps while the picture forms. Models are single-file checkpoints
 (`dreamshaper_8.safetensors`), `.ckpt` files (loaded without running their pickle) or diffusers
 folders, all loaded with no network: the configs and the CLIP tokenizer ship in `configs/`.
@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -55,6 +56,8 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from flask import Flask, Response, jsonify, request
@@ -200,6 +203,7 @@ class Family:
     txt2img: type
     img2img: type
     latent_rgb: tuple  # 4x3 factors mapping latent channels to RGB, for cheap previews
+    default_size: int = 512  # width and height when a request gives neither: what the family was trained at
 
 
 # ComfyUI's latent_rgb_factors for the SD1/SD2 VAE (see shared notes, diffusers-facts.md).
@@ -210,9 +214,23 @@ SD_LATENT_RGB = (
     (-0.2120, -0.2616, -0.7177),
 )
 
+# SDXL's VAE has its own latent space (see shared notes, diffusers-facts.md); these factors leave out its bias.
+SDXL_LATENT_RGB = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
+
+SD = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)
 FAMILIES = {
-    "sd1": Family(
-        "Stable Diffusion 1.x", "sd1", StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, SD_LATENT_RGB
+    "sd1": Family("Stable Diffusion 1.x", "sd1", *SD, SD_LATENT_RGB),
+    # SD2.x comes in two kinds the weights cannot tell apart: 512 (predicts the noise, "epsilon") and
+    # 768 (predicts "v"). They differ only in their configs; see sd2_family() for which one a file gets.
+    "sd2": Family("Stable Diffusion 2.x (512, epsilon)", "sd2", *SD, SD_LATENT_RGB),
+    "sd2-v": Family("Stable Diffusion 2.x (768, v-prediction)", "sd2-v", *SD, SD_LATENT_RGB, default_size=768),
+    "sdxl": Family(
+        "SDXL", "sdxl", StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, SDXL_LATENT_RGB, default_size=1024
     ),
 }
 
@@ -223,7 +241,6 @@ FAMILY_KEY_PREFIXES = (
     ("sd2", "cond_stage_model.model."),
     ("sd1", "cond_stage_model.transformer."),
 )
-UNSUPPORTED_FAMILIES = {"sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
 
 
 def detect_family(keys) -> str:
@@ -310,15 +327,13 @@ class Models:
             family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
             if family is None:
                 raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
-            return family
+            return folder_sd2_family(path) or family
         try:
             keys = read_checkpoint_keys(path)
         except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
             raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
         name = detect_family(keys)
-        if name in UNSUPPORTED_FAMILIES:
-            raise ImagineError(f"{UNSUPPORTED_FAMILIES[name]} checkpoints cannot be loaded yet, and this model is one")
-        return FAMILIES[name]
+        return sd2_family(path) if name == "sd2" else FAMILIES[name]
 
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
@@ -347,6 +362,31 @@ class Models:
             return family.txt2img.from_pretrained(repo_id, torch_dtype=self.dtype)
         except (OSError, ValueError) as error:
             raise ImagineError(f"model {repo_id!r} could not be downloaded: {error}", 502) from error
+
+
+def sd2_family(path: Path) -> Family:
+    """SD2 512 (epsilon) or 768 (v-prediction), from the best evidence there is: the LDM config
+    that other tools read from beside the checkpoint (`name.yaml`, whose `parameterization: "v"`
+    marks a v model); without one, the 768 v-prediction model, the flagship of SD 2.0 and 2.1.
+    A request's `prediction` field overrides this for that request."""
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        v = re.search(r"""^\s*parameterization:\s*["']?v["']?\s*$""", yaml.read_text(errors="replace"), re.M)
+        return FAMILIES["sd2-v" if v else "sd2"]
+    return FAMILIES["sd2-v"]
+
+
+def folder_sd2_family(path: Path) -> Family | None:
+    """An SD2 diffusers folder shares SD1's pipeline class; its OpenCLIP text encoder (gelu, where
+    OpenAI's CLIP uses quick_gelu) and its scheduler's prediction type tell which SD2 it is."""
+    try:
+        text_encoder = json.loads((path / "text_encoder" / "config.json").read_text())
+        scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # diffusers itself will say what is missing
+    if text_encoder.get("hidden_act") != "gelu":
+        return None
+    return FAMILIES["sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"]
 
 
 def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
@@ -416,7 +456,15 @@ SAMPLERS = {
     "dpm++ sde": (DPMSolverSDEScheduler, {}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpm++ 2m sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
+# "<name> karras": the same sampler on the Karras et al. noise schedule, for every sampler whose
+# diffusers scheduler offers it (DDIM and Euler a do not). A plain name turns it off explicitly:
+# some models' own scheduler configs switch it on, and the name should mean the same on every model.
+for _name in ("euler", "heun", "lms", "dpm++ 2m", "dpm++ 2s", "dpm++ sde", "dpm2", "dpm2 a", "dpm++ 2m sde"):
+    _cls, _options = SAMPLERS[_name]
+    SAMPLERS[_name] = (_cls, {**_options, "use_karras_sigmas": False})
+    SAMPLERS[f"{_name} karras"] = (_cls, {**_options, "use_karras_sigmas": True})
 DEFAULT_SAMPLER = "dpm++ 2m"
 
 
@@ -464,8 +512,8 @@ def png_base64(image: Image.Image, parameters: str | None = None, compress_level
 class GenerationRequest:
     prompt: str
     model: str | None = None
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model family's default size, known once the model is loaded
+    height: int | None = None
     num_steps: int = 25
     guidance: float = 7.0
     sampler: str = DEFAULT_SAMPLER
@@ -474,7 +522,12 @@ class GenerationRequest:
     img: Image.Image | None = None
     strength: float = 0.8
     stream: int = 0
+    prediction: str | None = None  # None: what the model's config says
 
+
+# What the model predicts at each step, for a request's `prediction` field: the noise ("epsilon",
+# SD1, SDXL, SD2 512) or "v" (SD2 768-v). Only needed where a checkpoint's kind is guessed wrong.
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
 
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 
@@ -512,7 +565,7 @@ def _text(body, field, default):
 
 def _size(body, field, default):
     size = _integer(body, field, default, MIN_SIZE, MAX_SIZE)
-    if size % 8:
+    if size is not None and size % 8:
         raise ImagineError(f"{field} must be a multiple of 8, not {size}")
     return size
 
@@ -549,15 +602,19 @@ def parse_request(body: dict) -> GenerationRequest:
     img = None
     if body.get("img") is not None:
         img = decode_image(_text(body, "img", None))
-    # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8).
-    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (512, 512)
+    # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8); txt2img
+    # takes the model's default size (512, 768 or 1024 by family) for a size it leaves out.
+    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (None, None)
     width, height = _size(body, "width", default_width), _size(body, "height", default_height)
     # Sizes given in the body were checked above; one taken from img may still be out of range.
-    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+    if img is not None and not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
         raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {MAX_SIZE}")
     sampler = _text(body, "sampler", defaults.sampler).strip().lower()
     if sampler not in SAMPLERS:
         raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
+    prediction = _text(body, "prediction", None)
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ImagineError(f"prediction must be 'epsilon' or 'v', not {prediction!r}")
     parsed = GenerationRequest(
         prompt=_text(body, "prompt", ""),
         model=_text(body, "model", None),
@@ -571,6 +628,7 @@ def parse_request(body: dict) -> GenerationRequest:
         img=img,
         strength=_number(body, "strength", defaults.strength, 0.0, 1.0),
         stream=_integer(body, "stream", 0, 0, MAX_STEPS),
+        prediction=prediction,
     )
     if img is not None and int(parsed.num_steps * parsed.strength) < 1:
         raise ImagineError(
@@ -608,13 +666,16 @@ def generation_parameters(req: GenerationRequest, model_name: str) -> str:
 
 
 def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
-    """Runs the diffusers pipeline for `req` (whose seed must be set).
+    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set).
 
     `on_step(step, steps, latents)` is called after each denoising step; `steps` counts model
     evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
     """
     pipe = model.img2img if req.img is not None else model.txt2img
-    pipe.scheduler = make_scheduler(req.sampler, model.scheduler_config, req.seed)
+    scheduler_config = model.scheduler_config
+    if req.prediction is not None:
+        scheduler_config = {**scheduler_config, "prediction_type": PREDICTIONS[req.prediction]}
+    pipe.scheduler = make_scheduler(req.sampler, scheduler_config, req.seed)
     # A CPU generator gives the same starting noise for the same seed on every device.
     generator = torch.Generator("cpu").manual_seed(req.seed)
     size_args = (
@@ -733,6 +794,8 @@ class Engine:
         started = time.perf_counter()
         try:
             model = self.models.get(job.model_key)
+            size = model.family.default_size
+            req = job.request = dataclasses.replace(req, width=req.width or size, height=req.height or size)
             log.info(
                 "generating %dx%d, %d steps, %s, seed %d, model %s",
                 req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
@@ -763,7 +826,7 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP: POST /generate, and JSON errors for everything else
+# HTTP: POST /generate, GET /samplers, and JSON errors for everything else
 # ---------------------------------------------------------------------------------------------
 
 
@@ -839,6 +902,10 @@ def create_app(engine: Engine) -> Flask:
                 raise event.error
             if isinstance(event, Finished):
                 return jsonify(finished_fields(event))
+
+    @app.get("/samplers")
+    def samplers_route():
+        return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
 
     return app
 

@@ -109,7 +109,7 @@ def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models
 
 def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
     models, configs = tiny_models
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, models / "xl.safetensors")
+    save_file({"some.other.weight": torch.zeros(4)}, models / "xl.safetensors")
     engine = imagine.Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=1), configs_dir=configs)
     engine.start()
     picture(engine)
@@ -148,8 +148,6 @@ def tensors(*names):
 @pytest.mark.parametrize(
     "write, message",
     [
-        (tensors("conditioner.embedders.1.model.ln_final.weight"), "SDXL checkpoints cannot be loaded yet"),
-        (tensors("cond_stage_model.model.ln_final.weight"), "Stable Diffusion 2.x checkpoints cannot be loaded yet"),
         (tensors("some.other.weight"), "not a Stable Diffusion model"),
         (lambda path: path.mkdir(), "not a Stable Diffusion pipeline"),
     ],
