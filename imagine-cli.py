@@ -24,7 +24,10 @@ import requests
 from tqdm import tqdm
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
-SAMPLER_NAMES = "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a"
+SAMPLER_NAMES = (
+    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a,"
+    " and Karras variants such as 'DPM++ 2M Karras' (the server's GET /samplers lists them all)"
+)
 
 
 class CliError(Exception):

@@ -223,4 +223,6 @@ def test_the_servers_png_carries_its_parameters_for_txt2img_img2img_and_streams(
 
 def test_sampler_names_are_written_as_automatic1111_spells_them():
     spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S", "DPM++ SDE", "DPM2", "DPM2 a"]
-    assert [imagine.sampler_label(name) for name in imagine.SAMPLERS] == spec
+    a1111 = [*spec, "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM2 a Karras", "LMS Karras"]
+    assert all(name.lower() in imagine.SAMPLERS for name in a1111)
+    assert [imagine.sampler_label(name.lower()) for name in a1111] == a1111
