@@ -95,6 +95,7 @@ class Settings:
     models_dir: Path = Path("~/.imagine/models").expanduser()
     max_loaded: int = 1
     allow_downloads: bool = False
+    compile: bool = False
 
 
 def parse_settings(argv=None) -> Settings:
@@ -120,7 +121,7 @@ def parse_settings(argv=None) -> Settings:
         "-f",
         "--fp_prec",
         default=env("FP_PREC", defaults.fp_prec),
-        help="16 | 32 | auto: 16 on cuda/mps, 32 on cpu; 16 is bfloat16 on cpu (IMAGINE_FP_PREC)",
+        help="16 | 32 | auto: 16 on gpus and cpus with native bfloat16, else 32; bfloat16 on cpu (IMAGINE_FP_PREC)",
     )
     parser.add_argument(
         "--model",
@@ -144,6 +145,12 @@ def parse_settings(argv=None) -> Settings:
         action="store_true",
         default=env("ALLOW_DOWNLOADS", "").lower() in ("1", "true", "yes"),
         help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=env("COMPILE", "").lower() in ("1", "true", "yes"),
+        help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE)",
     )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps"):
@@ -170,10 +177,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_bf16_feature() -> str | None:
+    """The instructions that run bfloat16 natively on this CPU (avx512_bf16 or AMX), or None if it has neither."""
+    try:
+        # torch's own probe answers on every operating system.
+        found = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
+    except AttributeError:  # private helpers a future torch may drop; Linux still lists the flags
+        flags = set(CPUINFO.read_text().split()) if CPUINFO.is_file() else set()
+        found = {"avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
+    return next((name for name, present in found.items() if present), None)
+
+
 def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
-    """16-bit means float16 on GPUs; on CPUs float16 is slow or unsupported, so bfloat16."""
+    """16-bit means float16 on GPUs; on CPUs float16 is slow or unsupported, so bfloat16.
+
+    'auto' takes 16-bit wherever it is fast: always on a GPU, and on a CPU that runs bfloat16
+    natively (2 cores with avx512_bf16: a 512x512 step in 6.2 s against 11-12 s in float32).
+    """
     if fp_prec == "auto":
-        fp_prec = "32" if device.type == "cpu" else "16"
+        if device.type != "cpu":
+            fp_prec, why = "16", f"float16 on {device.type}: half the memory and time of float32"
+        elif feature := cpu_bf16_feature():
+            fp_prec, why = "16", f"bfloat16: this CPU runs it natively ({feature}), about twice as fast as float32"
+        else:
+            fp_prec, why = "32", "float32: this CPU has no native bfloat16 (avx512_bf16 or AMX), where 16-bit is slower"
+        log.info("precision auto: %s", why)
     if fp_prec == "32":
         return torch.float32
     return torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -336,12 +367,25 @@ class Models:
         else:
             pipe = self.download(key, family)
         pipe = pipe.to(device=self.device, dtype=self.dtype)
+        self.speed_up_unet(pipe)
         img2img = family.img2img(**pipe.components)
         for each in (pipe, img2img):
             each.set_progress_bar_config(disable=True)
         return LoadedModel(
             path.stem if path.is_file() else path.name, family, pipe, img2img, dict(pipe.scheduler.config)
         )
+
+    def speed_up_unet(self, pipe) -> None:
+        """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
+        if self.device.type == "cuda":
+            # diffusers measured 9 % faster fp16 steps on an NVIDIA GPU (not measured here: no GPU);
+            # on a 2-core CPU it measured slower (1.52 s a step against 1.35 s), so GPUs only.
+            pipe.unet.to(memory_format=torch.channels_last)
+        if self.settings.compile:
+            # Compiles on the first generation at each new size (minutes); later steps run faster on GPUs
+            # (1.2-2x reported on an A100). On a 2-core CPU it did not help: 1.61-1.77 s a step against
+            # 1.30-1.40 s eager, after 100 s of compiling.
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
 
     def download(self, repo_id: str, family: Family):
         try:

@@ -117,6 +117,85 @@ def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler
     stream_lines(client, sampler=sampler, seed=2, stream=1)
     again = pixels(stream_lines(client, sampler=sampler)[-1]["img"])
     assert np.array_equal(first, again)
-    fresh = imagine.Models(imagine.Settings(), torch.device("cpu"), torch.float32).get("demo")
+    fresh = imagine.Models(imagine.Settings(), engine.device, engine.dtype).get("demo")
     req = imagine.GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST)
     assert np.array_equal(first, np.asarray(imagine.generate(fresh, req), dtype=np.int16))
+
+
+# ---- precision
+
+
+@pytest.mark.parametrize(
+    "feature, expected", [("avx512_bf16", torch.bfloat16), ("amx", torch.bfloat16), (None, torch.float32)]
+)
+def test_auto_precision_on_cpu_is_bfloat16_only_where_the_cpu_runs_it_natively(feature, expected, monkeypatch, caplog):
+    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: feature)
+    with caplog.at_level("INFO", logger="imagine"):
+        assert imagine.pick_dtype("auto", torch.device("cpu")) == expected
+    assert str(expected).removeprefix("torch.") in caplog.text and str(feature or "no native") in caplog.text
+
+
+def test_auto_precision_on_gpus_is_float16_whatever_the_cpu(monkeypatch):
+    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: None)
+    for device in ("cuda", "mps"):
+        assert imagine.pick_dtype("auto", torch.device(device)) == torch.float16
+
+
+@pytest.mark.parametrize(
+    "flags, feature",
+    [("fpu avx512f avx512_bf16 sse", "avx512_bf16"), ("fpu amx_bf16 amx_tile", "amx"), ("fpu avx2", None)],
+)
+def test_without_torchs_probe_the_bf16_feature_is_read_from_proc_cpuinfo(flags, feature, monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\\t: 0\\nflags\\t\\t: {flags}\\n")
+    monkeypatch.setattr(imagine, "CPUINFO", cpuinfo)
+    assert imagine.cpu_bf16_feature() == feature
+
+
+def test_without_torchs_probe_or_proc_cpuinfo_the_cpu_counts_as_lacking_bf16(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.setattr(imagine, "CPUINFO", tmp_path / "missing")  # macOS, Windows
+    assert imagine.cpu_bf16_feature() is None
+
+
+def test_16_bit_on_cpu_runs_unet_text_encoder_and_vae_in_bfloat16(make_engine):
+    engine = make_engine(fp_prec="16", device="cpu")
+    model = engine.models.get("demo")
+    for pipe in (model.txt2img, model.img2img):
+        assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.bfloat16
+
+
+# ---- GPU options
+
+
+def test_attention_uses_pytorchs_fused_sdpa_by_default(engine):
+    model = engine.models.get("demo")
+    for module in (model.txt2img.unet, model.txt2img.vae):
+        assert {type(p).__name__ for p in module.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_compile_is_opt_in_by_flag_or_environment(monkeypatch):
+    assert imagine.parse_settings([]).compile is False
+    assert imagine.parse_settings(["--compile"]).compile is True
+    monkeypatch.setenv("IMAGINE_COMPILE", "1")
+    assert imagine.parse_settings([]).compile is True
+
+
+def test_compile_wraps_the_unet_that_img2img_shares():
+    model = imagine.Models(imagine.Settings(compile=True), torch.device("cpu"), torch.float32).get("demo")
+    assert isinstance(model.txt2img.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert model.img2img.unet is model.txt2img.unet
+
+
+def unet_is_channels_last(pipe) -> bool:
+    weight = pipe.unet.conv_in.weight
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def test_channels_last_only_on_cuda_where_it_helps():
+    pipe = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    imagine.Models(imagine.Settings(), torch.device("cpu"), torch.float32).speed_up_unet(pipe)
+    assert not unet_is_channels_last(pipe)  # measured slower on CPUs
+    imagine.Models(imagine.Settings(), torch.device("cuda"), torch.float16).speed_up_unet(pipe)
+    assert unet_is_channels_last(pipe)
