@@ -35,7 +35,8 @@ def sd15_checkpoint(tmp_path_factory):
 
 def test_an_sd15_architecture_checkpoint_loads_offline_through_the_shipped_configs(sd15_checkpoint, no_network):
     models, state = sd15_checkpoint
-    engine = imagine.Engine(imagine.Settings(model="sd15-random", models_dir=models))
+    # float32 holds the fp16 weights exactly (bfloat16, which `auto` may pick on a CPU, would round them)
+    engine = imagine.Engine(imagine.Settings(model="sd15-random", models_dir=models, fp_prec="32"))
     engine.start()
     client = imagine.create_app(engine).test_client()
     response = client.post("/generate", json={"prompt": "an astronaut", "width": 64, "height": 64, "num_steps": 2})
