@@ -32,7 +32,9 @@ def tiny_models(tmp_path):
 @pytest.fixture
 def tiny_engine(tiny_models):
     models, configs = tiny_models
-    engine = imagine.Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=3), configs_dir=configs)
+    # float32, as the references these tests compare with, whatever `auto` picks on this CPU
+    settings = imagine.Settings(model="tiny", models_dir=models, max_loaded=3, fp_prec="32")
+    engine = imagine.Engine(settings, configs_dir=configs)
     engine.start()
     return engine
 

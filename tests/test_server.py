@@ -84,7 +84,7 @@ def test_16_bit_means_bfloat16_on_cpu_and_float16_on_gpus():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert imagine.pick_dtype("16", cpu) == torch.bfloat16
     assert imagine.pick_dtype("16", cuda) == imagine.pick_dtype("16", mps) == torch.float16
-    assert imagine.pick_dtype("auto", cpu) == imagine.pick_dtype("32", cuda) == torch.float32
+    assert imagine.pick_dtype("32", cpu) == imagine.pick_dtype("32", cuda) == torch.float32
     assert imagine.pick_dtype("auto", cuda) == torch.float16
 
 
@@ -154,7 +154,9 @@ def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, mon
 def test_the_executable_serves_through_waitress_and_logs_its_choices(start_server):
     url, log = start_server(free_port())
     text = "".join(log)
-    assert "device cpu, precision float32, default model demo" in text
+    precision = str(imagine.pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert f"precision auto: {precision}" in text  # with the reason: this CPU's bfloat16 support
+    assert f"device cpu, precision {precision}, default model demo" in text
     response = requests.post(f"{url}/generate", json={"prompt": "a cat", **FAST}, timeout=60)
     assert response.status_code == 200 and response.json()["seed"] == 42
     assert response.headers["Server"] == "waitress"

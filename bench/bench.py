@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Imagine against bare diffusers, side by side in one run: prints a markdown table of ratios and targets.
+
+    python bench/bench.py --quick                      # builds a random-weight SD1.5 checkpoint first (2 GB)
+    python bench/bench.py --checkpoint sd15.safetensors
+
+The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
+as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
+The bare diffusers call runs here, on this process's main thread, with the same checkpoint, configs,
+sampler and parameters. Every timing is taken warm, in rounds that alternate the contestants so that
+a busy machine slows them alike; the table gives medians with the spread (min-max) of the runs.
+"""
+
+import argparse
+import gc
+import json
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from ldm_checkpoint import ldm_state_dict, random_sd15_modules  # noqa: E402
+
+import imagine  # noqa: E402
+
+PROMPT, NEG, SEED = "a lighthouse on a cliff at dawn, oil painting", "blurry", 1234
+SD15_CONFIG = imagine.CONFIGS_DIR / "sd1"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.5 single-file checkpoint; default: build one")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/imagine-bench"), help="where a built one goes")
+    parser.add_argument("--quick", action="store_true", help="256x256, 4 steps, 3 runs each: 4 min on 2 cores")
+    parser.add_argument("--size", type=int, default=512, help="width and height (default 512)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps per generation (default 10)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (default 5)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.repeats = 256, 4, 3
+    return args
+
+
+# ---- the model
+
+
+def build_checkpoint(path: Path) -> Path:
+    """Writes a random-weight SD1.5-architecture checkpoint in the original LDM layout, fp16, as most downloads are."""
+    print(f"building a random SD1.5-architecture checkpoint at {path} ...", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = ldm_state_dict(random_sd15_modules(SD15_CONFIG), dtype=torch.float16)
+    save_file(state, str(path))
+    return path
+
+
+def bare_pipeline(checkpoint: Path, dtype: torch.dtype):
+    """What a diffusers user writes: from_single_file with a local config, the same sampler as Imagine's default."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(checkpoint), config=str(SD15_CONFIG), local_files_only=True, torch_dtype=dtype
+    )
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bare_generate(pipe, size: int, steps: int) -> Image.Image:
+    with torch.inference_mode():
+        return pipe(
+            prompt=PROMPT,
+            negative_prompt=NEG,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        ).images[0]
+
+
+# ---- Imagine, as a server in its own process
+
+
+class Server:
+    """`imagine.py` started as a user starts it, on a free port; keeps its log."""
+
+    def __init__(self, checkpoint: Path, fp_prec: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", "cpu"]
+        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{port}/generate"
+        self.log = []
+        for line in self.process.stderr:
+            self.log.append(line)
+            if "listening on" in line:
+                break
+        else:
+            raise SystemExit("the server did not start:\n" + "".join(self.log))
+        threading.Thread(target=self.keep_log, daemon=True).start()
+
+    def keep_log(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def generate(self, size: int, steps: int, **fields) -> list:
+        """Posts one request and reads the whole answer; returns its JSON objects (one, or one per streamed line)."""
+        body = {"prompt": PROMPT, "neg": NEG, "width": size, "height": size, "num_steps": steps, "seed": SEED}
+        data = json.dumps({**body, **fields}).encode()
+        request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            return [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+    def load_seconds(self) -> list:
+        return [float(m.group(1)) for line in self.log if (m := re.search(r"loaded .* in ([\d.]+) s", line))]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+# ---- measuring
+
+
+def timed(call) -> float:
+    gc.collect()  # what the previous run left behind is not this run's cost
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def rounds(contestants: dict, repeats: int) -> dict:
+    """Runs each contestant once per round, the order rotated each round; returns name -> seconds per run."""
+    names, times = list(contestants), {name: [] for name in contestants}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(contestants[name]))
+            print(f"  round {r + 1}/{repeats}: {name} {times[name][-1]:.2f} s", file=sys.stderr)
+    return times
+
+
+def spread(values) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+def ratio_row(what, imagine_times, base_times, target) -> tuple:
+    ratio = statistics.median(imagine_times) / statistics.median(base_times)
+    return what, spread(imagine_times), spread(base_times), f"{ratio:.3f}", f"<= {target}", ratio <= target
+
+
+def measure_loads(checkpoint: Path, dtype: torch.dtype, repeats: int) -> tuple:
+    """Imagine's loader (family check, load, cast, img2img) against from_single_file, alternating, in this process."""
+    settings = imagine.Settings(models_dir=checkpoint.parent)
+    key = str(checkpoint.resolve())
+
+    def imagine_load():
+        imagine.Models(settings, torch.device("cpu"), dtype).get(key)
+
+    def diffusers_load():
+        bare_pipeline(checkpoint, dtype)
+
+    diffusers_load()  # the first read of the file fills the page cache: both then read it from memory
+    times = rounds({"imagine load": imagine_load, "diffusers load": diffusers_load}, repeats)
+    return times["imagine load"], times["diffusers load"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint or args.workdir / "sd15-random.safetensors"
+    if not checkpoint.is_file():
+        if args.checkpoint:
+            raise SystemExit(f"bench: no checkpoint at {checkpoint}")
+        build_checkpoint(checkpoint)
+    bf16_feature = imagine.cpu_bf16_feature()
+    size, steps, repeats = args.size, args.steps, args.repeats
+    print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
+    rows = []
+
+    print("cold loads:", file=sys.stderr)
+    ours, theirs = measure_loads(checkpoint, torch.bfloat16, repeats)
+    rows.append(ratio_row("cold load of the single file ÷ diffusers from_single_file", ours, theirs, 1.1))
+
+    pipe = bare_pipeline(checkpoint, torch.bfloat16)
+    servers = {"16": Server(checkpoint, "16"), "32": Server(checkpoint, "32")}
+    try:
+        print("warm-up:", file=sys.stderr)
+        bare_generate(pipe, size, steps)
+        for server in servers.values():
+            server.generate(size, steps)
+        contestants = {
+            "bare diffusers (bf16)": lambda: bare_generate(pipe, size, steps),
+            "/generate -f 16": lambda: servers["16"].generate(size, steps),
+            "/generate -f 16, stream 1": lambda: servers["16"].generate(size, steps, stream=1),
+            "/generate -f 32": lambda: servers["32"].generate(size, steps),
+        }
+        print("generations:", file=sys.stderr)
+        times = rounds(contestants, repeats)
+        server = servers["16"]
+        rss_txt2img = server.rss_bytes()
+        answer = server.generate(size, steps)[-1]["img"]
+        server.generate(size, steps, img=answer, strength=0.8)
+        rss_added = server.rss_bytes() / rss_txt2img - 1
+        requests = 3 + 3 * repeats
+        loads = server.load_seconds()  # one per "loaded ... in N s" line of its log
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    rows += [
+        ratio_row(
+            "/generate end to end ÷ bare diffusers call", times["/generate -f 16"], times["bare diffusers (bf16)"], 1.02
+        ),
+        ratio_row("stream: 1 ÷ stream: 0", times["/generate -f 16, stream 1"], times["/generate -f 16"], 1.03),
+        ratio_row("-f 16 ÷ -f 32", times["/generate -f 16"], times["/generate -f 32"], 0.6),
+        (
+            "second request for a loaded model: time loading",
+            f"{sum(loads[1:]):.2f} s ({len(loads)} load in {requests} requests)",
+            "",
+            "",
+            "0",
+            len(loads) == 1,
+        ),
+        (
+            "resident memory added by img2img after txt2img",
+            f"{rss_added * 100:+.1f} % of {rss_txt2img / 2**30:.2f} GiB",
+            "",
+            "",
+            "<= 5 %",
+            rss_added <= 0.05,
+        ),
+    ]
+    print()
+    print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on CPU")
+    cpu = f"{torch.get_num_threads()} threads, native bf16: {bf16_feature or 'none'}"
+    print(f"({cpu}); times are the median (min-max) of {repeats} warm runs.")
+    print()
+    print("| what | Imagine | baseline | ratio | target | met |")
+    print("|---|---|---|---|---|---|")
+    for what, ours, theirs, ratio, target, met in rows:
+        print(f"| {what} | {ours} | {theirs} | {ratio} | {target} | {'yes' if met else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
