@@ -132,7 +132,9 @@ def tiny_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_files):
     models, configs, _ = tiny_files
-    engine = imagine.Engine(imagine.Settings(model="xl", models_dir=models, max_loaded=4), configs_dir=configs)
+    engine = imagine.Engine(
+        imagine.Settings(model="xl", models_dir=models, max_loaded=4, fp_prec="32"), configs_dir=configs
+    )
     engine.start()
     return engine
 
