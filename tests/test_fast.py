@@ -102,10 +102,10 @@ def test_fast_previews_look_more_like_the_final_picture_than_the_noisy_latents_d
 def test_a_sampler_builds_its_scheduler_once_per_model(client, engine):
     model = engine.models.get("demo")
     stream_lines(client, sampler="dpm2", stream=0)
-    first = model.schedulers["dpm2"]
+    first = model.schedulers[("dpm2", None)]
     stream_lines(client, sampler="euler", stream=0)
     stream_lines(client, sampler="dpm2", stream=0, seed=7)
-    assert model.schedulers["dpm2"] is first
+    assert model.schedulers[("dpm2", None)] is first
 
 
 @pytest.mark.parametrize("sampler", list(imagine.SAMPLERS))
