@@ -243,6 +243,20 @@ def read_checkpoint_keys(path: Path) -> list:
     return list(state.get("state_dict", state).keys())
 
 
+def real_path(path: Path) -> Path | None:
+    """Where a path leads once links are followed, or None if nothing is there (or the name cannot be a path)."""
+    try:
+        return path.resolve() if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # a name too long, a link loop
+        return None
+
+
+def is_repo_id(name: str) -> bool:
+    """'owner/repo', as the Hugging Face hub names models; never a path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(part and part not in (".", "..") and part.strip() == part for part in parts)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     name: str
@@ -263,17 +277,32 @@ class Models:
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
 
     def resolve(self, name: str | None) -> str:
-        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id."""
+        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
+
+        The name comes from the network, so it may only reach what lies inside the models directory once
+        `..`, links and absolute paths are resolved; only the configured default model may live elsewhere.
+        """
+        configured = name is None or name == self.settings.model
         name = self.settings.model if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
-        given = Path(name).expanduser()
-        in_dir = self.settings.models_dir / name
-        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES), given]
+        if "\0" in name:
+            raise ImagineError("model must not contain a NUL byte")
+        models_dir = self.settings.models_dir.expanduser().resolve()
+        in_dir = models_dir / name  # an absolute name replaces models_dir here; the check below catches it
+        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES)]
+        if configured:
+            candidates.append(Path(name).expanduser())
         for candidate in candidates:
-            if candidate.is_dir() or (candidate.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
-                return str(candidate.resolve())
-        if self.settings.allow_downloads and name.count("/") == 1 and not given.is_absolute():
+            real = real_path(candidate)
+            if real is None:
+                continue
+            if not (configured or real.is_relative_to(models_dir)):
+                raise ImagineError(f"model {name!r} is outside the models directory; name a model inside it", 403)
+            if real.is_dir() or (real.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
+                return str(real)
+            raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
+        if self.settings.allow_downloads and is_repo_id(name):
             return name
         raise ImagineError(f"model {name!r} not found in the models directory", 404)
 
