@@ -234,6 +234,18 @@ def detect_family(keys) -> str:
     raise ImagineError("the checkpoint is not a Stable Diffusion model this server recognises")
 
 
+def refuse_pickles_that_could_run(path: Path) -> None:
+    """A .ckpt is a pickle; only torch.load(weights_only=True) keeps it from running code, so where that
+    guard is switched off (an environment variable) or known to leak (torch < 2.6, CVE-2025-32434), refuse."""
+    if path.suffix != ".ckpt":
+        return
+    forced = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() not in ("", "0", "n", "no", "false")
+    if forced:
+        raise ImagineError(".ckpt models are refused while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; use .safetensors")
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+        raise ImagineError(".ckpt models need torch 2.6 or newer to load safely; use .safetensors or upgrade torch")
+
+
 def read_checkpoint_keys(path: Path) -> list:
     """Tensor names of a checkpoint without loading its tensors (a .ckpt is memory-mapped, never unpickled unsafely)."""
     if path.suffix == ".safetensors":
@@ -339,6 +351,7 @@ class Models:
             if family is None:
                 raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
             return family
+        refuse_pickles_that_could_run(path)
         try:
             keys = read_checkpoint_keys(path)
         except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
