@@ -78,7 +78,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_MODEL = "demo"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
-MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8)
+MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
+MAX_BODY_BYTES = 64 * 2**20  # a request body; a large input picture as base64 PNG fits
+MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before it is decoded
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
@@ -94,6 +96,7 @@ class Settings:
     models_dir: Path = Path("~/.imagine/models").expanduser()
     max_loaded: int = 1
     allow_downloads: bool = False
+    max_size: int = MAX_SIZE
 
 
 def parse_settings(argv=None) -> Settings:
@@ -144,6 +147,12 @@ def parse_settings(argv=None) -> Settings:
         default=env("ALLOW_DOWNLOADS", "").lower() in ("1", "true", "yes"),
         help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
     )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=env("MAX_SIZE", defaults.max_size),
+        help=f"largest width and height a request may ask for, a multiple of 8 (IMAGINE_MAX_SIZE, default {MAX_SIZE})",
+    )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
@@ -151,6 +160,8 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}")
     if args.max_loaded < 1:
         parser.error(f"--max-loaded must be at least 1, not {args.max_loaded}")
+    if args.max_size < MIN_SIZE or args.max_size % 8:
+        parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
     return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser()})
 
 
@@ -543,8 +554,8 @@ def _text(body, field, default):
     return _value(body, field, str, "a string")
 
 
-def _size(body, field, default):
-    size = _integer(body, field, default, MIN_SIZE, MAX_SIZE)
+def _size(body, field, default, max_size):
+    size = _integer(body, field, default, MIN_SIZE, max_size)
     if size % 8:
         raise ImagineError(f"{field} must be a multiple of 8, not {size}")
     return size
@@ -559,6 +570,8 @@ def decode_image(data: str) -> Image.Image:
     try:
         # Line breaks are allowed: `base64` wraps its output at 76 columns.
         image = Image.open(io.BytesIO(base64.b64decode("".join(data.split()), validate=True)))
+        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
+            raise ImagineError(f"img is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted")
         image.load()
     except (binascii.Error, ValueError):
         raise ImagineError("img is not valid base64") from None
@@ -569,7 +582,7 @@ def decode_image(data: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def parse_request(body: dict) -> GenerationRequest:
+def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
@@ -584,10 +597,10 @@ def parse_request(body: dict) -> GenerationRequest:
         img = decode_image(_text(body, "img", None))
     # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8).
     default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (512, 512)
-    width, height = _size(body, "width", default_width), _size(body, "height", default_height)
+    width, height = _size(body, "width", default_width, max_size), _size(body, "height", default_height, max_size)
     # Sizes given in the body were checked above; one taken from img may still be out of range.
-    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
-        raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {MAX_SIZE}")
+    if not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):
+        raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}")
     sampler = _text(body, "sampler", defaults.sampler).strip().lower()
     if sampler not in SAMPLERS:
         raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
@@ -707,6 +720,7 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR):
+        self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.fp_prec, self.device)
         self.models = Models(settings, self.device, self.dtype, configs_dir)
@@ -806,6 +820,7 @@ def read_json_body() -> dict:
 
 def create_app(engine: Engine) -> Flask:
     app = Flask("imagine")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413 before they are read
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
@@ -825,7 +840,7 @@ def create_app(engine: Engine) -> Flask:
 
     @app.post("/generate")
     def generate_route():
-        job = engine.submit(parse_request(read_json_body()))
+        job = engine.submit(parse_request(read_json_body(), engine.settings.max_size))
         events = iter(job)
         # Wait until the model is loaded (Started) or failed to load, while the status is still ours to set.
         first = next(events)
