@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 import warnings
@@ -97,6 +98,7 @@ class Settings:
     max_loaded: int = 1
     allow_downloads: bool = False
     max_size: int = MAX_SIZE
+    max_queue: int = 8
 
 
 def parse_settings(argv=None) -> Settings:
@@ -153,6 +155,12 @@ def parse_settings(argv=None) -> Settings:
         default=env("MAX_SIZE", defaults.max_size),
         help=f"largest width and height a request may ask for, a multiple of 8 (IMAGINE_MAX_SIZE, default {MAX_SIZE})",
     )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=env("MAX_QUEUE", defaults.max_queue),
+        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE)",
+    )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
@@ -160,6 +168,8 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}")
     if args.max_loaded < 1:
         parser.error(f"--max-loaded must be at least 1, not {args.max_loaded}")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue must be 0 or more, not {args.max_queue}")
     if args.max_size < MIN_SIZE or args.max_size % 8:
         parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
     return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser()})
@@ -197,10 +207,11 @@ def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
 class ImagineError(Exception):
     """A problem to tell the client about; `status` is the HTTP status it maps to."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, for a 503: when trying again is likely to work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -694,13 +705,19 @@ class Failed:
     error: ImagineError
 
 
+class Cancelled(Exception):
+    """Raised from the step callback to stop a generation at once; diffusers then skips the VAE decode too."""
+
+
 class Job:
     """One accepted request; the engine reports its progress as events the caller iterates over."""
 
-    def __init__(self, request: GenerationRequest, model_key: str):
+    def __init__(self, request: GenerationRequest, model_key: str, client_gone=None):
         self.request = request
         self.model_key = model_key
         self.events = queue.Queue()
+        self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
+        self.cancel_reason = None
 
     def __iter__(self):
         while True:
@@ -708,6 +725,15 @@ class Job:
             yield event
             if isinstance(event, (Finished, Failed)):
                 return
+
+    def cancel(self, reason: ImagineError) -> None:
+        """Stops the job before its next step, or before it starts; `reason` is what its client is told."""
+        self.cancel_reason = reason
+
+    def cancelled(self) -> bool:
+        if self.cancel_reason is None and self.client_gone is not None and self.client_gone():
+            self.cancel_reason = ImagineError("the client disconnected", 499)
+        return self.cancel_reason is not None
 
 
 class Engine:
@@ -725,27 +751,56 @@ class Engine:
         self.dtype = pick_dtype(settings.fp_prec, self.device)
         self.models = Models(settings, self.device, self.dtype, configs_dir)
         self.jobs = queue.Queue()
+        self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
+        self.stopping = False
+        self.running = None  # the job generating now
+        self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
-    def submit(self, req: GenerationRequest) -> Job:
-        """Queues a request; an unknown model is refused here, before any work."""
-        job = Job(req, self.models.resolve(req.model))
+    def submit(self, req: GenerationRequest, client_gone=None) -> Job:
+        """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work."""
+        job = Job(req, self.models.resolve(req.model), client_gone)
         if req.seed is None:
             job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
-        self.jobs.put(job)
+        with self.accepting:
+            if self.stopping:
+                raise ImagineError("the server is shutting down", 503)
+            waiting = self.jobs.qsize()
+            if waiting >= self.settings.max_queue:
+                # Every waiting job and the running one are ahead: a rough but honest estimate.
+                retry_after = max(1, math.ceil(self.last_seconds * (waiting + 1)))
+                raise ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
+            self.jobs.put(job)
         return job
 
     def run_forever(self) -> None:
-        while True:
-            self.run(self.jobs.get())
+        """Runs jobs until stop() is called."""
+        while (job := self.jobs.get()) is not None:
+            self.run(job)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)
         thread.start()
         return thread
 
+    def stop(self) -> None:
+        """Cancels the running job and every waiting one, telling their clients, then ends run_forever."""
+        shutting_down = ImagineError("the server is shutting down", 503)
+        with self.accepting:
+            self.stopping = True
+            if self.running is not None:
+                self.running.cancel(shutting_down)
+            while not self.jobs.empty():
+                self.jobs.get_nowait().events.put(Failed(shutting_down))
+            self.jobs.put(None)
+
     def run(self, job: Job) -> None:
+        if job.cancelled():  # its client left while it waited
+            log.info("dropped a request: %s", job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+            return
         req = job.request
         started = time.perf_counter()
+        self.running = job
         try:
             model = self.models.get(job.model_key)
             log.info(
@@ -757,20 +812,36 @@ class Engine:
 
             def on_step(step, steps, latents):
                 nonlocal last_step
+                if job.cancelled():
+                    raise Cancelled
                 last_step = step
                 if req.stream and step % req.stream == 0 and step < steps:
                     preview = latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height))
                     job.events.put(Preview(step, steps, preview))
 
             image = generate(model, req, on_step)
+        except Cancelled:
+            log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+            return
         except ImagineError as error:
             job.events.put(Failed(error))
+            return
+        except torch.OutOfMemoryError:
+            # As ComfyUI does: give the memory back by unloading every model; the next request reloads one.
+            log.exception("out of memory; unloading every model")
+            for key in list(self.models.loaded):
+                self.models.unload(key)
+            job.events.put(Failed(ImagineError("the device ran out of memory; try a smaller picture", 500)))
             return
         except Exception as error:  # the server must outlive any failure inside a generation
             log.exception("generation failed")
             job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
             return
+        finally:
+            self.running = None
         seconds = time.perf_counter() - started
+        self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         job.events.put(Finished(image, req.seed, model.name, last_step, round(seconds, 3)))
 
@@ -796,17 +867,24 @@ def ndjson(fields: dict) -> str:
     return json.dumps(fields) + "\n"
 
 
-def stream_lines(events, seed: int):
-    """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error."""
-    for event in events:
-        if isinstance(event, Preview):
-            # Previews favour speed: the lowest PNG compression, still lossless.
-            preview = png_base64(event.image, compress_level=1)
-            yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
-        elif isinstance(event, Finished):
-            yield ndjson({**finished_fields(event), "done": True})
-        elif isinstance(event, Failed):
-            yield ndjson({"error": event.error.message, "done": True})
+def stream_lines(job: Job, events):
+    """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error.
+
+    The server closes this generator when the client leaves; the job then stops before its next step.
+    """
+    seed = job.request.seed
+    try:
+        for event in events:
+            if isinstance(event, Preview):
+                # Previews favour speed: the lowest PNG compression, still lossless.
+                preview = png_base64(event.image, compress_level=1)
+                yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
+            elif isinstance(event, Finished):
+                yield ndjson({**finished_fields(event), "done": True})
+            elif isinstance(event, Failed):
+                yield ndjson({"error": event.error.message, "done": True})
+    finally:
+        job.cancel(ImagineError("the client disconnected", 499))
 
 
 def read_json_body() -> dict:
@@ -824,7 +902,10 @@ def create_app(engine: Engine) -> Flask:
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
-        return jsonify(error=error.message), error.status
+        response = jsonify(error=error.message)
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response, error.status
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -840,14 +921,16 @@ def create_app(engine: Engine) -> Flask:
 
     @app.post("/generate")
     def generate_route():
-        job = engine.submit(parse_request(read_json_body(), engine.settings.max_size))
+        # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
+        client_gone = request.environ.get("waitress.client_disconnected")
+        job = engine.submit(parse_request(read_json_body(), engine.settings.max_size), client_gone)
         events = iter(job)
         # Wait until the model is loaded (Started) or failed to load, while the status is still ours to set.
         first = next(events)
         if isinstance(first, Failed):
             raise first.error
         if job.request.stream:
-            return Response(stream_lines(events, job.request.seed), mimetype="application/x-ndjson")
+            return Response(stream_lines(job, events), mimetype="application/x-ndjson")
         for event in events:
             if isinstance(event, Failed):
                 raise event.error
@@ -862,9 +945,22 @@ def create_app(engine: Engine) -> Flask:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def create_server(engine: Engine, host: str, port: int):
+    """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
     import waitress  # only the server needs it
 
+    return waitress.create_server(
+        create_app(engine),
+        host=host,
+        port=port,
+        # A thread for each waiting request, the running one, and a few to answer 503s and errors at once.
+        threads=engine.settings.max_queue + 4,
+        # Reading ahead on each connection is what lets waitress notice that a client has left.
+        channel_request_lookahead=1,
+    )
+
+
+def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine(settings)
@@ -873,15 +969,18 @@ def main(argv=None) -> None:
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
     try:
-        server = waitress.create_server(create_app(engine), host=settings.host, port=settings.port, threads=8)
+        server = create_server(engine, settings.host, settings.port)
     except OSError as error:
         raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
     threading.Thread(target=server.run, name="http", daemon=True).start()
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    try:
-        engine.run_forever()
-    except KeyboardInterrupt:
-        log.info("stopped")
+    # stop() takes locks the interrupted engine thread may hold, so it runs on a thread of its own.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: threading.Thread(target=engine.stop).start())
+    engine.run_forever()
+    # Let the HTTP threads send their last answers (the cancelled job's error) before the process ends.
+    server.task_dispatcher.shutdown(timeout=10)
+    log.info("stopped")
 
 
 if __name__ == "__main__":
