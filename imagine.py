@@ -19,7 +19,9 @@ import binascii
 import collections
 import dataclasses
 import gc
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -99,6 +101,8 @@ class Settings:
     allow_downloads: bool = False
     max_size: int = MAX_SIZE
     max_queue: int = 8
+    api_key: str = ""
+    cors_origins: tuple = ()
 
 
 def parse_settings(argv=None) -> Settings:
@@ -161,6 +165,17 @@ def parse_settings(argv=None) -> Settings:
         default=env("MAX_QUEUE", defaults.max_queue),
         help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=env("API_KEY", defaults.api_key),
+        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps)",
+    )
+    parser.add_argument(
+        "--cors-origins",
+        default=env("CORS_ORIGINS", ""),
+        help="web origins allowed to call the server, comma-separated, e.g. http://localhost:3000, "
+        "or * for any (IMAGINE_CORS_ORIGINS; default none)",
+    )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
@@ -172,7 +187,8 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--max-queue must be 0 or more, not {args.max_queue}")
     if args.max_size < MIN_SIZE or args.max_size % 8:
         parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
-    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser()})
+    origins = tuple(origin.strip().rstrip("/") for origin in args.cors_origins.split(",") if origin.strip())
+    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -896,15 +912,84 @@ def read_json_body() -> dict:
     return body
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """'localhost:5000' -> 'localhost', '[::1]:5000' -> '::1'."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if ":" in host_header else host_header
+
+
+def check_who_is_calling(settings: Settings) -> None:
+    """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
+    # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
+    # host name. A server listening on loopback only ever has a local name; anything else is such a page.
+    host = host_name(request.host.lower())
+    if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
+        raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
+    # A browser tells every cross-site request's origin; only the origins the user listed may call.
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(settings, origin):
+        raise ImagineError(f"origin {origin!r} is not allowed; list it in --cors-origins (IMAGINE_CORS_ORIGINS)", 403)
+    # Browsers send no credentials with a CORS preflight, so it is answered before the key is checked.
+    if request.method == "OPTIONS" and origin is not None:
+        return
+    if settings.api_key:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def origin_allowed(settings: Settings, origin: str) -> bool:
+    return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
+
+
 def create_app(engine: Engine) -> Flask:
     app = Flask("imagine")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413 before they are read
+    settings = engine.settings
+
+    @app.before_request
+    def who_is_calling():
+        check_who_is_calling(settings)
+        if request.method == "OPTIONS" and request.headers.get("Origin") is not None:
+            return preflight_answer()
+
+    def preflight_answer():
+        return Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Headers": "Content-Type, Authorization",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+
+    @app.after_request
+    def allow_listed_origin(response):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(settings, origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
         response = jsonify(error=error.message)
         if error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
+        if error.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response, error.status
 
     @app.errorhandler(HTTPException)
