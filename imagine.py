@@ -623,7 +623,8 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     if body.get("img") is not None:
         img = decode_image(_text(body, "img", None))
     # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8).
-    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (512, 512)
+    default_size = min(512, max_size)
+    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (default_size, default_size)
     width, height = _size(body, "width", default_width, max_size), _size(body, "height", default_height, max_size)
     # Sizes given in the body were checked above; one taken from img may still be out of range.
     if not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):

@@ -71,3 +71,10 @@ def test_an_img_over_the_pixel_bound_is_refused_from_its_header_without_decoding
     assert response.status_code == 400
     assert response.get_json()["error"] == f"img is 5000x5000; at most {imagine.MAX_IMG_PIXELS} pixels are accepted"
     assert (5000, 5000) not in decoded
+
+
+def test_a_largest_size_below_512_also_lowers_the_default_size(make_engine):
+    client = imagine.create_app(make_engine(model="demo", max_size=64)).test_client()
+    response = client.post("/generate", json={"prompt": "x", "num_steps": 1})
+    assert response.status_code == 200
+    assert (response.get_json()["width"], response.get_json()["height"]) == (64, 64)
