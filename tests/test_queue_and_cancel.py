@@ -229,3 +229,25 @@ def test_sigterm_cancels_the_running_generation_tells_its_client_and_exits_clean
     assert rest[-1] == {"error": "the server is shutting down", "done": True}
     assert len(rest) < 150
     assert process.wait(timeout=60) == 0
+
+
+def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, monkeypatch):
+    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=tmp_path))
+    url = serve(engine)
+    engine_thread = engine.start()
+    gate = Gate(monkeypatch)
+    results = []
+    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
+    wait_until(lambda: engine.running is not None, "the first request runs")
+    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
+    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+    engine.stop()
+    gate.open()
+    running.join()
+    waiting.join()
+    engine_thread.join(timeout=60)
+    assert not engine_thread.is_alive()
+    assert results == [(503, {"error": "the server is shutting down"})] * 2
+    assert gate.steps == [1]
+    late = requests.post(f"{url}/generate", json={"prompt": "x", **FAST}, timeout=30)
+    assert (late.status_code, late.json()) == (503, {"error": "the server is shutting down"})
