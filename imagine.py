@@ -1043,6 +1043,9 @@ def create_server(engine: Engine, host: str, port: int):
         threads=engine.settings.max_queue + 4,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
+        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413, but only once waitress has received them;
+        # this backstop has waitress refuse far larger ones from their Content-Length, unread.
+        max_request_body_size=2 * MAX_BODY_BYTES,
     )
 
 

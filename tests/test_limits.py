@@ -1,9 +1,12 @@
 """Limits with clear answers: every field bounded and typed, the body capped, input pictures bounded."""
 
 import json
+import socket
+import threading
 
 import pytest
-from conftest import FAST, png_data
+import requests
+from conftest import FAST, free_port, png_data
 from PIL import Image
 
 import imagine
@@ -78,3 +81,21 @@ def test_a_largest_size_below_512_also_lowers_the_default_size(make_engine):
     response = client.post("/generate", json={"prompt": "x", "num_steps": 1})
     assert response.status_code == 200
     assert (response.get_json()["width"], response.get_json()["height"]) == (64, 64)
+
+
+def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused_unread(engine):
+    server = imagine.create_server(engine, "127.0.0.1", free_port())
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.effective_port}/generate"
+        large = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
+        response = requests.post(url, data=large, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 413 and "error" in response.json()
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=30) as connection:
+            connection.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {10 * imagine.MAX_BODY_BYTES}\r\n\r\n".encode()
+            )
+            assert connection.recv(100).startswith(b"HTTP/1.1 413")  # answered with no body sent
+    finally:
+        server.close()

@@ -1,5 +1,6 @@
 """imagine.service: valid for systemd, sandboxed to an exposure systemd rates OK, GPUs still reachable."""
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ def test_the_service_keeps_gpu_device_nodes_reachable():
 
 def test_every_environment_setting_is_one_imagine_reads():
     names = {line.split("=", 1)[0] for line in settings(UNIT.read_text(), "Environment")}
-    known = {f"IMAGINE_{field.name.upper()}" for field in imagine.dataclasses.fields(imagine.Settings)}
+    known = {f"IMAGINE_{field.name.upper()}" for field in dataclasses.fields(imagine.Settings)}
     assert names - {"PATH", "HOME"} <= known
 
 
