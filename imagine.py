@@ -1062,6 +1062,8 @@ def main(argv=None) -> None:
     except OSError as error:
         raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
     threading.Thread(target=server.run, name="http", daemon=True).start()
+    if not is_loopback(settings.host) and not settings.api_key:
+        log.warning("other machines can reach this server and no API key is set: anyone may use it (IMAGINE_API_KEY)")
     log.info("listening on http://%s:%d", settings.host, settings.port)
     # stop() takes locks the interrupted engine thread may hold, so it runs on a thread of its own.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,9 +1,15 @@
 """Who may talk to the server: loopback by default, an optional API key, local Host names, listed CORS origins."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from conftest import FAST
+from conftest import FAST, free_port
 
 import imagine
+
+ROOT = Path(imagine.__file__).resolve().parent
 
 BODY = {"prompt": "x", **FAST}
 
@@ -94,3 +100,21 @@ def test_cors_origins_come_from_a_comma_separated_flag_or_the_environment(monkey
     assert imagine.parse_settings(["--cors-origins", "*"]).cors_origins == ("*",)
     monkeypatch.delenv("IMAGINE_CORS_ORIGINS")
     assert imagine.parse_settings([]).cors_origins == ()
+
+
+@pytest.mark.parametrize(
+    "extra, warned", [([], False), (["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--api-key", "k"], False)]
+)
+def test_listening_beyond_this_machine_without_a_key_is_warned_about_in_the_log(tmp_path, extra, warned):
+    command = [sys.executable, str(ROOT / "imagine.py"), "--models-dir", str(tmp_path), "-d", "cpu", *extra]
+    process = subprocess.Popen([*command, "--port", str(free_port())], stderr=subprocess.PIPE, text=True)
+    try:
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "listening on" in line:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert ("no API key is set" in "".join(log)) is warned, "".join(log)
