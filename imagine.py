@@ -1061,13 +1061,16 @@ def main(argv=None) -> None:
         server = create_server(engine, settings.host, settings.port)
     except OSError as error:
         raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
+    # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns.
+    # The handler only sets an event: stop() takes locks that the interrupted main thread may hold.
+    stop_requested = threading.Event()
+    threading.Thread(target=lambda: stop_requested.wait() and engine.stop(), name="stop", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
     threading.Thread(target=server.run, name="http", daemon=True).start()
     if not is_loopback(settings.host) and not settings.api_key:
         log.warning("other machines can reach this server and no API key is set: anyone may use it (IMAGINE_API_KEY)")
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    # stop() takes locks the interrupted engine thread may hold, so it runs on a thread of its own.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: threading.Thread(target=engine.stop).start())
     engine.run_forever()
     # Let the HTTP threads send their last answers (the cancelled job's error) before the process ends.
     server.task_dispatcher.shutdown(timeout=10)
