@@ -138,7 +138,10 @@ class NoServer(CliError):
 
 def remote_updates(server: str, body: dict):
     try:
-        response = requests.post(f"{server.rstrip('/')}/generate", json=body, stream=True, timeout=(10, None))
+        key = os.environ.get("IMAGINE_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        url = f"{server.rstrip('/')}/generate"
+        response = requests.post(url, json=body, headers=headers, stream=True, timeout=(10, None))
     except requests.ConnectionError:
         raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
     except requests.RequestException as error:
@@ -174,8 +177,9 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
 
     flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
     try:
-        engine = imagine.Engine(imagine.parse_settings(flags))
-        job = engine.submit(imagine.parse_request({**body, "stream": args.stream or 0}))
+        settings = imagine.parse_settings(flags)
+        engine = imagine.Engine(settings)
+        job = engine.submit(imagine.parse_request({**body, "stream": args.stream or 0}, settings.max_size))
     except imagine.ImagineError as error:
         raise CliError(error.message) from None
 

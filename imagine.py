@@ -20,7 +20,9 @@ import collections
 import dataclasses
 import functools
 import gc
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -28,6 +30,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import threading
 import time
 import warnings
@@ -83,7 +86,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_MODEL = "demo"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
-MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8)
+MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
+MAX_BODY_BYTES = 64 * 2**20  # a request body; a large input picture as base64 PNG fits
+MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before it is decoded
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
@@ -100,6 +105,10 @@ class Settings:
     max_loaded: int = 1
     allow_downloads: bool = False
     compile: bool = False
+    max_size: int = MAX_SIZE
+    max_queue: int = 8
+    api_key: str = ""
+    cors_origins: tuple = ()
 
 
 def parse_settings(argv=None) -> Settings:
@@ -156,6 +165,29 @@ def parse_settings(argv=None) -> Settings:
         default=env("COMPILE", "").lower() in ("1", "true", "yes"),
         help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE)",
     )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=env("MAX_SIZE", defaults.max_size),
+        help=f"largest width and height a request may ask for, a multiple of 8 (IMAGINE_MAX_SIZE, default {MAX_SIZE})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=env("MAX_QUEUE", defaults.max_queue),
+        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=env("API_KEY", defaults.api_key),
+        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps)",
+    )
+    parser.add_argument(
+        "--cors-origins",
+        default=env("CORS_ORIGINS", ""),
+        help="web origins allowed to call the server, comma-separated, e.g. http://localhost:3000, "
+        "or * for any (IMAGINE_CORS_ORIGINS; default none)",
+    )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
@@ -163,7 +195,12 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}")
     if args.max_loaded < 1:
         parser.error(f"--max-loaded must be at least 1, not {args.max_loaded}")
-    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser()})
+    if args.max_queue < 0:
+        parser.error(f"--max-queue must be 0 or more, not {args.max_queue}")
+    if args.max_size < MIN_SIZE or args.max_size % 8:
+        parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
+    origins = tuple(origin.strip().rstrip("/") for origin in args.cors_origins.split(",") if origin.strip())
+    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +259,11 @@ def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
 class ImagineError(Exception):
     """A problem to tell the client about; `status` is the HTTP status it maps to."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, for a 503: when trying again is likely to work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +322,18 @@ def detect_family(keys) -> str:
     raise ImagineError("the checkpoint is not a Stable Diffusion model this server recognises")
 
 
+def refuse_pickles_that_could_run(path: Path) -> None:
+    """A .ckpt is a pickle; only torch.load(weights_only=True) keeps it from running code, so where that
+    guard is switched off (an environment variable) or known to leak (torch < 2.6, CVE-2025-32434), refuse."""
+    if path.suffix != ".ckpt":
+        return
+    forced = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() not in ("", "0", "n", "no", "false")
+    if forced:
+        raise ImagineError(".ckpt models are refused while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; use .safetensors")
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+        raise ImagineError(".ckpt models need torch 2.6 or newer to load safely; use .safetensors or upgrade torch")
+
+
 def read_checkpoint_keys(path: Path) -> list:
     """Tensor names of a checkpoint without loading its tensors (a .ckpt is memory-mapped, never unpickled unsafely)."""
     if path.suffix == ".safetensors":
@@ -291,6 +341,20 @@ def read_checkpoint_keys(path: Path) -> list:
             return list(f.keys())
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return list(state.get("state_dict", state).keys())
+
+
+def real_path(path: Path) -> Path | None:
+    """Where a path leads once links are followed, or None if nothing is there (or the name cannot be a path)."""
+    try:
+        return path.resolve() if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # a name too long, a link loop
+        return None
+
+
+def is_repo_id(name: str) -> bool:
+    """'owner/repo', as the Hugging Face hub names models; never a path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(part and part not in (".", "..") and part.strip() == part for part in parts)
 
 
 @dataclasses.dataclass
@@ -314,17 +378,32 @@ class Models:
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
 
     def resolve(self, name: str | None) -> str:
-        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id."""
+        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
+
+        The name comes from the network, so it may only reach what lies inside the models directory once
+        `..`, links and absolute paths are resolved; only the configured default model may live elsewhere.
+        """
+        configured = name is None or name == self.settings.model
         name = self.settings.model if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
-        given = Path(name).expanduser()
-        in_dir = self.settings.models_dir / name
-        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES), given]
+        if "\0" in name:
+            raise ImagineError("model must not contain a NUL byte")
+        models_dir = self.settings.models_dir.expanduser().resolve()
+        in_dir = models_dir / name  # an absolute name replaces models_dir here; the check below catches it
+        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES)]
+        if configured:
+            candidates.append(Path(name).expanduser())
         for candidate in candidates:
-            if candidate.is_dir() or (candidate.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
-                return str(candidate.resolve())
-        if self.settings.allow_downloads and name.count("/") == 1 and not given.is_absolute():
+            real = real_path(candidate)
+            if real is None:
+                continue
+            if not (configured or real.is_relative_to(models_dir)):
+                raise ImagineError(f"model {name!r} is outside the models directory; name a model inside it", 403)
+            if real.is_dir() or (real.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
+                return str(real)
+            raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
+        if self.settings.allow_downloads and is_repo_id(name):
             return name
         raise ImagineError(f"model {name!r} not found in the models directory", 404)
 
@@ -361,6 +440,7 @@ class Models:
             if family is None:
                 raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
             return folder_sd2_family(path) or family
+        refuse_pickles_that_could_run(path)
         try:
             keys = read_checkpoint_keys(path)
         except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
@@ -650,8 +730,8 @@ def _text(body, field, default):
     return _value(body, field, str, "a string")
 
 
-def _size(body, field, default):
-    size = _integer(body, field, default, MIN_SIZE, MAX_SIZE)
+def _size(body, field, default, max_size):
+    size = _integer(body, field, default, MIN_SIZE, max_size)
     if size is not None and size % 8:
         raise ImagineError(f"{field} must be a multiple of 8, not {size}")
     return size
@@ -666,6 +746,8 @@ def decode_image(data: str) -> Image.Image:
     try:
         # Line breaks are allowed: `base64` wraps its output at 76 columns.
         image = Image.open(io.BytesIO(base64.b64decode("".join(data.split()), validate=True)))
+        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
+            raise ImagineError(f"img is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted")
         image.load()
     except (binascii.Error, ValueError):
         raise ImagineError("img is not valid base64") from None
@@ -676,7 +758,7 @@ def decode_image(data: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def parse_request(body: dict) -> GenerationRequest:
+def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
@@ -692,10 +774,10 @@ def parse_request(body: dict) -> GenerationRequest:
     # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8); txt2img
     # takes the model's default size (512, 768 or 1024 by family) for a size it leaves out.
     default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (None, None)
-    width, height = _size(body, "width", default_width), _size(body, "height", default_height)
+    width, height = _size(body, "width", default_width, max_size), _size(body, "height", default_height, max_size)
     # Sizes given in the body were checked above; one taken from img may still be out of range.
-    if img is not None and not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
-        raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {MAX_SIZE}")
+    if img is not None and not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):
+        raise ImagineError(f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}")
     sampler = _text(body, "sampler", defaults.sampler).strip().lower()
     if sampler not in SAMPLERS:
         raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
@@ -857,13 +939,19 @@ class Failed:
     error: ImagineError
 
 
+class Cancelled(Exception):
+    """Raised from the step callback to stop a generation at once; diffusers then skips the VAE decode too."""
+
+
 class Job:
     """One accepted request; the engine reports its progress as events the caller iterates over."""
 
-    def __init__(self, request: GenerationRequest, model_key: str):
+    def __init__(self, request: GenerationRequest, model_key: str, client_gone=None):
         self.request = request
         self.model_key = model_key
         self.events = queue.Queue()
+        self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
+        self.cancel_reason = None
 
     def __iter__(self):
         while True:
@@ -871,6 +959,15 @@ class Job:
             yield event
             if isinstance(event, (Finished, Failed)):
                 return
+
+    def cancel(self, reason: ImagineError) -> None:
+        """Stops the job before its next step, or before it starts; `reason` is what its client is told."""
+        self.cancel_reason = reason
+
+    def cancelled(self) -> bool:
+        if self.cancel_reason is None and self.client_gone is not None and self.client_gone():
+            self.cancel_reason = ImagineError("the client disconnected", 499)
+        return self.cancel_reason is not None
 
 
 class Engine:
@@ -883,34 +980,64 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR):
+        self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.fp_prec, self.device)
         self.models = Models(settings, self.device, self.dtype, configs_dir)
         self.jobs = queue.Queue()
+        self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
+        self.stopping = False
+        self.running = None  # the job generating now
+        self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
-    def submit(self, req: GenerationRequest) -> Job:
-        """Queues a request; an unknown model is refused here, before any work."""
-        job = Job(req, self.models.resolve(req.model))
+    def submit(self, req: GenerationRequest, client_gone=None) -> Job:
+        """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work."""
+        job = Job(req, self.models.resolve(req.model), client_gone)
         if req.seed is None:
             job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
-        self.jobs.put(job)
+        with self.accepting:
+            if self.stopping:
+                raise ImagineError("the server is shutting down", 503)
+            waiting = self.jobs.qsize()
+            if waiting >= self.settings.max_queue:
+                # Every waiting job and the running one are ahead: a rough but honest estimate.
+                retry_after = max(1, math.ceil(self.last_seconds * (waiting + 1)))
+                raise ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
+            self.jobs.put(job)
         return job
 
     def run_forever(self) -> None:
-        while True:
-            self.run(self.jobs.get())
+        """Runs jobs until stop() is called."""
+        while (job := self.jobs.get()) is not None:
+            self.run(job)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)
         thread.start()
         return thread
 
+    def stop(self) -> None:
+        """Cancels the running job and every waiting one, telling their clients, then ends run_forever."""
+        shutting_down = ImagineError("the server is shutting down", 503)
+        with self.accepting:
+            self.stopping = True
+            if self.running is not None:
+                self.running.cancel(shutting_down)
+            while not self.jobs.empty():
+                self.jobs.get_nowait().events.put(Failed(shutting_down))
+            self.jobs.put(None)
+
     def run(self, job: Job) -> None:
+        if job.cancelled():  # its client left while it waited
+            log.info("dropped a request: %s", job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+            return
         req = job.request
         started = time.perf_counter()
+        self.running = job
         try:
             model = self.models.get(job.model_key)
-            size = model.family.default_size
+            size = min(model.family.default_size, self.settings.max_size)  # for sizes the request left out
             req = job.request = dataclasses.replace(req, width=req.width or size, height=req.height or size)
             log.info(
                 "generating %dx%d, %d steps, %s, seed %d, model %s",
@@ -921,20 +1048,36 @@ class Engine:
 
             def on_step(step, steps, latents):
                 nonlocal last_step
+                if job.cancelled():
+                    raise Cancelled
                 last_step = step
                 job.events.put(Progress(step, steps))
                 if req.stream and step % req.stream == 0 and step < steps:
                     job.events.put(Preview(step, steps, preview_image(model, req, latents)))
 
             image = generate(model, req, on_step)
+        except Cancelled:
+            log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+            return
         except ImagineError as error:
             job.events.put(Failed(error))
+            return
+        except torch.OutOfMemoryError:
+            # As ComfyUI does: give the memory back by unloading every model; the next request reloads one.
+            log.exception("out of memory; unloading every model")
+            for key in list(self.models.loaded):
+                self.models.unload(key)
+            job.events.put(Failed(ImagineError("the device ran out of memory; try a smaller picture", 500)))
             return
         except Exception as error:  # the server must outlive any failure inside a generation
             log.exception("generation failed")
             job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
             return
+        finally:
+            self.running = None
         seconds = time.perf_counter() - started
+        self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         parameters = generation_parameters(req, model.name)
         job.events.put(Finished(image, parameters, req.seed, model.name, last_step, round(seconds, 3)))
@@ -961,17 +1104,24 @@ def ndjson(fields: dict) -> str:
     return json.dumps(fields) + "\n"
 
 
-def stream_lines(events, seed: int):
-    """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error."""
-    for event in events:
-        if isinstance(event, Preview):
-            # Previews favour speed: the lowest PNG compression, still lossless.
-            preview = png_base64(event.image, compress_level=1)
-            yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
-        elif isinstance(event, Finished):
-            yield ndjson({**finished_fields(event), "done": True})
-        elif isinstance(event, Failed):
-            yield ndjson({"error": event.error.message, "done": True})
+def stream_lines(job: Job, events):
+    """The NDJSON body: a preview line every `stream` steps, then the finished picture or the error.
+
+    The server closes this generator when the client leaves; the job then stops before its next step.
+    """
+    seed = job.request.seed
+    try:
+        for event in events:
+            if isinstance(event, Preview):
+                # Previews favour speed: the lowest PNG compression, still lossless.
+                preview = png_base64(event.image, compress_level=1)
+                yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
+            elif isinstance(event, Finished):
+                yield ndjson({**finished_fields(event), "done": True})
+            elif isinstance(event, Failed):
+                yield ndjson({"error": event.error.message, "done": True})
+    finally:
+        job.cancel(ImagineError("the client disconnected", 499))
 
 
 def read_json_body() -> dict:
@@ -983,12 +1133,85 @@ def read_json_body() -> dict:
     return body
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """'localhost:5000' -> 'localhost', '[::1]:5000' -> '::1'."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if ":" in host_header else host_header
+
+
+def check_who_is_calling(settings: Settings) -> None:
+    """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
+    # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
+    # host name. A server listening on loopback only ever has a local name; anything else is such a page.
+    host = host_name(request.host.lower())
+    if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
+        raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
+    # A browser tells every cross-site request's origin; only the origins the user listed may call.
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(settings, origin):
+        raise ImagineError(f"origin {origin!r} is not allowed; list it in --cors-origins (IMAGINE_CORS_ORIGINS)", 403)
+    # Browsers send no credentials with a CORS preflight, so it is answered before the key is checked.
+    if request.method == "OPTIONS" and origin is not None:
+        return
+    if settings.api_key:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def origin_allowed(settings: Settings, origin: str) -> bool:
+    return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
+
+
 def create_app(engine: Engine) -> Flask:
     app = Flask("imagine")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413 before they are read
+    settings = engine.settings
+
+    @app.before_request
+    def who_is_calling():
+        check_who_is_calling(settings)
+        if request.method == "OPTIONS" and request.headers.get("Origin") is not None:
+            return preflight_answer()
+
+    def preflight_answer():
+        return Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Headers": "Content-Type, Authorization",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+
+    @app.after_request
+    def allow_listed_origin(response):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(settings, origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
-        return jsonify(error=error.message), error.status
+        response = jsonify(error=error.message)
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        if error.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response, error.status
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -1004,14 +1227,16 @@ def create_app(engine: Engine) -> Flask:
 
     @app.post("/generate")
     def generate_route():
-        job = engine.submit(parse_request(read_json_body()))
+        # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
+        client_gone = request.environ.get("waitress.client_disconnected")
+        job = engine.submit(parse_request(read_json_body(), engine.settings.max_size), client_gone)
         events = iter(job)
         # Wait until the model is loaded (Started) or failed to load, while the status is still ours to set.
         first = next(events)
         if isinstance(first, Failed):
             raise first.error
         if job.request.stream:
-            return Response(stream_lines(events, job.request.seed), mimetype="application/x-ndjson")
+            return Response(stream_lines(job, events), mimetype="application/x-ndjson")
         for event in events:
             if isinstance(event, Failed):
                 raise event.error
@@ -1030,9 +1255,25 @@ def create_app(engine: Engine) -> Flask:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def create_server(engine: Engine, host: str, port: int):
+    """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
     import waitress  # only the server needs it
 
+    return waitress.create_server(
+        create_app(engine),
+        host=host,
+        port=port,
+        # A thread for each waiting request, the running one, and a few to answer 503s and errors at once.
+        threads=engine.settings.max_queue + 4,
+        # Reading ahead on each connection is what lets waitress notice that a client has left.
+        channel_request_lookahead=1,
+        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413, but only once waitress has received them;
+        # this backstop has waitress refuse far larger ones from their Content-Length, unread.
+        max_request_body_size=2 * MAX_BODY_BYTES,
+    )
+
+
+def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine(settings)
@@ -1041,15 +1282,23 @@ def main(argv=None) -> None:
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
     try:
-        server = waitress.create_server(create_app(engine), host=settings.host, port=settings.port, threads=8)
+        server = create_server(engine, settings.host, settings.port)
     except OSError as error:
         raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
+    # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns.
+    # The handler only sets an event: stop() takes locks that the interrupted main thread may hold.
+    stop_requested = threading.Event()
+    threading.Thread(target=lambda: stop_requested.wait() and engine.stop(), name="stop", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
     threading.Thread(target=server.run, name="http", daemon=True).start()
+    if not is_loopback(settings.host) and not settings.api_key:
+        log.warning("other machines can reach this server and no API key is set: anyone may use it (IMAGINE_API_KEY)")
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    try:
-        engine.run_forever()
-    except KeyboardInterrupt:
-        log.info("stopped")
+    engine.run_forever()
+    # Let the HTTP threads send their last answers (the cancelled job's error) before the process ends.
+    server.task_dispatcher.shutdown(timeout=10)
+    log.info("stopped")
 
 
 if __name__ == "__main__":

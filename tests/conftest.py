@@ -98,9 +98,7 @@ def make_engine(tmp_path):
 @pytest.fixture
 def live_server(engine):
     """The app served by waitress (the production server) on a free loopback port; yields its URL."""
-    import waitress
-
-    server = waitress.create_server(imagine.create_app(engine), host="127.0.0.1", port=free_port(), threads=4)
+    server = imagine.create_server(engine, "127.0.0.1", free_port())
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.effective_port}"

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import termios
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ def cli():
     return module
 
 
-def run_cli(*args, cwd, server=None, **options):
-    env = {k: v for k, v in os.environ.items() if k != "IMAGINE_SERVER"}
+def run_cli(*args, cwd, server=None, env_extra=None, **options):
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGINE_SERVER", "IMAGINE_API_KEY")}
     if server:
         env["IMAGINE_SERVER"] = server
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **options
     )
@@ -226,3 +228,17 @@ def test_sampler_names_are_written_as_automatic1111_spells_them():
     a1111 = [*spec, "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM2 a Karras", "LMS Karras"]
     assert all(name.lower() in imagine.SAMPLERS for name in a1111)
     assert [imagine.sampler_label(name.lower()) for name in a1111] == a1111
+
+
+def test_the_cli_sends_the_api_key_from_imagine_api_key(make_engine, tmp_path):
+    engine = make_engine(api_key="s3cret")
+    server = imagine.create_server(engine, "127.0.0.1", free_port())
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    try:
+        refused = run_cli("a key", *TINY, cwd=tmp_path, server=url)
+        assert refused.returncode == 1 and refused.stderr.startswith("imagine: the server answered 401: ")
+        accepted = run_cli("a key", *TINY, cwd=tmp_path, server=url, env_extra={"IMAGINE_API_KEY": "s3cret"})
+        assert saved_image(accepted, tmp_path).size == (64, 64)
+    finally:
+        server.close()

@@ -1,0 +1,101 @@
+"""Limits with clear answers: every field bounded and typed, the body capped, input pictures bounded."""
+
+import json
+import socket
+import threading
+
+import pytest
+import requests
+from conftest import FAST, free_port, png_data
+from PIL import Image
+
+import imagine
+
+
+def post_raw(client, data, content_type="application/json"):
+    return client.post("/generate", data=data, content_type=content_type)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ('{"prompt": "x", "guidance": NaN}', "guidance must be between 0.0 and 30.0, not nan"),
+        ('{"prompt": "x", "guidance": Infinity}', "guidance must be between 0.0 and 30.0, not inf"),
+        ('{"prompt": "x", "strength": -Infinity}', "strength must be between 0.0 and 1.0, not -inf"),
+        ('{"prompt": "x", "width": true}', "width must be an integer, not true"),
+        ('{"prompt": "x", "seed": false}', "seed must be an integer, not false"),
+        ('{"prompt": "x", "guidance": true}', "guidance must be a number, not true"),
+        ('{"prompt": "x", "stream": 1e400}', "stream must be an integer, not Infinity"),
+        ('{"prompt": "x", "width": 64.0}', "width must be an integer, not 64.0"),
+    ],
+)
+def test_non_finite_numbers_and_booleans_are_refused_naming_the_field(client, raw, message):
+    response = post_raw(client, raw)
+    assert response.status_code == 400
+    assert message in response.get_json()["error"]
+
+
+def test_the_largest_size_is_a_setting(make_engine):
+    client = imagine.create_app(make_engine(model="demo", max_size=128)).test_client()
+    response = client.post("/generate", json={"prompt": "x", **FAST, "width": 136})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "width must be between 64 and 128, not 136"
+    assert client.post("/generate", json={"prompt": "x", **FAST, "width": 128}).status_code == 200
+
+
+def test_the_largest_size_comes_from_a_flag_or_the_environment(monkeypatch):
+    monkeypatch.setenv("IMAGINE_MAX_SIZE", "1024")
+    assert imagine.parse_settings([]).max_size == 1024
+    assert imagine.parse_settings(["--max-size", "768"]).max_size == 768
+    with pytest.raises(SystemExit):
+        imagine.parse_settings(["--max-size", "100"])
+
+
+def test_a_body_over_the_cap_answers_413_json_before_it_is_read(client):
+    body = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
+    response = post_raw(client, body)
+    assert response.status_code == 413
+    assert "error" in response.get_json()
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_json_answers_415_whatever_it_claims_to_be(client, content_type):
+    response = post_raw(client, json.dumps({"prompt": "x", **FAST}), content_type)
+    assert response.status_code == 415
+    assert "Content-Type: application/json" in response.get_json()["error"]
+
+
+def test_an_img_over_the_pixel_bound_is_refused_from_its_header_without_decoding_it(client, monkeypatch):
+    bomb = png_data(Image.new("1", (5000, 5000)))  # 25 million pixels, below Pillow's own bomb limit
+    decoded = []
+    load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda image: decoded.append(image.size) or load(image))
+    response = client.post("/generate", json={"prompt": "x", "img": bomb, "width": 64, "height": 64})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == f"img is 5000x5000; at most {imagine.MAX_IMG_PIXELS} pixels are accepted"
+    assert (5000, 5000) not in decoded
+
+
+def test_a_largest_size_below_512_also_lowers_the_default_size(make_engine):
+    client = imagine.create_app(make_engine(model="demo", max_size=64)).test_client()
+    response = client.post("/generate", json={"prompt": "x", "num_steps": 1})
+    assert response.status_code == 200
+    assert (response.get_json()["width"], response.get_json()["height"]) == (64, 64)
+
+
+def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused_unread(engine):
+    server = imagine.create_server(engine, "127.0.0.1", free_port())
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.effective_port}/generate"
+        large = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
+        response = requests.post(url, data=large, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 413 and "error" in response.json()
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=30) as connection:
+            connection.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {10 * imagine.MAX_BODY_BYTES}\r\n\r\n".encode()
+            )
+            assert connection.recv(100).startswith(b"HTTP/1.1 413")  # answered with no body sent
+    finally:
+        server.close()

@@ -1,0 +1,74 @@
+"""A request names a model; the name must never reach a file outside the models directory."""
+
+import pytest
+from conftest import FAST, count_loads, save_tiny_folder
+
+import imagine
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """A models directory holding a tiny model and a link out, next to a loadable model that lies outside it."""
+    models = tmp_path / "models"
+    save_tiny_folder(models / "tiny", seed=1)
+    save_tiny_folder(tmp_path / "outside", seed=2)
+    (tmp_path / "secret.safetensors").write_bytes(b"not for clients")
+    (models / "link-out").symlink_to(tmp_path / "outside")
+    (models / "link-out.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    (models / "notes.txt").write_text("a file of another type")
+    return tmp_path, models
+
+
+def post(engine, model):
+    return imagine.create_app(engine).test_client().post("/generate", json={"prompt": "x", "model": model, **FAST})
+
+
+@pytest.mark.parametrize(
+    "model, status, message",
+    [
+        ("../outside", 403, "outside the models directory"),
+        ("../secret.safetensors", 403, "outside the models directory"),
+        ("{root}/outside", 403, "outside the models directory"),
+        ("/etc/passwd", 403, "outside the models directory"),
+        ("link-out", 403, "outside the models directory"),
+        ("link-out.safetensors", 403, "outside the models directory"),
+        ("tiny\0", 400, "NUL byte"),
+        ("missing", 404, "not found"),
+        ("notes.txt", 400, "not a .safetensors or .ckpt file or a diffusers folder"),
+        ("x" * 5000, 404, "not found"),
+    ],
+)
+def test_a_model_name_cannot_reach_outside_the_models_directory(make_engine, layout, model, status, message):
+    root, models = layout
+    engine = make_engine(models_dir=models)
+    loads = count_loads(engine)
+    response = post(engine, model.format(root=root))
+    assert response.status_code == status
+    error = response.get_json()["error"]
+    assert message in error
+    assert str(root) not in error.replace(model.format(root=root), "")  # only the client's own words come back
+    assert loads == []
+
+
+def test_a_name_inside_the_models_directory_still_loads_by_name_by_path_and_through_dotdot(make_engine, layout):
+    _, models = layout
+    engine = make_engine(models_dir=models)
+    for model in ("tiny", str(models / "tiny"), "tiny/../tiny"):
+        assert post(engine, model).status_code == 200, model
+
+
+def test_the_configured_default_model_may_live_outside_the_models_directory(make_engine, layout):
+    root, models = layout
+    engine = make_engine(models_dir=models, model=str(root / "outside"))
+    client = imagine.create_app(engine).test_client()
+    assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
+    assert post(engine, str(root / "outside")).status_code == 200
+
+
+def test_a_hub_name_that_is_really_a_path_is_never_downloaded(make_engine, layout):
+    _, models = layout
+    engine = make_engine(models_dir=models, allow_downloads=True)
+    for model in ("../outside", "./x", "a/..", "/x"):
+        with pytest.raises(imagine.ImagineError) as refused:
+            engine.models.resolve(model)
+        assert refused.value.status in (403, 404), model

@@ -1,0 +1,253 @@
+"""One generation at a time, a bounded queue, cancelling when the client leaves, failures and SIGTERM contained."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import FAST, free_port
+
+import imagine
+
+ROOT = Path(imagine.__file__).resolve().parent
+
+
+def wait_until(condition, what, timeout=60):
+    """Polls for a state change the test caused; the timeout only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def serve():
+    """Serves an engine through imagine.create_server (waitress, as in production); yields a URL maker."""
+    servers = []
+
+    def start(engine):
+        server = imagine.create_server(engine, "127.0.0.1", free_port())
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.effective_port}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class Gate:
+    """Wraps imagine.generate: the real pipeline, held at step `hold_at` until opened; records every step run."""
+
+    def __init__(self, monkeypatch, hold_at=1):
+        self.open_event = threading.Event()
+        self.hold_at = hold_at
+        self.steps = []
+        real_generate = imagine.generate
+
+        def gated_generate(model, req, on_step=None):
+            def held_on_step(step, steps, latents):
+                self.steps.append(step)
+                if step == self.hold_at:
+                    assert self.open_event.wait(60), "the test never opened the gate"
+                on_step(step, steps, latents)
+
+            return real_generate(model, req, held_on_step)
+
+        monkeypatch.setattr(imagine, "generate", gated_generate)
+
+    def open(self):
+        self.open_event.set()
+
+
+def record_jobs(engine):
+    jobs = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        jobs.append(submit(*args, **kwargs))
+        return jobs[-1]
+
+    engine.submit = recording_submit
+    return jobs
+
+
+def post_in_background(url, body, results):
+    def post():
+        response = requests.post(f"{url}/generate", json=body, timeout=120)
+        results.append((response.status_code, response.json()))
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+# ---- the bounded queue
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_completes(
+    make_engine, serve, monkeypatch
+):
+    engine = make_engine(model="demo", max_queue=1)
+    url = serve(engine)
+    gate = Gate(monkeypatch)
+    results = []
+    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
+    wait_until(lambda: engine.running is not None, "the first request runs")
+    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
+    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+
+    refused = requests.post(f"{url}/generate", json={"prompt": "x", **FAST, "seed": 3}, timeout=30)
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "busy" in refused.json()["error"]
+
+    gate.open()
+    running.join()
+    waiting.join()
+    assert sorted((status, body["seed"]) for status, body in results) == [(200, 1), (200, 2)]
+
+
+def test_the_queue_length_comes_from_a_flag_or_the_environment(monkeypatch):
+    monkeypatch.setenv("IMAGINE_MAX_QUEUE", "3")
+    assert imagine.parse_settings([]).max_queue == 3
+    assert imagine.parse_settings(["--max-queue", "0"]).max_queue == 0
+
+
+# ---- cancelling when the client leaves
+
+
+def open_request(url, body) -> socket.socket:
+    """Sends a POST by hand, so the test can hang up whenever it likes."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return connection
+
+
+@pytest.mark.parametrize("stream", [1, 0])
+def test_a_client_that_leaves_stops_its_generation_within_a_step_and_the_next_starts_at_once(
+    make_engine, serve, monkeypatch, stream
+):
+    engine = make_engine(model="demo")
+    url = serve(engine)
+    jobs = record_jobs(engine)
+    gate = Gate(monkeypatch, hold_at=2)
+    connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": stream})
+    wait_until(lambda: gate.steps == [1, 2], "the generation reaches step 2")
+    connection.close()
+    wait_until(lambda: jobs[0].cancelled(), "the server notices the client has gone")
+    gate.open()
+    wait_until(lambda: engine.running is None, "the cancelled generation ends")
+    assert gate.steps == [1, 2]  # step 2 finished, then nothing more ran
+
+    gate.hold_at = None
+    response = requests.post(f"{url}/generate", json={"prompt": "x", **FAST}, timeout=60)
+    assert response.status_code == 200
+
+
+def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(make_engine, serve, monkeypatch):
+    engine = make_engine(model="demo")
+    url = serve(engine)
+    jobs = record_jobs(engine)
+    gate = Gate(monkeypatch)
+    results = []
+    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
+    wait_until(lambda: engine.running is not None, "the first request runs")
+    connection = open_request(url, {"prompt": "x", **FAST, "seed": 2})
+    wait_until(lambda: len(jobs) == 2, "the second request is queued")
+    connection.close()
+    wait_until(lambda: jobs[1].client_gone(), "the server notices the client has gone")
+    gate.open()
+    running.join()
+    wait_until(lambda: engine.jobs.empty() and engine.running is None, "the queue drains")
+    assert results[0][0] == 200
+    assert gate.steps == [1, 2, 3, 4]  # only the first request's four steps ran
+
+
+# ---- failures
+
+
+def test_out_of_memory_answers_an_error_unloads_the_models_and_the_server_keeps_serving(make_engine, monkeypatch):
+    engine = make_engine(model="demo")
+    client = imagine.create_app(engine).test_client()
+    assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
+    real_generate = imagine.generate
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    monkeypatch.setattr(imagine, "generate", out_of_memory)
+    response = client.post("/generate", json={"prompt": "x", **FAST})
+    assert response.status_code == 500
+    assert "ran out of memory" in response.get_json()["error"]
+    assert engine.models.loaded == {}
+    monkeypatch.setattr(imagine, "generate", real_generate)
+    assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """imagine.py as its own process on the demo model; yields (process, url)."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "imagine.py"), "--model", "demo", "--models-dir", str(tmp_path)]
+    process = subprocess.Popen([*command, "--port", str(port), "-d", "cpu"], stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if "listening on" in line:
+            break
+    else:
+        raise AssertionError("the server did not start:\n" + "".join(log))
+    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its log from filling the pipe
+    yield process, f"http://127.0.0.1:{port}"
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_sigterm_cancels_the_running_generation_tells_its_client_and_exits_cleanly(server_process):
+    process, url = server_process
+    body = {"prompt": "x", "width": 256, "height": 256, "num_steps": 150, "stream": 1, "seed": 1}
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=120) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["step"] == 1
+        process.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in lines]
+    assert rest[-1] == {"error": "the server is shutting down", "done": True}
+    assert len(rest) < 150
+    assert process.wait(timeout=60) == 0
+
+
+def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, monkeypatch):
+    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=tmp_path))
+    url = serve(engine)
+    engine_thread = engine.start()
+    gate = Gate(monkeypatch)
+    results = []
+    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
+    wait_until(lambda: engine.running is not None, "the first request runs")
+    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
+    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+    engine.stop()
+    gate.open()
+    running.join()
+    waiting.join()
+    engine_thread.join(timeout=60)
+    assert not engine_thread.is_alive()
+    assert results == [(503, {"error": "the server is shutting down"})] * 2
+    assert gate.steps == [1]
+    late = requests.post(f"{url}/generate", json={"prompt": "x", **FAST}, timeout=30)
+    assert (late.status_code, late.json()) == (503, {"error": "the server is shutting down"})

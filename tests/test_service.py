@@ -1,0 +1,67 @@
+"""imagine.service: valid for systemd, sandboxed to an exposure systemd rates OK, GPUs still reachable."""
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import imagine
+
+ROOT = Path(imagine.__file__).resolve().parent
+UNIT = ROOT / "imagine.service"
+
+needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+
+
+def settings(unit_text: str, key: str) -> list:
+    return re.findall(rf"^{key}=(.*)$", unit_text, flags=re.MULTILINE)
+
+
+def test_the_service_runs_the_imagine_server_symlink_restarts_on_failure_and_logs_to_the_journal():
+    text = UNIT.read_text()
+    assert settings(text, "ExecStart") == ["/usr/bin/imagine-server"]
+    assert settings(text, "Restart") == ["on-failure"]
+    assert settings(text, "StandardOutput") == settings(text, "StandardError") == ["journal"]
+    assert settings(text, "DynamicUser") == ["yes"]
+
+
+def test_the_service_keeps_gpu_device_nodes_reachable():
+    text = UNIT.read_text()
+    assert not settings(text, "PrivateDevices")  # it would hide /dev/nvidia* and /dev/dri
+    assert settings(text, "DevicePolicy") == ["closed"]
+    assert {"char-nvidia* rw", "char-drm rw", "char-kfd rw"} <= set(settings(text, "DeviceAllow"))
+    assert not settings(text, "MemoryDenyWriteExecute")  # PyTorch needs writable, executable memory
+
+
+def test_every_environment_setting_is_one_imagine_reads():
+    names = {line.split("=", 1)[0] for line in settings(UNIT.read_text(), "Environment")}
+    known = {f"IMAGINE_{field.name.upper()}" for field in dataclasses.fields(imagine.Settings)}
+    assert names - {"PATH", "HOME"} <= known
+
+
+@needs_systemd
+def test_systemd_analyze_verify_finds_nothing_to_complain_about(tmp_path):
+    # verify insists that ExecStart exists; here it is the same symlink the install makes, in a scratch folder.
+    server = tmp_path / "imagine-server"
+    server.symlink_to(ROOT / "imagine.py")
+    unit = tmp_path / "imagine.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/imagine-server", f"ExecStart={server}"))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stderr + result.stdout
+
+
+@needs_systemd
+def test_systemd_analyze_security_rates_the_sandbox_ok():
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    exposure = re.search(r"Overall exposure level for imagine.service: ([\d.]+) (\w+)", result.stdout)
+    assert exposure, result.stdout[-2000:]
+    assert float(exposure[1]) < 5.0 and exposure[2] == "OK"
