@@ -81,7 +81,10 @@ def request_body(args: argparse.Namespace) -> dict:
 
 def reserve_output(prompt: str, directory: Path = Path()) -> Path:
     """Creates an empty `<prompt-slug>-<timestamp>.png`, adding -2, -3... if that name is taken."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:48].strip("-") or "image"
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    if len(slug) > 48:  # cut at the last whole word that fits, if there is one
+        slug = slug[:49].rsplit("-", 1)[0][:48]
+    slug = slug or "image"
     stem = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
     for number in range(1, 1000):
         path = directory / (f"{stem}.png" if number == 1 else f"{stem}-{number}.png")

@@ -515,6 +515,20 @@ def folder_sd2_family(path: Path) -> Family | None:
     return FAMILIES["sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"]
 
 
+def build_tiny_vae(**config) -> AutoencoderKL:
+    """A VAE of a few MB with four blocks, as in the real model: latents are 1/8 of the image, so
+    previews and img2img see the same geometry as with a real checkpoint."""
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        **config,
+    )
+
+
 def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
     """A tiny Stable Diffusion with random weights, built in about a second: its pictures are noise.
 
@@ -534,16 +548,7 @@ def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipel
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
         )
-        # Four VAE blocks, as in the real model: latents are 1/8 of the image, so previews and
-        # img2img see the same geometry as with a real checkpoint.
-        vae = AutoencoderKL(
-            block_out_channels=(16, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=4,
-        )
+        vae = build_tiny_vae()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=32,

@@ -127,6 +127,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+def read_log_until_listening(process) -> list[str]:
+    """The server process's log lines up to "listening on"; fails the test, showing the log, if it ends first."""
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if "listening on" in line:
+            return log
+    raise AssertionError("the server did not start:\n" + "".join(log))
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """Starts `imagine-server` (a symlink to imagine.py, as the service installs it) with the demo model."""
@@ -139,12 +149,7 @@ def start_server(tmp_path):
         command = [str(link), "--model", "demo", "--models-dir", str(tmp_path), "--port", str(port), "-d", "cpu"]
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         processes.append(process)
-        log = []
-        for line in process.stderr:
-            log.append(line)
-            if "listening on" in line:
-                return f"http://127.0.0.1:{port}", log
-        raise AssertionError("the server did not start:\n" + "".join(log))
+        return f"http://127.0.0.1:{port}", read_log_until_listening(process)
 
     yield start
     for process in processes:

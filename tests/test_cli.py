@@ -99,6 +99,8 @@ def test_file_names_are_safe_slugs_and_never_overwrite(cli, tmp_path):
     assert first != second and first.exists() and second.exists()
     assert second.parent == first.parent == tmp_path
     assert len(cli.reserve_output("word " * 100, tmp_path).name) < 80
+    cut = cli.reserve_output("a photo of an astronaut riding a horse on mars, epic, cinematic", tmp_path)
+    assert cut.name.startswith("a-photo-of-an-astronaut-riding-a-horse-on-mars-2")  # whole words, then the time
     assert cli.reserve_output("🙂", tmp_path).name.startswith("image-")
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import FAST, decode_png, pixels, png_data
 from diffusers import (
-    AutoencoderKL,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
@@ -23,18 +22,6 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import imagine
-
-
-def tiny_vae(**config):
-    return AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        **config,
-    )
 
 
 def tiny_text_encoder(cls=CLIPTextModel, **config):
@@ -61,7 +48,7 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
     configs = imagine.CONFIGS_DIR / "sdxl"
     return StableDiffusionXLPipeline(
-        vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
+        vae=imagine.build_tiny_vae(scaling_factor=0.13025, force_upcast=True),
         text_encoder=tiny_text_encoder(hidden_size=32),
         text_encoder_2=tiny_text_encoder(
             CLIPTextModelWithProjection, hidden_size=48, projection_dim=48, hidden_act="gelu"
@@ -85,7 +72,7 @@ def tiny_sd2(prediction: str) -> StableDiffusionPipeline:
     """SD2's structure in miniature: an OpenCLIP-style text encoder (gelu) and linear projections."""
     torch.manual_seed(1)
     return StableDiffusionPipeline(
-        vae=tiny_vae(),
+        vae=imagine.build_tiny_vae(),
         text_encoder=tiny_text_encoder(hidden_size=32, hidden_act="gelu"),
         tokenizer=CLIPTokenizer.from_pretrained(imagine.CONFIGS_DIR / "sd2" / "tokenizer"),
         unet=tiny_unet(cross_attention_dim=32),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port
+from conftest import FAST, free_port, read_log_until_listening
 
 import imagine
 
@@ -92,6 +92,15 @@ def post_in_background(url, body, results):
 # ---- the bounded queue
 
 
+def one_running_one_waiting(url, engine, results) -> tuple:
+    """Posts seed 1, which starts generating (held by a Gate), then seed 2, which waits; returns their threads."""
+    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
+    wait_until(lambda: engine.running is not None, "the first request runs")
+    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
+    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+    return running, waiting
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_completes(
     make_engine, serve, monkeypatch
 ):
@@ -99,10 +108,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_co
     url = serve(engine)
     gate = Gate(monkeypatch)
     results = []
-    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
-    wait_until(lambda: engine.running is not None, "the first request runs")
-    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
-    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+    running, waiting = one_running_one_waiting(url, engine, results)
 
     refused = requests.post(f"{url}/generate", json={"prompt": "x", **FAST, "seed": 3}, timeout=30)
     assert refused.status_code == 503
@@ -204,13 +210,7 @@ def server_process(tmp_path):
     port = free_port()
     command = [sys.executable, str(ROOT / "imagine.py"), "--model", "demo", "--models-dir", str(tmp_path)]
     process = subprocess.Popen([*command, "--port", str(port), "-d", "cpu"], stderr=subprocess.PIPE, text=True)
-    log = []
-    for line in process.stderr:
-        log.append(line)
-        if "listening on" in line:
-            break
-    else:
-        raise AssertionError("the server did not start:\n" + "".join(log))
+    read_log_until_listening(process)
     threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its log from filling the pipe
     yield process, f"http://127.0.0.1:{port}"
     if process.poll() is None:
@@ -237,10 +237,7 @@ def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_
     engine_thread = engine.start()
     gate = Gate(monkeypatch)
     results = []
-    running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
-    wait_until(lambda: engine.running is not None, "the first request runs")
-    waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
-    wait_until(lambda: engine.jobs.qsize() == 1, "the second request waits")
+    running, waiting = one_running_one_waiting(url, engine, results)
     engine.stop()
     gate.open()
     running.join()

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, free_port
+from conftest import FAST, free_port, read_log_until_listening
 
 import imagine
 
@@ -109,11 +109,7 @@ def test_listening_beyond_this_machine_without_a_key_is_warned_about_in_the_log(
     command = [sys.executable, str(ROOT / "imagine.py"), "--models-dir", str(tmp_path), "-d", "cpu", *extra]
     process = subprocess.Popen([*command, "--port", str(free_port())], stderr=subprocess.PIPE, text=True)
     try:
-        log = []
-        for line in process.stderr:
-            log.append(line)
-            if "listening on" in line:
-                break
+        log = read_log_until_listening(process)
     finally:
         process.terminate()
         process.wait(timeout=60)
