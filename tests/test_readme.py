@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import requests
 from conftest import free_port
 from PIL import Image
 
@@ -59,3 +60,16 @@ def test_the_readme_cli_example_works_as_written(live_server, tmp_path):
     assert saved.size == (768, 512)
     settings = saved.info["parameters"].splitlines()[-1]
     assert settings.startswith("Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.0, Seed: ")
+
+
+def test_the_readme_keyed_curl_example_works_against_a_server_with_that_key(start_server, tmp_path, monkeypatch):
+    [example] = [b for b in re.findall(r"```sh\n(.*?)```", README, re.S) if "Authorization: Bearer" in b]
+    monkeypatch.setenv("IMAGINE_API_KEY", "a-key-for-the-test")  # the server and curl both read it
+    port = free_port()
+    url, _ = start_server(port)
+    script = example.replace("localhost:5000", f"localhost:{port}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "cat.png").size == (512, 512)
+    wrong_key = {"Authorization": "Bearer a-wrong-key"}
+    assert requests.post(f"{url}/generate", json={"prompt": "a cat"}, headers=wrong_key).status_code == 401
