@@ -2,7 +2,10 @@
 
 import json
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -10,6 +13,8 @@ from conftest import FAST, free_port, png_data
 from PIL import Image
 
 import imagine
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def post_raw(client, data, content_type="application/json"):
@@ -99,3 +104,40 @@ def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused
             assert connection.recv(100).startswith(b"HTTP/1.1 413")  # answered with no body sent
     finally:
         server.close()
+
+
+BOMB_SCRIPT = """
+import base64, resource, struct, sys, zlib
+sys.path.insert(0, sys.argv[1])
+import imagine
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+# An 8000x8000 RGB PNG of zeros: 190 KB of file, 192 MB once decoded. Below Pillow's own bomb limit
+# (89 million pixels), so only Imagine's bound stands between it and the decoder. Compressed row by
+# row, so that building it costs this process no memory worth counting.
+width = height = 8000
+packer, row = zlib.compressobj(9), b"\\0" * (1 + 3 * width)
+idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+png += chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+engine = imagine.Engine(imagine.Settings(model="demo", device="cpu"))
+engine.start()
+client = imagine.create_app(engine).test_client()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+body = {"prompt": "x", "img": base64.b64encode(png).decode(), "width": 64, "height": 64}
+answer = client.post("/generate", json=body)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(answer.status_code, (after - before) // 1024)
+"""
+
+
+def test_a_decompression_bomb_gets_400_and_the_peak_memory_stays_flat(tmp_path):
+    """In a fresh process, whose peak memory (ru_maxrss) this request alone can raise."""
+    result = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=300, check=True
+    )
+    status, peak_growth_mib = map(int, result.stdout.split())
+    assert status == 400
+    assert peak_growth_mib < 20  # decoding it would take 192 MB
