@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 import termios
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, decode_png, free_port, png_data
+from conftest import FAST, decode_png, free_port, png_data, serving
 from PIL import Image
 
 import imagine
@@ -234,13 +233,8 @@ def test_sampler_names_are_written_as_automatic1111_spells_them():
 
 def test_the_cli_sends_the_api_key_from_imagine_api_key(make_engine, tmp_path):
     engine = make_engine(api_key="s3cret")
-    server = imagine.create_server(engine, "127.0.0.1", free_port())
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{server.effective_port}"
-    try:
+    with serving(engine) as url:
         refused = run_cli("a key", *TINY, cwd=tmp_path, server=url)
         assert refused.returncode == 1 and refused.stderr.startswith("imagine: the server answered 401: ")
         accepted = run_cli("a key", *TINY, cwd=tmp_path, server=url, env_extra={"IMAGINE_API_KEY": "s3cret"})
         assert saved_image(accepted, tmp_path).size == (64, 64)
-    finally:
-        server.close()
