@@ -20,8 +20,21 @@ import threading
 import time
 from pathlib import Path
 
-import requests
-from tqdm import tqdm
+
+def missing_module(error: ImportError) -> str:
+    """One line for a missing dependency, as when a python3 outside Imagine's virtual environment runs this."""
+    requirements = Path(__file__).resolve().parent / "requirements.txt"
+    return (
+        f"imagine: this Python ({sys.executable}) has no module {error.name!r}: run the CLI with the Python of "
+        f"Imagine's virtual environment, or install its requirements: {sys.executable} -m pip install -r {requirements}"
+    )
+
+
+try:
+    import requests
+    from tqdm import tqdm
+except ImportError as error:
+    sys.exit(missing_module(error))
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
 SAMPLER_NAMES = (
@@ -38,24 +51,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
     parser.add_argument("prompt", nargs="+", help="Prompt for model (the words are joined)")
-    parser.add_argument("-m", "--model", help="SD model: a name in the server's models directory, a path, or 'demo'")
+    parser.add_argument(
+        "-m",
+        "--model",
+        help="SD model: a name in the server's models directory, a path, or 'demo' (default: the server's --model)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
-    parser.add_argument("-w", "--width", type=int, help="Output image width")
-    parser.add_argument("-h", "--height", type=int, help="Output image height")
-    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps")
-    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale")
-    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case: {SAMPLER_NAMES}")
-    parser.add_argument("--seed", type=int, help="Seed")
-    parser.add_argument("--neg", help="Negative prompt")
-    parser.add_argument("--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps")
+    parser.add_argument(
+        "-w",
+        "--width",
+        type=int,
+        help="Output image width (default: the model's size, 512 for SD1.x; img2img: the input's)",
+    )
+    parser.add_argument("-h", "--height", type=int, help="Output image height (default: as for the width)")
+    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps (default 25)")
+    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale (default 7.0)")
+    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case (default DPM++ 2M): {SAMPLER_NAMES}")
+    parser.add_argument(
+        "--seed", type=int, help="Seed, 0 to 4294967295 (default, or -1: random; the seed used is printed on stderr)"
+    )
+    parser.add_argument("--neg", help="Negative prompt (default none)")
+    parser.add_argument(
+        "--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps (default off)"
+    )
     parser.add_argument("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
     parser.add_argument(
-        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1"
+        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default 0.8)"
     )
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
-    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE)")
-    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC)")
+    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
+    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
     return parser.parse_args(argv)
 
@@ -176,7 +202,10 @@ def error_message(response: requests.Response) -> str:
 def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None:
     """Runs the generation on this (main) thread, where it runs fastest, and saves from another."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
-    import imagine  # torch and diffusers take seconds to import: only when generating here
+    try:
+        import imagine  # torch and diffusers take seconds to import: only when generating here
+    except ImportError as error:
+        raise CliError(missing_module(error).removeprefix("imagine: ")) from None
 
     flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
     try:

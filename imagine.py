@@ -36,47 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-import transformers
-
-# Before diffusers is imported: it touches transformers' image processors, which would log that
-# torchvision is missing. This server never uses them, and the notice would only confuse a user.
-transformers.utils.logging.set_verbosity_error()
-
-import diffusers  # noqa: I001 (must come after the line above)
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from flask import Flask, Response, jsonify, request
-from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from werkzeug.exceptions import HTTPException
-
 log = logging.getLogger("imagine")
-# The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
-# nothing actionable to someone running a server; real errors still reach the log.
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
-warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 # ---------------------------------------------------------------------------------------------
 # Settings: every one a flag, an IMAGINE_* environment variable, and a default.
@@ -122,24 +82,35 @@ def parse_settings(argv=None) -> Settings:
         description="Imagine: a local Stable Diffusion server with one endpoint, POST /generate.",
         epilog="Each flag falls back to the environment variable shown, e.g. IMAGINE_PORT=5001.",
     )
-    parser.add_argument("--host", default=env("HOST", defaults.host), help="address to listen on (IMAGINE_HOST)")
-    parser.add_argument("-p", "--port", type=int, default=env("PORT", defaults.port), help="port (IMAGINE_PORT)")
+    parser.add_argument(
+        "--host",
+        default=env("HOST", defaults.host),
+        help=f"address to listen on (IMAGINE_HOST, default {defaults.host})",
+    )
+    parser.add_argument(
+        "-p",
+        "--port",
+        type=int,
+        default=env("PORT", defaults.port),
+        help=f"port (IMAGINE_PORT, default {defaults.port})",
+    )
     parser.add_argument(
         "-d",
         "--device",
         default=env("DEVICE", defaults.device),
-        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE)",
+        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE, default auto)",
     )
     parser.add_argument(
         "-f",
         "--fp_prec",
         default=env("FP_PREC", defaults.fp_prec),
-        help="16 | 32 | auto: 16 on gpus and cpus with native bfloat16, else 32; bfloat16 on cpu (IMAGINE_FP_PREC)",
+        help="16 | 32 | auto: 16 on gpus and cpus with native bfloat16, else 32; bfloat16 on cpu "
+        "(IMAGINE_FP_PREC, default auto)",
     )
     parser.add_argument(
         "--model",
         default=env("MODEL", defaults.model),
-        help="default model: a name in the models directory, a path, or 'demo' (IMAGINE_MODEL)",
+        help="default model: a name in the models directory, a path, or 'demo' (IMAGINE_MODEL, default demo)",
     )
     parser.add_argument(
         "--models-dir",
@@ -151,19 +122,21 @@ def parse_settings(argv=None) -> Settings:
         "--max-loaded",
         type=int,
         default=env("MAX_LOADED", defaults.max_loaded),
-        help="models kept loaded at once; the least recently used goes first (IMAGINE_MAX_LOADED)",
+        help="models kept loaded at once; the least recently used goes first (IMAGINE_MAX_LOADED, default 1)",
     )
     parser.add_argument(
         "--allow-downloads",
         action="store_true",
         default=env("ALLOW_DOWNLOADS", "").lower() in ("1", "true", "yes"),
-        help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
+        help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS=1; "
+        "default off)",
     )
     parser.add_argument(
         "--compile",
         action="store_true",
         default=env("COMPILE", "").lower() in ("1", "true", "yes"),
-        help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE)",
+        help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE=1; "
+        "default off)",
     )
     parser.add_argument(
         "--max-size",
@@ -175,12 +148,13 @@ def parse_settings(argv=None) -> Settings:
         "--max-queue",
         type=int,
         default=env("MAX_QUEUE", defaults.max_queue),
-        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE)",
+        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE, default 8)",
     )
     parser.add_argument(
         "--api-key",
         default=env("API_KEY", defaults.api_key),
-        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps)",
+        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps; "
+        "default none)",
     )
     parser.add_argument(
         "--cors-origins",
@@ -201,6 +175,56 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
     origins = tuple(origin.strip().rstrip("/") for origin in args.cors_origins.split(",") if origin.strip())
     return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
+
+
+# ---------------------------------------------------------------------------------------------
+# The libraries, imported once the settings are parsed: --help and a mistyped flag answer at once,
+# not after the seconds that torch and diffusers take to import.
+# ---------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parse_settings()  # exits here for --help or a bad flag; main() parses them again, in no time
+
+import torch
+import transformers
+
+# Before diffusers is imported: it touches transformers' image processors, which would log that
+# torchvision is missing. This server never uses them, and the notice would only confuse a user.
+transformers.utils.logging.set_verbosity_error()
+
+import diffusers  # noqa: I001 (must come after the line above)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from flask import Flask, Response, jsonify, request
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from werkzeug.exceptions import HTTPException
+
+# The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
+# nothing actionable to someone running a server; real errors still reach the log.
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
+warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """What a newcomer meets in the first ten minutes (issue 16): the README's commands, start-up, help and answers."""
 
+import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -43,3 +46,63 @@ def test_a_stopped_test_server_leaves_no_thread_that_could_write_to_a_reused_des
     with serving(engine) as url:
         assert requests.get(f"{url}/samplers", timeout=60).status_code == 200
     assert [thread.name for thread in set(threading.enumerate()) - before] == []
+
+
+# Runs a script as `python script args` would, then reports how it exited and which heavy libraries it had
+# imported by then: a bound on --help's time that a busy machine cannot break.
+AS_MAIN = """
+import json, runpy, sys
+for name in sys.argv[1].split(","):
+    if name:
+        sys.modules[name] = None  # as if it were not installed
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    print(json.dumps([exit.code, sorted({"torch", "diffusers", "transformers"} & set(sys.modules))]))
+"""
+
+
+def run_as_main(script: str, *args: str, missing: str = "") -> tuple:
+    """(exit code, heavy modules imported, stdout before the report, stderr) of `python script args`."""
+    result = subprocess.run(
+        [sys.executable, "-c", AS_MAIN, missing, str(ROOT / script), *args], capture_output=True, text=True, timeout=300
+    )
+    *output, report = result.stdout.splitlines()
+    code, imported = json.loads(report)
+    return code, imported, "\n".join(output), result.stderr
+
+
+def option_helps(output: str) -> list:
+    """Each option's help text from argparse's --help, on one line each."""
+    return [" ".join(entry.split()) for entry in re.split(r"\n  (?=-)", output.split("options:\n", 1)[1])]
+
+
+def test_server_help_comes_before_torch_is_imported_and_shows_every_default():
+    code, imported, output, _ = run_as_main("imagine.py", "--help")
+    assert (code, imported) == (0, [])
+    for option in option_helps(output):
+        assert "default" in option or option.startswith("-h, --help"), option
+    assert "default 127.0.0.1" in output and "default 5000" in output
+
+
+def test_a_mistyped_server_flag_is_refused_before_torch_is_imported():
+    code, imported, _, errors = run_as_main("imagine.py", "--prot", "5001")
+    assert (code, imported) == (2, [])
+    assert "unrecognized arguments: --prot" in errors
+
+
+def test_cli_help_comes_without_importing_torch_and_shows_defaults():
+    code, imported, output, _ = run_as_main("imagine-cli.py", "--help")
+    assert (code, imported) == (0, [])
+    for option in option_helps(output):
+        assert "default" in option or option.startswith(("--img", "--local", "--help")), option
+
+
+def test_the_cli_without_one_of_its_dependencies_says_in_one_line_what_to_install(tmp_path):
+    script = f"import runpy, sys; sys.modules['tqdm'] = None; runpy.run_path({str(ROOT / 'imagine-cli.py')!r})"
+    result = subprocess.run([sys.executable, "-c", script, "a cat"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("imagine: ") and "no module 'tqdm'" in line
+    assert f"{sys.executable} -m pip install -r {ROOT / 'requirements.txt'}" in line
