@@ -1302,10 +1302,22 @@ def create_server(engine: Engine, host: str, port: int):
     )
 
 
+def check_default_model(engine: Engine) -> None:
+    """Finds (does not load) the --model default, so that a mistyped name stops the start, not the first request."""
+    settings = engine.settings
+    try:
+        engine.models.resolve(settings.model)
+    except ImagineError as error:
+        where = f"the models directory {settings.models_dir} (--models-dir, IMAGINE_MODELS_DIR)"
+        why = f"is neither in {where} nor a path to a model" if error.status == 404 else f"cannot be used: {error}"
+        raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine(settings)
+    check_default_model(engine)
     log.info(
         "device %s, precision %s, default model %s, models directory %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,

@@ -10,6 +10,8 @@ from pathlib import Path
 import requests
 from conftest import serving
 
+import imagine
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -106,3 +108,19 @@ def test_the_cli_without_one_of_its_dependencies_says_in_one_line_what_to_instal
     [line] = result.stderr.splitlines()
     assert line.startswith("imagine: ") and "no module 'tqdm'" in line
     assert f"{sys.executable} -m pip install -r {ROOT / 'requirements.txt'}" in line
+
+
+def test_a_mistyped_default_model_stops_the_start_with_one_line_naming_it_and_the_models_directory(tmp_path):
+    command = [sys.executable, str(ROOT / "imagine.py"), "--model", "dremshaper_8", "--models-dir", str(tmp_path)]
+    result = subprocess.run([*command, "-d", "cpu", "-f", "32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("imagine: the default model 'dremshaper_8' (--model, IMAGINE_MODEL) is neither in")
+    assert str(tmp_path) in line and "--models-dir" in line
+
+
+def test_a_default_model_that_exists_or_demo_passes_the_start_up_check(engine, models_dir, make_engine):
+    imagine.check_default_model(engine)  # demo: built in memory, never a file
+    tiny = make_engine(model="tiny", models_dir=models_dir)
+    imagine.check_default_model(tiny)
+    assert not tiny.models.loaded  # found, not loaded
