@@ -1204,6 +1204,20 @@ def origin_allowed(settings: Settings, origin: str) -> bool:
     return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
 
 
+def log_access(response: Response) -> None:
+    """One line per request, so that the service's journal tells what happened: who asked for what, the
+    status, and for a refusal or failure why. Never the body or the key; every value escaped onto one line."""
+    status = response.status_code
+    reason = ""
+    if status >= 400 and response.is_json:
+        reason = (
+            " " + json.dumps(str((response.get_json(silent=True) or {}).get("error", "")), ensure_ascii=False)[:300]
+        )
+    path = json.dumps(request.path, ensure_ascii=False)[1:-1][:300]
+    level = logging.INFO if status < 400 else logging.WARNING
+    log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
+
+
 def create_app(engine: Engine) -> Flask:
     app = Flask("imagine")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413 before they are read
@@ -1231,6 +1245,11 @@ def create_app(engine: Engine) -> Flask:
         if origin is not None and origin_allowed(settings, origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
+        return response
+
+    @app.after_request
+    def log_request(response):
+        log_access(response)
         return response
 
     @app.errorhandler(ImagineError)

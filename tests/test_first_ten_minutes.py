@@ -124,3 +124,30 @@ def test_a_default_model_that_exists_or_demo_passes_the_start_up_check(engine, m
     tiny = make_engine(model="tiny", models_dir=models_dir)
     imagine.check_default_model(tiny)
     assert not tiny.models.loaded  # found, not loaded
+
+
+def test_every_request_gets_an_access_line_and_a_refusal_says_why_without_body_or_key(make_engine, caplog):
+    client = imagine.create_app(make_engine(model="demo", api_key="the-secret-key")).test_client()
+    key = {"Authorization": "Bearer the-secret-key"}
+    with caplog.at_level("INFO", logger="imagine"):
+        client.post("/generate", json={"prompt": "my private prompt", "width": 100}, headers=key)
+        client.post("/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer a-wrong-key"})
+        client.get("/samplers", headers=key)
+    lines = [record.getMessage() for record in caplog.records if '"' in record.getMessage()]
+    assert lines == [
+        '127.0.0.1 "POST /generate" 400 "width must be a multiple of 8, not 100"',
+        '127.0.0.1 "POST /generate" 401 "this server needs an API key: send \'Authorization: Bearer <key>\'"',
+        '127.0.0.1 "GET /samplers" 200',
+    ]
+    assert [record.levelname for record in caplog.records if '"' in record.getMessage()][:2] == ["WARNING"] * 2
+    assert "private" not in caplog.text and "the-secret-key" not in caplog.text and "wrong-key" not in caplog.text
+
+
+def test_a_logged_refusal_stays_on_one_line_whatever_the_client_sent(client, caplog):
+    with caplog.at_level("INFO", logger="imagine"):
+        client.post("/generate", json={"prompt": "x", "model": "a\nfake log line"})
+        client.get("/no%0Awhere")
+    lines = [record.getMessage() for record in caplog.records]
+    assert all("\n" not in line for line in lines)
+    assert any('"POST /generate" 404 "model \'a\\\\nfake log line\' not found' in line for line in lines), lines
+    assert any('"GET /no\\nwhere" 404' in line for line in lines), lines
