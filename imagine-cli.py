@@ -132,9 +132,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(file.name, path)
 
 
-def save_updates(updates, output: Path, stream: int | None) -> None:
+def save_updates(updates, output: Path, stream: int | None) -> int:
     """Shows progress on stderr (if it is a terminal) and writes the final picture to `output`, and
-    with `stream` N each preview of a step divisible by N before it.
+    with `stream` N each preview of a step divisible by N before it; returns the picture's seed.
 
     An update is a dict like a line of the server's stream: `step` and `steps` (progress), `png`
     (bytes of a preview, or with `done` of the final picture), or `error`.
@@ -150,7 +150,7 @@ def save_updates(updates, output: Path, stream: int | None) -> None:
                 bar.update(update.get("step", bar.total) - bar.n)  # the final answer has no step: all done
             if update.get("done"):
                 write_atomically(output, update["png"])
-                return
+                return update["seed"]
             if "png" in update and stream and update["step"] % stream == 0:
                 write_atomically(output, update["png"])
     raise CliError("the generation ended without a picture")
@@ -199,8 +199,8 @@ def error_message(response: requests.Response) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None:
-    """Runs the generation on this (main) thread, where it runs fastest, and saves from another."""
+def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
+    """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the seed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
     try:
         import imagine  # torch and diffusers take seconds to import: only when generating here
@@ -226,15 +226,15 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
                     "steps": event.steps,
                 }
             elif isinstance(event, imagine.Finished):
-                yield {"png": imagine.png_bytes(event.image, event.parameters), "done": True}
+                yield {"png": imagine.png_bytes(event.image, event.parameters), "seed": event.seed, "done": True}
             elif isinstance(event, imagine.Failed):
                 yield {"error": event.error.message}
 
-    failures = []
+    failures, seeds = [], []
 
     def save():
         try:
-            save_updates(updates(), output, args.stream)
+            seeds.append(save_updates(updates(), output, args.stream))
         except (CliError, OSError) as error:
             failures.append(error)
 
@@ -244,11 +244,17 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
     saver.join()
     if failures:
         raise failures[0]
+    return seeds[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+
+def report_seed(seed: int) -> None:
+    """On stderr, so that stdout stays the path alone: what repeats a picture someone likes."""
+    print(f"seed {seed}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -258,18 +264,18 @@ def run(args: argparse.Namespace) -> Path:
     output = args.output or reserve_output(body["prompt"])
     try:
         if args.local:
-            generate_locally(body, args, output)
+            report_seed(generate_locally(body, args, output))
             return output
         server = args.server or os.environ.get("IMAGINE_SERVER")
         if args.stream or sys.stderr.isatty():
             body["stream"] = 1  # every step's line carries the progress; previews are kept every --stream steps
         try:
-            save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream)
+            report_seed(save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream))
         except NoServer:
             if server:
                 raise
             print(f"imagine: no server at {DEFAULT_SERVER}; generating in this process", file=sys.stderr)
-            generate_locally(body, args, output)
+            report_seed(generate_locally(body, args, output))
         return output
     except BaseException:
         if args.output is None:  # the name was ours: leave no empty or unfinished file behind

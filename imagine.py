@@ -759,6 +759,13 @@ def _text(body, field, default):
     return _value(body, field, str, "a string")
 
 
+def _seed(body):
+    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it."""
+    if body.get("seed") == -1 and isinstance(body["seed"], int):
+        return None
+    return _integer(body, "seed", None, 0, MAX_SEED)
+
+
 def _size(body, field, default, max_size):
     size = _integer(body, field, default, MIN_SIZE, max_size)
     if size is not None and size % 8:
@@ -824,7 +831,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
-        seed=_integer(body, "seed", None, 0, MAX_SEED),
+        seed=_seed(body),
         neg=_text(body, "neg", defaults.neg),
         img=img,
         strength=_number(body, "strength", defaults.strength, 0.0, 1.0),

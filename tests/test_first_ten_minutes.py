@@ -9,6 +9,7 @@ from pathlib import Path
 
 import requests
 from conftest import serving
+from PIL import Image
 
 import imagine
 
@@ -151,3 +152,34 @@ def test_a_logged_refusal_stays_on_one_line_whatever_the_client_sent(client, cap
     assert all("\n" not in line for line in lines)
     assert any('"POST /generate" 404 "model \'a\\\\nfake log line\' not found' in line for line in lines), lines
     assert any('"GET /no\\nwhere" 404' in line for line in lines), lines
+
+
+def test_seed_minus_one_means_a_random_seed_as_in_automatic1111(client):
+    fields = {"prompt": "x", "width": 64, "height": 64, "num_steps": 1, "seed": -1}
+    seeds = [client.post("/generate", json=fields).get_json()["seed"] for _ in range(2)]
+    assert all(0 <= seed <= imagine.MAX_SEED for seed in seeds) and seeds[0] != seeds[1]
+    for refused in (-2, -1.0):
+        assert client.post("/generate", json={**fields, "seed": refused}).status_code == 400
+
+
+def test_the_cli_tells_the_seed_it_drew_on_stderr_after_saving_and_minus_one_draws_one(live_server, tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "imagine-cli.py"),
+        "a boat",
+        "-w",
+        "64",
+        "-h",
+        "64",
+        "-n",
+        "2",
+        "--seed",
+        "-1",
+    ]
+    result = subprocess.run(
+        [*command, "--server", live_server], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    [path] = result.stdout.splitlines()  # stdout stays the path alone
+    seed = int(re.fullmatch(r"seed (\d+)\n", result.stderr)[1])
+    assert f"Seed: {seed}," in Image.open(tmp_path / path).info["parameters"]
