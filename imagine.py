@@ -429,7 +429,12 @@ class Models:
             raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
-        raise ImagineError(f"model {name!r} not found in the models directory", 404)
+        raise ImagineError(
+            f"model {name!r} not found in the models directory; the models there are the .safetensors and .ckpt "
+            "files and diffusers folders in the folder the server's --models-dir (IMAGINE_MODELS_DIR) names, "
+            "and 'demo' is always there",
+            404,
+        )
 
     def get(self, key: str) -> LoadedModel:
         if key in self.loaded:
