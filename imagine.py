@@ -1216,6 +1216,17 @@ def origin_allowed(settings: Settings, origin: str) -> bool:
     return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
 
 
+ENDPOINTS = {
+    "name": "Imagine, a local Stable Diffusion server",
+    "endpoints": {
+        "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
+        "GET /samplers": "the sampler names /generate accepts",
+        "GET /": "this list",
+    },
+    "readme": "README.md beside imagine.py: every field, setting and example",
+}
+
+
 def log_access(response: Response) -> None:
     """One line per request, so that the service's journal tells what happened: who asked for what, the
     status, and for a refusal or failure why. Never the body or the key; every value escaped onto one line."""
@@ -1306,6 +1317,11 @@ def create_app(engine: Engine) -> Flask:
     @app.get("/samplers")
     def samplers_route():
         return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
+
+    @app.get("/")
+    def index_route():
+        """What someone who opens the server's address finds: what it answers, and where it is explained."""
+        return jsonify(ENDPOINTS)
 
     return app
 

@@ -191,3 +191,17 @@ def test_an_unknown_model_answers_404_saying_where_the_models_are_without_the_se
     error = response.get_json()["error"]
     assert error.startswith("model 'dremshaper_8' not found") and "--models-dir (IMAGINE_MODELS_DIR)" in error
     assert str(models_dir) not in error
+
+
+def test_the_servers_address_answers_json_naming_every_endpoint_and_the_readme(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    answer = response.get_json()
+    assert "README.md" in answer["readme"]
+    routes = {
+        f"{method} {rule.rule}"
+        for rule in client.application.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert set(answer["endpoints"]) == routes
