@@ -1,14 +1,16 @@
 """What a newcomer meets in the first ten minutes (issue 16): the README's commands, start-up, help and answers."""
 
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import requests
-from conftest import serving
+from conftest import free_port, read_log_until_listening, serving
 from PIL import Image
 
 import imagine
@@ -205,3 +207,22 @@ def test_the_servers_address_answers_json_naming_every_endpoint_and_the_readme(c
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert set(answer["endpoints"]) == routes
+
+
+def test_the_readmes_model_lines_put_a_download_where_the_server_finds_it_at_start(tmp_path):
+    """The Models section's two lines, as written, for a file in ~/Downloads (an empty stand-in: start-up
+    only finds the default model, it loads nothing)."""
+    [block] = [b for b in re.findall(r"```bash\n(.*?)```", README, re.S) if "~/.imagine/models" in b]
+    copy, start = block.strip().splitlines()
+    (tmp_path / "Downloads").mkdir()
+    (tmp_path / "Downloads" / "dreamshaper_8.safetensors").write_bytes(b"")
+    env = {**os.environ, "HOME": str(tmp_path), "IMAGINE_PORT": str(free_port()), "IMAGINE_DEVICE": "cpu"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    subprocess.run(["bash", "-euo", "pipefail", "-c", copy], env=env, check=True)
+    server = subprocess.Popen(shlex.split(start), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        log = read_log_until_listening(server)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert "default model dreamshaper_8" in "".join(log)
