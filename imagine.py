@@ -272,7 +272,17 @@ def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
         log.info("precision auto: %s", why)
     if fp_prec == "32":
         return torch.float32
+    if device.type == "cpu" and cpu_bf16_feature() is None:
+        warn_bfloat16_is_emulated()
     return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def warn_bfloat16_is_emulated() -> None:
+    """An explicit -f 16 is honoured (it halves the memory), but on such a CPU a generation can look like a hang."""
+    log.warning(
+        "-f 16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): bfloat16 is emulated here, measured over "
+        "20x slower than float32 (256x256, 4 steps, SD1.5: over 6 min against 17 s on 2 cores); -f 32 is faster"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import requests
+import torch
 from conftest import free_port, read_log_until_listening, serving
 from PIL import Image
 
@@ -226,3 +228,23 @@ def test_the_readmes_model_lines_put_a_download_where_the_server_finds_it_at_sta
         server.terminate()
         server.wait(timeout=60)
     assert "default model dreamshaper_8" in "".join(log)
+
+
+@pytest.mark.parametrize("feature, warned", [(None, True), ("avx512_bf16", False), ("amx", False)])
+def test_16_bit_on_a_cpu_that_emulates_bfloat16_is_honoured_with_one_warning_line(feature, warned, monkeypatch, caplog):
+    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: feature)
+    with caplog.at_level("INFO", logger="imagine"):
+        assert imagine.pick_dtype("16", torch.device("cpu")) == torch.bfloat16
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    if warned:
+        [warning] = warnings
+        assert "emulated" in warning and "20x slower than float32" in warning and "-f 32" in warning
+    else:
+        assert warnings == []
+
+
+def test_auto_precision_never_warns_about_emulated_bfloat16(monkeypatch, caplog):
+    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: None)
+    with caplog.at_level("INFO", logger="imagine"):
+        assert imagine.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
