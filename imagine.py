@@ -9,8 +9,9 @@ folders, all loaded with no network: the configs and the CLIP tokenizer ship in 
     python imagine.py --model demo          # a tiny random model: proves the path, draws noise
     curl -s localhost:5000/generate -H 'Content-Type: application/json' -d '{"prompt": "a cat"}'
 
-The file reads top to bottom: settings, devices, models, samplers, previews, requests, generation,
-the engine that runs one generation at a time, the HTTP app, and main().
+The file reads top to bottom: settings (parsed before the heavy libraries are imported, so that --help
+answers at once), devices, models, samplers, previews, requests, generation, the engine that runs one
+generation at a time, the HTTP app, and main().
 """
 
 import argparse
