@@ -59,10 +59,7 @@ def test_a_stopped_test_server_leaves_no_thread_that_could_write_to_a_reused_des
 # imported by then: a bound on --help's time that a busy machine cannot break.
 AS_MAIN = """
 import json, runpy, sys
-for name in sys.argv[1].split(","):
-    if name:
-        sys.modules[name] = None  # as if it were not installed
-sys.argv = sys.argv[2:]
+sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as exit:
@@ -70,10 +67,10 @@ except SystemExit as exit:
 """
 
 
-def run_as_main(script: str, *args: str, missing: str = "") -> tuple:
+def run_as_main(script: str, *args: str) -> tuple:
     """(exit code, heavy modules imported, stdout before the report, stderr) of `python script args`."""
     result = subprocess.run(
-        [sys.executable, "-c", AS_MAIN, missing, str(ROOT / script), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", AS_MAIN, str(ROOT / script), *args], capture_output=True, text=True, timeout=300
     )
     *output, report = result.stdout.splitlines()
     code, imported = json.loads(report)
