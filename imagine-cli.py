@@ -20,8 +20,21 @@ import threading
 import time
 from pathlib import Path
 
-import requests
-from tqdm import tqdm
+
+def missing_module(error: ImportError) -> str:
+    """One line for a missing dependency, as when a python3 outside Imagine's virtual environment runs this."""
+    requirements = Path(__file__).resolve().parent / "requirements.txt"
+    return (
+        f"imagine: this Python ({sys.executable}) has no module {error.name!r}: run the CLI with the Python of "
+        f"Imagine's virtual environment, or install its requirements: {sys.executable} -m pip install -r {requirements}"
+    )
+
+
+try:
+    import requests
+    from tqdm import tqdm
+except ImportError as error:
+    sys.exit(missing_module(error))
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
 SAMPLER_NAMES = (
@@ -38,24 +51,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
     parser.add_argument("prompt", nargs="+", help="Prompt for model (the words are joined)")
-    parser.add_argument("-m", "--model", help="SD model: a name in the server's models directory, a path, or 'demo'")
+    parser.add_argument(
+        "-m",
+        "--model",
+        help="SD model: a name in the server's models directory, a path, or 'demo' (default: the server's --model)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
-    parser.add_argument("-w", "--width", type=int, help="Output image width")
-    parser.add_argument("-h", "--height", type=int, help="Output image height")
-    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps")
-    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale")
-    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case: {SAMPLER_NAMES}")
-    parser.add_argument("--seed", type=int, help="Seed")
-    parser.add_argument("--neg", help="Negative prompt")
-    parser.add_argument("--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps")
+    parser.add_argument(
+        "-w",
+        "--width",
+        type=int,
+        help="Output image width (default: the model's size, 512 for SD1.x; img2img: the input's)",
+    )
+    parser.add_argument("-h", "--height", type=int, help="Output image height (default: as for the width)")
+    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps (default 25)")
+    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale (default 7.0)")
+    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case (default DPM++ 2M): {SAMPLER_NAMES}")
+    parser.add_argument(
+        "--seed", type=int, help="Seed, 0 to 4294967295 (default, or -1: random; the seed used is printed on stderr)"
+    )
+    parser.add_argument("--neg", help="Negative prompt (default none)")
+    parser.add_argument(
+        "--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps (default off)"
+    )
     parser.add_argument("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
     parser.add_argument(
-        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1"
+        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default 0.8)"
     )
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
-    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE)")
-    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC)")
+    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
+    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
     return parser.parse_args(argv)
 
@@ -106,9 +132,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(file.name, path)
 
 
-def save_updates(updates, output: Path, stream: int | None) -> None:
+def save_updates(updates, output: Path, stream: int | None) -> int:
     """Shows progress on stderr (if it is a terminal) and writes the final picture to `output`, and
-    with `stream` N each preview of a step divisible by N before it.
+    with `stream` N each preview of a step divisible by N before it; returns the picture's seed.
 
     An update is a dict like a line of the server's stream: `step` and `steps` (progress), `png`
     (bytes of a preview, or with `done` of the final picture), or `error`.
@@ -124,7 +150,7 @@ def save_updates(updates, output: Path, stream: int | None) -> None:
                 bar.update(update.get("step", bar.total) - bar.n)  # the final answer has no step: all done
             if update.get("done"):
                 write_atomically(output, update["png"])
-                return
+                return update["seed"]
             if "png" in update and stream and update["step"] % stream == 0:
                 write_atomically(output, update["png"])
     raise CliError("the generation ended without a picture")
@@ -173,10 +199,13 @@ def error_message(response: requests.Response) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None:
-    """Runs the generation on this (main) thread, where it runs fastest, and saves from another."""
+def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
+    """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the seed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
-    import imagine  # torch and diffusers take seconds to import: only when generating here
+    try:
+        import imagine  # torch and diffusers take seconds to import: only when generating here
+    except ImportError as error:
+        raise CliError(missing_module(error).removeprefix("imagine: ")) from None
 
     flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
     try:
@@ -197,15 +226,15 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
                     "steps": event.steps,
                 }
             elif isinstance(event, imagine.Finished):
-                yield {"png": imagine.png_bytes(event.image, event.parameters), "done": True}
+                yield {"png": imagine.png_bytes(event.image, event.parameters), "seed": event.seed, "done": True}
             elif isinstance(event, imagine.Failed):
                 yield {"error": event.error.message}
 
-    failures = []
+    failures, seeds = [], []
 
     def save():
         try:
-            save_updates(updates(), output, args.stream)
+            seeds.append(save_updates(updates(), output, args.stream))
         except (CliError, OSError) as error:
             failures.append(error)
 
@@ -215,11 +244,17 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> None
     saver.join()
     if failures:
         raise failures[0]
+    return seeds[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+
+def report_seed(seed: int) -> None:
+    """On stderr, so that stdout stays the path alone: what repeats a picture someone likes."""
+    print(f"seed {seed}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -229,18 +264,18 @@ def run(args: argparse.Namespace) -> Path:
     output = args.output or reserve_output(body["prompt"])
     try:
         if args.local:
-            generate_locally(body, args, output)
+            report_seed(generate_locally(body, args, output))
             return output
         server = args.server or os.environ.get("IMAGINE_SERVER")
         if args.stream or sys.stderr.isatty():
             body["stream"] = 1  # every step's line carries the progress; previews are kept every --stream steps
         try:
-            save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream)
+            report_seed(save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream))
         except NoServer:
             if server:
                 raise
             print(f"imagine: no server at {DEFAULT_SERVER}; generating in this process", file=sys.stderr)
-            generate_locally(body, args, output)
+            report_seed(generate_locally(body, args, output))
         return output
     except BaseException:
         if args.output is None:  # the name was ours: leave no empty or unfinished file behind

@@ -9,8 +9,9 @@ folders, all loaded with no network: the configs and the CLIP tokenizer ship in 
     python imagine.py --model demo          # a tiny random model: proves the path, draws noise
     curl -s localhost:5000/generate -H 'Content-Type: application/json' -d '{"prompt": "a cat"}'
 
-The file reads top to bottom: settings, devices, models, samplers, previews, requests, generation,
-the engine that runs one generation at a time, the HTTP app, and main().
+The file reads top to bottom: settings (parsed before the heavy libraries are imported, so that --help
+answers at once), devices, models, samplers, previews, requests, generation, the engine that runs one
+generation at a time, the HTTP app, and main().
 """
 
 import argparse
@@ -36,47 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-import transformers
-
-# Before diffusers is imported: it touches transformers' image processors, which would log that
-# torchvision is missing. This server never uses them, and the notice would only confuse a user.
-transformers.utils.logging.set_verbosity_error()
-
-import diffusers  # noqa: I001 (must come after the line above)
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from flask import Flask, Response, jsonify, request
-from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from werkzeug.exceptions import HTTPException
-
 log = logging.getLogger("imagine")
-# The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
-# nothing actionable to someone running a server; real errors still reach the log.
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
-warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 # ---------------------------------------------------------------------------------------------
 # Settings: every one a flag, an IMAGINE_* environment variable, and a default.
@@ -122,24 +83,35 @@ def parse_settings(argv=None) -> Settings:
         description="Imagine: a local Stable Diffusion server with one endpoint, POST /generate.",
         epilog="Each flag falls back to the environment variable shown, e.g. IMAGINE_PORT=5001.",
     )
-    parser.add_argument("--host", default=env("HOST", defaults.host), help="address to listen on (IMAGINE_HOST)")
-    parser.add_argument("-p", "--port", type=int, default=env("PORT", defaults.port), help="port (IMAGINE_PORT)")
+    parser.add_argument(
+        "--host",
+        default=env("HOST", defaults.host),
+        help=f"address to listen on (IMAGINE_HOST, default {defaults.host})",
+    )
+    parser.add_argument(
+        "-p",
+        "--port",
+        type=int,
+        default=env("PORT", defaults.port),
+        help=f"port (IMAGINE_PORT, default {defaults.port})",
+    )
     parser.add_argument(
         "-d",
         "--device",
         default=env("DEVICE", defaults.device),
-        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE)",
+        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE, default auto)",
     )
     parser.add_argument(
         "-f",
         "--fp_prec",
         default=env("FP_PREC", defaults.fp_prec),
-        help="16 | 32 | auto: 16 on gpus and cpus with native bfloat16, else 32; bfloat16 on cpu (IMAGINE_FP_PREC)",
+        help="16 | 32 | auto: 16 on gpus and cpus with native bfloat16, else 32; bfloat16 on cpu "
+        "(IMAGINE_FP_PREC, default auto)",
     )
     parser.add_argument(
         "--model",
         default=env("MODEL", defaults.model),
-        help="default model: a name in the models directory, a path, or 'demo' (IMAGINE_MODEL)",
+        help="default model: a name in the models directory, a path, or 'demo' (IMAGINE_MODEL, default demo)",
     )
     parser.add_argument(
         "--models-dir",
@@ -151,19 +123,21 @@ def parse_settings(argv=None) -> Settings:
         "--max-loaded",
         type=int,
         default=env("MAX_LOADED", defaults.max_loaded),
-        help="models kept loaded at once; the least recently used goes first (IMAGINE_MAX_LOADED)",
+        help="models kept loaded at once; the least recently used goes first (IMAGINE_MAX_LOADED, default 1)",
     )
     parser.add_argument(
         "--allow-downloads",
         action="store_true",
         default=env("ALLOW_DOWNLOADS", "").lower() in ("1", "true", "yes"),
-        help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS)",
+        help="let a model named like 'owner/repo' be fetched from the Hugging Face hub (IMAGINE_ALLOW_DOWNLOADS=1; "
+        "default off)",
     )
     parser.add_argument(
         "--compile",
         action="store_true",
         default=env("COMPILE", "").lower() in ("1", "true", "yes"),
-        help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE)",
+        help="torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (IMAGINE_COMPILE=1; "
+        "default off)",
     )
     parser.add_argument(
         "--max-size",
@@ -175,12 +149,13 @@ def parse_settings(argv=None) -> Settings:
         "--max-queue",
         type=int,
         default=env("MAX_QUEUE", defaults.max_queue),
-        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE)",
+        help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE, default 8)",
     )
     parser.add_argument(
         "--api-key",
         default=env("API_KEY", defaults.api_key),
-        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps)",
+        help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps; "
+        "default none)",
     )
     parser.add_argument(
         "--cors-origins",
@@ -201,6 +176,56 @@ def parse_settings(argv=None) -> Settings:
         parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
     origins = tuple(origin.strip().rstrip("/") for origin in args.cors_origins.split(",") if origin.strip())
     return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
+
+
+# ---------------------------------------------------------------------------------------------
+# The libraries, imported once the settings are parsed: --help and a mistyped flag answer at once,
+# not after the seconds that torch and diffusers take to import.
+# ---------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parse_settings()  # exits here for --help or a bad flag; main() parses them again, in no time
+
+import torch
+import transformers
+
+# Before diffusers is imported: it touches transformers' image processors, which would log that
+# torchvision is missing. This server never uses them, and the notice would only confuse a user.
+transformers.utils.logging.set_verbosity_error()
+
+import diffusers  # noqa: I001 (must come after the line above)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from flask import Flask, Response, jsonify, request
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from werkzeug.exceptions import HTTPException
+
+# The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
+# nothing actionable to someone running a server; real errors still reach the log.
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
+warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +273,17 @@ def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
         log.info("precision auto: %s", why)
     if fp_prec == "32":
         return torch.float32
+    if device.type == "cpu" and cpu_bf16_feature() is None:
+        warn_bfloat16_is_emulated()
     return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def warn_bfloat16_is_emulated() -> None:
+    """An explicit -f 16 is honoured (it halves the memory), but on such a CPU a generation can look like a hang."""
+    log.warning(
+        "-f 16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): bfloat16 is emulated here, measured over "
+        "20x slower than float32 (256x256, 4 steps, SD1.5: over 6 min against 17 s on 2 cores); -f 32 is faster"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +440,12 @@ class Models:
             raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
-        raise ImagineError(f"model {name!r} not found in the models directory", 404)
+        raise ImagineError(
+            f"model {name!r} not found in the models directory; the models there are the .safetensors and .ckpt "
+            "files and diffusers folders in the folder the server's --models-dir (IMAGINE_MODELS_DIR) names, "
+            "and 'demo' is always there",
+            404,
+        )
 
     def get(self, key: str) -> LoadedModel:
         if key in self.loaded:
@@ -735,6 +775,13 @@ def _text(body, field, default):
     return _value(body, field, str, "a string")
 
 
+def _seed(body):
+    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it."""
+    if body.get("seed") == -1 and isinstance(body["seed"], int):
+        return None
+    return _integer(body, "seed", None, 0, MAX_SEED)
+
+
 def _size(body, field, default, max_size):
     size = _integer(body, field, default, MIN_SIZE, max_size)
     if size is not None and size % 8:
@@ -800,7 +847,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
-        seed=_integer(body, "seed", None, 0, MAX_SEED),
+        seed=_seed(body),
         neg=_text(body, "neg", defaults.neg),
         img=img,
         strength=_number(body, "strength", defaults.strength, 0.0, 1.0),
@@ -1180,6 +1227,31 @@ def origin_allowed(settings: Settings, origin: str) -> bool:
     return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
 
 
+ENDPOINTS = {
+    "name": "Imagine, a local Stable Diffusion server",
+    "endpoints": {
+        "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
+        "GET /samplers": "the sampler names /generate accepts",
+        "GET /": "this list",
+    },
+    "readme": "README.md beside imagine.py: every field, setting and example",
+}
+
+
+def log_access(response: Response) -> None:
+    """One line per request, so that the service's journal tells what happened: who asked for what, the
+    status, and for a refusal or failure why. Never the body or the key; every value escaped onto one line."""
+    status = response.status_code
+    reason = ""
+    if status >= 400 and response.is_json:
+        reason = (
+            " " + json.dumps(str((response.get_json(silent=True) or {}).get("error", "")), ensure_ascii=False)[:300]
+        )
+    path = json.dumps(request.path, ensure_ascii=False)[1:-1][:300]
+    level = logging.INFO if status < 400 else logging.WARNING
+    log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
+
+
 def create_app(engine: Engine) -> Flask:
     app = Flask("imagine")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413 before they are read
@@ -1207,6 +1279,11 @@ def create_app(engine: Engine) -> Flask:
         if origin is not None and origin_allowed(settings, origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
+        return response
+
+    @app.after_request
+    def log_request(response):
+        log_access(response)
         return response
 
     @app.errorhandler(ImagineError)
@@ -1252,6 +1329,11 @@ def create_app(engine: Engine) -> Flask:
     def samplers_route():
         return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
 
+    @app.get("/")
+    def index_route():
+        """What someone who opens the server's address finds: what it answers, and where it is explained."""
+        return jsonify(ENDPOINTS)
+
     return app
 
 
@@ -1278,10 +1360,22 @@ def create_server(engine: Engine, host: str, port: int):
     )
 
 
+def check_default_model(engine: Engine) -> None:
+    """Finds (does not load) the --model default, so that a mistyped name stops the start, not the first request."""
+    settings = engine.settings
+    try:
+        engine.models.resolve(settings.model)
+    except ImagineError as error:
+        where = f"the models directory {settings.models_dir} (--models-dir, IMAGINE_MODELS_DIR)"
+        why = f"is neither in {where} nor a path to a model" if error.status == 404 else f"cannot be used: {error}"
+        raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine(settings)
+    check_default_model(engine)
     log.info(
         "device %s, precision %s, default model %s, models directory %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,

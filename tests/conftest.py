@@ -1,6 +1,7 @@
 """Fixtures: a real engine on the tiny demo model, a Flask test client, and tiny models on disk."""
 
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from waitress import wasyncore
 
 import imagine
 
@@ -98,11 +100,8 @@ def make_engine(tmp_path):
 @pytest.fixture
 def live_server(engine):
     """The app served by waitress (the production server) on a free loopback port; yields its URL."""
-    server = imagine.create_server(engine, "127.0.0.1", free_port())
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.effective_port}"
-    server.close()
+    with serving(engine) as url:
+        yield url
 
 
 def save_config_folder(pipe, path: Path) -> Path:
@@ -155,3 +154,25 @@ def start_server(tmp_path):
     for process in processes:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(engine):
+    """Serves `engine` through waitress on a free loopback port; yields its URL, and on leaving stops every
+    thread of the server.
+
+    waitress's own close() leaves its task threads running, and one that finishes answering a request after
+    it wakes the server's loop by writing "x" to the loop's wake-up pipe, whose descriptor close() has
+    already closed: by then that number may belong to a pipe the next test opened, such as a subprocess's
+    stdout (which then began with a stray "x", under load only). So the task threads end first, then the
+    loop closes everything from its own thread and ends.
+    """
+    server = imagine.create_server(engine, "127.0.0.1", free_port())
+    loop = threading.Thread(target=server.run, name="waitress-loop", daemon=True)
+    loop.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.task_dispatcher.shutdown()
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the listener, connections, pipe
+        loop.join(timeout=30)

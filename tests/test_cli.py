@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 import termios
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, decode_png, free_port, png_data
+from conftest import FAST, decode_png, free_port, png_data, serving
 from PIL import Image
 
 import imagine
@@ -59,7 +58,7 @@ def test_cli_saves_the_servers_picture_named_from_the_prompt(live_server, client
     result = run_cli("a", "red", "fox", *TINY, "-s", "EULER A", cwd=tmp_path, server=live_server)
     image = saved_image(result, tmp_path)
     assert result.stdout.startswith("a-red-fox-") and result.stdout.strip().endswith(".png")
-    assert result.stderr == ""  # stderr is not a terminal: no progress bar
+    assert result.stderr == "seed 42\n"  # stderr is not a terminal: no progress bar; the seed, to repeat it
     answer = client.post("/generate", json={"prompt": "a red fox", "sampler": "euler a", **FAST}).get_json()
     assert (as_array(image) == as_array(decode_png(answer["img"]))).all()
 
@@ -168,7 +167,7 @@ def test_without_a_server_named_or_running_it_generates_locally(cli, tmp_path, m
     monkeypatch.setattr(cli, "DEFAULT_SERVER", f"http://127.0.0.1:{free_port()}")
     assert cli.main(["a", "quiet", "lake", *TINY, "-d", "cpu"]) == 0
     out, err = capsys.readouterr()
-    assert err == f"imagine: no server at {cli.DEFAULT_SERVER}; generating in this process\n"
+    assert err == f"imagine: no server at {cli.DEFAULT_SERVER}; generating in this process\nseed 42\n"
     assert Image.open(tmp_path / out.strip()).info["parameters"].startswith("a quiet lake\n")
 
 
@@ -202,7 +201,7 @@ def test_progress_bar_with_step_and_total_appears_on_a_terminal_only(live_server
     assert re.search(r"\| [1-6]/6 \[", stderr) and "step/s" in stderr  # e.g. " 50%|█████     | 3/6 [00:01<00:01, ..."
     assert stdout.strip().endswith(".png") and "/6" not in stdout
     piped = run_cli(*args, cwd=tmp_path, server=live_server)
-    assert piped.stderr == ""
+    assert piped.stderr == "seed 1\n"
 
 
 def test_help_is_double_dash_help_because_h_is_the_height(live_server, tmp_path):
@@ -234,13 +233,8 @@ def test_sampler_names_are_written_as_automatic1111_spells_them():
 
 def test_the_cli_sends_the_api_key_from_imagine_api_key(make_engine, tmp_path):
     engine = make_engine(api_key="s3cret")
-    server = imagine.create_server(engine, "127.0.0.1", free_port())
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{server.effective_port}"
-    try:
+    with serving(engine) as url:
         refused = run_cli("a key", *TINY, cwd=tmp_path, server=url)
         assert refused.returncode == 1 and refused.stderr.startswith("imagine: the server answered 401: ")
         accepted = run_cli("a key", *TINY, cwd=tmp_path, server=url, env_extra={"IMAGINE_API_KEY": "s3cret"})
         assert saved_image(accepted, tmp_path).size == (64, 64)
-    finally:
-        server.close()

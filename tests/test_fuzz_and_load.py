@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,10 +70,7 @@ def test_the_server_still_draws_after_the_fuzzing(fuzz_client):
 
 def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_ones_their_picture(tmp_path):
     engine = imagine.Engine(imagine.Settings(model="demo", models_dir=tmp_path, max_queue=4))
-    server = imagine.create_server(engine, "127.0.0.1", free_port())
-    threading.Thread(target=server.run, daemon=True).start()
     engine.start()
-    url = f"http://127.0.0.1:{server.effective_port}/generate"
     answers = []
 
     def client(number):
@@ -83,7 +80,8 @@ def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_one
             response = requests.post(url, json=body, timeout=120)
             answers.append((seed, response.status_code, response.json(), response.headers.get("Retry-After")))
 
-    try:
+    with serving(engine) as server:
+        url = f"{server}/generate"
         clients = [threading.Thread(target=client, args=(number,)) for number in range(16)]
         for thread in clients:
             thread.start()
@@ -98,5 +96,3 @@ def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_one
                 assert int(retry_after) >= 1 and "busy" in body["error"]
         assert any(status == 200 for _, status, _, _ in answers)
         assert requests.post(url, json={"prompt": "x", "width": 64, "height": 64, "num_steps": 2}).status_code == 200
-    finally:
-        server.close()

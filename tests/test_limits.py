@@ -4,12 +4,11 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import FAST, free_port, png_data
+from conftest import FAST, png_data, serving
 from PIL import Image
 
 import imagine
@@ -89,21 +88,18 @@ def test_a_largest_size_below_512_also_lowers_the_default_size(make_engine):
 
 
 def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused_unread(engine):
-    server = imagine.create_server(engine, "127.0.0.1", free_port())
-    threading.Thread(target=server.run, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.effective_port}/generate"
+    with serving(engine) as url:
         large = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
-        response = requests.post(url, data=large, headers={"Content-Type": "application/json"}, timeout=60)
+        response = requests.post(
+            f"{url}/generate", data=large, headers={"Content-Type": "application/json"}, timeout=60
+        )
         assert response.status_code == 413 and "error" in response.json()
-        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=30) as connection:
+        with socket.create_connection(("127.0.0.1", int(url.rpartition(":")[2])), timeout=30) as connection:
             connection.sendall(
                 b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {10 * imagine.MAX_BODY_BYTES}\r\n\r\n".encode()
             )
             assert connection.recv(100).startswith(b"HTTP/1.1 413")  # answered with no body sent
-    finally:
-        server.close()
 
 
 BOMB_SCRIPT = """

@@ -1,5 +1,6 @@
 """One generation at a time, a bounded queue, cancelling when the client leaves, failures and SIGTERM contained."""
 
+import contextlib
 import json
 import signal
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port, read_log_until_listening
+from conftest import FAST, free_port, read_log_until_listening, serving
 
 import imagine
 
@@ -30,17 +31,8 @@ def wait_until(condition, what, timeout=60):
 @pytest.fixture
 def serve():
     """Serves an engine through imagine.create_server (waitress, as in production); yields a URL maker."""
-    servers = []
-
-    def start(engine):
-        server = imagine.create_server(engine, "127.0.0.1", free_port())
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.effective_port}"
-
-    yield start
-    for server in servers:
-        server.close()
+    with contextlib.ExitStack() as servers:
+        yield lambda engine: servers.enter_context(serving(engine))
 
 
 class Gate:
