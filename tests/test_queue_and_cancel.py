@@ -6,41 +6,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port, read_log_until_listening
+from conftest import FAST, free_port, read_log_until_listening, wait_until
 
 import imagine
 
 ROOT = Path(imagine.__file__).resolve().parent
-
-
-def wait_until(condition, what, timeout=60):
-    """Polls for a state change the test caused; the timeout only bounds a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def serve():
-    """Serves an engine through imagine.create_server (waitress, as in production); yields a URL maker."""
-    servers = []
-
-    def start(engine):
-        server = imagine.create_server(engine, "127.0.0.1", free_port())
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.effective_port}"
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 class Gate:
