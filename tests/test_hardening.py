@@ -287,3 +287,62 @@ def test_a_utf8_api_key_sent_as_curl_sends_it_is_accepted(make_engine, serve):
     assert authorized.status_code == 200
     latin1 = post(url, {"prompt": "x", **FAST}, headers={"Authorization": b"Bearer " + "clé".encode("latin-1")})
     assert latin1.status_code == 401
+
+
+# ---- 14. cancel inside a step
+
+
+def module_at(model, path: str):
+    """A module of a loaded model's pipeline by its dotted path, e.g. 'unet.mid_block'."""
+    module = model.txt2img
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+@pytest.mark.parametrize(
+    "leaves_in, must_not_run",
+    [
+        ("text_encoder.text_model.encoder.layers.1", "unet"),  # while the prompt is encoded
+        ("unet.mid_block", "unet.up_blocks.0"),  # in the middle of the first step
+        ("vae.decoder.mid_block", "vae.decoder.up_blocks.0"),  # while the picture is decoded
+    ],
+    ids=["encoding", "step", "decoding"],
+)
+def test_a_client_that_leaves_in_the_middle_of_a_step_stops_it_there_and_the_next_request_is_unharmed(
+    make_engine, serve, leaves_in, must_not_run
+):
+    engine = make_engine(model="demo")
+    url = serve(engine)
+    body = {"prompt": "a cat", **FAST, "stream": 1}
+    before = post(url, {**body, "stream": 0}).json()["img"]  # loads the model; the picture to compare with
+    model = engine.models.loaded["demo"]
+    if leaves_in.startswith("text_encoder") and not hasattr(model.txt2img.text_encoder, "text_model"):
+        leaves_in = leaves_in.replace("text_model.", "")
+    reached, ran_after = threading.Event(), []
+
+    def client_leaves_here(module, args):
+        if not reached.is_set():
+            reached.set()
+            wait_until(lambda: engine.running.cancelled(), "the server notices that the client left")
+
+    first = module_at(model, leaves_in).register_forward_pre_hook(client_leaves_here)
+    later = module_at(model, must_not_run).register_forward_pre_hook(
+        lambda module, args: ran_after.append(module) if reached.is_set() else None
+    )
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        data = json.dumps(body).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as connection:
+            connection.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
+            assert reached.wait(60)
+        wait_until(lambda: engine.running is None, "the generation stops")
+        assert ran_after == []  # stopped before the next block, not at the end of the step
+    finally:
+        first.remove()
+        later.remove()
+    assert post(url, {**body, "stream": 0}).json()["img"] == before
