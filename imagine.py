@@ -31,6 +31,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -69,6 +70,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from waitress.channel import HTTPChannel
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("imagine")
@@ -543,10 +545,10 @@ def pipeline_class_name(folder: Path) -> str | None:
     return index.get("_class_name") if isinstance(index, dict) else None
 
 
-# Modules before which a generation checks whether it was cancelled: every ResNet and transformer block of
-# the UNet and VAE and every text-encoder layer. A step of SD1.5 at 512x512 runs some 40 of them (SDXL at
-# 1024 over 100), so a cancel takes effect within a small part of a step rather than at its end.
-CANCEL_POINTS = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer")
+# Modules before which a generation checks whether it was cancelled: every ResNet block, attention and
+# feed-forward layer of the UNet and VAE, and every text-encoder layer. A step of SD1.5 at 512x512 runs
+# about 100 of them, so a cancel takes effect within a small part of a step rather than at its end.
+CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer")
 
 
 def add_cancel_points(model: LoadedModel) -> None:
@@ -1099,13 +1101,17 @@ class Engine:
             if self.stopping:
                 raise ImagineError("the server is shutting down", 503)
             if self.unfinished > self.settings.max_queue:  # one runs and max_queue wait: no room
-                waiting = self.unfinished - 1
-                # Every waiting job and the running one are ahead: a rough but honest estimate.
-                retry_after = max(1, math.ceil(self.last_seconds * self.unfinished))
-                raise ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
+                raise self.busy()
             self.unfinished += 1
             self.jobs.put(job)
         return job
+
+    def busy(self) -> ImagineError:
+        """The 503 for a request that finds no room."""
+        # Every waiting job and the running one are ahead: a rough but honest estimate.
+        retry_after = max(1, math.ceil(self.last_seconds * max(self.unfinished, 1)))
+        waiting = max(self.unfinished - 1, 0)
+        return ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
 
     def run_forever(self) -> None:
         """Runs jobs until stop() is called."""
@@ -1236,6 +1242,14 @@ def stream_lines(job: Job, events):
         job.cancel(ImagineError("the client disconnected", 499))
 
 
+def release_after(chunks, release):
+    """A body's chunks, then `release()`: once all are sent, or once the server gives up on the client."""
+    try:
+        yield from chunks
+    finally:
+        release()
+
+
 def read_json_body() -> dict:
     if not request.is_json:
         raise ImagineError("send a JSON body with Content-Type: application/json", 415)
@@ -1354,8 +1368,28 @@ def create_app(engine: Engine) -> Flask:
         log.exception("unexpected error")
         return jsonify(error="internal error; the server log has the details"), 500
 
+    # One slot for each request the engine may hold (running or waiting). A stream keeps its slot until the
+    # client has read it or is dropped (SEND_TIMEOUT), so clients that stop reading cannot take the threads
+    # that answer everything else: a request past the slots gets its 503 from those. (A single answer is
+    # handed to waitress whole, and a thread waits on its reader only past 4 MB unsent, up to SEND_TIMEOUT.)
+    generation_slots = threading.BoundedSemaphore(settings.max_queue + 1)
+
     @app.post("/generate")
     def generate_route():
+        if not generation_slots.acquire(blocking=False):
+            raise engine.busy()
+        try:
+            response = generate_answer()
+        except BaseException:
+            generation_slots.release()
+            raise
+        if response.is_streamed:
+            response.response = release_after(response.response, generation_slots.release)
+        else:
+            generation_slots.release()
+        return response
+
+    def generate_answer() -> Response:
         # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
         client_gone = request.environ.get("waitress.client_disconnected")
         job = engine.submit(parse_request(read_json_body(), engine.settings.max_size), client_gone)
@@ -1380,26 +1414,117 @@ def create_app(engine: Engine) -> Flask:
 
 
 # ---------------------------------------------------------------------------------------------
-# Main
+# The HTTP server: waitress, with deadlines so that slow or silent clients cannot hold it
 # ---------------------------------------------------------------------------------------------
+
+CONNECTION_LIMIT = 200  # open connections; more wait in the kernel's queue until one closes
+IDLE_TIMEOUT = 30  # seconds an idle kept-alive connection stays open
+REQUEST_TIMEOUT = 60  # seconds a client has to send its whole request: headers trickled byte by byte are dropped
+SEND_TIMEOUT = 60  # seconds an answer may wait for a client that does not read it, before the client is dropped
+# Unfinished request bodies are spooled to temporary files: all of them together may hold this much.
+UPLOADS_BUDGET = 4 * MAX_BODY_BYTES
+# Threads beyond one for each request the queue accepts: they answer other routes, 503s and errors at once.
+SPARE_THREADS = 3
+
+
+class Channel(HTTPChannel):
+    """A waitress connection with deadlines, a bound on what unfinished uploads hold, and half-closed clients
+    answered. waitress runs these methods on its one event-loop thread, and asks readable() every second."""
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.request_started = None  # when the first byte of the request being received came (time.time())
+        self.request_bytes = 0  # what that request holds so far, counted in server.uploads
+        self.stalled_since = time.time()  # since when an answer waits with nothing of it sent
+        self.half_closed = False  # the client sent its request, then shut down its side of the connection
+
+    def received(self, data):
+        if self.request_started is None:
+            self.request_started = time.time()
+        self.hold_upload(len(data))
+        if self.server.uploads > UPLOADS_BUDGET:
+            log.warning("dropped a client: unfinished uploads would hold over %d MiB", UPLOADS_BUDGET >> 20)
+            self.will_close = True
+            return False
+        done = super().received(data)
+        if self.request is None:  # no request is half received
+            self.hold_upload(-self.request_bytes)
+            self.request_started = None
+        return done
+
+    def hold_upload(self, size: int) -> None:
+        self.request_bytes += size
+        self.server.uploads = getattr(self.server, "uploads", 0) + size
+
+    def handle_read(self):
+        super().handle_read()
+        if self.connected and self.requests and self.request is None and self.peer_shut_down():
+            # `nc -N` and the like send the request, then shut their side (SHUT_WR), and read the answer: their
+            # FIN is already here when the request is. A client that leaves sends its FIN later, and is read as gone.
+            self.half_closed = True
+
+    def peer_shut_down(self) -> bool:
+        """Whether the client's end of stream (FIN) is waiting right behind its request."""
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except OSError:  # nothing waiting (EAGAIN), or the connection is broken
+            return False
+
+    def readable(self):
+        now = time.time()  # the clock of waitress's last_activity
+        if self.will_close:
+            return False
+        if self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
+            log.warning("dropped a client that took over %d s to send its request", REQUEST_TIMEOUT)
+            self.will_close = True
+        if not self.total_outbufs_len or self.last_activity > self.stalled_since:
+            self.stalled_since = now  # nothing to send, or something was sent since the last look
+        elif now - self.stalled_since > SEND_TIMEOUT:
+            log.warning("dropped a client that read nothing of its answer for %d s", SEND_TIMEOUT)
+            self.will_close = True
+        if self.half_closed and not self.requests:
+            self.close_when_flushed = True  # it is answered, and can send nothing more
+        return not self.half_closed and super().readable()
+
+    def handle_close(self):
+        self.hold_upload(-self.request_bytes)
+        self.request_bytes = 0
+        super().handle_close()
 
 
 def create_server(engine: Engine, host: str, port: int):
     """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
     import waitress  # only the server needs it
 
-    return waitress.create_server(
+    server = waitress.create_server(
         create_app(engine),
         host=host,
         port=port,
-        # A thread for each waiting request, the running one, and a few to answer 503s and errors at once.
-        threads=engine.settings.max_queue + 4,
+        # A thread for each waiting request and the running one (see generation_slots), and spares.
+        threads=engine.settings.max_queue + 1 + SPARE_THREADS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
-        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413, but only once waitress has received them;
-        # this backstop has waitress refuse far larger ones from their Content-Length, unread.
-        max_request_body_size=2 * MAX_BODY_BYTES,
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=IDLE_TIMEOUT,
+        cleanup_interval=5,  # how often idle connections are looked for
+        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413; waitress refuses larger ones from their
+        # Content-Length, unread (with a margin for a body that is just over, to get Flask's clearer answer).
+        max_request_body_size=MAX_BODY_BYTES + 2**20,
+        max_request_header_size=64 * 2**10,
+        # An answer waits in memory or a spool file until the client reads it; past 4 MB unsent, the thread
+        # writing it waits too, until SEND_TIMEOUT drops the client.
+        outbuf_high_watermark=4 * 2**20,
     )
+    # waitress makes one server per address a name resolves to ("localhost": 127.0.0.1 and ::1).
+    for each in [server, *getattr(server, "map", {}).values()]:
+        if hasattr(each, "channel_class"):
+            each.channel_class = Channel
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:

@@ -346,3 +346,105 @@ def test_a_client_that_leaves_in_the_middle_of_a_step_stops_it_there_and_the_nex
         first.remove()
         later.remove()
     assert post(url, {**body, "stream": 0}).json()["img"] == before
+
+
+# ---- 4. readers that stop reading; 5. slow senders; 11. half-closed clients
+
+
+def open_request(url, body: dict, receive_buffer: int | None = None) -> socket.socket:
+    """Sends a /generate request on a socket of its own and returns the socket, unread."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.socket()
+    if receive_buffer is not None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    connection.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    connection.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return connection
+
+
+def answered(connection: socket.socket) -> bool:
+    """Whether an answer has begun to arrive on the connection; reads none of it."""
+    try:
+        return bool(connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def test_streams_nobody_reads_cannot_freeze_the_server_and_are_dropped_after_the_send_timeout(
+    make_engine, serve, monkeypatch
+):
+    monkeypatch.setattr(imagine, "SEND_TIMEOUT", 2)
+    engine = make_engine(model="demo", max_queue=0)  # 4 threads: one generation slot and 3 spares
+    url = serve(engine)
+    # Full previews of 512x512 noise: about 1 MB a line, far more than the socket buffers and waitress hold.
+    body = {"prompt": "x", "width": 512, "height": 512, "num_steps": 16, "stream": 1, "preview": "full", "seed": 1}
+    silent = []
+    try:
+        for _ in range(4):  # as many as waitress has threads
+            silent.append(open_request(url, body, receive_buffer=4096))
+            generated_or_refused = lambda: answered(silent[-1]) and engine.unfinished == 0  # noqa: E731, B023
+            wait_until(generated_or_refused, "it is generated or refused", timeout=300)
+        assert requests.get(f"{url}/samplers", timeout=30).status_code == 200
+        wait_until(lambda: post(url, {"prompt": "x", **FAST}).status_code == 200, "the silent readers are dropped")
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def test_a_client_that_sends_its_headers_byte_by_byte_is_dropped_after_the_request_timeout(live_server, monkeypatch):
+    monkeypatch.setattr(imagine, "REQUEST_TIMEOUT", 1)
+    host, port = live_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.setblocking(False)
+        dropped = []
+
+        def trickle_until_dropped():
+            try:
+                connection.send(b"X")
+                dropped.append(connection.recv(100) == b"")
+            except BlockingIOError:  # connected, nothing to read yet
+                return False
+            except OSError:  # reset
+                dropped.append(True)
+            return bool(dropped)
+
+        connection.send(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        wait_until(trickle_until_dropped, "the server drops the slow client", timeout=30)
+    assert post(live_server, {"prompt": "x", **FAST}).status_code == 200
+
+
+def test_unfinished_uploads_cannot_hold_more_than_their_budget(live_server, monkeypatch):
+    monkeypatch.setattr(imagine, "UPLOADS_BUDGET", 2 * 2**20)
+    host, port = live_server.removeprefix("http://").split(":")
+    head = b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: 3000000\r\n\r\n"
+    first, second = (socket.create_connection((host, int(port)), timeout=30) for _ in range(2))
+    try:
+        first.sendall(head + b" " * 1_500_000)
+        second.settimeout(30)
+        with pytest.raises(OSError):  # dropped: the write fails, or the read finds the connection closed
+            for _ in range(100):
+                second.sendall(b" " * 100_000)
+            assert second.recv(100) != b""
+        assert post(live_server, {"prompt": "x", **FAST}).status_code == 200  # small requests still pass
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_client_that_shuts_down_its_sending_side_still_gets_its_answer(live_server):
+    """As `nc -N` does: the request, then shutdown(SHUT_WR), then read until the server closes."""
+    connection = open_request(live_server, {"prompt": "x", **FAST})
+    with connection:
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(120)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["seed"] == 42

@@ -213,6 +213,7 @@ def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_
     gate = Gate(monkeypatch)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
+    wait_until(lambda: gate.steps, "the running request is held after its first step")
     engine.stop()
     gate.open()
     running.join()
