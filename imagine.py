@@ -32,6 +32,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -53,6 +54,16 @@ MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+# A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
+# far beyond any prompt people write, and bounds the work (a 10 MB prompt took 80 s and 4 GB).
+MAX_PROMPT_CHARS = 16_000
+# What parsing a body may cost: a /generate body is one flat object with a few dozen of the marks that make
+# values ([, { and ,), and two prompts full of them stay far below this. Counting them is cheap; parsing
+# 63 MB of nested empty objects took 1.7 GB.
+MAX_JSON_MARKS = 50_000
+# Picture formats an input image may have: what cameras, browsers and editors save. Pillow knows many
+# more (EPS runs Ghostscript on the data, others are rare codecs); those are refused, unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 @dataclasses.dataclass
@@ -219,6 +230,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from waitress.channel import HTTPChannel
 from werkzeug.exceptions import HTTPException
 
 # The libraries' notices (safety checker disabled, dtype casts, torchsde's float rounding) say
@@ -400,6 +412,7 @@ class LoadedModel:
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
+    cancelled: object = None  # while a job runs, its cancelled(): checked at the cancel points (add_cancel_points)
 
 
 class Models:
@@ -426,7 +439,9 @@ class Models:
             raise ImagineError("model must not contain a NUL byte")
         models_dir = self.settings.models_dir.expanduser().resolve()
         in_dir = models_dir / name  # an absolute name replaces models_dir here; the check below catches it
-        candidates = [in_dir, *(in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES)]
+        # A name such as "/" leaves no file name to add a suffix to (with_name would raise ValueError).
+        suffixed = [in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES] if in_dir.name else []
+        candidates = [in_dir, *suffixed]
         if configured:
             candidates.append(Path(name).expanduser())
         for candidate in candidates:
@@ -454,13 +469,43 @@ class Models:
         # Check the model before unloading another for it: a request for a file that cannot load
         # must not cost the next request a reload of the model it evicted.
         family = self.family_of(key)
+        evicted = []
         while len(self.loaded) >= self.settings.max_loaded:
-            self.unload(next(iter(self.loaded)))
+            evicted.append(next(iter(self.loaded)))
+            self.unload(evicted[-1])
         started = time.perf_counter()
-        model = self.load(key, family)
+        try:
+            model = self.load_or_refuse(key, family)
+        except ImagineError:
+            # The memory is freed before loading (two large models may not fit), so a model that fails
+            # to load puts back the ones it evicted: the next request finds them as they were.
+            for each in evicted:
+                self.reload(each)
+            raise
         log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
         self.loaded[key] = model
         return model
+
+    def load_or_refuse(self, key: str, family: Family) -> LoadedModel:
+        """load(), with a model whose files are missing or damaged refused in words that name no server path."""
+        try:
+            return self.load(key, family)
+        except (ImagineError, torch.OutOfMemoryError):
+            raise
+        except Exception as error:
+            log.exception("cannot load %s", key)
+            raise ImagineError(
+                f"the model cannot be loaded: its files are incomplete or damaged ({type(error).__name__}); "
+                "the server log has the details",
+                422,
+            ) from None
+
+    def reload(self, key: str) -> None:
+        try:
+            self.loaded[key] = self.load(key, self.family_of(key))
+            log.info("reloaded %s", self.loaded[key].name)
+        except Exception:
+            log.exception("cannot reload %s", key)
 
     def unload(self, key: str) -> None:
         log.info("unloading %s", self.loaded.pop(key).name)
@@ -474,8 +519,7 @@ class Models:
         if key == DEMO_MODEL or not path.exists():  # the demo, or a hub repo id (downloads allowed)
             return FAMILIES["sd1"]
         if path.is_dir():
-            index = path / "model_index.json"
-            class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+            class_name = pipeline_class_name(path)
             family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
             if family is None:
                 raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
@@ -507,9 +551,11 @@ class Models:
         img2img = family.img2img(**pipe.components)
         for each in (pipe, img2img):
             each.set_progress_bar_config(disable=True)
-        return LoadedModel(
+        model = LoadedModel(
             path.stem if path.is_file() else path.name, family, pipe, img2img, dict(pipe.scheduler.config)
         )
+        add_cancel_points(model)
+        return model
 
     def speed_up_unet(self, pipe) -> None:
         """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
@@ -528,6 +574,37 @@ class Models:
             return family.txt2img.from_pretrained(repo_id, torch_dtype=self.dtype)
         except (OSError, ValueError) as error:
             raise ImagineError(f"model {repo_id!r} could not be downloaded: {error}", 502) from error
+
+
+def pipeline_class_name(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names, or None where it names none readably."""
+    try:
+        index = json.loads((folder / "model_index.json").read_bytes())
+    except (OSError, ValueError, RecursionError):  # missing, not JSON, not UTF-8
+        return None
+    return index.get("_class_name") if isinstance(index, dict) else None
+
+
+# Modules before which a generation checks whether it was cancelled: every ResNet block, attention and
+# feed-forward layer of the UNet and VAE, and every text-encoder layer. A step of SD1.5 at 512x512 runs
+# about 100 of them, so a cancel takes effect within a small part of a step rather than at its end.
+CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer")
+
+
+def add_cancel_points(model: LoadedModel) -> None:
+    """Makes each cancel point raise Cancelled once `model.cancelled()` says so. The hooks raise before a
+    module runs and no module keeps state between calls, so nothing is left half-changed for the next run."""
+
+    def stop_if_cancelled(module, args):
+        if model.cancelled is not None and model.cancelled():
+            raise Cancelled
+
+    for component in model.txt2img.components.values():
+        # A compiled UNet (--compile) is traced whole (fullgraph); a hook that may raise would break that.
+        if isinstance(component, torch.nn.Module) and not hasattr(component, "_orig_mod"):
+            for module in component.modules():
+                if type(module).__name__ in CANCEL_POINTS:
+                    module.register_forward_pre_hook(stop_if_cancelled)
 
 
 def sd2_family(path: Path) -> Family:
@@ -550,6 +627,8 @@ def folder_sd2_family(path: Path) -> Family | None:
         scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
         return None  # diffusers itself will say what is missing
+    if not (isinstance(text_encoder, dict) and isinstance(scheduler, dict)):
+        return None
     if text_encoder.get("hidden_act") != "gelu":
         return None
     return FAMILIES["sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"]
@@ -769,10 +848,18 @@ def _number(body, field, default, low, high):
     return float(_in_range(field, _value(body, field, (int, float), "a number"), low, high))
 
 
-def _text(body, field, default):
+def _text(body, field, default, max_chars=None):
     if body.get(field) is None:
         return default
-    return _value(body, field, str, "a string")
+    text = _value(body, field, str, "a string")
+    if max_chars is not None and len(text) > max_chars:
+        raise ImagineError(f"{field} is {len(text)} characters long; at most {max_chars} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair ("\ud800"), which is no text
+        bad = text[error.start : error.end].encode("unicode_escape").decode()
+        raise ImagineError(f"{field} must be valid Unicode text, not a lone surrogate {bad}") from None
+    return text
 
 
 def _seed(body):
@@ -789,25 +876,32 @@ def _size(body, field, default, max_size):
     return size
 
 
-def decode_image(data: str) -> Image.Image:
-    """Accepts a data URI (`data:image/png;base64,...`) or bare base64 of any image Pillow reads."""
+def decode_image(data: str, field: str = "img") -> Image.Image:
+    """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
+    of a PNG, JPEG, WEBP, BMP or GIF (its first frame); `field` names the request field in errors."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if not header.endswith(";base64"):
-            raise ImagineError("img must be a base64 data URI (data:image/...;base64,...)")
+            raise ImagineError(f"{field} must be a base64 data URI (data:image/...;base64,...)")
     try:
         # Line breaks are allowed: `base64` wraps its output at 76 columns.
-        image = Image.open(io.BytesIO(base64.b64decode("".join(data.split()), validate=True)))
-        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
-            raise ImagineError(f"img is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted")
-        image.load()
+        raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ImagineError("img is not valid base64") from None
+        raise ImagineError(f"{field} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
+            raise ImagineError(f"{field} is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted")
+        image.load()
+        return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise ImagineError("img has too many pixels to be decoded safely") from None
-    except (UnidentifiedImageError, OSError):
-        raise ImagineError("img is not an image Pillow can read") from None
-    return image.convert("RGB")
+        raise ImagineError(f"{field} has too many pixels to be decoded safely") from None
+    except UnidentifiedImageError:
+        raise ImagineError(f"{field} is not a picture in a format accepted: {', '.join(IMAGE_FORMATS)}") from None
+    except ImagineError:
+        raise
+    except Exception:  # a damaged file: Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error...
+        raise ImagineError(f"{field} is a damaged picture that cannot be decoded") from None
 
 
 def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
@@ -820,6 +914,8 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     if body.get("model") == "":
         raise ImagineError("model must name a model, not be empty; leave it out for the default")
     defaults = GenerationRequest(prompt="")
+    # The texts first: they are cheap to check, and an image is costly to decode.
+    prompt, neg = _text(body, "prompt", "", MAX_PROMPT_CHARS), _text(body, "neg", defaults.neg, MAX_PROMPT_CHARS)
     img = None
     if body.get("img") is not None:
         img = decode_image(_text(body, "img", None))
@@ -840,7 +936,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     if preview not in PREVIEW_MODES:
         raise ImagineError(f"preview must be one of: {', '.join(PREVIEW_MODES)}, not {preview!r}")
     parsed = GenerationRequest(
-        prompt=_text(body, "prompt", ""),
+        prompt=prompt,
         model=_text(body, "model", None),
         width=width,
         height=height,
@@ -848,7 +944,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
         seed=_seed(body),
-        neg=_text(body, "neg", defaults.neg),
+        neg=neg,
         img=img,
         strength=_number(body, "strength", defaults.strength, 0.0, 1.0),
         stream=_integer(body, "stream", 0, 0, MAX_STEPS),
@@ -992,7 +1088,7 @@ class Failed:
 
 
 class Cancelled(Exception):
-    """Raised from the step callback to stop a generation at once; diffusers then skips the VAE decode too."""
+    """Raised from the step callback or a cancel point inside a step (add_cancel_points) to stop a generation."""
 
 
 class Job:
@@ -1040,6 +1136,7 @@ class Engine:
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
         self.running = None  # the job generating now
+        self.unfinished = 0  # jobs accepted and not yet done: the running one and those waiting
         self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
     def submit(self, req: GenerationRequest, client_gone=None) -> Job:
@@ -1050,18 +1147,27 @@ class Engine:
         with self.accepting:
             if self.stopping:
                 raise ImagineError("the server is shutting down", 503)
-            waiting = self.jobs.qsize()
-            if waiting >= self.settings.max_queue:
-                # Every waiting job and the running one are ahead: a rough but honest estimate.
-                retry_after = max(1, math.ceil(self.last_seconds * (waiting + 1)))
-                raise ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
+            if self.unfinished > self.settings.max_queue:  # one runs and max_queue wait: no room
+                raise self.busy()
+            self.unfinished += 1
             self.jobs.put(job)
         return job
+
+    def busy(self) -> ImagineError:
+        """The 503 for a request that finds no room."""
+        # Every waiting job and the running one are ahead: a rough but honest estimate.
+        retry_after = max(1, math.ceil(self.last_seconds * max(self.unfinished, 1)))
+        waiting = max(self.unfinished - 1, 0)
+        return ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
 
     def run_forever(self) -> None:
         """Runs jobs until stop() is called."""
         while (job := self.jobs.get()) is not None:
-            self.run(job)
+            try:
+                self.run(job)
+            finally:
+                with self.accepting:
+                    self.unfinished -= 1
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)
@@ -1107,7 +1213,11 @@ class Engine:
                 if req.stream and step % req.stream == 0 and step < steps:
                     job.events.put(Preview(step, steps, preview_image(model, req, latents)))
 
-            image = generate(model, req, on_step)
+            model.cancelled = job.cancelled
+            try:
+                image = generate(model, req, on_step)
+            finally:
+                model.cancelled = None
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
@@ -1172,17 +1282,41 @@ def stream_lines(job: Job, events):
                 yield ndjson({**finished_fields(event), "done": True})
             elif isinstance(event, Failed):
                 yield ndjson({"error": event.error.message, "done": True})
+    except Exception:  # the status line is sent: a failure can only be told as the stream's last line
+        log.exception("the stream failed")
+        yield ndjson({"error": "internal error; the server log has the details", "done": True})
     finally:
         job.cancel(ImagineError("the client disconnected", 499))
+
+
+def release_after(chunks, release):
+    """A body's chunks, then `release()`: once all are sent, or once the server gives up on the client."""
+    try:
+        yield from chunks
+    finally:
+        release()
 
 
 def read_json_body() -> dict:
     if not request.is_json:
         raise ImagineError("send a JSON body with Content-Type: application/json", 415)
-    body = request.get_json(silent=True)
+    body = parse_json(request.get_data(cache=False))
     if not isinstance(body, dict):
         raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}')
     return body
+
+
+def parse_json(raw: bytes):
+    """The parsed body, or None if it is not JSON; one that would cost too much to parse is refused unparsed."""
+    marks = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if marks > MAX_JSON_MARKS:
+        raise ImagineError(f"the body has {marks} brackets and commas; at most {MAX_JSON_MARKS} are accepted")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ImagineError("the body's JSON is nested too deeply") from None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
 
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -1206,7 +1340,8 @@ def check_who_is_calling(settings: Settings) -> None:
     """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
     # host name. A server listening on loopback only ever has a local name; anything else is such a page.
-    host = host_name(request.host.lower())
+    # The raw header: werkzeug's request.host reads a name it finds invalid ("a_b.evil.com") as empty.
+    host = host_name(request.headers.get("Host", "").strip().lower())
     if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
         raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
     # A browser tells every cross-site request's origin; only the origins the user listed may call.
@@ -1218,8 +1353,11 @@ def check_who_is_calling(settings: Settings) -> None:
         return
     if settings.api_key:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
+        # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
+        sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
         # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key):
             raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
 
 
@@ -1307,8 +1445,28 @@ def create_app(engine: Engine) -> Flask:
         log.exception("unexpected error")
         return jsonify(error="internal error; the server log has the details"), 500
 
+    # One slot for each request the engine may hold (running or waiting). A stream keeps its slot until the
+    # client has read it or is dropped (SEND_TIMEOUT), so clients that stop reading cannot take the threads
+    # that answer everything else: a request past the slots gets its 503 from those. (A single answer is
+    # handed to waitress whole, and a thread waits on its reader only past 4 MB unsent, up to SEND_TIMEOUT.)
+    generation_slots = threading.BoundedSemaphore(settings.max_queue + 1)
+
     @app.post("/generate")
     def generate_route():
+        if not generation_slots.acquire(blocking=False):
+            raise engine.busy()
+        try:
+            response = generate_answer()
+        except BaseException:
+            generation_slots.release()
+            raise
+        if response.is_streamed:
+            response.response = release_after(response.response, generation_slots.release)
+        else:
+            generation_slots.release()
+        return response
+
+    def generate_answer() -> Response:
         # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
         client_gone = request.environ.get("waitress.client_disconnected")
         job = engine.submit(parse_request(read_json_body(), engine.settings.max_size), client_gone)
@@ -1338,26 +1496,117 @@ def create_app(engine: Engine) -> Flask:
 
 
 # ---------------------------------------------------------------------------------------------
-# Main
+# The HTTP server: waitress, with deadlines so that slow or silent clients cannot hold it
 # ---------------------------------------------------------------------------------------------
+
+CONNECTION_LIMIT = 200  # open connections; more wait in the kernel's queue until one closes
+IDLE_TIMEOUT = 30  # seconds an idle kept-alive connection stays open
+REQUEST_TIMEOUT = 60  # seconds a client has to send its whole request: headers trickled byte by byte are dropped
+SEND_TIMEOUT = 60  # seconds an answer may wait for a client that does not read it, before the client is dropped
+# Unfinished request bodies are spooled to temporary files: all of them together may hold this much.
+UPLOADS_BUDGET = 4 * MAX_BODY_BYTES
+# Threads beyond one for each request the queue accepts: they answer other routes, 503s and errors at once.
+SPARE_THREADS = 3
+
+
+class Channel(HTTPChannel):
+    """A waitress connection with deadlines, a bound on what unfinished uploads hold, and half-closed clients
+    answered. waitress runs these methods on its one event-loop thread, and asks readable() every second."""
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.request_started = None  # when the first byte of the request being received came (time.time())
+        self.request_bytes = 0  # what that request holds so far, counted in server.uploads
+        self.stalled_since = time.time()  # since when an answer waits with nothing of it sent
+        self.half_closed = False  # the client sent its request, then shut down its side of the connection
+
+    def received(self, data):
+        if self.request_started is None:
+            self.request_started = time.time()
+        self.hold_upload(len(data))
+        if self.server.uploads > UPLOADS_BUDGET:
+            log.warning("dropped a client: unfinished uploads would hold over %d MiB", UPLOADS_BUDGET >> 20)
+            self.will_close = True
+            return False
+        done = super().received(data)
+        if self.request is None:  # no request is half received
+            self.hold_upload(-self.request_bytes)
+            self.request_started = None
+        return done
+
+    def hold_upload(self, size: int) -> None:
+        self.request_bytes += size
+        self.server.uploads = getattr(self.server, "uploads", 0) + size
+
+    def handle_read(self):
+        super().handle_read()
+        if self.connected and self.requests and self.request is None and self.peer_shut_down():
+            # `nc -N` and the like send the request, then shut their side (SHUT_WR), and read the answer: their
+            # FIN is already here when the request is. A client that leaves sends its FIN later, and is read as gone.
+            self.half_closed = True
+
+    def peer_shut_down(self) -> bool:
+        """Whether the client's end of stream (FIN) is waiting right behind its request."""
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except OSError:  # nothing waiting (EAGAIN), or the connection is broken
+            return False
+
+    def readable(self):
+        now = time.time()  # the clock of waitress's last_activity
+        if self.will_close:
+            return False
+        if self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
+            log.warning("dropped a client that took over %d s to send its request", REQUEST_TIMEOUT)
+            self.will_close = True
+        if not self.total_outbufs_len or self.last_activity > self.stalled_since:
+            self.stalled_since = now  # nothing to send, or something was sent since the last look
+        elif now - self.stalled_since > SEND_TIMEOUT:
+            log.warning("dropped a client that read nothing of its answer for %d s", SEND_TIMEOUT)
+            self.will_close = True
+        if self.half_closed and not self.requests:
+            self.close_when_flushed = True  # it is answered, and can send nothing more
+        return not self.half_closed and super().readable()
+
+    def handle_close(self):
+        self.hold_upload(-self.request_bytes)
+        self.request_bytes = 0
+        super().handle_close()
 
 
 def create_server(engine: Engine, host: str, port: int):
     """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
     import waitress  # only the server needs it
 
-    return waitress.create_server(
+    server = waitress.create_server(
         create_app(engine),
         host=host,
         port=port,
-        # A thread for each waiting request, the running one, and a few to answer 503s and errors at once.
-        threads=engine.settings.max_queue + 4,
+        # A thread for each waiting request and the running one (see generation_slots), and spares.
+        threads=engine.settings.max_queue + 1 + SPARE_THREADS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
-        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413, but only once waitress has received them;
-        # this backstop has waitress refuse far larger ones from their Content-Length, unread.
-        max_request_body_size=2 * MAX_BODY_BYTES,
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=IDLE_TIMEOUT,
+        cleanup_interval=5,  # how often idle connections are looked for
+        # Flask answers bodies over MAX_BODY_BYTES with a JSON 413; waitress refuses larger ones from their
+        # Content-Length, unread (with a margin for a body that is just over, to get Flask's clearer answer).
+        max_request_body_size=MAX_BODY_BYTES + 2**20,
+        max_request_header_size=64 * 2**10,
+        # An answer waits in memory or a spool file until the client reads it; past 4 MB unsent, the thread
+        # writing it waits too, until SEND_TIMEOUT drops the client.
+        outbuf_high_watermark=4 * 2**20,
     )
+    # waitress makes one server per address a name resolves to ("localhost": 127.0.0.1 and ::1).
+    for each in [server, *getattr(server, "map", {}).values()]:
+        if hasattr(each, "channel_class"):
+            each.channel_class = Channel
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
 
 
 def check_default_model(engine: Engine) -> None:

@@ -3,6 +3,7 @@
 
     python bench/bench.py --quick                      # builds a random-weight SD1.5 checkpoint first (2 GB)
     python bench/bench.py --checkpoint sd15.safetensors
+    python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
 as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
@@ -13,6 +14,7 @@ a busy machine slows them alike; the table gives medians with the spread (min-ma
 
 import argparse
 import gc
+import http.client
 import json
 import re
 import socket
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=512, help="width and height (default 512)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per generation (default 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (default 5)")
+    parser.add_argument(
+        "--cancel", action="store_true", help="only measure the time from a client leaving to the next request starting"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.repeats = 256, 8, 5
@@ -108,7 +113,9 @@ class Server:
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{port}/generate"
         self.log = []
+        self.log_times = []  # when each line of self.log arrived (time.perf_counter)
         for line in self.process.stderr:
+            self.log_times.append(time.perf_counter())
             self.log.append(line)
             if "listening on" in line:
                 break
@@ -118,6 +125,7 @@ class Server:
 
     def keep_log(self) -> None:
         for line in self.process.stderr:
+            self.log_times.append(time.perf_counter())
             self.log.append(line)
 
     def generate(self, size: int, steps: int, **fields) -> list:
@@ -127,6 +135,31 @@ class Server:
         request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=3600) as response:
             return [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
+
+    def stream_then_leave(self, size: int, steps: int, leave_after: float) -> tuple:
+        """Streams a generation, leaves `leave_after` of a step after the first preview, and posts the next request
+        at once; returns the seconds of a step and those from leaving to the next request starting."""
+        host, port = self.url.removeprefix("http://").split("/")[0].split(":")
+        body = {"prompt": PROMPT, "neg": NEG, "width": size, "height": size, "num_steps": steps, "stream": 1}
+        connection = http.client.HTTPConnection(host, int(port), timeout=3600)
+        connection.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.readline()
+        first = time.perf_counter()
+        response.readline()
+        step = time.perf_counter() - first
+        time.sleep(leave_after * step)
+        lines = len(self.log)
+        left = time.perf_counter()
+        response.close()
+        connection.close()
+        after = threading.Thread(target=self.generate, args=(size, 1))
+        after.start()
+        while not (starting := [i for i in range(lines, len(self.log)) if "generating" in self.log[i]]):
+            time.sleep(0.005)
+        starts = self.log_times[starting[0]]
+        after.join()
+        return step, starts - left
 
     def rss_bytes(self) -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -191,6 +224,22 @@ def measure_loads(checkpoint: Path, dtype: torch.dtype, repeats: int) -> tuple:
     return times["imagine load"], times["diffusers load"]
 
 
+def measure_cancel(checkpoint: Path, size: int, steps: int, repeats: int) -> None:
+    """Prints how soon a generation whose client left makes way for the next request: the client leaves at a
+    point spread evenly across a step, and the time runs until the server logs the next request generating."""
+    server = Server(checkpoint, "16")
+    try:
+        server.generate(size, 1)  # loads the model
+        results = [server.stream_then_leave(size, steps, (r + 0.5) / repeats) for r in range(repeats)]
+    finally:
+        server.stop()
+    steps_seconds, waits = [step for step, _ in results], [wait for _, wait in results]
+    for r, (step, wait) in enumerate(results):
+        print(f"  left {(r + 0.5) / repeats:.0%} into a step of {step:.2f} s: next started {wait:.2f} s later")
+    print(f"\ncancel at {size}x{size}: the next request starts {spread(waits)} after the client leaves;")
+    print(f"a step takes {spread(steps_seconds)} ({repeats} runs)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = args.checkpoint or args.workdir / "sd15-random.safetensors"
@@ -206,6 +255,9 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if bf16_feature else torch.float32
     bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     size, steps, repeats = args.size, args.steps, args.repeats
+    if args.cancel:
+        measure_cancel(checkpoint, size, steps, repeats)
+        return
     print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
     rows = []
 

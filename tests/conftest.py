@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,18 @@ def serving(engine):
         server.task_dispatcher.shutdown()
         server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the listener, connections, pipe
         loop.join(timeout=30)
+
+
+def wait_until(condition, what, timeout=60):
+    """Polls for a state change the test caused; the timeout only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def serve():
+    """Serves engines through imagine.create_server (waitress, as in production); yields a URL maker."""
+    with contextlib.ExitStack() as servers:
+        yield lambda engine: servers.enter_context(serving(engine))

@@ -1,5 +1,6 @@
 """Generated and malformed bodies never get a 5xx; many concurrent clients on loopback all get their answers."""
 
+import base64
 import json
 import string
 import threading
@@ -26,7 +27,13 @@ FIELDS = sorted(imagine.REQUEST_FIELDS) + ["negative_prompt", "", "\0", "model\0
 NEAR_VALID = st.sampled_from(
     [64, 72, 0, -8, 2**31, 1.0, 0.5, "64", "euler a", "DPM++ 2M", "demo", "../demo", "/etc/passwd", "a\0b", ""]
 )
-BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES | NEAR_VALID, max_size=6)
+# Lone surrogates (valid JSON escapes, invalid text) and pictures in formats that are refused unread.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+TIFF = b"II*\x00\x08\x00\x00\x00" + b"\x00" * 32
+HOSTILE = st.sampled_from(
+    ["\ud800", "a\udfffb", "\udc00\ud800", base64.b64encode(EPS).decode(), base64.b64encode(TIFF).decode()]
+)
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES | NEAR_VALID | HOSTILE, max_size=6)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +68,14 @@ def test_generated_bodies_never_get_a_server_error(fuzz_client, body, prompt):
 )
 def test_malformed_bodies_never_get_a_server_error(fuzz_client, data, content_type):
     assert_a_clear_answer(fuzz_client.post("/generate", data=data, content_type=content_type))
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(min_value=1, max_value=60_000), opener=st.sampled_from(["[", '{"a":']))
+def test_deeply_nested_bodies_never_get_a_server_error(fuzz_client, depth, opener):
+    closer = "]" if opener == "[" else "}"
+    data = '{"prompt": "x", "n": ' + opener * depth + "1" + closer * depth + "}"
+    assert_a_clear_answer(fuzz_client.post("/generate", data=data, content_type="application/json"))
 
 
 def test_the_server_still_draws_after_the_fuzzing(fuzz_client):

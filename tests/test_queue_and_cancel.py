@@ -1,38 +1,21 @@
 """One generation at a time, a bounded queue, cancelling when the client leaves, failures and SIGTERM contained."""
 
-import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port, read_log_until_listening, serving
+from conftest import FAST, free_port, read_log_until_listening, wait_until
 
 import imagine
 
 ROOT = Path(imagine.__file__).resolve().parent
-
-
-def wait_until(condition, what, timeout=60):
-    """Polls for a state change the test caused; the timeout only bounds a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def serve():
-    """Serves an engine through imagine.create_server (waitress, as in production); yields a URL maker."""
-    with contextlib.ExitStack() as servers:
-        yield lambda engine: servers.enter_context(serving(engine))
 
 
 class Gate:
@@ -230,6 +213,7 @@ def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_
     gate = Gate(monkeypatch)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
+    wait_until(lambda: gate.steps, "the running request is held after its first step")
     engine.stop()
     gate.open()
     running.join()

@@ -65,3 +65,14 @@ def test_systemd_analyze_security_rates_the_sandbox_ok():
     exposure = re.search(r"Overall exposure level for imagine.service: ([\d.]+) (\w+)", result.stdout)
     assert exposure, result.stdout[-2000:]
     assert float(exposure[1]) < 5.0 and exposure[2] == "OK"
+
+
+# Groups every stock install has: Debian's and Ubuntu's base-passwd and Fedora's setup package create them.
+GROUPS_ON_EVERY_DISTRIBUTION = {"video", "audio", "disk", "tty", "users", "adm"}
+
+
+def test_the_service_names_only_groups_that_exist_on_a_stock_debian_ubuntu_or_fedora():
+    """systemd fails a unit whose SupplementaryGroups names a missing group (Debian has no `render`)."""
+    groups = {group for line in settings(UNIT.read_text(), "SupplementaryGroups") for group in line.split()}
+    assert groups <= GROUPS_ON_EVERY_DISTRIBUTION
+    assert "video" in groups  # /dev/dri stays reachable
