@@ -1503,6 +1503,9 @@ CONNECTION_LIMIT = 200  # open connections; more wait in the kernel's queue unti
 IDLE_TIMEOUT = 30  # seconds an idle kept-alive connection stays open
 REQUEST_TIMEOUT = 60  # seconds a client has to send its whole request: headers trickled byte by byte are dropped
 SEND_TIMEOUT = 60  # seconds an answer may wait for a client that does not read it, before the client is dropped
+# A client whose end of stream (FIN) comes this soon (seconds) after its request shut down only its sending side
+# (as `nc -N` does) and waits for the answer; one whose FIN comes later has left, and its generation is cancelled.
+HALF_CLOSE_GRACE = 2.0
 # Unfinished request bodies are spooled to temporary files: all of them together may hold this much.
 UPLOADS_BUDGET = 4 * MAX_BODY_BYTES
 # Threads beyond one for each request the queue accepts: they answer other routes, 503s and errors at once.
@@ -1539,11 +1542,13 @@ class Channel(HTTPChannel):
         self.server.uploads = getattr(self.server, "uploads", 0) + size
 
     def handle_read(self):
-        super().handle_read()
-        if self.connected and self.requests and self.request is None and self.peer_shut_down():
-            # `nc -N` and the like send the request, then shut their side (SHUT_WR), and read the answer: their
-            # FIN is already here when the request is. A client that leaves sends its FIN later, and is read as gone.
+        # TCP cannot tell a client that shut only its sending side (SHUT_WR, as `nc -N` does) from one that left:
+        # both send a FIN. A FIN right behind a whole request is read as the first, a later one as the second.
+        request_waits = self.requests and self.request is None
+        if request_waits and time.time() - self.last_activity < HALF_CLOSE_GRACE and self.peer_shut_down():
             self.half_closed = True
+            return
+        super().handle_read()
 
     def peer_shut_down(self) -> bool:
         """Whether the client's end of stream (FIN) is waiting right behind its request."""

@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -340,6 +341,8 @@ def test_a_client_that_leaves_in_the_middle_of_a_step_stops_it_there_and_the_nex
                 + data
             )
             assert reached.wait(60)
+            # A client that leaves right after its request is taken for one that only shut its sending side.
+            time.sleep(imagine.HALF_CLOSE_GRACE)
         wait_until(lambda: engine.running is None, "the generation stops")
         assert ran_after == []  # stopped before the next block, not at the end of the step
     finally:

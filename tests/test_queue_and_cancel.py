@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,7 @@ def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(
     wait_until(lambda: engine.running is not None, "the first request runs")
     connection = open_request(url, {"prompt": "x", **FAST, "seed": 2})
     wait_until(lambda: len(jobs) == 2, "the second request is queued")
+    time.sleep(imagine.HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
     connection.close()
     wait_until(lambda: jobs[1].client_gone(), "the server notices the client has gone")
     gate.open()
