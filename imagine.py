@@ -104,7 +104,7 @@ class Settings:
     device: str = "auto"
     fp_prec: str = "auto"
     model: str = DEMO_MODEL
-    models_dir: Path | str = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
+    models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
     max_loaded: int = 1
     allow_downloads: bool = False
     compile: bool = False
@@ -148,7 +148,8 @@ def parse_settings(argv=None) -> Settings:
     )
     parser.add_argument(
         "--models-dir",
-        default=env("MODELS_DIR", str(defaults.models_dir)),
+        type=Path,
+        default=env("MODELS_DIR", defaults.models_dir),
         help=f"where named models live: one folder, or several separated by {os.pathsep!r}, searched in order "
         "(IMAGINE_MODELS_DIR, default ~/.imagine/models)",
     )
@@ -213,7 +214,7 @@ def parse_settings(argv=None) -> Settings:
     if args.max_size < MIN_SIZE or args.max_size % 8:
         parser.error(f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}")
     origins = tuple(origin.strip().rstrip("/") for origin in args.cors_origins.split(",") if origin.strip())
-    return Settings(**{**vars(args), "cors_origins": origins})
+    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
 
 
 # ---------------------------------------------------------------------------------------------
