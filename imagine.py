@@ -533,15 +533,14 @@ class Models:
         """Every model a request can name, in the order the folders are searched: single files and diffusers
         folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
         folders = model_folders(self.settings.models_dir)
-        listed, seen = [], set()
+        listed = []
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
             real = real_path(path)
-            if real is None or real in seen or not is_model_entry(path, real):
+            if real is None or not is_model_entry(path, real):
                 continue
             name = model_name(folders, relative, real)
             if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
                 continue
-            seen.add(real)
             listed.append({"name": name, **self.describe(real), "loaded": str(real) in self.loaded})
         return listed
 
