@@ -1152,42 +1152,26 @@ def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.I
     The result is pasted back through the blurred mask after decoding, so every pixel outside it is the input's.
     """
     size = (req.width, req.height)
+
+    def paint(image, mask, strength=req.strength):
+        image, mask = image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
+        inputs = {"image": image, "mask_image": mask, "strength": strength, "width": req.width, "height": req.height}
+        return call_pipeline(model, model.inpaint, req, on_step, **inputs)
+
     if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
-        blank, white = Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255)
-        return call_pipeline(
-            model, model.inpaint, req, on_step, image=blank, mask_image=white, strength=1.0, **_wh(req)
-        )
+        return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
     if req.mask is None:  # an inpainting checkpoint's img2img: the whole picture may change
-        image = req.img.resize(size, Image.Resampling.LANCZOS)
-        white = Image.new("L", size, 255)
-        return call_pipeline(model, model.inpaint, req, on_step, image=image, mask_image=white, **_strength(req))
+        return paint(req.img, Image.new("L", req.img.size, 255))
     mask = req.mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else req.mask
     if req.inpaint_area == "masked":
         box = crop_box(mask, req.inpaint_padding, size)
         image, crop_mask = req.img.crop(box), mask.crop(box)
-        painted = call_pipeline(
-            model,
-            model.inpaint,
-            req,
-            on_step,
-            image=image.resize(size, Image.Resampling.LANCZOS),
-            mask_image=crop_mask.resize(size, Image.Resampling.LANCZOS),
-            **_strength(req),
-        )
+        painted = paint(image, crop_mask)
         result = req.img.copy()
         result.paste(painted.resize(image.size, Image.Resampling.LANCZOS), box[:2], crop_mask)
         return result
     image, mask = req.img.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
-    painted = call_pipeline(model, model.inpaint, req, on_step, image=image, mask_image=mask, **_strength(req))
-    return Image.composite(painted, image, mask)
-
-
-def _wh(req: GenerationRequest) -> dict:
-    return {"width": req.width, "height": req.height}
-
-
-def _strength(req: GenerationRequest) -> dict:
-    return {"strength": req.strength, **_wh(req)}
+    return Image.composite(paint(image, mask), image, mask)
 
 
 def crop_box(mask: Image.Image, padding: int, size: tuple) -> tuple:
