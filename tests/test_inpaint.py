@@ -2,6 +2,10 @@
 checkpoints (a 9-channel UNet) of SD1, SD2 and SDXL written in the original layout and loaded offline."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +246,24 @@ def test_a_folder_of_an_inpainting_model_is_recognised_too(tmp_path):
     config = tmp_path / "tiny" / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 9}))
     assert imagine.folder_family(tmp_path / "tiny").config == "sd1-inpaint"
+
+
+def test_cli_mask_inpaints_the_img_it_is_given(live_server, tmp_path):
+    img, mask = noise_picture(), square_mask()
+    img.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    cli = Path(__file__).resolve().parent.parent / "imagine-cli.py"
+    result = subprocess.run(
+        [sys.executable, str(cli), "a red ball", "--img", "in.png", "--mask", "mask.png", "-n", "4", "-o", "out.png"],
+        cwd=tmp_path,
+        env={**os.environ, "IMAGINE_SERVER": live_server},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.int16)
+    keep = untouched(mask, 4)
+    assert np.array_equal(out[keep], np.asarray(img, dtype=np.int16)[keep])
+    assert not np.array_equal(out[24:40, 24:40], np.asarray(img, dtype=np.int16)[24:40, 24:40])
+    assert "Mask blur: 4" in Image.open(tmp_path / "out.png").info["parameters"]
