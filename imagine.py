@@ -333,8 +333,12 @@ FAMILIES = {
         inpaint=StableDiffusionXLInpaintPipeline,
     ),
     # Inpainting checkpoints (a 9-channel UNet input): SD1.5-inpainting, SD2-inpainting (512, epsilon), SDXL-inpainting.
-    "sd1-inpaint": Family("SD 1.x inpainting", "sd1-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9),
-    "sd2-inpaint": Family("SD 2.x inpainting", "sd2-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9),
+    "sd1-inpaint": Family(
+        "Stable Diffusion 1.x inpainting", "sd1-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9
+    ),
+    "sd2-inpaint": Family(
+        "Stable Diffusion 2.x inpainting (512, epsilon)", "sd2-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9
+    ),
     "sdxl-inpaint": Family(
         "SDXL inpainting",
         "sdxl-inpaint",
