@@ -545,7 +545,11 @@ class Models:
             name = model_name(folders, relative, real)
             if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
                 continue
-            listed.append({"name": name, **self.describe(real), "loaded": str(real) in self.loaded})
+            try:
+                described = self.describe(real)
+            except OSError as error:  # e.g. a folder inside it that this server's user may not read
+                described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
+            listed.append({"name": name, **described, "loaded": str(real) in self.loaded})
         return listed
 
     def describe(self, real: Path) -> dict:

@@ -264,3 +264,20 @@ def test_cli_list_prints_the_servers_models_as_a_table(make_engine, listed_folde
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows["sd15/dreamshaper_8"][0] == "sd1" and rows["sd15/dreamshaper_8"][2] == "MB"
     assert rows["broken"][0] == "unreadable:"
+
+
+def test_a_model_the_server_may_not_read_is_listed_with_an_error_not_a_500(make_engine, listed_folders, monkeypatch):
+    """Tests run as root, whom file permissions do not stop, so the refusal is raised where the listing reads."""
+    engine = make_engine(models_dir=folders_setting(*listed_folders))
+    describe = engine.models.describe
+
+    def refuse_the_folder(real):
+        if real.name == "tiny-folder":
+            raise PermissionError(13, "Permission denied")
+        return describe(real)
+
+    monkeypatch.setattr(engine.models, "describe", refuse_the_folder)
+    response = imagine.create_app(engine).test_client().get("/models")
+    assert response.status_code == 200
+    [entry] = [model for model in response.get_json()["models"] if model["name"] == "tiny-folder"]
+    assert (entry["family"], entry["error"]) == (None, "cannot be read (Permission denied)")
