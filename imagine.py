@@ -1360,8 +1360,8 @@ class Engine:
             job.events.put(Started())
             last_step = 0
             pictures = []
-            # One picture after another, each as the single request with its seed would draw it: on a CPU a
-            # batched call is no faster (see the README's Performance section), and memory stays that of one.
+            # One picture after another: each is exactly what the single request with its seed draws, and memory
+            # stays that of one picture (the README's Performance section has a batched call measured against it).
             for index in range(req.n):
                 picture = dataclasses.replace(req, seed=req.seed + index)
 
