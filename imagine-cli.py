@@ -37,7 +37,7 @@ class CliError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
-    parser.add_argument("prompt", nargs="*", help="Prompt for model (the words are joined)")
+    parser.add_argument("prompt", nargs="+", help="Prompt for model (the words are joined)")
     parser.add_argument("-m", "--model", help="SD model: a name in the server's models directory, a path, or 'demo'")
     parser.add_argument("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
     parser.add_argument("-w", "--width", type=int, help="Output image width")
@@ -62,10 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE)")
     parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
-    args = parser.parse_args(argv)
-    if not args.prompt and not args.list:
-        parser.error("the following arguments are required: prompt")
-    return args
+    # --list needs no prompt; the prompt stays a required positional, as the spec has it, for everything else.
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--list", action="store_true")
+    listing.add_argument("--server")
+    known, _ = listing.parse_known_args(argv)
+    return known if known.list else parser.parse_args(argv)
 
 
 def request_body(args: argparse.Namespace) -> dict:
