@@ -29,7 +29,7 @@ def test_settings_default_to_a_local_server_on_port_5000(clean_environment):
     settings = imagine.parse_settings([])
     assert (settings.host, settings.port, settings.device, settings.fp_prec) == ("127.0.0.1", 5000, "auto", "auto")
     assert (settings.model, settings.max_loaded, settings.allow_downloads) == ("demo", 1, False)
-    assert imagine.model_folders(settings.models_dir) == [Path.home() / ".imagine" / "models"]
+    assert settings.models_dir == Path.home() / ".imagine" / "models"
 
 
 def test_every_setting_comes_from_its_environment_variable(clean_environment):
