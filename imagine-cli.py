@@ -78,12 +78,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default 0.8)"
     )
+    parser.add_argument("--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part")
+    parser.add_argument(
+        "-b", "--batch", type=int, metavar="N", help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png..."
+    )
+    parser.add_argument("--list", action="store_true", help="List the server's models and exit")
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
     parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
-    return parser.parse_args(argv)
+    # --list needs no prompt; the prompt stays a required positional, as the spec has it, for everything else.
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--list", action="store_true")
+    listing.add_argument("--server")
+    known, _ = listing.parse_known_args(argv)
+    return known if known.list else parser.parse_args(argv)
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -92,11 +102,14 @@ def request_body(args: argparse.Namespace) -> dict:
     for field in ("model", "width", "height", "num_steps", "guidance", "sampler", "seed", "neg", "strength"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
-    if args.img is not None:
-        try:
-            body["img"] = base64.b64encode(args.img.read_bytes()).decode("ascii")
-        except OSError as error:
-            raise CliError(f"cannot read the input image {args.img}: {error.strerror}") from None
+    if args.batch is not None:
+        body["n"] = args.batch
+    for field, path, what in (("img", args.img, "input image"), ("mask", args.mask, "mask")):
+        if path is not None:
+            try:
+                body[field] = base64.b64encode(path.read_bytes()).decode("ascii")
+            except OSError as error:
+                raise CliError(f"cannot read the {what} {path}: {error.strerror}") from None
     return body
 
 
@@ -132,12 +145,18 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(file.name, path)
 
 
-def save_updates(updates, output: Path, stream: int | None) -> int:
+def batch_paths(output: Path, count: int) -> tuple[list[Path], int]:
+    """name.png, name-2.png, name-3.png...: where the pictures of a batch go."""
+    return [output, *(output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(2, count + 1))]
+
+
+def save_updates(updates, output: Path, stream: int | None) -> tuple[list[Path], int]:
     """Shows progress on stderr (if it is a terminal) and writes the final picture to `output`, and
-    with `stream` N each preview of a step divisible by N before it; returns the picture's seed.
+    with `stream` N each preview of a step divisible by N before it.
 
     An update is a dict like a line of the server's stream: `step` and `steps` (progress), `png`
-    (bytes of a preview, or with `done` of the final picture), or `error`.
+    (bytes of a preview, or with `done` of the final picture, then `pngs` those of every picture), or `error`.
+    Returns the paths written (`output`, and for a batch name-2.png and on beside it) and the first seed.
     """
     # Every step is drawn: steps come seconds apart on most machines, and a short run should still show them.
     terminal = sys.stderr.isatty()
@@ -149,8 +168,11 @@ def save_updates(updates, output: Path, stream: int | None) -> int:
                 bar.total = update["steps"]
                 bar.update(update.get("step", bar.total) - bar.n)  # the final answer has no step: all done
             if update.get("done"):
-                write_atomically(output, update["png"])
-                return update["seed"]
+                pngs = update.get("pngs") or [update["png"]]
+                paths = batch_paths(output, len(pngs))
+                for path, png in zip(paths, pngs, strict=True):
+                    write_atomically(path, png)
+                return paths, update["seed"]
             if "png" in update and stream and update["step"] % stream == 0:
                 write_atomically(output, update["png"])
     raise CliError("the generation ended without a picture")
@@ -184,6 +206,8 @@ def remote_updates(server: str, body: dict):
         for answer in answers:
             if "img" in answer:
                 answer["png"] = base64.b64decode(answer.pop("img"))
+            if "images" in answer:
+                answer["pngs"] = [base64.b64decode(image) for image in answer.pop("images")]
             yield {"done": True, **answer}  # a plain answer is done; a stream line says whether it is
 
 
@@ -199,8 +223,9 @@ def error_message(response: requests.Response) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
-    """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the seed."""
+def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tuple[list[Path], int]:
+    """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the
+    paths written and the seed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
     try:
         import imagine  # torch and diffusers take seconds to import: only when generating here
@@ -211,7 +236,9 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
     try:
         settings = imagine.parse_settings(flags)
         engine = imagine.Engine(settings)
-        job = engine.submit(imagine.parse_request({**body, "stream": args.stream or 0}, settings.max_size))
+        job = engine.submit(
+            imagine.parse_request({**body, "stream": args.stream or 0}, settings.max_size, settings.max_batch)
+        )
     except imagine.ImagineError as error:
         raise CliError(error.message) from None
 
@@ -226,15 +253,16 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
                     "steps": event.steps,
                 }
             elif isinstance(event, imagine.Finished):
-                yield {"png": imagine.png_bytes(event.image, event.parameters), "seed": event.seed, "done": True}
+                pngs = [imagine.png_bytes(image, parameters) for image, parameters in event.pictures]
+                yield {"png": pngs[0], "pngs": pngs, "seed": event.seed, "done": True}
             elif isinstance(event, imagine.Failed):
                 yield {"error": event.error.message}
 
-    failures, seeds = [], []
+    failures, saved = [], []
 
     def save():
         try:
-            seeds.append(save_updates(updates(), output, args.stream))
+            saved.append(save_updates(updates(), output, args.stream))
         except (CliError, OSError) as error:
             failures.append(error)
 
@@ -244,7 +272,7 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
     saver.join()
     if failures:
         raise failures[0]
-    return seeds[0]
+    return saved[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,31 +280,58 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def report_seed(seed: int) -> None:
-    """On stderr, so that stdout stays the path alone: what repeats a picture someone likes."""
+def report_seed(saved: tuple[list[Path], int]) -> list[Path]:
+    """Tells the seed on stderr, so that stdout stays the paths alone: what repeats a picture someone likes."""
+    paths, seed = saved
     print(f"seed {seed}", file=sys.stderr)
+    return paths
 
 
-def run(args: argparse.Namespace) -> Path:
+def human_size(size: int) -> str:
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+def list_models(server: str) -> str:
+    """The server's GET /models as a table: name, family, size, loaded."""
+    try:
+        key = os.environ.get("IMAGINE_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = requests.get(f"{server.rstrip('/')}/models", headers=headers, timeout=(10, 60))
+    except requests.ConnectionError:
+        raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
+    except requests.RequestException as error:
+        raise CliError(f"cannot reach the server at {server}: {error}") from None
+    if response.status_code != 200:
+        raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+    rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
+    for model in response.json()["models"]:
+        family = model["family"] or f"unreadable: {model.get('error', '')}"
+        rows.append((model["name"], family, human_size(model["size"]), "yes" if model["loaded"] else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = (
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]]) for row in rows
+    )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
     body = request_body(args)
     if args.output is not None and not args.output.parent.is_dir():
         raise CliError(f"cannot write {args.output}: the folder {args.output.parent} does not exist")
     output = args.output or reserve_output(body["prompt"])
     try:
         if args.local:
-            report_seed(generate_locally(body, args, output))
-            return output
+            return report_seed(generate_locally(body, args, output))
         server = args.server or os.environ.get("IMAGINE_SERVER")
         if args.stream or sys.stderr.isatty():
             body["stream"] = 1  # every step's line carries the progress; previews are kept every --stream steps
         try:
-            report_seed(save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream))
+            return report_seed(save_updates(remote_updates(server or DEFAULT_SERVER, body), output, args.stream))
         except NoServer:
             if server:
                 raise
             print(f"imagine: no server at {DEFAULT_SERVER}; generating in this process", file=sys.stderr)
-            report_seed(generate_locally(body, args, output))
-        return output
+            return report_seed(generate_locally(body, args, output))
     except BaseException:
         if args.output is None:  # the name was ours: leave no empty or unfinished file behind
             output.unlink(missing_ok=True)
@@ -286,7 +341,10 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        print(run(args))
+        if args.list:
+            print(list_models(args.server or os.environ.get("IMAGINE_SERVER") or DEFAULT_SERVER))
+        else:
+            print(*run(args), sep="\n")
     except CliError as error:
         print(f"imagine: {error}", file=sys.stderr)
         return 1

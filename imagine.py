@@ -54,6 +54,7 @@ MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+MAX_BATCH = 8  # pictures one request may ask for (`n`); a setting
 # A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
 # far beyond any prompt people write, and bounds the work (a 10 MB prompt took 80 s and 4 GB).
 MAX_PROMPT_CHARS = 16_000
@@ -73,12 +74,13 @@ class Settings:
     device: str = "auto"
     fp_prec: str = "auto"
     model: str = DEMO_MODEL
-    models_dir: Path = Path("~/.imagine/models").expanduser()
+    models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
     max_loaded: int = 1
     allow_downloads: bool = False
     compile: bool = False
     max_size: int = MAX_SIZE
     max_queue: int = 8
+    max_batch: int = MAX_BATCH
     api_key: str = ""
     cors_origins: tuple = ()
 
@@ -110,7 +112,8 @@ def parse_settings(argv=None) -> Settings:
         "-d",
         "--device",
         default=env("DEVICE", defaults.device),
-        help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (IMAGINE_DEVICE, default auto)",
+        help="auto | cpu | cuda | cuda:N | mps; auto picks cuda, then mps, then cpu; cuda:1 is the second GPU "
+        "(IMAGINE_DEVICE, default auto)",
     )
     parser.add_argument(
         "-f",
@@ -128,7 +131,8 @@ def parse_settings(argv=None) -> Settings:
         "--models-dir",
         type=Path,
         default=env("MODELS_DIR", defaults.models_dir),
-        help="where named models live (IMAGINE_MODELS_DIR, default ~/.imagine/models)",
+        help=f"where named models live: one folder, or several separated by {os.pathsep!r}, searched in order "
+        "(IMAGINE_MODELS_DIR, default ~/.imagine/models)",
     )
     parser.add_argument(
         "--max-loaded",
@@ -163,6 +167,12 @@ def parse_settings(argv=None) -> Settings:
         help="requests that may wait while one generates; more get 503 with Retry-After (IMAGINE_MAX_QUEUE, default 8)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=env("MAX_BATCH", defaults.max_batch),
+        help=f"most pictures one request may ask for with n (IMAGINE_MAX_BATCH, default {MAX_BATCH})",
+    )
+    parser.add_argument(
         "--api-key",
         default=env("API_KEY", defaults.api_key),
         help="require 'Authorization: Bearer KEY' on every request (IMAGINE_API_KEY; prefer it: flags show in ps; "
@@ -175,12 +185,14 @@ def parse_settings(argv=None) -> Settings:
         "or * for any (IMAGINE_CORS_ORIGINS; default none)",
     )
     args = parser.parse_args(argv)
-    if args.device not in ("auto", "cpu", "cuda", "mps"):
-        parser.error(f"--device must be auto, cpu, cuda or mps, not {args.device!r}")
+    if args.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", args.device):
+        parser.error(f"--device must be auto, cpu, cuda, cuda:N or mps, not {args.device!r}")
     if args.fp_prec not in ("auto", "16", "32"):
         parser.error(f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}")
     if args.max_loaded < 1:
         parser.error(f"--max-loaded must be at least 1, not {args.max_loaded}")
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, not {args.max_batch}")
     if args.max_queue < 0:
         parser.error(f"--max-queue must be 0 or more, not {args.max_queue}")
     if args.max_size < MIN_SIZE or args.max_size % 8:
@@ -220,13 +232,15 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from flask import Flask, Response, jsonify, request
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -246,12 +260,16 @@ warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' takes the fastest device present; a named one must exist."""
+    """'auto' takes the fastest device present; a named one must exist, `cuda:N` down to its GPU."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
-    if not available[name]:
+    kind, _, index = name.partition(":")
+    if not available[kind]:
         raise SystemExit(f"imagine: device {name!r} is not available on this machine")
+    if index and int(index) >= (count := torch.cuda.device_count()):
+        gpus = f"cuda:0 to cuda:{count - 1}" if count else "none"
+        raise SystemExit(f"imagine: device {name!r} is not available: this machine has {count} GPU(s) ({gpus})")
     return torch.device(name)
 
 
@@ -321,6 +339,10 @@ class Family:
     img2img: type
     latent_rgb: tuple  # 4x3 factors mapping latent channels to RGB, for cheap previews
     default_size: int = 512  # width and height when a request gives neither: what the family was trained at
+    inpaint: type = StableDiffusionInpaintPipeline
+    # 9 for inpainting checkpoints: their UNet also sees the mask and the masked picture, so every mode
+    # (txt2img, img2img, inpaint) runs through their inpaint pipeline.
+    unet_channels: int = 4
 
 
 # ComfyUI's latent_rgb_factors for the SD1/SD2 VAE (see shared notes, diffusers-facts.md).
@@ -340,6 +362,8 @@ SDXL_LATENT_RGB = (
 )
 
 SD = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)
+SD_INPAINT = (StableDiffusionInpaintPipeline, StableDiffusionInpaintPipeline)
+SDXL_INPAINT = (StableDiffusionXLInpaintPipeline, StableDiffusionXLInpaintPipeline)
 FAMILIES = {
     "sd1": Family("Stable Diffusion 1.x", "sd1", *SD, SD_LATENT_RGB),
     # SD2.x comes in two kinds the weights cannot tell apart: 512 (predicts the noise, "epsilon") and
@@ -347,9 +371,34 @@ FAMILIES = {
     "sd2": Family("Stable Diffusion 2.x (512, epsilon)", "sd2", *SD, SD_LATENT_RGB),
     "sd2-v": Family("Stable Diffusion 2.x (768, v-prediction)", "sd2-v", *SD, SD_LATENT_RGB, default_size=768),
     "sdxl": Family(
-        "SDXL", "sdxl", StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, SDXL_LATENT_RGB, default_size=1024
+        "SDXL",
+        "sdxl",
+        StableDiffusionXLPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        SDXL_LATENT_RGB,
+        default_size=1024,
+        inpaint=StableDiffusionXLInpaintPipeline,
+    ),
+    # Inpainting checkpoints (a 9-channel UNet input): SD1.5-inpainting, SD2-inpainting (512, epsilon), SDXL-inpainting.
+    "sd1-inpaint": Family(
+        "Stable Diffusion 1.x inpainting", "sd1-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9
+    ),
+    "sd2-inpaint": Family(
+        "Stable Diffusion 2.x inpainting (512, epsilon)", "sd2-inpaint", *SD_INPAINT, SD_LATENT_RGB, unet_channels=9
+    ),
+    "sdxl-inpaint": Family(
+        "SDXL inpainting",
+        "sdxl-inpaint",
+        *SDXL_INPAINT,
+        SDXL_LATENT_RGB,
+        default_size=1024,
+        inpaint=StableDiffusionXLInpaintPipeline,
+        unet_channels=9,
     ),
 }
+INPAINT_FAMILIES = {"sd1": "sd1-inpaint", "sd2": "sd2-inpaint", "sd2-v": "sd2-inpaint", "sdxl": "sdxl-inpaint"}
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"  # its second dimension: the UNet's input channels
+
 
 # What identifies each family in an original (LDM) checkpoint: the text encoder's key prefix.
 # Checked in this order, since an SDXL file also has keys that look like the others'.
@@ -390,12 +439,91 @@ def read_checkpoint_keys(path: Path) -> list:
     return list(state.get("state_dict", state).keys())
 
 
+def unet_input_channels(path: Path) -> int:
+    """The UNet's input channels from the checkpoint's header: 4, or 9 for an inpainting model."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            keys = f.keys()
+            return f.get_slice(UNET_CONV_IN).get_shape()[1] if UNET_CONV_IN in keys else 4
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    weight = state.get("state_dict", state).get(UNET_CONV_IN)
+    return 4 if weight is None else weight.shape[1]
+
+
 def real_path(path: Path) -> Path | None:
     """Where a path leads once links are followed, or None if nothing is there (or the name cannot be a path)."""
     try:
         return path.resolve() if path.exists() else None
     except (OSError, RuntimeError, ValueError):  # a name too long, a link loop
         return None
+
+
+def model_folders(models_dir: Path | str) -> list[Path]:
+    """The models folders of the setting, in search order: several are joined by os.pathsep, as in PATH."""
+    return [Path(part).expanduser().absolute() for part in str(models_dir).split(os.pathsep) if part]
+
+
+def check_model_name(name: str, field: str = "model") -> None:
+    """A name from the network may only walk down the models folders: links inside them are the owner's
+    business and are followed, but the name itself may not climb out or smuggle in another path syntax."""
+    if "\0" in name:
+        raise ImagineError(f"{field} must not contain a NUL byte")
+    if "\\" in name:
+        raise ImagineError(f"{field} {name!r} must not contain a backslash; separate folders with /")
+    if ".." in Path(name).parts:
+        raise ImagineError(f"{field} {name!r} must not contain '..'; name a model inside the models folders", 403)
+
+
+def relative_to_folders(name: str, folders: list[Path]) -> str:
+    """A request's name relative to the models folders: an absolute name must lie, as written, inside one."""
+    path = Path(name)
+    if not path.is_absolute():
+        return name
+    for folder in folders:
+        for root in (folder, real_path(folder)):
+            if root is not None and path.is_relative_to(root) and path != root:
+                return str(path.relative_to(root))
+    raise ImagineError(
+        f"model {name!r} is outside the models folders; add its folder to --models-dir (IMAGINE_MODELS_DIR)", 403
+    )
+
+
+def find_in_folders(folders: list[Path], name: str, suffixes: tuple = ()) -> Path | None:
+    """The first entry `name` (or `name` plus one of `suffixes`) in the folders, searched in order, links followed.
+
+    Returns the path as found (not resolved), or None. Meant for any kind of file under the models folders:
+    checkpoints here, `loras/` or `embeddings/` entries with their own sub-folder prefixed to `name`."""
+    for folder in folders:
+        entry = folder / name
+        for candidate in (entry, *(entry.with_name(entry.name + suffix) for suffix in suffixes)):
+            if real_path(candidate) is not None:
+                return candidate
+    return None
+
+
+def walk_folders(folders: list[Path], skip: tuple = ()):
+    """Every file and folder under the models folders as (name relative to its folder, path), links followed,
+    each real folder entered once (a link loop ends there), top-level sub-folders in `skip` left out."""
+    entered = set()
+    for folder in folders:
+        for directory, subdirs, files in os.walk(folder, followlinks=True):
+            try:
+                real = os.stat(directory)
+            except OSError:
+                subdirs[:] = []
+                continue
+            if (real.st_dev, real.st_ino) in entered:
+                subdirs[:] = []
+                continue
+            entered.add((real.st_dev, real.st_ino))
+            relative = Path(directory).relative_to(folder)
+            if relative == Path():
+                subdirs[:] = [d for d in subdirs if d not in skip]
+            entries = sorted(subdirs) + sorted(files)
+            # A diffusers folder is one model: its parts (unet/, vae/...) are not entries of their own.
+            subdirs[:] = sorted(d for d in subdirs if not (Path(directory, d, "model_index.json")).is_file())
+            for entry in entries:
+                yield (relative / entry).as_posix(), Path(directory) / entry
 
 
 def is_repo_id(name: str) -> bool:
@@ -413,6 +541,7 @@ class LoadedModel:
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
     cancelled: object = None  # while a job runs, its cancelled(): checked at the cancel points (add_cancel_points)
+    inpaint: DiffusionPipeline = None  # built from txt2img's modules too
 
 
 class Models:
@@ -424,43 +553,71 @@ class Models:
         self.dtype = dtype
         self.configs_dir = configs_dir
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
+        self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
 
     def resolve(self, name: str | None) -> str:
         """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
 
-        The name comes from the network, so it may only reach what lies inside the models directory once
-        `..`, links and absolute paths are resolved; only the configured default model may live elsewhere.
+        The name comes from the network, so it may only name entries of the models folders (see
+        check_model_name); links inside them are followed. Only the configured default model may live elsewhere.
         """
         configured = name is None or name == self.settings.model
         name = self.settings.model if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
-        if "\0" in name:
-            raise ImagineError("model must not contain a NUL byte")
-        models_dir = self.settings.models_dir.expanduser().resolve()
-        in_dir = models_dir / name  # an absolute name replaces models_dir here; the check below catches it
-        # A name such as "/" leaves no file name to add a suffix to (with_name would raise ValueError).
-        suffixed = [in_dir.with_name(in_dir.name + s) for s in CHECKPOINT_SUFFIXES] if in_dir.name else []
-        candidates = [in_dir, *suffixed]
+        folders = model_folders(self.settings.models_dir)
         if configured:
-            candidates.append(Path(name).expanduser())
-        for candidate in candidates:
-            real = real_path(candidate)
-            if real is None:
-                continue
-            if not (configured or real.is_relative_to(models_dir)):
-                raise ImagineError(f"model {name!r} is outside the models directory; name a model inside it", 403)
-            if real.is_dir() or (real.is_file() and candidate.suffix in CHECKPOINT_SUFFIXES):
+            found = find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
+            found = found or find_in_folders([Path.cwd()], str(Path(name).expanduser()), CHECKPOINT_SUFFIXES)
+        else:
+            check_model_name(name)
+            found = find_in_folders(folders, relative_to_folders(name, folders), CHECKPOINT_SUFFIXES)
+        if found is not None:
+            real = real_path(found)
+            if real is not None and (real.is_dir() or (real.is_file() and found.suffix in CHECKPOINT_SUFFIXES)):
                 return str(real)
             raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
         raise ImagineError(
-            f"model {name!r} not found in the models directory; the models there are the .safetensors and .ckpt "
-            "files and diffusers folders in the folder the server's --models-dir (IMAGINE_MODELS_DIR) names, "
-            "and 'demo' is always there",
+            f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
+            "GET /models lists the models there, and 'demo' is always there",
             404,
         )
+
+    def listing(self) -> list[dict]:
+        """Every model a request can name, in the order the folders are searched: single files and diffusers
+        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
+        folders = model_folders(self.settings.models_dir)
+        listed = []
+        for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
+            real = real_path(path)
+            if real is None or not is_model_entry(path, real):
+                continue
+            name = model_name(folders, relative, real)
+            if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
+                continue
+            try:
+                described = self.describe(real)
+            except OSError as error:  # e.g. a folder inside it that this server's user may not read
+                described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
+            listed.append({"name": name, **described, "loaded": str(real) in self.loaded})
+        return listed
+
+    def describe(self, real: Path) -> dict:
+        """Family, size and date of a model file or folder; the family is cached by path, size and date."""
+        stat = real.stat()
+        size = stat.st_size if real.is_file() else sum(f.stat().st_size for f in real.rglob("*") if f.is_file())
+        key = (str(real), stat.st_size, stat.st_mtime_ns)
+        if key not in self.family_cache:
+            try:
+                self.family_cache[key] = {"family": self.family_of(str(real)).config}
+            except ImagineError as error:
+                self.family_cache[key] = {"family": None, "error": error.message}
+            except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
+                self.family_cache[key] = {"family": None, "error": f"cannot be read ({type(error).__name__})"}
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
+        return {**self.family_cache[key], "size": size, "modified": modified}
 
     def get(self, key: str) -> LoadedModel:
         if key in self.loaded:
@@ -519,18 +676,16 @@ class Models:
         if key == DEMO_MODEL or not path.exists():  # the demo, or a hub repo id (downloads allowed)
             return FAMILIES["sd1"]
         if path.is_dir():
-            class_name = pipeline_class_name(path)
-            family = next((f for f in FAMILIES.values() if f.txt2img.__name__ == class_name), None)
-            if family is None:
-                raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
-            return folder_sd2_family(path) or family
+            return folder_family(path)
         refuse_pickles_that_could_run(path)
         try:
             keys = read_checkpoint_keys(path)
+            channels = unet_input_channels(path)
         except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
             raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
         name = detect_family(keys)
-        return sd2_family(path) if name == "sd2" else FAMILIES[name]
+        family = sd2_family(path) if name == "sd2" else FAMILIES[name]
+        return FAMILIES[INPAINT_FAMILIES[family.config]] if channels == 9 else family
 
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
@@ -549,10 +704,16 @@ class Models:
         pipe = pipe.to(device=self.device, dtype=self.dtype)
         self.speed_up_unet(pipe)
         img2img = family.img2img(**pipe.components)
-        for each in (pipe, img2img):
+        inpaint = family.inpaint(**pipe.components)
+        for each in (pipe, img2img, inpaint):
             each.set_progress_bar_config(disable=True)
         model = LoadedModel(
-            path.stem if path.is_file() else path.name, family, pipe, img2img, dict(pipe.scheduler.config)
+            path.stem if path.is_file() else path.name,
+            family,
+            pipe,
+            img2img,
+            dict(pipe.scheduler.config),
+            inpaint=inpaint,
         )
         add_cancel_points(model)
         return model
@@ -605,6 +766,47 @@ def add_cancel_points(model: LoadedModel) -> None:
             for module in component.modules():
                 if type(module).__name__ in CANCEL_POINTS:
                     module.register_forward_pre_hook(stop_if_cancelled)
+
+
+NOT_CHECKPOINTS = ("loras", "embeddings")  # sub-folders of a models folder that hold other kinds of files
+
+
+def is_model_entry(path: Path, real: Path) -> bool:
+    """A checkpoint file or a diffusers pipeline folder."""
+    if real.is_dir():
+        return (real / "model_index.json").is_file()
+    return path.suffix in CHECKPOINT_SUFFIXES
+
+
+def model_name(folders: list[Path], relative: str, real: Path) -> str | None:
+    """The shortest name that a request can pass to reach this entry: without its suffix where that is unambiguous."""
+    short = relative.removesuffix(Path(relative).suffix) if Path(relative).suffix in CHECKPOINT_SUFFIXES else None
+    for name in (short, relative):
+        found = name and find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
+        if found and real_path(found) == real:
+            return name
+    return None
+
+
+PIPELINE_BASES = {
+    "StableDiffusionPipeline": "sd1",
+    "StableDiffusionInpaintPipeline": "sd1",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+}
+
+
+def folder_family(path: Path) -> Family:
+    """The family of a diffusers folder: its pipeline class, then the text encoder, scheduler and UNet configs."""
+    base = PIPELINE_BASES.get(pipeline_class_name(path))
+    if base is None:
+        raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
+    family = folder_sd2_family(path) or FAMILIES[base]
+    try:
+        channels = json.loads((path / "unet" / "config.json").read_text()).get("in_channels", 4)
+    except (OSError, ValueError, AttributeError):
+        channels = 4  # diffusers itself will say what is missing
+    return FAMILIES[INPAINT_FAMILIES[family.config]] if channels == 9 else family
 
 
 def sd2_family(path: Path) -> Family:
@@ -814,6 +1016,17 @@ class GenerationRequest:
     stream: int = 0
     prediction: str | None = None  # None: what the model's config says
     preview: str = "fast"
+    mask: Image.Image | None = None  # L, the size of img: white repaints, black keeps
+    mask_blur: int = 4
+    inpaint_area: str = "whole"
+    inpaint_padding: int = 32
+    n: int = 1  # pictures, with seeds seed, seed+1, ...
+
+
+INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
+MASK_STRENGTH = 0.75  # A1111's default denoising strength for inpainting
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 256
 
 
 # What the model predicts at each step, for a request's `prediction` field: the noise ("epsilon",
@@ -876,9 +1089,10 @@ def _size(body, field, default, max_size):
     return size
 
 
-def decode_image(data: str, field: str = "img") -> Image.Image:
+def decode_image(data: str, field: str = "img", mode: str = "RGB") -> Image.Image:
     """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
-    of a PNG, JPEG, WEBP, BMP or GIF (its first frame); `field` names the request field in errors."""
+    of a PNG, JPEG, WEBP, BMP or GIF (its first frame), converted to `mode`; `field` names the request field
+    in errors."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if not header.endswith(";base64"):
@@ -893,7 +1107,7 @@ def decode_image(data: str, field: str = "img") -> Image.Image:
         if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
             raise ImagineError(f"{field} is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted")
         image.load()
-        return image.convert("RGB")
+        return image.convert(mode)
     except Image.DecompressionBombError:
         raise ImagineError(f"{field} has too many pixels to be decoded safely") from None
     except UnidentifiedImageError:
@@ -904,7 +1118,19 @@ def decode_image(data: str, field: str = "img") -> Image.Image:
         raise ImagineError(f"{field} is a damaged picture that cannot be decoded") from None
 
 
-def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
+def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
+    """The mask as L at the input picture's size (A1111's convention: white repaints, black keeps, grey is partial)."""
+    if body.get("mask") is None:
+        return None
+    if img is None:
+        raise ImagineError("mask needs img: the picture whose white-masked part is repainted")
+    mask = decode_image(_text(body, "mask", None), "mask", "L")
+    if mask.getbbox() is None:
+        raise ImagineError("mask is all black: nothing to repaint; white marks what to repaint")
+    return mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.LANCZOS)
+
+
+def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
@@ -935,6 +1161,10 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
     preview = _text(body, "preview", defaults.preview)
     if preview not in PREVIEW_MODES:
         raise ImagineError(f"preview must be one of: {', '.join(PREVIEW_MODES)}, not {preview!r}")
+    mask = parse_mask(body, img)
+    inpaint_area = _text(body, "inpaint_area", defaults.inpaint_area)
+    if inpaint_area not in INPAINT_AREAS:
+        raise ImagineError(f"inpaint_area must be one of: {', '.join(INPAINT_AREAS)}, not {inpaint_area!r}")
     parsed = GenerationRequest(
         prompt=prompt,
         model=_text(body, "model", None),
@@ -946,10 +1176,15 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         seed=_seed(body),
         neg=neg,
         img=img,
-        strength=_number(body, "strength", defaults.strength, 0.0, 1.0),
+        strength=_number(body, "strength", MASK_STRENGTH if mask else defaults.strength, 0.0, 1.0),
         stream=_integer(body, "stream", 0, 0, MAX_STEPS),
         prediction=prediction,
         preview=preview,
+        mask=mask,
+        mask_blur=_integer(body, "mask_blur", defaults.mask_blur, 0, MAX_MASK_BLUR),
+        inpaint_area=inpaint_area,
+        inpaint_padding=_integer(body, "inpaint_padding", defaults.inpaint_padding, 0, MAX_INPAINT_PADDING),
+        n=_integer(body, "n", defaults.n, 1, max_batch),
     )
     if img is not None and int(parsed.num_steps * parsed.strength) < 1:
         raise ImagineError(
@@ -978,6 +1213,11 @@ def generation_parameters(req: GenerationRequest, model_name: str) -> str:
     }
     if req.img is not None:
         settings["Denoising strength"] = req.strength
+    if req.mask is not None:
+        settings["Mask blur"] = req.mask_blur
+        if req.inpaint_area == "masked":
+            settings["Inpaint area"] = "Only masked"
+            settings["Masked area padding"] = req.inpaint_padding
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
@@ -1013,15 +1253,22 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.
     should show: the predicted finished latents where the sampler gives them, else the current ones.
     `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
     """
+    if req.mask is not None or model.family.unet_channels == 9:
+        return inpaint(model, req, on_step)
     pipe = model.img2img if req.img is not None else model.txt2img
-    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.seed, req.prediction)
-    # A CPU generator gives the same starting noise for the same seed on every device.
-    generator = torch.Generator("cpu").manual_seed(req.seed)
     size_args = (
         {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
         if req.img is not None
         else {"width": req.width, "height": req.height}
     )
+    return call_pipeline(model, pipe, req, on_step, **size_args)
+
+
+def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, **inputs) -> Image.Image:
+    """One pipeline call for `req` with the sampler, seed and step callback set; `inputs` are the picture's."""
+    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.seed, req.prediction)
+    # A CPU generator gives the same starting noise for the same seed on every device.
+    generator = torch.Generator("cpu").manual_seed(req.seed)
 
     def step_end(pipeline, index, timestep, tensors):
         if on_step is not None:
@@ -1037,8 +1284,61 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.
             guidance_scale=req.guidance,
             generator=generator,
             callback_on_step_end=step_end,
-            **size_args,
+            **inputs,
         ).images[0]
+
+
+def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
+    """Repaints the white part of `req.mask` (as AUTOMATIC1111 does), or with an inpainting checkpoint and no mask,
+    the whole picture: txt2img from noise, img2img from `req.img`.
+
+    The mask is blurred by `mask_blur` pixels; with `inpaint_area` "masked" only its bounding box plus
+    `inpaint_padding` is generated, at the request's size, for full detail on a small part of a big picture.
+    The result is pasted back through the blurred mask after decoding, so every pixel outside it is the input's.
+    """
+    size = (req.width, req.height)
+
+    def paint(image, mask, strength=req.strength):
+        image, mask = image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
+        inputs = {"image": image, "mask_image": mask, "strength": strength, "width": req.width, "height": req.height}
+        return call_pipeline(model, model.inpaint, req, on_step, **inputs)
+
+    if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
+        return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
+    if req.mask is None:  # an inpainting checkpoint's img2img: the whole picture may change
+        return paint(req.img, Image.new("L", req.img.size, 255))
+    mask = req.mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else req.mask
+    if req.inpaint_area == "masked":
+        box = crop_box(mask, req.inpaint_padding, size)
+        image, crop_mask = req.img.crop(box), mask.crop(box)
+        painted = paint(image, crop_mask)
+        result = req.img.copy()
+        result.paste(painted.resize(image.size, Image.Resampling.LANCZOS), box[:2], crop_mask)
+        return result
+    image, mask = req.img.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
+    return Image.composite(paint(image, mask), image, mask)
+
+
+def crop_box(mask: Image.Image, padding: int, size: tuple) -> tuple:
+    """A1111's "only masked" region: the mask's bounding box plus `padding`, widened to the aspect ratio of
+    `size` (the size it is generated at) as far as the picture allows, so it is not stretched."""
+    left, top, right, bottom = mask.getbbox()
+    width, height = mask.size
+    left, top = max(left - padding, 0), max(top - padding, 0)
+    right, bottom = min(right + padding, width), min(bottom + padding, height)
+    ratio = size[0] / size[1]
+    if (right - left) / (bottom - top) < ratio:
+        left, right = _widen(left, right, round((bottom - top) * ratio), width)
+    else:
+        top, bottom = _widen(top, bottom, round((right - left) / ratio), height)
+    return left, top, right, bottom
+
+
+def _widen(low: int, high: int, length: int, limit: int) -> tuple:
+    """[low, high) grown evenly on both sides to `length`, shifted to stay within [0, limit)."""
+    low = max(0, low - (length - (high - low)) // 2)
+    high = min(limit, low + length)
+    return max(0, high - length), high
 
 
 def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
@@ -1070,6 +1370,7 @@ class Preview:
     step: int
     steps: int
     image: Image.Image
+    index: int = 0  # which picture of a batch
 
 
 @dataclasses.dataclass
@@ -1080,6 +1381,8 @@ class Finished:
     model: str
     steps: int
     seconds: float
+    pictures: list = dataclasses.field(default_factory=list)  # every picture of the batch as (image, parameters)
+    seeds: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -1198,24 +1501,30 @@ class Engine:
             size = min(model.family.default_size, self.settings.max_size)  # for sizes the request left out
             req = job.request = dataclasses.replace(req, width=req.width or size, height=req.height or size)
             log.info(
-                "generating %dx%d, %d steps, %s, seed %d, model %s",
-                req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+                "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
+                req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
             )  # fmt: skip
             job.events.put(Started())
             last_step = 0
-
-            def on_step(step, steps, latents):
-                nonlocal last_step
-                if job.cancelled():
-                    raise Cancelled
-                last_step = step
-                job.events.put(Progress(step, steps))
-                if req.stream and step % req.stream == 0 and step < steps:
-                    job.events.put(Preview(step, steps, preview_image(model, req, latents)))
-
-            model.cancelled = job.cancelled
+            model.cancelled = job.cancelled  # what the cancel points inside each step ask
+            pictures = []
             try:
-                image = generate(model, req, on_step)
+                # One picture after another: each is exactly what the single request with its seed draws, and
+                # memory stays that of one picture (the README's Performance section has a batched call measured).
+                for index in range(req.n):
+                    picture = dataclasses.replace(req, seed=req.seed + index)
+
+                    def on_step(step, steps, latents, picture=picture, index=index):
+                        nonlocal last_step
+                        if job.cancelled():
+                            raise Cancelled
+                        last_step = step
+                        job.events.put(Progress(step, steps))
+                        if req.stream and step % req.stream == 0 and step < steps:
+                            job.events.put(Preview(step, steps, preview_image(model, picture, latents), index))
+
+                    image = generate(model, picture, on_step)
+                    pictures.append((image, generation_parameters(picture, model.name)))
             finally:
                 model.cancelled = None
         except Cancelled:
@@ -1241,8 +1550,8 @@ class Engine:
         seconds = time.perf_counter() - started
         self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
-        parameters = generation_parameters(req, model.name)
-        job.events.put(Finished(image, parameters, req.seed, model.name, last_step, round(seconds, 3)))
+        (image, parameters), seeds = pictures[0], [req.seed + index for index in range(req.n)]
+        job.events.put(Finished(image, parameters, req.seed, model.name, last_step, round(seconds, 3), pictures, seeds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1251,8 +1560,11 @@ class Engine:
 
 
 def finished_fields(event: Finished) -> dict:
+    images = [png_base64(image, parameters) for image, parameters in event.pictures]
     return {
-        "img": png_base64(event.image, event.parameters),
+        "img": images[0],
+        "images": images,
+        "seeds": event.seeds,
         "seed": event.seed,
         "model": event.model,
         "width": event.image.width,
@@ -1277,7 +1589,8 @@ def stream_lines(job: Job, events):
             if isinstance(event, Preview):
                 # Previews favour speed: the lowest PNG compression, still lossless.
                 preview = png_base64(event.image, compress_level=1)
-                yield ndjson({"img": preview, "step": event.step, "steps": event.steps, "seed": seed, "done": False})
+                step = {"step": event.step, "steps": event.steps, "index": event.index}
+                yield ndjson({"img": preview, **step, "seed": seed + event.index, "done": False})
             elif isinstance(event, Finished):
                 yield ndjson({**finished_fields(event), "done": True})
             elif isinstance(event, Failed):
@@ -1370,6 +1683,8 @@ ENDPOINTS = {
     "endpoints": {
         "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
         "GET /samplers": "the sampler names /generate accepts",
+        "GET /models": "the models in the models folders, with their family and whether they are loaded",
+        "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
         "GET /": "this list",
     },
     "readme": "README.md beside imagine.py: every field, setting and example",
@@ -1469,7 +1784,8 @@ def create_app(engine: Engine) -> Flask:
     def generate_answer() -> Response:
         # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
         client_gone = request.environ.get("waitress.client_disconnected")
-        job = engine.submit(parse_request(read_json_body(), engine.settings.max_size), client_gone)
+        body = read_json_body()
+        job = engine.submit(parse_request(body, engine.settings.max_size, engine.settings.max_batch), client_gone)
         events = iter(job)
         # Wait until the model is loaded (Started) or failed to load, while the status is still ours to set.
         first = next(events)
@@ -1491,6 +1807,19 @@ def create_app(engine: Engine) -> Flask:
     def index_route():
         """What someone who opens the server's address finds: what it answers, and where it is explained."""
         return jsonify(ENDPOINTS)
+
+    @app.get("/models")
+    def models_route():
+        return jsonify(models=engine.models.listing(), default=settings.model)
+
+    @app.get("/health")
+    def health_route():
+        # For load balancers: it reads a few fields and never waits for the engine, so it answers mid-generation.
+        loaded = [model.name for model in list(engine.models.loaded.values())]
+        running = engine.running is not None
+        return jsonify(
+            status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running
+        )
 
     return app
 
@@ -1620,7 +1949,8 @@ def check_default_model(engine: Engine) -> None:
     try:
         engine.models.resolve(settings.model)
     except ImagineError as error:
-        where = f"the models directory {settings.models_dir} (--models-dir, IMAGINE_MODELS_DIR)"
+        folders = ", ".join(str(folder) for folder in model_folders(settings.models_dir))
+        where = f"the models folders {folders} (--models-dir, IMAGINE_MODELS_DIR)"
         why = f"is neither in {where} nor a path to a model" if error.status == 404 else f"cannot be used: {error}"
         raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
 
@@ -1631,9 +1961,12 @@ def main(argv=None) -> None:
     engine = Engine(settings)
     check_default_model(engine)
     log.info(
-        "device %s, precision %s, default model %s, models directory %s",
+        "device %s, precision %s, default model %s, models folders %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
+    for folder in model_folders(settings.models_dir):
+        if not folder.is_dir():
+            log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
     try:
         server = create_server(engine, settings.host, settings.port)
     except OSError as error:

@@ -4,6 +4,7 @@
     python bench/bench.py --quick                      # builds a random-weight SD1.5 checkpoint first (2 GB)
     python bench/bench.py --checkpoint sd15.safetensors
     python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
+    python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
 as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--cancel", action="store_true", help="only measure the time from a client leaving to the next request starting"
     )
+    parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.repeats = 256, 8, 5
@@ -240,6 +242,39 @@ def measure_cancel(checkpoint: Path, size: int, steps: int, repeats: int) -> Non
     print(f"a step takes {spread(steps_seconds)} ({repeats} runs)")
 
 
+def batched_generate(pipe, size: int, steps: int, n: int) -> list:
+    """One pipeline call for n pictures, each with its own generator (seeds SEED, SEED+1, ...)."""
+    generators = [torch.Generator("cpu").manual_seed(SEED + k) for k in range(n)]
+    with torch.inference_mode():
+        return pipe(
+            prompt=PROMPT,
+            negative_prompt=NEG,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            num_images_per_prompt=n,
+            generator=generators,
+        ).images
+
+
+def compare_batch(checkpoint: Path, size: int, steps: int, n: int, repeats: int) -> None:
+    """How a batch should run on this machine: one batched call, or the pictures one after another."""
+    pipe = bare_pipeline(checkpoint, torch.bfloat16)
+    bare_generate(pipe, size, steps)  # warm-up
+    times = rounds(
+        {
+            f"one call for {n}": lambda: batched_generate(pipe, size, steps, n),
+            f"{n} calls one by one": lambda: [bare_generate(pipe, size, steps) for _ in range(n)],
+        },
+        repeats,
+    )
+    print(f"\n{n} pictures, SD1.5 architecture, {size}x{size}, {steps} steps, bf16, {torch.get_num_threads()} threads")
+    print("\n| how | time (median, min-max) |\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {spread(values)} |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = args.checkpoint or args.workdir / "sd15-random.safetensors"
@@ -259,6 +294,9 @@ def main(argv=None) -> None:
         measure_cancel(checkpoint, size, steps, repeats)
         return
     print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
+    if args.batch:
+        compare_batch(checkpoint, size, steps, args.batch, repeats)
+        return
     rows = []
 
     print("cold loads:", file=sys.stderr)

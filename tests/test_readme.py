@@ -11,7 +11,15 @@ from conftest import free_port
 from PIL import Image
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-EXAMPLES = [block for block in re.findall(r"```bash\n(.*?)```", README, re.S) if "localhost:5000/generate" in block]
+BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
+# The examples of batches, inpainting, /models and /health, each run by its own test below.
+NEW_EXAMPLES = {
+    "batch": next(block for block in BLOCKS if '"n": 4' in block),
+    "inpaint": next(block for block in BLOCKS if "mask.png" in block),
+    "models": next(block for block in BLOCKS if "localhost:5000/models" in block),
+    "health": next(block for block in BLOCKS if "localhost:5000/health" in block),
+}
+EXAMPLES = [b for b in BLOCKS if "localhost:5000/generate" in b and b not in NEW_EXAMPLES.values()]
 
 
 def port_5000_is_free():
@@ -73,3 +81,31 @@ def test_the_readme_keyed_curl_example_works_against_a_server_with_that_key(star
     assert Image.open(tmp_path / "cat.png").size == (512, 512)
     wrong_key = {"Authorization": "Bearer a-wrong-key"}
     assert requests.post(f"{url}/generate", json={"prompt": "a cat"}, headers=wrong_key).status_code == 401
+
+
+def test_the_readme_examples_of_batches_inpainting_models_and_health_work_as_written(start_server, tmp_path):
+    port = free_port()
+    start_server(port)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3 with Pillow
+    outputs = {}
+    for name, example in NEW_EXAMPLES.items():
+        script = example.replace("localhost:5000", f"localhost:{port}")
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{script}\n{result.stderr}"
+        outputs[name] = result.stdout
+    assert outputs["batch"] == "[100,101,102,103]\n"
+    boat, harbour = Image.open(tmp_path / "boat.png"), Image.open(tmp_path / "harbour.png")
+    assert boat.size == harbour.size == (512, 512)
+    assert boat.info["parameters"].endswith(
+        "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32"
+    )
+    assert boat.getpixel((0, 0)) == harbour.getpixel((0, 0)) and boat.tobytes() != harbour.tobytes()
+    assert outputs["models"] == '"demo"\n[]\n'
+    assert outputs["health"].startswith('{"device":"cpu","loaded":["demo"],"queue":0,"running":false,"status":"ok"}')

@@ -1,0 +1,125 @@
+"""Several pictures per request (`n`): seeds seed, seed+1, ...; every picture as its single request draws it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, decode_png
+
+import imagine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_picture_k_of_a_batch_is_the_single_picture_with_seed_plus_k(client):
+    batch = client.post("/generate", json={"prompt": "a cat", **FAST, "n": 3}).get_json()
+    assert batch["seeds"] == [42, 43, 44]
+    assert len(batch["images"]) == 3
+    for k, image in enumerate(batch["images"]):
+        single = client.post("/generate", json={"prompt": "a cat", **FAST, "seed": 42 + k}).get_json()
+        assert image == single["img"], k
+    assert len(set(batch["images"])) == 3
+
+
+def test_a_batch_keeps_img_and_seed_of_its_first_picture_and_each_png_carries_its_own_seed(client):
+    batch = client.post("/generate", json={"prompt": "a cat", **FAST, "n": 2}).get_json()
+    assert (batch["img"], batch["seed"]) == (batch["images"][0], 42)
+    seeds = [decode_png(image).info["parameters"].split("Seed: ")[1].split(",")[0] for image in batch["images"]]
+    assert seeds == ["42", "43"]
+
+
+def test_a_batch_with_a_mask_inpaints_every_picture(client):
+    from test_inpaint import noise_picture, png_data, square_mask
+
+    body = {"prompt": "x", **FAST, "n": 2, "img": png_data(noise_picture()), "mask": png_data(square_mask())}
+    batch = client.post("/generate", json=body).get_json()
+    single = client.post("/generate", json={**body, "n": 1, "seed": 43}).get_json()
+    assert batch["images"][1] == single["img"]
+
+
+def test_streaming_a_batch_marks_each_preview_with_its_picture_and_ends_with_all_of_them(client):
+    response = client.post("/generate", json={"prompt": "a cat", **FAST, "n": 2, "stream": 2})
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    previews, last = lines[:-1], lines[-1]
+    assert [(line["index"], line["step"], line["seed"]) for line in previews] == [(0, 2, 42), (1, 2, 43)]
+    assert last["done"] and last["seeds"] == [42, 43] and len(last["images"]) == 2
+
+
+@pytest.mark.parametrize("n", [0, 100, -1])
+def test_n_out_of_range_is_refused_naming_the_field_and_value(client, n):
+    response = client.post("/generate", json={"prompt": "a cat", **FAST, "n": n})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == f"n must be between 1 and 8, not {n}"
+
+
+def test_the_largest_batch_is_a_setting_from_a_flag_or_the_environment(monkeypatch, make_engine):
+    assert imagine.parse_settings(["--max-batch", "2"]).max_batch == 2
+    monkeypatch.setenv("IMAGINE_MAX_BATCH", "3")
+    assert imagine.parse_settings([]).max_batch == 3
+    client = imagine.create_app(make_engine(max_batch=2)).test_client()
+    response = client.post("/generate", json={"prompt": "a cat", **FAST, "n": 3})
+    assert response.get_json()["error"] == "n must be between 1 and 2, not 3"
+
+
+def idle_engine(tmp_path, **settings):
+    """An engine whose thread is not started: what is queued stays queued."""
+    return imagine.Engine(imagine.Settings(models_dir=tmp_path, **settings))
+
+
+def test_the_queue_counts_a_batch_as_one_job(tmp_path):
+    engine = idle_engine(tmp_path, max_queue=1)
+    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=8))
+    with pytest.raises(imagine.ImagineError) as full:
+        engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1))
+    assert full.value.status == 503
+    assert engine.jobs.qsize() == 1
+
+
+def test_cancelling_a_batch_stops_it_before_its_next_picture(make_engine, monkeypatch):
+    engine = make_engine()
+    drawn = []
+    generate = imagine.generate
+
+    def counting(model, req, on_step=None):
+        drawn.append(req.seed)
+        image = generate(model, req, on_step)
+        engine.running.cancel(imagine.ImagineError("the client disconnected", 499))
+        return image
+
+    monkeypatch.setattr(imagine, "generate", counting)
+    job = engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=2, seed=1, n=5))
+    events = list(job)
+    assert isinstance(events[-1], imagine.Failed) and events[-1].error.status == 499
+    assert drawn == [1, 2]  # the second picture stopped at its first step; no third began
+
+
+def test_cli_batch_writes_name_png_name_2_png_and_prints_every_path(live_server, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "imagine-cli.py"), "a cat", "-w", "64", "-h", "64", "-n", "2", "--seed", "7"]
+        + ["-b", "3", "-o", "cat.png"],
+        cwd=tmp_path,
+        env={**os.environ, "IMAGINE_SERVER": live_server},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["cat.png", "cat-2.png", "cat-3.png"]
+    seeds = [decode_png_file(tmp_path / name).split("Seed: ")[1].split(",")[0] for name in result.stdout.split()]
+    assert seeds == ["7", "8", "9"]
+
+
+def decode_png_file(path: Path) -> str:
+    from PIL import Image
+
+    return Image.open(path).info["parameters"]
+
+
+def test_health_counts_a_waiting_batch_as_one_in_the_queue(tmp_path):
+    engine = idle_engine(tmp_path)
+    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=4))
+    client = imagine.create_app(engine).test_client()
+    assert client.get("/health").get_json()["queue"] == 1
