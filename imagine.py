@@ -23,6 +23,7 @@ import gc
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
@@ -76,6 +78,7 @@ log = logging.getLogger("imagine")
 # nothing actionable to someone running a server; real errors still reach the log.
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
+transformers.utils.logging.disable_progress_bar()  # it draws one for each LoRA's text-encoder weights
 warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +95,7 @@ MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
 
 
 @dataclasses.dataclass
@@ -365,6 +369,9 @@ class LoadedModel:
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
+    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
+    adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
 
 
 class Models:
@@ -588,6 +595,8 @@ SAMPLERS = {
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++ 2m sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    # For LCM and LCM-LoRA, turbo and lightning models: 4-8 steps at a guidance of 1-2.
+    "lcm": (LCMScheduler, {}),
 }
 # "<name> karras": the same sampler on the Karras et al. noise schedule, for every sampler whose
 # diffusers scheduler offers it (DDIM and Euler a do not). A plain name turns it off explicitly:
@@ -695,6 +704,8 @@ class GenerationRequest:
     stream: int = 0
     prediction: str | None = None  # None: what the model's config says
     preview: str = "fast"
+    clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
+    loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
 
 
 # What the model predicts at each step, for a request's `prediction` field: the noise ("epsilon",
@@ -807,6 +818,8 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         stream=_integer(body, "stream", 0, 0, MAX_STEPS),
         prediction=prediction,
         preview=preview,
+        clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
+        loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
     )
     if img is not None and int(parsed.num_steps * parsed.strength) < 1:
         raise ImagineError(
@@ -835,7 +848,446 @@ def generation_parameters(req: GenerationRequest, model_name: str) -> str:
     }
     if req.img is not None:
         settings["Denoising strength"] = req.strength
+    if req.clip_skip != 1:
+        settings["Clip skip"] = req.clip_skip
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: AUTOMATIC1111's syntax (weights, BREAK), prompts longer than 77 tokens, clip skip
+# ---------------------------------------------------------------------------------------------
+
+# One piece of a prompt each: an escaped bracket or backslash, a lone backslash, an opening bracket, a
+# weight closing a round bracket (":1.3)"), a closing bracket, a run of plain text, or a lone colon.
+PROMPT_PIECE = re.compile(r"\\[()\[\]\\]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
+PROMPT_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+ATTENTION_STEP = 1.1  # what one pair of () multiplies a weight by, and [] divides it by
+CHUNK_TOKENS = 75  # the tokens of one text-encoder pass, between its start and end tokens
+COMMA_BACKTRACK = 20  # a chunk full in mid-phrase ends at its last comma if that is this close to the end
+BREAK = None  # the weight that marks a BREAK in a parsed prompt
+
+
+def parse_prompt_attention(text: str) -> list:
+    """Splits a prompt into (text, weight) pieces as AUTOMATIC1111 does: `(x)` x1.1, `[x]` /1.1,
+    `(x:1.3)`; a bracket left open weighs to the end, a stray closing one is text; `BREAK` becomes
+    (\"BREAK\", BREAK). Neighbours of equal weight are merged."""
+    pieces, round_open, square_open = [], [], []
+
+    def multiply(start, factor):
+        for index in range(start, len(pieces)):
+            if pieces[index][1] is not BREAK:
+                pieces[index][1] *= factor
+
+    for match in PROMPT_PIECE.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            pieces.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_open.append(len(pieces))
+        elif piece == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            try:
+                multiply(round_open.pop(), float(weight))
+            except ValueError:
+                raise ImagineError(f"prompt weight {weight!r} is not a number") from None
+        elif piece == ")" and round_open:
+            multiply(round_open.pop(), ATTENTION_STEP)
+        elif piece == "]" and square_open:
+            multiply(square_open.pop(), 1 / ATTENTION_STEP)
+        else:
+            for index, part in enumerate(PROMPT_BREAK.split(piece)):
+                if index:
+                    pieces.append(["BREAK", BREAK])
+                pieces.append([part, 1.0])
+    for start in round_open:
+        multiply(start, ATTENTION_STEP)
+    for start in square_open:
+        multiply(start, 1 / ATTENTION_STEP)
+    merged = []
+    for piece in pieces:
+        if piece[0] == "":  # what BREAK leaves at either side of itself; it tokenizes to nothing
+            continue
+        if merged and merged[-1][1] == piece[1] and piece[1] is not BREAK:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [tuple(piece) for piece in merged] or [("", 1.0)]
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One text-encoder pass: 77 token ids (start, 75, end or padding), a weight for each, and
+    textual-inversion vectors to put in place of the token embeddings at some positions."""
+
+    tokens: list = dataclasses.field(default_factory=list)
+    weights: list = dataclasses.field(default_factory=list)
+    vectors: dict = dataclasses.field(default_factory=dict)  # position -> vector
+
+
+def prompt_chunks(tokenizer, pieces: list, embeddings: dict) -> list:
+    """Tokenizes parsed pieces into chunks of 75 tokens, as AUTOMATIC1111 does: a chunk that fills up
+    in mid-phrase ends after its last comma if that is within 20 tokens of the end; BREAK ends a
+    chunk; an embedding (name -> [n, width] vectors) is never split across two chunks."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks, chunk, last_comma = [], Chunk(), -1
+
+    def close(current):
+        ids, weights = current.tokens, current.weights
+        # Laid out as the tokenizer pads: start, tokens, end, then padding (the end token for CLIP L,
+        # "!" for OpenCLIP), so a plain prompt gives exactly the ids diffusers would encode.
+        padding = CHUNK_TOKENS - len(ids)
+        current.tokens = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
+        current.weights = [1.0, *weights, 1.0] + [1.0] * padding
+        current.vectors = {position + 1: vector for position, vector in current.vectors.items()}
+        chunks.append(current)
+
+    for text, weight in pieces:
+        if weight is BREAK:
+            close(chunk)
+            chunk, last_comma = Chunk(), -1
+            continue
+        for word in words_and_embeddings(text, embeddings):
+            if isinstance(word, torch.Tensor):
+                if len(chunk.tokens) + len(word) > CHUNK_TOKENS:
+                    close(chunk)
+                    chunk, last_comma = Chunk(), -1
+                for vector in word:
+                    chunk.vectors[len(chunk.tokens)] = vector
+                    chunk.tokens.append(0)  # a stand-in id: its embedding is replaced by the vector
+                    chunk.weights.append(weight)
+                continue
+            for token in tokenizer(word, add_special_tokens=False).input_ids:
+                if len(chunk.tokens) == CHUNK_TOKENS:
+                    backtrack = token != comma and last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK
+                    keep = last_comma + 1 if backtrack else CHUNK_TOKENS
+                    moved = Chunk(chunk.tokens[keep:], chunk.weights[keep:])
+                    moved.vectors = {p - keep: v for p, v in chunk.vectors.items() if p >= keep}
+                    chunk.vectors = {p: v for p, v in chunk.vectors.items() if p < keep}
+                    chunk.tokens, chunk.weights = chunk.tokens[:keep], chunk.weights[:keep]
+                    close(chunk)
+                    chunk, last_comma = moved, -1
+                if token == comma:
+                    last_comma = len(chunk.tokens)
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+    if chunk.tokens or not chunks:
+        close(chunk)
+    return chunks
+
+
+def words_and_embeddings(text: str, embeddings: dict) -> list:
+    """The text with each embedding's name, as a whole word, replaced by its vectors."""
+    if not embeddings:
+        return [text]
+    names = "|".join(re.escape(name) for name in sorted(embeddings, key=len, reverse=True))
+    parts = re.split(rf"(?<![\w-])({names})(?![\w-])", text, flags=re.I)
+    return [embeddings[part.lower()] if index % 2 else part for index, part in enumerate(parts) if part]
+
+
+def encode_chunk(text_encoder, chunk: Chunk, layer: int, final_norm: bool) -> tuple:
+    """The hidden states of one chunk at `layer` (-1 the last) and the pooled output, with the
+    weights applied as AUTOMATIC1111's default emphasis does: multiplied in, then the chunk scaled
+    back to its original mean."""
+    device = text_encoder.device
+    ids = torch.tensor([chunk.tokens], device=device)
+    hook = None
+    if chunk.vectors:
+        token_embedding = text_encoder.get_input_embeddings()
+
+        def put_vectors(module, inputs, output):
+            output = output.clone()
+            for position, vector in chunk.vectors.items():
+                output[0, position] = vector.to(output.dtype)
+            return output
+
+        hook = token_embedding.register_forward_hook(put_vectors)
+    try:
+        output = text_encoder(ids, output_hidden_states=layer != -1)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if layer == -1:
+        hidden = output.last_hidden_state
+    else:
+        hidden = output.hidden_states[layer]
+        if final_norm:
+            hidden = text_encoder.final_layer_norm(hidden)
+    if any(weight != 1.0 for weight in chunk.weights):
+        original_mean = hidden.mean()
+        hidden = hidden * torch.tensor(chunk.weights, dtype=hidden.dtype, device=device)[None, :, None]
+        new_mean = hidden.mean()
+        if new_mean != 0:  # a random test model's layer norm can centre every token exactly on 0
+            hidden = hidden * (original_mean / new_mean)
+    return hidden, output[0] if output[0].ndim == 2 else None
+
+
+def encode_chunks(text_encoder, chunks: list, layer: int, final_norm: bool) -> tuple:
+    """(hidden states of every chunk side by side, pooled output of the first chunk)."""
+    encoded = [encode_chunk(text_encoder, chunk, layer, final_norm) for chunk in chunks]
+    return torch.cat([hidden for hidden, _ in encoded], dim=1), encoded[0][1]
+
+
+def prompt_embeddings(pipe, prompt: str, neg: str, clip_skip: int, embeddings: dict) -> dict:
+    """The prompt and negative prompt encoded for the pipeline's `prompt_embeds` arguments.
+
+    `clip_skip` N takes the hidden states N-1 layers before the one the family uses by default: SD1
+    and SD2 use the last layer (SD2's diffusers text encoder already ends at OpenCLIP's penultimate),
+    with its final layer norm applied, as AUTOMATIC1111 does; SDXL uses the penultimate layer of both
+    encoders, unnormalized, so N moves both further back (diffusers' clip_skip N-1).
+    `embeddings` maps a name to its vectors for each text encoder (see embedding_vectors).
+    """
+    parsed = [parse_prompt_attention(prompt), parse_prompt_attention(neg)]
+    encoders = [(pipe.tokenizer, pipe.text_encoder, "clip_l")]
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl:
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
+    layer = -clip_skip - 1 if sdxl else -clip_skip
+    for _, text_encoder, _ in encoders:
+        layers = text_encoder.config.num_hidden_layers
+        if clip_skip > layers:
+            raise ImagineError(f"clip_skip {clip_skip} is more than this model's text encoder has ({layers} layers)")
+    hidden, pooled = [[], []], [None, None]
+    for tokenizer, text_encoder, key in encoders:
+        vectors = {name: each[key] for name, each in embeddings.items()}
+        chunks = [prompt_chunks(tokenizer, pieces, vectors) for pieces in parsed]
+        # The shorter of prompt and negative prompt gets chunks of the empty prompt, so that both line up.
+        count = max(len(each) for each in chunks)
+        for index, each in enumerate(chunks):
+            each += prompt_chunks(tokenizer, [("", 1.0)], {}) * (count - len(each))
+            states, pooled[index] = encode_chunks(text_encoder, each, layer, not sdxl)
+            hidden[index].append(states)
+    arguments = {"prompt_embeds": torch.cat(hidden[0], dim=-1), "negative_prompt_embeds": torch.cat(hidden[1], dim=-1)}
+    if sdxl:
+        arguments |= {"pooled_prompt_embeds": pooled[0], "negative_pooled_prompt_embeds": pooled[1]}
+    return arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and embeddings: files beside the models, loaded once per model, switched per request
+# ---------------------------------------------------------------------------------------------
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt")
+MAX_LORA_WEIGHT = 5.0
+MAX_LORAS_KEPT = 8  # adapters kept loaded per model; the least recently used is deleted first
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def extra_folders(settings: Settings, kind: str) -> list:
+    """Where `loras` or `embeddings` live: that sub-folder of the models directory."""
+    return [settings.models_dir.expanduser().resolve() / kind]
+
+
+def list_files(settings: Settings, kind: str, suffixes: tuple) -> dict:
+    """name -> path of every file of `kind` (a name is the path below its folder, without the suffix);
+    the first folder wins where two hold the same name."""
+    found = {}
+    for folder in extra_folders(settings, kind):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in suffixes and path.is_file():
+                found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
+    return found
+
+
+def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tuple) -> Path:
+    """A file of `kind` by a name from the network: only what lies inside one of its folders."""
+    if "\0" in name or not name.strip():
+        raise ImagineError(f"{what} name {name!r} is not a file name")
+    for folder in extra_folders(settings, kind):
+        in_dir = folder / name  # an absolute name replaces the folder here; the check below catches it
+        for candidate in [in_dir.with_name(in_dir.name + suffix) for suffix in suffixes]:
+            real = real_path(candidate)
+            if real is not None and real.is_file():
+                if not real.is_relative_to(folder.resolve()):
+                    raise ImagineError(f"{what} {name!r} is outside the {kind} folder", 403)
+                return real
+    raise ImagineError(f"{what} {name!r} not found in the {kind} folder", 404)
+
+
+def read_tensors(path: Path) -> tuple:
+    """(tensors, metadata) of a .safetensors file, or of a .pt/.ckpt read with torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
+    refuse_pickles_that_could_run(path.with_suffix(".ckpt"))
+    return torch.load(path, map_location="cpu", weights_only=True), {}
+
+
+def family_group(family: Family) -> str:
+    """'sd1', 'sd2' or 'sdxl': what a LoRA or embedding must have been trained for."""
+    return next(name for name, each in FAMILIES.items() if each is family).removesuffix("-v")
+
+
+def lora_family(keys, metadata: dict) -> str | None:
+    """The family a LoRA file was trained for, from kohya's metadata or its key layout; None if it does not say."""
+    base = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
+    if "xl" in base:
+        return "sdxl"
+    if base.startswith(("sd_v2", "stable-diffusion-v2")) or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if base.startswith(("sd_v1", "stable-diffusion-v1")):
+        return "sd1"
+    sdxl_keys = ("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks", "text_encoder_2.")
+    if any(key.startswith(sdxl_keys) for key in keys):
+        return "sdxl"
+    return None
+
+
+def lora_listing(settings: Settings) -> list:
+    listing = []
+    for name, path in list_files(settings, "loras", LORA_SUFFIXES).items():
+        family = None
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                family = lora_family(f.keys(), f.metadata() or {})
+        listing.append({"name": name, "size": path.stat().st_size, "family": family})
+    return listing
+
+
+def lora_tags(prompt: str) -> list:
+    """The (name, weight) of each `<lora:name:weight>` in a prompt; the weight may be left out (1.0)."""
+    found = []
+    for tag in LORA_TAG.findall(prompt):
+        name, _, weight = tag.partition(":")
+        try:
+            found.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ImagineError(f"<lora:{tag}> must be <lora:name> or <lora:name:weight>, weight a number") from None
+    return found
+
+
+def without_lora_tags(prompt: str) -> str:
+    return LORA_TAG.sub("", prompt)
+
+
+def lora_field(body: dict) -> list:
+    """The request's `loras` field: [{"name": ..., "weight": ...}], weight optional (1.0)."""
+    value = body.get("loras")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(each, dict) for each in value):
+        raise ImagineError('loras must be a list like [{"name": "add_detail", "weight": 0.8}]')
+    loras = []
+    for each in value:
+        if set(each) - {"name", "weight"} or not isinstance(each.get("name"), str):
+            raise ImagineError(f"loras entries have a name and a weight, not {json.dumps(each)[:80]}")
+        loras.append((each["name"], _number(each, "weight", 1.0, -math.inf, math.inf)))
+    return loras
+
+
+def checked_loras(loras: list) -> list:
+    for name, weight in loras:
+        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}")
+    return loras
+
+
+def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
+    """The adapter name of LoRA `name` on `model`, loaded on first use and kept (MAX_LORAS_KEPT per model).
+
+    A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
+    """
+    path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
+    key = str(path)
+    if key in model.loras:
+        model.loras.move_to_end(key)
+        return model.loras[key]
+    try:
+        tensors, metadata = read_tensors(path)
+    except ImagineError:
+        raise
+    except Exception as error:
+        raise ImagineError(f"lora {name!r} cannot be read ({type(error).__name__})") from error
+    if any("hada_" in key or "lokr_" in key for key in tensors):
+        raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
+    family, wanted = lora_family(tensors, metadata), family_group(model.family)
+    if family is not None and family != wanted:
+        raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
+    if len(model.loras) >= MAX_LORAS_KEPT:
+        model.txt2img.delete_adapters(model.loras.popitem(last=False)[1])
+    adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
+    pipe = model.txt2img
+    try:
+        pipe.load_lora_weights(tensors, adapter_name=adapter)
+        if not any(adapter in names for names in pipe.get_list_adapters().values()):
+            raise ValueError("none of its layers is in this model")
+    except Exception as error:
+        if any(adapter in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(adapter)
+        reason = lora_error_reason(error)
+        raise ImagineError(f"lora {name!r} does not fit this model ({model.family.label}): {reason}") from error
+    log.info("loaded lora %s", name)
+    model.loras[key] = adapter
+    return adapter
+
+
+def lora_error_reason(error: Exception) -> str:
+    """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
+    message = str(error)
+    if "size mismatch" in message:
+        return "its layers have other sizes than this model's"
+    if "not found in the base model" in message or "none of its layers" in message:
+        return "none of its layers is in this model"
+    return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__
+
+
+def use_loras(settings: Settings, model: LoadedModel, loras: list) -> None:
+    """Switches the model's adapters to exactly the request's LoRAs at their weights; none: all off."""
+    adapters = [(load_lora(settings, model, name), weight) for name, weight in loras]
+    active = [(adapter, weight) for adapter, weight in adapters if weight != 0]
+    pipe = model.txt2img
+    if not model.loras:
+        return
+    if not active:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    names, weights = zip(*active, strict=True)
+    pipe.set_adapters(list(names), list(weights))
+
+
+def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
+    """An embedding file's vectors for each of the model's text encoders ('clip_l', and 'clip_g' for SDXL),
+    in the layouts AUTOMATIC1111 reads: `emb_params`, `string_to_param`, a single tensor, or clip_l/clip_g."""
+    try:
+        tensors, _ = read_tensors(path)
+    except ImagineError:
+        raise
+    except Exception as error:
+        raise ImagineError(f"embedding {name!r} cannot be read ({type(error).__name__})") from error
+    pipe = model.txt2img
+    encoders = {"clip_l": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders["clip_g"] = pipe.text_encoder_2
+    if "string_to_param" in tensors:
+        tensors = tensors["string_to_param"]
+    if len(encoders) == 1 and "clip_l" not in tensors:
+        single = [value for value in tensors.values() if isinstance(value, torch.Tensor)]
+        tensors = {"clip_l": single[0]} if len(single) == 1 else {}
+    vectors = {}
+    for key, encoder in encoders.items():
+        vector = tensors.get(key)
+        width = encoder.get_input_embeddings().embedding_dim
+        if not isinstance(vector, torch.Tensor) or vector.shape[-1] != width:
+            raise ImagineError(f"embedding {name!r} does not fit this model ({model.family.label})")
+        vectors[key] = vector.reshape(-1, width).to(encoder.device, encoder.dtype)
+    return vectors
+
+
+def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str) -> dict:
+    """The vectors of every embedding whose name the texts use as a word, each file read once per model."""
+    files = {name.lower(): path for name, path in list_files(settings, "embeddings", EMBEDDING_SUFFIXES).items()}
+    used = {}
+    for name, path in files.items():
+        if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
+            if name not in model.embeddings:
+                model.embeddings[name] = embedding_vectors(name, path, model)
+            used[name] = model.embeddings[name]
+    return used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,8 +1315,9 @@ def scheduler_for(model: LoadedModel, sampler: str, seed: int, prediction: str |
     return scheduler
 
 
-def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
-    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set).
+def generate(model: LoadedModel, req: GenerationRequest, conditioning: dict, on_step=None) -> Image.Image:
+    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set) on the
+    encoded prompt `conditioning` (see prompt_embeddings).
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show: the predicted finished latents where the sampler gives them, else the current ones.
@@ -888,8 +1341,7 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.
 
     with torch.inference_mode():
         return pipe(
-            prompt=req.prompt,
-            negative_prompt=req.neg,
+            **conditioning,
             num_inference_steps=req.num_steps,
             guidance_scale=req.guidance,
             generator=generator,
@@ -998,6 +1450,8 @@ class Engine:
     def submit(self, req: GenerationRequest, client_gone=None) -> Job:
         """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work."""
         job = Job(req, self.models.resolve(req.model), client_gone)
+        for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
+            find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
             job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
         with self.accepting:
@@ -1048,6 +1502,11 @@ class Engine:
                 "generating %dx%d, %d steps, %s, seed %d, model %s",
                 req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
             )  # fmt: skip
+            use_loras(self.settings, model, req.loras)
+            prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
+            embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
+            with torch.inference_mode():
+                conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
             job.events.put(Started())
             last_step = 0
 
@@ -1060,7 +1519,7 @@ class Engine:
                 if req.stream and step % req.stream == 0 and step < steps:
                     job.events.put(Preview(step, steps, preview_image(model, req, latents)))
 
-            image = generate(model, req, on_step)
+            image = generate(model, req, conditioning, on_step)
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
@@ -1251,6 +1710,15 @@ def create_app(engine: Engine) -> Flask:
     @app.get("/samplers")
     def samplers_route():
         return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
+
+    @app.get("/loras")
+    def loras_route():
+        return jsonify(loras=lora_listing(settings))
+
+    @app.get("/embeddings")
+    def embeddings_route():
+        files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
+        return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
 
     return app
 
