@@ -1104,7 +1104,7 @@ def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tup
                 if not real.is_relative_to(folder.resolve()):
                     raise ImagineError(f"{what} {name!r} is outside the {kind} folder", 403)
                 return real
-    raise ImagineError(f"{what} {name!r} not found in the {kind} folder", 404)
+    raise ImagineError(f"{what} {name!r} not found in the {kind} folder")
 
 
 def read_tensors(path: Path) -> tuple:
@@ -1142,8 +1142,11 @@ def lora_listing(settings: Settings) -> list:
     for name, path in list_files(settings, "loras", LORA_SUFFIXES).items():
         family = None
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                family = lora_family(f.keys(), f.metadata() or {})
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    family = lora_family(f.keys(), f.metadata() or {})
+            except Exception:  # a broken file is listed; using it gets a 400 that says why
+                family = None
         listing.append({"name": name, "size": path.stat().st_size, "family": family})
     return listing
 
@@ -1180,6 +1183,8 @@ def lora_field(body: dict) -> list:
 
 
 def checked_loras(loras: list) -> list:
+    if len(loras) > MAX_LORAS_KEPT:
+        raise ImagineError(f"a request may use at most {MAX_LORAS_KEPT} loras, not {len(loras)}")
     for name, weight in loras:
         if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
             raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}")
@@ -1263,6 +1268,8 @@ def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
     encoders = {"clip_l": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:
         encoders["clip_g"] = pipe.text_encoder_2
+    if "clip_g" in tensors and len(encoders) == 1:
+        raise ImagineError(f"embedding {name!r} is for SDXL; the model is {model.family.label}")
     if "string_to_param" in tensors:
         tensors = tensors["string_to_param"]
     if len(encoders) == 1 and "clip_l" not in tensors:
