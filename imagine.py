@@ -821,6 +821,8 @@ def parse_request(body: dict, max_size: int = MAX_SIZE) -> GenerationRequest:
         clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
         loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
     )
+    parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
+    parse_prompt_attention(parsed.neg, "neg")
     if img is not None and int(parsed.num_steps * parsed.strength) < 1:
         raise ImagineError(
             f"strength {parsed.strength} with num_steps {parsed.num_steps} leaves no step to run; raise either"
@@ -867,10 +869,10 @@ COMMA_BACKTRACK = 20  # a chunk full in mid-phrase ends at its last comma if tha
 BREAK = None  # the weight that marks a BREAK in a parsed prompt
 
 
-def parse_prompt_attention(text: str) -> list:
+def parse_prompt_attention(text: str, field: str = "prompt") -> list:
     """Splits a prompt into (text, weight) pieces as AUTOMATIC1111 does: `(x)` x1.1, `[x]` /1.1,
     `(x:1.3)`; a bracket left open weighs to the end, a stray closing one is text; `BREAK` becomes
-    (\"BREAK\", BREAK). Neighbours of equal weight are merged."""
+    ("BREAK", BREAK). Neighbours of equal weight are merged."""
     pieces, round_open, square_open = [], [], []
 
     def multiply(start, factor):
@@ -890,7 +892,7 @@ def parse_prompt_attention(text: str) -> list:
             try:
                 multiply(round_open.pop(), float(weight))
             except ValueError:
-                raise ImagineError(f"prompt weight {weight!r} is not a number") from None
+                raise ImagineError(f"{field} weight {weight!r} is not a number") from None
         elif piece == ")" and round_open:
             multiply(round_open.pop(), ATTENTION_STEP)
         elif piece == "]" and square_open:
@@ -1037,7 +1039,7 @@ def prompt_embeddings(pipe, prompt: str, neg: str, clip_skip: int, embeddings: d
     encoders, unnormalized, so N moves both further back (diffusers' clip_skip N-1).
     `embeddings` maps a name to its vectors for each text encoder (see embedding_vectors).
     """
-    parsed = [parse_prompt_attention(prompt), parse_prompt_attention(neg)]
+    parsed = [parse_prompt_attention(prompt), parse_prompt_attention(neg, "neg")]
     encoders = [(pipe.tokenizer, pipe.text_encoder, "clip_l")]
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     if sdxl:

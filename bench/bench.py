@@ -31,10 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ldm_checkpoint import ldm_state_dict, random_sd15_modules  # noqa: E402
+from lora_files import kohya_lora  # noqa: E402
 
 import imagine  # noqa: E402
 
 PROMPT, NEG, SEED = "a lighthouse on a cliff at dawn, oil painting", "blurry", 1234
+# About 300 tokens of the kind copied from model pages: weights, brackets, commas.
+LONG_PROMPT = ", ".join(
+    f"(masterpiece:1.2), best quality, a lighthouse {n} on a [rocky] cliff, ((dramatic sky)), oil painting"
+    for n in range(12)
+)
 SD15_CONFIG = imagine.CONFIGS_DIR / "sd1"
 
 
@@ -185,6 +191,37 @@ def measure_loads(checkpoint: Path, dtype: torch.dtype, repeats: int) -> tuple:
     return times["imagine load"], times["diffusers load"]
 
 
+def build_loras(checkpoint: Path, pipe) -> list:
+    """Two random rank-32 LoRAs on every attention and MLP layer of the UNet and the text encoder, in kohya's
+    layout, in the `loras` folder beside the checkpoint (the server's models directory)."""
+    from safetensors.torch import save_file
+
+    folder = checkpoint.parent / "loras"
+    folder.mkdir(exist_ok=True)
+    names = ["bench_a", "bench_b"]
+    for seed, name in enumerate(names):
+        if not (folder / f"{name}.safetensors").is_file():
+            save_file(kohya_lora(pipe, seed=seed, rank=32, scale=0.01), str(folder / f"{name}.safetensors"))
+    return names
+
+
+def measure_in_process(checkpoint: Path, loras: list, repeats: int) -> tuple:
+    """(seconds to switch between two loaded LoRAs, seconds to encode LONG_PROMPT and its negative), medians."""
+    settings = imagine.Settings(models_dir=checkpoint.parent)
+    models = imagine.Models(settings, torch.device("cpu"), torch.bfloat16)
+    model = models.get(str(checkpoint.resolve()))
+    for name in loras:
+        imagine.use_loras(settings, model, [(name, 0.8)])
+    switches, encodings = [], []
+    for _ in range(repeats):
+        for name in loras:
+            switches.append(timed(lambda name=name: imagine.use_loras(settings, model, [(name, 0.8)])))
+        with torch.inference_mode():
+            encodings.append(timed(lambda: imagine.prompt_embeddings(model.txt2img, LONG_PROMPT, NEG, 1, {})))
+    tokens = len(model.txt2img.tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids)
+    return switches, encodings, tokens
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = args.checkpoint or args.workdir / "sd15-random.safetensors"
@@ -223,6 +260,22 @@ def main(argv=None) -> None:
         rss_added = server.rss_bytes() / rss_txt2img - 1
         requests = 3 + 3 * repeats
         loads = server.load_seconds()  # one per "loaded ... in N s" line of its log
+
+        print("loras, prompts, lcm:", file=sys.stderr)
+        loras = build_loras(checkpoint, pipe)
+        for name in loras:
+            server.generate(size, steps, loras=[{"name": name, "weight": 0.8}])
+        lora_times = rounds(
+            {
+                "no lora": lambda: server.generate(size, steps),
+                "cached lora": lambda: server.generate(size, steps, loras=[{"name": loras[0], "weight": 0.8}]),
+                "lcm, guidance 1": lambda: server.generate(size, steps, sampler="lcm", guidance=1.0),
+                "lcm, guidance 2": lambda: server.generate(size, steps, sampler="lcm", guidance=2.0),
+            },
+            repeats,
+        )
+        lora_loads = sum("loaded lora" in line for line in server.log)
+        long_generation = timed(lambda: server.generate(size, 25, prompt=LONG_PROMPT))
     finally:
         for server in servers.values():
             server.stop()
@@ -249,6 +302,38 @@ def main(argv=None) -> None:
             "<= 5 %",
             rss_added <= 0.05,
         ),
+    ]
+    switches, encodings, tokens = measure_in_process(checkpoint, loras, repeats)
+    encoding_share = statistics.median(encodings) / long_generation
+    rows += [
+        ratio_row(
+            "request with a cached rank-32 LoRA ÷ without", lora_times["cached lora"], lora_times["no lora"], 1.1
+        ),
+        (
+            "second request with the same LoRA: loads",
+            f"{lora_loads} loads for 2 LoRAs in {2 + 2 * repeats} requests using them",
+            "",
+            "",
+            "1 per LoRA",
+            lora_loads == 2,
+        ),
+        (
+            "switching between two loaded LoRAs",
+            spread(switches),
+            "",
+            "",
+            "<= 0.5 s",
+            statistics.median(switches) <= 0.5,
+        ),
+        (
+            f"encoding a {tokens}-token weighted prompt ÷ a 25-step generation with it",
+            spread(encodings),
+            f"{long_generation:.2f} s",
+            f"{encoding_share:.3f}",
+            "<= 0.03",
+            encoding_share <= 0.03,
+        ),
+        ratio_row("lcm: guidance 1 ÷ guidance 2", lora_times["lcm, guidance 1"], lora_times["lcm, guidance 2"], 0.6),
     ]
     print()
     print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on CPU")

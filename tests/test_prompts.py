@@ -206,6 +206,7 @@ def test_clip_skip_on_sdxl_moves_both_encoders_back_a_layer(tiny_engine):  # noq
         ({"clip_skip": 0}, "clip_skip must be between 1 and 12, not 0"),
         ({"clip_skip": 6}, "clip_skip 6 is more than this model's text encoder has (5 layers)"),
         ({"prompt": "a (cat:1.2.3)"}, "prompt weight '1.2.3' is not a number"),
+        ({"neg": "(ugly:.)"}, "neg weight '.' is not a number"),
     ],
 )
 def test_a_bad_clip_skip_or_weight_is_refused_naming_it(client, fields, error):
