@@ -80,6 +80,8 @@ diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
 transformers.utils.logging.disable_progress_bar()  # it draws one for each LoRA's text-encoder weights
 warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
+# peft's notice when a second LoRA joins a model: several adapters side by side is what Imagine wants.
+warnings.filterwarnings("ignore", message="Already found a `peft_config`", module="peft")
 
 # ---------------------------------------------------------------------------------------------
 # Settings: every one a flag, an IMAGINE_* environment variable, and a default.

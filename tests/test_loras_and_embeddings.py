@@ -279,6 +279,18 @@ def test_an_embedding_for_another_family_is_refused_naming_it(lora_engine):
     assert response.get_json()["error"] == "embedding 'xlcat' is for SDXL; the model is Stable Diffusion 1.x"
 
 
+def test_a_broken_embedding_file_is_refused_naming_it_only_when_a_prompt_uses_it(make_engine, tmp_path):
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    assert post(engine).status_code == 200
+    response = post(engine, neg="broken")
+    assert (response.status_code, response.get_json()) == (
+        400,
+        {"error": "embedding 'broken' cannot be read (SafetensorError)"},
+    )
+
+
 def test_get_embeddings_lists_name_and_size(lora_engine, folder):
     listing = imagine.create_app(lora_engine).test_client().get("/embeddings").get_json()["embeddings"]
     assert {each["name"] for each in listing} == {"beacon", "redbeacon", "xlcat"}
