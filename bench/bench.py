@@ -52,6 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=512, help="width and height (default 512)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per generation (default 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (default 5)")
+    parser.add_argument(
+        "--loras-only",
+        action="store_true",
+        help="only the LoRA, long-prompt and lcm rows (a shorter run on a busy machine)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.repeats = 256, 8, 5
@@ -205,11 +210,13 @@ def build_loras(checkpoint: Path, pipe) -> list:
     return names
 
 
-def measure_in_process(checkpoint: Path, loras: list, repeats: int) -> tuple:
-    """(seconds to switch between two loaded LoRAs, seconds to encode LONG_PROMPT and its negative), medians."""
+def measure_in_process(checkpoint: Path, repeats: int) -> tuple:
+    """Builds the LoRAs from the loaded model's layers, then measures (seconds to switch between the two
+    loaded LoRAs, seconds to encode LONG_PROMPT and its negative, LONG_PROMPT's tokens, the LoRA names)."""
     settings = imagine.Settings(models_dir=checkpoint.parent)
     models = imagine.Models(settings, torch.device("cpu"), torch.bfloat16)
     model = models.get(str(checkpoint.resolve()))
+    loras = build_loras(checkpoint, model.txt2img)
     for name in loras:
         imagine.use_loras(settings, model, [(name, 0.8)])
     switches, encodings = [], []
@@ -219,7 +226,61 @@ def measure_in_process(checkpoint: Path, loras: list, repeats: int) -> tuple:
         with torch.inference_mode():
             encodings.append(timed(lambda: imagine.prompt_embeddings(model.txt2img, LONG_PROMPT, NEG, 1, {})))
     tokens = len(model.txt2img.tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids)
-    return switches, encodings, tokens
+    return switches, encodings, tokens, loras
+
+
+def lora_rows(checkpoint: Path, size: int, steps: int, repeats: int) -> list:
+    """LoRA requests against plain ones, LoRA switching, the encoding of a long weighted prompt, and lcm's
+    guidance 1 (no unconditional half) against 2, on the `-f 16` server."""
+    print("loras, prompts, lcm:", file=sys.stderr)
+    switches, encodings, tokens, loras = measure_in_process(checkpoint, repeats)
+    gc.collect()
+    server = Server(checkpoint, "16")
+    try:
+        for name in loras:
+            server.generate(size, steps, loras=[{"name": name, "weight": 0.8}])
+        times = rounds(
+            {
+                "no lora": lambda: server.generate(size, steps),
+                "cached lora": lambda: server.generate(size, steps, loras=[{"name": loras[0], "weight": 0.8}]),
+                "lcm, guidance 1": lambda: server.generate(size, steps, sampler="lcm", guidance=1.0),
+                "lcm, guidance 2": lambda: server.generate(size, steps, sampler="lcm", guidance=2.0),
+            },
+            repeats,
+        )
+        lora_loads = sum("loaded lora" in line for line in server.log)
+        long_generation = timed(lambda: server.generate(size, 25, prompt=LONG_PROMPT))
+    finally:
+        server.stop()
+    encoding_share = statistics.median(encodings) / long_generation
+    return [
+        ratio_row("request with a cached rank-32 LoRA ÷ without", times["cached lora"], times["no lora"], 1.1),
+        (
+            "second request with the same LoRA: loads",
+            f"{lora_loads} loads for 2 LoRAs in {2 + repeats} requests using them",
+            "",
+            "",
+            "1 per LoRA",
+            lora_loads == 2,
+        ),
+        (
+            "switching between two loaded LoRAs (in process)",
+            spread(switches),
+            "",
+            "",
+            "<= 0.5 s",
+            statistics.median(switches) <= 0.5,
+        ),
+        (
+            f"encoding a {tokens}-token weighted prompt ÷ a 25-step generation with it",
+            spread(encodings),
+            f"{long_generation:.2f} s",
+            f"{encoding_share:.3f}",
+            "<= 0.03",
+            encoding_share <= 0.03,
+        ),
+        ratio_row("lcm: guidance 1 ÷ guidance 2", times["lcm, guidance 1"], times["lcm, guidance 2"], 0.6),
+    ]
 
 
 def main(argv=None) -> None:
@@ -232,6 +293,9 @@ def main(argv=None) -> None:
     bf16_feature = imagine.cpu_bf16_feature()
     size, steps, repeats = args.size, args.steps, args.repeats
     print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
+    if args.loras_only:
+        print_table(lora_rows(checkpoint, size, steps, repeats), size, steps, repeats, bf16_feature)
+        return
     rows = []
 
     print("cold loads:", file=sys.stderr)
@@ -261,21 +325,6 @@ def main(argv=None) -> None:
         requests = 3 + 3 * repeats
         loads = server.load_seconds()  # one per "loaded ... in N s" line of its log
 
-        print("loras, prompts, lcm:", file=sys.stderr)
-        loras = build_loras(checkpoint, pipe)
-        for name in loras:
-            server.generate(size, steps, loras=[{"name": name, "weight": 0.8}])
-        lora_times = rounds(
-            {
-                "no lora": lambda: server.generate(size, steps),
-                "cached lora": lambda: server.generate(size, steps, loras=[{"name": loras[0], "weight": 0.8}]),
-                "lcm, guidance 1": lambda: server.generate(size, steps, sampler="lcm", guidance=1.0),
-                "lcm, guidance 2": lambda: server.generate(size, steps, sampler="lcm", guidance=2.0),
-            },
-            repeats,
-        )
-        lora_loads = sum("loaded lora" in line for line in server.log)
-        long_generation = timed(lambda: server.generate(size, 25, prompt=LONG_PROMPT))
     finally:
         for server in servers.values():
             server.stop()
@@ -303,38 +352,12 @@ def main(argv=None) -> None:
             rss_added <= 0.05,
         ),
     ]
-    switches, encodings, tokens = measure_in_process(checkpoint, loras, repeats)
-    encoding_share = statistics.median(encodings) / long_generation
-    rows += [
-        ratio_row(
-            "request with a cached rank-32 LoRA ÷ without", lora_times["cached lora"], lora_times["no lora"], 1.1
-        ),
-        (
-            "second request with the same LoRA: loads",
-            f"{lora_loads} loads for 2 LoRAs in {2 + 2 * repeats} requests using them",
-            "",
-            "",
-            "1 per LoRA",
-            lora_loads == 2,
-        ),
-        (
-            "switching between two loaded LoRAs",
-            spread(switches),
-            "",
-            "",
-            "<= 0.5 s",
-            statistics.median(switches) <= 0.5,
-        ),
-        (
-            f"encoding a {tokens}-token weighted prompt ÷ a 25-step generation with it",
-            spread(encodings),
-            f"{long_generation:.2f} s",
-            f"{encoding_share:.3f}",
-            "<= 0.03",
-            encoding_share <= 0.03,
-        ),
-        ratio_row("lcm: guidance 1 ÷ guidance 2", lora_times["lcm, guidance 1"], lora_times["lcm, guidance 2"], 0.6),
-    ]
+
+    rows += lora_rows(checkpoint, size, steps, repeats)
+    print_table(rows, size, steps, repeats, bf16_feature)
+
+
+def print_table(rows: list, size: int, steps: int, repeats: int, bf16_feature) -> None:
     print()
     print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on CPU")
     cpu = f"{torch.get_num_threads()} threads, native bf16: {bf16_feature or 'none'}"
