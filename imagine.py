@@ -1326,9 +1326,9 @@ def scheduler_for(model: LoadedModel, sampler: str, seed: int, prediction: str |
     return scheduler
 
 
-def generate(model: LoadedModel, req: GenerationRequest, conditioning: dict, on_step=None) -> Image.Image:
+def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> Image.Image:
     """Runs the diffusers pipeline for `req` (whose seed, width and height must be set) on the
-    encoded prompt `conditioning` (see prompt_embeddings).
+    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings).
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show: the predicted finished latents where the sampler gives them, else the current ones.
@@ -1351,6 +1351,8 @@ def generate(model: LoadedModel, req: GenerationRequest, conditioning: dict, on_
         return tensors
 
     with torch.inference_mode():
+        if conditioning is None:
+            conditioning = prompt_embeddings(pipe, req.prompt, req.neg, req.clip_skip, {})
         return pipe(
             **conditioning,
             num_inference_steps=req.num_steps,
@@ -1530,7 +1532,7 @@ class Engine:
                 if req.stream and step % req.stream == 0 and step < steps:
                     job.events.put(Preview(step, steps, preview_image(model, req, latents)))
 
-            image = generate(model, req, conditioning, on_step)
+            image = generate(model, req, on_step, conditioning)
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
