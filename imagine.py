@@ -24,6 +24,7 @@ import gc
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
 MAX_BATCH = 8  # pictures one request may ask for (`n`); a setting
+MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
 # A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
 # far beyond any prompt people write, and bounds the work (a 10 MB prompt took 80 s and 4 GB).
 MAX_PROMPT_CHARS = 16_000
@@ -227,6 +229,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
@@ -251,7 +254,10 @@ from werkzeug.exceptions import HTTPException
 # nothing actionable to someone running a server; real errors still reach the log.
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # the log reports loads and generations instead
+transformers.utils.logging.disable_progress_bar()  # it draws one for each LoRA's text-encoder weights
 warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
+# peft's notice when a second LoRA joins a model: several adapters side by side is what Imagine wants.
+warnings.filterwarnings("ignore", message="Already found a `peft_config`", module="peft")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +548,9 @@ class LoadedModel:
     schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
     cancelled: object = None  # while a job runs, its cancelled(): checked at the cancel points (add_cancel_points)
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
+    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
+    adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
 
 
 class Models:
@@ -909,6 +918,8 @@ SAMPLERS = {
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++ 2m sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    # For LCM and LCM-LoRA, turbo and lightning models: 4-8 steps at a guidance of 1-2.
+    "lcm": (LCMScheduler, {}),
 }
 # "<name> karras": the same sampler on the Karras et al. noise schedule, for every sampler whose
 # diffusers scheduler offers it (DDIM and Euler a do not). A plain name turns it off explicitly:
@@ -1021,13 +1032,14 @@ class GenerationRequest:
     inpaint_area: str = "whole"
     inpaint_padding: int = 32
     n: int = 1  # pictures, with seeds seed, seed+1, ...
+    clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
+    loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
 
 
 INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
 MASK_STRENGTH = 0.75  # A1111's default denoising strength for inpainting
 MAX_MASK_BLUR = 64
 MAX_INPAINT_PADDING = 256
-
 
 # What the model predicts at each step, for a request's `prediction` field: the noise ("epsilon",
 # SD1, SDXL, SD2 512) or "v" (SD2 768-v). Only needed where a checkpoint's kind is guessed wrong.
@@ -1185,7 +1197,11 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         inpaint_area=inpaint_area,
         inpaint_padding=_integer(body, "inpaint_padding", defaults.inpaint_padding, 0, MAX_INPAINT_PADDING),
         n=_integer(body, "n", defaults.n, 1, max_batch),
+        clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
+        loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
     )
+    parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
+    parse_prompt_attention(parsed.neg, "neg")
     if img is not None and int(parsed.num_steps * parsed.strength) < 1:
         raise ImagineError(
             f"strength {parsed.strength} with num_steps {parsed.num_steps} leaves no step to run; raise either"
@@ -1218,7 +1234,449 @@ def generation_parameters(req: GenerationRequest, model_name: str) -> str:
         if req.inpaint_area == "masked":
             settings["Inpaint area"] = "Only masked"
             settings["Masked area padding"] = req.inpaint_padding
+    if req.clip_skip != 1:
+        settings["Clip skip"] = req.clip_skip
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: AUTOMATIC1111's syntax (weights, BREAK), prompts longer than 77 tokens, clip skip
+# ---------------------------------------------------------------------------------------------
+
+# One piece of a prompt each: an escaped bracket or backslash, a lone backslash, an opening bracket, a
+# weight closing a round bracket (":1.3)"), a closing bracket, a run of plain text, or a lone colon.
+PROMPT_PIECE = re.compile(r"\\[()\[\]\\]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
+PROMPT_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+ATTENTION_STEP = 1.1  # what one pair of () multiplies a weight by, and [] divides it by
+CHUNK_TOKENS = 75  # the tokens of one text-encoder pass, between its start and end tokens
+COMMA_BACKTRACK = 20  # a chunk full in mid-phrase ends at its last comma if that is this close to the end
+BREAK = None  # the weight that marks a BREAK in a parsed prompt
+
+
+def parse_prompt_attention(text: str, field: str = "prompt") -> list:
+    """Splits a prompt into (text, weight) pieces as AUTOMATIC1111 does: `(x)` x1.1, `[x]` /1.1,
+    `(x:1.3)`; a bracket left open weighs to the end, a stray closing one is text; `BREAK` becomes
+    ("BREAK", BREAK). Neighbours of equal weight are merged."""
+    pieces, round_open, square_open = [], [], []
+
+    def multiply(start, factor):
+        for index in range(start, len(pieces)):
+            if pieces[index][1] is not BREAK:
+                pieces[index][1] *= factor
+
+    for match in PROMPT_PIECE.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            pieces.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_open.append(len(pieces))
+        elif piece == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            try:
+                multiply(round_open.pop(), float(weight))
+            except ValueError:
+                raise ImagineError(f"{field} weight {weight!r} is not a number") from None
+        elif piece == ")" and round_open:
+            multiply(round_open.pop(), ATTENTION_STEP)
+        elif piece == "]" and square_open:
+            multiply(square_open.pop(), 1 / ATTENTION_STEP)
+        else:
+            for index, part in enumerate(PROMPT_BREAK.split(piece)):
+                if index:
+                    pieces.append(["BREAK", BREAK])
+                pieces.append([part, 1.0])
+    for start in round_open:
+        multiply(start, ATTENTION_STEP)
+    for start in square_open:
+        multiply(start, 1 / ATTENTION_STEP)
+    merged = []
+    for piece in pieces:
+        if piece[0] == "":  # what BREAK leaves at either side of itself; it tokenizes to nothing
+            continue
+        if merged and merged[-1][1] == piece[1] and piece[1] is not BREAK:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [tuple(piece) for piece in merged] or [("", 1.0)]
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One text-encoder pass: 77 token ids (start, 75, end or padding), a weight for each, and
+    textual-inversion vectors to put in place of the token embeddings at some positions."""
+
+    tokens: list = dataclasses.field(default_factory=list)
+    weights: list = dataclasses.field(default_factory=list)
+    vectors: dict = dataclasses.field(default_factory=dict)  # position -> vector
+
+
+def prompt_chunks(tokenizer, pieces: list, embeddings: dict) -> list:
+    """Tokenizes parsed pieces into chunks of 75 tokens, as AUTOMATIC1111 does: a chunk that fills up
+    in mid-phrase ends after its last comma if that is within 20 tokens of the end; BREAK ends a
+    chunk; an embedding (name -> [n, width] vectors) is never split across two chunks."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks, chunk, last_comma = [], Chunk(), -1
+
+    def close(current):
+        ids, weights = current.tokens, current.weights
+        # Laid out as the tokenizer pads: start, tokens, end, then padding (the end token for CLIP L,
+        # "!" for OpenCLIP), so a plain prompt gives exactly the ids diffusers would encode.
+        padding = CHUNK_TOKENS - len(ids)
+        current.tokens = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
+        current.weights = [1.0, *weights, 1.0] + [1.0] * padding
+        current.vectors = {position + 1: vector for position, vector in current.vectors.items()}
+        chunks.append(current)
+
+    for text, weight in pieces:
+        if weight is BREAK:
+            close(chunk)
+            chunk, last_comma = Chunk(), -1
+            continue
+        for word in words_and_embeddings(text, embeddings):
+            if isinstance(word, torch.Tensor):
+                if len(chunk.tokens) + len(word) > CHUNK_TOKENS:
+                    close(chunk)
+                    chunk, last_comma = Chunk(), -1
+                for vector in word:
+                    chunk.vectors[len(chunk.tokens)] = vector
+                    chunk.tokens.append(0)  # a stand-in id: its embedding is replaced by the vector
+                    chunk.weights.append(weight)
+                continue
+            for token in tokenizer(word, add_special_tokens=False).input_ids:
+                if len(chunk.tokens) == CHUNK_TOKENS:
+                    backtrack = token != comma and last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK
+                    keep = last_comma + 1 if backtrack else CHUNK_TOKENS
+                    moved = Chunk(chunk.tokens[keep:], chunk.weights[keep:])
+                    moved.vectors = {p - keep: v for p, v in chunk.vectors.items() if p >= keep}
+                    chunk.vectors = {p: v for p, v in chunk.vectors.items() if p < keep}
+                    chunk.tokens, chunk.weights = chunk.tokens[:keep], chunk.weights[:keep]
+                    close(chunk)
+                    chunk, last_comma = moved, -1
+                if token == comma:
+                    last_comma = len(chunk.tokens)
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+    if chunk.tokens or not chunks:
+        close(chunk)
+    return chunks
+
+
+def words_and_embeddings(text: str, embeddings: dict) -> list:
+    """The text with each embedding's name, as a whole word, replaced by its vectors."""
+    if not embeddings:
+        return [text]
+    names = "|".join(re.escape(name) for name in sorted(embeddings, key=len, reverse=True))
+    parts = re.split(rf"(?<![\w-])({names})(?![\w-])", text, flags=re.I)
+    return [embeddings[part.lower()] if index % 2 else part for index, part in enumerate(parts) if part]
+
+
+def encode_chunk(text_encoder, chunk: Chunk, layer: int, final_norm: bool) -> tuple:
+    """The hidden states of one chunk at `layer` (-1 the last) and the pooled output, with the
+    weights applied as AUTOMATIC1111's default emphasis does: multiplied in, then the chunk scaled
+    back to its original mean."""
+    device = text_encoder.device
+    ids = torch.tensor([chunk.tokens], device=device)
+    hook = None
+    if chunk.vectors:
+        token_embedding = text_encoder.get_input_embeddings()
+
+        def put_vectors(module, inputs, output):
+            output = output.clone()
+            for position, vector in chunk.vectors.items():
+                output[0, position] = vector.to(output.dtype)
+            return output
+
+        hook = token_embedding.register_forward_hook(put_vectors)
+    try:
+        output = text_encoder(ids, output_hidden_states=layer != -1)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if layer == -1:
+        hidden = output.last_hidden_state
+    else:
+        hidden = output.hidden_states[layer]
+        if final_norm:
+            hidden = text_encoder.final_layer_norm(hidden)
+    if any(weight != 1.0 for weight in chunk.weights):
+        original_mean = hidden.mean()
+        hidden = hidden * torch.tensor(chunk.weights, dtype=hidden.dtype, device=device)[None, :, None]
+        new_mean = hidden.mean()
+        if new_mean != 0:  # a random test model's layer norm can centre every token exactly on 0
+            hidden = hidden * (original_mean / new_mean)
+    return hidden, output[0] if output[0].ndim == 2 else None
+
+
+def encode_chunks(text_encoder, chunks: list, layer: int, final_norm: bool) -> tuple:
+    """(hidden states of every chunk side by side, pooled output of the first chunk)."""
+    encoded = [encode_chunk(text_encoder, chunk, layer, final_norm) for chunk in chunks]
+    return torch.cat([hidden for hidden, _ in encoded], dim=1), encoded[0][1]
+
+
+def prompt_embeddings(pipe, prompt: str, neg: str, clip_skip: int, embeddings: dict) -> dict:
+    """The prompt and negative prompt encoded for the pipeline's `prompt_embeds` arguments.
+
+    `clip_skip` N takes the hidden states N-1 layers before the one the family uses by default: SD1
+    and SD2 use the last layer (SD2's diffusers text encoder already ends at OpenCLIP's penultimate),
+    with its final layer norm applied, as AUTOMATIC1111 does; SDXL uses the penultimate layer of both
+    encoders, unnormalized, so N moves both further back (diffusers' clip_skip N-1).
+    `embeddings` maps a name to its vectors for each text encoder (see embedding_vectors).
+    """
+    parsed = [parse_prompt_attention(prompt), parse_prompt_attention(neg, "neg")]
+    encoders = [(pipe.tokenizer, pipe.text_encoder, "clip_l")]
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl:
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
+    layer = -clip_skip - 1 if sdxl else -clip_skip
+    for _, text_encoder, _ in encoders:
+        layers = text_encoder.config.num_hidden_layers
+        if clip_skip > layers:
+            raise ImagineError(f"clip_skip {clip_skip} is more than this model's text encoder has ({layers} layers)")
+    hidden, pooled = [[], []], [None, None]
+    for tokenizer, text_encoder, key in encoders:
+        vectors = {name: each[key] for name, each in embeddings.items()}
+        chunks = [prompt_chunks(tokenizer, pieces, vectors) for pieces in parsed]
+        # The shorter of prompt and negative prompt gets chunks of the empty prompt, so that both line up.
+        count = max(len(each) for each in chunks)
+        for index, each in enumerate(chunks):
+            each += prompt_chunks(tokenizer, [("", 1.0)], {}) * (count - len(each))
+            states, pooled[index] = encode_chunks(text_encoder, each, layer, not sdxl)
+            hidden[index].append(states)
+    arguments = {"prompt_embeds": torch.cat(hidden[0], dim=-1), "negative_prompt_embeds": torch.cat(hidden[1], dim=-1)}
+    if sdxl:
+        arguments |= {"pooled_prompt_embeds": pooled[0], "negative_pooled_prompt_embeds": pooled[1]}
+    return arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and embeddings: files beside the models, loaded once per model, switched per request
+# ---------------------------------------------------------------------------------------------
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt")
+MAX_LORA_WEIGHT = 5.0
+MAX_LORAS_KEPT = 8  # adapters kept loaded per model; the least recently used is deleted first
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def extra_folders(settings: Settings, kind: str) -> list:
+    """Where `loras` or `embeddings` live: that sub-folder of every models folder, in search order."""
+    return [folder / kind for folder in model_folders(settings.models_dir)]
+
+
+def list_files(settings: Settings, kind: str, suffixes: tuple) -> dict:
+    """name -> path of every file of `kind` (a name is the path below its folder, without the suffix), links
+    followed as for models; the first folder wins where two hold the same name."""
+    found = {}
+    for name, path in walk_folders(extra_folders(settings, kind)):
+        if path.suffix in suffixes and path.is_file():
+            found.setdefault(name.removesuffix(path.suffix), path)
+    return found
+
+
+def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tuple) -> Path:
+    """A file of `kind` by a name from the network: as for models, the name may only walk down the folders."""
+    if "\0" in name or not name.strip():
+        raise ImagineError(f"{what} name {name!r} is not a file name")
+    if "\\" in name or ".." in Path(name).parts:
+        raise ImagineError(f"{what} {name!r} is outside the {kind} folder", 403)
+    found = None if Path(name).is_absolute() else find_in_folders(extra_folders(settings, kind), name, suffixes)
+    real = found and real_path(found)
+    if not real or not real.is_file() or found.suffix not in suffixes:
+        raise ImagineError(f"{what} {name!r} not found in the {kind} folder")
+    return real
+
+
+def read_tensors(path: Path) -> tuple:
+    """(tensors, metadata) of a .safetensors file, or of a .pt/.ckpt read with torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
+    refuse_pickles_that_could_run(path.with_suffix(".ckpt"))
+    return torch.load(path, map_location="cpu", weights_only=True), {}
+
+
+def family_group(family: Family) -> str:
+    """'sd1', 'sd2' or 'sdxl': what a LoRA or embedding must have been trained for."""
+    name = next(name for name, each in FAMILIES.items() if each is family)
+    return name.removesuffix("-inpaint").removesuffix("-v")
+
+
+def lora_family(keys, metadata: dict) -> str | None:
+    """The family a LoRA file was trained for, from kohya's metadata or its key layout; None if it does not say."""
+    base = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
+    if "xl" in base:
+        return "sdxl"
+    if base.startswith(("sd_v2", "stable-diffusion-v2")) or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if base.startswith(("sd_v1", "stable-diffusion-v1")):
+        return "sd1"
+    sdxl_keys = ("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks", "text_encoder_2.")
+    if any(key.startswith(sdxl_keys) for key in keys):
+        return "sdxl"
+    return None
+
+
+def lora_listing(settings: Settings) -> list:
+    listing = []
+    for name, path in list_files(settings, "loras", LORA_SUFFIXES).items():
+        family = None
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    family = lora_family(f.keys(), f.metadata() or {})
+            except Exception:  # a broken file is listed; using it gets a 400 that says why
+                family = None
+        listing.append({"name": name, "size": path.stat().st_size, "family": family})
+    return listing
+
+
+def lora_tags(prompt: str) -> list:
+    """The (name, weight) of each `<lora:name:weight>` in a prompt; the weight may be left out (1.0)."""
+    found = []
+    for tag in LORA_TAG.findall(prompt):
+        name, _, weight = tag.partition(":")
+        try:
+            found.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ImagineError(f"<lora:{tag}> must be <lora:name> or <lora:name:weight>, weight a number") from None
+    return found
+
+
+def without_lora_tags(prompt: str) -> str:
+    return LORA_TAG.sub("", prompt)
+
+
+def lora_field(body: dict) -> list:
+    """The request's `loras` field: [{"name": ..., "weight": ...}], weight optional (1.0)."""
+    value = body.get("loras")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(each, dict) for each in value):
+        raise ImagineError('loras must be a list like [{"name": "add_detail", "weight": 0.8}]')
+    loras = []
+    for each in value:
+        if set(each) - {"name", "weight"} or not isinstance(each.get("name"), str):
+            raise ImagineError(f"loras entries have a name and a weight, not {json.dumps(each)[:80]}")
+        loras.append((each["name"], _number(each, "weight", 1.0, -math.inf, math.inf)))
+    return loras
+
+
+def checked_loras(loras: list) -> list:
+    if len(loras) > MAX_LORAS_KEPT:
+        raise ImagineError(f"a request may use at most {MAX_LORAS_KEPT} loras, not {len(loras)}")
+    for name, weight in loras:
+        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}")
+    return loras
+
+
+def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
+    """The adapter name of LoRA `name` on `model`, loaded on first use and kept (MAX_LORAS_KEPT per model).
+
+    A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
+    """
+    path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
+    key = str(path)
+    if key in model.loras:
+        model.loras.move_to_end(key)
+        return model.loras[key]
+    try:
+        tensors, metadata = read_tensors(path)
+    except ImagineError:
+        raise
+    except Exception as error:
+        raise ImagineError(f"lora {name!r} cannot be read ({type(error).__name__})") from error
+    if any("hada_" in key or "lokr_" in key for key in tensors):
+        raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
+    family, wanted = lora_family(tensors, metadata), family_group(model.family)
+    if family is not None and family != wanted:
+        raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
+    if len(model.loras) >= MAX_LORAS_KEPT:
+        model.txt2img.delete_adapters(model.loras.popitem(last=False)[1])
+    adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
+    pipe = model.txt2img
+    try:
+        pipe.load_lora_weights(tensors, adapter_name=adapter)
+        if not any(adapter in names for names in pipe.get_list_adapters().values()):
+            raise ValueError("none of its layers is in this model")
+    except Exception as error:
+        if any(adapter in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(adapter)
+        reason = lora_error_reason(error)
+        raise ImagineError(f"lora {name!r} does not fit this model ({model.family.label}): {reason}") from error
+    log.info("loaded lora %s", name)
+    model.loras[key] = adapter
+    return adapter
+
+
+def lora_error_reason(error: Exception) -> str:
+    """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
+    message = str(error)
+    if "size mismatch" in message:
+        return "its layers have other sizes than this model's"
+    if "not found in the base model" in message or "none of its layers" in message:
+        return "none of its layers is in this model"
+    return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__
+
+
+def use_loras(settings: Settings, model: LoadedModel, loras: list) -> None:
+    """Switches the model's adapters to exactly the request's LoRAs at their weights; none: all off."""
+    adapters = [(load_lora(settings, model, name), weight) for name, weight in loras]
+    active = [(adapter, weight) for adapter, weight in adapters if weight != 0]
+    pipe = model.txt2img
+    if not model.loras:
+        return
+    if not active:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    names, weights = zip(*active, strict=True)
+    pipe.set_adapters(list(names), list(weights))
+
+
+def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
+    """An embedding file's vectors for each of the model's text encoders ('clip_l', and 'clip_g' for SDXL),
+    in the layouts AUTOMATIC1111 reads: `emb_params`, `string_to_param`, a single tensor, or clip_l/clip_g."""
+    try:
+        tensors, _ = read_tensors(path)
+    except ImagineError:
+        raise
+    except Exception as error:
+        raise ImagineError(f"embedding {name!r} cannot be read ({type(error).__name__})") from error
+    pipe = model.txt2img
+    encoders = {"clip_l": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders["clip_g"] = pipe.text_encoder_2
+    if "clip_g" in tensors and len(encoders) == 1:
+        raise ImagineError(f"embedding {name!r} is for SDXL; the model is {model.family.label}")
+    if "string_to_param" in tensors:
+        tensors = tensors["string_to_param"]
+    if len(encoders) == 1 and "clip_l" not in tensors:
+        single = [value for value in tensors.values() if isinstance(value, torch.Tensor)]
+        tensors = {"clip_l": single[0]} if len(single) == 1 else {}
+    vectors = {}
+    for key, encoder in encoders.items():
+        vector = tensors.get(key)
+        width = encoder.get_input_embeddings().embedding_dim
+        if not isinstance(vector, torch.Tensor) or vector.shape[-1] != width:
+            raise ImagineError(f"embedding {name!r} does not fit this model ({model.family.label})")
+        vectors[key] = vector.reshape(-1, width).to(encoder.device, encoder.dtype)
+    return vectors
+
+
+def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str) -> dict:
+    """The vectors of every embedding whose name the texts use as a word, each file read once per model."""
+    files = {name.lower(): path for name, path in list_files(settings, "embeddings", EMBEDDING_SUFFIXES).items()}
+    used = {}
+    for name, path in files.items():
+        if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
+            if name not in model.embeddings:
+                model.embeddings[name] = embedding_vectors(name, path, model)
+            used[name] = model.embeddings[name]
+    return used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1246,26 +1704,28 @@ def scheduler_for(model: LoadedModel, sampler: str, seed: int, prediction: str |
     return scheduler
 
 
-def generate(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
-    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set).
+def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> Image.Image:
+    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set) on the
+    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings).
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show: the predicted finished latents where the sampler gives them, else the current ones.
     `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
     """
     if req.mask is not None or model.family.unet_channels == 9:
-        return inpaint(model, req, on_step)
+        return inpaint(model, req, on_step, conditioning)
     pipe = model.img2img if req.img is not None else model.txt2img
     size_args = (
         {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
         if req.img is not None
         else {"width": req.width, "height": req.height}
     )
-    return call_pipeline(model, pipe, req, on_step, **size_args)
+    return call_pipeline(model, pipe, req, on_step, conditioning, **size_args)
 
 
-def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, **inputs) -> Image.Image:
-    """One pipeline call for `req` with the sampler, seed and step callback set; `inputs` are the picture's."""
+def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> Image.Image:
+    """One pipeline call for `req` with the sampler, seed, encoded prompt and step callback set; `inputs` are the
+    picture's."""
     pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.seed, req.prediction)
     # A CPU generator gives the same starting noise for the same seed on every device.
     generator = torch.Generator("cpu").manual_seed(req.seed)
@@ -1277,9 +1737,10 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, **i
         return tensors
 
     with torch.inference_mode():
+        if conditioning is None:
+            conditioning = prompt_embeddings(pipe, req.prompt, req.neg, req.clip_skip, {})
         return pipe(
-            prompt=req.prompt,
-            negative_prompt=req.neg,
+            **conditioning,
             num_inference_steps=req.num_steps,
             guidance_scale=req.guidance,
             generator=generator,
@@ -1288,7 +1749,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, **i
         ).images[0]
 
 
-def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.Image:
+def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> Image.Image:
     """Repaints the white part of `req.mask` (as AUTOMATIC1111 does), or with an inpainting checkpoint and no mask,
     the whole picture: txt2img from noise, img2img from `req.img`.
 
@@ -1301,7 +1762,7 @@ def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None) -> Image.I
     def paint(image, mask, strength=req.strength):
         image, mask = image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
         inputs = {"image": image, "mask_image": mask, "strength": strength, "width": req.width, "height": req.height}
-        return call_pipeline(model, model.inpaint, req, on_step, **inputs)
+        return call_pipeline(model, model.inpaint, req, on_step, conditioning, **inputs)
 
     if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
         return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
@@ -1445,6 +1906,8 @@ class Engine:
     def submit(self, req: GenerationRequest, client_gone=None) -> Job:
         """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work."""
         job = Job(req, self.models.resolve(req.model), client_gone)
+        for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
+            find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
             job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
         with self.accepting:
@@ -1496,37 +1959,40 @@ class Engine:
         req = job.request
         started = time.perf_counter()
         self.running = job
+        model = None
         try:
             model = self.models.get(job.model_key)
+            model.cancelled = job.cancelled  # what the cancel points inside every layer ask, from the encoding on
             size = min(model.family.default_size, self.settings.max_size)  # for sizes the request left out
             req = job.request = dataclasses.replace(req, width=req.width or size, height=req.height or size)
             log.info(
                 "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
                 req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
             )  # fmt: skip
+            use_loras(self.settings, model, req.loras)
+            prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
+            embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
+            with torch.inference_mode():
+                conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
             job.events.put(Started())
             last_step = 0
-            model.cancelled = job.cancelled  # what the cancel points inside each step ask
             pictures = []
-            try:
-                # One picture after another: each is exactly what the single request with its seed draws, and
-                # memory stays that of one picture (the README's Performance section has a batched call measured).
-                for index in range(req.n):
-                    picture = dataclasses.replace(req, seed=req.seed + index)
+            # One picture after another: each is exactly what the single request with its seed draws, and
+            # memory stays that of one picture (the README's Performance section has a batched call measured).
+            for index in range(req.n):
+                picture = dataclasses.replace(req, seed=req.seed + index)
 
-                    def on_step(step, steps, latents, picture=picture, index=index):
-                        nonlocal last_step
-                        if job.cancelled():
-                            raise Cancelled
-                        last_step = step
-                        job.events.put(Progress(step, steps))
-                        if req.stream and step % req.stream == 0 and step < steps:
-                            job.events.put(Preview(step, steps, preview_image(model, picture, latents), index))
+                def on_step(step, steps, latents, picture=picture, index=index):
+                    nonlocal last_step
+                    if job.cancelled():
+                        raise Cancelled
+                    last_step = step
+                    job.events.put(Progress(step, steps))
+                    if req.stream and step % req.stream == 0 and step < steps:
+                        job.events.put(Preview(step, steps, preview_image(model, picture, latents), index))
 
-                    image = generate(model, picture, on_step)
-                    pictures.append((image, generation_parameters(picture, model.name)))
-            finally:
-                model.cancelled = None
+                image = generate(model, picture, on_step, conditioning)
+                pictures.append((image, generation_parameters(picture, model.name)))
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
@@ -1547,6 +2013,8 @@ class Engine:
             return
         finally:
             self.running = None
+            if model is not None:
+                model.cancelled = None
         seconds = time.perf_counter() - started
         self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
@@ -1685,6 +2153,8 @@ ENDPOINTS = {
         "GET /samplers": "the sampler names /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
         "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
+        "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
+        "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
         "GET /": "this list",
     },
     "readme": "README.md beside imagine.py: every field, setting and example",
@@ -1820,6 +2290,15 @@ def create_app(engine: Engine) -> Flask:
         return jsonify(
             status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running
         )
+
+    @app.get("/loras")
+    def loras_route():
+        return jsonify(loras=lora_listing(settings))
+
+    @app.get("/embeddings")
+    def embeddings_route():
+        files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
+        return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
 
     return app
 

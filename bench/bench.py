@@ -34,10 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ldm_checkpoint import ldm_state_dict, random_sd15_modules  # noqa: E402
+from lora_files import kohya_lora  # noqa: E402
 
 import imagine  # noqa: E402
 
 PROMPT, NEG, SEED = "a lighthouse on a cliff at dawn, oil painting", "blurry", 1234
+# About 300 tokens of the kind copied from model pages: weights, brackets, commas.
+LONG_PROMPT = ", ".join(
+    f"(masterpiece:1.2), best quality, a lighthouse {n} on a [rocky] cliff, ((dramatic sky)), oil painting"
+    for n in range(12)
+)
 SD15_CONFIG = imagine.CONFIGS_DIR / "sd1"
 
 
@@ -53,6 +59,11 @@ def parse_args(argv=None):
         "--cancel", action="store_true", help="only measure the time from a client leaving to the next request starting"
     )
     parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
+    parser.add_argument(
+        "--loras-only",
+        action="store_true",
+        help="only the LoRA, long-prompt and lcm rows (a shorter run on a busy machine)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.repeats = 256, 8, 5
@@ -275,6 +286,93 @@ def compare_batch(checkpoint: Path, size: int, steps: int, n: int, repeats: int)
         print(f"| {name} | {spread(values)} |")
 
 
+def build_loras(checkpoint: Path, pipe) -> list:
+    """Two random rank-32 LoRAs on every attention and MLP layer of the UNet and the text encoder, in kohya's
+    layout, in the `loras` folder beside the checkpoint (the server's models directory)."""
+    from safetensors.torch import save_file
+
+    folder = checkpoint.parent / "loras"
+    folder.mkdir(exist_ok=True)
+    names = ["bench_a", "bench_b"]
+    for seed, name in enumerate(names):
+        if not (folder / f"{name}.safetensors").is_file():
+            save_file(kohya_lora(pipe, seed=seed, rank=32, scale=0.01), str(folder / f"{name}.safetensors"))
+    return names
+
+
+def measure_in_process(checkpoint: Path, repeats: int) -> tuple:
+    """Builds the LoRAs from the loaded model's layers, then measures (seconds to switch between the two
+    loaded LoRAs, seconds to encode LONG_PROMPT and its negative, LONG_PROMPT's tokens, the LoRA names)."""
+    settings = imagine.Settings(models_dir=checkpoint.parent)
+    models = imagine.Models(settings, torch.device("cpu"), torch.bfloat16)
+    model = models.get(str(checkpoint.resolve()))
+    loras = build_loras(checkpoint, model.txt2img)
+    for name in loras:
+        imagine.use_loras(settings, model, [(name, 0.8)])
+    switches, encodings = [], []
+    for _ in range(repeats):
+        for name in loras:
+            switches.append(timed(lambda name=name: imagine.use_loras(settings, model, [(name, 0.8)])))
+        with torch.inference_mode():
+            encodings.append(timed(lambda: imagine.prompt_embeddings(model.txt2img, LONG_PROMPT, NEG, 1, {})))
+    tokens = len(model.txt2img.tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids)
+    return switches, encodings, tokens, loras
+
+
+def lora_rows(checkpoint: Path, size: int, steps: int, repeats: int) -> list:
+    """LoRA requests against plain ones, LoRA switching, the encoding of a long weighted prompt, and lcm's
+    guidance 1 (no unconditional half) against 2, on the `-f 16` server."""
+    print("loras, prompts, lcm:", file=sys.stderr)
+    switches, encodings, tokens, loras = measure_in_process(checkpoint, repeats)
+    gc.collect()
+    server = Server(checkpoint, "16")
+    try:
+        for name in loras:
+            server.generate(size, steps, loras=[{"name": name, "weight": 0.8}])
+        times = rounds(
+            {
+                "no lora": lambda: server.generate(size, steps),
+                "cached lora": lambda: server.generate(size, steps, loras=[{"name": loras[0], "weight": 0.8}]),
+                "lcm, guidance 1": lambda: server.generate(size, steps, sampler="lcm", guidance=1.0),
+                "lcm, guidance 2": lambda: server.generate(size, steps, sampler="lcm", guidance=2.0),
+            },
+            repeats,
+        )
+        lora_loads = sum("loaded lora" in line for line in server.log)
+        long_generation = timed(lambda: server.generate(size, 25, prompt=LONG_PROMPT))
+    finally:
+        server.stop()
+    encoding_share = statistics.median(encodings) / long_generation
+    return [
+        ratio_row("request with a cached rank-32 LoRA ÷ without", times["cached lora"], times["no lora"], 1.1),
+        (
+            "second request with the same LoRA: loads",
+            f"{lora_loads} loads for 2 LoRAs in {2 + repeats} requests using them",
+            "",
+            "",
+            "1 per LoRA",
+            lora_loads == 2,
+        ),
+        (
+            "switching between two loaded LoRAs (in process)",
+            spread(switches),
+            "",
+            "",
+            "<= 0.5 s",
+            statistics.median(switches) <= 0.5,
+        ),
+        (
+            f"encoding a {tokens}-token weighted prompt ÷ a 25-step generation with it",
+            spread(encodings),
+            f"{long_generation:.2f} s",
+            f"{encoding_share:.3f}",
+            "<= 0.03",
+            encoding_share <= 0.03,
+        ),
+        ratio_row("lcm: guidance 1 ÷ guidance 2", times["lcm, guidance 1"], times["lcm, guidance 2"], 0.6),
+    ]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = args.checkpoint or args.workdir / "sd15-random.safetensors"
@@ -296,6 +394,9 @@ def main(argv=None) -> None:
     print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
     if args.batch:
         compare_batch(checkpoint, size, steps, args.batch, repeats)
+        return
+    if args.loras_only:
+        print_table(lora_rows(checkpoint, size, steps, repeats), size, steps, repeats, bf16_feature)
         return
     rows = []
 
@@ -327,6 +428,7 @@ def main(argv=None) -> None:
         rss_added = server.rss_bytes() / rss_txt2img - 1
         requests = 3 + 3 * repeats
         loads = server.load_seconds()  # one per "loaded ... in N s" line of its log
+
     finally:
         for server in servers.values():
             server.stop()
@@ -354,6 +456,12 @@ def main(argv=None) -> None:
             rss_added <= 0.05,
         ),
     ]
+
+    rows += lora_rows(checkpoint, size, steps, repeats)
+    print_table(rows, size, steps, repeats, bf16_feature)
+
+
+def print_table(rows: list, size: int, steps: int, repeats: int, bf16_feature) -> None:
     print()
     print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on CPU")
     cpu = f"{torch.get_num_threads()} threads, native bf16: {bf16_feature or 'none, so Imagine runs -f 32'}"

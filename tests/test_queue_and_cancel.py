@@ -28,14 +28,14 @@ class Gate:
         self.steps = []
         real_generate = imagine.generate
 
-        def gated_generate(model, req, on_step=None):
+        def gated_generate(model, req, on_step=None, conditioning=None):
             def held_on_step(step, steps, latents):
                 self.steps.append(step)
                 if step == self.hold_at:
                     assert self.open_event.wait(60), "the test never opened the gate"
                 on_step(step, steps, latents)
 
-            return real_generate(model, req, held_on_step)
+            return real_generate(model, req, held_on_step, conditioning)
 
         monkeypatch.setattr(imagine, "generate", gated_generate)
 

@@ -109,3 +109,51 @@ def test_the_readme_examples_of_batches_inpainting_models_and_health_work_as_wri
     assert boat.getpixel((0, 0)) == harbour.getpixel((0, 0)) and boat.tobytes() != harbour.tobytes()
     assert outputs["models"] == '"demo"\n[]\n'
     assert outputs["health"].startswith('{"device":"cpu","loaded":["demo"],"queue":0,"running":false,"status":"ok"}')
+
+
+PROMPT_SECTIONS = README[README.index("## Prompt syntax") : README.index("## Server settings")]
+PROMPT_EXAMPLES = [
+    block for block in re.findall(r"```sh\n(.*?)```", PROMPT_SECTIONS, re.S) if "localhost:5000" in block
+]
+
+
+def test_the_readme_prompt_lora_embedding_and_lcm_examples_work_as_written(start_server, tmp_path):
+    """Run against a models folder holding the LoRAs and the embedding the examples name, made for the demo model."""
+    import json
+
+    import torch
+    from lora_files import kohya_lora, token_vectors
+    from safetensors.torch import save_file
+
+    import imagine
+
+    demo = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    for seed, name in enumerate(("add_detail", "watercolor", "lcm_lora_sd15")):
+        save_file(kohya_lora(demo, seed=seed), tmp_path / "loras" / f"{name}.safetensors")
+    vectors = token_vectors(demo.text_encoder, demo.tokenizer, "ugly deformed")
+    save_file({"emb_params": vectors.to(torch.float32)}, tmp_path / "embeddings" / "easynegative.safetensors")
+    port = free_port()
+    start_server(port)
+    assert len(PROMPT_EXAMPLES) == 5  # with GET /samplers
+    outputs = []
+    for example in PROMPT_EXAMPLES:
+        script = example.replace("localhost:5000", f"localhost:{port}")
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{script}\n{result.stderr}"
+        outputs.append(result.stdout)
+    lighthouse = Image.open(tmp_path / "lighthouse.png")
+    assert lighthouse.size == (512, 512)
+    assert "Clip skip: 2" in lighthouse.info["parameters"]
+    assert (
+        Image.open(tmp_path / "lighthouse-lora.png")
+        .info["parameters"]
+        .startswith("a lighthouse on a cliff, <lora:add_detail:0.6>\nNegative prompt: easynegative, blurry\n")
+    )
+    assert "Sampler: LCM" in Image.open(tmp_path / "cat-lcm.png").info["parameters"]
+    loras, embeddings = (json.loads(line) for line in outputs[2].splitlines())
+    assert {each["name"] for each in loras["loras"]} == {"add_detail", "watercolor", "lcm_lora_sd15"}
+    assert embeddings["embeddings"][0]["name"] == "easynegative"
