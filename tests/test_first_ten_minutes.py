@@ -186,11 +186,12 @@ def test_the_cli_tells_the_seed_it_drew_on_stderr_after_saving_and_minus_one_dra
     assert f"Seed: {seed}," in Image.open(tmp_path / path).info["parameters"]
 
 
-def test_an_unknown_model_answers_404_saying_where_the_models_are_without_the_servers_path(client, models_dir):
+def test_an_unknown_model_answers_404_saying_how_to_list_the_models_without_the_servers_path(client, models_dir):
     response = client.post("/generate", json={"prompt": "x", "model": "dremshaper_8"})
     assert response.status_code == 404
     error = response.get_json()["error"]
     assert error.startswith("model 'dremshaper_8' not found") and "--models-dir (IMAGINE_MODELS_DIR)" in error
+    assert "GET /models" in error
     assert str(models_dir) not in error
 
 

@@ -159,7 +159,7 @@ def test_listing_reads_each_header_once_until_the_file_changes(make_engine, list
 def test_a_link_loop_in_a_folder_is_a_404_by_name_and_the_listing_still_answers(make_engine, listed_folders):
     engine = make_engine(models_dir=folders_setting(*listed_folders))
     status, answer = post(engine, model="loop")
-    assert status == 404 and answer["error"] == "model 'loop' not found in the models folders"
+    assert status == 404 and answer["error"].startswith("model 'loop' not found in the models folders")
     assert imagine.create_app(engine).test_client().get("/models").status_code == 200
 
 
