@@ -297,13 +297,13 @@ def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_ser
 def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(client, monkeypatch):
     real_generate = imagine.generate
 
-    def fails_after_step_two(model, req, on_step=None):
+    def fails_after_step_two(model, req, on_step=None, conditioning=None):
         def failing_on_step(step, steps, latents):
             on_step(step, steps, latents)
             if step == 2:
                 raise RuntimeError("device lost (injected)")
 
-        return real_generate(model, req, failing_on_step)
+        return real_generate(model, req, failing_on_step, conditioning)
 
     monkeypatch.setattr(imagine, "generate", fails_after_step_two)
     lines = stream_lines(client, num_steps=6, stream=1)

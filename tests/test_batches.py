@@ -72,10 +72,11 @@ def idle_engine(tmp_path, **settings):
 def test_the_queue_counts_a_batch_as_one_job(tmp_path):
     engine = idle_engine(tmp_path, max_queue=1)
     engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=8))
+    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1))  # one runs, one waits
     with pytest.raises(imagine.ImagineError) as full:
         engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1))
     assert full.value.status == 503
-    assert engine.jobs.qsize() == 1
+    assert engine.jobs.qsize() == 2
 
 
 def test_cancelling_a_batch_stops_it_before_its_next_picture(make_engine, monkeypatch):
@@ -83,9 +84,9 @@ def test_cancelling_a_batch_stops_it_before_its_next_picture(make_engine, monkey
     drawn = []
     generate = imagine.generate
 
-    def counting(model, req, on_step=None):
+    def counting(model, req, on_step=None, conditioning=None):
         drawn.append(req.seed)
-        image = generate(model, req, on_step)
+        image = generate(model, req, on_step, conditioning)
         engine.running.cancel(imagine.ImagineError("the client disconnected", 499))
         return image
 

@@ -110,7 +110,7 @@ def test_strength_defaults_to_075_with_a_mask_and_the_png_says_mask_blur_and_inp
     "fields, message",
     [
         ({"mask": png_data(square_mask())}, "mask needs img"),
-        ({"img": png_data(noise_picture()), "mask": "bm90IGFuIGltYWdl"}, "mask is not an image Pillow can read"),
+        ({"img": png_data(noise_picture()), "mask": "bm90IGFuIGltYWdl"}, "mask is not a picture in a format accepted"),
         ({"img": png_data(noise_picture()), "mask": "???"}, "mask is not valid base64"),
         (
             {"img": png_data(noise_picture()), "mask": png_data(Image.new("1", (5000, 5000)))},

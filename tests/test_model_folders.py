@@ -191,13 +191,13 @@ class HeldGeneration:
         self.inside, self.release = threading.Event(), threading.Event()
         generate = imagine.generate
 
-        def held(model, req, on_step=None):
+        def held(model, req, on_step=None, conditioning=None):
             def hold(*args):
                 self.inside.set()
                 self.release.wait(60)
                 on_step(*args)
 
-            return generate(model, req, hold)
+            return generate(model, req, hold, conditioning)
 
         monkeypatch.setattr(imagine, "generate", held)
 
