@@ -78,11 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default 0.8)"
     )
-    parser.add_argument("--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part")
     parser.add_argument(
-        "-b", "--batch", type=int, metavar="N", help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png..."
+        "--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part (default: none, img2img)"
     )
-    parser.add_argument("--list", action="store_true", help="List the server's models and exit")
+    parser.add_argument(
+        "-b",
+        "--batch",
+        type=int,
+        metavar="N",
+        help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png... (default 1)",
+    )
+    parser.add_argument("--list", action="store_true", help="List the server's models and exit (default: generate)")
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")

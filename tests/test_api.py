@@ -230,7 +230,7 @@ def test_previews_show_the_picture_forming(client):
         ({"prompt": "x", "seed": 2**40}, f"seed must be between 0 and 4294967295, not {2**40}"),
         ({"prompt": "x", "neg": ["a"]}, 'neg must be a string, not ["a"]'),
         ({"prompt": "x", "img": "not base64!"}, "img is not valid base64"),
-        ({"prompt": "x", "img": "aGVsbG8="}, "img is not an image"),
+        ({"prompt": "x", "img": "aGVsbG8="}, "img is not a picture in a format accepted"),
         ({"prompt": "x", "img": "data:text/plain,hello"}, "img must be a base64 data URI"),
         ({"prompt": "x", "strength": 1.5}, "strength must be between 0.0 and 1.0, not 1.5"),
         ({"prompt": "x", "stream": "yes"}, 'stream must be an integer, not "yes"'),
