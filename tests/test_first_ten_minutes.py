@@ -190,7 +190,7 @@ def test_an_unknown_model_answers_404_saying_how_to_list_the_models_without_the_
     response = client.post("/generate", json={"prompt": "x", "model": "dremshaper_8"})
     assert response.status_code == 404
     error = response.get_json()["error"]
-    assert error.startswith("model 'dremshaper_8' not found") and "--models-dir (IMAGINE_MODELS_DIR)" in error
+    assert error.startswith("model 'dremshaper_8' not found") and "(--models-dir, IMAGINE_MODELS_DIR)" in error
     assert "GET /models" in error
     assert str(models_dir) not in error
 
