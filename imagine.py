@@ -1488,14 +1488,19 @@ def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tup
     return real
 
 
-def read_tensors(path: Path) -> tuple:
-    """(tensors, metadata) of a .safetensors file, or of a .pt/.ckpt read with torch.load(weights_only=True)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            names = f.keys()
-            return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
-    refuse_pickles_that_could_run(path.with_suffix(".ckpt"))
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+def read_tensors(path: Path, what: str) -> tuple:
+    """(tensors, metadata) of a .safetensors file, or of a .pt/.ckpt read with torch.load(weights_only=True);
+    a file that cannot be read is refused naming `what` (e.g. "lora 'add_detail'")."""
+    if path.suffix != ".safetensors":
+        refuse_pickles_that_could_run(path.with_suffix(".ckpt"))  # .pt too: the same pickle
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                names = f.keys()  # safe_open is not iterable
+                return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as error:  # a truncated download, or a pickle holding more than tensors
+        raise ImagineError(f"{what} cannot be read ({type(error).__name__})") from error
 
 
 def family_group(family: Family) -> str:
@@ -1583,12 +1588,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     if key in model.loras:
         model.loras.move_to_end(key)
         return model.loras[key]
-    try:
-        tensors, metadata = read_tensors(path)
-    except ImagineError:
-        raise
-    except Exception as error:
-        raise ImagineError(f"lora {name!r} cannot be read ({type(error).__name__})") from error
+    tensors, metadata = read_tensors(path, f"lora {name!r}")
     if any("hada_" in key or "lokr_" in key for key in tensors):
         raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
     family, wanted = lora_family(tensors, metadata), family_group(model.family)
@@ -1640,12 +1640,7 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> None:
 def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
     """An embedding file's vectors for each of the model's text encoders ('clip_l', and 'clip_g' for SDXL),
     in the layouts AUTOMATIC1111 reads: `emb_params`, `string_to_param`, a single tensor, or clip_l/clip_g."""
-    try:
-        tensors, _ = read_tensors(path)
-    except ImagineError:
-        raise
-    except Exception as error:
-        raise ImagineError(f"embedding {name!r} cannot be read ({type(error).__name__})") from error
+    tensors, _ = read_tensors(path, f"embedding {name!r}")
     pipe = model.txt2img
     encoders = {"clip_l": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:
