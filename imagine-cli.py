@@ -14,6 +14,8 @@ import base64
 import json
 import os
 import re
+import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -141,14 +143,33 @@ def reserve_output(prompt: str, directory: Path = Path()) -> Path:
     raise CliError(f"cannot find a free file name for {stem}.png in {directory.resolve()}")
 
 
+def write_picture(path: Path, data: bytes) -> None:
+    """Writes a regular file (or a new name) atomically; anything else, such as /dev/null or a pipe, is written
+    through, since a rename would put a regular file in its place. A symbolic link stays: its target is written."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        regular = not path.is_symlink()  # a new name; a link to nothing is written through, creating its target
+    if regular:
+        write_atomically(Path(os.path.realpath(path)), data)
+    else:
+        with open(path, "wb") as file:
+            file.write(data)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Writes via a temporary file and a rename, so a viewer never sees a half-written picture."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as file:
-        file.write(data)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(file.name, 0o666 & ~umask)  # a temporary file is private; the picture should not be
-    os.replace(file.name, path)
+        try:
+            file.write(data)
+            file.close()
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(file.name, 0o666 & ~umask)  # a temporary file is private; the picture should not be
+            os.replace(file.name, path)
+        except BaseException:  # a full disk, a signal: no temporary file is left behind
+            os.unlink(file.name)
+            raise
 
 
 def batch_paths(output: Path, count: int) -> tuple[list[Path], int]:
@@ -177,10 +198,10 @@ def save_updates(updates, output: Path, stream: int | None) -> tuple[list[Path],
                 pngs = update.get("pngs") or [update["png"]]
                 paths = batch_paths(output, len(pngs))
                 for path, png in zip(paths, pngs, strict=True):
-                    write_atomically(path, png)
+                    write_picture(path, png)
                 return paths, update["seed"]
             if "png" in update and stream and update["step"] % stream == 0:
-                write_atomically(output, update["png"])
+                write_picture(output, update["png"])
     raise CliError("the generation ended without a picture")
 
 
@@ -206,15 +227,52 @@ def remote_updates(server: str, body: dict):
     with response:
         if response.status_code != 200:
             raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
-        answers = (
-            (json.loads(line) for line in response.iter_lines() if line) if "stream" in body else [response.json()]
-        )
-        for answer in answers:
-            if "img" in answer:
-                answer["png"] = base64.b64decode(answer.pop("img"))
-            if "images" in answer:
-                answer["pngs"] = [base64.b64decode(image) for image in answer.pop("images")]
-            yield {"done": True, **answer}  # a plain answer is done; a stream line says whether it is
+        try:
+            if "stream" not in body:
+                yield update_from(answer_fields(response.content), streamed=False)
+                return
+            for line in response.iter_lines():
+                if line:
+                    yield update_from(answer_fields(line), streamed=True)
+        except requests.RequestException:  # reset, or closed in the middle of the answer
+            raise CliError(f"the connection to the server at {server} broke before the picture came") from None
+
+
+def answer_fields(text: bytes) -> dict:
+    """A JSON object the server sent; anything else (an HTML page, a truncated line) is a CliError."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        shown = text[:60].decode(errors="replace")
+        raise CliError(f"the server's answer is not Imagine's JSON: {shown!r}; is the server an Imagine server?")
+    return answer
+
+
+def update_from(answer: dict, streamed: bool) -> dict:
+    """An answer, or a line of a stream, as an update for save_updates; a CliError if it is not shaped as Imagine's."""
+    if "error" in answer:
+        return {"error": str(answer["error"])}
+    done = answer.get("done", True) is True or not streamed  # a plain answer is done; a stream line says if it is
+    required = ("img", "seed") if done else ("step", "steps")
+    update = {"done": done}
+    try:
+        for field in ("step", "steps", "seed"):
+            if field in answer:
+                update[field] = answer[field]
+                if type(answer[field]) is not int:
+                    raise ValueError
+        if "img" in answer:
+            update["png"] = base64.b64decode(answer["img"], validate=True)
+        if "images" in answer:
+            update["pngs"] = [base64.b64decode(image, validate=True) for image in answer["images"]]
+        if not all(field in answer for field in required):
+            raise ValueError
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        fields = json.dumps(answer)[:60]
+        raise CliError(f"the server sent an answer the CLI cannot read: {fields}") from None
+    return update
 
 
 def error_message(response: requests.Response) -> str:
@@ -355,13 +413,34 @@ def main(argv=None) -> int:
         print(f"imagine: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"imagine: cannot write the picture: {error.strerror} ({error.filename})", file=sys.stderr)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"imagine: cannot write the picture: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imagine: interrupted", file=sys.stderr)
         return 130
+    except Stopped as stopped:
+        print(f"imagine: stopped by {stopped.signal.name}", file=sys.stderr)
+        return 128 + stopped.signal
     return 0
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that it unwinds as for Ctrl-C: no unfinished file stays."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def stop_on_signals() -> None:
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 if __name__ == "__main__":
+    stop_on_signals()
     sys.exit(main())

@@ -34,6 +34,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import threading
 import time
 import warnings
@@ -2370,11 +2371,22 @@ class Channel(HTTPChannel):
         if not self.total_outbufs_len or self.last_activity > self.stalled_since:
             self.stalled_since = now  # nothing to send, or something was sent since the last look
         elif now - self.stalled_since > SEND_TIMEOUT:
-            log.warning("dropped a client that read nothing of its answer for %d s", SEND_TIMEOUT)
-            self.will_close = True
+            log.warning("dropped a client that read nothing of its answer for %g s", SEND_TIMEOUT)
+            self.drop()
+            return False
         if self.half_closed and not self.requests:
             self.close_when_flushed = True  # it is answered, and can send nothing more
         return not self.half_closed and super().readable()
+
+    def drop(self) -> None:
+        """Closes the connection now, unsent data and all. Not with will_close: waitress closes such a connection
+        only once its socket can take more data, which never comes for a client that does not read; the thread
+        writing its answer would wait forever, holding a generation slot."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, not linger
+        self.handle_close()  # wakes the writing thread: its next write raises ClientDisconnected, closing the body
+
+    def writable(self):
+        return self.connected and super().writable()  # a dropped connection is out of the loop's select
 
     def handle_close(self):
         self.hold_upload(-self.request_bytes)

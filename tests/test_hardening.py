@@ -1,6 +1,7 @@
 """Hard to knock over: what an adversarial trial found (issue 15), each through the real server (waitress)."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -378,20 +379,29 @@ def answered(connection: socket.socket) -> bool:
         return False
 
 
-def test_streams_nobody_reads_cannot_freeze_the_server(make_engine, serve, monkeypatch):
-    monkeypatch.setattr(imagine, "SEND_TIMEOUT", 2)
-    engine = make_engine(model="demo", max_queue=0)  # 4 threads: one generation slot and 3 spares
+def test_streams_nobody_reads_hold_no_one_else_up_and_are_dropped_after_the_send_timeout(
+    make_engine, serve, monkeypatch
+):
+    monkeypatch.setattr(imagine, "SEND_TIMEOUT", 3600)  # until the checks below are done
+    engine = make_engine(model="demo", max_queue=4)  # 8 threads: 5 generation slots and 3 spares
     url = serve(engine)
     # Full previews of 512x512 noise: about 1 MB a line, far more than the socket buffers and waitress hold.
-    body = {"prompt": "x", "width": 512, "height": 512, "num_steps": 16, "stream": 1, "preview": "full", "seed": 1}
-    silent = []
+    body = {"prompt": "x", "width": 512, "height": 512, "num_steps": 12, "stream": 1, "preview": "full", "seed": 1}
+    silent = [open_request(url, body, receive_buffer=4096) for _ in range(5)]
     try:
-        for _ in range(4):  # as many as waitress has threads
-            silent.append(open_request(url, body, receive_buffer=4096))
-            generated_or_refused = lambda: answered(silent[-1]) and engine.unfinished == 0  # noqa: E731, B023
-            wait_until(generated_or_refused, "it is generated or refused", timeout=300)
+        all_generated = lambda: all(map(answered, silent)) and engine.unfinished == 0  # noqa: E731
+        wait_until(all_generated, "the five are generated", timeout=600)
+        # Their threads wait on readers that read nothing, holding every generation slot; the spares answer.
         assert requests.get(f"{url}/samplers", timeout=30).status_code == 200
-        assert post(url, {"prompt": "x", **FAST}).status_code == 503  # answered, by a spare thread
+        refused = post(url, {"prompt": "x", **FAST})
+        assert refused.status_code == 503, refused.text
+        monkeypatch.setattr(imagine, "SEND_TIMEOUT", 0.5)
+        wait_until(lambda: post(url, {"prompt": "x", **FAST}).status_code == 200, "a generation is served again")
+        for connection in silent:  # dropped: reset, or closed after what the buffers held (else: a timeout)
+            connection.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):
+                while connection.recv(2**20):
+                    pass
     finally:
         for connection in silent:
             connection.close()
