@@ -178,7 +178,7 @@ def test_streaming_without_partial_images_sends_only_the_picture(sdk):
 def test_a_streaming_client_that_leaves_cancels_its_generation(make_engine, serve, monkeypatch):
     engine = make_engine(model="demo")
     sdk = openai.OpenAI(base_url=f"{serve(engine)}/v1", api_key="unused", max_retries=0)
-    gate = Gate(monkeypatch, hold_at=3)
+    gate = Gate(monkeypatch, hold_at=10)
     stream = sdk.images.generate(
         prompt="a cat", size="64x64", stream=True, partial_images=3, extra_body={**QUICK, "steps": 30}
     )
@@ -246,7 +246,7 @@ def test_an_upload_over_the_body_limit_is_a_413(make_engine, serve, monkeypatch)
     monkeypatch.setattr(imagine, "MAX_BODY_BYTES", 2**20)
     sdk = openai.OpenAI(base_url=f"{serve(make_engine(model='demo'))}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.APIStatusError) as refused:
-        sdk.images.edit(image=("big.png", bytes(2 * 2**20), "image/png"), prompt="a cat")
+        sdk.images.edit(image=("big.png", bytes(3 * 2**19), "image/png"), prompt="a cat")
     assert refused.value.status_code == 413
     assert refused.value.body["type"] == "invalid_request_error"
 
