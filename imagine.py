@@ -2450,8 +2450,9 @@ def form_fields(form) -> dict:
             body[key] = float(value)
         elif key == "stream" and value in ("true", "false"):
             body[key] = value == "true"
-        elif key == "loras":
-            body[key] = parse_json(value.encode())
+        elif key == "loras":  # JSON text; text that is no JSON stays, for lora_field to refuse
+            parsed = parse_json(value.encode())
+            body[key] = value if parsed is None else parsed
         else:
             body[key] = value
     if loras:

@@ -289,3 +289,10 @@ def test_a_full_queue_is_a_503_with_retry_after(make_engine, serve, monkeypatch)
     gate.open()
     running.join()
     assert results[0][0] == 200
+
+
+def test_loras_in_an_edit_may_be_json_text_and_text_that_is_no_list_is_refused(sdk):
+    for loras, words in [('[{"name": "nope"}]', "lora 'nope' not found"), ("nope", "loras must be a list")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.images.edit(image=png_file(noise_picture()), prompt="a cat", extra_body={"loras": loras})
+        assert words in refused.value.body["message"]
