@@ -2151,10 +2151,22 @@ ENDPOINTS = {
         "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
+        "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
+        "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
+        "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
+        "GET /v1/models": "OpenAI's model list: the models /v1/images/* accept",
         "GET /": "this list",
     },
     "readme": "README.md beside imagine.py: every field, setting and example",
 }
+
+
+def error_fields(message: str, status: int) -> dict:
+    """An error's JSON: Imagine's {"error": message}, or OpenAI's shape on its routes, which its SDK reads."""
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}
 
 
 def log_access(response: Response) -> None:
@@ -2163,9 +2175,9 @@ def log_access(response: Response) -> None:
     status = response.status_code
     reason = ""
     if status >= 400 and response.is_json:
-        reason = (
-            " " + json.dumps(str((response.get_json(silent=True) or {}).get("error", "")), ensure_ascii=False)[:300]
-        )
+        error = (response.get_json(silent=True) or {}).get("error", "")
+        message = error.get("message", "") if isinstance(error, dict) else error  # OpenAI's shape on /v1/
+        reason = " " + json.dumps(str(message), ensure_ascii=False)[:300]
     path = json.dumps(request.path, ensure_ascii=False)[1:-1][:300]
     level = logging.INFO if status < 400 else logging.WARNING
     log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
@@ -2207,7 +2219,7 @@ def create_app(engine: Engine) -> Flask:
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
-        response = jsonify(error=error.message)
+        response = jsonify(error_fields(error.message, error.status))
         if error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
         if error.status == 401:
@@ -2217,14 +2229,14 @@ def create_app(engine: Engine) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error):
         response = error.get_response()  # keeps headers such as a 405's Allow
-        response.set_data(json.dumps({"error": error.description}))
+        response.set_data(json.dumps(error_fields(error.description, error.code)))
         response.content_type = "application/json"
         return response
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
         log.exception("unexpected error")
-        return jsonify(error="internal error; the server log has the details"), 500
+        return jsonify(error_fields("internal error; the server log has the details", 500)), 500
 
     # One slot for each request the engine may hold (running or waiting). A stream keeps its slot until the
     # client has read it or is dropped (SEND_TIMEOUT), so clients that stop reading cannot take the threads
@@ -2232,12 +2244,12 @@ def create_app(engine: Engine) -> Flask:
     # handed to waitress whole, and a thread waits on its reader only past 4 MB unsent, up to SEND_TIMEOUT.)
     generation_slots = threading.BoundedSemaphore(settings.max_queue + 1)
 
-    @app.post("/generate")
-    def generate_route():
+    def in_generation_slot(answer) -> Response:
+        """`answer()`'s response, made while holding a slot, which a stream keeps until it is sent."""
         if not generation_slots.acquire(blocking=False):
             raise engine.busy()
         try:
-            response = generate_answer()
+            response = answer()
         except BaseException:
             generation_slots.release()
             raise
@@ -2246,6 +2258,10 @@ def create_app(engine: Engine) -> Flask:
         else:
             generation_slots.release()
         return response
+
+    @app.post("/generate")
+    def generate_route():
+        return in_generation_slot(generate_answer)
 
     def generate_answer() -> Response:
         # waitress can tell whether the client is still there (with channel_request_lookahead, see main()).
@@ -2296,7 +2312,325 @@ def create_app(engine: Engine) -> Flask:
         files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
         return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
 
+    add_openai_routes(app, engine, in_generation_slot)
     return app
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI's Images API: /v1/images/generations, /v1/images/edits, /v1/models, for the openai SDK,
+# Open WebUI and LibreChat. A translator only: its bodies become /generate bodies for parse_request,
+# and the engine's events become OpenAI's answers.
+# ---------------------------------------------------------------------------------------------
+
+# OpenAI's quality names as steps: low is a quick draft, high takes about twice the default's time.
+OPENAI_QUALITY_STEPS = {"low": 12, "medium": 25, "standard": 25, "auto": 25, "high": 40, "hd": 40}
+OPENAI_OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+OPENAI_RESPONSE_FORMATS = ("b64_json", "url")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
+# Imagine's own knobs, sent as extra fields (the SDK's extra_body), and their /generate names.
+OPENAI_KNOBS = {
+    "negative_prompt": "neg",
+    "seed": "seed",
+    "steps": "num_steps",
+    "guidance": "guidance",
+    "sampler": "sampler",
+    "loras": "loras",
+    "clip_skip": "clip_skip",
+    "strength": "strength",
+}
+# OpenAI's fields with no meaning here: accepted, so that clients which always send them work.
+OPENAI_IGNORED = ("moderation", "style", "user", "input_fidelity")
+OPENAI_FIELDS = {
+    "prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression",
+    "background", "stream", "partial_images", *OPENAI_IGNORED, *OPENAI_KNOBS,
+}  # fmt: skip
+# Multipart parts are text: these are read as the numbers and booleans the JSON route gets.
+OPENAI_FORM_INTEGERS = ("n", "output_compression", "partial_images", "seed", "steps", "clip_skip")
+OPENAI_FORM_NUMBERS = ("guidance", "strength")
+# OpenAI bills by tokens; the SDK's types want the fields, and nothing is billed here.
+OPENAI_USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+LINKED_PICTURES_KEPT = 64  # pictures answered as links, the newest kept: a few hundred MB at most
+LINKED_PICTURE_SECONDS = 3600
+
+
+@dataclasses.dataclass
+class OpenAIOptions:
+    """What an OpenAI request asks of the answer rather than of the picture."""
+
+    size: str = "auto"
+    quality: str = "auto"
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int = 100
+    stream: bool = False
+    partial_images: int = 0
+
+
+def openai_size(size: str, max_size: int) -> dict:
+    """`auto` (the family's default, or the input picture's size) or `WxH`, as /generate's width and height."""
+    if size == "auto":
+        return {}
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if match is None:
+        raise ImagineError(f"size must be 'auto' or WIDTHxHEIGHT such as '512x512', not {size!r}")
+    dimensions = {"width": int(match[1]), "height": int(match[2])}
+    try:
+        for field in dimensions:
+            _size(dimensions, field, None, max_size)
+    except ImagineError as error:
+        raise ImagineError(f"size {size!r}: {error.message}") from None
+    return dimensions
+
+
+def openai_options(body: dict) -> OpenAIOptions:
+    options = OpenAIOptions(
+        size=_text(body, "size", "auto"),
+        quality=_text(body, "quality", "auto"),
+        response_format=_text(body, "response_format", "b64_json"),
+        output_format=_text(body, "output_format", "png"),
+        output_compression=_integer(body, "output_compression", 100, 0, 100),
+        partial_images=_integer(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
+    )
+    if options.quality not in OPENAI_QUALITY_STEPS:
+        raise ImagineError(f"quality must be one of: {', '.join(OPENAI_QUALITY_STEPS)}, not {options.quality!r}")
+    if options.response_format not in OPENAI_RESPONSE_FORMATS:
+        raise ImagineError(f"response_format must be 'b64_json' or 'url', not {options.response_format!r}")
+    if options.output_format not in OPENAI_OUTPUT_FORMATS:
+        raise ImagineError(f"output_format must be one of: png, jpeg, webp, not {options.output_format!r}")
+    background = body.get("background")
+    if background == "transparent":
+        raise ImagineError("background 'transparent' is not supported: Stable Diffusion draws opaque pictures")
+    if background not in (None, "auto", "opaque"):
+        raise ImagineError(f"background must be 'auto' or 'opaque', not {json.dumps(background)[:80]}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ImagineError(f"stream must be true or false, not {json.dumps(stream)[:80]}")
+    options.stream = stream
+    return options
+
+
+def openai_generate_body(body: dict, max_size: int) -> tuple:
+    """An OpenAI request's /generate body (for parse_request, which checks it) and its answer options."""
+    unknown = sorted(set(body) - OPENAI_FIELDS)
+    if unknown:
+        raise ImagineError(f"unknown parameter {unknown[0]!r}; the parameters are: {', '.join(sorted(OPENAI_FIELDS))}")
+    options = openai_options(body)
+    generate_body = {OPENAI_KNOBS[knob]: body[knob] for knob in OPENAI_KNOBS if knob in body}
+    generate_body.setdefault("num_steps", OPENAI_QUALITY_STEPS[options.quality])
+    generate_body.update(openai_size(options.size, max_size), prompt=body.get("prompt"))
+    if "n" in body:
+        generate_body["n"] = body["n"]
+    if options.stream and options.partial_images:
+        generate_body["stream"] = 1  # a fast preview after every step; the partial images are picked from them
+    return generate_body, options
+
+
+def form_fields(form) -> dict:
+    """A multipart form as the JSON body it stands for: numbers and booleans from their text, `loras` from
+    JSON text or from the SDK's flattened `loras[][name]` / `loras[][weight]` parts. Text that is no number
+    stays text, for parse_request to name."""
+    body, loras = {}, []
+    for key, value in form.items(multi=True):
+        if key == "loras[][name]":
+            loras.append({"name": value})
+        elif key == "loras[][weight]" and loras:
+            loras[-1]["weight"] = float(value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else value
+        elif key in OPENAI_FORM_INTEGERS and re.fullmatch(r"-?\d{1,20}", value):
+            body[key] = int(value)
+        elif key in OPENAI_FORM_NUMBERS and re.fullmatch(r"-?\d{1,20}(\.\d{1,20})?", value):
+            body[key] = float(value)
+        elif key == "stream" and value in ("true", "false"):
+            body[key] = value == "true"
+        elif key == "loras":  # JSON text; text that is no JSON stays, for lora_field to refuse
+            parsed = parse_json(value.encode())
+            body[key] = value if parsed is None else parsed
+        else:
+            body[key] = value
+    if loras:
+        body["loras"] = loras
+    return body
+
+
+def openai_mask(data: bytes, field: str = "mask") -> str:
+    """OpenAI's mask (transparent pixels are repainted) as /generate's (white repaints), base64 PNG."""
+    image = decode_image(base64.b64encode(data).decode("ascii"), field, "RGBA")
+    repaint = image.getchannel("A").point(lambda alpha: 255 - alpha)
+    if repaint.getbbox() is None:
+        raise ImagineError("mask has no transparent pixels: they mark the part of the image to repaint")
+    return png_base64(repaint)
+
+
+def encode_picture(image: Image.Image, parameters: str | None, options: OpenAIOptions) -> bytes:
+    """The picture in the asked format; a PNG keeps its settings, as /generate's do."""
+    if options.output_format == "png":
+        return png_bytes(image, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format=OPENAI_OUTPUT_FORMATS[options.output_format], quality=options.output_compression)
+    return buffer.getvalue()
+
+
+class LinkedPictures:
+    """Pictures answered as links: in memory for an hour, the newest LINKED_PICTURES_KEPT, under names
+    nobody can guess (the links are the only way to them)."""
+
+    def __init__(self):
+        self.pictures = collections.OrderedDict()  # name -> (expiry, data)
+        self.lock = threading.Lock()
+
+    def add(self, data: bytes, extension: str) -> str:
+        name = f"{secrets.token_urlsafe(24)}.{extension}"
+        with self.lock:
+            self.pictures[name] = (time.monotonic() + LINKED_PICTURE_SECONDS, data)
+            while len(self.pictures) > LINKED_PICTURES_KEPT:
+                self.pictures.popitem(last=False)
+        return name
+
+    def get(self, name: str) -> bytes | None:
+        with self.lock:
+            expiry, data = self.pictures.get(name, (0, None))
+            if expiry < time.monotonic():
+                self.pictures.pop(name, None)
+                return None
+            return data
+
+
+def openai_answer_fields(options: OpenAIOptions, width: int, height: int) -> dict:
+    return {
+        "size": f"{width}x{height}",
+        "quality": options.quality,
+        "background": "opaque",
+        "output_format": options.output_format,
+    }
+
+
+def openai_stream(job: Job, events, options: OpenAIOptions, kind: str):
+    """The event stream: up to `partial_images` previews per picture, spread evenly over its steps, then a
+    completed event for each picture. The server closes this generator when the client leaves; the job then
+    stops before its next step."""
+    shown = collections.Counter()  # partial images sent, per picture of the batch
+    req = job.request
+    fields = openai_answer_fields(options, req.width, req.height)
+    try:
+        for event in events:
+            created = int(time.time())
+            if isinstance(event, Preview) and shown[event.index] < options.partial_images:
+                # The k-th of p partial images comes at k/(p+1) of the steps.
+                if event.step * (options.partial_images + 1) >= (shown[event.index] + 1) * event.steps:
+                    data = base64.b64encode(encode_picture(event.image, None, options)).decode("ascii")
+                    index = shown[event.index]
+                    shown[event.index] += 1
+                    yield server_event(f"{kind}.partial_image", b64_json=data, partial_image_index=index,
+                                       created_at=created, **fields)  # fmt: skip
+            elif isinstance(event, Finished):
+                for image, parameters in event.pictures:
+                    data = base64.b64encode(encode_picture(image, parameters, options)).decode("ascii")
+                    yield server_event(f"{kind}.completed", b64_json=data, created_at=created, usage=OPENAI_USAGE,
+                                       **fields)  # fmt: skip
+            elif isinstance(event, Failed):
+                yield server_event("error", error=error_shape(event.error.message, event.error.status))
+    except Exception:  # the status line is sent: a failure can only be told as an event
+        log.exception("the stream failed")
+        yield server_event("error", error=error_shape("internal error; the server log has the details", 500))
+    finally:
+        job.cancel(ImagineError("the client disconnected", 499))
+
+
+def error_shape(message: str, status: int) -> dict:
+    return {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}
+
+
+def server_event(kind: str, **fields) -> str:
+    """One server-sent event; the SDK reads the type from the data, which is always JSON."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
+
+
+def add_openai_routes(app: Flask, engine: Engine, in_generation_slot) -> None:
+    settings = engine.settings
+    linked = LinkedPictures()
+    fallen_back = set()  # model names logged as replaced by the default model
+
+    def model_or_default(name):
+        """The model asked for, or the default for names Imagine does not have: clients send dall-e-3 or gpt-image-1."""
+        if name is None:
+            return None
+        try:
+            engine.models.resolve(_text({"model": name}, "model", None))
+            return name
+        except ImagineError as error:
+            if error.status != 404:
+                raise
+        if name not in fallen_back:
+            fallen_back.add(name)
+            log.info("OpenAI model %r is not here; the default model %r draws instead", name, settings.model)
+        return None
+
+    def answer(body: dict, kind: str, picture: dict) -> Response:
+        """The answer to a generation (`picture` empty) or an edit (`picture` has /generate's img and mask)."""
+        client_gone = request.environ.get("waitress.client_disconnected")
+        generate_body, options = openai_generate_body(body, settings.max_size)
+        generate_body.update(picture, model=model_or_default(body.get("model")))
+        job = engine.submit(parse_request(generate_body, settings.max_size, settings.max_batch), client_gone)
+        events = iter(job)
+        first = next(events)  # the model is loaded, or failed to load, while the status is still ours to set
+        if isinstance(first, Failed):
+            raise first.error
+        if options.stream:
+            return Response(openai_stream(job, events, options, kind), mimetype="text/event-stream")
+        for event in events:
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                return jsonify(openai_images(event, options))
+
+    def openai_images(event: Finished, options: OpenAIOptions) -> dict:
+        data = []
+        for image, parameters in event.pictures:
+            picture = encode_picture(image, parameters, options)
+            if options.response_format == "url":
+                name = linked.add(picture, options.output_format)
+                data.append({"url": f"{request.host_url}v1/images/files/{name}", "revised_prompt": None})
+            else:
+                data.append({"b64_json": base64.b64encode(picture).decode("ascii"), "revised_prompt": None})
+        fields = openai_answer_fields(options, event.image.width, event.image.height)
+        return {"created": int(time.time()), "data": data, **fields, "usage": OPENAI_USAGE}
+
+    @app.post("/v1/images/generations")
+    def openai_generations_route():
+        return in_generation_slot(lambda: answer(read_json_body(), "image_generation", {}))
+
+    @app.post("/v1/images/edits")
+    def openai_edits_route():
+        return in_generation_slot(edit_answer)
+
+    def edit_answer() -> Response:
+        if request.mimetype != "multipart/form-data":
+            raise ImagineError("send the edit as multipart/form-data, as the openai SDK does", 415)
+        images = request.files.getlist("image") + request.files.getlist("image[]")
+        if len(images) != 1:
+            raise ImagineError(f"send one image; Imagine edits one picture at a time, not {len(images)}")
+        picture = {"img": base64.b64encode(images[0].read()).decode("ascii")}
+        decode_image(picture["img"], "image")  # refused here under the name the client sent
+        if "mask" in request.files:
+            picture["mask"] = openai_mask(request.files["mask"].read())
+        return answer(form_fields(request.form), "image_edit", picture)
+
+    @app.get("/v1/images/files/<name>")
+    def openai_file_route(name):
+        data = linked.get(name)
+        if data is None:
+            raise ImagineError(f"no picture {name!r}: links last an hour, for the newest {LINKED_PICTURES_KEPT}", 404)
+        return Response(data, mimetype=f"image/{name.rpartition('.')[2]}")
+
+    @app.get("/v1/models")
+    def openai_models_route():
+        names = dict.fromkeys([settings.model, *(model["name"] for model in engine.models.listing()), DEMO_MODEL])
+        models = [{"id": name, "object": "model", "created": 0, "owned_by": "imagine"} for name in names]
+        return jsonify(object="list", data=models)
 
 
 # ---------------------------------------------------------------------------------------------

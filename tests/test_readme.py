@@ -157,3 +157,15 @@ def test_the_readme_prompt_lora_embedding_and_lcm_examples_work_as_written(start
     loras, embeddings = (json.loads(line) for line in outputs[2].splitlines())
     assert {each["name"] for each in loras["loras"]} == {"add_detail", "watercolor", "lcm_lora_sd15"}
     assert embeddings["embeddings"][0]["name"] == "easynegative"
+
+
+def test_the_readme_openai_sdk_example_works_as_written(start_server, tmp_path):
+    [example] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if 'OpenAI(base_url="' in b]
+    port = 5000 if port_5000_is_free() else free_port()
+    start_server(port)
+    script = example.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for name in ("lighthouse.png", "partial-0.png", "partial-1.png", "streamed.png", "edited.png"):
+        assert Image.open(tmp_path / name).size == (512, 512), name
+    assert "Steps: 12," in Image.open(tmp_path / "lighthouse.png").info["parameters"]
