@@ -1955,7 +1955,7 @@ class Engine:
         req = job.request
         started = time.perf_counter()
         self.running = job
-        model = None
+        model, last_step = None, 0  # both read below, also when the prompt's encoding is cancelled
         try:
             model = self.models.get(job.model_key)
             model.cancelled = job.cancelled  # what the cancel points inside every layer ask, from the encoding on
@@ -1971,7 +1971,6 @@ class Engine:
             with torch.inference_mode():
                 conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
             job.events.put(Started())
-            last_step = 0
             pictures = []
             # One picture after another: each is exactly what the single request with its seed draws, and
             # memory stays that of one picture (the README's Performance section has a batched call measured).
