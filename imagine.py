@@ -2525,11 +2525,11 @@ def a1111_request(body: dict, img2img: bool, models, settings: Settings) -> tupl
     return req, understood
 
 
-def a1111_answer(body: dict, event: Finished, req: GenerationRequest, understood: dict, models) -> dict:
+def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, models) -> dict:
     """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
     `info`, a JSON string in A1111's layout."""
-    prompts, seeds = [req.prompt] * len(event.seeds), event.seeds
-    title = a1111_titles(models).get(event.model, {})
+    req, seeds = job.request, event.seeds
+    prompts, title = [req.prompt] * len(seeds), a1111_titles(models).get(job.model_key, {})
     info = {
         "prompt": req.prompt,
         "all_prompts": prompts,
@@ -2733,7 +2733,7 @@ def add_a1111_routes(app: Flask, engine: Engine, generation_slots) -> None:
                 if isinstance(event, Finished):
                     if req.model is not None and not understood["restore_afterwards"]:
                         settings.model = req.model
-                    return jsonify(a1111_answer(body, event, job.request, understood, models))
+                    return jsonify(a1111_answer(body, event, job, understood, models))
         finally:
             generation_slots.release()
 
