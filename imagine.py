@@ -2580,36 +2580,34 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, models
 
 class ModelHashes:
     """The sha256 of model files, which A1111's titles carry ("name.safetensors [0123456789]"). Reading a
-    multi-GB file takes seconds, so each is hashed once, on a thread of its own, and kept by path, size and
-    date in the server's memory; until it is known, the model is listed without a hash, as A1111 lists one
-    it has not hashed yet."""
+    multi-GB file takes seconds, so each is hashed once, on a thread of its own (one at a time), and kept by
+    path, size and date in the server's memory; until it is known, the model is listed without a hash, as
+    A1111 lists one it has not hashed yet."""
 
     def __init__(self):
         self.known = {}  # (path, size, mtime) -> sha256
-        self.waiting = queue.Queue()
         self.queued = set()
-        threading.Thread(target=self.hash_forever, name="imagine-hashes", daemon=True).start()
+        self.one_at_a_time = threading.Lock()  # files are read one after another, not all at once
 
     def get(self, path: Path) -> str | None:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self.known and key not in self.queued:
             self.queued.add(key)
-            self.waiting.put(key)
+            threading.Thread(target=self.hash_file, args=(key,), name="imagine-hash", daemon=True).start()
         return self.known.get(key)
 
-    def hash_forever(self) -> None:
-        while True:
-            key = self.waiting.get()
-            digest = hashlib.sha256()
+    def hash_file(self, key: tuple) -> None:
+        digest = hashlib.sha256()
+        with self.one_at_a_time:
             try:
                 with open(key[0], "rb") as file:
                     while block := file.read(2**20):
                         digest.update(block)
             except OSError:
                 log.warning("cannot read a model file to hash it")
-                continue
-            self.known[key] = digest.hexdigest()
+                return
+        self.known[key] = digest.hexdigest()
 
 
 def a1111_titles(models) -> dict:
