@@ -157,3 +157,12 @@ def test_the_readme_prompt_lora_embedding_and_lcm_examples_work_as_written(start
     loras, embeddings = (json.loads(line) for line in outputs[2].splitlines())
     assert {each["name"] for each in loras["loras"]} == {"add_detail", "watercolor", "lcm_lora_sd15"}
     assert embeddings["embeddings"][0]["name"] == "easynegative"
+
+
+def test_the_readme_python_example_for_automatic1111s_api_runs_as_written(live_server, tmp_path):
+    [example] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "/sdapi/v1/txt2img" in b]
+    script = example.replace("http://127.0.0.1:5000", live_server)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seeds [")
+    assert [Image.open(tmp_path / f"lighthouse-{n}.png").size for n in (0, 1)] == [(512, 512)] * 2
