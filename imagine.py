@@ -2640,8 +2640,9 @@ def a1111_model_name(models, checkpoint: str) -> str:
     raise ImagineError(f"model {checkpoint!r} not found; GET /sdapi/v1/sd-models lists the models", 404)
 
 
-def a1111_progress(engine, with_image: bool) -> dict:
-    """GET /sdapi/v1/progress: where the running generation stands, built only when asked."""
+def a1111_progress(engine, with_image: bool, previews: dict) -> dict:
+    """GET /sdapi/v1/progress: where the running generation stands, built only when asked. The preview is
+    kept in `previews` for its step: a client polling faster than the steps come gets it without a new PNG."""
     job = engine.running
     state = {
         "skipped": False,
@@ -2671,8 +2672,11 @@ def a1111_progress(engine, with_image: bool) -> dict:
     }
     image = None
     if with_image and latents is not None:
-        size = (picture.width, picture.height)
-        image = png_base64(latents_to_preview(latents, job.model.family.latent_rgb, size), None, 1)
+        if previews.get("latents") is not latents:
+            size = (picture.width, picture.height)
+            preview = png_base64(latents_to_preview(latents, job.model.family.latent_rgb, size), None, 1)
+            previews.update(latents=latents, image=preview)
+        image = previews["image"]
     return {
         "progress": progress,
         "eta_relative": elapsed / progress - elapsed if progress else 0,
@@ -2777,10 +2781,12 @@ def add_a1111_routes(app: Flask, engine: Engine, generation_slots) -> None:
             settings.model = name  # for this run of the server; --model stays the default after a restart
         return jsonify(None)
 
+    previews = {}  # the latest preview and the latents it shows
+
     @app.get("/sdapi/v1/progress")
     def a1111_progress_route():
         skip = request.args.get("skip_current_image", "false").lower() == "true"
-        return jsonify(a1111_progress(engine, with_image=not skip))
+        return jsonify(a1111_progress(engine, not skip, previews))
 
     def finish_early(how: str):
         if engine.running is not None:
