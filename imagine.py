@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import functools
 import gc
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -1705,7 +1706,8 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
     encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings).
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
-    should show: the predicted finished latents where the sampler gives them, else the current ones.
+    should show: the predicted finished latents where the sampler gives them, else the current ones;
+    if it returns True, the remaining steps are skipped and the picture as far as it got is returned.
     `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
     """
     if req.mask is not None or model.family.unet_channels == 9:
@@ -1729,7 +1731,8 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
     def step_end(pipeline, index, timestep, tensors):
         if on_step is not None:
             latents = tensors["latents"] if scheduler.predicted is None else scheduler.predicted
-            on_step(index + 1, pipeline.num_timesteps, latents)
+            if on_step(index + 1, pipeline.num_timesteps, latents):
+                pipeline._interrupt = True  # skips the remaining steps; the latents so far are decoded
         return tensors
 
     with torch.inference_mode():
@@ -1860,6 +1863,13 @@ class Job:
         self.events = queue.Queue()
         self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
         self.cancel_reason = None
+        # Where it stands, for a progress report that is built only when asked (GET /sdapi/v1/progress).
+        self.started = None  # time.time() when its generation began
+        self.index = 0  # which picture of its batch is being drawn
+        self.step, self.steps = 0, 0
+        self.latents = None  # the latest latents a preview shows, with the model and picture that draw them
+        self.model, self.picture = None, None
+        self.stop_early = None  # "interrupt": finish this picture now, draw no more; "skip": this picture only
 
     def __iter__(self):
         while True:
@@ -1871,6 +1881,11 @@ class Job:
     def cancel(self, reason: ImagineError) -> None:
         """Stops the job before its next step, or before it starts; `reason` is what its client is told."""
         self.cancel_reason = reason
+
+    def finish_early(self, how: str) -> None:
+        """Ends the picture being drawn at its next step, keeping it as far as it got (AUTOMATIC1111's
+        interrupt and skip); with "interrupt" the rest of the batch is not drawn."""
+        self.stop_early = how
 
     def cancelled(self) -> bool:
         if self.cancel_reason is None and self.client_gone is not None and self.client_gone():
@@ -1915,6 +1930,10 @@ class Engine:
             self.jobs.put(job)
         return job
 
+    def load_model(self, name: str) -> Job:
+        """Queues the loading of a model, as a generation of no pictures: its first event says it is loaded."""
+        return self.submit(GenerationRequest(prompt="", model=name, n=0))
+
     def busy(self) -> ImagineError:
         """The 503 for a request that finds no room."""
         # Every waiting job and the running one are ahead: a rough but honest estimate.
@@ -1958,6 +1977,9 @@ class Engine:
         model, last_step = None, 0  # both read below, also when the prompt's encoding is cancelled
         try:
             model = self.models.get(job.model_key)
+            if req.n == 0:  # only load the model (see load_model)
+                job.events.put(Started())
+                return
             model.cancelled = job.cancelled  # what the cancel points inside every layer ask, from the encoding on
             size = min(model.family.default_size, self.settings.max_size)  # for sizes the request left out
             req = job.request = dataclasses.replace(req, width=req.width or size, height=req.height or size)
@@ -1971,6 +1993,7 @@ class Engine:
             with torch.inference_mode():
                 conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
             job.events.put(Started())
+            job.started, job.model = time.time(), model
             pictures = []
             # One picture after another: each is exactly what the single request with its seed draws, and
             # memory stays that of one picture (the README's Performance section has a batched call measured).
@@ -1982,12 +2005,17 @@ class Engine:
                     if job.cancelled():
                         raise Cancelled
                     last_step = step
+                    job.index, job.step, job.steps, job.latents, job.picture = index, step, steps, latents, picture
                     job.events.put(Progress(step, steps))
                     if req.stream and step % req.stream == 0 and step < steps:
                         job.events.put(Preview(step, steps, preview_image(model, picture, latents), index))
+                    return job.stop_early is not None
 
                 image = generate(model, picture, on_step, conditioning)
                 pictures.append((image, generation_parameters(picture, model.name)))
+                if job.stop_early == "interrupt":
+                    break
+                job.stop_early = None
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
@@ -2013,7 +2041,8 @@ class Engine:
         seconds = time.perf_counter() - started
         self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
-        (image, parameters), seeds = pictures[0], [req.seed + index for index in range(req.n)]
+        seeds = [req.seed + index for index in range(len(pictures))]
+        image, parameters = pictures[0]
         job.events.put(Finished(image, parameters, req.seed, model.name, last_step, round(seconds, 3), pictures, seeds))
 
 
@@ -2132,9 +2161,21 @@ def check_who_is_calling(settings: Settings) -> None:
         # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
         # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
         sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
+        if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
+            sent = basic_password(sent)
+        elif scheme.lower() != "bearer":
+            sent = b""
         # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key):
+        if not sent or not hmac.compare_digest(sent, key):
             raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def basic_password(credentials: bytes) -> bytes:
+    """The password of HTTP Basic credentials (base64 of user:password), or b"" if they are none."""
+    try:
+        return base64.b64decode(credentials, validate=True).partition(b":")[2]
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def origin_allowed(settings: Settings, origin: str) -> bool:
@@ -2154,6 +2195,27 @@ ENDPOINTS = {
         "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
         "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
         "GET /v1/models": "OpenAI's model list: the models /v1/images/* accept",
+        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (README: Use it from other programs)",
+        "POST /sdapi/v1/img2img": "AUTOMATIC1111's img2img and inpainting (init_images, mask)",
+        "GET /sdapi/v1/sd-models": "the models, titled as AUTOMATIC1111 does (name.safetensors [hash])",
+        "GET /sdapi/v1/options": "the current model (sd_model_checkpoint) and a few settings",
+        "POST /sdapi/v1/options": "sd_model_checkpoint switches the default model, answering once it is loaded",
+        "GET /sdapi/v1/progress": "the running generation's progress and latest preview",
+        "POST /sdapi/v1/interrupt": "ends the running generation now with the picture as far as it got",
+        "POST /sdapi/v1/skip": "ends the picture being drawn now; the batch goes on",
+        "GET /sdapi/v1/samplers": "AUTOMATIC1111's sampler names that Imagine draws with",
+        "GET /sdapi/v1/schedulers": "Automatic and Karras",
+        "GET /sdapi/v1/loras": "the LoRAs, as AUTOMATIC1111 lists them",
+        "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
+        "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
+        "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
+        "GET /sdapi/v1/latent-upscale-modes": "empty",
+        "GET /sdapi/v1/face-restorers": "empty",
+        "GET /sdapi/v1/prompt-styles": "empty",
+        "GET /sdapi/v1/hypernetworks": "empty",
+        "GET /sdapi/v1/scripts": "none",
+        "GET /sdapi/v1/cmd-flags": "the few server flags a client may know",
+        "POST /sdapi/v1/png-info": "the generation parameters stored in a PNG",
         "GET /": "this list",
     },
     "readme": "README.md beside imagine.py: every field, setting and example",
@@ -2161,10 +2223,13 @@ ENDPOINTS = {
 
 
 def error_fields(message: str, status: int) -> dict:
-    """An error's JSON: Imagine's {"error": message}, or OpenAI's shape on its routes, which its SDK reads."""
+    """An error's JSON: Imagine's {"error": message}, or OpenAI's or AUTOMATIC1111's shape on their routes, which
+    their clients read."""
     if request.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
         return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    if request.path.startswith("/sdapi/"):  # AUTOMATIC1111's clients read its errors' detail
+        return {"error": message, "detail": message}
     return {"error": message}
 
 
@@ -2312,6 +2377,7 @@ def create_app(engine: Engine) -> Flask:
         return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
 
     add_openai_routes(app, engine, in_generation_slot)
+    add_a1111_routes(app, engine, generation_slots)
     return app
 
 
@@ -2630,6 +2696,494 @@ def add_openai_routes(app: Flask, engine: Engine, in_generation_slot) -> None:
         names = dict.fromkeys([settings.model, *(model["name"] for model in engine.models.listing()), DEMO_MODEL])
         models = [{"id": name, "object": "model", "created": 0, "owned_by": "imagine"} for name in names]
         return jsonify(object="list", data=models)
+
+
+# ---------------------------------------------------------------------------------------------
+# AUTOMATIC1111's API (/sdapi/v1/*): a translator to and from GenerationRequest, for the programs
+# written for that server (Open WebUI, SillyTavern, LibreChat, webuiapi); README "Use it from other programs"
+# ---------------------------------------------------------------------------------------------
+
+A1111_VERSION = "imagine"  # `version` in info; A1111 writes its git tag there
+# A1111's sampler names (GET /sdapi/v1/samplers, in its order) -> ours; A1111's "DPM++ 2S a" is our "dpm++ 2s".
+A1111_SAMPLERS = {
+    "DPM++ 2M": "dpm++ 2m",
+    "DPM++ SDE": "dpm++ sde",
+    "DPM++ 2M SDE": "dpm++ 2m sde",
+    "DPM++ 2S a": "dpm++ 2s",
+    "Euler a": "euler a",
+    "Euler": "euler",
+    "LMS": "lms",
+    "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 a": "dpm2 a",
+    "DDIM": "ddim",
+    "LCM": "lcm",
+}
+A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> label; Karras as our "<sampler> karras"
+A1111_SAMPLER = "Euler"  # what A1111 draws with when a request names no sampler
+A1111_STRENGTH = 0.75  # A1111's default denoising_strength
+# Our field -> A1111's, so that an error names the field the client sent.
+A1111_FIELD_NAMES = {
+    "neg": "negative_prompt",
+    "num_steps": "steps",
+    "guidance": "cfg_scale",
+    "strength": "denoising_strength",
+    "img": "init_images[0]",
+    "inpaint_padding": "inpaint_full_res_padding",
+    "n": "batch_size",
+    "model": "override_settings.sd_model_checkpoint",
+}
+# Features of A1111 that Imagine lacks, and how a request switches each on: they are ignored, logged once,
+# and named in info's imagine_ignored, so that a client sending its full form never fails.
+A1111_UNSUPPORTED = {
+    "enable_hr": lambda value: value is True,
+    "restore_faces": lambda value: value is True,
+    "tiling": lambda value: value is True,
+    "script_name": lambda value: bool(value),
+    "alwayson_scripts": lambda value: bool(value),
+    "styles": lambda value: bool(value),
+    "subseed_strength": lambda value: bool(value),
+    "refiner_checkpoint": lambda value: bool(value),
+}
+A1111_LOGGED = set()  # the unsupported features already logged once
+
+
+def a1111_sampler(body: dict) -> tuple:
+    """(our sampler, A1111's sampler name, A1111's scheduler name) for sampler_name (or the older sampler_index)
+    and scheduler; combined names such as "DPM++ 2M Karras" are split. An unknown name falls back to A1111's
+    default, as A1111 does, so a client's list of names from another server still draws."""
+    name = _text(body, "sampler_name", None) or _text(body, "sampler_index", None) or A1111_SAMPLER
+    scheduler = (_text(body, "scheduler", None) or "automatic").lower()
+    label, _, last = name.rpartition(" ")
+    if label and last.lower() in A1111_SCHEDULERS:
+        name, scheduler = label, last.lower()
+    known = {known.lower(): known for known in A1111_SAMPLERS}
+    name = known.get(name.lower(), A1111_SAMPLER)
+    sampler = A1111_SAMPLERS[name]
+    if scheduler == "karras" and f"{sampler} karras" in SAMPLERS:
+        return f"{sampler} karras", name, "karras"
+    return sampler, name, "automatic"
+
+
+def a1111_overrides(body: dict) -> dict:
+    overrides = body.get("override_settings")
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ImagineError(f"override_settings must be an object, not {json.dumps(overrides)[:80]}")
+    return overrides
+
+
+def a1111_mask(body: dict) -> str | None:
+    """The img2img mask as our mask field takes it (white repaints): an RGBA mask whose alpha is used is read by its
+    alpha, as A1111 does, and inpainting_mask_invert 1 swaps what is kept and what is repainted."""
+    data = _text(body, "mask", None)
+    invert = _integer(body, "inpainting_mask_invert", 0, 0, 1)
+    if data is None:
+        return None
+    mask = decode_image(data, "mask", "RGBA")
+    alpha = mask.getchannel("A")
+    mask = alpha if alpha.getextrema() != (255, 255) else mask.convert("L")
+    if invert:
+        mask = Image.eval(mask, lambda value: 255 - value)
+    return base64.b64encode(png_bytes(mask, compress_level=1)).decode()
+
+
+def a1111_ignored(body: dict) -> list:
+    ignored = [field for field, switched_on in A1111_UNSUPPORTED.items() if switched_on(body.get(field))]
+    for field in ignored:
+        if field not in A1111_LOGGED:
+            A1111_LOGGED.add(field)
+            log.warning("AUTOMATIC1111 API: %s is not supported and is ignored", field)
+    return ignored
+
+
+def a1111_request(body: dict, img2img: bool, models, settings: Settings) -> tuple:
+    """An A1111 txt2img/img2img body as (GenerationRequest, what else the answer needs). Its fields become a
+    /generate body that parse_request checks; an error names A1111's field."""
+    try:
+        overrides = a1111_overrides(body)
+        sampler, sampler_name, scheduler = a1111_sampler(body)
+        batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
+        n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
+        if batch_size * n_iter > settings.max_batch:
+            raise ImagineError(f"batch_size x n_iter is {batch_size * n_iter}; at most {settings.max_batch} pictures")
+        clip_skip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip"))
+        generate_body = {
+            "prompt": body.get("prompt") or "",
+            "neg": body.get("negative_prompt"),
+            "width": body.get("width"),
+            "height": body.get("height"),
+            "num_steps": body.get("steps"),
+            "guidance": body.get("cfg_scale"),
+            "sampler": sampler,
+            "seed": body.get("seed"),
+            "n": batch_size * n_iter,
+            "clip_skip": clip_skip,
+        }
+        if overrides.get("sd_model_checkpoint"):
+            generate_body["model"] = a1111_model_name(models, _text(overrides, "sd_model_checkpoint", None))
+        if img2img:
+            images = body.get("init_images")
+            if not isinstance(images, list) or not images:
+                raise ImagineError("init_images must be a list holding the picture to start from, as base64")
+            only_masked = body.get("inpaint_full_res", True)
+            generate_body |= {
+                "img": images[0],
+                "strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
+                "mask": a1111_mask(body),
+                "mask_blur": body.get("mask_blur"),
+                "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
+                "inpaint_padding": body.get("inpaint_full_res_padding"),
+            }
+        req = parse_request(generate_body, settings.max_size, settings.max_batch)
+    except ImagineError as error:
+        if error.status != 400:
+            raise
+        field, _, rest = error.message.partition(" ")
+        message = A1111_FIELD_NAMES.get(field, field) + " " + rest if rest else error.message
+        raise ImagineError(message, 422) from None
+    understood = {
+        "sampler_name": sampler_name,
+        "scheduler": A1111_SCHEDULERS[scheduler],
+        "batch_size": batch_size,
+        "n_iter": n_iter,
+        "send_images": body.get("send_images", True) is not False,
+        "restore_afterwards": body.get("override_settings_restore_afterwards", True) is not False,
+        "ignored": a1111_ignored(body),
+    }
+    return req, understood
+
+
+def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, models) -> dict:
+    """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
+    `info`, a JSON string in A1111's layout."""
+    req, seeds = job.request, event.seeds
+    prompts, title = [req.prompt] * len(seeds), a1111_titles(models).get(job.model_key, {})
+    info = {
+        "prompt": req.prompt,
+        "all_prompts": prompts,
+        "negative_prompt": req.neg,
+        "all_negative_prompts": [req.neg] * len(seeds),
+        "seed": event.seed,
+        "all_seeds": seeds,
+        "subseed": event.seed,
+        "all_subseeds": seeds,
+        "subseed_strength": 0,
+        "width": event.image.width,
+        "height": event.image.height,
+        "sampler_name": understood["sampler_name"],
+        "scheduler": understood["scheduler"],
+        "cfg_scale": req.guidance,
+        "steps": req.num_steps,
+        "batch_size": understood["batch_size"],
+        "restore_faces": False,
+        "sd_model_name": Path(event.model).stem,
+        "sd_model_hash": title.get("hash"),
+        "denoising_strength": req.strength if req.img is not None else None,
+        "index_of_first_image": 0,
+        "infotexts": [parameters for _, parameters in event.pictures],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - event.seconds)),
+        "clip_skip": req.clip_skip,
+        "version": A1111_VERSION,
+        "imagine_ignored": understood["ignored"],
+    }
+    images = [png_base64(image, parameters) for image, parameters in event.pictures]
+    parameters = {key: value for key, value in body.items() if key not in ("auth", "init_images", "mask")}
+    parameters |= {
+        "prompt": req.prompt,
+        "negative_prompt": req.neg,
+        "seed": event.seed,
+        "width": event.image.width,
+        "height": event.image.height,
+        "steps": req.num_steps,
+        "cfg_scale": req.guidance,
+        "sampler_name": understood["sampler_name"],
+        "scheduler": understood["scheduler"],
+        "batch_size": understood["batch_size"],
+        "n_iter": understood["n_iter"],
+        "denoising_strength": info["denoising_strength"],
+    }
+    return {"images": images if understood["send_images"] else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+class ModelHashes:
+    """The sha256 of model files, which A1111's titles carry ("name.safetensors [0123456789]"). Reading a
+    multi-GB file takes seconds, so each is hashed once, on a thread of its own (one at a time), and kept by
+    path, size and date in the server's memory; until it is known, the model is listed without a hash, as
+    A1111 lists one it has not hashed yet."""
+
+    def __init__(self):
+        self.known = {}  # (path, size, mtime) -> sha256
+        self.queued = set()
+        self.one_at_a_time = threading.Lock()  # files are read one after another, not all at once
+
+    def get(self, path: Path) -> str | None:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self.known and key not in self.queued:
+            self.queued.add(key)
+            threading.Thread(target=self.hash_file, args=(key,), name="imagine-hash", daemon=True).start()
+        return self.known.get(key)
+
+    def hash_file(self, key: tuple) -> None:
+        digest = hashlib.sha256()
+        with self.one_at_a_time:
+            try:
+                with open(key[0], "rb") as file:
+                    while block := file.read(2**20):
+                        digest.update(block)
+            except OSError:
+                log.warning("cannot read a model file to hash it")
+                return
+        self.known[key] = digest.hexdigest()
+
+
+def a1111_titles(models) -> dict:
+    """Every model the folders hold, by its key (see Models.resolve), as A1111's sd-models lists it."""
+    listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
+    folders = model_folders(models.settings.models_dir)
+    for entry in models.listing():
+        if entry.get("error"):
+            continue
+        found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
+        real = real_path(found)
+        sha256 = models.hashes.get(real) if real.is_file() else None
+        name = entry["name"] if entry["name"].endswith(found.suffix) else entry["name"] + found.suffix
+        title = f"{name} [{sha256[:10]}]" if sha256 else name
+        model_name = os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0]
+        listed[str(real)] = {"title": title, "model_name": model_name, "hash": sha256 and sha256[:10], "sha256": sha256}
+        listed[str(real)]["filename"] = name  # A1111 gives the absolute path; a server path is never told
+    return listed
+
+
+def a1111_model_name(models, checkpoint: str) -> str:
+    """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
+    its model_name or its hash, as a name Models.resolve takes."""
+    bare = re.sub(r"\s*\[[0-9a-f]+\]$", "", checkpoint.strip())
+    for key, listed in a1111_titles(models).items():
+        names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}
+        filename = listed.get("filename") or key
+        if checkpoint in names or bare in names or bare == os.path.splitext(filename)[0]:
+            return filename
+    raise ImagineError(f"model {checkpoint!r} not found; GET /sdapi/v1/sd-models lists the models", 404)
+
+
+def a1111_progress(engine, with_image: bool, previews: dict) -> dict:
+    """GET /sdapi/v1/progress: where the running generation stands, built only when asked. The preview is
+    kept in `previews` for its step: a client polling faster than the steps come gets it without a new PNG."""
+    job = engine.running
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if job is None or job.started is None:
+        return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
+    index, step, steps, latents, picture = job.index, job.step, job.steps, job.latents, job.picture
+    progress = min(1.0, (index + (step / steps if steps else 0)) / job.request.n)
+    elapsed = time.time() - job.started
+    state |= {
+        "skipped": job.stop_early == "skip",
+        "interrupted": job.stop_early == "interrupt",
+        "job": "img2img" if job.request.img is not None else "txt2img",
+        "job_count": job.request.n,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started)),
+        "job_no": index,
+        "sampling_step": step,
+        "sampling_steps": steps,
+    }
+    image = None
+    if with_image and latents is not None:
+        if previews.get("latents") is not latents:
+            size = (picture.width, picture.height)
+            preview = png_base64(latents_to_preview(latents, job.model.family.latent_rgb, size), None, 1)
+            previews.update(latents=latents, image=preview)
+        image = previews["image"]
+    return {
+        "progress": progress,
+        "eta_relative": elapsed / progress - elapsed if progress else 0,
+        "state": state,
+        "current_image": image,
+        "textinfo": f"Step {step}/{steps}, picture {index + 1} of {job.request.n}",
+    }
+
+
+def png_info(data: str) -> dict:
+    """POST /sdapi/v1/png-info: a PNG's parameters text, its other text chunks, and the parameters read apart."""
+    raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=False)
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Exception:  # noqa: BLE001 (any undecodable upload is the client's error)
+        raise ImagineError("image is not a picture that can be read", 422) from None
+    texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    info = texts.pop("parameters", "")
+    return {"info": info, "items": texts, "parameters": parse_parameters(info)}
+
+
+def parse_parameters(text: str) -> dict:
+    """A1111's infotext ("prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler, ...") as a dict of strings."""
+    if not text:
+        return {}
+    lines = text.split("\n")
+    settings = lines.pop() if len(lines) > 1 or re.search(r"\bSteps: ", lines[0]) else ""
+    prompt, neg = [], []
+    for line in lines:
+        if line.startswith("Negative prompt:") or neg:
+            neg.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            prompt.append(line)
+    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg)}
+    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
+        parsed[key] = value
+    if "Size" in parsed:
+        parsed["Size-1"], _, parsed["Size-2"] = parsed["Size"].partition("x")
+    return parsed
+
+
+def add_a1111_routes(app: Flask, engine: Engine, generation_slots) -> None:
+    settings, models = engine.settings, engine.models
+    models.hashes = ModelHashes()
+
+    def run_a1111(img2img: bool):
+        if not generation_slots.acquire(blocking=False):
+            raise engine.busy()
+        try:
+            body = read_json_body()
+            req, understood = a1111_request(body, img2img, models, settings)
+            job = engine.submit(req, request.environ.get("waitress.client_disconnected"))
+            for event in job:
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    if req.model is not None and not understood["restore_afterwards"]:
+                        settings.model = req.model
+                    return jsonify(a1111_answer(body, event, job, understood, models))
+        finally:
+            generation_slots.release()
+
+    @app.post("/sdapi/v1/txt2img")
+    def a1111_txt2img():
+        return run_a1111(img2img=False)
+
+    @app.post("/sdapi/v1/img2img")
+    def a1111_img2img():
+        return run_a1111(img2img=True)
+
+    @app.get("/sdapi/v1/sd-models")
+    def a1111_models():
+        return jsonify([{**listed, "config": None} for listed in a1111_titles(models).values()])
+
+    def current_title() -> str:
+        titles = a1111_titles(models)
+        return titles.get(models.resolve(None), {}).get("title", settings.model)
+
+    @app.get("/sdapi/v1/options")
+    def a1111_options():
+        return jsonify(
+            sd_model_checkpoint=current_title(),
+            sd_checkpoint_hash=a1111_titles(models).get(models.resolve(None), {}).get("sha256"),
+            CLIP_stop_at_last_layers=1,
+            sd_checkpoints_limit=settings.max_loaded,
+            sd_vae="Automatic",
+            samples_format="png",
+            enable_pnginfo=True,
+            show_progress_every_n_steps=1,
+            live_previews_enable=True,
+        )
+
+    @app.post("/sdapi/v1/options")
+    def a1111_set_options():
+        body = read_json_body()
+        checkpoint = body.get("sd_model_checkpoint")
+        if checkpoint is not None:
+            name = a1111_model_name(models, _text(body, "sd_model_checkpoint", None))
+            first = next(iter(engine.load_model(name)))
+            if isinstance(first, Failed):
+                raise first.error
+            settings.model = name  # for this run of the server; --model stays the default after a restart
+        return jsonify(None)
+
+    previews = {}  # the latest preview and the latents it shows
+
+    @app.get("/sdapi/v1/progress")
+    def a1111_progress_route():
+        skip = request.args.get("skip_current_image", "false").lower() == "true"
+        return jsonify(a1111_progress(engine, not skip, previews))
+
+    def finish_early(how: str):
+        if engine.running is not None:
+            engine.running.finish_early(how)
+
+    @app.post("/sdapi/v1/interrupt")
+    def a1111_interrupt():
+        finish_early("interrupt")
+        return jsonify({})
+
+    @app.post("/sdapi/v1/skip")
+    def a1111_skip():
+        finish_early("skip")
+        return jsonify(None)
+
+    @app.get("/sdapi/v1/samplers")
+    def a1111_samplers():
+        return jsonify([{"name": name, "aliases": [], "options": {}} for name in A1111_SAMPLERS])
+
+    @app.get("/sdapi/v1/schedulers")
+    def a1111_schedulers():
+        return jsonify(
+            [
+                {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for name, label in A1111_SCHEDULERS.items()
+            ]
+        )
+
+    @app.get("/sdapi/v1/loras")
+    def a1111_loras():
+        return jsonify(
+            [
+                {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
+                for lora in lora_listing(settings)
+            ]
+        )
+
+    @app.get("/sdapi/v1/embeddings")
+    def a1111_embeddings():
+        files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
+        loaded = {
+            name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+            for name in files
+        }
+        return jsonify(loaded=loaded, skipped={})
+
+    @app.get("/sdapi/v1/upscalers")
+    def a1111_upscalers():
+        # SillyTavern takes the first as "None" and puts the latent modes after it.
+        return jsonify([{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}])
+
+    empty_lists = ("sd-vae", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks")
+    for name in empty_lists:
+        app.add_url_rule(f"/sdapi/v1/{name}", f"a1111_{name}", lambda: jsonify([]))
+
+    @app.get("/sdapi/v1/scripts")
+    def a1111_scripts():
+        return jsonify(txt2img=[], img2img=[])
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def a1111_cmd_flags():
+        # Only what a client may know: the models folder and the key are not told.
+        return jsonify(api=True, nowebui=True, listen=not is_loopback(settings.host), port=settings.port)
+
+    @app.post("/sdapi/v1/png-info")
+    def a1111_png_info():
+        return jsonify(png_info(_text(read_json_body(), "image", "")))
 
 
 # ---------------------------------------------------------------------------------------------

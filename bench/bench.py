@@ -5,6 +5,7 @@
     python bench/bench.py --checkpoint sd15.safetensors
     python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
     python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
+    python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
 as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (default 5)")
     parser.add_argument(
         "--cancel", action="store_true", help="only measure the time from a client leaving to the next request starting"
+    )
+    parser.add_argument(
+        "--progress", action="store_true", help="only a generation with and without /sdapi/v1/progress polled at 2 Hz"
     )
     parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
     parser.add_argument(
@@ -253,6 +257,38 @@ def measure_cancel(checkpoint: Path, size: int, steps: int, repeats: int) -> Non
     print(f"a step takes {spread(steps_seconds)} ({repeats} runs)")
 
 
+def poll_progress(url: str, stop: threading.Event, polls: list) -> None:
+    """GET /sdapi/v1/progress twice a second, with its preview, as SillyTavern and A1111's own page poll."""
+    while not stop.wait(0.5):
+        with urllib.request.urlopen(f"{url}/sdapi/v1/progress", timeout=60) as response:
+            polls.append(json.loads(response.read())["current_image"] is not None)
+
+
+def measure_progress(checkpoint: Path, size: int, steps: int, repeats: int) -> tuple:
+    """The same generation with and without a client polling /sdapi/v1/progress at 2 Hz, in alternating rounds."""
+    server = Server(checkpoint, "16" if imagine.cpu_bf16_feature() else "32")
+    base = server.url.removesuffix("/generate")
+    polls = []
+
+    def polled():
+        stop = threading.Event()
+        poller = threading.Thread(target=poll_progress, args=(base, stop, polls))
+        poller.start()
+        try:
+            server.generate(size, steps)
+        finally:
+            stop.set()
+            poller.join()
+
+    try:
+        server.generate(size, steps)  # loads the model
+        times = rounds({"progress polled": polled, "not polled": lambda: server.generate(size, steps)}, repeats)
+    finally:
+        server.stop()
+    print(f"  {len(polls)} polls, {sum(polls)} with a preview", file=sys.stderr)
+    return times["progress polled"], times["not polled"]
+
+
 def batched_generate(pipe, size: int, steps: int, n: int) -> list:
     """One pipeline call for n pictures, each with its own generator (seeds SEED, SEED+1, ...)."""
     generators = [torch.Generator("cpu").manual_seed(SEED + k) for k in range(n)]
@@ -392,6 +428,11 @@ def main(argv=None) -> None:
         measure_cancel(checkpoint, size, steps, repeats)
         return
     print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
+    if args.progress:
+        polled, plain = measure_progress(checkpoint, size, steps, repeats)
+        row = ratio_row("generation with /sdapi/v1/progress polled at 2 Hz ÷ without", polled, plain, 1.02)
+        print_table([row], size, steps, repeats, bf16_feature)
+        return
     if args.batch:
         compare_batch(checkpoint, size, steps, args.batch, repeats)
         return

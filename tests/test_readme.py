@@ -111,7 +111,7 @@ def test_the_readme_examples_of_batches_inpainting_models_and_health_work_as_wri
     assert outputs["health"].startswith('{"device":"cpu","loaded":["demo"],"queue":0,"running":false,"status":"ok"}')
 
 
-PROMPT_SECTIONS = README[README.index("## Prompt syntax") : README.index("## Server settings")]
+PROMPT_SECTIONS = README[README.index("## Prompt syntax") : README.index("## Use it from other programs")]
 PROMPT_EXAMPLES = [
     block for block in re.findall(r"```sh\n(.*?)```", PROMPT_SECTIONS, re.S) if "localhost:5000" in block
 ]
@@ -169,3 +169,12 @@ def test_the_readme_openai_sdk_example_works_as_written(start_server, tmp_path):
     for name in ("lighthouse.png", "partial-0.png", "partial-1.png", "streamed.png", "edited.png"):
         assert Image.open(tmp_path / name).size == (512, 512), name
     assert "Steps: 12," in Image.open(tmp_path / "lighthouse.png").info["parameters"]
+
+
+def test_the_readme_python_example_for_automatic1111s_api_runs_as_written(live_server, tmp_path):
+    [example] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "/sdapi/v1/txt2img" in b]
+    script = example.replace("http://127.0.0.1:5000", live_server)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seeds [")
+    assert [Image.open(tmp_path / f"lighthouse-{n}.png").size for n in (0, 1)] == [(512, 512)] * 2
