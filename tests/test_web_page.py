@@ -197,3 +197,11 @@ def test_no_web_serves_the_endpoint_list_even_to_a_browser(make_engine):
             urllib.request.urlopen(url + "/web/app.js", timeout=30)
         assert refused.value.code == 404
     engine.stop()
+
+
+def test_the_page_fits_a_phone_sized_screen_without_sideways_scrolling(browser, live_server):
+    browser.set_window_size(390, 844)
+    open_page(browser, live_server)
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+    assert element(browser, "generate").rect["x"] + element(browser, "generate").rect["width"] <= width

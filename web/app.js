@@ -18,6 +18,7 @@ let controller = null; // the running generation's AbortController
 let lastSeed = null;
 let current = null; // the shown result: {img, params, seed}
 let initData = null; // base64 of the input picture, for img2img
+let firstPreview = null; // {step, time} of the generation's first preview: the estimate leaves out loading
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -174,10 +175,14 @@ function handleLine(line, body, started) {
 }
 
 function setProgress(step, steps, started) {
-  const elapsed = (performance.now() - started) / 1000;
+  const now = performance.now();
+  const elapsed = (now - started) / 1000;
   $("progress").max = steps || 1;
   $("progress").value = step;
-  const remaining = step > 0 ? (elapsed / step) * (steps - step) : NaN;
+  if (step === 0) firstPreview = null;
+  else if (!firstPreview) firstPreview = { step, time: now };
+  const stepsSince = firstPreview ? step - firstPreview.step : 0;
+  const remaining = stepsSince > 0 ? ((now - firstPreview.time) / 1000 / stepsSince) * (steps - step) : NaN;
   const estimate = Number.isFinite(remaining) ? `, about ${remaining.toFixed(1)} s left` : "";
   $("progress-text").textContent = `step ${step} / ${steps}, ${elapsed.toFixed(1)} s${estimate}`;
 }
