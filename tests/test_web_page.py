@@ -12,6 +12,8 @@ import pytest
 from conftest import FAST, pixels, serving, wait_until
 from PIL import Image
 
+import imagine
+
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -205,3 +207,29 @@ def test_the_page_fits_a_phone_sized_screen_without_sideways_scrolling(browser, 
     width = browser.execute_script("return document.documentElement.clientWidth")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= width
     assert element(browser, "generate").rect["x"] + element(browser, "generate").rect["width"] <= width
+
+
+def test_the_pages_own_origin_may_post_but_another_local_port_may_not(make_engine):
+    client = imagine.create_app(make_engine(model="demo")).test_client()
+    body = {"prompt": "x", **FAST}
+    own = client.post("/generate", json=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:5000"})
+    assert own.status_code == 200
+    other = client.post("/generate", json=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:3000"})
+    assert other.status_code == 403
+
+
+def test_with_an_api_key_the_page_loads_without_it_and_the_api_still_needs_it(make_engine):
+    client = imagine.create_app(make_engine(model="demo", api_key="sesame")).test_client()
+    page = client.get("/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and b"/web/app.js" in page.data
+    assert client.get("/web/app.js").status_code == 200
+    assert client.get("/models").status_code == 401
+    assert client.get("/web/imagine.py").status_code == 404
+
+
+def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv("IMAGINE_NO_WEB", raising=False)
+    assert imagine.parse_settings([]).no_web is False
+    assert imagine.parse_settings(["--no-web"]).no_web is True
+    monkeypatch.setenv("IMAGINE_NO_WEB", "1")
+    assert imagine.parse_settings([]).no_web is True
