@@ -2320,9 +2320,9 @@ def create_app(engine: Engine) -> Flask:
     def index_route():
         """What someone who opens the server's address finds: the web page in a browser; for an API client,
         what the server answers and where it is explained."""
-        if settings.no_web or not wants_html():
-            return jsonify(ENDPOINTS)
-        return send_web_file("index.html")
+        response = jsonify(ENDPOINTS) if settings.no_web or not wants_html() else send_web_file("index.html")
+        response.vary.add("Accept")  # one address, two answers: caches must keep them apart
+        return response
 
     @app.get("/web/<name>")
     def web_file_route(name):
