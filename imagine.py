@@ -48,6 +48,7 @@ log = logging.getLogger("imagine")
 # ---------------------------------------------------------------------------------------------
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+WEB_DIR = Path(__file__).resolve().parent / "web"  # the web page: index.html, its script and style
 DEMO_MODEL = "demo"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -87,6 +88,7 @@ class Settings:
     max_batch: int = MAX_BATCH
     api_key: str = ""
     cors_origins: tuple = ()
+    no_web: bool = False
 
 
 def parse_settings(argv=None) -> Settings:
@@ -188,6 +190,12 @@ def parse_settings(argv=None) -> Settings:
         help="web origins allowed to call the server, comma-separated, e.g. http://localhost:3000, "
         "or * for any (IMAGINE_CORS_ORIGINS; default none)",
     )
+    parser.add_argument(
+        "--no-web",
+        action="store_true",
+        default=env("NO_WEB", "").lower() in ("1", "true", "yes"),
+        help="turn the web page at / off, for a pure API server (IMAGINE_NO_WEB=1; default on)",
+    )
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", args.device):
         parser.error(f"--device must be auto, cpu, cuda, cuda:N or mps, not {args.device!r}")
@@ -244,7 +252,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, send_from_directory
 from PIL import Image, ImageFilter, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
@@ -2141,7 +2149,7 @@ def host_name(host_header: str) -> str:
     return host_header.rpartition(":")[0] if ":" in host_header else host_header
 
 
-def check_who_is_calling(settings: Settings) -> None:
+def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
     # host name. A server listening on loopback only ever has a local name; anything else is such a page.
@@ -2151,12 +2159,12 @@ def check_who_is_calling(settings: Settings) -> None:
         raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
     # A browser tells every cross-site request's origin; only the origins the user listed may call.
     origin = request.headers.get("Origin")
-    if origin is not None and not origin_allowed(settings, origin):
+    if origin is not None and not origin_allowed(settings, origin) and not is_same_origin(origin):
         raise ImagineError(f"origin {origin!r} is not allowed; list it in --cors-origins (IMAGINE_CORS_ORIGINS)", 403)
     # Browsers send no credentials with a CORS preflight, so it is answered before the key is checked.
     if request.method == "OPTIONS" and origin is not None:
         return
-    if settings.api_key:
+    if settings.api_key and needs_key:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
         # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
@@ -2180,6 +2188,12 @@ def basic_password(credentials: bytes) -> bytes:
 
 def origin_allowed(settings: Settings, origin: str) -> bool:
     return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
+
+
+def is_same_origin(origin: str) -> bool:
+    """The web page's own requests: a browser sends Origin with a same-origin POST, and it names this server's
+    address as the Host header does (already checked to be a local name on a loopback server)."""
+    return origin.rstrip("/").lower() == f"{request.scheme}://{request.headers.get('Host', '').strip().lower()}"
 
 
 ENDPOINTS = {
@@ -2216,7 +2230,8 @@ ENDPOINTS = {
         "GET /sdapi/v1/scripts": "none",
         "GET /sdapi/v1/cmd-flags": "the few server flags a client may know",
         "POST /sdapi/v1/png-info": "the generation parameters stored in a PNG",
-        "GET /": "this list",
+        "GET /": "the web page for a browser (Accept: text/html), this list for anything else",
+        "GET /web/<name>": "the web page's script and style",
     },
     "readme": "README.md beside imagine.py: every field, setting and example",
 }
@@ -2231,6 +2246,28 @@ def error_fields(message: str, status: int) -> dict:
     if request.path.startswith("/sdapi/"):  # AUTOMATIC1111's clients read its errors' detail
         return {"error": message, "detail": message}
     return {"error": message}
+
+
+# The page's files (flat in web/); anything else under /web/ is a 404, so no path reaches the disk from a URL.
+WEB_FILES = ("index.html", "app.js", "style.css")
+
+# On every answer: only this server's own script and style run, the page talks to this server only, and no
+# other site may frame it (clickjacking) or have a browser guess a type from an answer's content.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
+
+
+def wants_html() -> bool:
+    """A browser asks for text/html first; curl (*/*) and API clients (application/json) get the JSON."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+def send_web_file(name: str) -> Response:
+    return send_from_directory(WEB_DIR, name, max_age=0)
 
 
 def log_access(response: Response) -> None:
@@ -2254,7 +2291,8 @@ def create_app(engine: Engine) -> Flask:
 
     @app.before_request
     def who_is_calling():
-        check_who_is_calling(settings)
+        # The page and its files hold no secret: a browser must load them to ask for the key at all.
+        check_who_is_calling(settings, needs_key=request.endpoint not in ("index_route", "web_file_route"))
         if request.method == "OPTIONS" and request.headers.get("Origin") is not None:
             return preflight_answer()
 
@@ -2274,6 +2312,11 @@ def create_app(engine: Engine) -> Flask:
         if origin is not None and origin_allowed(settings, origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
+        return response
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     @app.after_request
@@ -2351,8 +2394,17 @@ def create_app(engine: Engine) -> Flask:
 
     @app.get("/")
     def index_route():
-        """What someone who opens the server's address finds: what it answers, and where it is explained."""
-        return jsonify(ENDPOINTS)
+        """What someone who opens the server's address finds: the web page in a browser; for an API client,
+        what the server answers and where it is explained."""
+        response = jsonify(ENDPOINTS) if settings.no_web or not wants_html() else send_web_file("index.html")
+        response.vary.add("Accept")  # one address, two answers: caches must keep them apart
+        return response
+
+    @app.get("/web/<name>")
+    def web_file_route(name):
+        if settings.no_web or name not in WEB_FILES:
+            raise ImagineError(f"no such file: {name!r}", 404)
+        return send_web_file(name)
 
     @app.get("/models")
     def models_route():

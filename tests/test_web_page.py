@@ -1,0 +1,235 @@
+"""The web page at /, driven in Debian's headless chromium through selenium, against the real waitress server on
+the tiny demo model."""
+
+import base64
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import FAST, pixels, serving, wait_until
+from PIL import Image
+
+import imagine
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Headless chromium; the test is skipped, saying why, where chromium or its driver is not installed."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, url):
+    browser.get(url)
+    wait_until(lambda: element(browser, "status").text in ("ready", ""), "the page loaded its lists")
+    wait_until(lambda: element(browser, "sampler").get_attribute("value"), "the samplers are listed")
+
+
+def element(browser, id_):
+    return browser.find_element(By.ID, id_)
+
+
+def set_field(browser, id_, value):
+    field = element(browser, id_)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def fill_form(browser, prompt, steps, seed, size=64):
+    set_field(browser, "prompt", prompt)
+    set_field(browser, "width", size)
+    set_field(browser, "height", size)
+    set_field(browser, "num_steps", steps)
+    if element(browser, "random-seed").is_selected():
+        element(browser, "random-seed").click()
+    set_field(browser, "seed", seed)
+
+
+def record_picture_changes(browser):
+    """Keeps every picture the page shows, in order, in window.shown (a MutationObserver misses no change)."""
+    browser.execute_script(
+        """window.shown = [];
+        new MutationObserver((records) => records.forEach(() => window.shown.push(
+            document.getElementById('picture').src))).observe(document.getElementById('picture'), {attributes: true});
+        """
+    )
+
+
+def finished(browser):
+    return element(browser, "status").text.startswith("done")
+
+
+def shown_picture(browser) -> np.ndarray:
+    src = element(browser, "picture").get_attribute("src")
+    return pixels(src.partition(",")[2])
+
+
+def api_picture(url, body) -> np.ndarray:
+    request = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return pixels(json.load(response)["img"])
+
+
+def health(url) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as response:
+        return json.load(response)
+
+
+def severe_console_messages(browser) -> list:
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_the_page_loads_without_console_errors_with_strict_security_headers(browser, live_server):
+    open_page(browser, live_server)
+    assert element(browser, "model").get_attribute("value") == "demo"
+    assert element(browser, "status").text == "ready"
+    assert severe_console_messages(browser) == []
+    with urllib.request.urlopen(urllib.request.Request(live_server + "/", headers={"Accept": "text/html"})) as page:
+        assert "connect-src 'self'" in page.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert page.headers["X-Frame-Options"] == "DENY"
+
+
+def test_generate_draws_previews_as_they_stream_then_the_apis_picture_and_keeps_it_in_history(browser, live_server):
+    open_page(browser, live_server)
+    fill_form(browser, "a lighthouse at dusk", steps=8, seed=1234)
+    record_picture_changes(browser)
+    element(browser, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard way to generate
+    wait_until(lambda: finished(browser), "the page finished the picture")
+
+    shown = browser.execute_script("return window.shown")
+    previews, final = shown[:-1], shown[-1]
+    assert len(set(previews)) >= 2, "fewer than two different preview frames were drawn before the final picture"
+    expected = api_picture(live_server, {"prompt": "a lighthouse at dusk", **FAST, "num_steps": 8, "seed": 1234})
+    assert np.array_equal(pixels(final.partition(",")[2]), expected)
+    assert element(browser, "progress-text").text.startswith("step 8 / 8")
+
+    history = browser.find_elements(By.CSS_SELECTOR, "#history img")
+    assert len(history) == 1
+    assert np.array_equal(pixels(history[0].get_attribute("src").partition(",")[2]), expected)
+    browser.refresh()  # the history outlives the page
+    open_page(browser, live_server)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#history img")) == 1
+    assert severe_console_messages(browser) == []
+
+
+def test_cancel_stops_the_generation_and_a_screenshot_mid_generation_shows_the_page(browser, live_server, tmp_path):
+    open_page(browser, live_server)
+    fill_form(browser, "a long walk", steps=150, seed=5, size=256)
+    element(browser, "generate").click()
+    wait_until(lambda: element(browser, "progress-text").text.startswith("step ") and not
+               element(browser, "progress-text").text.startswith("step 0 "), "a preview arrived")  # fmt: skip
+    screenshot = tmp_path / "mid-generation.png"
+    browser.save_screenshot(str(screenshot))
+    colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50, "the screenshot is blank"
+    assert health(live_server)["running"]
+
+    element(browser, "cancel").click()
+    wait_until(lambda: not health(live_server)["running"], "the server stopped generating", timeout=30)
+    assert element(browser, "status").text == "cancelled"
+    assert element(browser, "generate").is_enabled()
+
+
+def test_img2img_with_a_painted_mask_produces_a_picture(browser, live_server, tmp_path):
+    source = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(source)
+    open_page(browser, live_server)
+    element(browser, "init-file").send_keys(str(source))
+    wait_until(lambda: element(browser, "mask").get_attribute("width") == "64", "the input picture was read")
+    fill_form(browser, "a blue square", steps=8, seed=3)
+    mask = element(browser, "mask")
+    ActionChains(browser).move_to_element(mask).click_and_hold().move_by_offset(20, 10).release().perform()
+    element(browser, "generate").click()
+    wait_until(lambda: finished(browser) or element(browser, "error").text, "the page finished the picture")
+    assert element(browser, "error").text == ""
+    assert shown_picture(browser).shape == (64, 64, 3)
+    [thumb] = browser.find_elements(By.CSS_SELECTOR, "#history img")
+    history = browser.execute_script("return JSON.parse(localStorage.getItem('imagine.history'))")
+    assert history[0]["params"]["inpaint"] is True  # the painted mask was sent
+    assert history[0]["params"]["strength"] == 0.8
+    assert base64.b64decode(thumb.get_attribute("src").partition(",")[2])
+
+
+def test_a_key_protected_server_works_after_the_key_is_entered(browser, make_engine):
+    engine = make_engine(model="demo", api_key="sesame")
+    with serving(engine) as url:
+        browser.get(url)
+        wait_until(lambda: element(browser, "key-form").is_displayed(), "the page asked for the key")
+        element(browser, "key").send_keys("sesame", Keys.ENTER)
+        wait_until(lambda: element(browser, "status").text == "ready", "the page loaded its lists with the key")
+        fill_form(browser, "a locked door", steps=2, seed=9)
+        element(browser, "generate").click()
+        wait_until(lambda: finished(browser) or element(browser, "error").text, "the page finished the picture")
+        assert element(browser, "error").text == ""
+        assert shown_picture(browser).shape == (64, 64, 3)
+    engine.stop()
+
+
+def test_no_web_serves_the_endpoint_list_even_to_a_browser(make_engine):
+    engine = make_engine(model="demo", no_web=True)
+    with serving(engine) as url:
+        request = urllib.request.Request(url + "/", headers={"Accept": "text/html"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert "endpoints" in json.load(response)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "/web/app.js", timeout=30)
+        assert refused.value.code == 404
+    engine.stop()
+
+
+def test_the_page_fits_a_phone_sized_screen_without_sideways_scrolling(browser, live_server):
+    browser.set_window_size(390, 844)
+    open_page(browser, live_server)
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+    assert element(browser, "generate").rect["x"] + element(browser, "generate").rect["width"] <= width
+
+
+def test_the_pages_own_origin_may_post_but_another_local_port_may_not(make_engine):
+    client = imagine.create_app(make_engine(model="demo")).test_client()
+    body = {"prompt": "x", **FAST}
+    own = client.post("/generate", json=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:5000"})
+    assert own.status_code == 200
+    other = client.post("/generate", json=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:3000"})
+    assert other.status_code == 403
+
+
+def test_with_an_api_key_the_page_loads_without_it_and_the_api_still_needs_it(make_engine):
+    client = imagine.create_app(make_engine(model="demo", api_key="sesame")).test_client()
+    page = client.get("/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and b"/web/app.js" in page.data
+    assert client.get("/web/app.js").status_code == 200
+    assert client.get("/models").status_code == 401
+    assert client.get("/web/imagine.py").status_code == 404
+
+
+def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv("IMAGINE_NO_WEB", raising=False)
+    assert imagine.parse_settings([]).no_web is False
+    assert imagine.parse_settings(["--no-web"]).no_web is True
+    monkeypatch.setenv("IMAGINE_NO_WEB", "1")
+    assert imagine.parse_settings([]).no_web is True

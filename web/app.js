@@ -1,0 +1,390 @@
+// Imagine's web page: a client of the public API only (GET /models, /samplers, /loras; POST /generate).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "imagine.key";
+const HISTORY_STORE = "imagine.history";
+const HISTORY_LIMIT = 12; // localStorage holds a few MB: a dozen pictures of 512x512 fit
+const SIZES = {
+  sd1: [[512, 512], [512, 768], [768, 512]],
+  sd2: [[512, 512], [512, 768], [768, 512]],
+  "sd2-v": [[768, 768], [768, 1024], [1024, 768]],
+  sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
+  demo: [[64, 64], [128, 128], [256, 256]],
+};
+const FIELDS = ["prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "n", "clip_skip"];
+
+let controller = null; // the running generation's AbortController
+let lastSeed = null;
+let current = null; // the shown result: {img, params, seed}
+let initData = null; // base64 of the input picture, for img2img
+let firstPreview = null; // {step, time} of the generation's first preview: the estimate leaves out loading
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = localStorage.getItem(KEY_STORE);
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+async function api(path) {
+  const response = await fetch(path, { headers: headers() });
+  if (response.status === 401) {
+    askForKey();
+    throw new Error("this server needs an API key");
+  }
+  return response.json();
+}
+
+function askForKey() {
+  $("key-form").hidden = false;
+  $("key").focus();
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function loadLists() {
+  const [models, samplers, loras] = await Promise.all([api("/models"), api("/samplers"), api("/loras")]);
+  const names = models.models.map((m) => m.name);
+  if (!names.includes(models.default)) names.unshift(models.default);
+  fill($("model"), names, models.default);
+  $("model").dataset.families = JSON.stringify(
+    Object.fromEntries(models.models.map((m) => [m.name, m.family || "sd1"])),
+  );
+  fill($("sampler"), samplers.samplers, samplers.default);
+  for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
+  updatePresets();
+}
+
+function fill(select, values, selected) {
+  select.replaceChildren(...values.map((v) => new Option(v, v, v === selected, v === selected)));
+}
+
+function updatePresets() {
+  const families = JSON.parse($("model").dataset.families || "{}");
+  const name = $("model").value;
+  const family = families[name] || (name === "demo" ? "demo" : "sd1");
+  const sizes = SIZES[family] || SIZES.sd1;
+  fill($("preset"), sizes.map(([w, h]) => `${w}x${h}`), null);
+  $("preset").prepend(new Option("custom", "", true, true));
+  $("preset").value = "";
+  if (!initData) applyPreset(sizes[0].join("x"));
+}
+
+function applyPreset(value) {
+  if (!value) return;
+  const [w, h] = value.split("x");
+  $("width").value = w;
+  $("height").value = h;
+}
+
+function requestBody() {
+  const body = { stream: Number($("stream").value) || 1 };
+  for (const field of FIELDS) {
+    const value = $(field).value;
+    if (value === "") continue;
+    body[field] = $(field).type === "number" ? Number(value) : value;
+  }
+  if ($("random-seed").checked) $("seed").value = Math.floor(Math.random() * 2 ** 32);
+  body.seed = Number($("seed").value);
+  if (initData) {
+    body.img = initData;
+    body.strength = Number($("strength").value);
+    const mask = maskData();
+    if (mask) body.mask = mask;
+  }
+  return body;
+}
+
+async function generate() {
+  if (controller) return;
+  if (!$("prompt").value.trim()) {
+    showError("write a prompt first");
+    $("prompt").focus();
+    return;
+  }
+  showError("");
+  const body = requestBody();
+  controller = new AbortController();
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  const started = performance.now();
+  setProgress(0, body.num_steps, started);
+  $("status").textContent = "generating…";
+  try {
+    const response = await fetch("/generate", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({ error: response.statusText }));
+      if (response.status === 401) askForKey();
+      throw new Error(answer.error || `HTTP ${response.status}`);
+    }
+    await readStream(response, body, started);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      $("status").textContent = "cancelled";
+    } else {
+      showError(error.message);
+      $("status").textContent = "failed";
+    }
+  } finally {
+    controller = null;
+    $("generate").disabled = false;
+    $("cancel").disabled = true;
+  }
+}
+
+async function readStream(response, body, started) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let newline;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline).trim();
+      buffered = buffered.slice(newline + 1);
+      if (line) handleLine(JSON.parse(line), body, started);
+    }
+  }
+}
+
+function handleLine(line, body, started) {
+  if (line.error) throw new Error(line.error);
+  if (!line.done) {
+    $("picture").src = "data:image/png;base64," + line.img;
+    setProgress(line.step, line.steps, started);
+    return;
+  }
+  setProgress(line.steps, line.steps, started);
+  lastSeed = line.seed;
+  $("reuse-seed").disabled = false;
+  const params = { ...body };
+  delete params.img;
+  delete params.mask;
+  params.inpaint = Boolean(body.mask);
+  line.images.forEach((img, i) => addToHistory({ img, params: { ...params, seed: line.seeds[i] } }));
+  show({ img: line.img, params: { ...params, seed: line.seed } });
+  $("status").textContent = `done in ${line.seconds.toFixed(1)} s, seed ${line.seed}`;
+}
+
+function setProgress(step, steps, started) {
+  const now = performance.now();
+  const elapsed = (now - started) / 1000;
+  $("progress").max = steps || 1;
+  $("progress").value = step;
+  if (step === 0) firstPreview = null;
+  else if (!firstPreview) firstPreview = { step, time: now };
+  const stepsSince = firstPreview ? step - firstPreview.step : 0;
+  const remaining = stepsSince > 0 ? ((now - firstPreview.time) / 1000 / stepsSince) * (steps - step) : NaN;
+  const estimate = Number.isFinite(remaining) ? `, about ${remaining.toFixed(1)} s left` : "";
+  $("progress-text").textContent = `step ${step} / ${steps}, ${elapsed.toFixed(1)} s${estimate}`;
+}
+
+function show(entry) {
+  current = entry;
+  $("picture").src = "data:image/png;base64," + entry.img;
+  $("download").href = "data:image/png;base64," + entry.img;
+  $("download").download = `imagine-${entry.params.seed}.png`;
+  $("result-tools").hidden = false;
+}
+
+// History: this browser's results, newest first, never sent to the server.
+function readHistory() {
+  try {
+    return JSON.parse(localStorage.getItem(HISTORY_STORE)) || [];
+  } catch {
+    return [];
+  }
+}
+
+function addToHistory(entry) {
+  const entries = [entry, ...readHistory()].slice(0, HISTORY_LIMIT);
+  // When the browser's storage is full, the oldest pictures go first.
+  while (entries.length) {
+    try {
+      localStorage.setItem(HISTORY_STORE, JSON.stringify(entries));
+      break;
+    } catch {
+      entries.pop();
+    }
+  }
+  renderHistory();
+}
+
+function renderHistory() {
+  $("history").replaceChildren(...readHistory().map(historyItem));
+}
+
+function historyItem(entry) {
+  const item = document.createElement("li");
+  const thumb = document.createElement("img");
+  thumb.src = "data:image/png;base64," + entry.img;
+  thumb.alt = `${entry.params.prompt} (seed ${entry.params.seed})`;
+  thumb.tabIndex = 0;
+  thumb.addEventListener("click", () => show(entry));
+  thumb.addEventListener("keydown", (e) => e.key === "Enter" && show(entry));
+  const download = document.createElement("a");
+  download.href = thumb.src;
+  download.download = `imagine-${entry.params.seed}.png`;
+  download.textContent = "download";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.textContent = "copy settings";
+  copy.addEventListener("click", () => copySettings(entry.params));
+  item.append(thumb, download, copy);
+  return item;
+}
+
+function copySettings(params) {
+  for (const field of FIELDS) if (params[field] !== undefined) $(field).value = params[field];
+  $("seed").value = params.seed;
+  $("random-seed").checked = false;
+  if (params.stream) $("stream").value = params.stream;
+}
+
+// Image to image and inpainting: the input picture, with a mask canvas of its size over it.
+function setInit(dataUrl) {
+  const img = $("init-img");
+  img.onload = () => {
+    const canvas = $("mask");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    $("width").value = Math.max(64, Math.floor(img.naturalWidth / 8) * 8);
+    $("height").value = Math.max(64, Math.floor(img.naturalHeight / 8) * 8);
+  };
+  img.src = dataUrl;
+  initData = dataUrl.slice(dataUrl.indexOf(",") + 1);
+  $("init-area").hidden = false;
+  $("init-tools").hidden = false;
+}
+
+function removeInit() {
+  initData = null;
+  $("init-area").hidden = true;
+  $("init-tools").hidden = true;
+  $("init-file").value = "";
+}
+
+function readFile(file) {
+  if (!file || !file.type.startsWith("image/")) return;
+  const reader = new FileReader();
+  reader.onload = () => setInit(reader.result);
+  reader.readAsDataURL(file);
+}
+
+// The mask as the server wants it: white repaints, black keeps; null when nothing is painted.
+function maskData() {
+  const canvas = $("mask");
+  const ctx = canvas.getContext("2d");
+  const painted = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  if (!painted.some((v, i) => i % 4 === 3 && v > 0)) return null;
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  const o = out.getContext("2d");
+  o.fillStyle = "black";
+  o.fillRect(0, 0, out.width, out.height);
+  o.drawImage(canvas, 0, 0);
+  const url = out.toDataURL("image/png");
+  return url.slice(url.indexOf(",") + 1);
+}
+
+function setUpBrush() {
+  const canvas = $("mask");
+  let drawing = false;
+  const point = (e) => {
+    const box = canvas.getBoundingClientRect();
+    return [((e.clientX - box.left) * canvas.width) / box.width, ((e.clientY - box.top) * canvas.height) / box.height];
+  };
+  const paint = (e) => {
+    if (!drawing) return;
+    const ctx = canvas.getContext("2d");
+    const [x, y] = point(e);
+    const scale = canvas.width / canvas.getBoundingClientRect().width;
+    ctx.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+    ctx.fillStyle = "white";
+    ctx.beginPath();
+    ctx.arc(x, y, (Number($("brush").value) * scale) / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    canvas.setPointerCapture(e.pointerId);
+    paint(e);
+  });
+  canvas.addEventListener("pointermove", paint);
+  canvas.addEventListener("pointerup", () => (drawing = false));
+  canvas.addEventListener("pointercancel", () => (drawing = false));
+}
+
+function setUp() {
+  $("form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    generate();
+  });
+  $("form").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      generate();
+    }
+  });
+  $("cancel").addEventListener("click", () => controller && controller.abort());
+  $("model").addEventListener("change", updatePresets);
+  $("preset").addEventListener("change", () => applyPreset($("preset").value));
+  $("reuse-seed").addEventListener("click", () => {
+    $("seed").value = lastSeed;
+    $("random-seed").checked = false;
+  });
+  $("lora").addEventListener("change", () => {
+    if ($("lora").value) $("prompt").value += ` <lora:${$("lora").value}:0.8>`;
+    $("lora").value = "";
+  });
+  $("strength").addEventListener("input", () => ($("strength-value").textContent = $("strength").value));
+  $("init-file").addEventListener("change", () => readFile($("init-file").files[0]));
+  $("clear-mask").addEventListener("click", () => {
+    const canvas = $("mask");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  });
+  $("remove-init").addEventListener("click", removeInit);
+  $("use-result").addEventListener("click", () => current && setInit("data:image/png;base64," + current.img));
+  const drop = document.querySelector("fieldset");
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("dropping");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("dropping"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("dropping");
+    readFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const file = [...e.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (file) readFile(file);
+  });
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    localStorage.setItem(KEY_STORE, $("key").value);
+    $("key-form").hidden = true;
+    start();
+  });
+  setUpBrush();
+  renderHistory();
+  start();
+}
+
+function start() {
+  loadLists().then(
+    () => ($("status").textContent = "ready"),
+    (error) => showError(error.message),
+  );
+}
+
+document.addEventListener("DOMContentLoaded", setUp);
