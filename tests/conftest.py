@@ -175,7 +175,10 @@ def serving(engine):
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
         server.task_dispatcher.shutdown()
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the listener, connections, pipe
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the listener, connections, pipe
+        except OSError:  # the wake-up pipe is closed already (seen once, cause not found): close from here
+            wasyncore.close_all(server._map)
         loop.join(timeout=30)
 
 
