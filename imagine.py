@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -1951,12 +1952,20 @@ class Engine:
 
     def run_forever(self) -> None:
         """Runs jobs until stop() is called."""
-        while (job := self.jobs.get()) is not None:
+        while (job := self.next_job()) is not None:
             try:
                 self.run(job)
             finally:
                 with self.accepting:
                     self.unfinished -= 1
+
+    def next_job(self) -> Job | None:
+        """Waits for the next job (None: stop) in slices of a second. The kernel may hand a signal for the process
+        (SIGTERM) to any of its threads, and Python runs its handler only once the main thread runs; a wait without
+        end would leave main()'s SIGTERM unheard until the next request came."""
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self.jobs.get(timeout=1)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)

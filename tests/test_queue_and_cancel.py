@@ -1,6 +1,9 @@
 """One generation at a time, a bounded queue, cancelling when the client leaves, failures and SIGTERM contained."""
 
+import ctypes
 import json
+import os
+import platform
 import signal
 import socket
 import subprocess
@@ -17,6 +20,7 @@ from conftest import FAST, free_port, read_log_until_listening, wait_until
 import imagine
 
 ROOT = Path(imagine.__file__).resolve().parent
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]  # Linux's system call for a signal to one thread
 
 
 class Gate:
@@ -207,6 +211,16 @@ def test_sigterm_cancels_the_running_generation_tells_its_client_and_exits_clean
     assert rest[-1] == {"error": "the server is shutting down", "done": True}
     assert len(rest) < 150
     assert process.wait(timeout=60) == 0
+
+
+def test_an_idle_server_exits_on_sigterm_that_the_kernel_hands_to_another_of_its_threads(server_process):
+    # The kernel may give a process's signal to any of its threads (on a GPU machine it gave it to CUDA's), and
+    # Python runs the handler only once its main thread runs: an idle server must not wait for its next request.
+    process, _ = server_process
+    other_threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task") if int(tid) != process.pid]
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYS_TGKILL, process.pid, other_threads[0], signal.SIGTERM) == 0
+    assert process.wait(timeout=30) == 0
 
 
 def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, monkeypatch):
