@@ -722,6 +722,7 @@ class Models:
         else:
             pipe = self.download(key, family)
         pipe = pipe.to(device=self.device, dtype=self.dtype)
+        pipe.vae.enable_slicing()  # a batch decodes one picture at a time: the memory of one, in the same time
         self.speed_up_unet(pipe)
         img2img = family.img2img(**pipe.components)
         inpaint = family.inpaint(**pipe.components)
@@ -1690,9 +1691,9 @@ def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str
 # ---------------------------------------------------------------------------------------------
 
 
-def scheduler_for(model: LoadedModel, sampler: str, seed: int, prediction: str | None = None):
+def scheduler_for(model: LoadedModel, sampler: str, seed: int | list, prediction: str | None = None):
     """The model's scheduler for `sampler` (and a `prediction` override, if any), built on first use
-    and kept (building dpm2's takes 85 ms).
+    and kept (building dpm2's takes 85 ms). `seed` is the picture's, or a list with each picture's of a batch.
 
     Reuse is safe: the pipeline's set_timesteps resets a scheduler's per-run state at the start of
     every run, and generations run one at a time.
@@ -1710,14 +1711,16 @@ def scheduler_for(model: LoadedModel, sampler: str, seed: int, prediction: str |
     return scheduler
 
 
-def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> Image.Image:
-    """Runs the diffusers pipeline for `req` (whose seed, width and height must be set) on the
-    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings).
+def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> list:
+    """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
+    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings),
+    and returns its `req.n` pictures, drawn together from the seeds seed, seed+1, ...
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
-    should show: the predicted finished latents where the sampler gives them, else the current ones;
-    if it returns True, the remaining steps are skipped and the picture as far as it got is returned.
-    `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice `num_steps`.
+    should show, one per picture: the predicted finished latents where the sampler gives them, else the
+    current ones; if it returns True, the remaining steps are skipped and the pictures as far as they got are
+    returned. `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice
+    `num_steps`.
     """
     if req.mask is not None or model.family.unet_channels == 9:
         return inpaint(model, req, on_step, conditioning)
@@ -1730,12 +1733,15 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
     return call_pipeline(model, pipe, req, on_step, conditioning, **size_args)
 
 
-def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> Image.Image:
-    """One pipeline call for `req` with the sampler, seed, encoded prompt and step callback set; `inputs` are the
-    picture's."""
-    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.seed, req.prediction)
-    # A CPU generator gives the same starting noise for the same seed on every device.
-    generator = torch.Generator("cpu").manual_seed(req.seed)
+def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> list:
+    """One pipeline call for the `req.n` pictures of `req` with the sampler, seeds, encoded prompt and step callback
+    set; `inputs` are the picture's."""
+    # One seed and generator per picture: the pipeline draws each picture's noise from its own, so picture k is
+    # the picture that seed+k alone draws. A CPU generator gives the same noise for a seed on every device.
+    seeds = [req.seed + index for index in range(req.n)]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
+    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, one_or_all(seeds), req.prediction)
 
     def step_end(pipeline, index, timestep, tensors):
         if on_step is not None:
@@ -1751,13 +1757,14 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
             **conditioning,
             num_inference_steps=req.num_steps,
             guidance_scale=req.guidance,
-            generator=generator,
+            generator=one_or_all(generators),
+            num_images_per_prompt=req.n,
             callback_on_step_end=step_end,
             **inputs,
-        ).images[0]
+        ).images
 
 
-def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> Image.Image:
+def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
     """Repaints the white part of `req.mask` (as AUTOMATIC1111 does), or with an inpainting checkpoint and no mask,
     the whole picture: txt2img from noise, img2img from `req.img`.
 
@@ -1769,8 +1776,12 @@ def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioni
 
     def paint(image, mask, strength=req.strength):
         image, mask = image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
-        inputs = {"image": image, "mask_image": mask, "strength": strength, "width": req.width, "height": req.height}
-        return call_pipeline(model, model.inpaint, req, on_step, conditioning, **inputs)
+        # A copy of the picture for each of the batch: the pipeline encodes one picture with the first picture's
+        # generator only, and each copy makes every picture's draw the one its single request makes.
+        inputs = {"image": [image] * req.n, "mask_image": [mask] * req.n, "strength": strength}
+        return call_pipeline(
+            model, model.inpaint, req, on_step, conditioning, width=req.width, height=req.height, **inputs
+        )
 
     if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
         return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
@@ -1780,12 +1791,16 @@ def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioni
     if req.inpaint_area == "masked":
         box = crop_box(mask, req.inpaint_padding, size)
         image, crop_mask = req.img.crop(box), mask.crop(box)
-        painted = paint(image, crop_mask)
-        result = req.img.copy()
-        result.paste(painted.resize(image.size, Image.Resampling.LANCZOS), box[:2], crop_mask)
-        return result
+        return [pasted(req.img, painted, box, crop_mask) for painted in paint(image, crop_mask)]
     image, mask = req.img.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
-    return Image.composite(paint(image, mask), image, mask)
+    return [Image.composite(painted, image, mask) for painted in paint(image, mask)]
+
+
+def pasted(picture: Image.Image, painted: Image.Image, box: tuple, mask: Image.Image) -> Image.Image:
+    """`picture` with `painted` scaled into `box` through `mask` (the box's part of the blurred mask)."""
+    result = picture.copy()
+    result.paste(painted.resize(mask.size, Image.Resampling.LANCZOS), box[:2], mask)
+    return result
 
 
 def crop_box(mask: Image.Image, padding: int, size: tuple) -> tuple:
@@ -1874,11 +1889,10 @@ class Job:
         self.cancel_reason = None
         # Where it stands, for a progress report that is built only when asked (GET /sdapi/v1/progress).
         self.started = None  # time.time() when its generation began
-        self.index = 0  # which picture of its batch is being drawn
         self.step, self.steps = 0, 0
-        self.latents = None  # the latest latents a preview shows, with the model and picture that draw them
-        self.model, self.picture = None, None
-        self.stop_early = None  # "interrupt": finish this picture now, draw no more; "skip": this picture only
+        self.latents = None  # the latest latents a preview shows (one per picture), with the model that draws them
+        self.model = None
+        self.stop_early = None  # how it was asked to finish early: "interrupt" or "skip"
 
     def __iter__(self):
         while True:
@@ -1892,8 +1906,8 @@ class Job:
         self.cancel_reason = reason
 
     def finish_early(self, how: str) -> None:
-        """Ends the picture being drawn at its next step, keeping it as far as it got (AUTOMATIC1111's
-        interrupt and skip); with "interrupt" the rest of the batch is not drawn."""
+        """Ends the pictures at their next step, keeping them as far as they got (AUTOMATIC1111's interrupt and
+        skip, which are one here: a batch is drawn in one call, and A1111's skip ends the call being drawn)."""
         self.stop_early = how
 
     def cancelled(self) -> bool:
@@ -2011,28 +2025,25 @@ class Engine:
                 conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
             job.events.put(Started())
             job.started, job.model = time.time(), model
-            pictures = []
-            # One picture after another: each is exactly what the single request with its seed draws, and
-            # memory stays that of one picture (the README's Performance section has a batched call measured).
-            for index in range(req.n):
-                picture = dataclasses.replace(req, seed=req.seed + index)
+            # A batch is one pipeline call, on CPUs too: there 2 pictures at 512x512 took 65 s together against
+            # 70 s one by one (README, Performance: Batches), in the same peak memory.
+            each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
 
-                def on_step(step, steps, latents, picture=picture, index=index):
-                    nonlocal last_step
-                    if job.cancelled():
-                        raise Cancelled
-                    last_step = step
-                    job.index, job.step, job.steps, job.latents, job.picture = index, step, steps, latents, picture
-                    job.events.put(Progress(step, steps))
-                    if req.stream and step % req.stream == 0 and step < steps:
-                        job.events.put(Preview(step, steps, preview_image(model, picture, latents), index))
-                    return job.stop_early is not None
+            def on_step(step, steps, latents):
+                nonlocal last_step
+                if job.cancelled():
+                    raise Cancelled
+                last_step = step
+                job.step, job.steps, job.latents = step, steps, latents
+                job.events.put(Progress(step, steps))
+                if req.stream and step % req.stream == 0 and step < steps:
+                    for index, picture in enumerate(each):
+                        preview = preview_image(model, picture, latents[index : index + 1])
+                        job.events.put(Preview(step, steps, preview, index))
+                return job.stop_early is not None
 
-                image = generate(model, picture, on_step, conditioning)
-                pictures.append((image, generation_parameters(picture, model.name)))
-                if job.stop_early == "interrupt":
-                    break
-                job.stop_early = None
+            images = generate(model, req, on_step, conditioning)
+            pictures = [(image, generation_parameters(p, model.name)) for image, p in zip(images, each, strict=True)]
         except Cancelled:
             log.info("stopped after step %d: %s", last_step, job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason))
@@ -3048,23 +3059,22 @@ def a1111_progress(engine, with_image: bool, previews: dict) -> dict:
     }
     if job is None or job.started is None:
         return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
-    index, step, steps, latents, picture = job.index, job.step, job.steps, job.latents, job.picture
-    progress = min(1.0, (index + (step / steps if steps else 0)) / job.request.n)
+    step, steps, latents = job.step, job.steps, job.latents
+    progress = min(1.0, step / steps if steps else 0)
     elapsed = time.time() - job.started
     state |= {
         "skipped": job.stop_early == "skip",
         "interrupted": job.stop_early == "interrupt",
         "job": "img2img" if job.request.img is not None else "txt2img",
-        "job_count": job.request.n,
+        "job_count": 1,  # A1111 counts pipeline calls; a batch is one
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started)),
-        "job_no": index,
         "sampling_step": step,
         "sampling_steps": steps,
     }
     image = None
-    if with_image and latents is not None:
+    if with_image and latents is not None:  # the batch's first picture, as A1111 shows
         if previews.get("latents") is not latents:
-            size = (picture.width, picture.height)
+            size = (job.request.width, job.request.height)
             preview = png_base64(latents_to_preview(latents, job.model.family.latent_rgb, size), None, 1)
             previews.update(latents=latents, image=preview)
         image = previews["image"]
@@ -3073,7 +3083,7 @@ def a1111_progress(engine, with_image: bool, previews: dict) -> dict:
         "eta_relative": elapsed / progress - elapsed if progress else 0,
         "state": state,
         "current_image": image,
-        "textinfo": f"Step {step}/{steps}, picture {index + 1} of {job.request.n}",
+        "textinfo": f"Step {step}/{steps}" + (f", {job.request.n} pictures" if job.request.n > 1 else ""),
     }
 
 

@@ -6,6 +6,7 @@
     python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
     python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
     python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
+    python bench/bench.py --device cuda --batch 4      # on a GPU, in float16
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
 as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
@@ -15,8 +16,10 @@ a busy machine slows them alike; the table gives medians with the spread (min-ma
 """
 
 import argparse
+import base64
 import gc
 import http.client
+import io
 import json
 import re
 import socket
@@ -28,6 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -63,6 +67,7 @@ def parse_args(argv=None):
         "--progress", action="store_true", help="only a generation with and without /sdapi/v1/progress polled at 2 Hz"
     )
     parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
+    parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda, mps; GPUs in float16")
     parser.add_argument(
         "--loras-only",
         action="store_true",
@@ -88,7 +93,7 @@ def build_checkpoint(path: Path) -> Path:
     return path
 
 
-def bare_pipeline(checkpoint: Path, dtype: torch.dtype):
+def bare_pipeline(checkpoint: Path, dtype: torch.dtype, device: str = "cpu"):
     """What a diffusers user writes: from_single_file with a local config, the same sampler as Imagine's default."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -99,7 +104,7 @@ def bare_pipeline(checkpoint: Path, dtype: torch.dtype):
         pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 def bare_generate(pipe, size: int, steps: int) -> Image.Image:
@@ -121,11 +126,11 @@ def bare_generate(pipe, size: int, steps: int) -> Image.Image:
 class Server:
     """`imagine.py` started as a user starts it, on a free port; keeps its log."""
 
-    def __init__(self, checkpoint: Path, fp_prec: str):
+    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", "cpu"]
+        command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", device]
         command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port)]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{port}/generate"
@@ -225,26 +230,26 @@ def ratio_row(what, imagine_times, base_times, target) -> tuple:
     return what, spread(imagine_times), spread(base_times), f"{ratio:.3f}", f"<= {target}", ratio <= target
 
 
-def measure_loads(checkpoint: Path, dtype: torch.dtype, repeats: int) -> tuple:
+def measure_loads(checkpoint: Path, dtype: torch.dtype, device: str, repeats: int) -> tuple:
     """Imagine's loader (family check, load, cast, img2img) against from_single_file, alternating, in this process."""
     settings = imagine.Settings(models_dir=checkpoint.parent)
     key = str(checkpoint.resolve())
 
     def imagine_load():
-        imagine.Models(settings, torch.device("cpu"), dtype).get(key)
+        imagine.Models(settings, torch.device(device), dtype).get(key)
 
     def diffusers_load():
-        bare_pipeline(checkpoint, dtype)
+        bare_pipeline(checkpoint, dtype, device)
 
     diffusers_load()  # the first read of the file fills the page cache: both then read it from memory
     times = rounds({"imagine load": imagine_load, "diffusers load": diffusers_load}, repeats)
     return times["imagine load"], times["diffusers load"]
 
 
-def measure_cancel(checkpoint: Path, size: int, steps: int, repeats: int) -> None:
+def measure_cancel(checkpoint: Path, device: str, size: int, steps: int, repeats: int) -> None:
     """Prints how soon a generation whose client left makes way for the next request: the client leaves at a
     point spread evenly across a step, and the time runs until the server logs the next request generating."""
-    server = Server(checkpoint, "16")
+    server = Server(checkpoint, "16", device)
     try:
         server.generate(size, 1)  # loads the model
         results = [server.stream_then_leave(size, steps, (r + 0.5) / repeats) for r in range(repeats)]
@@ -264,9 +269,9 @@ def poll_progress(url: str, stop: threading.Event, polls: list) -> None:
             polls.append(json.loads(response.read())["current_image"] is not None)
 
 
-def measure_progress(checkpoint: Path, size: int, steps: int, repeats: int) -> tuple:
+def measure_progress(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, repeats: int) -> tuple:
     """The same generation with and without a client polling /sdapi/v1/progress at 2 Hz, in alternating rounds."""
-    server = Server(checkpoint, "16" if imagine.cpu_bf16_feature() else "32")
+    server = Server(checkpoint, fp_prec, device)
     base = server.url.removesuffix("/generate")
     polls = []
 
@@ -305,21 +310,37 @@ def batched_generate(pipe, size: int, steps: int, n: int) -> list:
         ).images
 
 
-def compare_batch(checkpoint: Path, size: int, steps: int, n: int, repeats: int) -> None:
-    """How a batch should run on this machine: one batched call, or the pictures one after another."""
-    pipe = bare_pipeline(checkpoint, torch.bfloat16)
-    bare_generate(pipe, size, steps)  # warm-up
-    times = rounds(
-        {
-            f"one call for {n}": lambda: batched_generate(pipe, size, steps, n),
-            f"{n} calls one by one": lambda: [bare_generate(pipe, size, steps) for _ in range(n)],
-        },
-        repeats,
-    )
-    print(f"\n{n} pictures, SD1.5 architecture, {size}x{size}, {steps} steps, bf16, {torch.get_num_threads()} threads")
+def pixels(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))), dtype=np.int16)
+
+
+def compare_batch(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, n: int, repeats: int) -> None:
+    """How a batch should run on this machine: one batched call, or the pictures one after another; and how
+    Imagine runs it (`n` on /generate), with each of its pictures against the single request with that seed."""
+    dtype = imagine.pick_dtype(fp_prec, torch.device(device))
+    pipe = bare_pipeline(checkpoint, dtype, device)
+    server = Server(checkpoint, fp_prec, device)
+    try:
+        bare_generate(pipe, size, steps)  # warm-up
+        batch = server.generate(size, steps, n=n)[-1]
+        times = rounds(
+            {
+                f"bare diffusers, one call for {n}": lambda: batched_generate(pipe, size, steps, n),
+                f"bare diffusers, {n} calls one by one": lambda: [bare_generate(pipe, size, steps) for _ in range(n)],
+                f"Imagine, /generate with n {n}": lambda: server.generate(size, steps, n=n),
+            },
+            repeats,
+        )
+        singles = [server.generate(size, steps, seed=seed)[-1]["img"] for seed in batch["seeds"]]
+    finally:
+        server.stop()
+    differences = [int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(batch["images"], singles, strict=True)]
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    print(f"\n{n} pictures, SD1.5 architecture, {size}x{size}, {steps} steps, {dtype}, {device}{threads}")
     print("\n| how | time (median, min-max) |\n|---|---|")
     for name, values in times.items():
         print(f"| {name} | {spread(values)} |")
+    print(f"\nImagine's pictures against the single requests with their seeds: largest pixel difference {differences}")
 
 
 def build_loras(checkpoint: Path, pipe) -> list:
@@ -336,11 +357,11 @@ def build_loras(checkpoint: Path, pipe) -> list:
     return names
 
 
-def measure_in_process(checkpoint: Path, repeats: int) -> tuple:
+def measure_in_process(checkpoint: Path, dtype: torch.dtype, device: str, repeats: int) -> tuple:
     """Builds the LoRAs from the loaded model's layers, then measures (seconds to switch between the two
     loaded LoRAs, seconds to encode LONG_PROMPT and its negative, LONG_PROMPT's tokens, the LoRA names)."""
     settings = imagine.Settings(models_dir=checkpoint.parent)
-    models = imagine.Models(settings, torch.device("cpu"), torch.bfloat16)
+    models = imagine.Models(settings, torch.device(device), dtype)
     model = models.get(str(checkpoint.resolve()))
     loras = build_loras(checkpoint, model.txt2img)
     for name in loras:
@@ -355,13 +376,13 @@ def measure_in_process(checkpoint: Path, repeats: int) -> tuple:
     return switches, encodings, tokens, loras
 
 
-def lora_rows(checkpoint: Path, size: int, steps: int, repeats: int) -> list:
+def lora_rows(checkpoint: Path, dtype: torch.dtype, device: str, size: int, steps: int, repeats: int) -> list:
     """LoRA requests against plain ones, LoRA switching, the encoding of a long weighted prompt, and lcm's
     guidance 1 (no unconditional half) against 2, on the `-f 16` server."""
     print("loras, prompts, lcm:", file=sys.stderr)
-    switches, encodings, tokens, loras = measure_in_process(checkpoint, repeats)
+    switches, encodings, tokens, loras = measure_in_process(checkpoint, dtype, device, repeats)
     gc.collect()
-    server = Server(checkpoint, "16")
+    server = Server(checkpoint, "16", device)
     try:
         for name in loras:
             server.generate(size, steps, loras=[{"name": name, "weight": 0.8}])
@@ -416,39 +437,41 @@ def main(argv=None) -> None:
         if args.checkpoint:
             raise SystemExit(f"bench: no checkpoint at {checkpoint}")
         build_checkpoint(checkpoint)
-    bf16_feature = imagine.cpu_bf16_feature()
+    device = args.device
+    bf16_feature = imagine.cpu_bf16_feature() if device == "cpu" else "a GPU's float16"
     # Imagine is compared with diffusers in the precision -f auto takes on this CPU: bfloat16 where it is
-    # native, else float32. The other precision runs beside it, so that `-f 16 ÷ -f 32` says what 16-bit
-    # costs or saves on whatever CPU this is; only native bfloat16 has a target (on others it is emulated).
+    # native, else float32 (on a GPU: float16). The other precision runs beside it, so that `-f 16 ÷ -f 32` says
+    # what 16-bit costs or saves on whatever CPU this is; only native 16-bit has a target (else it is emulated).
     ours, other = ("16", "32") if bf16_feature else ("32", "16")
-    dtype = torch.bfloat16 if bf16_feature else torch.float32
+    dtype = imagine.pick_dtype(ours, torch.device(device))
     bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     size, steps, repeats = args.size, args.steps, args.repeats
     if args.cancel:
-        measure_cancel(checkpoint, size, steps, repeats)
+        measure_cancel(checkpoint, device, size, steps, repeats)
         return
-    print(f"{size}x{size}, {steps} steps, {repeats} runs each; CPU bf16: {bf16_feature}", file=sys.stderr)
+    print(f"{size}x{size}, {steps} steps, {repeats} runs each on {device}; 16-bit: {bf16_feature}", file=sys.stderr)
     if args.progress:
-        polled, plain = measure_progress(checkpoint, size, steps, repeats)
+        polled, plain = measure_progress(checkpoint, ours, device, size, steps, repeats)
         row = ratio_row("generation with /sdapi/v1/progress polled at 2 Hz ÷ without", polled, plain, 1.02)
-        print_table([row], size, steps, repeats, bf16_feature)
+        print_table([row], device, size, steps, repeats, bf16_feature)
         return
     if args.batch:
-        compare_batch(checkpoint, size, steps, args.batch, repeats)
+        compare_batch(checkpoint, ours, device, size, steps, args.batch, repeats)
         return
     if args.loras_only:
-        print_table(lora_rows(checkpoint, size, steps, repeats), size, steps, repeats, bf16_feature)
+        rows = lora_rows(checkpoint, dtype, device, size, steps, repeats)
+        print_table(rows, device, size, steps, repeats, bf16_feature)
         return
     rows = []
 
     print("cold loads:", file=sys.stderr)
-    imagine_loads, diffusers_loads = measure_loads(checkpoint, dtype, repeats)
+    imagine_loads, diffusers_loads = measure_loads(checkpoint, dtype, device, repeats)
     rows.append(
         ratio_row("cold load of the single file ÷ diffusers from_single_file", imagine_loads, diffusers_loads, 1.1)
     )
 
-    pipe = bare_pipeline(checkpoint, dtype)
-    servers = {"16": Server(checkpoint, "16"), "32": Server(checkpoint, "32")}
+    pipe = bare_pipeline(checkpoint, dtype, device)
+    servers = {"16": Server(checkpoint, "16", device), "32": Server(checkpoint, "32", device)}
     try:
         print("warm-up:", file=sys.stderr)
         bare_generate(pipe, size, steps)
@@ -498,15 +521,15 @@ def main(argv=None) -> None:
         ),
     ]
 
-    rows += lora_rows(checkpoint, size, steps, repeats)
-    print_table(rows, size, steps, repeats, bf16_feature)
+    rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)
+    print_table(rows, device, size, steps, repeats, bf16_feature)
 
 
-def print_table(rows: list, size: int, steps: int, repeats: int, bf16_feature) -> None:
+def print_table(rows: list, device: str, size: int, steps: int, repeats: int, bf16_feature) -> None:
     print()
-    print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on CPU")
+    print(f"Imagine vs bare diffusers: SD1.5 architecture, {size}x{size}, {steps} steps (dpm++ 2m), CFG 7, on {device}")
     cpu = f"{torch.get_num_threads()} threads, native bf16: {bf16_feature or 'none, so Imagine runs -f 32'}"
-    print(f"({cpu}); times are the median (min-max) of {repeats} warm runs.")
+    print(f"({cpu if device == 'cpu' else bf16_feature}); times are the median (min-max) of {repeats} warm runs.")
     print()
     print("| what | Imagine | baseline | ratio | target | met |")
     print("|---|---|---|---|---|---|")

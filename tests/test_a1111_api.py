@@ -244,9 +244,9 @@ def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_r
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
     assert held.inside.wait(60)
     progress = requests.get(f"{url}/sdapi/v1/progress").json()
-    assert progress["state"]["job_count"] == 2 and progress["state"]["job_no"] == 0
+    assert progress["state"]["job_count"] == 1  # the batch is one pipeline call
     assert progress["state"]["sampling_step"] == 2 and progress["state"]["sampling_steps"] == 8
-    assert progress["progress"] == pytest.approx(2 / 8 / 2)
+    assert progress["progress"] == pytest.approx(2 / 8)
     assert decode_png(progress["current_image"]).size == (64, 64)
     assert requests.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
     assert requests.post(f"{url}/sdapi/v1/interrupt").status_code == 200
@@ -254,21 +254,23 @@ def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_r
     interrupted = answer()
     assert interrupted.status_code == 200
     images = interrupted.json()["images"]
-    assert len(images) == 1  # the rest of the batch is not drawn
+    assert len(images) == 2  # both pictures of the batch, as far as they got
     assert decode_png(images[0]).size == (64, 64) and images[0] != full  # stopped after 3 of 8 steps
     after = requests.get(f"{url}/sdapi/v1/progress").json()
     assert (after["progress"], after["state"]["job_count"]) == (0, 0)
 
 
-def test_skip_ends_only_the_picture_being_drawn(server, monkeypatch):
+def test_skip_ends_the_batch_being_drawn_and_keeps_its_pictures_as_far_as_they_got(server, monkeypatch):
     url, _ = server(model="demo")
-    held = HeldGeneration(monkeypatch)
     body = {"prompt": "a cat", "seed": 5, "batch_size": 2, **SMALL}
+    full = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()["images"]
+    held = HeldGeneration(monkeypatch)
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
     assert held.inside.wait(60)
     assert requests.post(f"{url}/sdapi/v1/skip").status_code == 200
     held.release.set()
-    assert len(answer().json()["images"]) == 2
+    skipped = answer().json()["images"]
+    assert len(skipped) == 2 and skipped[0] != full[0] and skipped[1] != full[1]
 
 
 def test_unknown_and_unsupported_fields_are_no_error_and_switched_on_features_are_listed_as_ignored(server):

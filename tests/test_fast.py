@@ -119,7 +119,7 @@ def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler
     assert np.array_equal(first, again)
     fresh = imagine.Models(imagine.Settings(), engine.device, engine.dtype).get("demo")
     req = imagine.GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST)
-    assert np.array_equal(first, np.asarray(imagine.generate(fresh, req), dtype=np.int16))
+    assert np.array_equal(first, np.asarray(imagine.generate(fresh, req)[0], dtype=np.int16))
 
 
 # ---- precision

@@ -158,7 +158,8 @@ async function readStream(response, body, started) {
 function handleLine(line, body, started) {
   if (line.error) throw new Error(line.error);
   if (!line.done) {
-    $("picture").src = "data:image/png;base64," + line.img;
+    // A batch previews every picture at each step; the page shows the first forming.
+    if (!line.index) $("picture").src = "data:image/png;base64," + line.img;
     setProgress(line.step, line.steps, started);
     return;
   }
