@@ -1,6 +1,7 @@
 """LoRA and textual-inversion embeddings, in the file layouts people download (kohya/civitai, diffusers,
 AUTOMATIC1111's embeddings), written by the tests for the tiny models."""
 
+import hashlib
 import logging
 
 import numpy as np
@@ -235,6 +236,42 @@ def test_the_png_keeps_the_lora_tag_in_the_prompt(lora_engine):
 
     response = post(lora_engine, prompt="a lighthouse <lora:detail:0.6>")
     assert decode_png(response.get_json()["img"]).info["parameters"].splitlines()[0] == "a lighthouse <lora:detail:0.6>"
+
+
+def short_hash(path) -> str:
+    """A1111's short hash, computed here from its definition: the sha256 of a .safetensors file after its header
+    (kohya's addnet hash), of any other file whole; 12 hex digits."""
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        data = data[8 + int.from_bytes(data[:8], "little") :]
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def test_the_png_names_each_loras_short_hash_as_automatic1111_writes_them(lora_engine, folder):
+    from conftest import decode_png
+
+    prompt = "a lighthouse <lora:detail:0.6> <lora:detail_pickled:0.2>"
+    response = post(lora_engine, prompt=prompt, loras=[{"name": "styles/unet_only", "weight": 0.5}])
+    parameters = decode_png(response.get_json()["img"]).info["parameters"]
+    loras = folder / "loras"
+    hashes = {
+        "styles/unet_only": short_hash(loras / "styles" / "unet_only.safetensors"),
+        "detail": short_hash(loras / "detail.safetensors"),
+        "detail_pickled": short_hash(loras / "detail_pickled.pt"),
+    }
+    assert parameters.endswith('Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in hashes.items()) + '"')
+    assert imagine.parse_parameters(parameters)["Lora hashes"].startswith('"styles/unet_only: ')
+    assert "Lora hashes" not in decode_png(post(lora_engine).get_json()["img"]).info["parameters"]
+
+
+def test_a_lora_that_carries_its_own_hash_is_named_by_it(lora_engine, folder):
+    from conftest import decode_png
+
+    demo = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    own = "0123456789abcdef" * 4
+    save_file(kohya_lora(demo, seed=5), folder / "loras" / "hashed.safetensors", metadata={"sshs_model_hash": own})
+    response = post(lora_engine, prompt="a lighthouse <lora:hashed>")
+    assert decode_png(response.get_json()["img"]).info["parameters"].endswith('Lora hashes: "hashed: 0123456789ab"')
 
 
 # ---- embeddings

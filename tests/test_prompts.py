@@ -215,6 +215,18 @@ def test_a_bad_clip_skip_or_weight_is_refused_naming_it(client, fields, error):
     assert response.get_json()["error"] == error
 
 
+@pytest.mark.parametrize(("guidance", "n", "batch"), [(1.0, 1, 1), (0.5, 2, 2), (1.5, 1, 2), (7.0, 2, 4)])
+def test_a_guidance_of_1_or_less_runs_no_unconditional_half(client, engine, guidance, n, batch):
+    model = engine.models.get(engine.models.resolve(None))
+    batches = []
+    hook = model.txt2img.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        generate(client, sampler="lcm", guidance=guidance, n=n)
+    finally:
+        hook.remove()
+    assert batches == [batch] * 4  # each of the 4 steps: the pictures, and as many unconditional ones above 1
+
+
 def test_lcm_is_listed_and_draws_in_four_steps_at_guidance_1(client, engine):
     assert "lcm" in client.get("/samplers").get_json()["samplers"]
     result = generate(client, sampler="lcm", guidance=1.0)
