@@ -3309,6 +3309,7 @@ class Channel(HTTPChannel):
         self.request_bytes = 0  # what that request holds so far, counted in server.uploads
         self.stalled_since = time.time()  # since when an answer waits with nothing of it sent
         self.half_closed = False  # the client sent its request, then shut down its side of the connection
+        self.request_received = 0.0  # when the last whole request came in (time.time())
 
     def received(self, data):
         if self.request_started is None:
@@ -3322,6 +3323,8 @@ class Channel(HTTPChannel):
         if self.request is None:  # no request is half received
             self.hold_upload(-self.request_bytes)
             self.request_started = None
+            if self.requests:
+                self.request_received = time.time()
         return done
 
     def hold_upload(self, size: int) -> None:
@@ -3330,9 +3333,10 @@ class Channel(HTTPChannel):
 
     def handle_read(self):
         # TCP cannot tell a client that shut only its sending side (SHUT_WR, as `nc -N` does) from one that left:
-        # both send a FIN. A FIN right behind a whole request is read as the first, a later one as the second.
+        # both send a FIN. A FIN right behind a whole request is read as the first, a later one as the second,
+        # however recently the answer's last streamed line went out.
         request_waits = self.requests and self.request is None
-        if request_waits and time.time() - self.last_activity < HALF_CLOSE_GRACE and self.peer_shut_down():
+        if request_waits and time.time() - self.request_received < HALF_CLOSE_GRACE and self.peer_shut_down():
             self.half_closed = True
             return
         super().handle_read()

@@ -145,6 +145,40 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step_and_the_next_st
     assert response.status_code == 200
 
 
+def test_a_streaming_client_that_leaves_just_after_a_preview_line_is_cancelled_not_taken_for_half_closed(
+    make_engine, serve, monkeypatch
+):
+    engine = make_engine(model="demo")
+    url = serve(engine)
+    jobs = record_jobs(engine)
+    steps, gates = [], {1: threading.Event(), 3: threading.Event()}
+    real_generate = imagine.generate
+
+    def held_at_steps_1_and_3(model, req, on_step=None, conditioning=None):
+        def held(step, steps_in_all, latents):
+            steps.append(step)
+            if step in gates:
+                assert gates[step].wait(60), "the test never let the generation go on"
+            return on_step(step, steps_in_all, latents)
+
+        return real_generate(model, req, held, conditioning)
+
+    monkeypatch.setattr(imagine, "generate", held_at_steps_1_and_3)
+    connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": 1})
+    wait_until(lambda: steps == [1], "the generation reaches step 1")
+    time.sleep(imagine.HALF_CLOSE_GRACE)  # the request is older than the grace ...
+    gates[1].set()
+    received = b""
+    while received.count(b'"step"') < 2:  # ... and the last preview line only just went out
+        received += connection.recv(65536)
+    wait_until(lambda: steps == [1, 2, 3], "the generation is held at step 3")
+    connection.close()
+    wait_until(lambda: jobs[0].cancelled(), "the server notices the client has gone")
+    gates[3].set()
+    wait_until(lambda: engine.running is None, "the cancelled generation ends")
+    assert steps == [1, 2, 3]
+
+
 def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(make_engine, serve, monkeypatch):
     engine = make_engine(model="demo")
     url = serve(engine)
