@@ -560,7 +560,7 @@ class LoadedModel:
     cancelled: object = None  # while a job runs, its cancelled(): checked at the cancel points (add_cancel_points)
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
     loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
-    lora_hashes: dict = dataclasses.field(default_factory=dict)  # path -> short hash (see lora_short_hash)
+    lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
 
@@ -1611,7 +1611,9 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     if family is not None and family != wanted:
         raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
     if len(model.loras) >= MAX_LORAS_KEPT:
-        model.txt2img.delete_adapters(model.loras.popitem(last=False)[1])
+        evicted = model.loras.popitem(last=False)[1]
+        model.txt2img.delete_adapters(evicted)
+        del model.lora_hashes[evicted]
     adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
     pipe = model.txt2img
     try:
@@ -1625,7 +1627,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
         raise ImagineError(f"lora {name!r} does not fit this model ({model.family.label}): {reason}") from error
     log.info("loaded lora %s", name)
     model.loras[key] = adapter
-    model.lora_hashes[key] = lora_short_hash(path, metadata)
+    model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
 
 
@@ -1667,8 +1669,7 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
         pipe.enable_lora()
         names, weights = zip(*active, strict=True)
         pipe.set_adapters(list(names), list(weights))
-    by_adapter = {adapter: model.lora_hashes[key] for key, adapter in model.loras.items()}
-    return {name: by_adapter[adapter] for (name, _), (adapter, _) in zip(loras, adapters, strict=True)}
+    return {name: model.lora_hashes[adapter] for (name, _), (adapter, _) in zip(loras, adapters, strict=True)}
 
 
 def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
