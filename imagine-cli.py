@@ -283,43 +283,46 @@ def error_message(response: requests.Response) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Local: the engine of imagine.py in this process
+# Local: the engine (engine/, beside this file) in this process
 # ---------------------------------------------------------------------------------------------
 
 
 def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tuple[list[Path], int]:
     """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the
     paths written and the seed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py sits beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagine.py and engine/ sit beside this file
     try:
-        import imagine  # torch and diffusers take seconds to import: only when generating here
+        # torch and diffusers take seconds to import: only when generating here
+        import imagine
+        from engine.engine import Engine, Failed, Finished, Preview, Progress
+        from engine.errors import ImagineError
+        from engine.previews import png_bytes
+        from engine.request import parse_request
     except ImportError as error:
         raise CliError(missing_module(error).removeprefix("imagine: ")) from None
 
     flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
     try:
         settings = imagine.parse_settings(flags)
-        engine = imagine.Engine(settings)
-        job = engine.submit(
-            imagine.parse_request({**body, "stream": args.stream or 0}, settings.max_size, settings.max_batch)
-        )
-    except imagine.ImagineError as error:
+        engine = Engine(settings)
+        job = engine.submit(parse_request({**body, "stream": args.stream or 0}, settings.max_size, settings.max_batch))
+    except ImagineError as error:
         raise CliError(error.message) from None
 
     def updates():
         for event in job:
-            if isinstance(event, imagine.Progress):
+            if isinstance(event, Progress):
                 yield {"step": event.step, "steps": event.steps}
-            elif isinstance(event, imagine.Preview):
+            elif isinstance(event, Preview):
                 yield {
-                    "png": imagine.png_bytes(event.image, compress_level=1),
+                    "png": png_bytes(event.image, compress_level=1),
                     "step": event.step,
                     "steps": event.steps,
                 }
-            elif isinstance(event, imagine.Finished):
-                pngs = [imagine.png_bytes(image, parameters) for image, parameters in event.pictures]
+            elif isinstance(event, Finished):
+                pngs = [png_bytes(image, parameters) for image, parameters in event.pictures]
                 yield {"png": pngs[0], "pngs": pngs, "seed": event.seed, "done": True}
-            elif isinstance(event, imagine.Failed):
+            elif isinstance(event, Failed):
                 yield {"error": event.error.message}
 
     failures, saved = [], []

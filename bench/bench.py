@@ -42,6 +42,11 @@ from ldm_checkpoint import ldm_state_dict, random_sd15_modules  # noqa: E402
 from lora_files import kohya_lora  # noqa: E402
 
 import imagine  # noqa: E402
+from engine.devices import cpu_bf16_feature, pick_dtype  # noqa: E402
+from engine.loras import use_loras  # noqa: E402
+from engine.models import Models  # noqa: E402
+from engine.prompts import prompt_embeddings  # noqa: E402
+from engine.settings import CONFIGS_DIR  # noqa: E402
 
 PROMPT, NEG, SEED = "a lighthouse on a cliff at dawn, oil painting", "blurry", 1234
 # About 300 tokens of the kind copied from model pages: weights, brackets, commas.
@@ -49,7 +54,7 @@ LONG_PROMPT = ", ".join(
     f"(masterpiece:1.2), best quality, a lighthouse {n} on a [rocky] cliff, ((dramatic sky)), oil painting"
     for n in range(12)
 )
-SD15_CONFIG = imagine.CONFIGS_DIR / "sd1"
+SD15_CONFIG = CONFIGS_DIR / "sd1"
 
 
 def parse_args(argv=None):
@@ -236,7 +241,7 @@ def measure_loads(checkpoint: Path, dtype: torch.dtype, device: str, repeats: in
     key = str(checkpoint.resolve())
 
     def imagine_load():
-        imagine.Models(settings, torch.device(device), dtype).get(key)
+        Models(settings, torch.device(device), dtype).get(key)
 
     def diffusers_load():
         bare_pipeline(checkpoint, dtype, device)
@@ -317,7 +322,7 @@ def pixels(data: str) -> np.ndarray:
 def compare_batch(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, n: int, repeats: int) -> None:
     """How a batch should run on this machine: one batched call, or the pictures one after another; and how
     Imagine runs it (`n` on /generate), with each of its pictures against the single request with that seed."""
-    dtype = imagine.pick_dtype(fp_prec, torch.device(device))
+    dtype = pick_dtype(fp_prec, torch.device(device))
     pipe = bare_pipeline(checkpoint, dtype, device)
     server = Server(checkpoint, fp_prec, device)
     try:
@@ -361,17 +366,17 @@ def measure_in_process(checkpoint: Path, dtype: torch.dtype, device: str, repeat
     """Builds the LoRAs from the loaded model's layers, then measures (seconds to switch between the two
     loaded LoRAs, seconds to encode LONG_PROMPT and its negative, LONG_PROMPT's tokens, the LoRA names)."""
     settings = imagine.Settings(models_dir=checkpoint.parent)
-    models = imagine.Models(settings, torch.device(device), dtype)
+    models = Models(settings, torch.device(device), dtype)
     model = models.get(str(checkpoint.resolve()))
     loras = build_loras(checkpoint, model.txt2img)
     for name in loras:
-        imagine.use_loras(settings, model, [(name, 0.8)])
+        use_loras(settings, model, [(name, 0.8)])
     switches, encodings = [], []
     for _ in range(repeats):
         for name in loras:
-            switches.append(timed(lambda name=name: imagine.use_loras(settings, model, [(name, 0.8)])))
+            switches.append(timed(lambda name=name: use_loras(settings, model, [(name, 0.8)])))
         with torch.inference_mode():
-            encodings.append(timed(lambda: imagine.prompt_embeddings(model.txt2img, LONG_PROMPT, NEG, 1, {})))
+            encodings.append(timed(lambda: prompt_embeddings(model.txt2img, LONG_PROMPT, NEG, 1, {})))
     tokens = len(model.txt2img.tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids)
     return switches, encodings, tokens, loras
 
@@ -440,12 +445,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"bench: no checkpoint at {checkpoint}")
         build_checkpoint(checkpoint)
     device = args.device
-    bf16_feature = imagine.cpu_bf16_feature() if device == "cpu" else "a GPU's float16"
+    bf16_feature = cpu_bf16_feature() if device == "cpu" else "a GPU's float16"
     # Imagine is compared with diffusers in the precision -f auto takes on this CPU: bfloat16 where it is
     # native, else float32 (on a GPU: float16). The other precision runs beside it, so that `-f 16 ÷ -f 32` says
     # what 16-bit costs or saves on whatever CPU this is; only native 16-bit has a target (else it is emulated).
     ours, other = ("16", "32") if bf16_feature else ("32", "16")
-    dtype = imagine.pick_dtype(ours, torch.device(device))
+    dtype = pick_dtype(ours, torch.device(device))
     bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     size, steps, repeats = args.size, args.steps, args.repeats
     if args.cancel:

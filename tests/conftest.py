@@ -17,6 +17,9 @@ from PIL import Image
 from waitress import wasyncore
 
 import imagine
+from engine.engine import Engine
+from engine.models import build_demo_pipeline
+from engine.settings import CONFIGS_DIR
 
 # Small and quick: the tiny model draws 64x64 in a few steps in well under a second.
 FAST = {"width": 64, "height": 64, "num_steps": 4, "seed": 42}
@@ -40,7 +43,7 @@ def png_data(image: Image.Image) -> str:
 
 def save_tiny_folder(path: Path, seed: int) -> Path:
     """A diffusers-format folder of a tiny random model (a few MB), other weights than the demo's."""
-    imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1", seed=seed).save_pretrained(path)
+    build_demo_pipeline(CONFIGS_DIR / "sd1", seed=seed).save_pretrained(path)
     return path
 
 
@@ -61,7 +64,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine(models_dir):
     """One engine for the session, default model 'demo', its thread running generations."""
-    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=models_dir, max_loaded=2))
+    engine = Engine(imagine.Settings(model="demo", models_dir=models_dir, max_loaded=2))
     engine.start()
     return engine
 
@@ -91,7 +94,7 @@ def make_engine(tmp_path):
 
     def make(**settings):
         settings.setdefault("models_dir", tmp_path)
-        engine = imagine.Engine(imagine.Settings(**settings))
+        engine = Engine(imagine.Settings(**settings))
         engine.start()
         return engine
 

@@ -16,6 +16,8 @@ from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 
 import imagine
+from api.a1111 import png_info
+from engine.engine import Engine
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
 # What Open WebUI sends on every call when its "API Auth" setting is empty.
@@ -39,7 +41,7 @@ def server(models, serve):
 
     def start(**settings):
         folder, configs = models
-        engine = imagine.Engine(imagine.Settings(models_dir=folder, fp_prec="32", **settings), configs_dir=configs)
+        engine = Engine(imagine.Settings(models_dir=folder, fp_prec="32", **settings), configs_dir=configs)
         engine.start()
         return serve(engine), engine
 
@@ -49,9 +51,9 @@ def server(models, serve):
 class HeldGeneration:
     """Holds the engine before the third denoising step of each picture until released, the two before it done."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, engine):
         self.inside, self.release = threading.Event(), threading.Event()
-        generate = imagine.generate
+        generate = engine.generate
 
         def held(model, req, on_step=None, conditioning=None):
             def hold(step, steps, latents):
@@ -62,7 +64,7 @@ class HeldGeneration:
 
             return generate(model, req, hold, conditioning)
 
-        monkeypatch.setattr(imagine, "generate", held)
+        monkeypatch.setattr(engine, "generate", held)
 
 
 def in_background(call):
@@ -235,12 +237,12 @@ def test_img2img_with_a_mask_repaints_only_the_white_part_and_an_inverted_mask_t
 def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_returns_the_picture_so_far(
     server, monkeypatch
 ):
-    url, _ = server(model="demo")
+    url, engine = server(model="demo")
     idle = requests.get(f"{url}/sdapi/v1/progress").json()
     assert (idle["progress"], idle["state"]["job_count"], idle["current_image"]) == (0, 0, None)
     body = {"prompt": "a cat", "seed": 5, "batch_size": 2, "width": 64, "height": 64, "steps": 8}
     full = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "batch_size": 1}).json()["images"][0]
-    held = HeldGeneration(monkeypatch)
+    held = HeldGeneration(monkeypatch, engine)
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
     assert held.inside.wait(60)
     progress = requests.get(f"{url}/sdapi/v1/progress").json()
@@ -261,10 +263,10 @@ def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_r
 
 
 def test_skip_ends_the_batch_being_drawn_and_keeps_its_pictures_as_far_as_they_got(server, monkeypatch):
-    url, _ = server(model="demo")
+    url, engine = server(model="demo")
     body = {"prompt": "a cat", "seed": 5, "batch_size": 2, **SMALL}
     full = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()["images"]
-    held = HeldGeneration(monkeypatch)
+    held = HeldGeneration(monkeypatch, engine)
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
     assert held.inside.wait(60)
     assert requests.post(f"{url}/sdapi/v1/skip").status_code == 200
@@ -324,4 +326,4 @@ def test_the_loras_list_names_files_by_relative_path_never_a_server_path(server,
 def test_the_png_info_of_a_picture_without_parameters_is_empty():
     image = io.BytesIO()
     Image.new("RGB", (8, 8)).save(image, format="PNG")
-    assert imagine.png_info(base64.b64encode(image.getvalue()).decode()) == {"info": "", "items": {}, "parameters": {}}
+    assert png_info(base64.b64encode(image.getvalue()).decode()) == {"info": "", "items": {}, "parameters": {}}

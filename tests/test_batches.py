@@ -11,6 +11,9 @@ import pytest
 from conftest import FAST, decode_png
 
 import imagine
+from engine.engine import Engine, Failed
+from engine.errors import ImagineError
+from engine.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 # A batched call computes in other matrix shapes, so its sums may round differently in the last bit; through the
@@ -74,15 +77,15 @@ def test_the_largest_batch_is_a_setting_from_a_flag_or_the_environment(monkeypat
 
 def idle_engine(tmp_path, **settings):
     """An engine whose thread is not started: what is queued stays queued."""
-    return imagine.Engine(imagine.Settings(models_dir=tmp_path, **settings))
+    return Engine(imagine.Settings(models_dir=tmp_path, **settings))
 
 
 def test_the_queue_counts_a_batch_as_one_job(tmp_path):
     engine = idle_engine(tmp_path, max_queue=1)
-    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=8))
-    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1))  # one runs, one waits
-    with pytest.raises(imagine.ImagineError) as full:
-        engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1))
+    engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=8))
+    engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=1))  # one runs, one waits
+    with pytest.raises(ImagineError) as full:
+        engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=1))
     assert full.value.status == 503
     assert engine.jobs.qsize() == 2
 
@@ -90,21 +93,21 @@ def test_the_queue_counts_a_batch_as_one_job(tmp_path):
 def test_cancelling_a_batch_stops_all_its_pictures_at_the_next_step(make_engine, monkeypatch):
     engine = make_engine()
     steps = []
-    generate = imagine.generate
+    generate = engine.generate
 
     def cancelled_after_step_2(model, req, on_step=None, conditioning=None):
         def step_then_cancel(step, steps_in_all, latents):
             steps.append((step, len(latents)))
             if step == 2:
-                engine.running.cancel(imagine.ImagineError("the client disconnected", 499))
+                engine.running.cancel(ImagineError("the client disconnected", 499))
             return on_step(step, steps_in_all, latents)
 
         return generate(model, req, step_then_cancel, conditioning)
 
-    monkeypatch.setattr(imagine, "generate", cancelled_after_step_2)
-    job = engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=8, seed=1, n=5))
+    monkeypatch.setattr(engine, "generate", cancelled_after_step_2)
+    job = engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=8, seed=1, n=5))
     events = list(job)
-    assert isinstance(events[-1], imagine.Failed) and events[-1].error.status == 499
+    assert isinstance(events[-1], Failed) and events[-1].error.status == 499
     assert steps == [(1, 5), (2, 5)]  # the five pictures are drawn together, and no step ran after the cancel
 
 
@@ -132,6 +135,6 @@ def decode_png_file(path: Path) -> str:
 
 def test_health_counts_a_waiting_batch_as_one_in_the_queue(tmp_path):
     engine = idle_engine(tmp_path)
-    engine.submit(imagine.GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=4))
+    engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=1, n=4))
     client = imagine.create_app(engine).test_client()
     assert client.get("/health").get_json()["queue"] == 1

@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST, decode_png, free_port, png_data, serving
 from PIL import Image
 
-import imagine
+from engine.samplers import SAMPLERS, sampler_label
 
 CLI = Path(__file__).resolve().parent.parent / "imagine-cli.py"
 TINY = ["-w", "64", "-h", "64", "-n", "4", "--seed", "42"]
@@ -227,8 +227,8 @@ def test_the_servers_png_carries_its_parameters_for_txt2img_img2img_and_streams(
 def test_sampler_names_are_written_as_automatic1111_spells_them():
     spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S", "DPM++ SDE", "DPM2", "DPM2 a"]
     a1111 = [*spec, "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM2 a Karras", "LMS Karras"]
-    assert all(name.lower() in imagine.SAMPLERS for name in a1111)
-    assert [imagine.sampler_label(name.lower()) for name in a1111] == a1111
+    assert all(name.lower() in SAMPLERS for name in a1111)
+    assert [sampler_label(name.lower()) for name in a1111] == a1111
 
 
 def test_the_cli_sends_the_api_key_from_imagine_api_key(make_engine, tmp_path):

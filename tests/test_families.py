@@ -22,6 +22,10 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import imagine
+from engine.engine import Engine
+from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
+from engine.models import build_tiny_vae
+from engine.settings import CONFIGS_DIR
 
 
 def tiny_text_encoder(cls=CLIPTextModel, **config):
@@ -46,9 +50,9 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
     """SDXL's structure in miniature: two text encoders (of different widths, or the single-file loader
     cannot tell them apart), size and time conditioning, deeper transformers in the lower block."""
     torch.manual_seed(0)
-    configs = imagine.CONFIGS_DIR / "sdxl"
+    configs = CONFIGS_DIR / "sdxl"
     return StableDiffusionXLPipeline(
-        vae=imagine.build_tiny_vae(scaling_factor=0.13025, force_upcast=True),
+        vae=build_tiny_vae(scaling_factor=0.13025, force_upcast=True),
         text_encoder=tiny_text_encoder(hidden_size=32),
         text_encoder_2=tiny_text_encoder(
             CLIPTextModelWithProjection, hidden_size=48, projection_dim=48, hidden_act="gelu"
@@ -72,11 +76,11 @@ def tiny_sd2(prediction: str) -> StableDiffusionPipeline:
     """SD2's structure in miniature: an OpenCLIP-style text encoder (gelu) and linear projections."""
     torch.manual_seed(1)
     return StableDiffusionPipeline(
-        vae=imagine.build_tiny_vae(),
+        vae=build_tiny_vae(),
         text_encoder=tiny_text_encoder(hidden_size=32, hidden_act="gelu"),
-        tokenizer=CLIPTokenizer.from_pretrained(imagine.CONFIGS_DIR / "sd2" / "tokenizer"),
+        tokenizer=CLIPTokenizer.from_pretrained(CONFIGS_DIR / "sd2" / "tokenizer"),
         unet=tiny_unet(cross_attention_dim=32),
-        scheduler=PNDMScheduler.from_pretrained(imagine.CONFIGS_DIR / "sd2" / "scheduler", prediction_type=prediction),
+        scheduler=PNDMScheduler.from_pretrained(CONFIGS_DIR / "sd2" / "scheduler", prediction_type=prediction),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -119,9 +123,7 @@ def tiny_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_files):
     models, configs, _ = tiny_files
-    engine = imagine.Engine(
-        imagine.Settings(model="xl", models_dir=models, max_loaded=4, fp_prec="32"), configs_dir=configs
-    )
+    engine = Engine(imagine.Settings(model="xl", models_dir=models, max_loaded=4, fp_prec="32"), configs_dir=configs)
     engine.start()
     return engine
 
@@ -191,8 +193,8 @@ def test_sdxl_streams_previews_made_with_the_sdxl_latent_factors(tiny_engine):
     lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert [line["done"] for line in lines] == [False, True]
     assert decode_png(lines[0]["img"]).size == (96, 64)
-    assert tiny_engine.models.get(tiny_engine.models.resolve("xl")).family.latent_rgb == imagine.SDXL_LATENT_RGB
-    assert imagine.SDXL_LATENT_RGB != imagine.SD_LATENT_RGB
+    assert tiny_engine.models.get(tiny_engine.models.resolve("xl")).family.latent_rgb == SDXL_LATENT_RGB
+    assert SDXL_LATENT_RGB != SD_LATENT_RGB
 
 
 # ---- SD2
@@ -211,7 +213,7 @@ def test_an_sd2_single_file_gets_its_prediction_type_from_the_yaml_beside_it(
 ):
     _, _, sources = tiny_files
     model = tiny_engine.models.get(tiny_engine.models.resolve(name))
-    assert model.family is imagine.FAMILIES[family]
+    assert model.family is FAMILIES[family]
     assert model.scheduler_config["prediction_type"] == prediction
     same_weights(sources["sd2"], model.txt2img, ("unet", "vae", "text_encoder"))
     assert model.txt2img.tokenizer.pad_token == "!"
@@ -252,7 +254,7 @@ def test_an_unknown_prediction_is_refused_naming_the_field(tiny_engine):
 @pytest.fixture(scope="module")
 def real_key_sets():
     """Names and shapes (meta device, no weights) of real checkpoints of each family, from the shipped configs."""
-    sets = {family: ldm_shapes(imagine.CONFIGS_DIR / family, family) for family in ("sd1", "sd2", "sdxl")}
+    sets = {family: ldm_shapes(CONFIGS_DIR / family, family) for family in ("sd1", "sd2", "sdxl")}
     # What real files hold beyond the modules diffusers keeps: SD2 ships OpenCLIP's 24th layer (unused:
     # SD2 conditions on the penultimate one) and its projection; all carry CLIP's logit scale or ids.
     sets["sd2"] |= {
@@ -267,7 +269,7 @@ def real_key_sets():
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_the_detector_names_each_family_from_the_key_set_of_a_real_checkpoint(real_key_sets, family):
-    assert imagine.detect_family(real_key_sets[family]) == family
+    assert detect_family(real_key_sets[family]) == family
 
 
 @pytest.mark.parametrize(
@@ -292,7 +294,7 @@ def test_the_shipped_configs_give_the_tensor_names_and_shapes_of_real_checkpoint
 
 
 def test_no_family_key_set_holds_another_familys_text_encoder(real_key_sets):
-    prefixes = dict(imagine.FAMILY_KEY_PREFIXES)
+    prefixes = dict(FAMILY_KEY_PREFIXES)
     for family, keys in real_key_sets.items():
         for other, prefix in prefixes.items():
             assert any(key.startswith(prefix) for key in keys) == (other == family), (family, other)
@@ -314,7 +316,7 @@ def test_an_sd2_diffusers_folder_is_recognised_as_its_kind_of_sd2(tiny_files, tm
     StableDiffusionPipeline(**{**sources["sd2"].components, "scheduler": scheduler}).save_pretrained(
         tmp_path / "folder"
     )
-    engine = imagine.Engine(imagine.Settings(model="folder", models_dir=tmp_path))
+    engine = Engine(imagine.Settings(model="folder", models_dir=tmp_path))
     engine.start()
     assert decode_png(answer(engine, width=None, height=None, num_steps=1)["img"]).size == (size, size)
-    assert engine.models.get(engine.models.resolve(None)).family is imagine.FAMILIES[family]
+    assert engine.models.get(engine.models.resolve(None)).family is FAMILIES[family]

@@ -16,6 +16,8 @@ from conftest import free_port, read_log_until_listening, serving
 from PIL import Image
 
 import imagine
+from engine.devices import pick_dtype
+from engine.request import MAX_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -158,7 +160,7 @@ def test_a_logged_refusal_stays_on_one_line_whatever_the_client_sent(client, cap
 def test_seed_minus_one_means_a_random_seed_as_in_automatic1111(client):
     fields = {"prompt": "x", "width": 64, "height": 64, "num_steps": 1, "seed": -1}
     seeds = [client.post("/generate", json=fields).get_json()["seed"] for _ in range(2)]
-    assert all(0 <= seed <= imagine.MAX_SEED for seed in seeds) and seeds[0] != seeds[1]
+    assert all(0 <= seed <= MAX_SEED for seed in seeds) and seeds[0] != seeds[1]
     for refused in (-2, -1.0):
         assert client.post("/generate", json={**fields, "seed": refused}).status_code == 400
 
@@ -230,9 +232,9 @@ def test_the_readmes_model_lines_put_a_download_where_the_server_finds_it_at_sta
 
 @pytest.mark.parametrize("feature, warned", [(None, True), ("avx512_bf16", False), ("amx", False)])
 def test_16_bit_on_a_cpu_that_emulates_bfloat16_is_honoured_with_one_warning_line(feature, warned, monkeypatch, caplog):
-    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: feature)
+    monkeypatch.setattr("engine.devices.cpu_bf16_feature", lambda: feature)
     with caplog.at_level("INFO", logger="imagine"):
-        assert imagine.pick_dtype("16", torch.device("cpu")) == torch.bfloat16
+        assert pick_dtype("16", torch.device("cpu")) == torch.bfloat16
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     if warned:
         [warning] = warnings
@@ -242,7 +244,7 @@ def test_16_bit_on_a_cpu_that_emulates_bfloat16_is_honoured_with_one_warning_lin
 
 
 def test_auto_precision_never_warns_about_emulated_bfloat16(monkeypatch, caplog):
-    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr("engine.devices.cpu_bf16_feature", lambda: None)
     with caplog.at_level("INFO", logger="imagine"):
-        assert imagine.pick_dtype("auto", torch.device("cpu")) == torch.float32
+        assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert not [record for record in caplog.records if record.levelname == "WARNING"]

@@ -13,6 +13,9 @@ from ldm_checkpoint import ldm_shapes, save_random_checkpoint
 from safetensors import safe_open
 
 import imagine
+from engine.engine import Engine
+from engine.families import FAMILIES
+from engine.settings import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +54,7 @@ def parameter(module, name):
 
 def serve_once(models, name):
     """Generates 64x64 in 2 steps from the checkpoint `name`; returns the engine's loaded model."""
-    engine = imagine.Engine(imagine.Settings(model=name, models_dir=models, fp_prec="16"))
+    engine = Engine(imagine.Settings(model=name, models_dir=models, fp_prec="16"))
     engine.start()
     response = (
         imagine.create_app(engine)
@@ -72,9 +75,9 @@ def assert_loaded_as_written(path, pipe, pairs, parameters):
 
 def test_an_sdxl_base_architecture_checkpoint_loads_offline_and_generates(tmp_path, no_network):
     path = tmp_path / "sdxl-random.safetensors"
-    save_random_checkpoint(ldm_shapes(imagine.CONFIGS_DIR / "sdxl", "sdxl"), path)
+    save_random_checkpoint(ldm_shapes(CONFIGS_DIR / "sdxl", "sdxl"), path)
     models, model = serve_once(tmp_path, "sdxl-random")
-    assert model.family is imagine.FAMILIES["sdxl"]
+    assert model.family is FAMILIES["sdxl"]
     same = lambda t: t  # noqa: E731
     assert_loaded_as_written(
         path,
@@ -115,10 +118,10 @@ def test_an_sdxl_base_architecture_checkpoint_loads_offline_and_generates(tmp_pa
 
 def test_an_sd21_768_v_architecture_checkpoint_loads_offline_and_generates(tmp_path, no_network):
     path = tmp_path / "sd21-random.safetensors"
-    save_random_checkpoint(ldm_shapes(imagine.CONFIGS_DIR / "sd2-v", "sd2") | SD2_UNUSED_TENSORS, path)
+    save_random_checkpoint(ldm_shapes(CONFIGS_DIR / "sd2-v", "sd2") | SD2_UNUSED_TENSORS, path)
     (tmp_path / "sd21-random.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
     models, model = serve_once(tmp_path, "sd21-random")
-    assert model.family is imagine.FAMILIES["sd2-v"]
+    assert model.family is FAMILIES["sd2-v"]
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     same = lambda t: t  # noqa: E731
     assert_loaded_as_written(

@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imagine
+from engine.engine import Engine
+from engine.request import REQUEST_FIELDS
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -22,7 +24,7 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
-FIELDS = sorted(imagine.REQUEST_FIELDS) + ["negative_prompt", "", "\0", "model\0"]
+FIELDS = sorted(REQUEST_FIELDS) + ["negative_prompt", "", "\0", "model\0"]
 # Values close to valid ones find more: real sampler names, sizes near the bounds, names that look like paths.
 NEAR_VALID = st.sampled_from(
     [64, 72, 0, -8, 2**31, 1.0, 0.5, "64", "euler a", "DPM++ 2M", "demo", "../demo", "/etc/passwd", "a\0b", ""]
@@ -40,7 +42,7 @@ BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES | NEAR_VALID | HOS
 def fuzz_client(tmp_path_factory):
     """The demo model with the largest size set to the smallest one, so whatever a body asks for stays quick."""
     models_dir = tmp_path_factory.mktemp("fuzz-models")
-    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=models_dir, max_size=64))
+    engine = Engine(imagine.Settings(model="demo", models_dir=models_dir, max_size=64))
     engine.start()
     return imagine.create_app(engine).test_client()
 
@@ -84,7 +86,7 @@ def test_the_server_still_draws_after_the_fuzzing(fuzz_client):
 
 
 def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_ones_their_picture(tmp_path):
-    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=tmp_path, max_queue=4))
+    engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path, max_queue=4))
     engine.start()
     answers = []
 

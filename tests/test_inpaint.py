@@ -18,6 +18,12 @@ from safetensors.torch import save_file
 from test_families import save_configs, tiny_sd2, tiny_sdxl, tiny_unet
 
 import imagine
+from engine.engine import Engine
+from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, UNET_CONV_IN, folder_family
+from engine.models import Models, build_demo_pipeline
+from engine.pipeline import crop_box
+from engine.request import MAX_IMG_PIXELS
+from engine.settings import CONFIGS_DIR
 
 STEPS = {"num_steps": 4, "seed": 42}
 
@@ -91,9 +97,9 @@ def test_only_masked_generates_the_region_at_the_request_size_and_pastes_it_into
 
 def test_the_only_masked_region_is_the_box_plus_padding_widened_to_the_request_aspect():
     mask = square_mask((256, 256), (120, 120, 136, 136))
-    assert imagine.crop_box(mask, 32, (64, 64)) == (88, 88, 168, 168)
-    assert imagine.crop_box(mask, 32, (128, 64)) == (48, 88, 208, 168)
-    assert imagine.crop_box(square_mask((256, 256), (0, 0, 8, 8)), 8, (128, 64)) == (0, 0, 32, 16)
+    assert crop_box(mask, 32, (64, 64)) == (88, 88, 168, 168)
+    assert crop_box(mask, 32, (128, 64)) == (48, 88, 208, 168)
+    assert crop_box(square_mask((256, 256), (0, 0, 8, 8)), 8, (128, 64)) == (0, 0, 32, 16)
 
 
 def test_strength_defaults_to_075_with_a_mask_and_the_png_says_mask_blur_and_inpaint_area(client):
@@ -114,7 +120,7 @@ def test_strength_defaults_to_075_with_a_mask_and_the_png_says_mask_blur_and_inp
         ({"img": png_data(noise_picture()), "mask": "???"}, "mask is not valid base64"),
         (
             {"img": png_data(noise_picture()), "mask": png_data(Image.new("1", (5000, 5000)))},
-            f"mask is 5000x5000; at most {imagine.MAX_IMG_PIXELS} pixels are accepted",
+            f"mask is 5000x5000; at most {MAX_IMG_PIXELS} pixels are accepted",
         ),
         ({"img": png_data(noise_picture()), "mask": png_data(square_mask(box=(0, 0, 0, 0)))}, "mask is all black"),
         (
@@ -172,7 +178,7 @@ def inpainting_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("inpainting")
     models, configs = root / "models", root / "configs"
     models.mkdir()
-    sd1 = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1", seed=3)
+    sd1 = build_demo_pipeline(CONFIGS_DIR / "sd1", seed=3)
     sd1.unet = tiny_unet(cross_attention_dim=32)
     sources = {
         "sd1": nine_channels(sd1, StableDiffusionInpaintPipeline),
@@ -189,7 +195,7 @@ def inpainting_checkpoints(tmp_path_factory):
 def inpainting_engine(inpainting_checkpoints):
     models, configs = inpainting_checkpoints
     settings = imagine.Settings(model="sd1-inpainting", models_dir=models, max_loaded=1, fp_prec="32")
-    engine = imagine.Engine(settings, configs_dir=configs)
+    engine = Engine(settings, configs_dir=configs)
     engine.start()
     return engine
 
@@ -223,21 +229,21 @@ def test_an_inpainting_checkpoint_loads_offline_and_serves_txt2img_img2img_and_i
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_the_shipped_inpainting_configs_are_their_familys_with_a_9_channel_unet(family, tmp_path):
-    base, inpainting = imagine.CONFIGS_DIR / family, imagine.CONFIGS_DIR / f"{family}-inpaint"
+    base, inpainting = CONFIGS_DIR / family, CONFIGS_DIR / f"{family}-inpaint"
     unet = json.loads((inpainting / "unet" / "config.json").read_text())
     assert {**unet, "in_channels": 4} == json.loads((base / "unet" / "config.json").read_text())
     index = json.loads((inpainting / "model_index.json").read_text())
-    assert index["_class_name"] == imagine.FAMILIES[f"{family}-inpaint"].txt2img.__name__
+    assert index["_class_name"] == FAMILIES[f"{family}-inpaint"].txt2img.__name__
     # A checkpoint of the shipped shape, header only: the UNet's first convolution and the text encoder's names.
     shapes = ldm_shapes(inpainting, "sdxl" if family == "sdxl" else family)
-    assert shapes[imagine.UNET_CONV_IN][1] == 9
-    prefix = dict(imagine.FAMILY_KEY_PREFIXES)[family]
+    assert shapes[UNET_CONV_IN][1] == 9
+    prefix = dict(FAMILY_KEY_PREFIXES)[family]
     text_key = next(key for key in shapes if key.startswith(prefix))
     save_file(
-        {imagine.UNET_CONV_IN: torch.zeros(shapes[imagine.UNET_CONV_IN]), text_key: torch.zeros(1)},
+        {UNET_CONV_IN: torch.zeros(shapes[UNET_CONV_IN]), text_key: torch.zeros(1)},
         tmp_path / "x.safetensors",
     )
-    models = imagine.Models(imagine.Settings(), torch.device("cpu"), torch.float32)
+    models = Models(imagine.Settings(), torch.device("cpu"), torch.float32)
     assert models.family_of(str(tmp_path / "x.safetensors")).config == f"{family}-inpaint"
 
 
@@ -245,7 +251,7 @@ def test_a_folder_of_an_inpainting_model_is_recognised_too(tmp_path):
     save_tiny_folder(tmp_path / "tiny", seed=1)
     config = tmp_path / "tiny" / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 9}))
-    assert imagine.folder_family(tmp_path / "tiny").config == "sd1-inpaint"
+    assert folder_family(tmp_path / "tiny").config == "sd1-inpaint"
 
 
 def test_cli_mask_inpaints_the_img_it_is_given(live_server, tmp_path):

@@ -12,6 +12,8 @@ from conftest import FAST, png_data, serving
 from PIL import Image
 
 import imagine
+from api.native import MAX_BODY_BYTES
+from engine.request import MAX_IMG_PIXELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +58,7 @@ def test_the_largest_size_comes_from_a_flag_or_the_environment(monkeypatch):
 
 
 def test_a_body_over_the_cap_answers_413_json_before_it_is_read(client):
-    body = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
+    body = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
     response = post_raw(client, body)
     assert response.status_code == 413
     assert "error" in response.get_json()
@@ -76,7 +78,7 @@ def test_an_img_over_the_pixel_bound_is_refused_from_its_header_without_decoding
     monkeypatch.setattr(Image.Image, "load", lambda image: decoded.append(image.size) or load(image))
     response = client.post("/generate", json={"prompt": "x", "img": bomb, "width": 64, "height": 64})
     assert response.status_code == 400
-    assert response.get_json()["error"] == f"img is 5000x5000; at most {imagine.MAX_IMG_PIXELS} pixels are accepted"
+    assert response.get_json()["error"] == f"img is 5000x5000; at most {MAX_IMG_PIXELS} pixels are accepted"
     assert (5000, 5000) not in decoded
 
 
@@ -89,7 +91,7 @@ def test_a_largest_size_below_512_also_lowers_the_default_size(make_engine):
 
 def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused_unread(engine):
     with serving(engine) as url:
-        large = b'{"prompt": "' + b"x" * imagine.MAX_BODY_BYTES + b'"}'
+        large = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
         response = requests.post(
             f"{url}/generate", data=large, headers={"Content-Type": "application/json"}, timeout=60
         )
@@ -97,7 +99,7 @@ def test_through_waitress_a_large_body_gets_a_json_413_and_a_huge_one_is_refused
         with socket.create_connection(("127.0.0.1", int(url.rpartition(":")[2])), timeout=30) as connection:
             connection.sendall(
                 b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {10 * imagine.MAX_BODY_BYTES}\r\n\r\n".encode()
+                + f"Content-Length: {10 * MAX_BODY_BYTES}\r\n\r\n".encode()
             )
             assert connection.recv(100).startswith(b"HTTP/1.1 413")  # answered with no body sent
 
@@ -118,7 +120,7 @@ packer, row = zlib.compressobj(9), b"\\0" * (1 + 3 * width)
 idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
 png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
 png += chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-engine = imagine.Engine(imagine.Settings(model="demo", device="cpu"))
+engine = Engine(imagine.Settings(model="demo", device="cpu"))
 engine.start()
 client = imagine.create_app(engine).test_client()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

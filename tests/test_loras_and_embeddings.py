@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 from test_families import answer, tiny_engine, tiny_files, tiny_sdxl  # noqa: F401 (fixtures)
 
 import imagine
+from api.a1111 import parse_parameters
+from engine.models import build_demo_pipeline
+from engine.settings import CONFIGS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def folder(tmp_path_factory):
     loras, embeddings = root / "loras", root / "embeddings"
     (loras / "styles").mkdir(parents=True)
     embeddings.mkdir()
-    demo = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    demo = build_demo_pipeline(CONFIGS_DIR / "sd1")
     detail = kohya_lora(demo, seed=0)
     save_file(detail, loras / "detail.safetensors", metadata={"ss_base_model_version": "sd_v1"})
     torch.save(detail, loras / "detail_pickled.pt")
@@ -123,7 +126,7 @@ def test_a_lora_is_loaded_once_and_kept(lora_engine, caplog):
 
 
 def test_the_least_recently_used_lora_is_deleted_beyond_the_bound(lora_engine, monkeypatch):
-    monkeypatch.setattr(imagine, "MAX_LORAS_KEPT", 2)
+    monkeypatch.setattr("engine.loras.MAX_LORAS_KEPT", 2)
     for name in ("detail", "styles/unet_only", "diffusers_format"):
         picture(lora_engine, loras=[{"name": name}])
     assert len(adapters(lora_engine)) == 2
@@ -260,14 +263,14 @@ def test_the_png_names_each_loras_short_hash_as_automatic1111_writes_them(lora_e
         "detail_pickled": short_hash(loras / "detail_pickled.pt"),
     }
     assert parameters.endswith('Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in hashes.items()) + '"')
-    assert imagine.parse_parameters(parameters)["Lora hashes"].startswith('"styles/unet_only: ')
+    assert parse_parameters(parameters)["Lora hashes"].startswith('"styles/unet_only: ')
     assert "Lora hashes" not in decode_png(post(lora_engine).get_json()["img"]).info["parameters"]
 
 
 def test_a_lora_that_carries_its_own_hash_is_named_by_it(lora_engine, folder):
     from conftest import decode_png
 
-    demo = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    demo = build_demo_pipeline(CONFIGS_DIR / "sd1")
     own = "0123456789abcdef" * 4
     save_file(kohya_lora(demo, seed=5), folder / "loras" / "hashed.safetensors", metadata={"sshs_model_hash": own})
     response = post(lora_engine, prompt="a lighthouse <lora:hashed>")

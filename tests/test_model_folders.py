@@ -15,6 +15,10 @@ from ldm_checkpoint import save_ldm_checkpoint
 from safetensors.torch import save_file
 
 import imagine
+from engine.devices import pick_device
+from engine.engine import Engine
+from engine.folders import find_in_folders, model_folders
+from engine.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +46,7 @@ def make_engine(tiny_source, tmp_path):
     def make(**settings):
         settings.setdefault("models_dir", tmp_path)
         settings.setdefault("fp_prec", "32")
-        engine = imagine.Engine(imagine.Settings(**settings), configs_dir=tiny_source[1])
+        engine = Engine(imagine.Settings(**settings), configs_dir=tiny_source[1])
         engine.start()
         return engine
 
@@ -165,10 +169,10 @@ def test_a_link_loop_in_a_folder_is_a_404_by_name_and_the_listing_still_answers(
 
 def test_the_folder_helpers_find_files_of_any_kind_under_a_sub_folder(listed_folders):
     """Used for LoRAs and embeddings too: a file under `loras/` of any folder, by name, with or without suffix."""
-    folders = imagine.model_folders(folders_setting(*listed_folders))
-    found = imagine.find_in_folders(folders, "loras/style", (".safetensors",))
+    folders = model_folders(folders_setting(*listed_folders))
+    found = find_in_folders(folders, "loras/style", (".safetensors",))
     assert found == listed_folders[1] / "loras" / "style.safetensors"
-    assert imagine.find_in_folders(folders, "loras/missing", (".safetensors",)) is None
+    assert find_in_folders(folders, "loras/missing", (".safetensors",)) is None
 
 
 def test_a_missing_models_folder_is_a_start_up_warning_not_a_crash(tmp_path):
@@ -187,9 +191,9 @@ def test_a_missing_models_folder_is_a_start_up_warning_not_a_crash(tmp_path):
 class HeldGeneration:
     """Holds the engine inside its first denoising step until released."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, engine):
         self.inside, self.release = threading.Event(), threading.Event()
-        generate = imagine.generate
+        generate = engine.generate
 
         def held(model, req, on_step=None, conditioning=None):
             def hold(*args):
@@ -199,7 +203,7 @@ class HeldGeneration:
 
             return generate(model, req, hold, conditioning)
 
-        monkeypatch.setattr(imagine, "generate", held)
+        monkeypatch.setattr(engine, "generate", held)
 
 
 def test_health_answers_while_a_generation_runs_and_needs_no_model(make_engine, monkeypatch):
@@ -212,8 +216,8 @@ def test_health_answers_while_a_generation_runs_and_needs_no_model(make_engine, 
         "queue": 0,
         "running": False,
     }
-    held = HeldGeneration(monkeypatch)
-    job = engine.submit(imagine.GenerationRequest(prompt="a cat", width=64, height=64, num_steps=2, seed=1))
+    held = HeldGeneration(monkeypatch, engine)
+    job = engine.submit(GenerationRequest(prompt="a cat", width=64, height=64, num_steps=2, seed=1))
     assert held.inside.wait(60)
     during = client.get("/health")
     held.release.set()
@@ -230,9 +234,9 @@ def one_gpu(monkeypatch):
 
 def test_cuda_n_picks_that_gpu_and_a_missing_index_is_a_clear_start_up_error(one_gpu):
     assert imagine.parse_settings(["-d", "cuda:1"]).device == "cuda:1"
-    assert imagine.pick_device("cuda:0") == torch.device("cuda:0")
+    assert pick_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(SystemExit) as missing:
-        imagine.pick_device("cuda:1")
+        pick_device("cuda:1")
     assert str(missing.value) == (
         "imagine: device 'cuda:1' is not available: this machine has 1 GPU(s) (cuda:0 to cuda:0)"
     )

@@ -4,6 +4,7 @@ import pytest
 from conftest import FAST, count_loads, save_tiny_folder
 
 import imagine
+from engine.errors import ImagineError
 
 
 @pytest.fixture
@@ -79,6 +80,6 @@ def test_a_hub_name_that_is_really_a_path_is_never_downloaded(make_engine, layou
     _, models = layout
     engine = make_engine(models_dir=models, allow_downloads=True)
     for model in ("../outside", "./x", "a/..", "/x"):
-        with pytest.raises(imagine.ImagineError) as refused:
+        with pytest.raises(ImagineError) as refused:
             engine.models.resolve(model)
         assert refused.value.status in (403, 404), model

@@ -14,6 +14,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import imagine
+from engine.engine import Engine
+from engine.families import detect_family
+from engine.settings import CONFIGS_DIR
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def tiny_engine(tiny_models):
     models, configs = tiny_models
     # float32, as the references these tests compare with, whatever `auto` picks on this CPU
     settings = imagine.Settings(model="tiny", models_dir=models, max_loaded=3, fp_prec="32")
-    engine = imagine.Engine(settings, configs_dir=configs)
+    engine = Engine(settings, configs_dir=configs)
     engine.start()
     return engine
 
@@ -99,7 +102,7 @@ def test_a_second_request_for_a_loaded_model_loads_nothing(tiny_engine):
 
 def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models):
     models, configs = tiny_models
-    engine = imagine.Engine(imagine.Settings(models_dir=models, max_loaded=2), configs_dir=configs)
+    engine = Engine(imagine.Settings(models_dir=models, max_loaded=2), configs_dir=configs)
     engine.start()
     loads = count_loads(engine)
     for name in ("tiny", "tiny-ldm", "tiny", "demo"):  # 'tiny-ldm' is now the least recently used
@@ -112,7 +115,7 @@ def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models
 def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
     models, configs = tiny_models
     save_file({"some.other.weight": torch.zeros(4)}, models / "xl.safetensors")
-    engine = imagine.Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=1), configs_dir=configs)
+    engine = Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=1), configs_dir=configs)
     engine.start()
     picture(engine)
     loads = count_loads(engine)
@@ -140,7 +143,7 @@ def test_the_family_is_detected_from_the_checkpoint_keys(prefix, family):
     keys = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight", prefix]
     if family == "sdxl":  # an SDXL file also carries a CLIP ViT-L under embedders.0
         keys.append("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight")
-    assert imagine.detect_family(keys) == family
+    assert detect_family(keys) == family
 
 
 def tensors(*names):
@@ -182,7 +185,7 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(t
 
 def test_ldm_helper_writes_the_key_names_of_real_sd15_checkpoints():
     """The tests' own checkpoint writer: built on the meta device (no weights) from the shipped configs."""
-    config = imagine.CONFIGS_DIR / "sd1"
+    config = CONFIGS_DIR / "sd1"
     with torch.device("meta"):
         modules = SimpleNamespace(
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),

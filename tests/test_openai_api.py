@@ -12,8 +12,6 @@ from PIL import Image
 from test_inpaint import noise_picture, square_mask
 from test_queue_and_cancel import Gate, post_in_background, wait_until
 
-import imagine
-
 # Imagine's knobs, as the SDK sends them: extra fields beside OpenAI's.
 QUICK = {"steps": 4, "seed": 42}
 
@@ -178,7 +176,7 @@ def test_streaming_without_partial_images_sends_only_the_picture(sdk):
 def test_a_streaming_client_that_leaves_cancels_its_generation(make_engine, serve, monkeypatch):
     engine = make_engine(model="demo")
     sdk = openai.OpenAI(base_url=f"{serve(engine)}/v1", api_key="unused", max_retries=0)
-    gate = Gate(monkeypatch, hold_at=10)
+    gate = Gate(monkeypatch, engine, hold_at=10)
     stream = sdk.images.generate(
         prompt="a cat", size="64x64", stream=True, partial_images=3, extra_body={**QUICK, "steps": 30}
     )
@@ -243,7 +241,7 @@ def test_a_mask_without_transparent_pixels_is_a_bad_request(sdk):
 
 
 def test_an_upload_over_the_body_limit_is_a_413(make_engine, serve, monkeypatch):
-    monkeypatch.setattr(imagine, "MAX_BODY_BYTES", 2**20)
+    monkeypatch.setattr("api.native.MAX_BODY_BYTES", 2**20)
     sdk = openai.OpenAI(base_url=f"{serve(make_engine(model='demo'))}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.APIStatusError) as refused:
         sdk.images.edit(image=("big.png", bytes(3 * 2**19), "image/png"), prompt="a cat")
@@ -276,7 +274,7 @@ def test_with_an_api_key_a_wrong_key_is_an_authentication_error(make_engine, ser
 def test_a_full_queue_is_a_503_with_retry_after(make_engine, serve, monkeypatch):
     engine = make_engine(model="demo", max_queue=0)
     url = serve(engine)
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, engine)
     results = []
     running = post_in_background(url, {"prompt": "x", **FAST}, results)
     wait_until(lambda: engine.running is not None, "the first request runs")

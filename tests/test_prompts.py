@@ -7,7 +7,9 @@ import torch
 from conftest import FAST, decode_png, pixels
 from test_families import answer, bare_call, tiny_engine, tiny_files  # noqa: F401 (fixtures)
 
-import imagine
+from engine.models import build_demo_pipeline
+from engine.prompts import parse_prompt_attention, prompt_chunks, prompt_embeddings
+from engine.settings import CONFIGS_DIR
 
 # The examples in the docstring of AUTOMATIC1111's modules/prompt_parser.py parse_prompt_attention.
 A1111_EXAMPLES = [
@@ -35,7 +37,7 @@ A1111_EXAMPLES = [
 
 @pytest.mark.parametrize("prompt, parsed", A1111_EXAMPLES)
 def test_the_parser_gives_what_automatic1111s_docstring_says(prompt, parsed):
-    assert imagine.parse_prompt_attention(prompt) == parsed
+    assert parse_prompt_attention(prompt) == parsed
 
 
 @pytest.mark.parametrize(
@@ -54,18 +56,18 @@ def test_the_parser_gives_what_automatic1111s_docstring_says(prompt, parsed):
     ],
 )
 def test_the_parser_handles_nesting_escapes_strays_and_break(prompt, parsed):
-    assert imagine.parse_prompt_attention(prompt) == parsed
+    assert parse_prompt_attention(prompt) == parsed
 
 
 @pytest.fixture(scope="module")
 def demo():
-    pipe = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    pipe = build_demo_pipeline(CONFIGS_DIR / "sd1")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def chunks(pipe, prompt):
-    return imagine.prompt_chunks(pipe.tokenizer, imagine.parse_prompt_attention(prompt), {})
+    return prompt_chunks(pipe.tokenizer, parse_prompt_attention(prompt), {})
 
 
 def test_a_long_prompt_is_split_into_chunks_of_75_tokens_each_padded_to_77(demo):
@@ -101,8 +103,8 @@ def test_break_starts_a_new_chunk(demo):
 
 def test_weights_are_applied_per_token_and_the_chunk_keeps_its_mean(demo):
     with torch.inference_mode():
-        plain = imagine.prompt_embeddings(demo, "a cat", "", 1, {})["prompt_embeds"]
-        weighted = imagine.prompt_embeddings(demo, "a (cat:1.5)", "", 1, {})["prompt_embeds"]
+        plain = prompt_embeddings(demo, "a cat", "", 1, {})["prompt_embeds"]
+        weighted = prompt_embeddings(demo, "a (cat:1.5)", "", 1, {})["prompt_embeds"]
     assert torch.allclose(plain.mean(), weighted.mean(), atol=1e-5)
     ratio = (weighted / plain)[0, :, 0]
     assert ratio[2] / ratio[1] == pytest.approx(1.5, rel=1e-4)  # "cat" against "a"
@@ -110,8 +112,8 @@ def test_weights_are_applied_per_token_and_the_chunk_keeps_its_mean(demo):
 
 def test_the_shorter_of_prompt_and_negative_gets_chunks_of_the_empty_prompt(demo):
     with torch.inference_mode():
-        encoded = imagine.prompt_embeddings(demo, "cat " * 100, "blurry", 1, {})
-        empty = imagine.prompt_embeddings(demo, "", "", 1, {})["prompt_embeds"]
+        encoded = prompt_embeddings(demo, "cat " * 100, "blurry", 1, {})
+        empty = prompt_embeddings(demo, "", "", 1, {})["prompt_embeds"]
     assert encoded["prompt_embeds"].shape == encoded["negative_prompt_embeds"].shape == (1, 154, 32)
     assert torch.equal(encoded["negative_prompt_embeds"][:, 77:], empty)
 
@@ -121,7 +123,7 @@ def test_clip_skip_2_encodes_with_the_penultimate_layer_normalized_as_automatic1
     with torch.inference_mode():
         output = demo.text_encoder(ids, output_hidden_states=True)
         expected = demo.text_encoder.final_layer_norm(output.hidden_states[-2])
-        assert torch.equal(imagine.prompt_embeddings(demo, "a cat", "", 2, {})["prompt_embeds"], expected)
+        assert torch.equal(prompt_embeddings(demo, "a cat", "", 2, {})["prompt_embeds"], expected)
 
 
 def generate(client, **fields):

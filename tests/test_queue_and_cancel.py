@@ -18,19 +18,21 @@ import torch
 from conftest import FAST, free_port, read_log_until_listening, wait_until
 
 import imagine
+from api.channel import HALF_CLOSE_GRACE
+from engine.engine import Engine
 
 ROOT = Path(imagine.__file__).resolve().parent
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]  # Linux's system call for a signal to one thread
 
 
 class Gate:
-    """Wraps imagine.generate: the real pipeline, held at step `hold_at` until opened; records every step run."""
+    """Wraps generate: the real pipeline, held at step `hold_at` until opened; records every step run."""
 
-    def __init__(self, monkeypatch, hold_at=1):
+    def __init__(self, monkeypatch, engine, hold_at=1):
         self.open_event = threading.Event()
         self.hold_at = hold_at
         self.steps = []
-        real_generate = imagine.generate
+        real_generate = engine.generate
 
         def gated_generate(model, req, on_step=None, conditioning=None):
             def held_on_step(step, steps, latents):
@@ -41,7 +43,7 @@ class Gate:
 
             return real_generate(model, req, held_on_step, conditioning)
 
-        monkeypatch.setattr(imagine, "generate", gated_generate)
+        monkeypatch.setattr(engine, "generate", gated_generate)
 
     def open(self):
         self.open_event.set()
@@ -86,7 +88,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_co
 ):
     engine = make_engine(model="demo", max_queue=1)
     url = serve(engine)
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, engine)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
 
@@ -130,10 +132,10 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step_and_the_next_st
     engine = make_engine(model="demo")
     url = serve(engine)
     jobs = record_jobs(engine)
-    gate = Gate(monkeypatch, hold_at=2)
+    gate = Gate(monkeypatch, engine, hold_at=2)
     connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": stream})
     wait_until(lambda: gate.steps == [1, 2], "the generation reaches step 2")
-    time.sleep(imagine.HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
+    time.sleep(HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
     connection.close()
     wait_until(lambda: jobs[0].cancelled(), "the server notices the client has gone")
     gate.open()
@@ -152,7 +154,7 @@ def test_a_streaming_client_that_leaves_just_after_a_preview_line_is_cancelled_n
     url = serve(engine)
     jobs = record_jobs(engine)
     steps, gates = [], {1: threading.Event(), 3: threading.Event()}
-    real_generate = imagine.generate
+    real_generate = engine.generate
 
     def held_at_steps_1_and_3(model, req, on_step=None, conditioning=None):
         def held(step, steps_in_all, latents):
@@ -163,10 +165,10 @@ def test_a_streaming_client_that_leaves_just_after_a_preview_line_is_cancelled_n
 
         return real_generate(model, req, held, conditioning)
 
-    monkeypatch.setattr(imagine, "generate", held_at_steps_1_and_3)
+    monkeypatch.setattr(engine, "generate", held_at_steps_1_and_3)
     connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": 1})
     wait_until(lambda: steps == [1], "the generation reaches step 1")
-    time.sleep(imagine.HALF_CLOSE_GRACE)  # the request is older than the grace ...
+    time.sleep(HALF_CLOSE_GRACE)  # the request is older than the grace ...
     gates[1].set()
     received = b""
     while received.count(b'"step"') < 2:  # ... and the last preview line only just went out
@@ -183,13 +185,13 @@ def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(
     engine = make_engine(model="demo")
     url = serve(engine)
     jobs = record_jobs(engine)
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, engine)
     results = []
     running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
     wait_until(lambda: engine.running is not None, "the first request runs")
     connection = open_request(url, {"prompt": "x", **FAST, "seed": 2})
     wait_until(lambda: len(jobs) == 2, "the second request is queued")
-    time.sleep(imagine.HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
+    time.sleep(HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
     connection.close()
     wait_until(lambda: jobs[1].client_gone(), "the server notices the client has gone")
     gate.open()
@@ -206,17 +208,17 @@ def test_out_of_memory_answers_an_error_unloads_the_models_and_the_server_keeps_
     engine = make_engine(model="demo")
     client = imagine.create_app(engine).test_client()
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
-    real_generate = imagine.generate
+    real_generate = engine.generate
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
 
-    monkeypatch.setattr(imagine, "generate", out_of_memory)
+    monkeypatch.setattr(engine, "generate", out_of_memory)
     response = client.post("/generate", json={"prompt": "x", **FAST})
     assert response.status_code == 500
     assert "ran out of memory" in response.get_json()["error"]
     assert engine.models.loaded == {}
-    monkeypatch.setattr(imagine, "generate", real_generate)
+    monkeypatch.setattr(engine, "generate", real_generate)
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
 
 
@@ -258,10 +260,10 @@ def test_an_idle_server_exits_on_sigterm_that_the_kernel_hands_to_another_of_its
 
 
 def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, monkeypatch):
-    engine = imagine.Engine(imagine.Settings(model="demo", models_dir=tmp_path))
+    engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path))
     url = serve(engine)
     engine_thread = engine.start()
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, engine)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
     wait_until(lambda: gate.steps, "the running request is held after its first step")

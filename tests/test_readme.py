@@ -10,6 +10,9 @@ import requests
 from conftest import free_port
 from PIL import Image
 
+from engine.models import build_demo_pipeline
+from engine.settings import CONFIGS_DIR
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
 # The examples of batches, inpainting, /models and /health, each run by its own test below.
@@ -125,9 +128,7 @@ def test_the_readme_prompt_lora_embedding_and_lcm_examples_work_as_written(start
     from lora_files import kohya_lora, token_vectors
     from safetensors.torch import save_file
 
-    import imagine
-
-    demo = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
+    demo = build_demo_pipeline(CONFIGS_DIR / "sd1")
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
     for seed, name in enumerate(("add_detail", "watercolor", "lcm_lora_sd15")):

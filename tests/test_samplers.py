@@ -5,9 +5,10 @@ import pytest
 from conftest import FAST, pixels
 
 import imagine
+from engine.samplers import SAMPLERS, make_scheduler
 
 SPEC_SAMPLERS = ["ddim", "euler", "euler a", "heun", "lms", "dpm++ 2m", "dpm++ 2s", "dpm++ sde", "dpm2", "dpm2 a"]
-KARRAS_SAMPLERS = [name for name in imagine.SAMPLERS if name.endswith(" karras")]
+KARRAS_SAMPLERS = [name for name in SAMPLERS if name.endswith(" karras")]
 
 
 def generate(client, **fields):
@@ -22,7 +23,7 @@ def test_get_samplers_lists_every_accepted_name_and_the_default(client):
     assert set(SPEC_SAMPLERS + ["dpm++ 2m sde", "dpm++ 2m karras", "euler karras", "dpm2 karras"]) <= set(
         answer["samplers"]
     )
-    assert answer["samplers"] == list(imagine.SAMPLERS)
+    assert answer["samplers"] == list(SAMPLERS)
 
 
 def test_every_spec_sampler_that_diffusers_can_run_on_karras_sigmas_has_a_karras_variant():
@@ -36,7 +37,7 @@ def test_a_karras_sampler_runs_its_schedulers_karras_sigmas_and_the_plain_one_do
     plain = sampler.removesuffix(" karras")
     karras_picture = pixels(generate(client, sampler=sampler)["img"])
     scheduler = engine.models.get("demo").txt2img.scheduler
-    assert type(scheduler) is imagine.SAMPLERS[plain][0]
+    assert type(scheduler) is SAMPLERS[plain][0]
     assert scheduler.config.use_karras_sigmas is True
     plain_picture = pixels(generate(client, sampler=plain)["img"])
     assert engine.models.get("demo").txt2img.scheduler.config.use_karras_sigmas is False
@@ -45,8 +46,8 @@ def test_a_karras_sampler_runs_its_schedulers_karras_sigmas_and_the_plain_one_do
 
 def test_a_plain_sampler_name_means_plain_sigmas_even_if_the_models_scheduler_config_asks_for_karras():
     model_config = {**imagine.DPMSolverMultistepScheduler().config, "use_karras_sigmas": True}
-    assert imagine.make_scheduler("dpm++ 2m", model_config, seed=1).config.use_karras_sigmas is False
-    assert imagine.make_scheduler("dpm++ 2m karras", model_config, seed=1).config.use_karras_sigmas is True
+    assert make_scheduler("dpm++ 2m", model_config, seed=1).config.use_karras_sigmas is False
+    assert make_scheduler("dpm++ 2m karras", model_config, seed=1).config.use_karras_sigmas is True
 
 
 def test_dpm_2m_sde_is_the_sde_variant_of_dpm_solver_and_repeats_for_the_same_seed(client, engine):

@@ -14,6 +14,8 @@ from ldm_checkpoint import ldm_state_dict, random_sd15_modules
 from safetensors.torch import save_file
 
 import imagine
+from engine.engine import Engine
+from engine.settings import CONFIGS_DIR
 
 SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
 
@@ -21,7 +23,7 @@ SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_0
 @pytest.fixture(scope="module")
 def sd15_checkpoint(tmp_path_factory):
     """(models dir, the fp16 LDM state dict written there as sd15-random.safetensors)."""
-    modules = random_sd15_modules(imagine.CONFIGS_DIR / "sd1")
+    modules = random_sd15_modules(CONFIGS_DIR / "sd1")
     assert {name: sum(p.numel() for p in m.parameters()) for name, m in vars(modules).items()} == SD15_PARAMETERS
     state = ldm_state_dict(modules, dtype=torch.float16)
     del modules
@@ -34,7 +36,7 @@ def sd15_checkpoint(tmp_path_factory):
 def test_an_sd15_architecture_checkpoint_loads_offline_through_the_shipped_configs(sd15_checkpoint, no_network):
     models, state = sd15_checkpoint
     # float32 holds the fp16 weights exactly (bfloat16, which `auto` may pick on a CPU, would round them)
-    engine = imagine.Engine(imagine.Settings(model="sd15-random", models_dir=models, fp_prec="32"))
+    engine = Engine(imagine.Settings(model="sd15-random", models_dir=models, fp_prec="32"))
     engine.start()
     client = imagine.create_app(engine).test_client()
     response = client.post("/generate", json={"prompt": "an astronaut", "width": 64, "height": 64, "num_steps": 2})

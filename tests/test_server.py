@@ -14,6 +14,7 @@ import torch
 from conftest import FAST, free_port
 
 import imagine
+from engine.devices import pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,11 +67,11 @@ def test_flags_override_environment_variables(clean_environment):
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert imagine.pick_device("auto").type == "cuda"
+    assert pick_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert imagine.pick_device("auto").type == "mps"
+    assert pick_device("auto").type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert imagine.pick_device("auto").type == "cpu"
+    assert pick_device("auto").type == "cpu"
 
 
 @pytest.mark.parametrize("argv", [["-d", "tpu"], ["-f", "8"], ["--max-loaded", "0"], ["-p", "http"]])
@@ -82,10 +83,10 @@ def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
 
 def test_16_bit_means_bfloat16_on_cpu_and_float16_on_gpus():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert imagine.pick_dtype("16", cpu) == torch.bfloat16
-    assert imagine.pick_dtype("16", cuda) == imagine.pick_dtype("16", mps) == torch.float16
-    assert imagine.pick_dtype("32", cpu) == imagine.pick_dtype("32", cuda) == torch.float32
-    assert imagine.pick_dtype("auto", cuda) == torch.float16
+    assert pick_dtype("16", cpu) == torch.bfloat16
+    assert pick_dtype("16", cuda) == pick_dtype("16", mps) == torch.float16
+    assert pick_dtype("32", cpu) == pick_dtype("32", cuda) == torch.float32
+    assert pick_dtype("auto", cuda) == torch.float16
 
 
 def test_16_bit_on_cpu_loads_bfloat16_weights_and_still_draws(make_engine):
@@ -119,10 +120,10 @@ def test_first_stream_line_arrives_well_before_the_generation_ends(live_server):
     assert first < 0.5 * last, f"first line at {first:.2f} s, last at {last:.2f} s"
 
 
-def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, monkeypatch):
+def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, engine, monkeypatch):
     running, most = 0, 0
     lock = threading.Lock()
-    real_generate = imagine.generate
+    real_generate = engine.generate
 
     def counting_generate(*args, **kwargs):
         nonlocal running, most
@@ -135,7 +136,7 @@ def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, mon
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(imagine, "generate", counting_generate)
+    monkeypatch.setattr(engine, "generate", counting_generate)
     statuses = []
 
     def post(seed):
@@ -154,7 +155,7 @@ def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, mon
 def test_the_executable_serves_through_waitress_and_logs_its_choices(start_server):
     url, log = start_server(free_port())
     text = "".join(log)
-    precision = str(imagine.pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    precision = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert f"precision auto: {precision}" in text  # with the reason: this CPU's bfloat16 support
     assert f"device cpu, precision {precision}, default model demo" in text
     response = requests.post(f"{url}/generate", json={"prompt": "a cat", **FAST}, timeout=60)

@@ -12,6 +12,13 @@ from conftest import FAST, decode_png, pixels, png_data
 from PIL import Image
 
 import imagine
+from engine.devices import cpu_bf16_feature, pick_dtype
+from engine.models import Models, build_demo_pipeline
+from engine.pipeline import generate
+from engine.previews import latents_to_preview
+from engine.request import GenerationRequest
+from engine.samplers import SAMPLERS
+from engine.settings import CONFIGS_DIR
 
 
 def stream_lines(client, **fields):
@@ -67,12 +74,12 @@ def preview_correlations(model, sampler, monkeypatch):
 
     def run():
         seen = {}
-        req = imagine.GenerationRequest(prompt="a cat", width=64, height=64, num_steps=10, seed=3, sampler=sampler)
-        imagine.generate(model, req, lambda step, steps, latents: seen.__setitem__(step, latents.clone()))
+        req = GenerationRequest(prompt="a cat", width=64, height=64, num_steps=10, seed=3, sampler=sampler)
+        generate(model, req, lambda step, steps, latents: seen.__setitem__(step, latents.clone()))
         return seen
 
     def picture(latents):
-        preview = imagine.latents_to_preview(latents, model.family.latent_rgb, (64, 64))
+        preview = latents_to_preview(latents, model.family.latent_rgb, (64, 64))
         return np.asarray(preview, dtype=np.float64).ravel()
 
     predicted = run()
@@ -89,7 +96,7 @@ def preview_correlations(model, sampler, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["dpm++ 2m", "ddim"])
 def test_fast_previews_look_more_like_the_final_picture_than_the_noisy_latents_do(sampler, monkeypatch):
-    model = imagine.Models(imagine.Settings(), torch.device("cpu"), torch.float32).get("demo")
+    model = Models(imagine.Settings(), torch.device("cpu"), torch.float32).get("demo")
     likeness = preview_correlations(model, sampler, monkeypatch)
     for step in (2, 3, 4):
         from_prediction, from_noise = likeness[step]
@@ -108,7 +115,7 @@ def test_a_sampler_builds_its_scheduler_once_per_model(client, engine):
     assert model.schedulers[("dpm2", None)] is first
 
 
-@pytest.mark.parametrize("sampler", list(imagine.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler):
     """Reuse leaks no state between runs: after txt2img and img2img with other seeds, the first picture repeats."""
     first = pixels(stream_lines(client, sampler=sampler)[-1]["img"])
@@ -117,9 +124,9 @@ def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler
     stream_lines(client, sampler=sampler, seed=2, stream=1)
     again = pixels(stream_lines(client, sampler=sampler)[-1]["img"])
     assert np.array_equal(first, again)
-    fresh = imagine.Models(imagine.Settings(), engine.device, engine.dtype).get("demo")
-    req = imagine.GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST)
-    assert np.array_equal(first, np.asarray(imagine.generate(fresh, req)[0], dtype=np.int16))
+    fresh = Models(imagine.Settings(), engine.device, engine.dtype).get("demo")
+    req = GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST)
+    assert np.array_equal(first, np.asarray(generate(fresh, req)[0], dtype=np.int16))
 
 
 # ---- precision
@@ -129,16 +136,16 @@ def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler
     "feature, expected", [("avx512_bf16", torch.bfloat16), ("amx", torch.bfloat16), (None, torch.float32)]
 )
 def test_auto_precision_on_cpu_is_bfloat16_only_where_the_cpu_runs_it_natively(feature, expected, monkeypatch, caplog):
-    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: feature)
+    monkeypatch.setattr("engine.devices.cpu_bf16_feature", lambda: feature)
     with caplog.at_level("INFO", logger="imagine"):
-        assert imagine.pick_dtype("auto", torch.device("cpu")) == expected
+        assert pick_dtype("auto", torch.device("cpu")) == expected
     assert str(expected).removeprefix("torch.") in caplog.text and str(feature or "no native") in caplog.text
 
 
 def test_auto_precision_on_gpus_is_float16_whatever_the_cpu(monkeypatch):
-    monkeypatch.setattr(imagine, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr("engine.devices.cpu_bf16_feature", lambda: None)
     for device in ("cuda", "mps"):
-        assert imagine.pick_dtype("auto", torch.device(device)) == torch.float16
+        assert pick_dtype("auto", torch.device(device)) == torch.float16
 
 
 @pytest.mark.parametrize(
@@ -149,14 +156,14 @@ def test_without_torchs_probe_the_bf16_feature_is_read_from_proc_cpuinfo(flags, 
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\\t: 0\\nflags\\t\\t: {flags}\\n")
-    monkeypatch.setattr(imagine, "CPUINFO", cpuinfo)
-    assert imagine.cpu_bf16_feature() == feature
+    monkeypatch.setattr("engine.devices.CPUINFO", cpuinfo)
+    assert cpu_bf16_feature() == feature
 
 
 def test_without_torchs_probe_or_proc_cpuinfo_the_cpu_counts_as_lacking_bf16(monkeypatch, tmp_path):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    monkeypatch.setattr(imagine, "CPUINFO", tmp_path / "missing")  # macOS, Windows
-    assert imagine.cpu_bf16_feature() is None
+    monkeypatch.setattr("engine.devices.CPUINFO", tmp_path / "missing")  # macOS, Windows
+    assert cpu_bf16_feature() is None
 
 
 def test_16_bit_on_cpu_runs_unet_text_encoder_and_vae_in_bfloat16(make_engine):
@@ -183,7 +190,7 @@ def test_compile_is_opt_in_by_flag_or_environment(monkeypatch):
 
 
 def test_compile_wraps_the_unet_that_img2img_shares():
-    model = imagine.Models(imagine.Settings(compile=True), torch.device("cpu"), torch.float32).get("demo")
+    model = Models(imagine.Settings(compile=True), torch.device("cpu"), torch.float32).get("demo")
     assert isinstance(model.txt2img.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert model.img2img.unet is model.txt2img.unet
 
@@ -194,8 +201,8 @@ def unet_is_channels_last(pipe) -> bool:
 
 
 def test_channels_last_only_on_cuda_where_it_helps():
-    pipe = imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1")
-    imagine.Models(imagine.Settings(), torch.device("cpu"), torch.float32).speed_up_unet(pipe)
+    pipe = build_demo_pipeline(CONFIGS_DIR / "sd1")
+    Models(imagine.Settings(), torch.device("cpu"), torch.float32).speed_up_unet(pipe)
     assert not unet_is_channels_last(pipe)  # measured slower on CPUs
-    imagine.Models(imagine.Settings(), torch.device("cuda"), torch.float16).speed_up_unet(pipe)
+    Models(imagine.Settings(), torch.device("cuda"), torch.float16).speed_up_unet(pipe)
     assert unet_is_channels_last(pipe)

@@ -8,7 +8,7 @@ import pytest
 from conftest import FAST, decode_png, pixels, png_data
 from PIL import Image
 
-import imagine
+from engine.samplers import SAMPLERS
 
 
 def generate(client, **fields):
@@ -79,7 +79,7 @@ def test_a_missing_seed_is_chosen_at_random_and_reported_so_the_picture_can_be_r
     assert np.array_equal(pixels(first["img"]), pixels(again["img"]))
 
 
-@pytest.mark.parametrize("sampler", list(imagine.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_runs_whatever_the_case_of_its_name(client, sampler):
     answer = generate(client, sampler=sampler.upper())
     assert decode_png(answer["img"]).size == (64, 64)
@@ -106,7 +106,7 @@ def test_each_sampler_name_runs_its_diffusers_scheduler(client, engine, sampler,
 
 
 def test_every_sampler_gives_a_different_picture(client):
-    pictures = [pixels(generate(client, sampler=name)["img"]) for name in imagine.SAMPLERS]
+    pictures = [pixels(generate(client, sampler=name)["img"]) for name in SAMPLERS]
     for i, a in enumerate(pictures):
         for b in pictures[i + 1 :]:
             assert not np.array_equal(a, b)
@@ -281,11 +281,11 @@ def test_an_unknown_path_answers_404_json(client):
     assert response.status_code == 404 and "error" in response.get_json()
 
 
-def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_serving(client, monkeypatch):
+def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_serving(client, engine, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(imagine, "generate", out_of_memory)
+    monkeypatch.setattr(engine, "generate", out_of_memory)
     response = client.post("/generate", json={"prompt": "x", **FAST})
     assert response.status_code == 500
     assert "out of memory" in response.get_json()["error"]
@@ -294,8 +294,8 @@ def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_ser
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
 
 
-def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(client, monkeypatch):
-    real_generate = imagine.generate
+def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(client, engine, monkeypatch):
+    real_generate = engine.generate
 
     def fails_after_step_two(model, req, on_step=None, conditioning=None):
         def failing_on_step(step, steps, latents):
@@ -305,7 +305,7 @@ def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(client, m
 
         return real_generate(model, req, failing_on_step, conditioning)
 
-    monkeypatch.setattr(imagine, "generate", fails_after_step_two)
+    monkeypatch.setattr(engine, "generate", fails_after_step_two)
     lines = stream_lines(client, num_steps=6, stream=1)
     assert [line.get("step") for line in lines[:-1]] == [1, 2]
     assert lines[-1]["done"] is True and "device lost" in lines[-1]["error"]

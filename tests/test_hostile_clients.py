@@ -17,7 +17,10 @@ import requests
 from conftest import FAST, count_loads, free_port, save_config_folder, wait_until
 from PIL import Image
 
-import imagine
+from api.channel import HALF_CLOSE_GRACE
+from engine.models import build_demo_pipeline
+from engine.previews import png_base64
+from engine.settings import CONFIGS_DIR
 
 
 def post(url, body, **kwargs):
@@ -168,7 +171,7 @@ def test_max_queue_0_runs_one_request_and_refuses_the_next_while_it_runs(make_en
     url = serve(engine)
     assert post(url, {"prompt": "x", **FAST}).status_code == 200  # idle: it runs
 
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, engine)
     results = []
     running = threading.Thread(target=lambda: results.append(post(url, {"prompt": "x", **FAST})))
     running.start()
@@ -202,14 +205,12 @@ def test_a_lone_surrogate_in_a_text_is_a_400_naming_the_field(live_server, field
 
 
 def test_a_failure_after_a_streams_first_line_ends_it_with_an_error_line(live_server, monkeypatch):
-    png_base64 = imagine.png_base64
-
     def failing_for_the_final_picture(image, parameters=None, compress_level=6):
         if parameters is not None:
             raise RuntimeError("injected")
         return png_base64(image, parameters, compress_level)
 
-    monkeypatch.setattr(imagine, "png_base64", failing_for_the_final_picture)
+    monkeypatch.setattr("api.native.png_base64", failing_for_the_final_picture)
     response = post(live_server, {"prompt": "x", **FAST, "stream": 1})
     lines = [json.loads(line) for line in response.iter_lines() if line]
     assert response.status_code == 200 and lines[0]["done"] is False
@@ -222,7 +223,7 @@ def test_a_failure_after_a_streams_first_line_ends_it_with_an_error_line(live_se
 def test_a_diffusers_folder_without_weights_is_a_4xx_without_server_paths_and_evicts_nothing(
     make_engine, serve, tmp_path
 ):
-    save_config_folder(imagine.build_demo_pipeline(imagine.CONFIGS_DIR / "sd1"), tmp_path / "hollow")
+    save_config_folder(build_demo_pipeline(CONFIGS_DIR / "sd1"), tmp_path / "hollow")
     engine = make_engine(model="demo", max_loaded=1)
     url = serve(engine)
     assert post(url, {"prompt": "x", **FAST}).status_code == 200  # the demo is loaded
@@ -343,7 +344,7 @@ def test_a_client_that_leaves_in_the_middle_of_a_step_stops_it_there_and_the_nex
             )
             assert reached.wait(60)
             # A client that leaves right after its request is taken for one that only shut its sending side.
-            time.sleep(imagine.HALF_CLOSE_GRACE)
+            time.sleep(HALF_CLOSE_GRACE)
         wait_until(lambda: engine.running is None, "the generation stops")
         assert ran_after == []  # stopped before the next block, not at the end of the step
     finally:
@@ -382,7 +383,7 @@ def answered(connection: socket.socket) -> bool:
 def test_streams_nobody_reads_hold_no_one_else_up_and_are_dropped_after_the_send_timeout(
     make_engine, serve, monkeypatch
 ):
-    monkeypatch.setattr(imagine, "SEND_TIMEOUT", 3600)  # until the checks below are done
+    monkeypatch.setattr("api.channel.SEND_TIMEOUT", 3600)  # until the checks below are done
     engine = make_engine(model="demo", max_queue=4)  # 8 threads: 5 generation slots and 3 spares
     url = serve(engine)
     # Full previews of 512x512 noise: about 1 MB a line, far more than the socket buffers and waitress hold.
@@ -395,7 +396,7 @@ def test_streams_nobody_reads_hold_no_one_else_up_and_are_dropped_after_the_send
         assert requests.get(f"{url}/samplers", timeout=30).status_code == 200
         refused = post(url, {"prompt": "x", **FAST})
         assert refused.status_code == 503, refused.text
-        monkeypatch.setattr(imagine, "SEND_TIMEOUT", 0.5)
+        monkeypatch.setattr("api.channel.SEND_TIMEOUT", 0.5)
         wait_until(lambda: post(url, {"prompt": "x", **FAST}).status_code == 200, "a generation is served again")
         for connection in silent:  # dropped: reset, or closed after what the buffers held (else: a timeout)
             connection.settimeout(30)
@@ -408,7 +409,7 @@ def test_streams_nobody_reads_hold_no_one_else_up_and_are_dropped_after_the_send
 
 
 def test_a_client_that_sends_its_headers_byte_by_byte_is_dropped_after_the_request_timeout(live_server, monkeypatch):
-    monkeypatch.setattr(imagine, "REQUEST_TIMEOUT", 1)
+    monkeypatch.setattr("api.channel.REQUEST_TIMEOUT", 1)
     host, port = live_server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as connection:
         connection.setblocking(False)
@@ -430,7 +431,7 @@ def test_a_client_that_sends_its_headers_byte_by_byte_is_dropped_after_the_reque
 
 
 def test_unfinished_uploads_cannot_hold_more_than_their_budget(live_server, monkeypatch):
-    monkeypatch.setattr(imagine, "UPLOADS_BUDGET", 2 * 2**20)
+    monkeypatch.setattr("api.channel.UPLOADS_BUDGET", 2 * 2**20)
     host, port = live_server.removeprefix("http://").split(":")
     head = b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     head += b"Content-Length: 3000000\r\n\r\n"

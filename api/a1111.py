@@ -1,0 +1,550 @@
+"""AUTOMATIC1111's API (/sdapi/v1/*) for the programs written for that server (Open WebUI, SillyTavern, LibreChat,
+webuiapi): a translator to and from GenerationRequest around native.respond, plus A1111's options, progress,
+lists and png-info. Its state (model hashes) is its own."""
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from flask import Blueprint, current_app, jsonify, request
+from PIL import Image
+
+from api.guard import is_loopback
+from api.native import Answer, current_engine, current_settings, read_json_body, respond
+from engine.engine import Failed, Finished, Job
+from engine.errors import ImagineError
+from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
+from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.previews import png_base64
+from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request
+from engine.samplers import SAMPLERS
+from engine.settings import DEMO_MODEL, Settings
+
+log = logging.getLogger("imagine")
+
+
+A1111_VERSION = "imagine"  # `version` in info; A1111 writes its git tag there
+
+
+# A1111's sampler names (GET /sdapi/v1/samplers, in its order) -> ours; A1111's "DPM++ 2S a" is our "dpm++ 2s".
+A1111_SAMPLERS = {
+    "DPM++ 2M": "dpm++ 2m",
+    "DPM++ SDE": "dpm++ sde",
+    "DPM++ 2M SDE": "dpm++ 2m sde",
+    "DPM++ 2S a": "dpm++ 2s",
+    "Euler a": "euler a",
+    "Euler": "euler",
+    "LMS": "lms",
+    "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 a": "dpm2 a",
+    "DDIM": "ddim",
+    "LCM": "lcm",
+}
+
+
+A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> label; Karras as our "<sampler> karras"
+
+
+A1111_SAMPLER = "Euler"  # what A1111 draws with when a request names no sampler
+
+
+A1111_STRENGTH = 0.75  # A1111's default denoising_strength
+
+
+# Our field -> A1111's, so that an error names the field the client sent.
+A1111_FIELD_NAMES = {
+    "neg": "negative_prompt",
+    "num_steps": "steps",
+    "guidance": "cfg_scale",
+    "strength": "denoising_strength",
+    "img": "init_images[0]",
+    "inpaint_padding": "inpaint_full_res_padding",
+    "n": "batch_size",
+    "model": "override_settings.sd_model_checkpoint",
+}
+
+
+# Features of A1111 that Imagine lacks, and how a request switches each on: they are ignored, logged once,
+# and named in info's imagine_ignored, so that a client sending its full form never fails.
+A1111_UNSUPPORTED = {
+    "enable_hr": lambda value: value is True,
+    "restore_faces": lambda value: value is True,
+    "tiling": lambda value: value is True,
+    "script_name": lambda value: bool(value),
+    "alwayson_scripts": lambda value: bool(value),
+    "styles": lambda value: bool(value),
+    "subseed_strength": lambda value: bool(value),
+    "refiner_checkpoint": lambda value: bool(value),
+}
+
+
+A1111_LOGGED = set()  # the unsupported features already logged once
+
+
+def a1111_sampler(body: dict) -> tuple:
+    """(our sampler, A1111's sampler name, A1111's scheduler name) for sampler_name (or the older sampler_index)
+    and scheduler; combined names such as "DPM++ 2M Karras" are split. An unknown name falls back to A1111's
+    default, as A1111 does, so a client's list of names from another server still draws."""
+    name = _text(body, "sampler_name", None) or _text(body, "sampler_index", None) or A1111_SAMPLER
+    scheduler = (_text(body, "scheduler", None) or "automatic").lower()
+    label, _, last = name.rpartition(" ")
+    if label and last.lower() in A1111_SCHEDULERS:
+        name, scheduler = label, last.lower()
+    known = {known.lower(): known for known in A1111_SAMPLERS}
+    name = known.get(name.lower(), A1111_SAMPLER)
+    sampler = A1111_SAMPLERS[name]
+    if scheduler == "karras" and f"{sampler} karras" in SAMPLERS:
+        return f"{sampler} karras", name, "karras"
+    return sampler, name, "automatic"
+
+
+def a1111_overrides(body: dict) -> dict:
+    overrides = body.get("override_settings")
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ImagineError(f"override_settings must be an object, not {json.dumps(overrides)[:80]}")
+    return overrides
+
+
+def a1111_mask(body: dict) -> Image.Image | None:
+    """The img2img mask as our mask field takes it (white repaints): an RGBA mask whose alpha is used is read by its
+    alpha, as A1111 does, and inpainting_mask_invert 1 swaps what is kept and what is repainted."""
+    data = _text(body, "mask", None)
+    invert = _integer(body, "inpainting_mask_invert", 0, 0, 1)
+    if data is None:
+        return None
+    mask = decode_image(data, "mask", "RGBA")
+    alpha = mask.getchannel("A")
+    mask = alpha if alpha.getextrema() != (255, 255) else mask.convert("L")
+    if invert:
+        mask = Image.eval(mask, lambda value: 255 - value)
+    return mask
+
+
+def a1111_ignored(body: dict) -> list:
+    ignored = [field for field, switched_on in A1111_UNSUPPORTED.items() if switched_on(body.get(field))]
+    for field in ignored:
+        if field not in A1111_LOGGED:
+            A1111_LOGGED.add(field)
+            log.warning("AUTOMATIC1111 API: %s is not supported and is ignored", field)
+    return ignored
+
+
+def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> tuple:
+    """An A1111 txt2img/img2img body as (GenerationRequest, what else the answer needs). Its fields become a
+    /generate body that parse_request checks; an error names A1111's field. `model_name(checkpoint)` finds the
+    model a checkpoint title names."""
+    try:
+        overrides = a1111_overrides(body)
+        sampler, sampler_name, scheduler = a1111_sampler(body)
+        batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
+        n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
+        if batch_size * n_iter > settings.max_batch:
+            raise ImagineError(f"batch_size x n_iter is {batch_size * n_iter}; at most {settings.max_batch} pictures")
+        clip_skip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip"))
+        generate_body = {
+            "prompt": body.get("prompt") or "",
+            "neg": body.get("negative_prompt"),
+            "width": body.get("width"),
+            "height": body.get("height"),
+            "num_steps": body.get("steps"),
+            "guidance": body.get("cfg_scale"),
+            "sampler": sampler,
+            "seed": body.get("seed"),
+            "n": batch_size * n_iter,
+            "clip_skip": clip_skip,
+        }
+        if overrides.get("sd_model_checkpoint"):
+            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None))
+        if img2img:
+            images = body.get("init_images")
+            if not isinstance(images, list) or not images:
+                raise ImagineError("init_images must be a list holding the picture to start from, as base64")
+            only_masked = body.get("inpaint_full_res", True)
+            generate_body |= {
+                "img": images[0],
+                "strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
+                "mask": a1111_mask(body),
+                "mask_blur": body.get("mask_blur"),
+                "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
+                "inpaint_padding": body.get("inpaint_full_res_padding"),
+            }
+        req = parse_request(generate_body, settings.max_size, settings.max_batch)
+    except ImagineError as error:
+        if error.status != 400:
+            raise
+        raise a1111_error(error) from None
+    understood = {
+        "sampler_name": sampler_name,
+        "scheduler": A1111_SCHEDULERS[scheduler],
+        "batch_size": batch_size,
+        "n_iter": n_iter,
+        "send_images": body.get("send_images", True) is not False,
+        "restore_afterwards": body.get("override_settings_restore_afterwards", True) is not False,
+        "ignored": a1111_ignored(body),
+    }
+    return req, understood
+
+
+def a1111_error(error: ImagineError) -> ImagineError:
+    """A bad request's error as A1111 answers it: 422, naming the field as the client sent it."""
+    name = A1111_FIELD_NAMES.get(error.field)
+    message = error.message
+    if name is not None and message.startswith(f"{error.field} "):
+        message = name + message[len(error.field) :]
+    return ImagineError(message, 422, field=error.field)
+
+
+def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
+    """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
+    `info`, a JSON string in A1111's layout."""
+    req, seeds = job.request, event.seeds
+    prompts = [req.prompt] * len(seeds)
+    info = {
+        "prompt": req.prompt,
+        "all_prompts": prompts,
+        "negative_prompt": req.neg,
+        "all_negative_prompts": [req.neg] * len(seeds),
+        "seed": event.seed,
+        "all_seeds": seeds,
+        "subseed": event.seed,
+        "all_subseeds": seeds,
+        "subseed_strength": 0,
+        "width": event.image.width,
+        "height": event.image.height,
+        "sampler_name": understood["sampler_name"],
+        "scheduler": understood["scheduler"],
+        "cfg_scale": req.guidance,
+        "steps": req.num_steps,
+        "batch_size": understood["batch_size"],
+        "restore_faces": False,
+        "sd_model_name": Path(event.model).stem,
+        "sd_model_hash": title.get("hash"),
+        "denoising_strength": req.strength if req.img is not None else None,
+        "index_of_first_image": 0,
+        "infotexts": [parameters for _, parameters in event.pictures],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - event.seconds)),
+        "clip_skip": req.clip_skip,
+        "version": A1111_VERSION,
+        "imagine_ignored": understood["ignored"],
+    }
+    images = [png_base64(image, parameters) for image, parameters in event.pictures]
+    parameters = {key: value for key, value in body.items() if key not in ("auth", "init_images", "mask")}
+    parameters |= {
+        "prompt": req.prompt,
+        "negative_prompt": req.neg,
+        "seed": event.seed,
+        "width": event.image.width,
+        "height": event.image.height,
+        "steps": req.num_steps,
+        "cfg_scale": req.guidance,
+        "sampler_name": understood["sampler_name"],
+        "scheduler": understood["scheduler"],
+        "batch_size": understood["batch_size"],
+        "n_iter": understood["n_iter"],
+        "denoising_strength": info["denoising_strength"],
+    }
+    return {"images": images if understood["send_images"] else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+class ModelHashes:
+    """The sha256 of model files, which A1111's titles carry ("name.safetensors [0123456789]"). Reading a
+    multi-GB file takes seconds, so each is hashed once, on a thread of its own (one at a time), and kept by
+    path, size and date in the server's memory; until it is known, the model is listed without a hash, as
+    A1111 lists one it has not hashed yet."""
+
+    def __init__(self):
+        self.known = {}  # (path, size, mtime) -> sha256
+        self.queued = set()
+        self.one_at_a_time = threading.Lock()  # files are read one after another, not all at once
+
+    def get(self, path: Path) -> str | None:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self.known and key not in self.queued:
+            self.queued.add(key)
+            threading.Thread(target=self.hash_file, args=(key,), name="imagine-hash", daemon=True).start()
+        return self.known.get(key)
+
+    def hash_file(self, key: tuple) -> None:
+        digest = hashlib.sha256()
+        with self.one_at_a_time:
+            try:
+                with open(key[0], "rb") as file:
+                    while block := file.read(2**20):
+                        digest.update(block)
+            except OSError:
+                log.warning("cannot read a model file to hash it")
+                return
+        self.known[key] = digest.hexdigest()
+
+
+def a1111_titles(models, hashes: ModelHashes) -> dict:
+    """Every model the folders hold, by its key (see Models.resolve), as A1111's sd-models lists it."""
+    listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
+    folders = model_folders(models.settings.models_dir)
+    for entry in models.listing():
+        if entry.get("error"):
+            continue
+        found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
+        real = real_path(found)
+        sha256 = hashes.get(real) if real.is_file() else None
+        name = entry["name"] if entry["name"].endswith(found.suffix) else entry["name"] + found.suffix
+        title = f"{name} [{sha256[:10]}]" if sha256 else name
+        model_name = os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0]
+        listed[str(real)] = {"title": title, "model_name": model_name, "hash": sha256 and sha256[:10], "sha256": sha256}
+        listed[str(real)]["filename"] = name  # A1111 gives the absolute path; a server path is never told
+    return listed
+
+
+def a1111_model_name(titles: dict, checkpoint: str) -> str:
+    """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
+    its model_name or its hash, as a name Models.resolve takes."""
+    bare = re.sub(r"\s*\[[0-9a-f]+\]$", "", checkpoint.strip())
+    for key, listed in titles.items():
+        names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}
+        filename = listed.get("filename") or key
+        if checkpoint in names or bare in names or bare == os.path.splitext(filename)[0]:
+            return filename
+    raise ImagineError(f"model {checkpoint!r} not found; GET /sdapi/v1/sd-models lists the models", 404)
+
+
+def a1111_progress(progress: dict | None, with_image: bool) -> dict:
+    """GET /sdapi/v1/progress from the engine's progress snapshot (None: nothing runs)."""
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if progress is None:
+        return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
+    job, step, steps, started = progress["job"], progress["step"], progress["steps"], progress["started"]
+    done = min(1.0, step / steps if steps else 0)
+    elapsed = time.time() - started
+    state |= {
+        "skipped": job.stop_early == "skip",
+        "interrupted": job.stop_early == "interrupt",
+        "job": "img2img" if job.request.img is not None else "txt2img",
+        "job_count": 1,  # A1111 counts pipeline calls; a batch is one
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
+        "sampling_step": step,
+        "sampling_steps": steps,
+    }
+    return {
+        "progress": done,
+        "eta_relative": elapsed / done - elapsed if done else 0,
+        "state": state,
+        "current_image": progress["preview"] if with_image else None,  # the batch's first picture, as A1111 shows
+        "textinfo": f"Step {step}/{steps}" + (f", {job.request.n} pictures" if job.request.n > 1 else ""),
+    }
+
+
+def png_info(data: str) -> dict:
+    """POST /sdapi/v1/png-info: a PNG's parameters text, its other text chunks, and the parameters read apart."""
+    raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=False)
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Exception:  # noqa: BLE001 (any undecodable upload is the client's error)
+        raise ImagineError("image is not a picture that can be read", 422) from None
+    texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    info = texts.pop("parameters", "")
+    return {"info": info, "items": texts, "parameters": parse_parameters(info)}
+
+
+def parse_parameters(text: str) -> dict:
+    """A1111's infotext ("prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler, ...") as a dict of strings."""
+    if not text:
+        return {}
+    lines = text.split("\n")
+    settings = lines.pop() if len(lines) > 1 or re.search(r"\bSteps: ", lines[0]) else ""
+    prompt, neg = [], []
+    for line in lines:
+        if line.startswith("Negative prompt:") or neg:
+            neg.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            prompt.append(line)
+    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg)}
+    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
+        parsed[key] = value
+    if "Size" in parsed:
+        parsed["Size-1"], _, parsed["Size-2"] = parsed["Size"].partition("x")
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# The routes
+# ---------------------------------------------------------------------------------------------
+
+blueprint = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
+
+
+@blueprint.record_once
+def keep_model_hashes(state):
+    state.app.extensions["imagine.hashes"] = ModelHashes()
+
+
+def titles() -> dict:
+    return a1111_titles(current_engine().models, current_app.extensions["imagine.hashes"])
+
+
+def to_error(error: ImagineError) -> dict:
+    return {"error": error.message, "detail": error.message}  # A1111's clients read its errors' detail
+
+
+def to_answer(body: dict, img2img: bool) -> Answer:
+    settings, models = current_settings(), current_engine().models
+    req, understood = a1111_request(body, img2img, lambda checkpoint: a1111_model_name(titles(), checkpoint), settings)
+
+    def whole(job: Job, event: Finished) -> dict:
+        if req.model is not None and not understood["restore_afterwards"]:
+            models.default = req.model  # for this run of the server; --model stays the default after a restart
+        return a1111_answer(body, event, job, understood, titles().get(job.model_key, {}))
+
+    return Answer(req, whole)
+
+
+@blueprint.post("/txt2img")
+def txt2img_route():
+    return respond(lambda: to_answer(read_json_body(), img2img=False))
+
+
+@blueprint.post("/img2img")
+def img2img_route():
+    return respond(lambda: to_answer(read_json_body(), img2img=True))
+
+
+@blueprint.get("/sd-models")
+def models_route():
+    return jsonify([{**listed, "config": None} for listed in titles().values()])
+
+
+@blueprint.get("/options")
+def options_route():
+    models = current_engine().models
+    current = titles().get(models.resolve(None), {})
+    return jsonify(
+        sd_model_checkpoint=current.get("title", models.default),
+        sd_checkpoint_hash=current.get("sha256"),
+        CLIP_stop_at_last_layers=1,
+        sd_checkpoints_limit=current_settings().max_loaded,
+        sd_vae="Automatic",
+        samples_format="png",
+        enable_pnginfo=True,
+        show_progress_every_n_steps=1,
+        live_previews_enable=True,
+    )
+
+
+@blueprint.post("/options")
+def set_options_route():
+    body = read_json_body()
+    if body.get("sd_model_checkpoint") is not None:
+        engine = current_engine()
+        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None))
+        first = next(iter(engine.load_model(name)))
+        if isinstance(first, Failed):
+            raise first.error
+        engine.models.default = name  # for this run of the server; --model stays the default after a restart
+    return jsonify(None)
+
+
+@blueprint.get("/progress")
+def progress_route():
+    skip = request.args.get("skip_current_image", "false").lower() == "true"
+    return jsonify(a1111_progress(current_engine().progress(), not skip))
+
+
+def finish_early(how: str):
+    running = current_engine().running
+    if running is not None:
+        running.finish_early(how)
+
+
+@blueprint.post("/interrupt")
+def interrupt_route():
+    finish_early("interrupt")
+    return jsonify({})
+
+
+@blueprint.post("/skip")
+def skip_route():
+    finish_early("skip")
+    return jsonify(None)
+
+
+@blueprint.get("/samplers")
+def samplers_route():
+    return jsonify([{"name": name, "aliases": [], "options": {}} for name in A1111_SAMPLERS])
+
+
+@blueprint.get("/schedulers")
+def schedulers_route():
+    return jsonify(
+        [
+            {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for name, label in A1111_SCHEDULERS.items()
+        ]
+    )
+
+
+@blueprint.get("/loras")
+def loras_route():
+    return jsonify(
+        [
+            {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
+            for lora in lora_listing(current_settings())
+        ]
+    )
+
+
+@blueprint.get("/embeddings")
+def embeddings_route():
+    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
+    loaded = {
+        name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        for name in files
+    }
+    return jsonify(loaded=loaded, skipped={})
+
+
+@blueprint.get("/upscalers")
+def upscalers_route():
+    # SillyTavern takes the first as "None" and puts the latent modes after it.
+    return jsonify([{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}])
+
+
+for _name in ("sd-vae", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
+    blueprint.add_url_rule(f"/{_name}", f"{_name}_route", lambda: jsonify([]))
+
+
+@blueprint.get("/scripts")
+def scripts_route():
+    return jsonify(txt2img=[], img2img=[])
+
+
+@blueprint.get("/cmd-flags")
+def cmd_flags_route():
+    # Only what a client may know: the models folder and the key are not told.
+    settings = current_settings()
+    return jsonify(api=True, nowebui=True, listen=not is_loopback(settings.host), port=settings.port)
+
+
+@blueprint.post("/png-info")
+def png_info_route():
+    return jsonify(png_info(_text(read_json_body(), "image", "")))

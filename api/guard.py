@@ -1,0 +1,139 @@
+"""Who may talk to the server (Host, Origin, API key, CORS) and what every answer carries (security headers,
+an access-log line); guard(app) puts it in front of every route."""
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+
+from flask import Flask, Response, request
+
+from engine.errors import ImagineError
+from engine.settings import Settings
+
+log = logging.getLogger("imagine")
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """'localhost:5000' -> 'localhost', '[::1]:5000' -> '::1'."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if ":" in host_header else host_header
+
+
+def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
+    """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
+    # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
+    # host name. A server listening on loopback only ever has a local name; anything else is such a page.
+    # The raw header: werkzeug's request.host reads a name it finds invalid ("a_b.evil.com") as empty.
+    host = host_name(request.headers.get("Host", "").strip().lower())
+    if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
+        raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
+    # A browser tells every cross-site request's origin; only the origins the user listed may call.
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(settings, origin) and not is_same_origin(origin):
+        raise ImagineError(f"origin {origin!r} is not allowed; list it in --cors-origins (IMAGINE_CORS_ORIGINS)", 403)
+    # Browsers send no credentials with a CORS preflight, so it is answered before the key is checked.
+    if request.method == "OPTIONS" and origin is not None:
+        return
+    if settings.api_key and needs_key:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
+        # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
+        sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
+        if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
+            sent = basic_password(sent)
+        elif scheme.lower() != "bearer":
+            sent = b""
+        # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
+        if not sent or not hmac.compare_digest(sent, key):
+            raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def basic_password(credentials: bytes) -> bytes:
+    """The password of HTTP Basic credentials (base64 of user:password), or b"" if they are none."""
+    try:
+        return base64.b64decode(credentials, validate=True).partition(b":")[2]
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def origin_allowed(settings: Settings, origin: str) -> bool:
+    return "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins
+
+
+def is_same_origin(origin: str) -> bool:
+    """The web page's own requests: a browser sends Origin with a same-origin POST, and it names this server's
+    address as the Host header does (already checked to be a local name on a loopback server)."""
+    return origin.rstrip("/").lower() == f"{request.scheme}://{request.headers.get('Host', '').strip().lower()}"
+
+
+# On every answer: only this server's own script and style run, the page talks to this server only, and no
+# other site may frame it (clickjacking) or have a browser guess a type from an answer's content.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
+
+
+def log_access(response: Response) -> None:
+    """One line per request, so that the service's journal tells what happened: who asked for what, the
+    status, and for a refusal or failure why. Never the body or the key; every value escaped onto one line."""
+    status = response.status_code
+    reason = ""
+    if status >= 400 and response.is_json:
+        error = (response.get_json(silent=True) or {}).get("error", "")
+        message = error.get("message", "") if isinstance(error, dict) else error  # OpenAI's shape on /v1/
+        reason = " " + json.dumps(str(message), ensure_ascii=False)[:300]
+    path = json.dumps(request.path, ensure_ascii=False)[1:-1][:300]
+    level = logging.INFO if status < 400 else logging.WARNING
+    log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
+
+
+# The page and its files hold no secret: a browser must load them to ask for the key at all.
+KEY_FREE_ENDPOINTS = ("native.index_route", "native.web_file_route")
+
+
+def guard(app: Flask, settings: Settings) -> None:
+    """Checks every request before its route runs, and marks every answer, the errors' included."""
+
+    @app.before_request
+    def who_is_calling():
+        check_who_is_calling(settings, needs_key=request.endpoint not in KEY_FREE_ENDPOINTS)
+        if request.method == "OPTIONS" and request.headers.get("Origin") is not None:
+            return preflight_answer()
+
+    @app.after_request
+    def mark_answer(response):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(settings, origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        response.headers.update(SECURITY_HEADERS)
+        log_access(response)
+        return response
+
+
+def preflight_answer() -> Response:
+    return Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": "Content-Type, Authorization",
+            "Access-Control-Max-Age": "600",
+        },
+    )

@@ -1,0 +1,305 @@
+"""Imagine's own API (/generate and the lists), the web page, and respond(): the one response path that every
+dialect's routes go through."""
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
+
+from engine.engine import Engine, Failed, Finished, Job, Preview
+from engine.errors import ImagineError
+from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.previews import png_base64
+from engine.request import GenerationRequest, parse_request
+from engine.samplers import DEFAULT_SAMPLER, SAMPLERS
+from engine.settings import Settings
+
+log = logging.getLogger("imagine")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # the web page: index.html, its script and style
+# The page's files (flat in web/); anything else under /web/ is a 404, so no path reaches the disk from a URL.
+WEB_FILES = ("index.html", "app.js", "style.css")
+MAX_BODY_BYTES = 64 * 2**20  # a request body; a large input picture as base64 PNG fits
+# What parsing a body may cost: a /generate body is one flat object with a few dozen of the marks that make
+# values ([, { and ,), and two prompts full of them stay far below this. Counting them is cheap; parsing
+# 63 MB of nested empty objects took 1.7 GB.
+MAX_JSON_MARKS = 50_000
+
+blueprint = Blueprint("native", __name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one response path
+# ---------------------------------------------------------------------------------------------
+
+
+def current_engine() -> Engine:
+    return current_app.extensions["imagine.engine"]
+
+
+def current_settings() -> Settings:
+    return current_engine().settings
+
+
+def generation_slots(app) -> threading.BoundedSemaphore:
+    """One slot for each request the engine may hold (running or waiting). A stream keeps its slot until the
+    client has read it or is dropped (SEND_TIMEOUT), so clients that stop reading cannot take the threads that
+    answer everything else: a request past the slots gets its 503 from those. (A single answer is handed to
+    waitress whole, and a thread waits on its reader only past 4 MB unsent, up to SEND_TIMEOUT.)"""
+    return app.extensions["imagine.slots"]
+
+
+@dataclasses.dataclass
+class Answer:
+    """What a dialect made of a request: the request for the engine, and how the engine's events become the
+    dialect's answer: whole, as JSON, or streamed, as chunks of text."""
+
+    request: GenerationRequest
+    whole: Callable[[Job, Finished], dict]
+    chunks: Callable[[Job, object], Iterable[str]] | None = None  # a stream: the text each event becomes
+    error_chunk: Callable[[ImagineError], str] | None = None  # a stream: how a failure ends it
+    mimetype: str = "application/x-ndjson"
+    default_if_unknown: bool = False  # a model name the server lacks gets the default (OpenAI's clients send dall-e-3)
+
+
+def respond(translate: Callable[[], Answer]) -> Response:
+    """The answer to a generation in any dialect. In a generation slot, `translate()` reads and checks the request;
+    the engine queues it; once its model is loaded (or failed to load), while the status is still ours to set, the
+    answer streams or comes whole. A client that leaves cancels its job (see stream_body)."""
+    slots = generation_slots(current_app)
+    if not slots.acquire(blocking=False):
+        raise current_engine().busy()
+    try:
+        answer = translate()
+        client_gone = request.environ.get("waitress.client_disconnected")
+        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown)
+        events = iter(job)
+        first = next(events)
+        if isinstance(first, Failed):
+            raise first.error
+        if answer.chunks is not None:
+            body = release_after(stream_body(job, events, answer), slots.release)
+            return Response(body, mimetype=answer.mimetype)
+        response = jsonify(answer.whole(job, last_event(events)))
+    except BaseException:
+        slots.release()
+        raise
+    slots.release()
+    return response
+
+
+def last_event(events) -> Finished:
+    for event in events:
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Finished):
+            return event
+    raise ImagineError("the generation ended without a picture", 500)
+
+
+def stream_body(job: Job, events, answer: Answer):
+    """A stream's chunks, event by event. The server closes this generator when the client leaves; the job then
+    stops before its next step."""
+    try:
+        for event in events:
+            if isinstance(event, Failed):
+                yield answer.error_chunk(event.error)
+            else:
+                yield from answer.chunks(job, event)
+    except Exception:  # the status line is sent: a failure can only be told as the stream's last chunk
+        log.exception("the stream failed")
+        yield answer.error_chunk(ImagineError("internal error; the server log has the details", 500))
+    finally:
+        job.cancel(ImagineError("the client disconnected", 499))
+
+
+def release_after(chunks, release):
+    """A body's chunks, then `release()`: once all are sent, or once the server gives up on the client."""
+    try:
+        yield from chunks
+    finally:
+        release()
+
+
+def read_json_body() -> dict:
+    if not request.is_json:
+        raise ImagineError("send a JSON body with Content-Type: application/json", 415)
+    body = parse_json(request.get_data(cache=False))
+    if not isinstance(body, dict):
+        raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}')
+    return body
+
+
+def parse_json(raw: bytes):
+    """The parsed body, or None if it is not JSON; one that would cost too much to parse is refused unparsed."""
+    marks = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if marks > MAX_JSON_MARKS:
+        raise ImagineError(f"the body has {marks} brackets and commas; at most {MAX_JSON_MARKS} are accepted")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ImagineError("the body's JSON is nested too deeply") from None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Imagine's own dialect: the translator
+# ---------------------------------------------------------------------------------------------
+
+
+def to_answer(body: dict, settings: Settings) -> Answer:
+    """A /generate body as the engine's request, answered as one JSON object or, with `stream`, as NDJSON lines."""
+    req = parse_request(body, settings.max_size, settings.max_batch)
+    if not req.stream:
+        return Answer(req, to_whole)
+    return Answer(req, to_whole, to_lines, error_line)
+
+
+def to_whole(job: Job, event: Finished) -> dict:
+    images = [png_base64(image, parameters) for image, parameters in event.pictures]
+    return {
+        "img": images[0],
+        "images": images,
+        "seeds": event.seeds,
+        "seed": event.seed,
+        "model": event.model,
+        "width": event.image.width,
+        "height": event.image.height,
+        "steps": event.steps,
+        "seconds": event.seconds,
+    }
+
+
+def to_lines(job: Job, event) -> list:
+    """The NDJSON lines of one event: a preview every `stream` steps, then the finished picture."""
+    if isinstance(event, Preview):
+        # Previews favour speed: the lowest PNG compression, still lossless.
+        preview = png_base64(event.image, compress_level=1)
+        step = {"step": event.step, "steps": event.steps, "index": event.index}
+        return [ndjson({"img": preview, **step, "seed": job.request.seed + event.index, "done": False})]
+    if isinstance(event, Finished):
+        return [ndjson({**to_whole(job, event), "done": True})]
+    return []
+
+
+def error_line(error: ImagineError) -> str:
+    return ndjson({"error": error.message, "done": True})
+
+
+def to_error(error: ImagineError) -> dict:
+    return {"error": error.message}
+
+
+def ndjson(fields: dict) -> str:
+    return json.dumps(fields) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The routes
+# ---------------------------------------------------------------------------------------------
+
+ENDPOINTS = {
+    "name": "Imagine, a local Stable Diffusion server",
+    "endpoints": {
+        "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
+        "GET /samplers": "the sampler names /generate accepts",
+        "GET /models": "the models in the models folders, with their family and whether they are loaded",
+        "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
+        "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
+        "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
+        "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
+        "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
+        "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
+        "GET /v1/models": "OpenAI's model list: the models /v1/images/* accept",
+        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (README: Use it from other programs)",
+        "POST /sdapi/v1/img2img": "AUTOMATIC1111's img2img and inpainting (init_images, mask)",
+        "GET /sdapi/v1/sd-models": "the models, titled as AUTOMATIC1111 does (name.safetensors [hash])",
+        "GET /sdapi/v1/options": "the current model (sd_model_checkpoint) and a few settings",
+        "POST /sdapi/v1/options": "sd_model_checkpoint switches the default model, answering once it is loaded",
+        "GET /sdapi/v1/progress": "the running generation's progress and latest preview",
+        "POST /sdapi/v1/interrupt": "ends the running generation now with the picture as far as it got",
+        "POST /sdapi/v1/skip": "ends the picture being drawn now; the batch goes on",
+        "GET /sdapi/v1/samplers": "AUTOMATIC1111's sampler names that Imagine draws with",
+        "GET /sdapi/v1/schedulers": "Automatic and Karras",
+        "GET /sdapi/v1/loras": "the LoRAs, as AUTOMATIC1111 lists them",
+        "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
+        "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
+        "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
+        "GET /sdapi/v1/latent-upscale-modes": "empty",
+        "GET /sdapi/v1/face-restorers": "empty",
+        "GET /sdapi/v1/prompt-styles": "empty",
+        "GET /sdapi/v1/hypernetworks": "empty",
+        "GET /sdapi/v1/scripts": "none",
+        "GET /sdapi/v1/cmd-flags": "the few server flags a client may know",
+        "POST /sdapi/v1/png-info": "the generation parameters stored in a PNG",
+        "GET /": "the web page for a browser (Accept: text/html), this list for anything else",
+        "GET /web/<name>": "the web page's script and style",
+    },
+    "readme": "README.md beside imagine.py: every field, setting and example",
+}
+
+
+@blueprint.post("/generate")
+def generate_route():
+    return respond(lambda: to_answer(read_json_body(), current_settings()))
+
+
+@blueprint.get("/samplers")
+def samplers_route():
+    return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
+
+
+@blueprint.get("/")
+def index_route():
+    """What someone who opens the server's address finds: the web page in a browser; for an API client,
+    what the server answers and where it is explained."""
+    response = jsonify(ENDPOINTS) if current_settings().no_web or not wants_html() else send_web_file("index.html")
+    response.vary.add("Accept")  # one address, two answers: caches must keep them apart
+    return response
+
+
+@blueprint.get("/web/<name>")
+def web_file_route(name):
+    if current_settings().no_web or name not in WEB_FILES:
+        raise ImagineError(f"no such file: {name!r}", 404)
+    return send_web_file(name)
+
+
+def wants_html() -> bool:
+    """A browser asks for text/html first; curl (*/*) and API clients (application/json) get the JSON."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+def send_web_file(name: str) -> Response:
+    return send_from_directory(WEB_DIR, name, max_age=0)
+
+
+@blueprint.get("/models")
+def models_route():
+    models = current_engine().models
+    return jsonify(models=models.listing(), default=models.default)
+
+
+@blueprint.get("/health")
+def health_route():
+    # For load balancers: it reads a few fields and never waits for the engine, so it answers mid-generation.
+    engine = current_engine()
+    loaded = [model.name for model in list(engine.models.loaded.values())]
+    running = engine.running is not None
+    return jsonify(status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running)
+
+
+@blueprint.get("/loras")
+def loras_route():
+    return jsonify(loras=lora_listing(current_settings()))
+
+
+@blueprint.get("/embeddings")
+def embeddings_route():
+    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
+    return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])

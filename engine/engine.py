@@ -1,0 +1,294 @@
+"""The engine: a queue of jobs, run one at a time on one thread, each telling its progress as events."""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.devices import pick_device, pick_dtype
+from engine.errors import Cancelled, ImagineError
+from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
+from engine.models import Models, cancel_check
+from engine.pipeline import generate, preview_image
+from engine.previews import png_base64
+from engine.prompts import prompt_embeddings
+from engine.request import MAX_SEED, GenerationRequest, generation_parameters
+from engine.settings import CONFIGS_DIR, Settings
+
+log = logging.getLogger("imagine")
+
+
+@dataclasses.dataclass
+class Started:
+    """The model is loaded and the generation has begun."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """A denoising step is done (every step; previews come only every `stream` steps)."""
+
+    step: int
+    steps: int
+
+
+@dataclasses.dataclass
+class Preview:
+    step: int
+    steps: int
+    image: Image.Image
+    index: int = 0  # which picture of a batch
+
+
+@dataclasses.dataclass
+class Finished:
+    image: Image.Image
+    parameters: str  # the settings, as stored in the PNG (see generation_parameters)
+    seed: int
+    model: str
+    steps: int
+    seconds: float
+    pictures: list = dataclasses.field(default_factory=list)  # every picture of the batch as (image, parameters)
+    seeds: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Failed:
+    error: ImagineError
+
+
+class Job:
+    """One accepted request; the engine reports its progress as events the caller iterates over."""
+
+    def __init__(self, request: GenerationRequest, model_key: str, client_gone=None, load_only: bool = False):
+        self.request = request
+        self.model_key = model_key
+        self.load_only = load_only  # only load the model (Engine.load_model): its one event is Started
+        self.events = queue.Queue()
+        self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
+        self.cancel_reason = None
+        # Where it stands, for Engine.progress(), which builds a report only when asked.
+        self.started = None  # time.time() when its generation began
+        self.step, self.steps = 0, 0
+        self.latents = None  # the latest latents a preview shows (one per picture), with the model that draws them
+        self.model = None
+        self.preview = (None, None)  # (latents, base64 PNG): the progress preview, built once per step
+        self.stop_early = None  # how it was asked to finish early: "interrupt" or "skip"
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    def cancel(self, reason: ImagineError) -> None:
+        """Stops the job before its next step, or before it starts; `reason` is what its client is told."""
+        self.cancel_reason = reason
+
+    def finish_early(self, how: str) -> None:
+        """Ends the pictures at their next step, keeping them as far as they got (AUTOMATIC1111's interrupt and
+        skip, which are one here: a batch is drawn in one call, and A1111's skip ends the call being drawn)."""
+        self.stop_early = how
+
+    def cancelled(self) -> bool:
+        if self.cancel_reason is None and self.client_gone is not None and self.client_gone():
+            self.cancel_reason = ImagineError("the client disconnected", 499)
+        return self.cancel_reason is not None
+
+
+class Engine:
+    """Owns the models and runs every generation, one at a time, on one long-lived thread.
+
+    One at a time because a device runs one generation well and two badly. One long-lived thread
+    because the same diffusers call measured 1.17x slower on a freshly started thread than on the
+    process's main thread (2-core CPU, SD1.5 at 256x256), and a prototype that started a thread per
+    request measured 1.45x; main() therefore runs the engine on the main thread.
+
+    `generate` draws the pictures (pipeline.generate); tests hand in another to hold or fail a generation.
+    """
+
+    def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR, generate=generate):
+        self.settings = settings
+        self.generate = generate
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.fp_prec, self.device)
+        self.models = Models(settings, self.device, self.dtype, configs_dir)
+        self.jobs = queue.Queue()
+        self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
+        self.stopping = False
+        self.running = None  # the job generating now
+        self.unfinished = 0  # jobs accepted and not yet done: the running one and those waiting
+        self.last_seconds = 1.0  # how long the last generation took, for Retry-After
+
+    def submit(self, req: GenerationRequest, client_gone=None, default_if_unknown: bool = False) -> Job:
+        """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work.
+        With `default_if_unknown`, a model name the folders lack is drawn by the default model instead."""
+        key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
+        job = Job(req, key, client_gone)
+        for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
+            find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
+        if req.seed is None:
+            job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
+        return self.queue(job)
+
+    def load_model(self, name: str) -> Job:
+        """Queues the loading of a model: the job's one event says it is loaded (Started) or why not (Failed)."""
+        return self.queue(Job(GenerationRequest(prompt="", model=name), self.models.resolve(name), load_only=True))
+
+    def queue(self, job: Job) -> Job:
+        with self.accepting:
+            if self.stopping:
+                raise ImagineError("the server is shutting down", 503)
+            if self.unfinished > self.settings.max_queue:  # one runs and max_queue wait: no room
+                raise self.busy()
+            self.unfinished += 1
+            self.jobs.put(job)
+        return job
+
+    def busy(self) -> ImagineError:
+        """The 503 for a request that finds no room."""
+        # Every waiting job and the running one are ahead: a rough but honest estimate.
+        retry_after = max(1, math.ceil(self.last_seconds * max(self.unfinished, 1)))
+        waiting = max(self.unfinished - 1, 0)
+        return ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
+
+    def progress(self) -> dict | None:
+        """Where the running generation stands, or None while none runs: the one source of progress for anyone
+        who polls. Its preview (the first picture's, in the request's `preview` kind) is built at most once per
+        step however often it is asked for."""
+        job = self.running
+        if job is None or job.started is None:
+            return None
+        latents, model = job.latents, job.model
+        if latents is not None and job.preview[0] is not latents:
+            image = preview_image(model, job.request, latents[:1])
+            job.preview = (latents, png_base64(image, None, compress_level=1))
+        return {"job": job, "step": job.step, "steps": job.steps, "started": job.started, "preview": job.preview[1]}
+
+    def run_forever(self) -> None:
+        """Runs jobs until stop() is called."""
+        while (job := self.next_job()) is not None:
+            try:
+                self.run(job)
+            finally:
+                with self.accepting:
+                    self.unfinished -= 1
+
+    def next_job(self) -> Job | None:
+        """Waits for the next job (None: stop) in slices of a second. The kernel may hand a signal for the process
+        (SIGTERM) to any of its threads, and Python runs its handler only once the main thread runs; a wait without
+        end would leave main()'s SIGTERM unheard until the next request came."""
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self.jobs.get(timeout=1)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="imagine-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Cancels the running job and every waiting one, telling their clients, then ends run_forever."""
+        shutting_down = ImagineError("the server is shutting down", 503)
+        with self.accepting:
+            self.stopping = True
+            if self.running is not None:
+                self.running.cancel(shutting_down)
+            while not self.jobs.empty():
+                self.jobs.get_nowait().events.put(Failed(shutting_down))
+            self.jobs.put(None)
+
+    def run(self, job: Job) -> None:
+        """Runs one job and ends it with its last event (Finished or Failed), whatever happens inside."""
+        if job.cancelled():  # its client left while it waited
+            log.info("dropped a request: %s", job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+            return
+        self.running = job
+        token = cancel_check.set(job.cancelled)  # what the cancel points inside every layer ask
+        try:
+            job.events.put(self.draw(job))
+        except Cancelled:
+            log.info("stopped after step %d: %s", job.step, job.cancel_reason.message)
+            job.events.put(Failed(job.cancel_reason))
+        except ImagineError as error:
+            job.events.put(Failed(error))
+        except torch.OutOfMemoryError:
+            # As ComfyUI does: give the memory back by unloading every model; the next request reloads one.
+            log.exception("out of memory; unloading every model")
+            for key in list(self.models.loaded):
+                self.models.unload(key)
+            job.events.put(Failed(ImagineError("the device ran out of memory; try a smaller picture", 500)))
+        except Exception as error:  # the server must outlive any failure inside a generation
+            log.exception("generation failed")
+            job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
+        finally:
+            cancel_check.reset(token)
+            self.running = None
+
+    def draw(self, job: Job):
+        """The job's recipe; returns its last event (Started for a load job, else Finished)."""
+        started = time.perf_counter()
+        # 1. Load the model (or find it loaded); a load job ends here.
+        model = self.models.get(job.model_key)
+        if job.load_only:
+            return Started()
+        # 2. Fill in the sizes the request left out: the family's own, within --max-size.
+        size = min(model.family.default_size, self.settings.max_size)
+        req = job.request = dataclasses.replace(
+            job.request, width=job.request.width or size, height=job.request.height or size
+        )
+        log.info(
+            "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
+            req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+        )  # fmt: skip
+        # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
+        lora_hashes = use_loras(self.settings, model, req.loras)
+        prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
+        embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
+        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes).
+        with torch.inference_mode():
+            conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
+        job.events.put(Started())
+        job.started, job.model = time.time(), model
+        # 5. Draw the batch in one pipeline call, on CPUs too: there 2 pictures at 512x512 took 65 s together
+        # against 70 s one by one (docs/performance.md, Batches), in the same peak memory.
+        each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
+        images = self.generate(model, req, self.step_reporter(job, model, each), conditioning)
+        # 6. Each picture with its settings, as its PNG will carry them.
+        pictures = [
+            (image, generation_parameters(picture, model.name, lora_hashes))
+            for image, picture in zip(images, each, strict=True)
+        ]
+        seconds = time.perf_counter() - started
+        self.last_seconds = seconds
+        log.info("generated in %.1f s (seed %d)", seconds, req.seed)
+        seeds = [req.seed + index for index in range(len(pictures))]
+        image, parameters = pictures[0]
+        return Finished(image, parameters, req.seed, model.name, job.step, round(seconds, 3), pictures, seeds)
+
+    def step_reporter(self, job: Job, model, each: list):
+        """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,
+        a Preview of each picture; it stops a cancelled job and says when one should finish early."""
+        req = job.request
+
+        def on_step(step, steps, latents):
+            if job.cancelled():
+                raise Cancelled
+            job.step, job.steps, job.latents = step, steps, latents
+            job.events.put(Progress(step, steps))
+            if req.stream and step % req.stream == 0 and step < steps:
+                for index, picture in enumerate(each):
+                    preview = preview_image(model, picture, latents[index : index + 1])
+                    job.events.put(Preview(step, steps, preview, index))
+            return job.stop_early is not None
+
+        return on_step

@@ -1,0 +1,110 @@
+"""The models folders: names a request may use, how they are found, walked and listed."""
+
+import os
+from pathlib import Path
+
+from engine.errors import ImagineError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def real_path(path: Path) -> Path | None:
+    """Where a path leads once links are followed, or None if nothing is there (or the name cannot be a path)."""
+    try:
+        return path.resolve() if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # a name too long, a link loop
+        return None
+
+
+def model_folders(models_dir: Path | str) -> list[Path]:
+    """The models folders of the setting, in search order: several are joined by os.pathsep, as in PATH."""
+    return [Path(part).expanduser().absolute() for part in str(models_dir).split(os.pathsep) if part]
+
+
+def check_model_name(name: str, field: str = "model") -> None:
+    """A name from the network may only walk down the models folders: links inside them are the owner's
+    business and are followed, but the name itself may not climb out or smuggle in another path syntax."""
+    if "\0" in name:
+        raise ImagineError(f"{field} must not contain a NUL byte")
+    if "\\" in name:
+        raise ImagineError(f"{field} {name!r} must not contain a backslash; separate folders with /")
+    if ".." in Path(name).parts:
+        raise ImagineError(f"{field} {name!r} must not contain '..'; name a model inside the models folders", 403)
+
+
+def relative_to_folders(name: str, folders: list[Path]) -> str:
+    """A request's name relative to the models folders: an absolute name must lie, as written, inside one."""
+    path = Path(name)
+    if not path.is_absolute():
+        return name
+    for folder in folders:
+        for root in (folder, real_path(folder)):
+            if root is not None and path.is_relative_to(root) and path != root:
+                return str(path.relative_to(root))
+    raise ImagineError(
+        f"model {name!r} is outside the models folders; add its folder to --models-dir (IMAGINE_MODELS_DIR)", 403
+    )
+
+
+def find_in_folders(folders: list[Path], name: str, suffixes: tuple = ()) -> Path | None:
+    """The first entry `name` (or `name` plus one of `suffixes`) in the folders, searched in order, links followed.
+
+    Returns the path as found (not resolved), or None. Meant for any kind of file under the models folders:
+    checkpoints here, `loras/` or `embeddings/` entries with their own sub-folder prefixed to `name`."""
+    for folder in folders:
+        entry = folder / name
+        for candidate in (entry, *(entry.with_name(entry.name + suffix) for suffix in suffixes)):
+            if real_path(candidate) is not None:
+                return candidate
+    return None
+
+
+def walk_folders(folders: list[Path], skip: tuple = ()):
+    """Every file and folder under the models folders as (name relative to its folder, path), links followed,
+    each real folder entered once (a link loop ends there), top-level sub-folders in `skip` left out."""
+    entered = set()
+    for folder in folders:
+        for directory, subdirs, files in os.walk(folder, followlinks=True):
+            try:
+                real = os.stat(directory)
+            except OSError:
+                subdirs[:] = []
+                continue
+            if (real.st_dev, real.st_ino) in entered:
+                subdirs[:] = []
+                continue
+            entered.add((real.st_dev, real.st_ino))
+            relative = Path(directory).relative_to(folder)
+            if relative == Path():
+                subdirs[:] = [d for d in subdirs if d not in skip]
+            entries = sorted(subdirs) + sorted(files)
+            # A diffusers folder is one model: its parts (unet/, vae/...) are not entries of their own.
+            subdirs[:] = sorted(d for d in subdirs if not (Path(directory, d, "model_index.json")).is_file())
+            for entry in entries:
+                yield (relative / entry).as_posix(), Path(directory) / entry
+
+
+def is_repo_id(name: str) -> bool:
+    """'owner/repo', as the Hugging Face hub names models; never a path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(part and part not in (".", "..") and part.strip() == part for part in parts)
+
+
+NOT_CHECKPOINTS = ("loras", "embeddings")  # sub-folders of a models folder that hold other kinds of files
+
+
+def is_model_entry(path: Path, real: Path) -> bool:
+    """A checkpoint file or a diffusers pipeline folder."""
+    if real.is_dir():
+        return (real / "model_index.json").is_file()
+    return path.suffix in CHECKPOINT_SUFFIXES
+
+
+def model_name(folders: list[Path], relative: str, real: Path) -> str | None:
+    """The shortest name that a request can pass to reach this entry: without its suffix where that is unambiguous."""
+    short = relative.removesuffix(Path(relative).suffix) if Path(relative).suffix in CHECKPOINT_SUFFIXES else None
+    for name in (short, relative):
+        found = name and find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
+        if found and real_path(found) == real:
+            return name
+    return None

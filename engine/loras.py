@@ -1,0 +1,235 @@
+"""LoRA and embedding files beside the models: found, read, loaded once per model, switched per request."""
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import ImagineError
+from engine.families import FAMILIES, refuse_pickles_that_could_run
+from engine.folders import find_in_folders, model_folders, real_path, walk_folders
+from engine.models import LoadedModel
+from engine.settings import Settings
+
+log = logging.getLogger("imagine")
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt")
+
+
+MAX_LORA_WEIGHT = 5.0
+
+
+MAX_LORAS_KEPT = 8  # adapters kept loaded per model; the least recently used is deleted first
+
+
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def extra_folders(settings: Settings, kind: str) -> list:
+    """Where `loras` or `embeddings` live: that sub-folder of every models folder, in search order."""
+    return [folder / kind for folder in model_folders(settings.models_dir)]
+
+
+def list_files(settings: Settings, kind: str, suffixes: tuple) -> dict:
+    """name -> path of every file of `kind` (a name is the path below its folder, without the suffix), links
+    followed as for models; the first folder wins where two hold the same name."""
+    found = {}
+    for name, path in walk_folders(extra_folders(settings, kind)):
+        if path.suffix in suffixes and path.is_file():
+            found.setdefault(name.removesuffix(path.suffix), path)
+    return found
+
+
+def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tuple) -> Path:
+    """A file of `kind` by a name from the network: as for models, the name may only walk down the folders."""
+    if "\0" in name or not name.strip():
+        raise ImagineError(f"{what} name {name!r} is not a file name")
+    if "\\" in name or ".." in Path(name).parts:
+        raise ImagineError(f"{what} {name!r} is outside the {kind} folder", 403)
+    found = None if Path(name).is_absolute() else find_in_folders(extra_folders(settings, kind), name, suffixes)
+    real = found and real_path(found)
+    if not real or not real.is_file() or found.suffix not in suffixes:
+        raise ImagineError(f"{what} {name!r} not found in the {kind} folder")
+    return real
+
+
+def read_tensors(path: Path, what: str) -> tuple:
+    """(tensors, metadata) of a .safetensors file, or of a .pt/.ckpt read with torch.load(weights_only=True);
+    a file that cannot be read is refused naming `what` (e.g. "lora 'add_detail'")."""
+    if path.suffix != ".safetensors":
+        refuse_pickles_that_could_run(path.with_suffix(".ckpt"))  # .pt too: the same pickle
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                names = f.keys()  # safe_open is not iterable
+                return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as error:  # a truncated download, or a pickle holding more than tensors
+        raise ImagineError(f"{what} cannot be read ({type(error).__name__})") from error
+
+
+def lora_family(keys, metadata: dict) -> str | None:
+    """The family a LoRA file was trained for, from kohya's metadata or its key layout; None if it does not say."""
+    base = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
+    if "xl" in base:
+        return "sdxl"
+    if base.startswith(("sd_v2", "stable-diffusion-v2")) or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if base.startswith(("sd_v1", "stable-diffusion-v1")):
+        return "sd1"
+    sdxl_keys = ("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks", "text_encoder_2.")
+    if any(key.startswith(sdxl_keys) for key in keys):
+        return "sdxl"
+    return None
+
+
+def lora_listing(settings: Settings) -> list:
+    listing = []
+    for name, path in list_files(settings, "loras", LORA_SUFFIXES).items():
+        family = None
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    family = lora_family(f.keys(), f.metadata() or {})
+            except Exception:  # a broken file is listed; using it gets a 400 that says why
+                family = None
+        listing.append({"name": name, "size": path.stat().st_size, "family": family})
+    return listing
+
+
+def lora_tags(prompt: str) -> list:
+    """The (name, weight) of each `<lora:name:weight>` in a prompt; the weight may be left out (1.0)."""
+    found = []
+    for tag in LORA_TAG.findall(prompt):
+        name, _, weight = tag.partition(":")
+        try:
+            found.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ImagineError(f"<lora:{tag}> must be <lora:name> or <lora:name:weight>, weight a number") from None
+    return found
+
+
+def without_lora_tags(prompt: str) -> str:
+    return LORA_TAG.sub("", prompt)
+
+
+def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
+    """The adapter name of LoRA `name` on `model`, loaded on first use and kept (MAX_LORAS_KEPT per model).
+
+    A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
+    """
+    path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
+    key = str(path)
+    if key in model.loras:
+        model.loras.move_to_end(key)
+        return model.loras[key]
+    tensors, metadata = read_tensors(path, f"lora {name!r}")
+    if any("hada_" in key or "lokr_" in key for key in tensors):
+        raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
+    family, wanted = lora_family(tensors, metadata), model.family.group
+    if family is not None and family != wanted:
+        raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
+    if len(model.loras) >= MAX_LORAS_KEPT:
+        evicted = model.loras.popitem(last=False)[1]
+        model.txt2img.delete_adapters(evicted)
+        del model.lora_hashes[evicted]
+    adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
+    pipe = model.txt2img
+    try:
+        pipe.load_lora_weights(tensors, adapter_name=adapter)
+        if not any(adapter in names for names in pipe.get_list_adapters().values()):
+            raise ValueError("none of its layers is in this model")
+    except Exception as error:
+        if any(adapter in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(adapter)
+        reason = lora_error_reason(error)
+        raise ImagineError(f"lora {name!r} does not fit this model ({model.family.label}): {reason}") from error
+    log.info("loaded lora %s", name)
+    model.loras[key] = adapter
+    model.lora_hashes[adapter] = lora_short_hash(path, metadata)
+    return adapter
+
+
+def lora_short_hash(path: Path, metadata: dict) -> str:
+    """AUTOMATIC1111's short hash of a LoRA file, for the `Lora hashes` of a picture's parameters: the file's own
+    `sshs_model_hash` where it has one, else the sha256 of what follows a .safetensors header (kohya's addnet hash;
+    of the whole file for others), 12 hex digits. Once per load: 0.05-0.15 s for a 69 MB file."""
+    if metadata.get("sshs_model_hash"):
+        return metadata["sshs_model_hash"][:12]
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        if path.suffix == ".safetensors":
+            file.seek(8 + int.from_bytes(file.read(8), "little"))
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def lora_error_reason(error: Exception) -> str:
+    """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
+    message = str(error)
+    if "size mismatch" in message:
+        return "its layers have other sizes than this model's"
+    if "not found in the base model" in message or "none of its layers" in message:
+        return "none of its layers is in this model"
+    return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__
+
+
+def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
+    """Switches the model's adapters to exactly the request's LoRAs at their weights (none: all off), and returns
+    their short hashes by name for the picture's parameters."""
+    adapters = [(load_lora(settings, model, name), weight) for name, weight in loras]
+    active = [(adapter, weight) for adapter, weight in adapters if weight != 0]
+    pipe = model.txt2img
+    if not active:
+        if model.loras:
+            pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        names, weights = zip(*active, strict=True)
+        pipe.set_adapters(list(names), list(weights))
+    return {name: model.lora_hashes[adapter] for (name, _), (adapter, _) in zip(loras, adapters, strict=True)}
+
+
+def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
+    """An embedding file's vectors for each of the model's text encoders ('clip_l', and 'clip_g' for SDXL),
+    in the layouts AUTOMATIC1111 reads: `emb_params`, `string_to_param`, a single tensor, or clip_l/clip_g."""
+    tensors, _ = read_tensors(path, f"embedding {name!r}")
+    pipe = model.txt2img
+    encoders = {"clip_l": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders["clip_g"] = pipe.text_encoder_2
+    if "clip_g" in tensors and len(encoders) == 1:
+        raise ImagineError(f"embedding {name!r} is for SDXL; the model is {model.family.label}")
+    if "string_to_param" in tensors:
+        tensors = tensors["string_to_param"]
+    if len(encoders) == 1 and "clip_l" not in tensors:
+        single = [value for value in tensors.values() if isinstance(value, torch.Tensor)]
+        tensors = {"clip_l": single[0]} if len(single) == 1 else {}
+    vectors = {}
+    for key, encoder in encoders.items():
+        vector = tensors.get(key)
+        width = encoder.get_input_embeddings().embedding_dim
+        if not isinstance(vector, torch.Tensor) or vector.shape[-1] != width:
+            raise ImagineError(f"embedding {name!r} does not fit this model ({model.family.label})")
+        vectors[key] = vector.reshape(-1, width).to(encoder.device, encoder.dtype)
+    return vectors
+
+
+def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str) -> dict:
+    """The vectors of every embedding whose name the texts use as a word, each file read once per model."""
+    files = {name.lower(): path for name, path in list_files(settings, "embeddings", EMBEDDING_SUFFIXES).items()}
+    used = {}
+    for name, path in files.items():
+        if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
+            if name not in model.embeddings:
+                model.embeddings[name] = embedding_vectors(name, path, model)
+            used[name] = model.embeddings[name]
+    return used

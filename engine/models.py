@@ -1,0 +1,366 @@
+"""Loaded models: name resolution, loading offline, the cache of the most recently used, cancel points,
+and the tiny demo model."""
+
+import collections
+import contextvars
+import dataclasses
+import gc
+import itertools
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from engine.errors import Cancelled, ImagineError
+from engine.families import (
+    FAMILIES,
+    INPAINT_FAMILIES,
+    Family,
+    detect_family,
+    folder_family,
+    read_checkpoint_keys,
+    refuse_pickles_that_could_run,
+    sd2_family,
+    unet_input_channels,
+)
+from engine.folders import (
+    CHECKPOINT_SUFFIXES,
+    NOT_CHECKPOINTS,
+    check_model_name,
+    find_in_folders,
+    is_model_entry,
+    is_repo_id,
+    model_folders,
+    model_name,
+    real_path,
+    relative_to_folders,
+    walk_folders,
+)
+from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
+
+log = logging.getLogger("imagine")
+
+# The log reports loads and generations; the libraries' progress bars (one per LoRA's text-encoder weights)
+# and notices (torchsde's float rounding; peft's when a second LoRA joins, which is what Imagine wants) say
+# nothing actionable to someone running a server. Real errors still reach the log.
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
+warnings.filterwarnings("ignore", message="Already found a `peft_config`", module="peft")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    family: Family
+    txt2img: DiffusionPipeline
+    img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
+    scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
+    schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
+    inpaint: DiffusionPipeline = None  # built from txt2img's modules too
+    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
+    lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
+    adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
+
+
+class Models:
+    """Finds models by name, loads them once, and keeps the `max_loaded` most recently used."""
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype, configs_dir: Path = CONFIGS_DIR):
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype
+        self.configs_dir = configs_dir
+        self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
+        self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
+        self.fallen_back = set()  # the names resolve_or_default has logged as drawn by the default
+        self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
+
+    def resolve(self, name: str | None) -> str:
+        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
+
+        The name comes from the network, so it may only name entries of the models folders (see
+        check_model_name); links inside them are followed. Only the configured default model may live elsewhere.
+        """
+        configured = name is None or name == self.default
+        name = self.default if name is None else name
+        if name == DEMO_MODEL:
+            return DEMO_MODEL
+        folders = model_folders(self.settings.models_dir)
+        if configured:
+            found = find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
+            found = found or find_in_folders([Path.cwd()], str(Path(name).expanduser()), CHECKPOINT_SUFFIXES)
+        else:
+            check_model_name(name)
+            found = find_in_folders(folders, relative_to_folders(name, folders), CHECKPOINT_SUFFIXES)
+        if found is not None:
+            real = real_path(found)
+            if real is not None and (real.is_dir() or (real.is_file() and found.suffix in CHECKPOINT_SUFFIXES)):
+                return str(real)
+            raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
+        if self.settings.allow_downloads and is_repo_id(name):
+            return name
+        raise ImagineError(
+            f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
+            "GET /models lists the models there, and 'demo' is always there",
+            404,
+        )
+
+    def resolve_or_default(self, name: str | None) -> str:
+        """resolve(), with the default model for a name the folders lack (clients of OpenAI's API send dall-e-3)."""
+        try:
+            return self.resolve(name)
+        except ImagineError as error:
+            if error.status != 404:
+                raise
+        if name not in self.fallen_back:
+            self.fallen_back.add(name)
+            log.info("model %r is not here; the default model %r draws instead", name, self.default)
+        return self.resolve(None)
+
+    def listing(self) -> list[dict]:
+        """Every model a request can name, in the order the folders are searched: single files and diffusers
+        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
+        folders = model_folders(self.settings.models_dir)
+        listed = []
+        for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
+            real = real_path(path)
+            if real is None or not is_model_entry(path, real):
+                continue
+            name = model_name(folders, relative, real)
+            if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
+                continue
+            try:
+                described = self.describe(real)
+            except OSError as error:  # e.g. a folder inside it that this server's user may not read
+                described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
+            listed.append({"name": name, **described, "loaded": str(real) in self.loaded})
+        return listed
+
+    def describe(self, real: Path) -> dict:
+        """Family, size and date of a model file or folder; the family is cached by path, size and date."""
+        stat = real.stat()
+        size = stat.st_size if real.is_file() else sum(f.stat().st_size for f in real.rglob("*") if f.is_file())
+        key = (str(real), stat.st_size, stat.st_mtime_ns)
+        if key not in self.family_cache:
+            try:
+                self.family_cache[key] = {"family": self.family_of(str(real)).name}
+            except ImagineError as error:
+                self.family_cache[key] = {"family": None, "error": error.message}
+            except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
+                self.family_cache[key] = {"family": None, "error": f"cannot be read ({type(error).__name__})"}
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
+        return {**self.family_cache[key], "size": size, "modified": modified}
+
+    def get(self, key: str) -> LoadedModel:
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        # Check the model before unloading another for it: a request for a file that cannot load
+        # must not cost the next request a reload of the model it evicted.
+        family = self.family_of(key)
+        evicted = []
+        while len(self.loaded) >= self.settings.max_loaded:
+            evicted.append(next(iter(self.loaded)))
+            self.unload(evicted[-1])
+        started = time.perf_counter()
+        try:
+            model = self.load_or_refuse(key, family)
+        except ImagineError:
+            # The memory is freed before loading (two large models may not fit), so a model that fails
+            # to load puts back the ones it evicted: the next request finds them as they were.
+            for each in evicted:
+                self.reload(each)
+            raise
+        log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
+        self.loaded[key] = model
+        return model
+
+    def load_or_refuse(self, key: str, family: Family) -> LoadedModel:
+        """load(), with a model whose files are missing or damaged refused in words that name no server path."""
+        try:
+            return self.load(key, family)
+        except (ImagineError, torch.OutOfMemoryError):
+            raise
+        except Exception as error:
+            log.exception("cannot load %s", key)
+            raise ImagineError(
+                f"the model cannot be loaded: its files are incomplete or damaged ({type(error).__name__}); "
+                "the server log has the details",
+                422,
+            ) from None
+
+    def reload(self, key: str) -> None:
+        try:
+            self.loaded[key] = self.load(key, self.family_of(key))
+            log.info("reloaded %s", self.loaded[key].name)
+        except Exception:
+            log.exception("cannot reload %s", key)
+
+    def unload(self, key: str) -> None:
+        log.info("unloading %s", self.loaded.pop(key).name)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def family_of(self, key: str) -> Family:
+        """The model's family, from a glance at the file or folder; refuses what cannot be loaded."""
+        path = Path(key)
+        if key == DEMO_MODEL or not path.exists():  # the demo, or a hub repo id (downloads allowed)
+            return FAMILIES["sd1"]
+        if path.is_dir():
+            return folder_family(path)
+        refuse_pickles_that_could_run(path)
+        try:
+            keys = read_checkpoint_keys(path)
+            channels = unet_input_channels(path)
+        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
+            raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
+        name = detect_family(keys)
+        family = sd2_family(path) if name == "sd2" else FAMILIES[name]
+        return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
+
+    def load(self, key: str, family: Family) -> LoadedModel:
+        path = Path(key)
+        if key == DEMO_MODEL:
+            pipe = build_demo_pipeline(self.configs_dir / family.config)
+        elif path.is_dir():
+            pipe = family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
+        elif path.is_file():
+            # `config=` a local folder is what keeps this offline: without it diffusers fetches a
+            # reference repo's configs and tokenizer from the hub (see configs/README.md).
+            pipe = family.txt2img.from_single_file(
+                key, config=str(self.configs_dir / family.config), local_files_only=True, torch_dtype=self.dtype
+            )
+        else:
+            pipe = self.download(key, family)
+        pipe = pipe.to(device=self.device, dtype=self.dtype)
+        pipe.vae.enable_slicing()  # a batch decodes one picture at a time: the memory of one, in the same time
+        self.speed_up_unet(pipe)
+        img2img = family.img2img(**pipe.components)
+        inpaint = family.inpaint(**pipe.components)
+        for each in (pipe, img2img, inpaint):
+            each.set_progress_bar_config(disable=True)
+        model = LoadedModel(
+            path.stem if path.is_file() else path.name,
+            family,
+            pipe,
+            img2img,
+            dict(pipe.scheduler.config),
+            inpaint=inpaint,
+        )
+        add_cancel_points(model)
+        return model
+
+    def speed_up_unet(self, pipe) -> None:
+        """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
+        if self.device.type == "cuda":
+            # diffusers measured 9 % faster fp16 steps on an NVIDIA GPU (not measured here: no GPU);
+            # on a 2-core CPU it measured slower (1.52 s a step against 1.35 s), so GPUs only.
+            pipe.unet.to(memory_format=torch.channels_last)
+        if self.settings.compile:
+            # Compiles on the first generation at each new size (minutes); later steps run faster on GPUs
+            # (1.2-2x reported on an A100). On a 2-core CPU it did not help: 1.61-1.77 s a step against
+            # 1.30-1.40 s eager, after 100 s of compiling.
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+
+    def download(self, repo_id: str, family: Family):
+        try:
+            return family.txt2img.from_pretrained(repo_id, torch_dtype=self.dtype)
+        except (OSError, ValueError) as error:
+            raise ImagineError(f"model {repo_id!r} could not be downloaded: {error}", 502) from error
+
+
+# What the cancel points ask: the running job's cancelled(), set by the engine for the job's run on its thread.
+cancel_check = contextvars.ContextVar("cancel_check", default=None)
+
+# Modules before which a generation checks whether it was cancelled: every ResNet block, attention and
+# feed-forward layer of the UNet and VAE, and every text-encoder layer. A step of SD1.5 at 512x512 runs
+# about 100 of them, so a cancel takes effect within a small part of a step rather than at its end.
+CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer")
+
+
+def add_cancel_points(model: LoadedModel) -> None:
+    """Makes each cancel point raise Cancelled once the running job's cancelled() says so. The hooks raise before a
+    module runs and no module keeps state between calls, so nothing is left half-changed for the next run."""
+
+    def stop_if_cancelled(module, args):
+        cancelled = cancel_check.get()
+        if cancelled is not None and cancelled():
+            raise Cancelled
+
+    for component in model.txt2img.components.values():
+        # A compiled UNet (--compile) is traced whole (fullgraph); a hook that may raise would break that.
+        if isinstance(component, torch.nn.Module) and not hasattr(component, "_orig_mod"):
+            for module in component.modules():
+                if type(module).__name__ in CANCEL_POINTS:
+                    module.register_forward_pre_hook(stop_if_cancelled)
+
+
+def build_tiny_vae(**config) -> AutoencoderKL:
+    """A VAE of a few MB with four blocks, as in the real model: latents are 1/8 of the image, so
+    previews and img2img see the same geometry as with a real checkpoint."""
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        **config,
+    )
+
+
+def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny Stable Diffusion with random weights, built in about a second: its pictures are noise.
+
+    It runs the real pipeline end to end (tokenizer, text encoder, UNet, VAE, samplers), so a fresh
+    machine can prove the whole path without a multi-gigabyte download. The same seed builds the same
+    weights, so the demo model gives the same picture for the same request across restarts.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        )
+        vae = build_tiny_vae()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=5,
+                num_attention_heads=4,
+                vocab_size=49408,
+                max_position_embeddings=77,
+            )
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer"),
+        unet=unet,
+        scheduler=PNDMScheduler.from_pretrained(config_dir / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

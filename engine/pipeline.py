@@ -1,0 +1,130 @@
+"""Generation: one diffusers pipeline call for a request's pictures, txt2img, img2img or inpainting."""
+
+import torch
+from PIL import Image, ImageFilter
+
+from engine.models import LoadedModel
+from engine.previews import latents_to_preview, vae_preview
+from engine.prompts import prompt_embeddings
+from engine.request import GenerationRequest
+from engine.samplers import scheduler_for
+
+
+def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> list:
+    """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
+    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings),
+    and returns its `req.n` pictures, drawn together from the seeds seed, seed+1, ...
+
+    `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
+    should show, one per picture: the predicted finished latents where the sampler gives them, else the
+    current ones; if it returns True, the remaining steps are skipped and the pictures as far as they got are
+    returned. `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice
+    `num_steps`.
+    """
+    if req.mask is not None or model.family.unet_channels == 9:
+        return inpaint(model, req, on_step, conditioning)
+    pipe = model.img2img if req.img is not None else model.txt2img
+    size_args = (
+        {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
+        if req.img is not None
+        else {"width": req.width, "height": req.height}
+    )
+    return call_pipeline(model, pipe, req, on_step, conditioning, **size_args)
+
+
+def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> list:
+    """One pipeline call for the `req.n` pictures of `req` with the sampler, seeds, encoded prompt and step callback
+    set; `inputs` are the picture's."""
+    # One seed and generator per picture: the pipeline draws each picture's noise from its own, so picture k is
+    # the picture that seed+k alone draws. A CPU generator gives the same noise for a seed on every device.
+    seeds = [req.seed + index for index in range(req.n)]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
+    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, one_or_all(seeds), req.prediction)
+
+    def step_end(pipeline, index, timestep, tensors):
+        if on_step is not None:
+            latents = tensors["latents"] if scheduler.predicted is None else scheduler.predicted
+            if on_step(index + 1, pipeline.num_timesteps, latents):
+                pipeline._interrupt = True  # skips the remaining steps; the latents so far are decoded
+        return tensors
+
+    with torch.inference_mode():
+        if conditioning is None:
+            conditioning = prompt_embeddings(pipe, req.prompt, req.neg, req.clip_skip, {})
+        return pipe(
+            **conditioning,
+            num_inference_steps=req.num_steps,
+            guidance_scale=req.guidance,
+            generator=one_or_all(generators),
+            num_images_per_prompt=req.n,
+            callback_on_step_end=step_end,
+            **inputs,
+        ).images
+
+
+def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
+    """Repaints the white part of `req.mask` (as AUTOMATIC1111 does), or with an inpainting checkpoint and no mask,
+    the whole picture: txt2img from noise, img2img from `req.img`.
+
+    The mask is blurred by `mask_blur` pixels; with `inpaint_area` "masked" only its bounding box plus
+    `inpaint_padding` is generated, at the request's size, for full detail on a small part of a big picture.
+    The result is pasted back through the blurred mask after decoding, so every pixel outside it is the input's.
+    """
+    size = (req.width, req.height)
+
+    def paint(image, mask, strength=req.strength):
+        image, mask = image.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
+        # A copy of the picture for each of the batch: the pipeline encodes one picture with the first picture's
+        # generator only, and each copy makes every picture's draw the one its single request makes.
+        inputs = {"image": [image] * req.n, "mask_image": [mask] * req.n, "strength": strength}
+        return call_pipeline(
+            model, model.inpaint, req, on_step, conditioning, width=req.width, height=req.height, **inputs
+        )
+
+    if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
+        return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
+    if req.mask is None:  # an inpainting checkpoint's img2img: the whole picture may change
+        return paint(req.img, Image.new("L", req.img.size, 255))
+    mask = req.mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else req.mask
+    if req.inpaint_area == "masked":
+        box = crop_box(mask, req.inpaint_padding, size)
+        image, crop_mask = req.img.crop(box), mask.crop(box)
+        return [pasted(req.img, painted, box, crop_mask) for painted in paint(image, crop_mask)]
+    image, mask = req.img.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
+    return [Image.composite(painted, image, mask) for painted in paint(image, mask)]
+
+
+def pasted(picture: Image.Image, painted: Image.Image, box: tuple, mask: Image.Image) -> Image.Image:
+    """`picture` with `painted` scaled into `box` through `mask` (the box's part of the blurred mask)."""
+    result = picture.copy()
+    result.paste(painted.resize(mask.size, Image.Resampling.LANCZOS), box[:2], mask)
+    return result
+
+
+def crop_box(mask: Image.Image, padding: int, size: tuple) -> tuple:
+    """A1111's "only masked" region: the mask's bounding box plus `padding`, widened to the aspect ratio of
+    `size` (the size it is generated at) as far as the picture allows, so it is not stretched."""
+    left, top, right, bottom = mask.getbbox()
+    width, height = mask.size
+    left, top = max(left - padding, 0), max(top - padding, 0)
+    right, bottom = min(right + padding, width), min(bottom + padding, height)
+    ratio = size[0] / size[1]
+    if (right - left) / (bottom - top) < ratio:
+        left, right = _widen(left, right, round((bottom - top) * ratio), width)
+    else:
+        top, bottom = _widen(top, bottom, round((right - left) / ratio), height)
+    return left, top, right, bottom
+
+
+def _widen(low: int, high: int, length: int, limit: int) -> tuple:
+    """[low, high) grown evenly on both sides to `length`, shifted to stay within [0, limit)."""
+    low = max(0, low - (length - (high - low)) // 2)
+    high = min(limit, low + length)
+    return max(0, high - length), high
+
+
+def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
+    if req.preview == "full":
+        return vae_preview(model.txt2img.vae, latents)
+    return latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height))

@@ -1,0 +1,308 @@
+"""A generation request: every field checked before any work, errors naming the field and the bad value;
+the pictures it carries decoded once; the settings a finished picture records."""
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import math
+
+from PIL import Image, UnidentifiedImageError
+
+from engine.errors import ImagineError
+from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
+from engine.previews import PREVIEW_MODES
+from engine.prompts import parse_prompt_attention
+from engine.samplers import DEFAULT_SAMPLER, PREDICTIONS, SAMPLERS, sampler_label
+from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE
+
+MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before it is decoded
+
+
+MAX_STEPS = 150
+
+
+MAX_GUIDANCE = 30.0
+
+
+MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+
+
+MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
+
+
+# A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
+# far beyond any prompt people write, and bounds the work (a 10 MB prompt took 80 s and 4 GB).
+MAX_PROMPT_CHARS = 16_000
+
+
+# Picture formats an input image may have: what cameras, browsers and editors save. Pillow knows many
+# more (EPS runs Ghostscript on the data, others are rare codecs); those are refused, unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    prompt: str
+    model: str | None = None
+    width: int | None = None  # None: the model family's default size, known once the model is loaded
+    height: int | None = None
+    num_steps: int = 25
+    guidance: float = 7.0
+    sampler: str = DEFAULT_SAMPLER
+    seed: int | None = None
+    neg: str = ""
+    img: Image.Image | None = None
+    strength: float = 0.8
+    stream: int = 0
+    prediction: str | None = None  # None: what the model's config says
+    preview: str = "fast"
+    mask: Image.Image | None = None  # L, the size of img: white repaints, black keeps
+    mask_blur: int = 4
+    inpaint_area: str = "whole"
+    inpaint_padding: int = 32
+    n: int = 1  # pictures, with seeds seed, seed+1, ...
+    clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
+    loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
+
+
+INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
+
+
+MASK_STRENGTH = 0.75  # A1111's default denoising strength for inpainting
+
+
+MAX_MASK_BLUR = 64
+
+
+MAX_INPAINT_PADDING = 256
+
+
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def _value(body, field, kinds, kind_name):
+    value = body[field]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ImagineError(f"{field} must be {kind_name}, not {json.dumps(value)[:80]}", field=field)
+    return value
+
+
+def _in_range(field, value, low, high):
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise ImagineError(f"{field} must be between {low} and {high}, not {value}", field=field)
+    return value
+
+
+def _integer(body, field, default, low, high):
+    if body.get(field) is None:
+        return default
+    return _in_range(field, _value(body, field, int, "an integer"), low, high)
+
+
+def _number(body, field, default, low, high):
+    if body.get(field) is None:
+        return default
+    return float(_in_range(field, _value(body, field, (int, float), "a number"), low, high))
+
+
+def _text(body, field, default, max_chars=None):
+    if body.get(field) is None:
+        return default
+    text = _value(body, field, str, "a string")
+    if max_chars is not None and len(text) > max_chars:
+        raise ImagineError(f"{field} is {len(text)} characters long; at most {max_chars} are accepted", field=field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair ("\ud800"), which is no text
+        bad = text[error.start : error.end].encode("unicode_escape").decode()
+        raise ImagineError(f"{field} must be valid Unicode text, not a lone surrogate {bad}", field=field) from None
+    return text
+
+
+def _seed(body):
+    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it."""
+    if body.get("seed") == -1 and isinstance(body["seed"], int):
+        return None
+    return _integer(body, "seed", None, 0, MAX_SEED)
+
+
+def _size(body, field, default, max_size):
+    size = _integer(body, field, default, MIN_SIZE, max_size)
+    if size is not None and size % 8:
+        raise ImagineError(f"{field} must be a multiple of 8, not {size}", field=field)
+    return size
+
+
+def decode_image(data: str, field: str = "img", mode: str = "RGB") -> Image.Image:
+    """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
+    of a PNG, JPEG, WEBP, BMP or GIF (its first frame), converted to `mode`; `field` names the request field
+    in errors."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise ImagineError(f"{field} must be a base64 data URI (data:image/...;base64,...)", field=field)
+    try:
+        # Line breaks are allowed: `base64` wraps its output at 76 columns.
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImagineError(f"{field} is not valid base64", field=field) from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
+            raise ImagineError(
+                f"{field} is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted", field=field
+            )
+        image.load()
+        return image.convert(mode)
+    except Image.DecompressionBombError:
+        raise ImagineError(f"{field} has too many pixels to be decoded safely", field=field) from None
+    except UnidentifiedImageError:
+        raise ImagineError(
+            f"{field} is not a picture in a format accepted: {', '.join(IMAGE_FORMATS)}", field=field
+        ) from None
+    except ImagineError:
+        raise
+    except Exception:  # a damaged file: Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error...
+        raise ImagineError(f"{field} is a damaged picture that cannot be decoded", field=field) from None
+
+
+def picture(body: dict, field: str, mode: str) -> Image.Image:
+    """A request's picture: base64 text from a client, or a picture an API dialect has decoded already."""
+    if isinstance(body[field], Image.Image):
+        return body[field].convert(mode)
+    return decode_image(_text(body, field, None), field, mode)
+
+
+def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
+    """The mask as L at the input picture's size (A1111's convention: white repaints, black keeps, grey is partial)."""
+    if body.get("mask") is None:
+        return None
+    if img is None:
+        raise ImagineError("mask needs img: the picture whose white-masked part is repainted", field="mask")
+    mask = picture(body, "mask", "L")
+    if mask.getbbox() is None:
+        raise ImagineError("mask is all black: nothing to repaint; white marks what to repaint", field="mask")
+    return mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.LANCZOS)
+
+
+def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH) -> GenerationRequest:
+    """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
+    if body.get("prompt") is None:
+        raise ImagineError("prompt is required", field="prompt")
+    if body.get("model") == "":
+        raise ImagineError("model must name a model, not be empty; leave it out for the default", field="model")
+    defaults = GenerationRequest(prompt="")
+    # The texts first: they are cheap to check, and an image is costly to decode.
+    prompt, neg = _text(body, "prompt", "", MAX_PROMPT_CHARS), _text(body, "neg", defaults.neg, MAX_PROMPT_CHARS)
+    img = None if body.get("img") is None else picture(body, "img", "RGB")
+    # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8); txt2img
+    # takes the model's default size (512, 768 or 1024 by family) for a size it leaves out.
+    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (None, None)
+    width, height = _size(body, "width", default_width, max_size), _size(body, "height", default_height, max_size)
+    # Sizes given in the body were checked above; one taken from img may still be out of range.
+    if img is not None and not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):
+        raise ImagineError(
+            f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}", field="img"
+        )
+    sampler = _text(body, "sampler", defaults.sampler).strip().lower()
+    if sampler not in SAMPLERS:
+        raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}", field="sampler")
+    prediction = _text(body, "prediction", None)
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ImagineError(f"prediction must be 'epsilon' or 'v', not {prediction!r}", field="prediction")
+    preview = _text(body, "preview", defaults.preview)
+    if preview not in PREVIEW_MODES:
+        raise ImagineError(f"preview must be one of: {', '.join(PREVIEW_MODES)}, not {preview!r}", field="preview")
+    mask = parse_mask(body, img)
+    inpaint_area = _text(body, "inpaint_area", defaults.inpaint_area)
+    if inpaint_area not in INPAINT_AREAS:
+        raise ImagineError(
+            f"inpaint_area must be one of: {', '.join(INPAINT_AREAS)}, not {inpaint_area!r}", field="inpaint_area"
+        )
+    parsed = GenerationRequest(
+        prompt=prompt,
+        model=_text(body, "model", None),
+        width=width,
+        height=height,
+        num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
+        guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
+        sampler=sampler,
+        seed=_seed(body),
+        neg=neg,
+        img=img,
+        strength=_number(body, "strength", MASK_STRENGTH if mask else defaults.strength, 0.0, 1.0),
+        stream=_integer(body, "stream", 0, 0, MAX_STEPS),
+        prediction=prediction,
+        preview=preview,
+        mask=mask,
+        mask_blur=_integer(body, "mask_blur", defaults.mask_blur, 0, MAX_MASK_BLUR),
+        inpaint_area=inpaint_area,
+        inpaint_padding=_integer(body, "inpaint_padding", defaults.inpaint_padding, 0, MAX_INPAINT_PADDING),
+        n=_integer(body, "n", defaults.n, 1, max_batch),
+        clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
+        loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
+    )
+    parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
+    parse_prompt_attention(parsed.neg, "neg")
+    if img is not None and int(parsed.num_steps * parsed.strength) < 1:
+        raise ImagineError(
+            f"strength {parsed.strength} with num_steps {parsed.num_steps} leaves no step to run; raise either",
+            field="strength",
+        )
+    return parsed
+
+
+def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: dict | None = None) -> str:
+    """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs."""
+    lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
+    settings = {
+        "Steps": req.num_steps,
+        "Sampler": sampler_label(req.sampler),
+        "CFG scale": req.guidance,
+        "Seed": req.seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model": model_name,
+    }
+    if req.img is not None:
+        settings["Denoising strength"] = req.strength
+    if req.mask is not None:
+        settings["Mask blur"] = req.mask_blur
+        if req.inpaint_area == "masked":
+            settings["Inpaint area"] = "Only masked"
+            settings["Masked area padding"] = req.inpaint_padding
+    if req.clip_skip != 1:
+        settings["Clip skip"] = req.clip_skip
+    if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
+        hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
+        settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
+    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+def lora_field(body: dict) -> list:
+    """The request's `loras` field: [{"name": ..., "weight": ...}], weight optional (1.0)."""
+    value = body.get("loras")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(each, dict) for each in value):
+        raise ImagineError('loras must be a list like [{"name": "add_detail", "weight": 0.8}]', field="loras")
+    loras = []
+    for each in value:
+        if set(each) - {"name", "weight"} or not isinstance(each.get("name"), str):
+            raise ImagineError(f"loras entries have a name and a weight, not {json.dumps(each)[:80]}", field="loras")
+        loras.append((each["name"], _number(each, "weight", 1.0, -math.inf, math.inf)))
+    return loras
+
+
+def checked_loras(loras: list) -> list:
+    if len(loras) > MAX_LORAS_KEPT:
+        raise ImagineError(f"a request may use at most {MAX_LORAS_KEPT} loras, not {len(loras)}", field="loras")
+    for name, weight in loras:
+        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}", field="loras")
+    return loras

@@ -1,0 +1,28 @@
+"""The server's settings and their defaults; imagine.py reads them from flags and IMAGINE_* variables."""
+
+import dataclasses
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # model configs and tokenizers, shipped
+DEMO_MODEL = "demo"
+MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
+MAX_BATCH = 8  # pictures one request may ask for (`n`); a setting
+
+
+@dataclasses.dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    device: str = "auto"
+    fp_prec: str = "auto"
+    model: str = DEMO_MODEL
+    models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
+    max_loaded: int = 1
+    allow_downloads: bool = False
+    compile: bool = False
+    max_size: int = MAX_SIZE
+    max_queue: int = 8
+    max_batch: int = MAX_BATCH
+    api_key: str = ""
+    cors_origins: tuple = ()
+    no_web: bool = False
