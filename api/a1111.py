@@ -166,18 +166,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         if overrides.get("sd_model_checkpoint"):
             generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None))
         if img2img:
-            images = body.get("init_images")
-            if not isinstance(images, list) or not images:
-                raise ImagineError("init_images must be a list holding the picture to start from, as base64")
-            only_masked = body.get("inpaint_full_res", True)
-            generate_body |= {
-                "img": images[0],
-                "strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
-                "mask": a1111_mask(body),
-                "mask_blur": body.get("mask_blur"),
-                "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
-                "inpaint_padding": body.get("inpaint_full_res_padding"),
-            }
+            generate_body |= a1111_img2img_fields(body)
         req = parse_request(generate_body, settings.max_size, settings.max_batch)
     except ImagineError as error:
         if error.status != 400:
@@ -195,6 +184,22 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
     return req, understood
 
 
+def a1111_img2img_fields(body: dict) -> dict:
+    """img2img's own fields as /generate's: the picture to start from, the strength, and inpainting's mask."""
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise ImagineError("init_images must be a list holding the picture to start from, as base64")
+    only_masked = body.get("inpaint_full_res", True)
+    return {
+        "img": images[0],
+        "strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
+        "mask": a1111_mask(body),
+        "mask_blur": body.get("mask_blur"),
+        "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
+        "inpaint_padding": body.get("inpaint_full_res_padding"),
+    }
+
+
 def a1111_error(error: ImagineError) -> ImagineError:
     """A bad request's error as A1111 answers it: 422, naming the field as the client sent it."""
     name = A1111_FIELD_NAMES.get(error.field)
@@ -206,7 +211,7 @@ def a1111_error(error: ImagineError) -> ImagineError:
 
 def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
     """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
-    `info`, a JSON string in A1111's layout."""
+    `info`, a JSON string in A1111's layout (long: two flat lists of A1111's fields, as its clients read them)."""
     req, seeds = job.request, event.seeds
     prompts = [req.prompt] * len(seeds)
     info = {
