@@ -40,7 +40,7 @@ def pick_dtype(fp_prec: str, device: torch.device) -> torch.dtype:
     """16-bit means float16 on GPUs; on CPUs float16 is slow or unsupported, so bfloat16.
 
     'auto' takes 16-bit wherever it is fast: always on a GPU, and on a CPU that runs bfloat16
-    natively (2 cores with avx512_bf16: a 512x512 step in 6.2 s against 11-12 s in float32).
+    natively, about twice as fast as float32 there (docs/performance.md, Figures behind the code).
     """
     if fp_prec == "auto":
         if device.type != "cpu":

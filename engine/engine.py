@@ -107,10 +107,10 @@ class Job:
 class Engine:
     """Owns the models and runs every generation, one at a time, on one long-lived thread.
 
-    One at a time because a device runs one generation well and two badly. One long-lived thread
-    because the same diffusers call measured 1.17x slower on a freshly started thread than on the
-    process's main thread (2-core CPU, SD1.5 at 256x256), and a prototype that started a thread per
-    request measured 1.45x; main() therefore runs the engine on the main thread.
+    One at a time because a device runs one generation well and two badly. One long-lived thread because
+    the same diffusers call ran slower on a freshly started thread than on the process's main thread, and
+    slower still with a thread per request (docs/performance.md, Figures behind the code); main() therefore
+    runs the engine on the main thread.
 
     `generate` draws the pictures (pipeline.generate); tests hand in another to hold or fail a generation.
     """
@@ -259,8 +259,8 @@ class Engine:
             conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
         job.events.put(Started())
         job.started, job.model = time.time(), model
-        # 5. Draw the batch in one pipeline call, on CPUs too: there 2 pictures at 512x512 took 65 s together
-        # against 70 s one by one (docs/performance.md, Batches), in the same peak memory.
+        # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
+        # same peak memory (docs/performance.md, Batches).
         each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
         images = self.generate(model, req, self.step_reporter(job, model, each), conditioning)
         # 6. Each picture with its settings, as its PNG will carry them.

@@ -268,13 +268,12 @@ class Models:
     def speed_up_unet(self, pipe) -> None:
         """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
         if self.device.type == "cuda":
-            # diffusers measured 9 % faster fp16 steps on an NVIDIA GPU (not measured here: no GPU);
-            # on a 2-core CPU it measured slower (1.52 s a step against 1.35 s), so GPUs only.
+            # Faster fp16 steps on NVIDIA GPUs by diffusers' figures; slower on a CPU, so GPUs only
+            # (docs/performance.md, Figures behind the code).
             pipe.unet.to(memory_format=torch.channels_last)
         if self.settings.compile:
-            # Compiles on the first generation at each new size (minutes); later steps run faster on GPUs
-            # (1.2-2x reported on an A100). On a 2-core CPU it did not help: 1.61-1.77 s a step against
-            # 1.30-1.40 s eager, after 100 s of compiling.
+            # Compiles on the first generation at each new size (minutes); later steps run faster on GPUs,
+            # not on a CPU (docs/performance.md, Figures behind the code), hence a setting, off by default.
             pipe.unet = torch.compile(pipe.unet, fullgraph=True)
 
     def download(self, repo_id: str, family: Family):

@@ -33,7 +33,7 @@ MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have
 
 
 # A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
-# far beyond any prompt people write, and bounds the work (a 10 MB prompt took 80 s and 4 GB).
+# far beyond any prompt people write, and bounds the work an unbounded one would cost.
 MAX_PROMPT_CHARS = 16_000
 
 
