@@ -69,7 +69,8 @@ def sampler_label(sampler: str) -> str:
 
 def scheduler_for(model: LoadedModel, sampler: str, seed: int | list, prediction: str | None = None):
     """The model's scheduler for `sampler` (and a `prediction` override, if any), built on first use
-    and kept (building some takes tens of milliseconds). `seed` is the picture's, or a list with each picture's of a batch.
+    and kept (building some takes tens of milliseconds). `seed` is the picture's, or a list with each
+    picture's of a batch.
 
     Reuse is safe: the pipeline's set_timesteps resets a scheduler's per-run state at the start of
     every run, and generations run one at a time.
