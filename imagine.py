@@ -113,6 +113,8 @@ def parse_settings(argv=None) -> Settings:
     for option in OPTIONS:
         env = f"IMAGINE_{option.name.upper()}"
         default = os.environ.get(env, getattr(defaults, option.name))
+        if isinstance(default, tuple):  # a list setting (cors_origins) is comma-separated text in flags and variables
+            default = ",".join(default)
         help = f"{option.help[:-1]}; {env})"
         if option.kind is bool:
             on = str(default).lower() in SWITCHED_ON
