@@ -48,6 +48,7 @@ def job_fields(store: JobStore, held: HeldJob, with_preview: bool = False) -> di
     if status == "queued":
         fields["position"] = store.position(held)
     fields |= {
+        "prompt": held.prompt,
         "step": held.step,
         "steps": held.steps,
         "created": held.created,

@@ -34,8 +34,9 @@ class HeldJob:
     and the end. When the job ends, the preview and the engine's Job (its request, input pictures and latents)
     are let go: what stays is the log, a few numbers and the finished pictures."""
 
-    def __init__(self, job_id: str, clock, steps: int):
+    def __init__(self, job_id: str, clock, prompt: str, steps: int):
         self.id = job_id
+        self.prompt = prompt  # what the job draws, for a client that names its file after it (imagine --job)
         self.clock = clock
         self.created, self.started, self.finished = clock(), None, None
         self.status = "queued"
@@ -135,7 +136,7 @@ class JobStore:
 
     def submit(self, req: GenerationRequest) -> HeldJob:
         """Queues a request as a job; refused as the engine refuses (full queue, unknown model), keeping nothing."""
-        held = HeldJob(secrets.token_hex(16), self.clock, req.num_steps)
+        held = HeldJob(secrets.token_hex(16), self.clock, req.prompt, req.num_steps)
         # No client_gone: a client that leaves (a reload, a phone asleep) does not cancel its job.
         held.attach(self.engine.submit(req, None, events=held))
         with self.lock:
