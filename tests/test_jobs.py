@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from engine.jobs import HeldJob, JobStore
 
 ROOT = Path(imagine.__file__).resolve().parent
 CLI = ROOT / "imagine-cli.py"
+DOC_EXAMPLES = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "jobs.md").read_text(), re.S)
 
 
 class Hold:
@@ -489,3 +491,24 @@ def test_cli_job_with_an_unknown_id_is_one_line_and_exit_1(live_server, tmp_path
     assert result.returncode == 1
     assert result.stderr.startswith("imagine: the server answered 404: no job '")
     assert result.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+# ---- the docs
+
+
+def test_the_docs_curl_examples_run_as_written_for_the_whole_life_of_a_job(start_server, tmp_path):
+    with socket.socket() as probe:
+        port = 5000 if probe.connect_ex(("127.0.0.1", 5000)) != 0 else free_port()
+    start_server(port)
+    script = "\n".join(DOC_EXAMPLES).replace("localhost:5000", f"localhost:{port}")
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{script}\n{result.stderr}"
+    assert len(DOC_EXAMPLES) == 7  # submit, poll, events, Last-Event-ID, collect, cancel, list
+    out = result.stdout
+    assert re.search(r"^\s+\d+ event: progress$", out, re.M) and re.search(r"^\s+\d+ event: preview$", out, re.M)
+    assert len(re.findall(r"^\s+1 event: done$", out, re.M)) == 2  # the stream, then the picked-up stream
+    assert "(256, 256)" in out
+    assert '{"status":"cancelled","error":"cancelled by DELETE /jobs/' in out
+    assert out.rstrip().endswith('{"status":"cancelled"}\n{"status":"done"}')  # GET /jobs, newest first
