@@ -54,9 +54,17 @@ class CliError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # --list and --job need no prompt; the prompt stays a required positional, as the spec has it, for the rest.
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--list", action="store_true")
+    listing.add_argument("--job")
+    listing.add_argument("--server")
+    known, _ = listing.parse_known_args(argv)
+    if known.list:
+        return known
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
-    parser.add_argument("prompt", nargs="*", help="Prompt for model (the words are joined)")
+    parser.add_argument("prompt", nargs="*" if known.job else "+", help="Prompt for model (the words are joined)")
     parser.add_argument(
         "-m",
         "--model",
@@ -104,16 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
     parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
-    # --list needs no prompt; the prompt stays a required positional, as the spec has it, for everything else.
-    listing = argparse.ArgumentParser(add_help=False)
-    listing.add_argument("--list", action="store_true")
-    listing.add_argument("--server")
-    known, _ = listing.parse_known_args(argv)
-    if known.list:
-        return known
     args = parser.parse_args(argv)
-    if not args.prompt and args.job is None:  # --job's prompt is the job's
-        parser.error("the following arguments are required: prompt")
     if args.job is not None and (args.prompt or args.detach or args.local):
         parser.error("--job ID takes no prompt, --detach or --local: the job has its own settings")
     if args.detach and args.local:
