@@ -153,6 +153,7 @@ def test_a_queued_job_tells_its_position_and_health_counts_it(make_engine, monke
     assert job(client, first["id"])["status"] == "running" and "position" not in job(client, first["id"])
     assert (second["status"], second["position"], third["position"]) == ("queued", 0, 1)
     assert client.get("/health").get_json()["queue"] == 2
+    assert client.get("/sdapi/v1/progress").get_json()["state"]["job"] == "txt2img"  # the running job
     hold.release()
     for each in (first, second, third):
         assert wait_for(client, each["id"], "done")["img"]
@@ -246,6 +247,18 @@ def test_leaving_the_event_stream_of_a_real_server_does_not_cancel_the_job(make_
     wait_until(lambda: requests.get(f"{url}/jobs/{answer['id']}", timeout=30).json()["status"] != "running", "it ends")
     assert requests.get(f"{url}/jobs/{answer['id']}", timeout=30).json()["status"] == "done"
     assert hold.steps == [1, 2, 3, 4]
+
+
+def test_event_streams_past_the_servers_threads_for_them_are_503_and_a_closed_one_frees_its_place(make_engine):
+    engine = make_engine(model="demo", max_queue=0)  # one job at a time: one event stream
+    client = imagine.create_app(engine).test_client()
+    submitted = submit(client)
+    first = stream(client, submitted["id"])
+    refused = stream(client, submitted["id"])
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "GET /jobs/<id>" in refused.get_json()["error"]
+    first.close()
+    assert read_to_end(stream(client, submitted["id"]))[-1][1] == "done"
 
 
 # ---- cancel
