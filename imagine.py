@@ -87,6 +87,18 @@ OPTIONS = (
     ),
     Option("max_batch", ("--max-batch",), f"most pictures one request may ask for with n (default {MAX_BATCH})", int),
     Option(
+        "job_ttl",
+        ("--job-ttl",),
+        "seconds a finished job (POST /jobs) keeps its pictures for its client to collect (default 600)",
+        int,
+    ),
+    Option(
+        "max_jobs",
+        ("--max-jobs",),
+        "finished jobs kept at once, past which the oldest finished is freed first (default 64)",
+        int,
+    ),
+    Option(
         "api_key",
         ("--api-key",),
         "require 'Authorization: Bearer KEY' on every request; prefer the variable: flags show in ps (default none)",
@@ -137,6 +149,8 @@ def setting_problems(args) -> list:
         (args.max_loaded >= 1, f"--max-loaded must be at least 1, not {args.max_loaded}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
+        (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
+        (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),
     ]  # fmt: skip
@@ -150,14 +164,15 @@ if __name__ == "__main__":
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 
-from api import a1111, native, openai  # noqa: E402
+from api import a1111, jobs, native, openai  # noqa: E402
 from api.channel import create_server as create_waitress_server  # noqa: E402
 from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.folders import model_folders  # noqa: E402
+from engine.jobs import JobStore  # noqa: E402
 
-DIALECTS = {"native": native, "openai": openai, "a1111": a1111}
+DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}
 # A URL that reached no route (404, 405) still gets its dialect's error shape, by the dialect's prefix.
 PREFIXES = (("/v1/", "openai"), ("/sdapi/", "a1111"))
 
@@ -168,6 +183,9 @@ def create_app(engine: Engine) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = native.MAX_BODY_BYTES  # larger bodies get 413 before they are read
     app.extensions["imagine.engine"] = engine
     app.extensions["imagine.slots"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
+    app.extensions["imagine.jobs"] = JobStore(engine)
+    # An event stream for each job the engine may hold; each holds a thread of its own (see create_server).
+    app.extensions["imagine.streams"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
     guard(app, engine.settings)
     for dialect in DIALECTS.values():
         app.register_blueprint(dialect.blueprint)

@@ -132,8 +132,8 @@ def preflight_answer() -> Response:
     return Response(
         status=204,
         headers={
-            "Access-Control-Allow-Methods": "POST",
-            "Access-Control-Allow-Headers": "Content-Type, Authorization",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE",  # DELETE cancels a job
+            "Access-Control-Allow-Headers": "Content-Type, Authorization, Last-Event-ID",
             "Access-Control-Max-Age": "600",
         },
     )

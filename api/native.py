@@ -207,6 +207,11 @@ ENDPOINTS = {
     "name": "Imagine, a local Stable Diffusion server",
     "endpoints": {
         "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
+        "POST /jobs": "a generation that outlives its connection: the /generate body in, the job's id out at once",
+        "GET /jobs": "the jobs the server holds (id, status, created), newest first",
+        "GET /jobs/<job_id>": "where a job stands; once done, its pictures as /generate answers them",
+        "GET /jobs/<job_id>/events": "a job's progress, previews (?every=N) and end as Server-Sent Events",
+        "DELETE /jobs/<job_id>": "cancels a queued or running job",
         "GET /samplers": "the sampler names /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
         "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",

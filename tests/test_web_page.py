@@ -4,6 +4,7 @@ the tiny demo model."""
 import base64
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
 
@@ -233,3 +234,47 @@ def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
     assert imagine.parse_settings(["--no-web"]).no_web is True
     monkeypatch.setenv("IMAGINE_NO_WEB", "1")
     assert imagine.parse_settings([]).no_web is True
+
+
+def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arrives(
+    browser, live_server, engine, monkeypatch
+):
+    held, release = [], threading.Event()
+    real_generate = engine.generate
+
+    def held_generate(model, req, on_step=None, conditioning=None):
+        def held_on_step(step, steps, latents):
+            if step == 3:  # the page has seen steps 1 and 2 and their previews
+                held.append(step)
+                assert release.wait(600), "the test never released the generation"
+            return on_step(step, steps, latents)
+
+        return real_generate(model, req, held_on_step, conditioning)
+
+    monkeypatch.setattr(engine, "generate", held_generate)
+    open_page(browser, live_server)
+    fill_form(browser, "a sunrise over the sea", steps=8, seed=77)
+    element(browser, "generate").click()
+    wait_until(lambda: held and element(browser, "progress-text").text.startswith("step 2 / 8"), "step 2 is shown")
+    job_id = browser.execute_script("return JSON.parse(localStorage.getItem('imagine.job')).id")
+
+    browser.refresh()  # mid-run: the job goes on, and the page finds it again
+    wait_until(
+        lambda: (
+            element(browser, "progress-text").text.startswith("step 2 / 8")
+            and element(browser, "picture").get_attribute("src").startswith("data:image/png")
+        ),
+        "the page reattached and shows the latest preview",
+    )
+    assert element(browser, "status").text == "generating…"
+    assert pixels(element(browser, "picture").get_attribute("src").partition(",")[2]).shape == (64, 64, 3)  # forming
+    release.set()
+    wait_until(lambda: finished(browser), "the picture arrived after the reload")
+
+    monkeypatch.setattr(engine, "generate", real_generate)
+    expected = api_picture(live_server, {"prompt": "a sunrise over the sea", **FAST, "num_steps": 8, "seed": 77})
+    assert np.array_equal(shown_picture(browser), expected)
+    with urllib.request.urlopen(live_server + "/jobs", timeout=30) as response:
+        assert [each["id"] for each in json.load(response)["jobs"]] == [job_id]  # the same job, not a new one
+    assert browser.execute_script("return localStorage.getItem('imagine.job')") is None
+    assert severe_console_messages(browser) == []
