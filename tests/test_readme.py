@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import requests
 from conftest import free_port
 from PIL import Image
@@ -240,12 +239,14 @@ def test_the_readme_prompt_lora_embedding_and_lcm_examples_work_as_written(start
     assert embeddings["embeddings"][0]["name"] == "easynegative"
 
 
-@pytest.mark.parametrize("script", OTHER_EXAMPLES)
-def test_every_other_example_runs_as_written(script, start_server, tmp_path):
-    port = free_port()
-    start_server(port)
-    result = run_example(script, port, tmp_path, timeout=600)
-    assert result.returncode == 0, f"{script}\n{result.stderr}"
+def test_every_other_example_runs_as_written(start_server, tmp_path):
+    """An example that talks to the server and that no test above names (one added later) still runs here."""
+    if OTHER_EXAMPLES:
+        port = free_port()
+        start_server(port)
+    for script in OTHER_EXAMPLES:
+        result = run_example(script, port, tmp_path, timeout=600)
+        assert result.returncode == 0, f"{script}\n{result.stderr}"
 
 
 def test_the_readme_openai_sdk_example_works_as_written_without_replacing_other_examples_pictures(
