@@ -34,7 +34,7 @@ def host_name(host_header: str) -> str:
 
 
 def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
-    """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
+    """Refuses, before any work, requests this server was not opened up to (docs/server.md, Security)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
     # host name. A server listening on loopback only ever has a local name; anything else is such a page.
     # The raw header: werkzeug's request.host reads a name it finds invalid ("a_b.evil.com") as empty.

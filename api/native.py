@@ -221,7 +221,7 @@ ENDPOINTS = {
         "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
         "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
         "GET /v1/models": "OpenAI's model list: the models /v1/images/* accept",
-        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (README: Use it from other programs)",
+        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (docs/compatibility.md)",
         "POST /sdapi/v1/img2img": "AUTOMATIC1111's img2img and inpainting (init_images, mask)",
         "GET /sdapi/v1/sd-models": "the models, titled as AUTOMATIC1111 does (name.safetensors [hash])",
         "GET /sdapi/v1/options": "the current model (sd_model_checkpoint) and a few settings",
@@ -245,7 +245,7 @@ ENDPOINTS = {
         "GET /": "the web page for a browser (Accept: text/html), this list for anything else",
         "GET /web/<name>": "the web page's script and style",
     },
-    "readme": "README.md beside imagine.py: every field, setting and example",
+    "readme": "README.md beside imagine.py, and docs/: every field, setting and example",
 }
 
 
