@@ -529,7 +529,8 @@ def upscalers_route():
     return jsonify([{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}])
 
 
-for _name in ("sd-vae", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
+# sd-modules is Forge's list of extra text encoders and VAEs, which SillyTavern 1.19 asks for on every Connect.
+for _name in ("sd-vae", "sd-modules", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
     blueprint.add_url_rule(f"/{_name}", f"{_name}_route", lambda: jsonify([]))
 
 

@@ -230,6 +230,7 @@ ENDPOINTS = {
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
         "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
+        "GET /sdapi/v1/sd-modules": "empty: Forge's extra text encoders and VAEs, which SillyTavern asks for",
         "GET /sdapi/v1/latent-upscale-modes": "empty",
         "GET /sdapi/v1/face-restorers": "empty",
         "GET /sdapi/v1/prompt-styles": "empty",
