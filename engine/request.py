@@ -82,6 +82,11 @@ MAX_INPAINT_PADDING = 256
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
+# Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
+# documented ones.
+FIELD_ALIASES = {"negative_prompt": "neg", "steps": "num_steps"}
+
+
 def _value(body, field, kinds, kind_name):
     value = body[field]
     if not isinstance(value, kinds) or isinstance(value, bool):
@@ -189,6 +194,7 @@ def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
 
 def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field."""
+    body = without_aliases(body)
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
         raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
@@ -255,6 +261,18 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
             field="strength",
         )
     return parsed
+
+
+def without_aliases(body: dict) -> dict:
+    """The body with each alias (FIELD_ALIASES) under its field's name; both given with different values is an error."""
+    for alias, field in FIELD_ALIASES.items():
+        if alias not in body:
+            continue
+        if field in body and body[field] != body[alias]:
+            given = f"{json.dumps(body[alias])[:80]} and {json.dumps(body[field])[:80]}"
+            raise ImagineError(f"{alias} and {field} are one field; give one of them, not {given}", field=field)
+        body = {**{key: value for key, value in body.items() if key != alias}, field: body[alias]}
+    return body
 
 
 def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: dict | None = None) -> str:
