@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
+from api.guard import has_key
 from engine.engine import Engine, Failed, Finished, Job, Preview
 from engine.errors import ImagineError
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
@@ -209,7 +210,7 @@ ENDPOINTS = {
         "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
         "GET /samplers": "the sampler names /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
-        "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
+        "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
         "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
@@ -289,7 +290,10 @@ def models_route():
 @blueprint.get("/health")
 def health_route():
     # For load balancers: it reads a few fields and never waits for the engine, so it answers mid-generation.
+    # It needs no key (a load balancer's check sends none); without the key it tells only that the server is up.
     engine = current_engine()
+    if engine.settings.api_key and not has_key(engine.settings):
+        return jsonify(status="ok")
     loaded = [model.name for model in list(engine.models.loaded.values())]
     running = engine.running is not None
     return jsonify(status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running)

@@ -3,6 +3,8 @@ lists, the health check behind a key, the words of errors and logs, and what the
 
 from conftest import FAST, decode_png, pixels
 
+import imagine
+
 
 def test_generate_takes_negative_prompt_and_steps_as_the_other_dialects_name_them(client):
     seed_names = client.post("/generate", json={"prompt": "x", **FAST, "neg": "blur", "num_steps": 3}).get_json()
@@ -24,3 +26,18 @@ def test_an_alias_and_its_field_given_with_different_values_answer_400_naming_bo
     assert "negative_prompt and neg" in response.get_json()["error"]
     same = client.post("/generate", json={"prompt": "x", **FAST, "negative_prompt": "a", "neg": "a"})
     assert same.status_code == 200
+
+
+def test_with_a_key_health_answers_a_load_balancer_without_it_but_tells_only_that_the_server_is_up(make_engine):
+    client = imagine.create_app(make_engine(model="demo", api_key="the-key")).test_client()
+    for headers in ({}, {"Authorization": "Bearer a-wrong-key"}):
+        response = client.get("/health", headers=headers)
+        assert response.status_code == 200
+        assert response.get_json() == {"status": "ok"}
+    full = client.get("/health", headers={"Authorization": "Bearer the-key"}).get_json()
+    assert full == {"status": "ok", "device": "cpu", "loaded": [], "queue": 0, "running": False}
+    assert client.get("/models").status_code == 401  # the rest still needs the key
+
+
+def test_without_a_key_health_tells_everything_as_before(client):
+    assert set(client.get("/health").get_json()) == {"status", "device", "loaded", "queue", "running"}
