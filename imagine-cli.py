@@ -373,7 +373,8 @@ def list_models(server: str) -> str:
     rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
     for model in response.json()["models"]:
         family = model["family"] or f"unreadable: {model.get('error', '')}"
-        rows.append((model["name"], family, human_size(model["size"]), "yes" if model["loaded"] else ""))
+        size = "built in" if model.get("builtin") else human_size(model["size"])
+        rows.append((model["name"], family, size, "yes" if model["loaded"] else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = (
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]]) for row in rows

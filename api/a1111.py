@@ -294,7 +294,7 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
     listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
     folders = model_folders(models.settings.models_dir)
     for entry in models.listing():
-        if entry.get("error"):
+        if entry.get("error") or entry["builtin"]:
             continue
         found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
         real = real_path(found)

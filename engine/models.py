@@ -132,10 +132,12 @@ class Models:
         return self.resolve(None)
 
     def listing(self) -> list[dict]:
-        """Every model a request can name, in the order the folders are searched: single files and diffusers
-        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
+        """Every model a request can name, in the order names are resolved: the built-in demo first, then the
+        folders' single files and diffusers folders, recursively, links followed; LoRAs and embeddings, which live
+        in their own sub-folders, left out."""
         folders = model_folders(self.settings.models_dir)
-        listed = []
+        demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
+        listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
             real = real_path(path)
             if real is None or not is_model_entry(path, real):
@@ -147,7 +149,7 @@ class Models:
                 described = self.describe(real)
             except OSError as error:  # e.g. a folder inside it that this server's user may not read
                 described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
-            listed.append({"name": name, **described, "loaded": str(real) in self.loaded})
+            listed.append({"name": name, **described, "loaded": str(real) in self.loaded, "builtin": False})
         return listed
 
     def describe(self, real: Path) -> dict:

@@ -1,9 +1,15 @@
 """What a new user following the README met (issue 22): field names shared with the other dialects, the model
 lists, the health check behind a key, the words of errors and logs, and what the CLI and server say first."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 from conftest import FAST, decode_png, pixels
 
 import imagine
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_generate_takes_negative_prompt_and_steps_as_the_other_dialects_name_them(client):
@@ -41,3 +47,31 @@ def test_with_a_key_health_answers_a_load_balancer_without_it_but_tells_only_tha
 
 def test_without_a_key_health_tells_everything_as_before(client):
     assert set(client.get("/health").get_json()) == {"status", "device", "loaded", "queue", "running"}
+
+
+def test_demo_is_listed_as_built_in_first_in_get_models(client):
+    assert client.post("/generate", json={"prompt": "x", **FAST, "model": "demo"}).status_code == 200
+    models = client.get("/models").get_json()["models"]
+    assert models[0] == {
+        "name": "demo", "family": "sd1", "size": 0, "modified": None, "loaded": True, "builtin": True
+    }  # fmt: skip
+    assert [(model["name"], model["builtin"]) for model in models[1:]] == [("tiny", False)]
+
+
+def test_the_a1111_and_openai_lists_name_demo_once_and_every_folder_model(client):
+    a1111 = [model["title"] for model in client.get("/sdapi/v1/sd-models").get_json()]
+    assert a1111 == ["demo", "tiny"]
+    openai = [model["id"] for model in client.get("/v1/models").get_json()["data"]]
+    assert openai == ["demo", "tiny"]
+
+
+def test_cli_list_shows_demo_as_built_in(live_server):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "imagine-cli.py"), "--list", "--server", live_server],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0] == ["NAME", "FAMILY", "SIZE", "LOADED"]
+    assert rows[1][:4] == ["demo", "sd1", "built", "in"]
+    assert [row[0] for row in rows[2:]] == ["tiny"]
