@@ -75,3 +75,11 @@ def test_cli_list_shows_demo_as_built_in(live_server):
     assert rows[0] == ["NAME", "FAMILY", "SIZE", "LOADED"]
     assert rows[1][:4] == ["demo", "sd1", "built", "in"]
     assert [row[0] for row in rows[2:]] == ["tiny"]
+
+
+def test_an_unknown_lora_is_refused_naming_loras_under_the_models_folders_not_the_servers_path(client, models_dir):
+    response = client.post("/generate", json={"prompt": "x <lora:add_detail:0.5>", **FAST})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error.startswith("lora 'add_detail' not found in loras/ of the models folders (<models>/loras/, as ")
+    assert str(models_dir) not in error and "GET /loras" in error
