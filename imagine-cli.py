@@ -39,8 +39,10 @@ except ImportError as error:
     sys.exit(missing_module(error))
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
+# The server's sampler table (engine/samplers.py) comes with diffusers, too slow to import for --help: its names
+# are written out here, and a test checks that they are all of them.
 SAMPLER_NAMES = (
-    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a,"
+    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a, DPM++ 2M SDE, LCM,"
     " and Karras variants such as 'DPM++ 2M Karras' (the server's GET /samplers lists them all)"
 )
 

@@ -246,9 +246,11 @@ class Engine:
         req = job.request = dataclasses.replace(
             job.request, width=job.request.width or size, height=job.request.height or size
         )
+        # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
+        steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
         log.info(
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
-            req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+            req.n, req.width, req.height, steps, req.sampler, req.seed, model.name,
         )  # fmt: skip
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)

@@ -115,7 +115,7 @@ class Models:
             return name
         raise ImagineError(
             f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
-            "GET /models lists the models there, and 'demo' is always there",
+            "GET /models lists the models a request can name, 'demo' (built in) among them",
             404,
         )
 
@@ -229,8 +229,10 @@ class Models:
         try:
             keys = read_checkpoint_keys(path)
             channels = unet_input_channels(path)
-        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
-            raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
+        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors: a damaged file
+            raise ImagineError(
+                f"the model file cannot be read as a checkpoint ({type(error).__name__})", 422
+            ) from error
         name = detect_family(keys)
         family = sd2_family(path) if name == "sd2" else FAMILIES[name]
         return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family

@@ -1,13 +1,16 @@
 """What a new user following the README met (issue 22): field names shared with the other dialects, the model
 lists, the health check behind a key, the words of errors and logs, and what the CLI and server say first."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAST, decode_png, pixels
+from conftest import FAST, decode_png, pixels, png_data
+from PIL import Image
 
 import imagine
+from engine.samplers import SAMPLERS, sampler_label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +86,49 @@ def test_an_unknown_lora_is_refused_naming_loras_under_the_models_folders_not_th
     error = response.get_json()["error"]
     assert error.startswith("lora 'add_detail' not found in loras/ of the models folders (<models>/loras/, as ")
     assert str(models_dir) not in error and "GET /loras" in error
+
+
+def help_text(script: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())
+
+
+def test_the_servers_help_names_its_routes_not_one_endpoint():
+    text = help_text("imagine.py")
+    assert "one endpoint" not in text
+    assert "POST /generate draws a picture; GET / lists every route" in text
+
+
+def test_the_clis_help_names_every_sampler_of_the_servers_table():
+    text = help_text("imagine-cli.py")
+    for name in SAMPLERS:
+        if not name.endswith(" karras"):
+            assert f"{sampler_label(name)}," in text, name
+    assert "Karras variants" in text
+
+
+def test_a_model_file_of_random_bytes_answers_422_cannot_be_read_as_a_checkpoint(make_engine, tmp_path):
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    client = imagine.create_app(make_engine(model="demo", models_dir=tmp_path)).test_client()
+    response = client.post("/generate", json={"prompt": "x", "model": "noise", **FAST})
+    assert response.status_code == 422
+    assert response.get_json()["error"].startswith("the model file cannot be read as a checkpoint (")
+    assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
+
+
+def test_an_unknown_models_404_names_the_setting_and_the_list_without_claiming_to_show_the_folder(client, models_dir):
+    error = client.post("/generate", json={"prompt": "x", "model": "dremshaper_8"}).get_json()["error"]
+    assert error == (
+        "model 'dremshaper_8' not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
+        "GET /models lists the models a request can name, 'demo' (built in) among them"
+    )
+
+
+def test_the_img2img_log_line_says_the_steps_that_run(client, caplog):
+    start = png_data(Image.new("RGB", (64, 64), "teal"))
+    with caplog.at_level("INFO", logger="imagine"):
+        body = {"prompt": "x", "img": start, "num_steps": 10, "strength": 0.55, "seed": 1}
+        answer = client.post("/generate", json=body).get_json()
+    assert answer["steps"] == 5
+    assert any(line.startswith("generating 1 x 64x64, 5 steps,") for line in caplog.messages), caplog.messages
