@@ -281,10 +281,13 @@ class Engine:
         """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,
         a Preview of each picture; it stops a cancelled job and says when one should finish early."""
         req = job.request
+        began = time.perf_counter()
 
         def on_step(step, steps, latents):
             if job.cancelled():
                 raise Cancelled
+            if step == 1:
+                log_time_left(time.perf_counter() - began, steps)
             job.step, job.steps, job.latents = step, steps, latents
             job.events.put(Progress(step, steps))
             if req.stream and step % req.stream == 0 and step < steps:
@@ -294,3 +297,9 @@ class Engine:
             return job.stop_early is not None
 
         return on_step
+
+
+def log_time_left(took: float, steps: int) -> None:
+    """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
+    picture takes about a minute on a small CPU, and the first request used to sit silent)."""
+    log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))

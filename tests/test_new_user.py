@@ -2,6 +2,7 @@
 lists, the health check behind a key, the words of errors and logs, and what the CLI and server say first."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,12 @@ def test_the_img2img_log_line_says_the_steps_that_run(client, caplog):
         answer = client.post("/generate", json=body).get_json()
     assert answer["steps"] == 5
     assert any(line.startswith("generating 1 x 64x64, 5 steps,") for line in caplog.messages), caplog.messages
+
+
+def test_the_log_says_when_a_generation_starts_and_once_a_step_is_timed_how_long_is_left(client, caplog):
+    with caplog.at_level("INFO", logger="imagine"):
+        assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
+    started = next(i for i, line in enumerate(caplog.messages) if line.startswith("generating 1 x 64x64, 4 steps,"))
+    estimates = [line for line in caplog.messages[started:] if line.startswith("step 1/")]
+    assert len(estimates) == 1
+    assert re.fullmatch(r"step 1/4 took \d+\.\d s; about \d+ s left", estimates[0])
