@@ -23,7 +23,7 @@ from engine.errors import ImagineError
 from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
 from engine.previews import png_base64
-from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request
+from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request, rounded_size
 from engine.samplers import SAMPLERS
 from engine.settings import DEMO_MODEL, Settings
 
@@ -154,8 +154,8 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         generate_body = {
             "prompt": body.get("prompt") or "",
             "neg": body.get("negative_prompt"),
-            "width": body.get("width"),
-            "height": body.get("height"),
+            "width": rounded_size(body.get("width")),  # info tells the size drawn
+            "height": rounded_size(body.get("height")),
             "num_steps": body.get("steps"),
             "guidance": body.get("cfg_scale"),
             "sampler": sampler,

@@ -140,6 +140,15 @@ def _size(body, field, default, max_size):
     return size
 
 
+def rounded_size(value):
+    """A width or height as AUTOMATIC1111 draws it, rounded down to a multiple of 8 (its latents are size // 8), for
+    the dialects whose clients let users type any size; a value that is no size, or too small, is left for the checks
+    to refuse as sent."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= MIN_SIZE:
+        return value // 8 * 8
+    return value
+
+
 def decode_image(data: str, field: str = "img", mode: str = "RGB") -> Image.Image:
     """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
     of a PNG, JPEG, WEBP, BMP or GIF (its first frame), converted to `mode`; `field` names the request field
