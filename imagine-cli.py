@@ -228,7 +228,7 @@ def remote_updates(server: str, body: dict):
         raise CliError(f"cannot reach the server at {server}: {error}") from None
     with response:
         if response.status_code != 200:
-            raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+            raise refusal(response)
         try:
             if "stream" not in body:
                 yield update_from(answer_fields(response.content), streamed=False)
@@ -275,6 +275,14 @@ def update_from(answer: dict, streamed: bool) -> dict:
         fields = json.dumps(answer)[:60]
         raise CliError(f"the server sent an answer the CLI cannot read: {fields}") from None
     return update
+
+
+def refusal(response: requests.Response) -> CliError:
+    """The server's refusal on one line; a 401 says where the CLI takes the key from."""
+    message = f"the server answered {response.status_code}: {error_message(response)}"
+    if response.status_code == 401:
+        message += "; set IMAGINE_API_KEY to the server's key"
+    return CliError(message)
 
 
 def error_message(response: requests.Response) -> str:
@@ -371,7 +379,7 @@ def list_models(server: str) -> str:
     except requests.RequestException as error:
         raise CliError(f"cannot reach the server at {server}: {error}") from None
     if response.status_code != 200:
-        raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+        raise refusal(response)
     rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
     for model in response.json()["models"]:
         family = model["family"] or f"unreadable: {model.get('error', '')}"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAST, decode_png, pixels, png_data
+from conftest import FAST, decode_png, free_port, pixels, png_data, read_log_until_listening, serving
 from PIL import Image
 
 import imagine
@@ -142,3 +142,44 @@ def test_the_log_says_when_a_generation_starts_and_once_a_step_is_timed_how_long
     estimates = [line for line in caplog.messages[started:] if line.startswith("step 1/")]
     assert len(estimates) == 1
     assert re.fullmatch(r"step 1/4 took \d+\.\d s; about \d+ s left", estimates[0])
+
+
+def test_the_first_start_says_it_loads_torch_creates_the_default_models_folder_and_names_the_key(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGINE_")}
+    env |= {"HOME": str(tmp_path), "IMAGINE_API_KEY": "the-key"}
+    command = [sys.executable, str(ROOT / "imagine.py"), "--model", "demo", "-d", "cpu", "--port", str(free_port())]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        log = read_log_until_listening(process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert log[0].rstrip().endswith("INFO loading torch and diffusers...")
+    folder = tmp_path / ".imagine" / "models"
+    assert folder.is_dir()
+    assert any(f"INFO created the models folder {folder}; put models there" in line for line in log), log
+    assert any("INFO every request needs the API key" in line for line in log), log
+    assert not any("WARNING" in line for line in log), log
+    assert "the-key" not in "".join(log)
+
+
+def test_a_models_folder_the_user_named_is_not_created_but_warned_about(tmp_path, caplog):
+    named = tmp_path / "modles"
+    with caplog.at_level("INFO", logger="imagine"):
+        imagine.check_models_folders(imagine.Settings(models_dir=named))
+    assert not named.exists()
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert f"models folder {named} does not exist" in caplog.text
+
+
+def test_the_clis_401_says_to_set_imagine_api_key(make_engine, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGINE_")}
+    with serving(make_engine(api_key="the-key")) as url:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "imagine-cli.py"), "a cat", "-w", "64", "-h", "64", "--server", url],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("imagine: the server answered 401: ")
+    assert line.endswith("; set IMAGINE_API_KEY to the server's key")
