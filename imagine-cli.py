@@ -22,15 +22,40 @@ import threading
 import time
 from pathlib import Path
 
+PROJECT = Path(__file__).resolve().parent  # through the `imagine` symlink too
+VENV = PROJECT / ".venv"  # where the README installs the requirements
+
+
+def in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def run_in_venv() -> None:
+    """Runs this script again on the project's .venv when it exists and another Python runs it: a new terminal,
+    or the `imagine` symlink on PATH, starts outside the virtual environment that holds the requirements."""
+    python = VENV / "bin" / "python"
+    # The variable stops a loop where .venv/bin/python is no virtual environment's (sys.prefix is not .venv).
+    if python.is_file() and not in_venv() and "IMAGINE_CLI_IN_VENV" not in os.environ:
+        script = str(Path(__file__).resolve())
+        os.execve(python, [str(python), script, *sys.argv[1:]], {**os.environ, "IMAGINE_CLI_IN_VENV": "1"})
+
 
 def missing_module(error: ImportError) -> str:
-    """One line for a missing dependency, as when a python3 outside Imagine's virtual environment runs this."""
-    requirements = Path(__file__).resolve().parent / "requirements.txt"
-    return (
-        f"imagine: this Python ({sys.executable}) has no module {error.name!r}: run the CLI with the Python of "
-        f"Imagine's virtual environment, or install its requirements: {sys.executable} -m pip install -r {requirements}"
-    )
+    """One line for a missing dependency, naming Imagine's virtual environment, where the requirements belong."""
+    requirements = PROJECT / "requirements.txt"
+    if in_venv():
+        fix = f"install its requirements: {sys.executable} -m pip install -r {requirements}"
+    elif (VENV / "bin" / "python").is_file():
+        fix = f"run the CLI with the Python of Imagine's virtual environment: {VENV / 'bin' / 'python'}"
+    else:
+        fix = (
+            f"create Imagine's virtual environment: python3 -m venv {VENV} && {VENV}/bin/pip install -r {requirements}"
+        )
+    return f"imagine: this Python ({sys.executable}) has no module {error.name!r}: {fix}"
 
+
+if __name__ == "__main__":
+    run_in_venv()
 
 try:
     import requests

@@ -3,10 +3,12 @@ lists, the health check behind a key, the words of errors and logs, and what the
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import FAST, decode_png, free_port, pixels, png_data, read_log_until_listening, serving
 from PIL import Image
 
@@ -183,3 +185,50 @@ def test_the_clis_401_says_to_set_imagine_api_key(make_engine, tmp_path):
     [line] = result.stderr.splitlines()
     assert line.startswith("imagine: the server answered 401: ")
     assert line.endswith("; set IMAGINE_API_KEY to the server's key")
+
+
+def project_with_venv(tmp_path: Path, venv: Path | None) -> Path:
+    """A copy of the CLI in a project folder, its .venv a link to `venv` (None: no .venv), and an `imagine` link
+    to it elsewhere, as the README puts one on PATH."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / "imagine-cli.py", project / "imagine-cli.py")
+    if venv is not None:
+        (project / ".venv").symlink_to(venv)
+    (tmp_path / "imagine").symlink_to(project / "imagine-cli.py")
+    return tmp_path / "imagine"
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests run in no virtual environment to link to")
+def test_the_cli_started_by_a_python_outside_its_venv_runs_on_the_projects_venv(tmp_path):
+    link = project_with_venv(tmp_path, Path(sys.prefix))
+    outside = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "IMAGINE_CLI_IN_VENV")}
+    result = subprocess.run(
+        [sys._base_executable, "-c", "import tqdm"], capture_output=True, text=True, env=outside, timeout=60
+    )
+    assert result.returncode == 1  # the Python outside lacks the requirements, as the system's does
+    result = subprocess.run(
+        [sys._base_executable, str(link), "--help"], capture_output=True, text=True, env=outside, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: imagine")
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests run in no virtual environment to link to")
+@pytest.mark.parametrize("venv_there, python", [(False, "venv"), (True, "venv"), (True, "outside")])
+def test_a_missing_module_names_the_projects_venv_not_the_system_python(tmp_path, venv_there, python):
+    link = project_with_venv(tmp_path, Path(sys.prefix) if venv_there else None)
+    python = sys.executable if python == "venv" else sys._base_executable
+    script = f"import runpy, sys; sys.modules['tqdm'] = None; runpy.run_path({str(link)!r})"
+    result = subprocess.run([python, "-c", script, "a cat"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"imagine: this Python ({python}) has no module 'tqdm': ")
+    venv, requirements = tmp_path / "project" / ".venv", tmp_path / "project" / "requirements.txt"
+    if not venv_there:
+        create = f"create Imagine's virtual environment: python3 -m venv {venv} && {venv}/bin/pip install -r "
+        assert line.endswith(create + str(requirements))
+    elif python == sys.executable:  # the project's venv runs, and lacks a requirement
+        assert line.endswith(f"install its requirements: {python} -m pip install -r {requirements}")
+    else:
+        assert line.endswith(f"run the CLI with the Python of Imagine's virtual environment: {venv}/bin/python")
