@@ -118,7 +118,8 @@ def test_a_mistyped_default_model_stops_the_start_with_one_line_naming_it_and_th
     command = [sys.executable, str(ROOT / "imagine.py"), "--model", "dremshaper_8", "--models-dir", str(tmp_path)]
     result = subprocess.run([*command, "-d", "cpu", "-f", "32"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    [line] = result.stderr.splitlines()
+    loading, line = result.stderr.splitlines()  # the log's first line, then the error's one
+    assert loading.endswith("INFO loading torch and diffusers...")
     assert line.startswith("imagine: the default model 'dremshaper_8' (--model, IMAGINE_MODEL) is neither in")
     assert str(tmp_path) in line and "--models-dir" in line
 
