@@ -26,15 +26,40 @@ import time
 import urllib.parse
 from pathlib import Path
 
+PROJECT = Path(__file__).resolve().parent  # through the `imagine` symlink too
+VENV = PROJECT / ".venv"  # where the README installs the requirements
+
+
+def in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def run_in_venv() -> None:
+    """Runs this script again on the project's .venv when it exists and another Python runs it: a new terminal,
+    or the `imagine` symlink on PATH, starts outside the virtual environment that holds the requirements."""
+    python = VENV / "bin" / "python"
+    # The variable stops a loop where .venv/bin/python is no virtual environment's (sys.prefix is not .venv).
+    if python.is_file() and not in_venv() and "IMAGINE_CLI_IN_VENV" not in os.environ:
+        script = str(Path(__file__).resolve())
+        os.execve(python, [str(python), script, *sys.argv[1:]], {**os.environ, "IMAGINE_CLI_IN_VENV": "1"})
+
 
 def missing_module(error: ImportError) -> str:
-    """One line for a missing dependency, as when a python3 outside Imagine's virtual environment runs this."""
-    requirements = Path(__file__).resolve().parent / "requirements.txt"
-    return (
-        f"imagine: this Python ({sys.executable}) has no module {error.name!r}: run the CLI with the Python of "
-        f"Imagine's virtual environment, or install its requirements: {sys.executable} -m pip install -r {requirements}"
-    )
+    """One line for a missing dependency, naming Imagine's virtual environment, where the requirements belong."""
+    requirements = PROJECT / "requirements.txt"
+    if in_venv():
+        fix = f"install its requirements: {sys.executable} -m pip install -r {requirements}"
+    elif (VENV / "bin" / "python").is_file():
+        fix = f"run the CLI with the Python of Imagine's virtual environment: {VENV / 'bin' / 'python'}"
+    else:
+        fix = (
+            f"create Imagine's virtual environment: python3 -m venv {VENV} && {VENV}/bin/pip install -r {requirements}"
+        )
+    return f"imagine: this Python ({sys.executable}) has no module {error.name!r}: {fix}"
 
+
+if __name__ == "__main__":
+    run_in_venv()
 
 try:
     import requests
@@ -43,8 +68,10 @@ except ImportError as error:
     sys.exit(missing_module(error))
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
+# The server's sampler table (engine/samplers.py) comes with diffusers, too slow to import for --help: its names
+# are written out here, and a test checks that they are all of them.
 SAMPLER_NAMES = (
-    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a,"
+    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a, DPM++ 2M SDE, LCM,"
     " and Karras variants such as 'DPM++ 2M Karras' (the server's GET /samplers lists them all)"
 )
 
@@ -247,7 +274,7 @@ def server_request(method: str, server: str, path: str, expect: int = 200, heade
         raise CliError(f"cannot reach the server at {server}: {error}") from None
     if response.status_code != expect:
         with response:
-            raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+            raise refusal(response)
     return response
 
 
@@ -300,6 +327,14 @@ def update_from(answer: dict, streamed: bool) -> dict:
         fields = json.dumps(answer)[:60]
         raise CliError(f"the server sent an answer the CLI cannot read: {fields}") from None
     return update
+
+
+def refusal(response: requests.Response) -> CliError:
+    """The server's refusal on one line; a 401 says where the CLI takes the key from."""
+    message = f"the server answered {response.status_code}: {error_message(response)}"
+    if response.status_code == 401:
+        message += "; set IMAGINE_API_KEY to the server's key"
+    return CliError(message)
 
 
 def error_message(response: requests.Response) -> str:
@@ -472,7 +507,8 @@ def list_models(server: str) -> str:
     rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
     for model in response.json()["models"]:
         family = model["family"] or f"unreadable: {model.get('error', '')}"
-        rows.append((model["name"], family, human_size(model["size"]), "yes" if model["loaded"] else ""))
+        size = "built in" if model.get("builtin") else human_size(model["size"])
+        rows.append((model["name"], family, size, "yes" if model["loaded"] else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = (
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]]) for row in rows

@@ -157,8 +157,12 @@ def setting_problems(args) -> list:
     return [problem for passed, problem in checks if not passed]
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
 if __name__ == "__main__":
     parse_settings()  # exits here for --help or a bad flag; main() parses them again, in no time
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    log.info("loading torch and diffusers...")  # 10 s or so on a small machine: the start is not stuck
 
 # The heavy libraries (torch, diffusers) come with the engine, imported once the settings are parsed.
 from flask import Flask, jsonify, request  # noqa: E402
@@ -237,18 +241,32 @@ def check_default_model(engine: Engine) -> None:
         raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
 
 
+def check_models_folders(settings: Settings) -> None:
+    """Creates the default models folder on the first run, where a new user then puts models; a folder the user
+    named and that is missing is more likely a typo, so it is only warned about."""
+    for folder in model_folders(settings.models_dir):
+        if folder.is_dir():
+            continue
+        try:
+            if settings.models_dir == Settings().models_dir:
+                folder.mkdir(parents=True)
+                log.info("created the models folder %s; put models there (--models-dir names others)", folder)
+                continue
+        except OSError as error:
+            log.warning("cannot create the models folder %s: %s", folder, error.strerror)
+        log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     engine = Engine(settings)
     check_default_model(engine)
     log.info(
         "device %s, precision %s, default model %s, models folders %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
-    for folder in model_folders(settings.models_dir):
-        if not folder.is_dir():
-            log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
+    check_models_folders(settings)
     try:
         server = create_server(engine, settings.host, settings.port)
     except OSError as error:
@@ -260,7 +278,9 @@ def main(argv=None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     threading.Thread(target=server.run, name="http", daemon=True).start()
-    if not is_loopback(settings.host) and not settings.api_key:
+    if settings.api_key:
+        log.info("every request needs the API key (Authorization: Bearer KEY); / and GET /health answer without it")
+    elif not is_loopback(settings.host):
         log.warning("other machines can reach this server and no API key is set: anyone may use it (IMAGINE_API_KEY)")
     log.info("listening on http://%s:%d", settings.host, settings.port)
     engine.run_forever()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
+from api.guard import has_key
 from engine.engine import Engine, Failed, Finished, Job, Preview
 from engine.errors import ImagineError
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
@@ -214,7 +215,7 @@ ENDPOINTS = {
         "DELETE /jobs/<job_id>": "cancels a queued or running job",
         "GET /samplers": "the sampler names /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
-        "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
+        "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
         "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
@@ -235,6 +236,7 @@ ENDPOINTS = {
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
         "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
+        "GET /sdapi/v1/sd-modules": "empty: Forge's extra text encoders and VAEs, which SillyTavern asks for",
         "GET /sdapi/v1/latent-upscale-modes": "empty",
         "GET /sdapi/v1/face-restorers": "empty",
         "GET /sdapi/v1/prompt-styles": "empty",
@@ -293,7 +295,10 @@ def models_route():
 @blueprint.get("/health")
 def health_route():
     # For load balancers: it reads a few fields and never waits for the engine, so it answers mid-generation.
+    # It needs no key (a load balancer's check sends none); without the key it tells only that the server is up.
     engine = current_engine()
+    if engine.settings.api_key and not has_key(engine.settings):
+        return jsonify(status="ok")
     loaded = [model.name for model in list(engine.models.loaded.values())]
     running = engine.running is not None
     return jsonify(status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running)

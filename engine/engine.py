@@ -269,9 +269,11 @@ class Engine:
         req = job.request = dataclasses.replace(
             job.request, width=job.request.width or size, height=job.request.height or size
         )
+        # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
+        steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
         log.info(
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
-            req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+            req.n, req.width, req.height, steps, req.sampler, req.seed, model.name,
         )  # fmt: skip
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
@@ -302,10 +304,13 @@ class Engine:
         """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,
         a Preview of each picture; it stops a cancelled job and says when one should finish early."""
         req = job.request
+        began = time.perf_counter()
 
         def on_step(step, steps, latents):
             if job.cancelled():
                 raise Cancelled
+            if step == 1:
+                log_time_left(time.perf_counter() - began, steps)
             job.step, job.steps, job.latents = step, steps, latents
             job.events.put(Progress(step, steps))
             if req.stream and step % req.stream == 0 and step < steps:
@@ -325,3 +330,9 @@ def job_preview(job: Job) -> str | None:
         image = preview_image(model, job.request, latents[:1])
         job.preview = (latents, png_base64(image, None, compress_level=1))
     return job.preview[1]
+
+
+def log_time_left(took: float, steps: int) -> None:
+    """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
+    picture takes about a minute on a small CPU, and the first request used to sit silent)."""
+    log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))

@@ -201,7 +201,8 @@ def test_the_readme_examples_of_batches_inpainting_models_and_health_work_as_wri
         "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32"
     )
     assert boat.getpixel((0, 0)) == harbour.getpixel((0, 0)) and boat.tobytes() != harbour.tobytes()
-    assert outputs["models"] == '"demo"\n[]\n'
+    demo = '{"builtin":true,"family":"sd1","loaded":true,"modified":null,"name":"demo","size":0}'
+    assert outputs["models"] == f'"demo"\n[{demo}]\n'
     assert outputs["health"].startswith('{"device":"cpu","loaded":["demo"],"queue":0,"running":false,"status":"ok"}')
 
 

@@ -19,6 +19,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -278,3 +279,42 @@ def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arri
         assert [each["id"] for each in json.load(response)["jobs"]] == [job_id]  # the same job, not a new one
     assert browser.execute_script("return localStorage.getItem('imagine.job')") is None
     assert severe_console_messages(browser) == []
+
+
+# The first impression (issue 22.6): no broken picture before the first one, demo's size as the API draws it, a
+# size menu that names the preset chosen, and a word that demo draws noise.
+
+
+def test_before_any_picture_the_page_shows_no_picture_and_so_no_broken_image(browser, live_server):
+    open_page(browser, live_server)
+    assert element(browser, "picture").get_attribute("src") is None
+    assert not element(browser, "picture").is_displayed()
+
+
+def test_demos_size_on_the_page_is_the_apis_default_and_the_size_menu_names_it(browser, live_server, client):
+    open_page(browser, live_server)
+    assert element(browser, "model").get_attribute("value") == "demo"
+    size = (element(browser, "width").get_attribute("value"), element(browser, "height").get_attribute("value"))
+    answer = client.post("/generate", json={"prompt": "x", "num_steps": 1, "seed": 1}).get_json()
+    assert size == (str(answer["width"]), str(answer["height"])) == ("512", "512")
+    assert Select(element(browser, "preset")).first_selected_option.text == "512x512"
+
+
+def test_the_size_menu_keeps_the_preset_chosen_and_says_custom_only_for_a_size_of_none(browser, live_server):
+    open_page(browser, live_server)
+    presets = Select(element(browser, "preset"))
+    presets.select_by_visible_text("768x512")
+    assert presets.first_selected_option.text == "768x512"
+    assert element(browser, "width").get_attribute("value") == "768"
+    element(browser, "height").send_keys("0")  # 5120: a size no preset has
+    assert presets.first_selected_option.text == "custom"
+
+
+def test_a_note_says_demo_draws_noise_while_demo_is_chosen(browser, live_server):
+    open_page(browser, live_server)
+    note = element(browser, "demo-note")
+    assert note.is_displayed() and "noise" in note.text
+    Select(element(browser, "model")).select_by_visible_text("tiny")
+    assert not note.is_displayed()
+    Select(element(browser, "model")).select_by_visible_text("demo")
+    assert note.is_displayed()

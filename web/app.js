@@ -10,7 +10,6 @@ const SIZES = {
   sd2: [[512, 512], [512, 768], [768, 512]],
   "sd2-v": [[768, 768], [768, 1024], [1024, 768]],
   sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
-  demo: [[64, 64], [128, 128], [256, 256]],
 };
 const FIELDS = ["prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "n", "clip_skip"];
 
@@ -57,6 +56,7 @@ async function loadLists() {
   fill($("sampler"), samplers.samplers, samplers.default);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
+  showDemoNote();
 }
 
 function fill(select, values, selected) {
@@ -66,12 +66,12 @@ function fill(select, values, selected) {
 function updatePresets() {
   const families = JSON.parse($("model").dataset.families || "{}");
   const name = $("model").value;
-  const family = families[name] || (name === "demo" ? "demo" : "sd1");
-  const sizes = SIZES[family] || SIZES.sd1;
+  // The family's first size is the API's default for the model (demo is an SD 1.x model: 512x512).
+  const sizes = SIZES[families[name]] || SIZES.sd1;
   fill($("preset"), sizes.map(([w, h]) => `${w}x${h}`), null);
   $("preset").prepend(new Option("custom", "", true, true));
-  $("preset").value = "";
   if (!initData) applyPreset(sizes[0].join("x"));
+  showPresetOfSize();
 }
 
 function applyPreset(value) {
@@ -79,6 +79,17 @@ function applyPreset(value) {
   const [w, h] = value.split("x");
   $("width").value = w;
   $("height").value = h;
+}
+
+// The size menu names the preset the width and height make, and "custom" only for a size of no preset.
+function showPresetOfSize() {
+  const size = `${$("width").value}x${$("height").value}`;
+  const preset = [...$("preset").options].find((option) => option.value === size);
+  $("preset").value = preset ? size : "";
+}
+
+function showDemoNote() {
+  $("demo-note").hidden = $("model").value !== "demo";
 }
 
 function requestBody() {
@@ -328,6 +339,8 @@ function copySettings(params) {
   $("seed").value = params.seed;
   $("random-seed").checked = false;
   if (params.stream) $("stream").value = params.stream;
+  showPresetOfSize();
+  showDemoNote();
 }
 
 // Image to image and inpainting: the input picture, with a mask canvas of its size over it.
@@ -339,6 +352,7 @@ function setInit(dataUrl) {
     canvas.height = img.naturalHeight;
     $("width").value = Math.max(64, Math.floor(img.naturalWidth / 8) * 8);
     $("height").value = Math.max(64, Math.floor(img.naturalHeight / 8) * 8);
+    showPresetOfSize();
   };
   img.src = dataUrl;
   initData = dataUrl.slice(dataUrl.indexOf(",") + 1);
@@ -418,7 +432,9 @@ function setUp() {
   });
   $("cancel").addEventListener("click", cancelJob);
   $("model").addEventListener("change", updatePresets);
+  $("model").addEventListener("change", showDemoNote);
   $("preset").addEventListener("change", () => applyPreset($("preset").value));
+  for (const side of ["width", "height"]) $(side).addEventListener("input", showPresetOfSize);
   $("reuse-seed").addEventListener("click", () => {
     $("seed").value = lastSeed;
     $("random-seed").checked = false;
