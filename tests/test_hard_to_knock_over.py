@@ -88,3 +88,18 @@ def test_png_info_of_a_parameters_text_over_the_limit_is_a_422_naming_the_limit(
     answer = requests.post(f"{live_server}/sdapi/v1/png-info", json={"image": image}, timeout=60)
     assert answer.status_code == 422
     assert str(api.a1111.MAX_PARAMETERS_CHARS) in answer.json()["detail"]
+
+
+# ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
+
+
+def test_a_clip_skip_beyond_the_models_layers_is_a_422_on_the_a1111_api_like_every_bad_value(client):
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "clip_skip": 12, "width": 64, "height": 64})
+    assert answer.status_code == 422
+    assert "clip_skip 12" in answer.get_json()["detail"]
+
+
+def test_a_bad_value_of_the_options_or_png_info_is_a_422_on_the_a1111_api(client):
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": 5}).status_code == 422
+    assert client.post("/sdapi/v1/png-info", json={"image": 5}).status_code == 422
+    assert client.post("/sdapi/v1/txt2img", data="{", content_type="application/json").status_code == 422
