@@ -59,7 +59,11 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
             sent = b""
         # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
         if not sent or not hmac.compare_digest(sent, key):
-            raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+            raise ImagineError(
+                "this server needs an API key: send 'Authorization: Bearer <key>', or HTTP Basic with the key as the "
+                "password (any user name)",
+                401,
+            )
 
 
 def basic_password(credentials: bytes) -> bytes:

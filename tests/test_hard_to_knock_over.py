@@ -103,3 +103,15 @@ def test_a_bad_value_of_the_options_or_png_info_is_a_422_on_the_a1111_api(client
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": 5}).status_code == 422
     assert client.post("/sdapi/v1/png-info", json={"image": 5}).status_code == 422
     assert client.post("/sdapi/v1/txt2img", data="{", content_type="application/json").status_code == 422
+
+
+# ---- 21.8 the 401 names both ways to send the key
+
+
+def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
+    client = imagine.create_app(make_engine(model="demo", api_key="sesame")).test_client()
+    wrong = base64.b64encode(b"user:wrong").decode()
+    answer = client.get("/sdapi/v1/options", headers={"Authorization": f"Basic {wrong}"})
+    assert answer.status_code == 401
+    message = answer.get_json()["detail"]
+    assert "Bearer <key>" in message and "Basic" in message and "password" in message
