@@ -76,6 +76,9 @@ class LoadedModel:
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
 
 
+FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
+
+
 class Models:
     """Finds models by name, loads them once, and keeps the `max_loaded` most recently used."""
 
@@ -86,7 +89,7 @@ class Models:
         self.configs_dir = configs_dir
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
-        self.fallen_back = set()  # the names resolve_or_default has logged as drawn by the default
+        self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
         self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
 
     def resolve(self, name: str | None) -> str:
@@ -127,8 +130,11 @@ class Models:
             if error.status != 404:
                 raise
         if name not in self.fallen_back:
-            self.fallen_back.add(name)
-            log.info("model %r is not here; the default model %r draws instead", name, self.default)
+            log.info("model %r is not here; the default model %r draws instead", str(name)[:80], self.default)
+        self.fallen_back[name] = True  # the newest FALLBACKS_KEPT names: no state grows with every name sent
+        self.fallen_back.move_to_end(name)
+        while len(self.fallen_back) > FALLBACKS_KEPT:
+            self.fallen_back.popitem(last=False)
         return self.resolve(None)
 
     def listing(self) -> list[dict]:

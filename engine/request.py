@@ -37,6 +37,9 @@ MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have
 MAX_PROMPT_CHARS = 16_000
 
 
+MAX_NAME_CHARS = 512  # a model's or LoRA's name: a path below a models folder, not a text
+
+
 # Picture formats an input image may have: what cameras, browsers and editors save. Pillow knows many
 # more (EPS runs Ghostscript on the data, others are rare codecs); those are refused, unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -227,7 +230,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         )
     parsed = GenerationRequest(
         prompt=prompt,
-        model=_text(body, "model", None),
+        model=_text(body, "model", None, MAX_NAME_CHARS),
         width=width,
         height=height,
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
@@ -304,6 +307,9 @@ def checked_loras(loras: list) -> list:
     if len(loras) > MAX_LORAS_KEPT:
         raise ImagineError(f"a request may use at most {MAX_LORAS_KEPT} loras, not {len(loras)}", field="loras")
     for name, weight in loras:
+        if len(name) > MAX_NAME_CHARS:
+            message = f"lora name is {len(name)} characters long; at most {MAX_NAME_CHARS} are accepted"
+            raise ImagineError(message, field="loras")
         if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
             raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}", field="loras")
     return loras

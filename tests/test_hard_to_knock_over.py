@@ -90,6 +90,30 @@ def test_png_info_of_a_parameters_text_over_the_limit_is_a_422_naming_the_limit(
     assert str(api.a1111.MAX_PARAMETERS_CHARS) in answer.json()["detail"]
 
 
+# ---- 2. model names are short strings, and unknown OpenAI names leave no state behind
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/images/generations"])
+def test_a_model_name_longer_than_a_name_is_refused_naming_the_field_and_the_limit(client, route, caplog):
+    body = {"prompt": "a cat", "model": "m" * 1_000_000}
+    answer = client.post(route, json=body)
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    message = message["message"] if isinstance(message, dict) else message
+    assert message == f"model is 1000000 characters long; at most {engine.request.MAX_NAME_CHARS} are accepted"
+    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
+
+
+def test_unknown_openai_model_names_are_remembered_only_up_to_a_bound(client, monkeypatch, caplog):
+    monkeypatch.setattr(engine.models, "FALLBACKS_KEPT", 2)
+    caplog.set_level("INFO", logger="imagine")
+    for name in ("dall-e-2", "dall-e-3", "gpt-image-1", "dall-e-2"):
+        body = {"prompt": "a cat", "model": name, "steps": 1, "size": "64x64"}
+        assert client.post("/v1/images/generations", json=body).status_code == 200
+    logged = [record.getMessage() for record in caplog.records if "is not here" in record.getMessage()]
+    assert len(logged) == 4  # dall-e-2 was forgotten, so it is told again: nothing keeps every name
+
+
 # ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
 
 
