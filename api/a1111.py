@@ -23,7 +23,15 @@ from engine.errors import ImagineError
 from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
 from engine.previews import png_base64
-from engine.request import IMAGE_FORMATS, MAX_PROMPT_CHARS, _integer, _text, decode_image, parse_request
+from engine.request import (
+    IMAGE_FORMATS,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    _integer,
+    _text,
+    decode_image,
+    parse_request,
+)
 from engine.samplers import SAMPLERS
 from engine.settings import DEMO_MODEL, Settings
 
@@ -164,7 +172,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             "clip_skip": clip_skip,
         }
         if overrides.get("sd_model_checkpoint"):
-            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None))
+            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
         if img2img:
             generate_body |= a1111_img2img_fields(body)
         req = parse_request(generate_body, settings.max_size, settings.max_batch)
@@ -315,13 +323,22 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
 def a1111_model_name(titles: dict, checkpoint: str) -> str:
     """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
     its model_name or its hash, as a name Models.resolve takes."""
-    bare = re.sub(r"\s*\[[0-9a-f]+\]$", "", checkpoint.strip())
+    bare = without_hash(checkpoint.strip())
     for key, listed in titles.items():
         names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}
         filename = listed.get("filename") or key
         if checkpoint in names or bare in names or bare == os.path.splitext(filename)[0]:
             return filename
     raise ImagineError(f"model {checkpoint!r} not found; GET /sdapi/v1/sd-models lists the models", 404)
+
+
+def without_hash(title: str) -> str:
+    """A title without its " [0123456789]"; read from the end, in linear time (a regex took quadratic time on long
+    runs of spaces)."""
+    name, bracket, digits = title.removesuffix("]").rpartition("[")
+    if title.endswith("]") and bracket and digits and all(digit in "0123456789abcdef" for digit in digits):
+        return name.rstrip()
+    return title
 
 
 def a1111_progress(progress: dict | None, with_image: bool) -> dict:
@@ -503,7 +520,7 @@ def set_options_route():
     body = read_json_body()
     if body.get("sd_model_checkpoint") is not None:
         engine = current_engine()
-        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None))
+        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None, MAX_NAME_CHARS))
         first = next(iter(engine.load_model(name)))
         if isinstance(first, Failed):
             raise first.error

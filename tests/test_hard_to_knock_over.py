@@ -114,6 +114,34 @@ def test_unknown_openai_model_names_are_remembered_only_up_to_a_bound(client, mo
     assert len(logged) == 4  # dall-e-2 was forgotten, so it is told again: nothing keeps every name
 
 
+# ---- 3. A1111 checkpoint names are read in linear time
+
+
+@pytest.mark.parametrize("where", ["options", "override_settings"])
+def test_an_a1111_checkpoint_name_of_a_long_run_of_spaces_is_refused_at_once_while_health_answers(live_server, where):
+    name = "a" + " " * 200_000 + "a"
+    if where == "options":
+        call = lambda: requests.post(f"{live_server}/sdapi/v1/options", json={"sd_model_checkpoint": name}, timeout=300)  # noqa: E731
+    else:
+        body = {
+            "prompt": "a cat",
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "override_settings": {"sd_model_checkpoint": name},
+        }
+        call = lambda: requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=300)  # noqa: E731
+    answer, slowest = health_while(live_server, call)
+    assert answer.status_code == 422
+    assert f"at most {engine.request.MAX_NAME_CHARS} are accepted" in answer.json()["detail"]
+    assert slowest < HEALTH_BOUND
+
+
+def test_an_a1111_title_with_its_hash_still_names_the_model(client):
+    answer = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "demo [0123456789]"})
+    assert answer.status_code == 200
+
+
 # ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
 
 
