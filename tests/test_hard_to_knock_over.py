@@ -142,6 +142,26 @@ def test_an_a1111_title_with_its_hash_still_names_the_model(client):
     assert answer.status_code == 200
 
 
+# ---- 4. a bound on prompt chunks
+
+
+@pytest.mark.parametrize(
+    "field, text",
+    [("prompt", "a cat BREAK " * 100), ("neg", "a dog BREAK " * 100), ("prompt", "a, " * 5000)],
+    ids=["breaks", "breaks-in-neg", "tokens"],
+)
+def test_a_prompt_of_more_chunks_than_the_limit_is_a_400_naming_the_field_and_the_limit(client, field, text):
+    answer = client.post("/generate", json={"prompt": "a cat", **FAST, field: text})
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    assert message.startswith(f"{field} is ") and f"at most {engine.prompts.MAX_PROMPT_CHUNKS}" in message
+
+
+def test_a_prompt_of_many_breaks_is_a_422_on_the_a1111_api(client):
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a BREAK " * 100, "steps": 1, "width": 64, "height": 64})
+    assert answer.status_code == 422
+
+
 # ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
 
 
