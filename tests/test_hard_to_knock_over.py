@@ -162,6 +162,27 @@ def test_a_prompt_of_many_breaks_is_a_422_on_the_a1111_api(client):
     assert answer.status_code == 422
 
 
+# ---- 5. long runs of spaces
+
+
+def test_long_runs_of_spaces_in_prompt_and_negative_do_not_hold_the_server(live_server):
+    body = {"prompt": " " * 16_000, "neg": " " * 16_000, **FAST, "num_steps": 1}
+    answer, slowest = health_while(
+        live_server, lambda: requests.post(f"{live_server}/generate", json=body, timeout=300)
+    )
+    assert answer.status_code == 200
+    assert slowest < HEALTH_BOUND
+
+
+def test_break_still_splits_a_prompt_and_eats_the_spaces_around_it():
+    assert engine.prompts.parse_prompt_attention("a cat  BREAK  a dog") == [
+        ("a cat", 1.0),
+        ("BREAK", None),
+        ("a dog", 1.0),
+    ]
+    assert engine.prompts.parse_prompt_attention("BREAKFAST") == [("BREAKFAST", 1.0)]
+
+
 # ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
 
 
