@@ -12,6 +12,7 @@ from engine.errors import ImagineError
 from engine.families import FAMILIES, refuse_pickles_that_could_run
 from engine.folders import find_in_folders, model_folders, real_path, walk_folders
 from engine.models import LoadedModel
+from engine.prompts import CHUNK_TOKENS
 from engine.settings import Settings
 
 log = logging.getLogger("imagine")
@@ -220,6 +221,10 @@ def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
         if not isinstance(vector, torch.Tensor) or vector.shape[-1] != width:
             raise ImagineError(f"embedding {name!r} does not fit this model ({model.family.label})")
         vectors[key] = vector.reshape(-1, width).to(encoder.device, encoder.dtype)
+        if len(vectors[key]) > CHUNK_TOKENS:  # an embedding is never split across chunks, so one must hold it
+            raise ImagineError(
+                f"embedding {name!r} has {len(vectors[key])} vectors; at most {CHUNK_TOKENS} fit in a prompt's chunk"
+            )
     return vectors
 
 

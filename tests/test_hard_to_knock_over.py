@@ -183,6 +183,33 @@ def test_break_still_splits_a_prompt_and_eats_the_spaces_around_it():
     assert engine.prompts.parse_prompt_attention("BREAKFAST") == [("BREAKFAST", 1.0)]
 
 
+# ---- 6. an embedding of more than 75 vectors
+
+
+@pytest.fixture
+def long_embedding_engine(make_engine, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "embeddings").mkdir()
+    save_file({"emb_params": torch.zeros(76, 32)}, tmp_path / "embeddings" / "longwinded.safetensors")
+    return make_engine(model="demo", models_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "route, body, status",
+    [
+        ("/generate", {"prompt": "a longwinded cat", **FAST}, 400),
+        ("/v1/images/generations", {"prompt": "a longwinded cat", "size": "64x64", "steps": 1}, 400),
+        ("/sdapi/v1/txt2img", {"prompt": "a longwinded cat", "width": 64, "height": 64, "steps": 1}, 422),
+    ],
+)
+def test_an_embedding_of_more_than_75_vectors_is_refused_naming_it(long_embedding_engine, route, body, status, caplog):
+    answer = imagine.create_app(long_embedding_engine).test_client().post(route, json=body)
+    assert answer.status_code == status
+    assert "embedding 'longwinded' has 76 vectors; at most 75 fit" in answer.get_data(as_text=True)
+    assert not any(record.exc_info for record in caplog.records)  # no traceback in the log
+
+
 # ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
 
 
