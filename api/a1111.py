@@ -21,7 +21,7 @@ from api.native import Answer, current_engine, current_settings, read_json_body,
 from engine.engine import Failed, Finished, Job
 from engine.errors import ImagineError
 from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
-from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import (
     IMAGE_FORMATS,
@@ -569,20 +569,22 @@ def schedulers_route():
 
 @blueprint.get("/loras")
 def loras_route():
+    settings = current_settings()
     return jsonify(
         [
             {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
-            for lora in lora_listing(current_settings())
+            for lora in current_engine().models.reader.read(lambda: lora_listing(settings))
         ]
     )
 
 
 @blueprint.get("/embeddings")
 def embeddings_route():
-    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
+    settings = current_settings()
+    files = current_engine().models.reader.read(lambda: embedding_listing(settings))
     loaded = {
-        name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
-        for name in files
+        each["name"]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        for each in files
     }
     return jsonify(loaded=loaded, skipped={})
 

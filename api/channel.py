@@ -9,6 +9,7 @@ import time
 from waitress.channel import HTTPChannel
 
 from api.native import MAX_BODY_BYTES
+from engine.folders import FOLDER_WAITERS
 
 log = logging.getLogger("imagine")
 
@@ -128,8 +129,9 @@ def create_server(app, max_queue: int, host: str, port: int):
         app,
         host=host,
         port=port,
-        # A thread for each waiting request and the running one (see generation_slots), and spares.
-        threads=max_queue + 1 + SPARE_THREADS,
+        # A thread for each waiting request and the running one (see generation_slots), for each request waiting
+        # for the models folders to be read (see FolderReader), and spares.
+        threads=max_queue + 1 + SPARE_THREADS + FOLDER_WAITERS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
         connection_limit=CONNECTION_LIMIT,

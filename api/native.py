@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 
 from engine.engine import Engine, Failed, Finished, Job, Preview
 from engine.errors import ImagineError
-from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
 from engine.samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -296,10 +296,11 @@ def health_route():
 
 @blueprint.get("/loras")
 def loras_route():
-    return jsonify(loras=lora_listing(current_settings()))
+    settings = current_settings()
+    return jsonify(loras=current_engine().models.reader.read(lambda: lora_listing(settings)))
 
 
 @blueprint.get("/embeddings")
 def embeddings_route():
-    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
-    return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
+    settings = current_settings()
+    return jsonify(embeddings=current_engine().models.reader.read(lambda: embedding_listing(settings)))

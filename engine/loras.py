@@ -105,6 +105,11 @@ def lora_listing(settings: Settings) -> list:
     return listing
 
 
+def embedding_listing(settings: Settings) -> list:
+    files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
+    return [{"name": name, "size": path.stat().st_size} for name, path in files.items()]
+
+
 def lora_tags(prompt: str) -> list:
     """The (name, weight) of each `<lora:name:weight>` in a prompt; the weight may be left out (1.0)."""
     found = []

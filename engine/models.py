@@ -38,6 +38,7 @@ from engine.families import (
 from engine.folders import (
     CHECKPOINT_SUFFIXES,
     NOT_CHECKPOINTS,
+    FolderReader,
     check_model_name,
     find_in_folders,
     is_model_entry,
@@ -91,6 +92,7 @@ class Models:
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
         self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
         self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
+        self.reader = FolderReader()
 
     def resolve(self, name: str | None) -> str:
         """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
@@ -139,7 +141,11 @@ class Models:
 
     def listing(self) -> list[dict]:
         """Every model a request can name, in the order the folders are searched: single files and diffusers
-        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
+        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out.
+        Read on the folder reader's thread (see FolderReader)."""
+        return self.reader.read(self.read_listing)
+
+    def read_listing(self) -> list[dict]:
         folders = model_folders(self.settings.models_dir)
         listed = []
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
@@ -229,6 +235,8 @@ class Models:
             return FAMILIES["sd1"]
         if path.is_dir():
             return folder_family(path)
+        if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
+            raise ImagineError("the model is not a regular file")
         refuse_pickles_that_could_run(path)
         try:
             keys = read_checkpoint_keys(path)

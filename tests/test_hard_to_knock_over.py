@@ -235,3 +235,84 @@ def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
     assert answer.status_code == 401
     message = answer.get_json()["detail"]
     assert "Bearer <key>" in message and "Basic" in message and "password" in message
+
+
+# ---- 7. files that block on open, and folders slow to read
+
+
+FOLDER_ROUTES = (
+    "/models",
+    "/loras",
+    "/embeddings",
+    "/v1/models",
+    "/sdapi/v1/sd-models",
+    "/sdapi/v1/options",
+    "/sdapi/v1/loras",
+    "/sdapi/v1/embeddings",
+)
+
+
+@pytest.fixture
+def fifos(tmp_path):
+    """A models folder holding FIFOs named as models, LoRAs, embeddings and a diffusers folder's config; on leaving,
+    each is opened for writing once, so that a thread a broken server left waiting on one can end."""
+    import json
+    import os
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "folder" / "unet").mkdir(parents=True)
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    paths = [
+        tmp_path / name
+        for name in ("x.safetensors", "y.ckpt", "loras/z.safetensors", "embeddings/e.pt", "folder/unet/config.json")
+    ]
+    for path in paths:
+        os.mkfifo(path)
+    yield tmp_path
+    for path in paths:
+        with contextlib.suppress(OSError):  # no reader waits on it: nothing to free
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifos_in_the_folders_are_never_opened_and_every_listing_answers_while_health_stays_quick(
+    make_engine, serve, fifos
+):
+    url = serve(make_engine(model="demo", models_dir=fifos))
+    for route in FOLDER_ROUTES:
+        answer, slowest = health_while(url, lambda route=route: requests.get(f"{url}{route}", timeout=30))
+        assert answer.status_code == 200, route
+        assert slowest < HEALTH_BOUND
+    listed = {model["name"]: model for model in requests.get(f"{url}/models", timeout=30).json()["models"]}
+    assert "x" not in listed and "y" not in listed  # only regular files are models
+    assert "folder" in listed  # its UNet's config is no regular file: read as missing, never waited on
+    assert requests.get(f"{url}/loras", timeout=30).json()["loras"] == []
+    refused = requests.post(f"{url}/generate", json={"prompt": "a cat", "model": "x", **FAST}, timeout=30)
+    assert refused.status_code == 400
+
+
+def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_health(
+    make_engine, serve, monkeypatch, tmp_path
+):
+    (tmp_path / "x.safetensors").write_bytes(b"not read")
+    monkeypatch.setattr(engine.folders, "FOLDER_SECONDS", 1, raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(engine.models.Models, "describe", lambda self, real: release.wait(60) and {})  # a stalled mount
+    url = serve(make_engine(model="demo", models_dir=tmp_path))
+    statuses = []
+
+    def list_models():
+        statuses.append(requests.get(f"{url}/models", timeout=120).status_code)
+
+    listers = [threading.Thread(target=list_models) for _ in range(20)]
+    try:
+        for lister in listers:
+            lister.start()
+        time.sleep(0.5)
+        _, slowest = health_while(url, lambda: time.sleep(3))
+    finally:
+        release.set()
+        for lister in listers:
+            lister.join(120)
+    assert slowest < HEALTH_BOUND
+    assert set(statuses) == {503}
