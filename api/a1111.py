@@ -237,7 +237,8 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "sampler_name": understood["sampler_name"],
         "scheduler": understood["scheduler"],
         "cfg_scale": req.guidance,
-        "steps": req.num_steps,
+        "steps": event.steps if event.interrupted else req.num_steps,
+        "interrupted": event.interrupted,
         "batch_size": understood["batch_size"],
         "restore_faces": False,
         "sd_model_name": Path(event.model).stem,
@@ -259,7 +260,7 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "seed": event.seed,
         "width": event.image.width,
         "height": event.image.height,
-        "steps": req.num_steps,
+        "steps": info["steps"],
         "cfg_scale": req.guidance,
         "sampler_name": understood["sampler_name"],
         "scheduler": understood["scheduler"],
@@ -480,7 +481,7 @@ def to_answer(body: dict, img2img: bool) -> Answer:
             models.default = req.model  # for this run of the server; --model stays the default after a restart
         return a1111_answer(body, event, job, understood, titles().get(job.model_key, {}))
 
-    return Answer(req, whole)
+    return Answer(req, whole, interruptible=True)
 
 
 @blueprint.post("/txt2img")
@@ -535,8 +536,10 @@ def progress_route():
 
 
 def finish_early(how: str):
+    # Only a generation asked for through this API: an interrupt from one A1111 client (a SillyTavern Stop)
+    # must not cut the picture of a client of /generate or /v1 that knows nothing of it.
     running = current_engine().running
-    if running is not None:
+    if running is not None and running.interruptible:
         running.finish_early(how)
 
 

@@ -64,6 +64,7 @@ class Answer:
     error_chunk: Callable[[ImagineError], str] | None = None  # a stream: how a failure ends it
     mimetype: str = "application/x-ndjson"
     default_if_unknown: bool = False  # a model name the server lacks gets the default (OpenAI's clients send dall-e-3)
+    interruptible: bool = False  # A1111's interrupt and skip may end it early: only a request of that API
 
 
 def respond(translate: Callable[[], Answer]) -> Response:
@@ -76,7 +77,7 @@ def respond(translate: Callable[[], Answer]) -> Response:
     try:
         answer = translate()
         client_gone = request.environ.get("waitress.client_disconnected")
-        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown)
+        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown, answer.interruptible)
         events = iter(job)
         first = next(events)
         if isinstance(first, Failed):
@@ -172,6 +173,7 @@ def to_whole(job: Job, event: Finished) -> dict:
         "height": event.image.height,
         "steps": event.steps,
         "seconds": event.seconds,
+        "interrupted": event.interrupted,
     }
 
 

@@ -261,9 +261,12 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
     return parsed
 
 
-def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: dict | None = None) -> str:
+def generation_parameters(
+    req: GenerationRequest, model_name: str, lora_hashes: dict | None = None, cut: tuple | None = None
+) -> str:
     """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
-    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs."""
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
+    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran."""
     lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
     settings = {
         "Steps": req.num_steps,
@@ -285,6 +288,9 @@ def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: 
     if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
         hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
         settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
+    if cut is not None:
+        settings["Steps"] = cut[0]
+        settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 

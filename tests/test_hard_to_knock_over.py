@@ -316,3 +316,64 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
             lister.join(120)
     assert slowest < HEALTH_BOUND
     assert set(statuses) == {503}
+
+
+# ---- 8. an A1111 interrupt cuts only an A1111 picture, and a cut picture says so
+
+
+class Held:
+    """Holds the engine before the third denoising step until released, the two before it done."""
+
+    def __init__(self, monkeypatch, engine):
+        self.inside, self.release = threading.Event(), threading.Event()
+        generate = engine.generate
+
+        def held(model, req, on_step=None, conditioning=None):
+            def hold(step, steps, latents):
+                if step == 3:
+                    self.inside.set()
+                    assert self.release.wait(60)
+                return on_step(step, steps, latents)
+
+            return generate(model, req, hold, conditioning)
+
+        monkeypatch.setattr(engine, "generate", held)
+
+
+def interrupted_while_held(url, engine, monkeypatch, call, how="interrupt"):
+    held = Held(monkeypatch, engine)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=call()))
+    thread.start()
+    assert held.inside.wait(60)
+    assert requests.post(f"{url}/sdapi/v1/{how}", timeout=30).status_code == 200
+    held.release.set()
+    thread.join(120)
+    return result["answer"]
+
+
+@pytest.mark.parametrize("how", ["interrupt", "skip"])
+def test_an_a1111_interrupt_or_skip_leaves_a_generate_or_openai_picture_whole(live_server, engine, monkeypatch, how):
+    body = {"prompt": "a cat", **FAST, "num_steps": 8}
+    whole = requests.post(f"{live_server}/generate", json=body, timeout=120).json()
+    answer = interrupted_while_held(
+        live_server, engine, monkeypatch, lambda: requests.post(f"{live_server}/generate", json=body, timeout=120), how
+    ).json()
+    assert (answer["steps"], answer["interrupted"], answer["img"]) == (8, False, whole["img"])
+    openai = {"prompt": "a cat", "size": "64x64", "steps": 8, "seed": 42}
+    whole = requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120).json()
+    call = lambda: requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(live_server, engine, monkeypatch, call, how).json()
+    assert answer["data"][0]["b64_json"] == whole["data"][0]["b64_json"]
+
+
+def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the_png(live_server, engine, monkeypatch):
+    body = {"prompt": "a cat", "seed": 5, "width": 64, "height": 64, "steps": 8}
+    call = lambda: requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(live_server, engine, monkeypatch, call).json()
+    info = json.loads(answer["info"])
+    assert (info["steps"], info["interrupted"], answer["parameters"]["steps"]) == (3, True, 3)
+    assert "Steps: 3," in info["infotexts"][0] and "Interrupted: after step 3 of 8" in info["infotexts"][0]
+    assert decode_png(answer["images"][0]).info["parameters"] == info["infotexts"][0]
+    whole = json.loads(requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120).json()["info"])
+    assert (whole["steps"], whole["interrupted"]) == (8, False) and "Interrupted" not in whole["infotexts"][0]
