@@ -7,8 +7,10 @@ import struct
 import time
 
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import Error as WaitressError
 
-from api.native import MAX_BODY_BYTES
+from api.native import INBUF_OVERFLOW, MAX_BODY_BYTES, OUTBUF_OVERFLOW, spool_shortage
 from engine.folders import FOLDER_WAITERS
 
 log = logging.getLogger("imagine")
@@ -39,9 +41,31 @@ UPLOADS_BUDGET = 4 * MAX_BODY_BYTES
 SPARE_THREADS = 3
 
 
+class InsufficientStorage(WaitressError):
+    code = 507
+    reason = "Insufficient Storage"
+
+
+class RequestParser(HTTPRequestParser):
+    """waitress's parser, refusing with 507 a body announced larger than the temporary folder can hold, before it is
+    received: waitress would spool it there and reset the connection, without a status, once writing failed."""
+
+    def received(self, data):
+        headers_were_finished = self.headers_finished
+        consumed = super().received(data)
+        announced = self.headers_finished and not headers_were_finished and not self.error and self.content_length
+        if announced > INBUF_OVERFLOW and (why := spool_shortage(announced)):
+            log.warning("refused an upload of %d KiB: %s", announced >> 10, why)
+            self.error = InsufficientStorage(f"{why} for this upload")
+            self.completed = True
+        return consumed
+
+
 class Channel(HTTPChannel):
     """A waitress connection with deadlines, a bound on what unfinished uploads hold, and half-closed clients
     answered. waitress runs these methods on its one event-loop thread, and asks readable() every second."""
+
+    parser_class = RequestParser
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
@@ -141,6 +165,8 @@ def create_server(app, max_queue: int, host: str, port: int):
         # Content-Length, unread (with a margin for a body that is just over, to get Flask's clearer answer).
         max_request_body_size=MAX_BODY_BYTES + 2**20,
         max_request_header_size=64 * 2**10,
+        inbuf_overflow=INBUF_OVERFLOW,
+        outbuf_overflow=OUTBUF_OVERFLOW,
         # An answer waits in memory or a spool file until the client reads it; past 4 MB unsent, the thread
         # writing it waits too, until SEND_TIMEOUT drops the client.
         outbuf_high_watermark=4 * 2**20,

@@ -377,3 +377,30 @@ def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the
     assert decode_png(answer["images"][0]).info["parameters"] == info["infotexts"][0]
     whole = json.loads(requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120).json()["info"])
     assert (whole["steps"], whole["interrupted"]) == (8, False) and "Interrupted" not in whole["infotexts"][0]
+
+
+# ---- 9. a temporary folder that cannot hold an upload or an answer
+
+
+def test_an_answer_the_temporary_folder_cannot_hold_is_a_507_before_the_work(live_server, engine, monkeypatch, caplog):
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    loads = count_loads(engine)
+    body = {"prompt": "a cat", "width": 512, "height": 512, "num_steps": 1}
+    for route, fields in [("/generate", body), ("/sdapi/v1/txt2img", {**body, "steps": 1})]:
+        answer = requests.post(f"{live_server}{route}", json=fields, timeout=120)
+        assert answer.status_code == 507, route
+        assert "temporary folder" in answer.text and "TMPDIR" in answer.text
+    openai = {"prompt": "a cat", "size": "512x512", "steps": 1}
+    assert requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120).status_code == 507
+    assert loads == []
+    assert requests.post(f"{live_server}/generate", json={"prompt": "a cat", **FAST}, timeout=120).status_code == 200
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_an_upload_the_temporary_folder_cannot_hold_is_a_507_before_it_is_received(live_server, monkeypatch, caplog):
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    answer = requests.post(f"{live_server}/generate", json={"prompt": "a cat", "neg": "a" * 600_000}, timeout=120)
+    assert answer.status_code == 507
+    assert "X-Content-Type-Options" in answer.headers
+    refusals = [record for record in caplog.records if "upload" in record.getMessage()]
+    assert len(refusals) == 1 and refusals[0].exc_info is None
