@@ -132,10 +132,12 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
     """
     path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
-    key = str(path)
+    key = file_key(path)
     if key in model.loras:
         model.loras.move_to_end(key)
         return model.loras[key]
+    for stale in [each for each in model.loras if each[0] == key[0]]:  # the file changed: its old weights go
+        delete_adapter(model, model.loras.pop(stale))
     tensors, metadata = read_tensors(path, f"lora {name!r}")
     if any("hada_" in key or "lokr_" in key for key in tensors):
         raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
@@ -143,9 +145,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     if family is not None and family != wanted:
         raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
     if len(model.loras) >= MAX_LORAS_KEPT:
-        evicted = model.loras.popitem(last=False)[1]
-        model.txt2img.delete_adapters(evicted)
-        del model.lora_hashes[evicted]
+        delete_adapter(model, model.loras.popitem(last=False)[1])
     adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
     pipe = model.txt2img
     try:
@@ -161,6 +161,17 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
+
+
+def file_key(path: Path) -> tuple:
+    """What a file read once is kept under: its path, size and date, so that a changed file is read again."""
+    info = path.stat()
+    return str(path), info.st_size, info.st_mtime_ns
+
+
+def delete_adapter(model: LoadedModel, adapter: str) -> None:
+    model.txt2img.delete_adapters(adapter)
+    del model.lora_hashes[adapter]
 
 
 def lora_short_hash(path: Path, metadata: dict) -> str:
@@ -234,12 +245,14 @@ def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
 
 
 def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str) -> dict:
-    """The vectors of every embedding whose name the texts use as a word, each file read once per model."""
+    """The vectors of every embedding whose name the texts use as a word, each file read once per model (again once
+    it changes)."""
     files = {name.lower(): path for name, path in list_files(settings, "embeddings", EMBEDDING_SUFFIXES).items()}
     used = {}
     for name, path in files.items():
         if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
-            if name not in model.embeddings:
-                model.embeddings[name] = embedding_vectors(name, path, model)
-            used[name] = model.embeddings[name]
+            key = file_key(path)
+            if model.embeddings.get(name, (None,))[0] != key:
+                model.embeddings[name] = key, embedding_vectors(name, path, model)
+            used[name] = model.embeddings[name][1]
     return used

@@ -71,10 +71,11 @@ class LoadedModel:
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
-    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
+    # (path, size, mtime) -> adapter
+    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
-    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
 
 
 FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again

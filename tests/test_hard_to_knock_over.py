@@ -237,6 +237,70 @@ def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
     assert "Bearer <key>" in message and "Basic" in message and "password" in message
 
 
+# ---- 10. a changed LoRA or embedding file is read again
+
+
+def demo_pipe():
+    return engine.models.build_demo_pipeline(CONFIGS_DIR / "sd1")
+
+
+def replace_file(path, write) -> None:
+    """Writes a file anew under the same name, with another size and date, as a new download would."""
+    import os
+
+    stat = path.stat() if path.exists() else None
+    path.unlink(missing_ok=True)
+    write(path)
+    if stat is not None:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def drawn(engine, **fields) -> tuple:
+    answer = (
+        imagine.create_app(engine).test_client().post("/generate", json={"prompt": "a lighthouse", **FAST, **fields})
+    )
+    assert answer.status_code == 200, answer.get_json()
+    image = decode_png(answer.get_json()["img"])
+    return image.tobytes(), image.info["parameters"]
+
+
+def test_a_lora_file_changed_on_disk_is_loaded_again_with_its_new_hash(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    path = tmp_path / "loras" / "style.safetensors"
+    pipe = demo_pipe()
+    save_file(kohya_lora(pipe, seed=0), path)
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    first, first_parameters = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    replace_file(path, lambda p: save_file(kohya_lora(pipe, seed=1, rank=8), p))
+    second, second_parameters = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    fresh, fresh_parameters = drawn(
+        make_engine(model="demo", models_dir=tmp_path), prompt="a lighthouse <lora:style:1>"
+    )
+    assert second != first and second == fresh
+    assert second_parameters == fresh_parameters != first_parameters  # the new file's hash
+
+
+def test_an_embedding_file_changed_on_disk_is_read_again(make_engine, tmp_path):
+    from lora_files import token_vectors
+    from safetensors.torch import save_file
+
+    (tmp_path / "embeddings").mkdir()
+    path = tmp_path / "embeddings" / "thing.safetensors"
+    pipe = demo_pipe()
+    save_file({"emb_params": token_vectors(pipe.text_encoder, pipe.tokenizer, "lighthouse")}, path)
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    first, _ = drawn(engine, prompt="a thing")
+    replace_file(
+        path, lambda p: save_file({"emb_params": token_vectors(pipe.text_encoder, pipe.tokenizer, "red cat")}, p)
+    )
+    second, _ = drawn(engine, prompt="a thing")
+    fresh, _ = drawn(make_engine(model="demo", models_dir=tmp_path), prompt="a thing")
+    assert second != first and second == fresh
+
+
 # ---- 7. files that block on open, and folders slow to read
 
 
