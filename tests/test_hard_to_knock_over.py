@@ -301,6 +301,33 @@ def test_an_embedding_file_changed_on_disk_is_read_again(make_engine, tmp_path):
     assert second != first and second == fresh
 
 
+# ---- 11. links in loras/ follow the models' rule
+
+
+def test_a_link_in_loras_to_a_file_elsewhere_is_followed_as_for_models_and_a_name_still_cannot_climb_out(
+    make_engine, tmp_path
+):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file(kohya_lora(demo_pipe(), seed=0), elsewhere / "style.safetensors")
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    (models / "loras" / "linked.safetensors").symlink_to(elsewhere / "style.safetensors")
+    client = imagine.create_app(make_engine(model="demo", models_dir=models)).test_client()
+    assert [lora["name"] for lora in client.get("/loras").get_json()["loras"]] == ["linked"]
+    assert client.post("/generate", json={"prompt": "a cat <lora:linked>", **FAST}).status_code == 200
+    climbing = client.post("/generate", json={"prompt": "a cat <lora:../../elsewhere/style>", **FAST})
+    assert climbing.status_code == 403
+
+
+def test_the_readme_states_the_one_rule_for_links_in_loras():
+    readme = (imagine.Path(imagine.__file__).parent / "README.md").read_text()
+    assert "links pointing out: 403" not in readme
+
+
 # ---- 7. files that block on open, and folders slow to read
 
 
