@@ -1,5 +1,6 @@
 """LoRA and embedding files beside the models: found, read, loaded once per model, switched per request."""
 
+import collections
 import hashlib
 import logging
 import re
@@ -203,7 +204,10 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
     """Switches the model's adapters to exactly the request's LoRAs at their weights (none: all off), and returns
     their short hashes by name for the picture's parameters."""
     adapters = [(load_lora(settings, model, name), weight) for name, weight in loras]
-    active = [(adapter, weight) for adapter, weight in adapters if weight != 0]
+    summed = collections.Counter()  # a LoRA named twice applies once, at the sum of its weights, as A1111 does
+    for adapter, weight in adapters:
+        summed[adapter] += weight
+    active = [(adapter, weight) for adapter, weight in summed.items() if weight != 0]
     pipe = model.txt2img
     if not active:
         if model.loras:

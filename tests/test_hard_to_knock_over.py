@@ -328,6 +328,22 @@ def test_the_readme_states_the_one_rule_for_links_in_loras():
     assert "links pointing out: 403" not in readme
 
 
+# ---- 12. the same LoRA named twice
+
+
+def test_the_same_lora_named_twice_draws_with_the_sum_of_its_weights_as_automatic1111_does(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    save_file(kohya_lora(demo_pipe(), seed=0), tmp_path / "loras" / "style.safetensors")
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    twice, _ = drawn(engine, prompt="a lighthouse <lora:style:0.4> <lora:style:0.6>")
+    field_and_tag, _ = drawn(engine, prompt="a lighthouse <lora:style:0.4>", loras=[{"name": "style", "weight": 0.6}])
+    once, _ = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    assert twice == once and field_and_tag == once
+
+
 # ---- 7. files that block on open, and folders slow to read
 
 
