@@ -193,8 +193,10 @@ def lora_short_hash(path: Path, metadata: dict) -> str:
 def lora_error_reason(error: Exception) -> str:
     """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
     message = str(error)
-    if "size mismatch" in message:
+    if "size mismatch" in message or "mismatched_sizes" in message:  # diffusers' words, and transformers'
         return "its layers have other sizes than this model's"
+    if "above report" in message:  # transformers' other load errors point at a report only the log shows
+        return "its layers cannot be loaded into this model; the server log has the details"
     if "not found in the base model" in message or "none of its layers" in message:
         return "none of its layers is in this model"
     return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__

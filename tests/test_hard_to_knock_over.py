@@ -511,3 +511,22 @@ def test_an_upload_the_temporary_folder_cannot_hold_is_a_507_before_it_is_receiv
     assert "X-Content-Type-Options" in answer.headers
     refusals = [record for record in caplog.records if "upload" in record.getMessage()]
     assert len(refusals) == 1 and refusals[0].exc_info is None
+
+
+# ---- 13a. peft's words for a LoRA of other sizes
+
+
+def test_a_lora_of_other_layer_sizes_is_refused_in_words_of_its_own(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    lora = kohya_lora(demo_pipe(), seed=0)
+    name = next(key for key in lora if key.endswith("lora_down.weight") and key.startswith("lora_te"))
+    lora[name] = torch.zeros(lora[name].shape[0], lora[name].shape[1] + 1)
+    save_file(lora, tmp_path / "loras" / "misfit.safetensors")
+    client = imagine.create_app(make_engine(model="demo", models_dir=tmp_path)).test_client()
+    answer = client.post("/generate", json={"prompt": "a cat <lora:misfit>", **FAST})
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    assert "lora 'misfit' does not fit" in message and "report" not in message
