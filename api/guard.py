@@ -3,6 +3,7 @@ an access-log line); guard(app) puts it in front of every route."""
 
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -51,19 +52,28 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     if settings.api_key and needs_key:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
-        # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
-        sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
+        # for a non-ASCII key are its UTF-8 (curl, browsers) or its Latin-1 (Python's requests): see key_bytes.
+        sent = given.strip().encode("latin-1")
         if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
             sent = basic_password(sent)
         elif scheme.lower() != "bearer":
             sent = b""
         # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
-        if not sent or not hmac.compare_digest(sent, key):
+        if not sent or not any(hmac.compare_digest(sent, key) for key in key_bytes(settings.api_key)):
             raise ImagineError(
                 "this server needs an API key: send 'Authorization: Bearer <key>', or HTTP Basic with the key as the "
                 "password (any user name)",
                 401,
             )
+
+
+def key_bytes(key: str) -> list:
+    """The bytes a client may send for the key: its UTF-8 (curl, browsers), and its Latin-1 where it has one, which
+    Python's requests and http.client send for a str header or auth=(user, key)."""
+    forms = [key.encode("utf-8", "surrogateescape")]
+    with contextlib.suppress(UnicodeEncodeError):
+        forms.append(key.encode("latin-1"))
+    return forms
 
 
 def basic_password(credentials: bytes) -> bytes:

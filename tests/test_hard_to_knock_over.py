@@ -530,3 +530,13 @@ def test_a_lora_of_other_layer_sizes_is_refused_in_words_of_its_own(make_engine,
     assert answer.status_code == 400
     message = answer.get_json()["error"]
     assert "lora 'misfit' does not fit" in message and "report" not in message
+
+
+# ---- 13b. a non-ASCII key as Python's requests sends it
+
+
+def test_a_non_ascii_key_sent_as_requests_sends_it_latin1_is_accepted(make_engine, serve):
+    url = serve(make_engine(model="demo", api_key="clé"))
+    assert requests.get(f"{url}/health", auth=("user", "clé"), timeout=30).status_code == 200
+    assert requests.get(f"{url}/health", headers={"Authorization": "Bearer clé"}, timeout=30).status_code == 200
+    assert requests.get(f"{url}/health", auth=("user", "cle"), timeout=30).status_code == 401
