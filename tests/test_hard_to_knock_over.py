@@ -540,3 +540,13 @@ def test_a_non_ascii_key_sent_as_requests_sends_it_latin1_is_accepted(make_engin
     assert requests.get(f"{url}/health", auth=("user", "clé"), timeout=30).status_code == 200
     assert requests.get(f"{url}/health", headers={"Authorization": "Bearer clé"}, timeout=30).status_code == 200
     assert requests.get(f"{url}/health", auth=("user", "cle"), timeout=30).status_code == 401
+
+
+# ---- 13c. /v1 errors name OpenAI's parameters
+
+
+def test_openai_errors_name_the_openai_parameters(client):
+    answer = client.post("/v1/images/generations", json={"prompt": "a cat", "steps": 1000})
+    assert answer.get_json()["error"]["message"] == "steps must be between 1 and 150, not 1000"
+    answer = client.post("/v1/images/generations", json={"prompt": "a cat", "negative_prompt": 5})
+    assert answer.get_json()["error"]["message"] == "negative_prompt must be a string, not 5"
