@@ -499,10 +499,20 @@ def models_route():
     return jsonify([{**listed, "config": None} for listed in titles().values()])
 
 
+def current_model() -> dict:
+    """The default model as sd-models lists it; only its name while its file is missing (moved, not yet copied)."""
+    models = current_engine().models
+    try:
+        key = models.resolve(None)
+    except ImagineError:
+        return {}
+    return titles().get(key, {})
+
+
 @blueprint.get("/options")
 def options_route():
     models = current_engine().models
-    current = titles().get(models.resolve(None), {})
+    current = current_model()
     return jsonify(
         sd_model_checkpoint=current.get("title", models.default),
         sd_checkpoint_hash=current.get("sha256"),

@@ -550,3 +550,13 @@ def test_openai_errors_name_the_openai_parameters(client):
     assert answer.get_json()["error"]["message"] == "steps must be between 1 and 150, not 1000"
     answer = client.post("/v1/images/generations", json={"prompt": "a cat", "negative_prompt": 5})
     assert answer.get_json()["error"]["message"] == "negative_prompt must be a string, not 5"
+
+
+# ---- 13e. the A1111 options while the default model's file is missing
+
+
+def test_the_a1111_options_answer_while_the_default_models_file_is_missing(make_engine, tmp_path):
+    client = imagine.create_app(make_engine(model="gone", models_dir=tmp_path)).test_client()
+    answer = client.get("/sdapi/v1/options")
+    assert answer.status_code == 200
+    assert answer.get_json()["sd_model_checkpoint"] == "gone"
