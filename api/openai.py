@@ -210,11 +210,16 @@ class LinkedPictures:
 
     def add(self, data: bytes, extension: str) -> str:
         name = f"{secrets.token_urlsafe(24)}.{extension}"
+        now = time.monotonic()
         with self.lock:
-            self.pictures[name] = (time.monotonic() + LINKED_PICTURE_SECONDS, data)
-            while len(self.pictures) > LINKED_PICTURES_KEPT:
+            # The oldest come first (all live the same time): the expired ones go, and beyond the bound the oldest.
+            while self.pictures and (len(self.pictures) >= LINKED_PICTURES_KEPT or self.oldest_expiry() < now):
                 self.pictures.popitem(last=False)
+            self.pictures[name] = (now + LINKED_PICTURE_SECONDS, data)
         return name
+
+    def oldest_expiry(self) -> float:
+        return next(iter(self.pictures.values()))[0]
 
     def get(self, name: str) -> bytes | None:
         with self.lock:

@@ -560,3 +560,14 @@ def test_the_a1111_options_answer_while_the_default_models_file_is_missing(make_
     answer = client.get("/sdapi/v1/options")
     assert answer.status_code == 200
     assert answer.get_json()["sd_model_checkpoint"] == "gone"
+
+
+# ---- 13f. expired linked pictures
+
+
+def test_expired_linked_pictures_are_dropped_when_the_next_is_kept(monkeypatch):
+    pictures = api.openai.LinkedPictures()
+    monkeypatch.setattr(api.openai, "LINKED_PICTURE_SECONDS", -1)
+    pictures.add(b"an old picture", "png")
+    pictures.add(b"a new picture", "png")
+    assert len(pictures.pictures) == 1
