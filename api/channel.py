@@ -6,10 +6,12 @@ import socket
 import struct
 import time
 
+import waitress.task
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.utilities import Error as WaitressError
 
+from api.guard import SECURITY_HEADERS
 from api.native import INBUF_OVERFLOW, MAX_BODY_BYTES, OUTBUF_OVERFLOW, spool_shortage
 from engine.folders import FOLDER_WAITERS
 
@@ -61,10 +63,20 @@ class RequestParser(HTTPRequestParser):
         return consumed
 
 
+class ErrorTask(waitress.task.ErrorTask):
+    """waitress's own error answers (a malformed request, a body too large or one the temporary folder cannot hold),
+    with the security headers every answer of the app carries."""
+
+    def execute(self):
+        self.response_headers.extend(SECURITY_HEADERS.items())
+        super().execute()
+
+
 class Channel(HTTPChannel):
     """A waitress connection with deadlines, a bound on what unfinished uploads hold, and half-closed clients
     answered. waitress runs these methods on its one event-loop thread, and asks readable() every second."""
 
+    error_task_class = ErrorTask
     parser_class = RequestParser
 
     def __init__(self, server, sock, addr, adj, map=None):
@@ -147,8 +159,6 @@ class Channel(HTTPChannel):
 
 def create_server(app, max_queue: int, host: str, port: int):
     """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
-    import waitress  # only the server needs it
-
     server = waitress.create_server(
         app,
         host=host,

@@ -571,3 +571,20 @@ def test_expired_linked_pictures_are_dropped_when_the_next_is_kept(monkeypatch):
     pictures.add(b"an old picture", "png")
     pictures.add(b"a new picture", "png")
     assert len(pictures.pictures) == 1
+
+
+# ---- 13g. waitress's own error answers
+
+
+def test_waitresss_own_error_answers_carry_the_security_headers(live_server):
+    host, port = live_server.removeprefix("http://").split(":")
+    import socket
+
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413")
+    for name, value in api.guard.SECURITY_HEADERS.items():
+        assert f"{name}: {value}".encode() in answer
