@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 
 from flask import Flask, Response, request
 
@@ -34,6 +35,16 @@ def host_name(host_header: str) -> str:
     return host_header.rpartition(":")[0] if ":" in host_header else host_header
 
 
+def is_name_of_this_machine(host: str) -> bool:
+    """An IP address (a DNS-rebinding page has a name, never an address), a local name, or the machine's own name."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    name = socket.gethostname().lower()  # no DNS lookup: a request must not wait for one
+    names = {name, name.partition(".")[0], f"{name.partition('.')[0]}.local"}
+    return host in LOCAL_HOSTS or host.endswith(".localhost") or host in names
+
+
 def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
@@ -42,6 +53,14 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     host = host_name(request.headers.get("Host", "").strip().lower())
     if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
         raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
+    # Listening on other addresses with no key, the same page could reach it through 127.0.0.1 or the LAN: only
+    # its addresses and its machine's names are then names of it. A key is what such a page cannot send.
+    if not is_loopback(settings.host) and not settings.api_key and host and not is_name_of_this_machine(host):
+        raise ImagineError(
+            f"Host {host!r} is not an address or a name of this machine; with no API key only those are accepted "
+            "(set IMAGINE_API_KEY to use other names)",
+            403,
+        )
     # A browser tells every cross-site request's origin; only the origins the user listed may call.
     origin = request.headers.get("Origin")
     if origin is not None and not origin_allowed(settings, origin) and not is_same_origin(origin):

@@ -588,3 +588,25 @@ def test_waitresss_own_error_answers_carry_the_security_headers(live_server):
     assert answer.startswith(b"HTTP/1.1 413")
     for name, value in api.guard.SECURITY_HEADERS.items():
         assert f"{name}: {value}".encode() in answer
+
+
+# ---- 13h. a DNS-rebinding page on a server open to the network without a key
+
+
+@pytest.mark.parametrize(
+    "host, status",
+    [("evil.example:5000", 403), ("192.168.1.20:5000", 200), ("[fe80::1]:5000", 200), ("localhost:5000", 200)],
+)
+def test_on_all_addresses_without_a_key_a_host_that_is_no_name_of_this_machine_is_refused(make_engine, host, status):
+    client = imagine.create_app(make_engine(model="demo", host="0.0.0.0")).test_client()
+    assert client.get("/health", headers={"Host": host}).status_code == status
+
+
+def test_on_all_addresses_the_machines_own_name_is_accepted_and_with_a_key_any_name(make_engine):
+    import socket
+
+    client = imagine.create_app(make_engine(model="demo", host="0.0.0.0")).test_client()
+    assert client.get("/health", headers={"Host": f"{socket.gethostname()}:5000"}).status_code == 200
+    keyed = imagine.create_app(make_engine(model="demo", host="0.0.0.0", api_key="k")).test_client()
+    headers = {"Host": "my-box.example:5000", "Authorization": "Bearer k"}
+    assert keyed.get("/health", headers=headers).status_code == 200
