@@ -60,6 +60,7 @@ class RequestParser(HTTPRequestParser):
             log.warning("refused an upload of %d KiB: %s", announced >> 10, why)
             self.error = InsufficientStorage(f"{why} for this upload")
             self.completed = True
+            self.expect_continue = False  # else waitress sends "100 Continue", takes the body after all and spools it
         return consumed
 
 

@@ -506,11 +506,24 @@ def test_an_answer_the_temporary_folder_cannot_hold_is_a_507_before_the_work(liv
 
 def test_an_upload_the_temporary_folder_cannot_hold_is_a_507_before_it_is_received(live_server, monkeypatch, caplog):
     monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
-    answer = requests.post(f"{live_server}/generate", json={"prompt": "a cat", "neg": "a" * 600_000}, timeout=120)
+    body = {"prompt": "a cat", "neg": "a" * 600_000}
+    answer = requests.post(f"{live_server}/generate", json=body, timeout=120)
     assert answer.status_code == 507
     assert "X-Content-Type-Options" in answer.headers
     refusals = [record for record in caplog.records if "upload" in record.getMessage()]
     assert len(refusals) == 1 and refusals[0].exc_info is None
+
+
+def test_a_client_that_waits_for_100_continue_gets_the_507_instead_and_sends_no_body(live_server, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    host, port = live_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        headers = "Content-Type: application/json\r\nContent-Length: 600000\r\nExpect: 100-continue"
+        connection.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n\r\n".encode())
+        answer = connection.recv(65536)  # the body is never sent: the answer must come without it
+    assert answer.startswith(b"HTTP/1.1 507")
 
 
 # ---- 13a. peft's words for a LoRA of other sizes
