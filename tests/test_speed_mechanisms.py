@@ -84,7 +84,9 @@ def preview_correlations(model, sampler, monkeypatch):
 
     predicted = run()
     with monkeypatch.context() as patch:
-        patch.setattr("engine.previews.predicted_clean", lambda scheduler, output: None)  # previews of the noisy latents
+        patch.setattr(
+            "engine.previews.predicted_clean", lambda scheduler, output: None
+        )  # previews of the noisy latents
         noisy = run()
     final = picture(noisy[max(noisy)])  # the last step's latents are what the VAE decodes
 
