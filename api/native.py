@@ -86,7 +86,12 @@ def respond(translate: Callable[[], Answer]) -> Response:
         answer = translate()
         check_answer_spool(answer.request, current_settings())
         client_gone = request.environ.get("waitress.client_disconnected")
-        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown, answer.interruptible)
+        job = current_engine().submit(
+            answer.request,
+            client_gone,
+            default_if_unknown=answer.default_if_unknown,
+            interruptible=answer.interruptible,
+        )
         events = iter(job)
         first = next(events)
         if isinstance(first, Failed):

@@ -39,7 +39,13 @@ def example(*marks: str) -> str:
 
 
 # Examples that talk to a running server; each is run by a test below, and those no test names by the last one.
-TALKS_TO_THE_SERVER = [block for block in SHELL if "localhost:5000" in block or "./imagine-cli.py " in block]
+# docs/jobs.md's examples follow one job from block to block: tests/test_jobs.py runs them in one shell.
+JOB_EXAMPLES = re.findall(r"```(?:bash|python)\n(.*?)```", PAGES["docs/jobs.md"], re.S)
+TALKS_TO_THE_SERVER = [
+    block
+    for block in SHELL
+    if ("localhost:5000" in block or "./imagine-cli.py " in block) and block not in JOB_EXAMPLES
+]
 # What the other shell examples do instead: set up, start a server, or configure another program.
 SETUP_MARKS = ("pip install", "python imagine.py", ". .venv/bin/activate", "sudo ", "systemctl", "bench/bench.py")
 
@@ -92,7 +98,9 @@ def test_every_shell_example_is_run_by_a_test_or_is_a_setup_step():
 
 def test_every_python_example_is_run_by_a_test():
     """One for OpenAI's SDK and one for AUTOMATIC1111's API, each run by its own test below."""
-    kinds = [('OpenAI(base_url="' in block, "/sdapi/v1/txt2img" in block) for block in PYTHON]
+    kinds = [
+        ('OpenAI(base_url="' in block, "/sdapi/v1/txt2img" in block) for block in PYTHON if block not in JOB_EXAMPLES
+    ]
     assert sorted(kinds) == [(False, True), (True, False)]
 
 
