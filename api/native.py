@@ -15,7 +15,8 @@ from engine.errors import ImagineError
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
-from engine.samplers import DEFAULT_SAMPLER, SAMPLERS
+from engine.samplers import DEFAULT_SAMPLER, SAMPLERS, schedules_for
+from engine.schedules import LABELS, SCHEDULE_NAMES
 from engine.settings import Settings
 
 log = logging.getLogger("imagine")
@@ -162,7 +163,7 @@ def to_answer(body: dict, settings: Settings) -> Answer:
 
 def to_whole(job: Job, event: Finished) -> dict:
     images = [png_base64(image, parameters) for image, parameters in event.pictures]
-    return {
+    answer = {
         "img": images[0],
         "images": images,
         "seeds": event.seeds,
@@ -173,6 +174,9 @@ def to_whole(job: Job, event: Finished) -> dict:
         "steps": event.steps,
         "seconds": event.seconds,
     }
+    if job.request.parameters is not None:  # the pasted generation data's keys that set nothing
+        answer["parameters_ignored"] = job.request.parameters_ignored
+    return answer
 
 
 def to_lines(job: Job, event) -> list:
@@ -207,7 +211,7 @@ ENDPOINTS = {
     "name": "Imagine, a local Stable Diffusion server",
     "endpoints": {
         "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
-        "GET /samplers": "the sampler names /generate accepts",
+        "GET /samplers": "the sampler names and schedule types /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
         "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
@@ -225,7 +229,7 @@ ENDPOINTS = {
         "POST /sdapi/v1/interrupt": "ends the running generation now with the picture as far as it got",
         "POST /sdapi/v1/skip": "ends the picture being drawn now; the batch goes on",
         "GET /sdapi/v1/samplers": "AUTOMATIC1111's sampler names that Imagine draws with",
-        "GET /sdapi/v1/schedulers": "Automatic and Karras",
+        "GET /sdapi/v1/schedulers": "AUTOMATIC1111's schedule types",
         "GET /sdapi/v1/loras": "the LoRAs, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
@@ -251,7 +255,13 @@ def generate_route():
 
 @blueprint.get("/samplers")
 def samplers_route():
-    return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
+    """The sampler names, the schedule types (A1111's, "automatic" the sampler's own), and which sampler takes which."""
+    return jsonify(
+        samplers=list(SAMPLERS),
+        default=DEFAULT_SAMPLER,
+        schedules=[{"name": name, "label": LABELS[name]} for name in SCHEDULE_NAMES],
+        schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLERS},
+    )
 
 
 @blueprint.get("/")

@@ -68,7 +68,6 @@ class LoadedModel:
     txt2img: DiffusionPipeline
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
-    schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
     loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
