@@ -174,7 +174,9 @@ def test_sillytavern_sets_up_switches_waits_for_idle_and_generates_with_its_whol
     assert decode_png(data["images"][0]).size == (64, 64)
     info = json.loads(data["info"])
     assert info["seed"] == 123 and info["sampler_name"] == "DDIM" and info["clip_skip"] == 2
-    assert info["sd_model_name"] == "tiny" and info["imagine_ignored"] == []
+    # A1111 draws DDIM on its own timesteps whatever the scheduler: so does Imagine, and info says so.
+    assert info["sd_model_name"] == "tiny" and info["imagine_ignored"] == ["scheduler"]
+    assert info["scheduler"] == "Automatic" and "Sampler: DDIM, Schedule type: Automatic" in info["infotexts"][0]
     assert "auth" not in data["parameters"]
 
 

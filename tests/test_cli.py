@@ -225,8 +225,8 @@ def test_the_servers_png_carries_its_parameters_for_txt2img_img2img_and_streams(
 
 
 def test_sampler_names_are_written_as_automatic1111_spells_them():
-    spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S", "DPM++ SDE", "DPM2", "DPM2 a"]
-    a1111 = [*spec, "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM2 a Karras", "LMS Karras"]
+    spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S a", "DPM++ SDE", "DPM2", "DPM2 a"]
+    a1111 = [*spec, "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "LCM"]
     assert all(name.lower() in SAMPLERS for name in a1111)
     assert [sampler_label(name.lower()) for name in a1111] == a1111
 

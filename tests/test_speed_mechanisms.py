@@ -106,15 +106,6 @@ def test_fast_previews_look_more_like_the_final_picture_than_the_noisy_latents_d
 # ---- no wasted work
 
 
-def test_a_sampler_builds_its_scheduler_once_per_model(client, engine):
-    model = engine.models.get("demo")
-    stream_lines(client, sampler="dpm2", stream=0)
-    first = model.schedulers[("dpm2", None)]
-    stream_lines(client, sampler="euler", stream=0)
-    stream_lines(client, sampler="dpm2", stream=0, seed=7)
-    assert model.schedulers[("dpm2", None)] is first
-
-
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler):
     """Reuse leaks no state between runs: after txt2img and img2img with other seeds, the first picture repeats."""

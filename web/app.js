@@ -12,7 +12,9 @@ const SIZES = {
   sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
   demo: [[64, 64], [128, 128], [256, 256]],
 };
-const FIELDS = ["prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "n", "clip_skip"];
+const FIELDS = [
+  "prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "schedule", "n", "clip_skip",
+];
 
 let controller = null; // the running generation's AbortController
 let lastSeed = null;
@@ -55,6 +57,7 @@ async function loadLists() {
     Object.fromEntries(models.models.map((m) => [m.name, m.family || "sd1"])),
   );
   fill($("sampler"), samplers.samplers, samplers.default);
+  fillSchedules(samplers);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
 }
@@ -88,8 +91,8 @@ function requestBody() {
     if (value === "") continue;
     body[field] = $(field).type === "number" ? Number(value) : value;
   }
-  if ($("random-seed").checked) $("seed").value = Math.floor(Math.random() * 2 ** 32);
-  body.seed = Number($("seed").value);
+  if ($("random-seed").checked) $("seed").value = String(Math.floor(Math.random() * 2 ** 32));
+  body.seed = $("seed").value.trim(); // digits, sent as they are: see exactJson
   if (initData) {
     body.img = initData;
     body.strength = Number($("strength").value);
@@ -99,15 +102,15 @@ function requestBody() {
   return body;
 }
 
-async function generate() {
+async function generate(pasted = false) {
   if (controller) return;
-  if (!$("prompt").value.trim()) {
+  if (!pasted && !$("prompt").value.trim()) {
     showError("write a prompt first");
     $("prompt").focus();
     return;
   }
   showError("");
-  const body = requestBody();
+  const body = pasted ? pastedBody() : requestBody();
   controller = new AbortController();
   $("generate").disabled = true;
   $("cancel").disabled = false;
@@ -116,7 +119,7 @@ async function generate() {
   $("status").textContent = "generating…";
   try {
     const response = await fetch("/generate", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+      method: "POST", headers: headers(), body: exactJson(body), signal: controller.signal,
     });
     if (!response.ok) {
       const answer = await response.json().catch(() => ({ error: response.statusText }));
@@ -164,15 +167,15 @@ function handleLine(line, body, started) {
     return;
   }
   setProgress(line.steps, line.steps, started);
-  lastSeed = line.seed;
+  lastSeed = seedAt(body, line, 0);
   $("reuse-seed").disabled = false;
   const params = { ...body };
   delete params.img;
   delete params.mask;
   params.inpaint = Boolean(body.mask);
-  line.images.forEach((img, i) => addToHistory({ img, params: { ...params, seed: line.seeds[i] } }));
-  show({ img: line.img, params: { ...params, seed: line.seed } });
-  $("status").textContent = `done in ${line.seconds.toFixed(1)} s, seed ${line.seed}`;
+  line.images.forEach((img, i) => addToHistory({ img, params: { ...params, seed: seedAt(body, line, i) } }));
+  show({ img: line.img, params: { ...params, seed: lastSeed } });
+  $("status").textContent = `done in ${line.seconds.toFixed(1)} s, seed ${lastSeed}`;
 }
 
 function setProgress(step, steps, started) {
@@ -338,6 +341,8 @@ function setUp() {
   });
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("model").addEventListener("change", updatePresets);
+  $("sampler").addEventListener("change", updateSchedules);
+  $("draw-parameters").addEventListener("click", () => generate(true));
   $("preset").addEventListener("change", () => applyPreset($("preset").value));
   $("reuse-seed").addEventListener("click", () => {
     $("seed").value = lastSeed;
@@ -379,6 +384,37 @@ function setUp() {
   setUpBrush();
   renderHistory();
   start();
+}
+
+// Seeds go up to 2**64 - 1, beyond what a JavaScript number holds exactly (2**53): the page keeps the seed as the
+// digits typed, writes them into the JSON as they are, and counts a batch's seeds with BigInt.
+function exactJson(body) {
+  if (!/^\d+$/.test(body.seed || "")) return JSON.stringify({ ...body, seed: undefined });
+  return JSON.stringify({ ...body, seed: "\u0000seed" }).replace('"\\u0000seed"', body.seed);
+}
+
+function seedAt(body, line, index) {
+  if (!/^\d+$/.test(body.seed || "")) return String(line.seeds[index]); // drawn by the server: below 2**32
+  return (BigInt(body.seed) + BigInt(index)).toString();
+}
+
+// Schedule types: the select lists GET /samplers' schedules and offers only those the chosen sampler takes.
+function fillSchedules(samplers) {
+  const select = $("schedule");
+  select.replaceChildren(...samplers.schedules.map((s) => new Option(s.label, s.name)));
+  select.dataset.bySampler = JSON.stringify(samplers.schedules_by_sampler);
+  updateSchedules();
+}
+
+function updateSchedules() {
+  const allowed = JSON.parse($("schedule").dataset.bySampler || "{}")[$("sampler").value] || ["automatic"];
+  for (const option of $("schedule").options) option.disabled = !allowed.includes(option.value);
+  if (!allowed.includes($("schedule").value)) $("schedule").value = "automatic";
+}
+
+// Pasted generation data: the server reads it (the `parameters` field) and draws that picture.
+function pastedBody() {
+  return { stream: Number($("stream").value) || 1, parameters: $("parameters").value };
 }
 
 function start() {
