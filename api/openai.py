@@ -46,6 +46,8 @@ OPENAI_KNOBS = {
     "steps": "num_steps",
     "guidance": "guidance",
     "sampler": "sampler",
+    "schedule": "schedule",
+    "rng": "rng",
     "loras": "loras",
     "clip_skip": "clip_skip",
     "strength": "strength",

@@ -322,8 +322,6 @@ def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: 
         "Size": f"{req.width}x{req.height}",
         "Model": model_name,
     }
-    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
-        settings["RNG"] = req.rng.upper()
     if req.img is not None:
         settings["Denoising strength"] = req.strength
     if req.mask is not None:
@@ -333,6 +331,8 @@ def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: 
             settings["Masked area padding"] = req.inpaint_padding
     if req.clip_skip != 1:
         settings["Clip skip"] = req.clip_skip
+    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
+        settings["RNG"] = req.rng.upper()
     if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
         hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
         settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)

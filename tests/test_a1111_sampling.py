@@ -63,15 +63,20 @@ def k_diffusion():
 
 @pytest.fixture(scope="module")
 def conditioning(pipe):
+    return encoded_prompts(pipe)
+
+
+def encoded_prompts(pipe) -> tuple:
     """The prompts as Imagine encodes them (A1111's weights and chunks), for both pictures."""
     with torch.inference_mode():
         encoded = prompt_embeddings(pipe, PROMPT, NEG, 1, {})
-    return encoded["prompt_embeds"].repeat(2, 1, 1), encoded["negative_prompt_embeds"].repeat(2, 1, 1)
+    count = len(SEEDS)
+    return encoded["prompt_embeds"].repeat(count, 1, 1), encoded["negative_prompt_embeds"].repeat(count, 1, 1)
 
 
-def imagine_pictures(client, sampler, schedule, steps, rng) -> np.ndarray:
+def imagine_pictures(client, sampler, schedule, steps, rng, size=SIZE) -> np.ndarray:
     """The two pictures as /generate draws them, 0..255."""
-    body = {"prompt": PROMPT, "neg": NEG, "width": SIZE, "height": SIZE, "num_steps": steps, "guidance": GUIDANCE,
+    body = {"prompt": PROMPT, "neg": NEG, "width": size, "height": size, "num_steps": steps, "guidance": GUIDANCE,
             "sampler": sampler, "schedule": schedule, "rng": rng, "seed": SEEDS[0], "n": len(SEEDS)}  # fmt: skip
     answer = client.post("/generate", json=body).get_json()
     assert answer["seeds"] == SEEDS, answer
@@ -104,10 +109,10 @@ def types_namespace(function):
     return Inner()
 
 
-def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng):
+def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE):
     sampling, external = k_diffusion
     denoise, model = cfg_denoiser(pipe, external, conditioning)
-    noise = PictureNoise(rng, SEEDS, (4, SIZE // 8, SIZE // 8))
+    noise = PictureNoise(rng, SEEDS, (4, size // 8, size // 8))
     start = noise.next()
     if sampler == "ddim":  # A1111's DDIM (eta 0) is Euler in sigma space on its timesteps' sigmas
         timesteps = a1111_ddim_timesteps(steps)
@@ -147,20 +152,20 @@ class TorchWithNoise:
         return self.noise.next()
 
 
-def reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng) -> np.ndarray:
-    """The two pictures A1111's sampling draws, decoded as Imagine decodes, 0..255 before rounding."""
+def reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE) -> np.ndarray:
+    """The two pictures A1111's sampling draws, decoded and rounded to 0..255 as the pipeline rounds them."""
     with torch.inference_mode():
-        x = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng)
+        x = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size)
         if sampler == "ddim" and steps == 1:  # A1111's DDIM evaluates the model steps - 1 times: none here
-            x = PictureNoise(rng, SEEDS, (4, SIZE // 8, SIZE // 8)).next()
+            x = PictureNoise(rng, SEEDS, (4, size // 8, size // 8)).next()
         decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
-        return pipe.image_processor.postprocess(decoded, output_type="np").astype(np.float64) * 255
+        return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.float64)
 
 
-def mean_difference(client, pipe, k_diffusion, conditioning, sampler, schedule, steps, rng="cpu") -> float:
+def mean_difference(client, pipe, k_diffusion, conditioning, sampler, schedule, steps, rng="cpu", size=SIZE) -> float:
     """The mean absolute difference between Imagine's pictures and A1111's, in levels of 255."""
-    ours = imagine_pictures(client, sampler, schedule, steps, rng)
-    reference = reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng)
+    ours = imagine_pictures(client, sampler, schedule, steps, rng, size)
+    reference = reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size)
     difference = float(np.abs(ours - reference).mean())
     print(f"{sampler} / {schedule} / {steps} steps / rng {rng}: {difference:.4f} of 255")
     return difference

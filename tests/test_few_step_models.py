@@ -9,7 +9,7 @@ import pytest
 from conftest import decode_png
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-SH_BLOCKS = re.findall(r"```sh\n(.*?)```", README, re.S)
+SH_BLOCKS = re.findall(r"```(?:sh|shell)\n(.*?)```", README, re.S)
 
 
 def readme_body(marker: str) -> dict:

@@ -217,8 +217,8 @@ def test_previews_show_the_picture_forming(client):
         ({"prompt": "x", "guidance": float("nan")}, "guidance must be between 0.0 and 30.0, not nan"),
         ({"prompt": "x", "guidance": -1}, "guidance must be between 0.0 and 30.0, not -1"),
         ({"prompt": "x", "sampler": "plms"}, "sampler 'plms' is unknown"),
-        ({"prompt": "x", "seed": -2}, "seed must be between 0 and 4294967295, not -2"),  # -1 means random
-        ({"prompt": "x", "seed": 2**40}, f"seed must be between 0 and 4294967295, not {2**40}"),
+        ({"prompt": "x", "seed": -2}, "seed must be between 0 and 18446744073709551615, not -2"),  # -1: random
+        ({"prompt": "x", "seed": 2**64}, f"seed must be between 0 and 18446744073709551615, not {2**64}"),
         ({"prompt": "x", "neg": ["a"]}, 'neg must be a string, not ["a"]'),
         ({"prompt": "x", "img": "not base64!"}, "img is not valid base64"),
         ({"prompt": "x", "img": "aGVsbG8="}, "img is not a picture in a format accepted"),

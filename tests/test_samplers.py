@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import FAST, decode_png, pixels
 
+from api.a1111 import a1111_sampler
 from engine.ksampling import KDiffusionScheduler
 from engine.samplers import SAMPLERS
 from engine.schedules import SCHEDULE_NAMES
@@ -105,3 +106,19 @@ def test_dpm_2m_sde_repeats_for_the_same_seed_and_differs_for_another(client):
     first = pixels(generate(client, sampler="DPM++ 2M SDE", seed=5)["img"])
     assert np.array_equal(first, pixels(generate(client, sampler="dpm++ 2m sde", seed=5)["img"]))
     assert not np.array_equal(first, pixels(generate(client, sampler="dpm++ 2m sde", seed=6)["img"]))
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"sampler_name": "Euler a", "scheduler": "Karras"}, ("euler a", "karras", "Euler a", [])),
+        ({"sampler_name": "DPM++ 2M Karras"}, ("dpm++ 2m", "karras", "DPM++ 2M", [])),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "sgm_uniform"}, ("dpm++ 2m", "sgm_uniform", "DPM++ 2M", [])),
+        ({"sampler_name": "DDIM", "scheduler": "karras"}, ("ddim", "automatic", "DDIM", ["scheduler"])),
+        ({"sampler_name": "Euler", "scheduler": "Turbo"}, ("euler", "automatic", "Euler", ["scheduler"])),
+        ({"sampler_name": "UniPC"}, ("euler", "automatic", "Euler", ["sampler_name"])),
+        ({"sampler_index": "k_dpm_2_a"}, ("euler", "automatic", "Euler", ["sampler_name"])),
+    ],
+)
+def test_a1111_sampler_and_scheduler_are_drawn_as_asked_or_fall_back_saying_so(body, expected):
+    assert a1111_sampler(body) == expected

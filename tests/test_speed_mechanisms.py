@@ -13,6 +13,7 @@ from PIL import Image
 
 import imagine
 from engine.devices import cpu_bf16_feature, pick_dtype
+from engine.ksampling import KDiffusionScheduler
 from engine.models import Models, build_demo_pipeline
 from engine.pipeline import generate
 from engine.previews import latents_to_preview
@@ -84,7 +85,9 @@ def preview_correlations(model, sampler, monkeypatch):
 
     predicted = run()
     with monkeypatch.context() as patch:
-        patch.setattr(imagine, "predicted_clean", lambda scheduler, output: None)  # previews of the noisy latents
+        # Previews of the noisy latents: the scheduler keeps no prediction.
+        forgetful = property(lambda self: None, lambda self, _: None)
+        patch.setattr(KDiffusionScheduler, "predicted", forgetful, raising=False)
         noisy = run()
     final = picture(noisy[max(noisy)])  # the last step's latents are what the VAE decodes
 
