@@ -87,6 +87,12 @@ OPTIONS = (
     ),
     Option("max_batch", ("--max-batch",), f"most pictures one request may ask for with n (default {MAX_BATCH})", int),
     Option(
+        "rng",
+        ("--rng",),
+        "noise a seed gives when a request names none: cpu (torch's CPU numbers), gpu or nv (an NVIDIA GPU's, "
+        "AUTOMATIC1111's default, on any device) (default cpu)",
+    ),
+    Option(
         "api_key",
         ("--api-key",),
         "require 'Authorization: Bearer KEY' on every request; prefer the variable: flags show in ps (default none)",
@@ -135,6 +141,7 @@ def setting_problems(args) -> list:
         (args.max_loaded >= 1, f"--max-loaded must be at least 1, not {args.max_loaded}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
+        (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),
     ]  # fmt: skip

@@ -167,7 +167,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None))
         if img2img:
             generate_body |= a1111_img2img_fields(body)
-        req = parse_request(generate_body, settings.max_size, settings.max_batch)
+        req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
     except ImagineError as error:
         if error.status != 400:
             raise

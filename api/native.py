@@ -155,7 +155,7 @@ def parse_json(raw: bytes):
 
 def to_answer(body: dict, settings: Settings) -> Answer:
     """A /generate body as the engine's request, answered as one JSON object or, with `stream`, as NDJSON lines."""
-    req = parse_request(body, settings.max_size, settings.max_batch)
+    req = parse_request(body, settings.max_size, settings.max_batch, settings.rng)
     if not req.stream:
         return Answer(req, to_whole)
     return Answer(req, to_whole, to_lines, error_line)

@@ -246,7 +246,7 @@ def to_answer(body: dict, settings, kind: str, picture: dict, link) -> Answer:
     img and mask (empty for a generation); `link(data, extension)` keeps a picture answered as a URL."""
     generate_body, options = openai_generate_body(body, settings.max_size)
     generate_body.update(picture, model=body.get("model"))
-    req = parse_request(generate_body, settings.max_size, settings.max_batch)
+    req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
 
     def whole(job: Job, event: Finished) -> dict:
         return to_images(event, options, link)

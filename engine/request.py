@@ -233,7 +233,9 @@ def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
     return mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.LANCZOS)
 
 
-def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH) -> GenerationRequest:
+def parse_request(
+    body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH, rng: str = "cpu"
+) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field. One flat
     list of checks, as diffusers' check_inputs is: long, but read top to bottom, field by field."""
     ignored = []
@@ -281,7 +283,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
         schedule=schedule,
-        rng=_rng(body, defaults.rng),
+        rng=_rng(body, rng),
         seed=_seed(body, _integer(body, "n", defaults.n, 1, max_batch)),
         neg=neg,
         img=img,

@@ -23,6 +23,7 @@ class Settings:
     max_size: int = MAX_SIZE
     max_queue: int = 8
     max_batch: int = MAX_BATCH
+    rng: str = "cpu"  # the noise source of a request that names none (see engine/noise.py)
     api_key: str = ""
     cors_origins: tuple = ()
     no_web: bool = False

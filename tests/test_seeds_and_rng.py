@@ -69,3 +69,14 @@ def test_the_step_noise_of_a_batch_picture_is_its_own_seeds(client, sampler):
     batch = generate(client, sampler=sampler, seed=20, n=2, rng="nv")
     alone = generate(client, sampler=sampler, seed=21, rng="nv")
     assert np.array_equal(pixels(batch["images"][1]), pixels(alone["img"]))
+
+
+def test_the_servers_rng_setting_is_the_default_a_request_can_override(make_engine):
+    import imagine
+
+    client = imagine.create_app(make_engine(model="demo", rng="nv")).test_client()
+    nv = client.post("/generate", json={"prompt": "a lighthouse at dawn", **FAST}).get_json()
+    assert "RNG: NV" in decode_png(nv["img"]).info["parameters"]
+    cpu = client.post("/generate", json={"prompt": "a lighthouse at dawn", **FAST, "rng": "cpu"}).get_json()
+    assert "RNG: CPU" in decode_png(cpu["img"]).info["parameters"]
+    assert imagine.parse_settings(["--rng", "gpu"]).rng == "gpu"
