@@ -5,6 +5,7 @@ import json
 import re
 
 from engine.errors import ImagineError
+from engine.samplers import schedules_for, split_sampler
 
 # One `Key: value` item of the settings line; a value holding commas or colons is quoted as JSON (A1111's way).
 SETTING = re.compile(r'\s*([\w][\w \-/+().]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -105,7 +106,19 @@ def infotext_fields(text: str) -> tuple:
             fields |= converted if field is None else {field: converted}
         elif key not in UNDERSTOOD:
             ignored.append(key)
-    return fields, ignored
+    return fields | older_schedule(fields), ignored
+
+
+def older_schedule(fields: dict) -> dict:
+    """Generation data without a "Schedule type" comes from A1111 before 1.9, where every k-diffusion sampler not
+    named "... Karras" stepped through the model's own timesteps: that is "uniform" now ("automatic" has since
+    become Karras for DPM++ 2M and others)."""
+    if "sampler" not in fields or "schedule" in fields:
+        return {}
+    sampler, named = split_sampler(fields["sampler"])
+    if sampler is None or named is not None or "uniform" not in schedules_for(sampler):
+        return {}
+    return {"schedule": "uniform"}
 
 
 def with_infotext(body: dict) -> tuple:

@@ -51,6 +51,13 @@ def test_the_request_takes_the_infotexts_fields_where_the_body_leaves_them_out()
     assert req.parameters_ignored == ["Model hash", "ENSD", "Version"]
 
 
+def test_data_from_before_schedule_types_draws_the_uniform_schedule_a1111_drew_then():
+    req = parse_request({"parameters": "a cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 64x64"})
+    assert (req.sampler, req.schedule) == ("dpm++ 2m", "uniform")
+    req = parse_request({"parameters": "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64"})
+    assert (req.sampler, req.schedule) == ("ddim", "automatic")
+
+
 def test_an_older_combined_sampler_name_and_an_rng_are_read():
     req = parse_request({"parameters": "a cat\nSteps: 20, Sampler: Euler a Karras, CFG scale: 7, Seed: 1, RNG: NV"})
     assert (req.sampler, req.schedule, req.rng) == ("euler a", "karras", "nv")
