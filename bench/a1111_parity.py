@@ -42,7 +42,7 @@ def main():
         engine.start()
         client = imagine.create_app(engine).test_client()
         client.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "num_steps": 1})
-        pipe = engine.models.get("sd15-random").txt2img
+        pipe = engine.models.get(engine.models.resolve(None)).txt2img
         k_diffusion, conditioning = kdiffusion_reference.load(), parity.encoded_prompts(pipe)
         print(f"{'sampler':<12} {'schedule':<10} {'steps':>5}  mean difference (levels of 255), {args.size}px")
         for sampler, schedule in parity.CONTRACT:
