@@ -7,6 +7,9 @@ Without --local it posts to the server (--server, IMAGINE_SERVER, or http://127.
 server was named and none answers there, it generates locally instead. The PNG is saved in the
 current directory under a name made from the prompt (or at -o), and its path printed on stdout;
 progress goes to stderr when stderr is a terminal.
+
+    imagine 'a lighthouse' --detach          # queues it as a job on the server; prints the job's id
+    imagine --job 5f0c...                     # waits for that job (even from another machine) and saves it
 """
 
 import argparse
@@ -20,17 +23,43 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent  # through the `imagine` symlink too
+VENV = PROJECT / ".venv"  # where the README installs the requirements
+
+
+def in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def run_in_venv() -> None:
+    """Runs this script again on the project's .venv when it exists and another Python runs it: a new terminal,
+    or the `imagine` symlink on PATH, starts outside the virtual environment that holds the requirements."""
+    python = VENV / "bin" / "python"
+    # The variable stops a loop where .venv/bin/python is no virtual environment's (sys.prefix is not .venv).
+    if python.is_file() and not in_venv() and "IMAGINE_CLI_IN_VENV" not in os.environ:
+        script = str(Path(__file__).resolve())
+        os.execve(python, [str(python), script, *sys.argv[1:]], {**os.environ, "IMAGINE_CLI_IN_VENV": "1"})
 
 
 def missing_module(error: ImportError) -> str:
-    """One line for a missing dependency, as when a python3 outside Imagine's virtual environment runs this."""
-    requirements = Path(__file__).resolve().parent / "requirements.txt"
-    return (
-        f"imagine: this Python ({sys.executable}) has no module {error.name!r}: run the CLI with the Python of "
-        f"Imagine's virtual environment, or install its requirements: {sys.executable} -m pip install -r {requirements}"
-    )
+    """One line for a missing dependency, naming Imagine's virtual environment, where the requirements belong."""
+    requirements = PROJECT / "requirements.txt"
+    if in_venv():
+        fix = f"install its requirements: {sys.executable} -m pip install -r {requirements}"
+    elif (VENV / "bin" / "python").is_file():
+        fix = f"run the CLI with the Python of Imagine's virtual environment: {VENV / 'bin' / 'python'}"
+    else:
+        fix = (
+            f"create Imagine's virtual environment: python3 -m venv {VENV} && {VENV}/bin/pip install -r {requirements}"
+        )
+    return f"imagine: this Python ({sys.executable}) has no module {error.name!r}: {fix}"
 
+
+if __name__ == "__main__":
+    run_in_venv()
 
 try:
     import requests
@@ -39,6 +68,8 @@ except ImportError as error:
     sys.exit(missing_module(error))
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
+# The server's sampler table (engine/samplers.py) comes with diffusers, too slow to import for --help: its names
+# are written out here, and a test checks that they are all of them.
 SAMPLER_NAMES = (
     "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM2, DPM2 a, LCM, ..., with a"
     " schedule type if wanted, such as 'DPM++ 2M Karras' or 'Euler SGM Uniform' (the server's GET /samplers lists them)"
@@ -50,9 +81,17 @@ class CliError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # --list and --job need no prompt; the prompt stays a required positional, as the spec has it, for the rest.
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--list", action="store_true")
+    listing.add_argument("--job")
+    listing.add_argument("--server")
+    known, _ = listing.parse_known_args(argv)
+    if known.list:
+        return known
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
-    parser.add_argument("prompt", nargs="+", help="Prompt for model (the words are joined)")
+    parser.add_argument("prompt", nargs="*" if known.job else "+", help="Prompt for model (the words are joined)")
     parser.add_argument(
         "-m",
         "--model",
@@ -93,15 +132,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="List the server's models and exit (default: generate)")
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
+    parser.add_argument(
+        "--detach", action="store_true", help="Queue it as a job on the server, print the job's id and exit"
+    )
+    parser.add_argument("--job", metavar="ID", help="Wait for the server's job ID (see --detach), then save it")
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
     parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")
-    # --list needs no prompt; the prompt stays a required positional, as the spec has it, for everything else.
-    listing = argparse.ArgumentParser(add_help=False)
-    listing.add_argument("--list", action="store_true")
-    listing.add_argument("--server")
-    known, _ = listing.parse_known_args(argv)
-    return known if known.list else parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.job is not None and (args.prompt or args.detach or args.local):
+        parser.error("--job ID takes no prompt, --detach or --local: the job has its own settings")
+    if args.detach and args.local:
+        parser.error("--detach queues the job on a server; it cannot be --local")
+    return args
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -214,19 +257,30 @@ class NoServer(CliError):
     """Nothing listens at the server's address."""
 
 
-def remote_updates(server: str, body: dict):
+def api_headers(extra: dict | None = None) -> dict:
+    key = os.environ.get("IMAGINE_API_KEY")
+    return {**({"Authorization": f"Bearer {key}"} if key else {}), **(extra or {})}
+
+
+def server_request(method: str, server: str, path: str, expect: int = 200, headers=None, **options):
+    """A request to the server, its answer checked for the `expect`ed status; a NoServer or CliError otherwise."""
+    options.setdefault("timeout", (10, 60))
     try:
-        key = os.environ.get("IMAGINE_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = f"{server.rstrip('/')}/generate"
-        response = requests.post(url, json=body, headers=headers, stream=True, timeout=(10, None))
+        url = f"{server.rstrip('/')}{path}"
+        response = requests.request(method, url, headers=api_headers(headers), **options)
     except requests.ConnectionError:
         raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
     except requests.RequestException as error:
         raise CliError(f"cannot reach the server at {server}: {error}") from None
+    if response.status_code != expect:
+        with response:
+            raise refusal(response)
+    return response
+
+
+def remote_updates(server: str, body: dict):
+    response = server_request("POST", server, "/generate", json=body, stream=True, timeout=(10, None))
     with response:
-        if response.status_code != 200:
-            raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
         try:
             if "stream" not in body:
                 yield update_from(answer_fields(response.content), streamed=False)
@@ -275,11 +329,100 @@ def update_from(answer: dict, streamed: bool) -> dict:
     return update
 
 
+def refusal(response: requests.Response) -> CliError:
+    """The server's refusal on one line; a 401 says where the CLI takes the key from."""
+    message = f"the server answered {response.status_code}: {error_message(response)}"
+    if response.status_code == 401:
+        message += "; set IMAGINE_API_KEY to the server's key"
+    return CliError(message)
+
+
 def error_message(response: requests.Response) -> str:
     try:
         return response.json()["error"]
     except (ValueError, KeyError, TypeError):
         return response.text.strip()[:200] or response.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: --detach queues one on the server, --job waits for one (POST /jobs, GET /jobs/<id>/events)
+# ---------------------------------------------------------------------------------------------
+
+JOB_ENDS = ("done", "failed", "cancelled")
+RECONNECTS = 5  # times in a row a broken event stream is picked up again before the CLI gives up
+
+
+def detach(server: str, body: dict) -> str:
+    """Queues the request as a job; returns its id."""
+    answer = answer_fields(server_request("POST", server, "/jobs", expect=202, json=body).content)
+    if not isinstance(answer.get("id"), str):
+        raise CliError(f"the server sent an answer the CLI cannot read: {json.dumps(answer)[:60]}")
+    return answer["id"]
+
+
+def follow_job(server: str, job_id: str, args: argparse.Namespace) -> list[Path]:
+    """Waits for the job with the progress bar, and saves its pictures as a run of its prompt would."""
+    if args.output is not None and not args.output.parent.is_dir():
+        raise CliError(f"cannot write {args.output}: the folder {args.output.parent} does not exist")
+    job = answer_fields(server_request("GET", server, job_path(job_id)).content)
+    output = args.output or reserve_output(str(job.get("prompt") or "image"))
+    try:
+        return report_seed(save_updates(job_updates(server, job_id, args.stream), output, args.stream))
+    except BaseException:
+        if args.output is None:
+            output.unlink(missing_ok=True)
+        raise
+
+
+def job_path(job_id: str) -> str:
+    return f"/jobs/{urllib.parse.quote(job_id, safe='')}"
+
+
+def job_updates(server: str, job_id: str, every: int | None):
+    """The job's events as updates for save_updates. A stream that breaks (a proxy's idle cut, a network change)
+    is picked up where it broke, with the id of the last event seen (Last-Event-ID)."""
+    path = job_path(job_id) + "/events" + (f"?every={every}" if every else "")
+    last_id, breaks = None, 0
+    while breaks < RECONNECTS:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        response = server_request("GET", server, path, headers=headers, stream=True, timeout=(10, 120))
+        try:
+            with response:
+                for event_id, kind, data in sse_events(response.iter_lines(decode_unicode=True)):
+                    last_id, breaks = event_id or last_id, 0
+                    yield job_update(kind, answer_fields(data.encode()))
+                    if kind in JOB_ENDS:
+                        return
+        except requests.RequestException:
+            pass
+        breaks += 1
+        time.sleep(1)
+    raise CliError(f"the connection to {server} broke {RECONNECTS} times in a row; try again: imagine --job {job_id}")
+
+
+def sse_events(lines):
+    """(id, event, data) for each event of a text/event-stream; comments and unknown fields are skipped."""
+    fields = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        elif "data" in fields:
+            yield fields.get("id"), fields.get("event", "message"), fields["data"]
+            fields = {}
+        else:
+            fields = {}
+
+
+def job_update(kind: str, answer: dict) -> dict:
+    """One event of a job's stream as an update for save_updates."""
+    if kind in ("progress", "preview"):
+        return update_from({**answer, "done": False}, streamed=True)
+    if kind == "done":
+        return update_from(answer, streamed=False)
+    if kind in JOB_ENDS:
+        return {"error": f"the job {kind}: {answer.get('error', 'no reason given')}"}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,20 +503,12 @@ def human_size(size: int) -> str:
 
 def list_models(server: str) -> str:
     """The server's GET /models as a table: name, family, size, loaded."""
-    try:
-        key = os.environ.get("IMAGINE_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        response = requests.get(f"{server.rstrip('/')}/models", headers=headers, timeout=(10, 60))
-    except requests.ConnectionError:
-        raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
-    except requests.RequestException as error:
-        raise CliError(f"cannot reach the server at {server}: {error}") from None
-    if response.status_code != 200:
-        raise CliError(f"the server answered {response.status_code}: {error_message(response)}")
+    response = server_request("GET", server, "/models")
     rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
     for model in response.json()["models"]:
         family = model["family"] or f"unreadable: {model.get('error', '')}"
-        rows.append((model["name"], family, human_size(model["size"]), "yes" if model["loaded"] else ""))
+        size = "built in" if model.get("builtin") else human_size(model["size"])
+        rows.append((model["name"], family, size, "yes" if model["loaded"] else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = (
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]]) for row in rows
@@ -408,8 +543,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        server = args.server or os.environ.get("IMAGINE_SERVER") or DEFAULT_SERVER
         if args.list:
-            print(list_models(args.server or os.environ.get("IMAGINE_SERVER") or DEFAULT_SERVER))
+            print(list_models(server))
+        elif args.detach:
+            job_id = detach(server, request_body(args))
+            print(job_id)
+            print(f"imagine: queued as a job; wait for it and save it with: imagine --job {job_id}", file=sys.stderr)
+        elif args.job is not None:
+            print(*follow_job(server, args.job, args), sep="\n")
         else:
             print(*run(args), sep="\n")
     except CliError as error:

@@ -91,6 +91,19 @@ OPTIONS = (
         ("--rng",),
         "noise a seed gives when a request names none: cpu (torch's CPU numbers), gpu or nv (an NVIDIA GPU's, "
         "AUTOMATIC1111's default, on any device) (default cpu)",
+        str,
+    ),
+    Option(
+        "job_ttl",
+        ("--job-ttl",),
+        "seconds a finished job (POST /jobs) keeps its pictures for its client to collect (default 600)",
+        int,
+    ),
+    Option(
+        "max_jobs",
+        ("--max-jobs",),
+        "finished jobs kept at once, past which the oldest finished is freed first (default 64)",
+        int,
     ),
     Option(
         "api_key",
@@ -119,6 +132,8 @@ def parse_settings(argv=None) -> Settings:
     for option in OPTIONS:
         env = f"IMAGINE_{option.name.upper()}"
         default = os.environ.get(env, getattr(defaults, option.name))
+        if isinstance(default, tuple):  # a list setting (cors_origins) is comma-separated text in flags and variables
+            default = ",".join(default)
         help = f"{option.help[:-1]}; {env})"
         if option.kind is bool:
             on = str(default).lower() in SWITCHED_ON
@@ -142,27 +157,34 @@ def setting_problems(args) -> list:
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
+        (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
+        (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),
     ]  # fmt: skip
     return [problem for passed, problem in checks if not passed]
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
 if __name__ == "__main__":
     parse_settings()  # exits here for --help or a bad flag; main() parses them again, in no time
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    log.info("loading torch and diffusers...")  # 10 s or so on a small machine: the start is not stuck
 
 # The heavy libraries (torch, diffusers) come with the engine, imported once the settings are parsed.
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 
-from api import a1111, native, openai  # noqa: E402
+from api import a1111, jobs, native, openai  # noqa: E402
 from api.channel import create_server as create_waitress_server  # noqa: E402
 from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.folders import model_folders  # noqa: E402
+from engine.jobs import JobStore  # noqa: E402
 
-DIALECTS = {"native": native, "openai": openai, "a1111": a1111}
+DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}
 # A URL that reached no route (404, 405) still gets its dialect's error shape, by the dialect's prefix.
 PREFIXES = (("/v1/", "openai"), ("/sdapi/", "a1111"))
 
@@ -173,6 +195,9 @@ def create_app(engine: Engine) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = native.MAX_BODY_BYTES  # larger bodies get 413 before they are read
     app.extensions["imagine.engine"] = engine
     app.extensions["imagine.slots"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
+    app.extensions["imagine.jobs"] = JobStore(engine)
+    # An event stream for each job the engine may hold; each holds a thread of its own (see create_server).
+    app.extensions["imagine.streams"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
     guard(app, engine.settings)
     for dialect in DIALECTS.values():
         app.register_blueprint(dialect.blueprint)
@@ -224,18 +249,32 @@ def check_default_model(engine: Engine) -> None:
         raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
 
 
+def check_models_folders(settings: Settings) -> None:
+    """Creates the default models folder on the first run, where a new user then puts models; a folder the user
+    named and that is missing is more likely a typo, so it is only warned about."""
+    for folder in model_folders(settings.models_dir):
+        if folder.is_dir():
+            continue
+        try:
+            if settings.models_dir == Settings().models_dir:
+                folder.mkdir(parents=True)
+                log.info("created the models folder %s; put models there (--models-dir names others)", folder)
+                continue
+        except OSError as error:
+            log.warning("cannot create the models folder %s: %s", folder, error.strerror)
+        log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     engine = Engine(settings)
     check_default_model(engine)
     log.info(
         "device %s, precision %s, default model %s, models folders %s",
         engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
     )  # fmt: skip
-    for folder in model_folders(settings.models_dir):
-        if not folder.is_dir():
-            log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
+    check_models_folders(settings)
     try:
         server = create_server(engine, settings.host, settings.port)
     except OSError as error:
@@ -247,7 +286,9 @@ def main(argv=None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     threading.Thread(target=server.run, name="http", daemon=True).start()
-    if not is_loopback(settings.host) and not settings.api_key:
+    if settings.api_key:
+        log.info("every request needs the API key (Authorization: Bearer KEY); / and GET /health answer without it")
+    elif not is_loopback(settings.host):
         log.warning("other machines can reach this server and no API key is set: anyone may use it (IMAGINE_API_KEY)")
     log.info("listening on http://%s:%d", settings.host, settings.port)
     engine.run_forever()

@@ -23,7 +23,7 @@ from engine.errors import ImagineError
 from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
 from engine.previews import png_base64
-from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request
+from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request, rounded_size
 from engine.samplers import SAMPLERS, sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import DEMO_MODEL, Settings
@@ -152,8 +152,8 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         generate_body = {
             "prompt": body.get("prompt") or "",
             "neg": body.get("negative_prompt"),
-            "width": body.get("width"),
-            "height": body.get("height"),
+            "width": rounded_size(body.get("width")),  # info tells the size drawn
+            "height": rounded_size(body.get("height")),
             "num_steps": body.get("steps"),
             "guidance": body.get("cfg_scale"),
             "sampler": sampler,
@@ -299,7 +299,7 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
     listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
     folders = model_folders(models.settings.models_dir)
     for entry in models.listing():
-        if entry.get("error"):
+        if entry.get("error") or entry["builtin"]:
             continue
         found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
         real = real_path(found)
@@ -540,7 +540,8 @@ def upscalers_route():
     return jsonify([{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}])
 
 
-for _name in ("sd-vae", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
+# sd-modules is Forge's list of extra text encoders and VAEs, which SillyTavern 1.19 asks for on every Connect.
+for _name in ("sd-vae", "sd-modules", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
     blueprint.add_url_rule(f"/{_name}", f"{_name}_route", lambda: jsonify([]))
 
 

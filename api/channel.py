@@ -128,8 +128,9 @@ def create_server(app, max_queue: int, host: str, port: int):
         app,
         host=host,
         port=port,
-        # A thread for each waiting request and the running one (see generation_slots), and spares.
-        threads=max_queue + 1 + SPARE_THREADS,
+        # A thread for each waiting request and the running one (see generation_slots), one for each of as many
+        # jobs' event streams (api/jobs.py, stream_slots), and spares.
+        threads=2 * (max_queue + 1) + SPARE_THREADS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
         connection_limit=CONNECTION_LIMIT,

@@ -34,7 +34,7 @@ def host_name(host_header: str) -> str:
 
 
 def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
-    """Refuses, before any work, requests this server was not opened up to (see the README's Security section)."""
+    """Refuses, before any work, requests this server was not opened up to (docs/server.md, Security)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
     # host name. A server listening on loopback only ever has a local name; anything else is such a page.
     # The raw header: werkzeug's request.host reads a name it finds invalid ("a_b.evil.com") as empty.
@@ -48,18 +48,22 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     # Browsers send no credentials with a CORS preflight, so it is answered before the key is checked.
     if request.method == "OPTIONS" and origin is not None:
         return
-    if settings.api_key and needs_key:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
-        # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
-        sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
-        if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
-            sent = basic_password(sent)
-        elif scheme.lower() != "bearer":
-            sent = b""
-        # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
-        if not sent or not hmac.compare_digest(sent, key):
-            raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+    if settings.api_key and needs_key and not has_key(settings):
+        raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def has_key(settings: Settings) -> bool:
+    """Whether the request carries the API key, as a Bearer token or as the password of Basic credentials."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
+    # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
+    sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
+    if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
+        sent = basic_password(sent)
+    elif scheme.lower() != "bearer":
+        sent = b""
+    # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
+    return bool(sent) and hmac.compare_digest(sent, key)
 
 
 def basic_password(credentials: bytes) -> bytes:
@@ -104,8 +108,9 @@ def log_access(response: Response) -> None:
     log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
 
 
-# The page and its files hold no secret: a browser must load them to ask for the key at all.
-KEY_FREE_ENDPOINTS = ("native.index_route", "native.web_file_route")
+# The page and its files hold no secret: a browser must load them to ask for the key at all. /health answers a
+# load balancer's check, which sends no key, with {"status": "ok"} alone (see native.health_route).
+KEY_FREE_ENDPOINTS = ("native.index_route", "native.web_file_route", "native.health_route")
 
 
 def guard(app: Flask, settings: Settings) -> None:
@@ -132,8 +137,8 @@ def preflight_answer() -> Response:
     return Response(
         status=204,
         headers={
-            "Access-Control-Allow-Methods": "POST",
-            "Access-Control-Allow-Headers": "Content-Type, Authorization",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE",  # DELETE cancels a job
+            "Access-Control-Allow-Headers": "Content-Type, Authorization, Last-Event-ID",
             "Access-Control-Max-Age": "600",
         },
     )

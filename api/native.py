@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
+from api.guard import has_key
 from engine.engine import Engine, Failed, Finished, Job, Preview
 from engine.errors import ImagineError
 from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
@@ -211,16 +212,21 @@ ENDPOINTS = {
     "name": "Imagine, a local Stable Diffusion server",
     "endpoints": {
         "POST /generate": 'a picture: JSON in (only "prompt" is required), a base64 PNG out',
+        "POST /jobs": "a generation that outlives its connection: the /generate body in, the job's id out at once",
+        "GET /jobs": "the jobs the server holds (id, status, created), newest first",
+        "GET /jobs/<job_id>": "where a job stands; once done, its pictures as /generate answers them",
+        "GET /jobs/<job_id>/events": "a job's progress, previews (?every=N) and end as Server-Sent Events",
+        "DELETE /jobs/<job_id>": "cancels a queued or running job",
         "GET /samplers": "the sampler names and schedule types /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
-        "GET /health": "whether the server is up, its device, loaded models and queue, for load balancers",
+        "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
         "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
         "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
         "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
         "GET /v1/models": "OpenAI's model list: the models /v1/images/* accept",
-        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (README: Use it from other programs)",
+        "POST /sdapi/v1/txt2img": "AUTOMATIC1111's txt2img, for its clients (docs/compatibility.md)",
         "POST /sdapi/v1/img2img": "AUTOMATIC1111's img2img and inpainting (init_images, mask)",
         "GET /sdapi/v1/sd-models": "the models, titled as AUTOMATIC1111 does (name.safetensors [hash])",
         "GET /sdapi/v1/options": "the current model (sd_model_checkpoint) and a few settings",
@@ -234,6 +240,7 @@ ENDPOINTS = {
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
         "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
+        "GET /sdapi/v1/sd-modules": "empty: Forge's extra text encoders and VAEs, which SillyTavern asks for",
         "GET /sdapi/v1/latent-upscale-modes": "empty",
         "GET /sdapi/v1/face-restorers": "empty",
         "GET /sdapi/v1/prompt-styles": "empty",
@@ -244,7 +251,7 @@ ENDPOINTS = {
         "GET /": "the web page for a browser (Accept: text/html), this list for anything else",
         "GET /web/<name>": "the web page's script and style",
     },
-    "readme": "README.md beside imagine.py: every field, setting and example",
+    "readme": "README.md beside imagine.py, and docs/: every field, setting and example",
 }
 
 
@@ -298,7 +305,10 @@ def models_route():
 @blueprint.get("/health")
 def health_route():
     # For load balancers: it reads a few fields and never waits for the engine, so it answers mid-generation.
+    # It needs no key (a load balancer's check sends none); without the key it tells only that the server is up.
     engine = current_engine()
+    if engine.settings.api_key and not has_key(engine.settings):
+        return jsonify(status="ok")
     loaded = [model.name for model in list(engine.models.loaded.values())]
     running = engine.running is not None
     return jsonify(status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running)

@@ -20,7 +20,7 @@ from api.native import Answer, current_engine, current_settings, parse_json, rea
 from engine.engine import Finished, Job, Preview
 from engine.errors import ImagineError
 from engine.previews import png_bytes
-from engine.request import _integer, _size, _text, decode_image, parse_request
+from engine.request import _integer, _size, _text, decode_image, parse_request, rounded_size
 from engine.settings import DEMO_MODEL
 
 log = logging.getLogger("imagine")
@@ -100,13 +100,14 @@ class OpenAIOptions:
 
 
 def openai_size(size: str, max_size: int) -> dict:
-    """`auto` (the family's default, or the input picture's size) or `WxH`, as /generate's width and height."""
+    """`auto` (the family's default, or the input picture's size) or `WxH`, as /generate's width and height, each
+    rounded down to a multiple of 8 as AUTOMATIC1111 does (the answer's `size` is the size drawn)."""
     if size == "auto":
         return {}
     match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
     if match is None:
         raise ImagineError(f"size must be 'auto' or WIDTHxHEIGHT such as '512x512', not {size!r}")
-    dimensions = {"width": int(match[1]), "height": int(match[2])}
+    dimensions = {"width": rounded_size(int(match[1])), "height": rounded_size(int(match[2]))}
     try:
         for field in dimensions:
             _size(dimensions, field, None, max_size)

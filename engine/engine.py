@@ -62,16 +62,21 @@ class Finished:
 @dataclasses.dataclass
 class Failed:
     error: ImagineError
+    cancelled: bool = False  # stopped on purpose (cancelled, its client gone, the server stopping), not broken
 
 
 class Job:
     """One accepted request; the engine reports its progress as events the caller iterates over."""
 
-    def __init__(self, request: GenerationRequest, model_key: str, client_gone=None, load_only: bool = False):
+    def __init__(
+        self, request: GenerationRequest, model_key: str, client_gone=None, load_only: bool = False, events=None
+    ):
         self.request = request
         self.model_key = model_key
         self.load_only = load_only  # only load the model (Engine.load_model): its one event is Started
-        self.events = queue.Queue()
+        # Where the engine puts the events (it only ever calls put): a queue the caller iterates over, or a
+        # held job's record (engine/jobs.py), which keeps them for clients that come and go.
+        self.events = queue.Queue() if events is None else events
         self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
         self.cancel_reason = None
         # Where it stands, for Engine.progress(), which builds a report only when asked.
@@ -128,11 +133,12 @@ class Engine:
         self.unfinished = 0  # jobs accepted and not yet done: the running one and those waiting
         self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
-    def submit(self, req: GenerationRequest, client_gone=None, default_if_unknown: bool = False) -> Job:
+    def submit(self, req: GenerationRequest, client_gone=None, default_if_unknown: bool = False, events=None) -> Job:
         """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work.
-        With `default_if_unknown`, a model name the folders lack is drawn by the default model instead."""
+        With `default_if_unknown`, a model name the folders lack is drawn by the default model instead; `events`
+        is where the job's events go (see Job)."""
         key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
-        job = Job(req, key, client_gone)
+        job = Job(req, key, client_gone, events=events)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
@@ -160,6 +166,25 @@ class Engine:
         waiting = max(self.unfinished - 1, 0)
         return ImagineError(f"the server is busy: {waiting} requests are waiting; try again", 503, retry_after)
 
+    def withdraw(self, job: Job, reason: ImagineError) -> bool:
+        """Takes a waiting job out of the queue, ending it as cancelled with `reason` at once (its place is free
+        for another); False if it is not waiting (it runs, or has ended)."""
+        with self.accepting, self.jobs.mutex:
+            try:
+                self.jobs.queue.remove(job)
+            except ValueError:
+                return False
+            self.unfinished -= 1
+        job.cancel(reason)
+        job.events.put(Failed(reason, cancelled=True))
+        return True
+
+    def position(self, job: Job) -> int | None:
+        """How many jobs wait ahead of `job` in the queue (any client's), or None if it is not waiting."""
+        with self.jobs.mutex:
+            waiting = list(self.jobs.queue)
+        return waiting.index(job) if job in waiting else None
+
     def progress(self) -> dict | None:
         """Where the running generation stands, or None while none runs: the one source of progress for anyone
         who polls. Its preview (the first picture's, in the request's `preview` kind) is built at most once per
@@ -167,11 +192,7 @@ class Engine:
         job = self.running
         if job is None or job.started is None:
             return None
-        latents, model = job.latents, job.model
-        if latents is not None and job.preview[0] is not latents:
-            image = preview_image(model, job.request, latents[:1])
-            job.preview = (latents, png_base64(image, None, compress_level=1))
-        return {"job": job, "step": job.step, "steps": job.steps, "started": job.started, "preview": job.preview[1]}
+        return {"job": job, "step": job.step, "steps": job.steps, "started": job.started, "preview": job_preview(job)}
 
     def run_forever(self) -> None:
         """Runs jobs until stop() is called."""
@@ -203,14 +224,16 @@ class Engine:
             if self.running is not None:
                 self.running.cancel(shutting_down)
             while not self.jobs.empty():
-                self.jobs.get_nowait().events.put(Failed(shutting_down))
+                waiting = self.jobs.get_nowait()
+                waiting.cancel(shutting_down)
+                waiting.events.put(Failed(shutting_down, cancelled=True))
             self.jobs.put(None)
 
     def run(self, job: Job) -> None:
         """Runs one job and ends it with its last event (Finished or Failed), whatever happens inside."""
         if job.cancelled():  # its client left while it waited
             log.info("dropped a request: %s", job.cancel_reason.message)
-            job.events.put(Failed(job.cancel_reason))
+            job.events.put(Failed(job.cancel_reason, cancelled=True))
             return
         self.running = job
         token = cancel_check.set(job.cancelled)  # what the cancel points inside every layer ask
@@ -218,7 +241,7 @@ class Engine:
             job.events.put(self.draw(job))
         except Cancelled:
             log.info("stopped after step %d: %s", job.step, job.cancel_reason.message)
-            job.events.put(Failed(job.cancel_reason))
+            job.events.put(Failed(job.cancel_reason, cancelled=True))
         except ImagineError as error:
             job.events.put(Failed(error))
         except torch.OutOfMemoryError:
@@ -246,9 +269,11 @@ class Engine:
         req = job.request = dataclasses.replace(
             job.request, width=job.request.width or size, height=job.request.height or size
         )
+        # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
+        steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
         log.info(
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
-            req.n, req.width, req.height, req.num_steps, req.sampler, req.seed, model.name,
+            req.n, req.width, req.height, steps, req.sampler, req.seed, model.name,
         )  # fmt: skip
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
@@ -279,10 +304,13 @@ class Engine:
         """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,
         a Preview of each picture; it stops a cancelled job and says when one should finish early."""
         req = job.request
+        began = time.perf_counter()
 
         def on_step(step, steps, latents):
             if job.cancelled():
                 raise Cancelled
+            if step == 1:
+                log_time_left(time.perf_counter() - began, steps)
             job.step, job.steps, job.latents = step, steps, latents
             job.events.put(Progress(step, steps))
             if req.stream and step % req.stream == 0 and step < steps:
@@ -292,3 +320,19 @@ class Engine:
             return job.stop_early is not None
 
         return on_step
+
+
+def job_preview(job: Job) -> str | None:
+    """The job's latest preview as a base64 PNG (the first picture's, in the request's `preview` kind), or None
+    before its first step: built at most once per step however often, and by whomever, it is asked for."""
+    latents, model = job.latents, job.model
+    if latents is not None and job.preview[0] is not latents:
+        image = preview_image(model, job.request, latents[:1])
+        job.preview = (latents, png_base64(image, None, compress_level=1))
+    return job.preview[1]
+
+
+def log_time_left(took: float, steps: int) -> None:
+    """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
+    picture takes about a minute on a small CPU, and the first request used to sit silent)."""
+    log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))

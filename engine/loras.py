@@ -56,7 +56,10 @@ def find_file(settings: Settings, kind: str, what: str, name: str, suffixes: tup
     found = None if Path(name).is_absolute() else find_in_folders(extra_folders(settings, kind), name, suffixes)
     real = found and real_path(found)
     if not real or not real.is_file() or found.suffix not in suffixes:
-        raise ImagineError(f"{what} {name!r} not found in the {kind} folder")
+        # Where it looked, relative to the models folders: the server's own paths are not the client's business.
+        kinds = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}"
+        where = f"{kind}/ of the models folders (<models>/{kind}/, as {kinds})"
+        raise ImagineError(f"{what} {name!r} not found in {where}; GET /{kind} lists them")
     return real
 
 

@@ -114,7 +114,7 @@ class Models:
             return name
         raise ImagineError(
             f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
-            "GET /models lists the models there, and 'demo' is always there",
+            "GET /models lists the models a request can name, 'demo' (built in) among them",
             404,
         )
 
@@ -131,10 +131,12 @@ class Models:
         return self.resolve(None)
 
     def listing(self) -> list[dict]:
-        """Every model a request can name, in the order the folders are searched: single files and diffusers
-        folders, recursively, links followed; LoRAs and embeddings, which live in their own sub-folders, left out."""
+        """Every model a request can name, in the order names are resolved: the built-in demo first, then the
+        folders' single files and diffusers folders, recursively, links followed; LoRAs and embeddings, which live
+        in their own sub-folders, left out."""
         folders = model_folders(self.settings.models_dir)
-        listed = []
+        demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
+        listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
             real = real_path(path)
             if real is None or not is_model_entry(path, real):
@@ -146,7 +148,7 @@ class Models:
                 described = self.describe(real)
             except OSError as error:  # e.g. a folder inside it that this server's user may not read
                 described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
-            listed.append({"name": name, **described, "loaded": str(real) in self.loaded})
+            listed.append({"name": name, **described, "loaded": str(real) in self.loaded, "builtin": False})
         return listed
 
     def describe(self, real: Path) -> dict:
@@ -226,8 +228,10 @@ class Models:
         try:
             keys = read_checkpoint_keys(path)
             channels = unet_input_channels(path)
-        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors
-            raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})") from error
+        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors: a damaged file
+            raise ImagineError(
+                f"the model file cannot be read as a checkpoint ({type(error).__name__})", 422
+            ) from error
         name = detect_family(keys)
         family = sd2_family(path) if name == "sd2" else FAMILIES[name]
         return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family

@@ -97,6 +97,11 @@ MAX_INPAINT_PADDING = 256
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored"}
 
 
+# Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
+# documented ones.
+FIELD_ALIASES = {"negative_prompt": "neg", "steps": "num_steps"}
+
+
 def _value(body, field, kinds, kind_name):
     value = body[field]
     if not isinstance(value, kinds) or isinstance(value, bool):
@@ -181,6 +186,15 @@ def _size(body, field, default, max_size):
     return size
 
 
+def rounded_size(value):
+    """A width or height as AUTOMATIC1111 draws it, rounded down to a multiple of 8 (its latents are size // 8), for
+    the dialects whose clients let users type any size; a value that is no size, or too small, is left for the checks
+    to refuse as sent."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= MIN_SIZE:
+        return value // 8 * 8
+    return value
+
+
 def decode_image(data: str, field: str = "img", mode: str = "RGB") -> Image.Image:
     """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
     of a PNG, JPEG, WEBP, BMP or GIF (its first frame), converted to `mode`; `field` names the request field
@@ -238,6 +252,7 @@ def parse_request(
 ) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field. One flat
     list of checks, as diffusers' check_inputs is: long, but read top to bottom, field by field."""
+    body = without_aliases(body)
     ignored = []
     if body.get("parameters") is not None:
         body, ignored = with_infotext(body)
@@ -309,6 +324,18 @@ def parse_request(
             field="strength",
         )
     return parsed
+
+
+def without_aliases(body: dict) -> dict:
+    """The body with each alias (FIELD_ALIASES) under its field's name; both given with different values is an error."""
+    for alias, field in FIELD_ALIASES.items():
+        if alias not in body:
+            continue
+        if field in body and body[field] != body[alias]:
+            given = f"{json.dumps(body[alias])[:80]} and {json.dumps(body[field])[:80]}"
+            raise ImagineError(f"{alias} and {field} are one field; give one of them, not {given}", field=field)
+        body = {**{key: value for key, value in body.items() if key != alias}, field: body[alias]}
+    return body
 
 
 def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: dict | None = None) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import decode_png
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()  # where the samplers are told
 SH_BLOCKS = re.findall(r"```(?:sh|shell)\n(.*?)```", README, re.S)
 
 

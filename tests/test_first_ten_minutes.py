@@ -27,10 +27,12 @@ def quick_start() -> str:
     return README[README.index("## Quick start") : README.index("\n## ", README.index("## Quick start") + 1)]
 
 
+def quick_start_commands() -> list:
+    return re.findall(r"```bash\n(.*?)\n```", quick_start(), re.S)
+
+
 def test_ci_runs_the_readmes_test_command_word_for_word():
-    commands = re.findall(r"```bash\n(.*?)\n```", quick_start(), re.S)
-    assert len(commands) == 2  # start the server; run the tests
-    test_command = commands[1]
+    [test_command] = [command for command in quick_start_commands() if command.endswith("python -m pytest")]
     assert test_command.endswith("pip install -r requirements-dev.txt && python -m pytest")
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
 
@@ -42,11 +44,25 @@ def test_the_dev_requirements_hold_the_runtime_ones_and_every_test_tool():
     assert "-r requirements.txt" in lines
 
 
-def test_the_choice_of_pytorch_build_comes_before_the_first_command():
+def test_the_quick_start_gives_linux_without_a_gpu_its_own_command_installing_the_cpu_only_build():
+    """Copying the CUDA/Apple line there would download the multi-GB CUDA build instead."""
     section = quick_start()
-    first_command = section.index("```bash")
-    for build in ("CPU-only", "CUDA", "Apple", "https://download.pytorch.org/whl/cpu"):
-        assert -1 < section.find(build) < first_command, build
+    starts = [command for command in quick_start_commands() if command.endswith("python imagine.py --model demo")]
+    assert len(starts) == 2  # one per kind of machine; the tests' command is the other
+    cuda_or_apple, cpu_only = starts
+    assert "--index-url" not in cuda_or_apple
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -r requirements.txt" in (
+        cpu_only
+    )
+    for build in ("CUDA", "Apple"):
+        assert -1 < section.find(build) < section.index(cuda_or_apple), build
+    assert -1 < section.find("without an NVIDIA GPU") < section.index(cpu_only)
+
+
+def test_the_quick_start_says_to_activate_the_environment_in_a_second_terminal_before_the_examples():
+    section = quick_start()
+    assert "second terminal" in section
+    assert ". .venv/bin/activate && set -o pipefail" in quick_start_commands()
 
 
 def test_a_stopped_test_server_leaves_no_thread_that_could_write_to_a_reused_descriptor(engine):
@@ -111,14 +127,15 @@ def test_the_cli_without_one_of_its_dependencies_says_in_one_line_what_to_instal
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("imagine: ") and "no module 'tqdm'" in line
-    assert f"{sys.executable} -m pip install -r {ROOT / 'requirements.txt'}" in line
+    assert f"pip install -r {ROOT / 'requirements.txt'}" in line and f"{ROOT / '.venv'}" in line  # see test_new_user
 
 
 def test_a_mistyped_default_model_stops_the_start_with_one_line_naming_it_and_the_models_directory(tmp_path):
     command = [sys.executable, str(ROOT / "imagine.py"), "--model", "dremshaper_8", "--models-dir", str(tmp_path)]
     result = subprocess.run([*command, "-d", "cpu", "-f", "32"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    [line] = result.stderr.splitlines()
+    loading, line = result.stderr.splitlines()  # the log's first line, then the error's one
+    assert loading.endswith("INFO loading torch and diffusers...")
     assert line.startswith("imagine: the default model 'dremshaper_8' (--model, IMAGINE_MODEL) is neither in")
     assert str(tmp_path) in line and "--models-dir" in line
 

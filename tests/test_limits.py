@@ -108,6 +108,7 @@ BOMB_SCRIPT = """
 import base64, resource, struct, sys, zlib
 sys.path.insert(0, sys.argv[1])
 import imagine
+from engine.engine import Engine
 
 def chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

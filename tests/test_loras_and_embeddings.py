@@ -143,11 +143,24 @@ def test_a_pickled_lora_draws_what_the_same_safetensors_lora_draws(lora_engine):
     )
 
 
+NOT_IN_LORAS = (
+    "not found in loras/ of the models folders (<models>/loras/, as .safetensors, .pt or .ckpt); GET /loras lists them"
+)
+
+
 @pytest.mark.parametrize(
     "fields, status, error",
     [
-        ({"loras": [{"name": "nope"}]}, 400, "lora 'nope' not found in the loras folder"),
-        ({"prompt": "x <lora:nope:0.5>"}, 400, "lora 'nope' not found in the loras folder"),
+        (
+            {"loras": [{"name": "nope"}]},
+            400,
+            f"lora 'nope' {NOT_IN_LORAS}",
+        ),
+        (
+            {"prompt": "x <lora:nope:0.5>"},
+            400,
+            f"lora 'nope' {NOT_IN_LORAS}",
+        ),
         ({"loras": [{"name": "detail", "weight": 6}]}, 400, "lora 'detail' weight must be between -5 and 5, not 6.0"),
         ({"prompt": "x <lora:detail:-5.5>"}, 400, "lora 'detail' weight must be between -5 and 5, not -5.5"),
         (
@@ -160,7 +173,11 @@ def test_a_pickled_lora_draws_what_the_same_safetensors_lora_draws(lora_engine):
             403,
             "lora '../embeddings/beacon' is outside the loras folder",
         ),
-        ({"loras": [{"name": "/etc/passwd"}]}, 400, "lora '/etc/passwd' not found in the loras folder"),
+        (
+            {"loras": [{"name": "/etc/passwd"}]},
+            400,
+            f"lora '/etc/passwd' {NOT_IN_LORAS}",
+        ),
         ({"loras": [{"name": "a\0b"}]}, 400, "lora name 'a\\x00b' is not a file name"),
         ({"loras": "detail"}, 400, 'loras must be a list like [{"name": "add_detail", "weight": 0.8}]'),
         (

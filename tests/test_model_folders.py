@@ -132,7 +132,7 @@ def test_get_models_lists_every_model_with_its_family_size_date_and_whether_it_i
     answer = client.get("/models").get_json()
     models = {model["name"]: model for model in answer["models"]}
     assert answer["default"] == "linked"
-    assert sorted(models) == ["broken", "linked", "sd15/dreamshaper_8", "tiny-folder"]
+    assert sorted(models) == ["broken", "demo", "linked", "sd15/dreamshaper_8", "tiny-folder"]
     assert models["linked"]["family"] == "sd1" and models["tiny-folder"]["family"] == "sd1"
     assert models["linked"]["size"] == tiny_checkpoint.stat().st_size
     assert models["linked"]["modified"].endswith("Z")
@@ -141,7 +141,7 @@ def test_get_models_lists_every_model_with_its_family_size_date_and_whether_it_i
     assert not any(model["loaded"] for model in models.values())
     assert client.post("/generate", json={"prompt": "a cat", "model": "tiny-folder", **FAST}).status_code == 200
     loaded = {model["name"]: model["loaded"] for model in client.get("/models").get_json()["models"]}
-    assert loaded == {"broken": False, "linked": False, "sd15/dreamshaper_8": False, "tiny-folder": True}
+    assert loaded == {"broken": False, "demo": False, "linked": False, "sd15/dreamshaper_8": False, "tiny-folder": True}
     assert str(listed_folders[0].parent) not in client.get("/models").get_data(as_text=True)
 
 

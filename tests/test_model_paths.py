@@ -39,7 +39,7 @@ def post(engine, model):
         ("tiny\0", 400, "NUL byte"),
         ("missing", 404, "not found"),
         ("notes.txt", 400, "not a .safetensors or .ckpt file or a diffusers folder"),
-        ("link-out.safetensors", 400, "cannot be read as a checkpoint"),
+        ("link-out.safetensors", 422, "cannot be read as a checkpoint"),
         ("x" * 5000, 404, "not found"),
     ],
 )

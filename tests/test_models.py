@@ -182,7 +182,7 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(t
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, models / "evil.ckpt")
     client = imagine.create_app(tiny_engine).test_client()
     response = client.post("/generate", json={"prompt": "x", "model": "evil"})
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "cannot be read as a checkpoint" in response.get_json()["error"]
     assert not marker.exists()
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200

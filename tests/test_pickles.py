@@ -50,5 +50,5 @@ def test_with_the_guard_left_alone_an_evil_ckpt_is_still_read_without_running_it
     write_evil_ckpt(tmp_path / "evil.ckpt", marker)
     client = imagine.create_app(make_engine(model="demo")).test_client()
     response = client.post("/generate", json={"prompt": "x", "model": "evil"})
-    assert response.status_code == 400 and "cannot be read as a checkpoint" in response.get_json()["error"]
+    assert response.status_code == 422 and "cannot be read as a checkpoint" in response.get_json()["error"]
     assert not marker.exists()

@@ -76,3 +76,39 @@ def test_the_service_names_only_groups_that_exist_on_a_stock_debian_ubuntu_or_fe
     groups = {group for line in settings(UNIT.read_text(), "SupplementaryGroups") for group in line.split()}
     assert groups <= GROUPS_ON_EVERY_DISTRIBUTION
     assert "video" in groups  # /dev/dri stays reachable
+
+
+def test_the_api_key_goes_in_a_root_only_environment_file_never_in_an_environment_line():
+    """`systemctl show` lets every user read Environment= lines; an EnvironmentFile's contents stay in the file."""
+    text = UNIT.read_text()
+    assert settings(text, "EnvironmentFile") == ["-/etc/imagine.env"]  # "-": the service starts without one
+    assert "IMAGINE_API_KEY" not in " ".join(settings(text, "Environment"))
+    assert not re.search(r"^#\s*Environment=IMAGINE_API_KEY", text, flags=re.MULTILINE)
+
+
+SERVER_DOCS = (ROOT / "docs" / "server.md").read_text()
+SERVICE_DOCS = SERVER_DOCS[SERVER_DOCS.index("## Running as a service") : SERVER_DOCS.index("## More than one GPU")]
+
+
+def test_the_install_steps_copy_the_projects_own_files_and_give_the_cpu_only_build_its_own_step():
+    blocks = re.findall(r"```sh\n(.*?)```", SERVICE_DOCS, re.S)
+    assert "git archive --prefix=imagine/ HEAD | sudo tar -x -C /opt" in blocks[0]  # the copy at hand, no URL
+    assert (
+        blocks[1].strip()
+        == "sudo /opt/imagine/.venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    )
+    assert "github.com" not in SERVICE_DOCS
+
+
+def test_the_systemctl_edit_example_puts_its_setting_under_a_service_line():
+    [override] = re.findall(r"```ini\n(.*?)```", SERVICE_DOCS, re.S)
+    assert override.splitlines()[0] == "[Service]"
+    assert all(line.split("=", 1)[0] in {"Environment", "EnvironmentFile"} for line in override.splitlines()[1:])
+
+
+def test_the_documented_key_file_is_the_one_the_unit_reads_and_is_made_readable_by_root_only():
+    steps = [block for block in re.findall(r"```sh\n(.*?)```", SERVICE_DOCS, re.S) if "IMAGINE_API_KEY" in block]
+    [step] = steps
+    assert step.startswith("sudo install -m 600 /dev/null /etc/imagine.env\n")  # 600 before the key is written
+    assert "| sudo tee /etc/imagine.env" in step
+    assert settings(UNIT.read_text(), "EnvironmentFile") == ["-/etc/imagine.env"]

@@ -4,6 +4,7 @@ the tiny demo model."""
 import base64
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
 
@@ -18,6 +19,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -233,3 +235,86 @@ def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
     assert imagine.parse_settings(["--no-web"]).no_web is True
     monkeypatch.setenv("IMAGINE_NO_WEB", "1")
     assert imagine.parse_settings([]).no_web is True
+
+
+def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arrives(
+    browser, live_server, engine, monkeypatch
+):
+    held, release = [], threading.Event()
+    real_generate = engine.generate
+
+    def held_generate(model, req, on_step=None, conditioning=None):
+        def held_on_step(step, steps, latents):
+            if step == 3:  # the page has seen steps 1 and 2 and their previews
+                held.append(step)
+                assert release.wait(600), "the test never released the generation"
+            return on_step(step, steps, latents)
+
+        return real_generate(model, req, held_on_step, conditioning)
+
+    monkeypatch.setattr(engine, "generate", held_generate)
+    open_page(browser, live_server)
+    fill_form(browser, "a sunrise over the sea", steps=8, seed=77)
+    element(browser, "generate").click()
+    wait_until(lambda: held and element(browser, "progress-text").text.startswith("step 2 / 8"), "step 2 is shown")
+    job_id = browser.execute_script("return JSON.parse(localStorage.getItem('imagine.job')).id")
+
+    browser.refresh()  # mid-run: the job goes on, and the page finds it again
+    wait_until(
+        lambda: (
+            element(browser, "progress-text").text.startswith("step 2 / 8")
+            and element(browser, "picture").get_attribute("src").startswith("data:image/png")
+        ),
+        "the page reattached and shows the latest preview",
+    )
+    assert element(browser, "status").text == "generating…"
+    assert pixels(element(browser, "picture").get_attribute("src").partition(",")[2]).shape == (64, 64, 3)  # forming
+    release.set()
+    wait_until(lambda: finished(browser), "the picture arrived after the reload")
+
+    monkeypatch.setattr(engine, "generate", real_generate)
+    expected = api_picture(live_server, {"prompt": "a sunrise over the sea", **FAST, "num_steps": 8, "seed": 77})
+    assert np.array_equal(shown_picture(browser), expected)
+    with urllib.request.urlopen(live_server + "/jobs", timeout=30) as response:
+        assert [each["id"] for each in json.load(response)["jobs"]] == [job_id]  # the same job, not a new one
+    assert browser.execute_script("return localStorage.getItem('imagine.job')") is None
+    assert severe_console_messages(browser) == []
+
+
+# The first impression (issue 22.6): no broken picture before the first one, demo's size as the API draws it, a
+# size menu that names the preset chosen, and a word that demo draws noise.
+
+
+def test_before_any_picture_the_page_shows_no_picture_and_so_no_broken_image(browser, live_server):
+    open_page(browser, live_server)
+    assert element(browser, "picture").get_attribute("src") is None
+    assert not element(browser, "picture").is_displayed()
+
+
+def test_demos_size_on_the_page_is_the_apis_default_and_the_size_menu_names_it(browser, live_server, client):
+    open_page(browser, live_server)
+    assert element(browser, "model").get_attribute("value") == "demo"
+    size = (element(browser, "width").get_attribute("value"), element(browser, "height").get_attribute("value"))
+    answer = client.post("/generate", json={"prompt": "x", "num_steps": 1, "seed": 1}).get_json()
+    assert size == (str(answer["width"]), str(answer["height"])) == ("512", "512")
+    assert Select(element(browser, "preset")).first_selected_option.text == "512x512"
+
+
+def test_the_size_menu_keeps_the_preset_chosen_and_says_custom_only_for_a_size_of_none(browser, live_server):
+    open_page(browser, live_server)
+    presets = Select(element(browser, "preset"))
+    presets.select_by_visible_text("768x512")
+    assert presets.first_selected_option.text == "768x512"
+    assert element(browser, "width").get_attribute("value") == "768"
+    element(browser, "height").send_keys("0")  # 5120: a size no preset has
+    assert presets.first_selected_option.text == "custom"
+
+
+def test_a_note_says_demo_draws_noise_while_demo_is_chosen(browser, live_server):
+    open_page(browser, live_server)
+    note = element(browser, "demo-note")
+    assert note.is_displayed() and "noise" in note.text
+    Select(element(browser, "model")).select_by_visible_text("tiny")
+    assert not note.is_displayed()
+    Select(element(browser, "model")).select_by_visible_text("demo")
+    assert note.is_displayed()

@@ -1,4 +1,4 @@
-// Imagine's web page: a client of the public API only (GET /models, /samplers, /loras; POST /generate).
+// Imagine's web page: a client of the public API only (GET /models, /samplers, /loras; POST /jobs and its events).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,7 +10,6 @@ const SIZES = {
   sd2: [[512, 512], [512, 768], [768, 512]],
   "sd2-v": [[768, 768], [768, 1024], [1024, 768]],
   sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
-  demo: [[64, 64], [128, 128], [256, 256]],
 };
 const FIELDS = [
   "prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "schedule", "n", "clip_skip",
@@ -60,6 +59,7 @@ async function loadLists() {
   fillSchedules(samplers);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
+  showDemoNote();
 }
 
 function fill(select, values, selected) {
@@ -69,12 +69,12 @@ function fill(select, values, selected) {
 function updatePresets() {
   const families = JSON.parse($("model").dataset.families || "{}");
   const name = $("model").value;
-  const family = families[name] || (name === "demo" ? "demo" : "sd1");
-  const sizes = SIZES[family] || SIZES.sd1;
+  // The family's first size is the API's default for the model (demo is an SD 1.x model: 512x512).
+  const sizes = SIZES[families[name]] || SIZES.sd1;
   fill($("preset"), sizes.map(([w, h]) => `${w}x${h}`), null);
   $("preset").prepend(new Option("custom", "", true, true));
-  $("preset").value = "";
   if (!initData) applyPreset(sizes[0].join("x"));
+  showPresetOfSize();
 }
 
 function applyPreset(value) {
@@ -82,6 +82,17 @@ function applyPreset(value) {
   const [w, h] = value.split("x");
   $("width").value = w;
   $("height").value = h;
+}
+
+// The size menu names the preset the width and height make, and "custom" only for a size of no preset.
+function showPresetOfSize() {
+  const size = `${$("width").value}x${$("height").value}`;
+  const preset = [...$("preset").options].find((option) => option.value === size);
+  $("preset").value = preset ? size : "";
+}
+
+function showDemoNote() {
+  $("demo-note").hidden = $("model").value !== "demo";
 }
 
 function requestBody() {
@@ -109,8 +120,18 @@ async function generate(pasted = false) {
     $("prompt").focus();
     return;
   }
-  showError("");
   const body = pasted ? pastedBody() : requestBody();
+  await runJob(body, (signal) => submitJob(body, signal));
+}
+
+// Jobs: the page submits through POST /jobs and follows the job's events, keeping its id in JOB_STORE, so that a
+// reload (or a connection that drops) picks the picture up where it was instead of losing it.
+const JOB_STORE = "imagine.job";
+const RECONNECTS = 5; // times in a row a broken event stream is picked up again before the page gives up
+let jobId = null; // the followed job's id
+
+async function runJob(body, submit) {
+  showError("");
   controller = new AbortController();
   $("generate").disabled = true;
   $("cancel").disabled = false;
@@ -118,15 +139,8 @@ async function generate(pasted = false) {
   setProgress(0, body.num_steps, started);
   $("status").textContent = "generating…";
   try {
-    const response = await fetch("/generate", {
-      method: "POST", headers: headers(), body: exactJson(body), signal: controller.signal,
-    });
-    if (!response.ok) {
-      const answer = await response.json().catch(() => ({ error: response.statusText }));
-      if (response.status === 401) askForKey();
-      throw new Error(answer.error || `HTTP ${response.status}`);
-    }
-    await readStream(response, body, started);
+    jobId = await submit(controller.signal);
+    await followJob(jobId, body, started, controller.signal);
   } catch (error) {
     if (error.name === "AbortError") {
       $("status").textContent = "cancelled";
@@ -136,26 +150,103 @@ async function generate(pasted = false) {
     }
   } finally {
     controller = null;
+    jobId = null;
     $("generate").disabled = false;
     $("cancel").disabled = true;
   }
 }
 
-async function readStream(response, body, started) {
+async function submitJob(body, signal) {
+  const response = await fetch("/jobs", { method: "POST", headers: headers(), body: exactJson(body), signal });
+  const answer = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw responseError(response, answer);
+  // What the page needs to show the result after a reload: the settings, not the input pictures.
+  const kept = { ...body, img: undefined, mask: body.mask ? true : undefined };
+  localStorage.setItem(JOB_STORE, JSON.stringify({ id: answer.id, body: kept }));
+  return answer.id;
+}
+
+function responseError(response, answer) {
+  if (response.status === 401) askForKey();
+  return new Error(answer.error || `HTTP ${response.status}`);
+}
+
+function reattach() {
+  let saved = null;
+  try {
+    saved = JSON.parse(localStorage.getItem(JOB_STORE));
+  } catch {
+    localStorage.removeItem(JOB_STORE);
+  }
+  if (saved && saved.id && !controller) runJob(saved.body, async () => saved.id);
+}
+
+async function followJob(id, body, started, signal) {
+  const every = Number(body.stream) || 1;
+  let lastId = null;
+  for (let breaks = 0; breaks < RECONNECTS; breaks++) {
+    const h = headers();
+    if (lastId) h["Last-Event-ID"] = lastId;
+    try {
+      const response = await fetch(`/jobs/${id}/events?every=${every}`, { headers: h, signal });
+      if (!response.ok) {
+        const answer = await response.json().catch(() => ({ error: response.statusText }));
+        if (response.status === 404) localStorage.removeItem(JOB_STORE); // expired, or another server
+        throw responseError(response, answer);
+      }
+      for await (const event of serverEvents(response)) {
+        lastId = event.id;
+        breaks = 0;
+        if (handleJobEvent(event, body, started)) return;
+      }
+    } catch (error) {
+      if (error.name !== "TypeError") throw error; // a TypeError is the network's: try again
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  throw new Error("lost the connection to the server; reload the page to pick the picture up again");
+}
+
+// A text/event-stream answer as {id, event, data} objects, data parsed; comments and the retry field skipped.
+async function* serverEvents(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffered = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) return;
     buffered += decoder.decode(value, { stream: true });
-    let newline;
-    while ((newline = buffered.indexOf("\n")) >= 0) {
-      const line = buffered.slice(0, newline).trim();
-      buffered = buffered.slice(newline + 1);
-      if (line) handleLine(JSON.parse(line), body, started);
+    let end;
+    while ((end = buffered.indexOf("\n\n")) >= 0) {
+      const event = { id: null, event: "message", data: "" };
+      for (const line of buffered.slice(0, end).split("\n")) {
+        const colon = line.indexOf(":");
+        if (colon > 0 && line.slice(0, colon) in event) event[line.slice(0, colon)] = line.slice(colon + 1).trim();
+      }
+      buffered = buffered.slice(end + 2);
+      if (event.data) yield { ...event, data: JSON.parse(event.data) };
     }
   }
+}
+
+// One event of the job; true once the job has ended.
+function handleJobEvent({ event, data }, body, started) {
+  if (event === "progress") setProgress(data.step, data.steps, started);
+  if (event === "preview") handleLine({ ...data, index: 0, done: false }, body, started);
+  if (!["done", "failed", "cancelled"].includes(event)) return false;
+  localStorage.removeItem(JOB_STORE);
+  if (event === "failed") throw new Error(data.error);
+  if (event === "cancelled") $("status").textContent = "cancelled";
+  else handleLine({ ...data, done: true }, body, started);
+  return true;
+}
+
+function cancelJob() {
+  if (!jobId) {
+    if (controller) controller.abort(); // not submitted yet
+    return;
+  }
+  fetch(`/jobs/${jobId}`, { method: "DELETE", headers: headers() }).catch(() => controller && controller.abort());
 }
 
 function handleLine(line, body, started) {
@@ -251,6 +342,8 @@ function copySettings(params) {
   $("seed").value = params.seed;
   $("random-seed").checked = false;
   if (params.stream) $("stream").value = params.stream;
+  showPresetOfSize();
+  showDemoNote();
 }
 
 // Image to image and inpainting: the input picture, with a mask canvas of its size over it.
@@ -262,6 +355,7 @@ function setInit(dataUrl) {
     canvas.height = img.naturalHeight;
     $("width").value = Math.max(64, Math.floor(img.naturalWidth / 8) * 8);
     $("height").value = Math.max(64, Math.floor(img.naturalHeight / 8) * 8);
+    showPresetOfSize();
   };
   img.src = dataUrl;
   initData = dataUrl.slice(dataUrl.indexOf(",") + 1);
@@ -339,11 +433,13 @@ function setUp() {
       generate();
     }
   });
-  $("cancel").addEventListener("click", () => controller && controller.abort());
+  $("cancel").addEventListener("click", cancelJob);
   $("model").addEventListener("change", updatePresets);
   $("sampler").addEventListener("change", updateSchedules);
   $("draw-parameters").addEventListener("click", () => generate(true));
+  $("model").addEventListener("change", showDemoNote);
   $("preset").addEventListener("change", () => applyPreset($("preset").value));
+  for (const side of ["width", "height"]) $(side).addEventListener("input", showPresetOfSize);
   $("reuse-seed").addEventListener("click", () => {
     $("seed").value = lastSeed;
     $("random-seed").checked = false;
@@ -419,7 +515,10 @@ function pastedBody() {
 
 function start() {
   loadLists().then(
-    () => ($("status").textContent = "ready"),
+    () => {
+      $("status").textContent = "ready";
+      reattach();
+    },
     (error) => showError(error.message),
   );
 }

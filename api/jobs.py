@@ -1,0 +1,208 @@
+"""Jobs in Imagine's own dialect: POST /jobs takes a /generate body and answers at once with the job's id; the job is
+then polled (GET /jobs/<id>), followed as Server-Sent Events that a client picks up where it left them
+(GET /jobs/<id>/events with Last-Event-ID), or cancelled (DELETE); a client that leaves does not cancel it."""
+
+import dataclasses
+import json
+import re
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from api.native import current_engine, current_settings, generation_slots, read_json_body, to_answer
+from api.native import to_error as native_error
+from api.native import to_whole as native_whole
+from engine.errors import ImagineError
+from engine.jobs import ENDED, HeldJob, JobStore
+from engine.request import MAX_STEPS
+
+blueprint = Blueprint("jobs", __name__)
+
+CANCEL_WAIT = 30  # seconds DELETE waits for a running job to stop (cancel points come within a fraction of a step)
+KEEPALIVE_SECONDS = 15  # a comment line on a quiet stream: proxies keep it open, and a client that left is seen
+WAIT_SLICE = 1.0  # seconds a stream waits for a new event before it looks whether its client is still there
+RETRY_MS = 1000  # how soon a browser's EventSource reconnects after the stream broke
+
+
+def to_error(error: ImagineError) -> dict:
+    return native_error(error)
+
+
+def current_jobs() -> JobStore:
+    return current_app.extensions["imagine.jobs"]
+
+
+def stream_slots(app):
+    """One slot for each open event stream: each holds a server thread while it waits (see create_server)."""
+    return app.extensions["imagine.streams"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The job as JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def job_fields(store: JobStore, held: HeldJob, with_preview: bool = False) -> dict:
+    """GET /jobs/<id>: where the job stands and, once done, the fields of a /generate answer."""
+    status = store.status(held)
+    fields = {"id": held.id, "status": status}
+    if status == "queued":
+        fields["position"] = store.position(held)
+    fields |= {
+        "prompt": held.prompt,
+        "step": held.step,
+        "steps": held.steps,
+        "created": held.created,
+        "started": held.started,
+        "finished": held.finished,
+    }
+    if held.error is not None:
+        fields["error"] = held.error
+    if status == "done":
+        fields |= held.result_fields(lambda finished: native_whole(None, finished))  # to_whole reads only the event
+    if with_preview:
+        fields["preview"] = held.preview()
+    return fields
+
+
+def whole_number(name: str, text: str, low: int, high: int) -> int:
+    """A query or header value that must be a whole number from `low` to `high`; a 400 naming it otherwise."""
+    if not re.fullmatch(r"\d{1,9}", text.strip()) or not low <= int(text) <= high:
+        raise ImagineError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}", field=name)
+    return int(text)
+
+
+def switch(name: str) -> bool:
+    value = request.args.get(name, "0").lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ImagineError(f"{name} must be 1 or 0, not {value[:40]!r}", field=name)
+    return value in ("1", "true")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-Sent Events
+# ---------------------------------------------------------------------------------------------
+
+
+def sse(record_id: int, kind: str, fields: dict) -> str:
+    return f"id: {record_id}\nevent: {kind}\ndata: {json.dumps(fields)}\n\n"
+
+
+def record_event(store: JobStore, held: HeldJob, record) -> str:
+    if record.kind == "progress":
+        return sse(record.id, "progress", {"step": record.step, "steps": record.steps})
+    if record.kind == "preview":
+        return sse(record.id, "preview", {"step": record.step, "steps": record.steps, "img": record.image})
+    return sse(record.id, record.kind, job_fields(store, held))  # the end: the job as GET /jobs/<id> shows it
+
+
+def event_stream(store: JobStore, held: HeldJob, last_id: int, every: int | None, client_gone):
+    """The job's events after `last_id`, then its live ones until it ends. With `every`, a preview follows every
+    `every` steps (built from the latest latents, at most once a step for all the job's watchers)."""
+    yield f"retry: {RETRY_MS}\n\n"
+    previewed = None  # the step of the last preview sent
+    quiet = 0.0
+    while True:
+        records = held.records_after(last_id, WAIT_SLICE)
+        for record in records:
+            last_id = record.id
+            if record.kind == "preview":
+                if every is None or (previewed is not None and record.step < previewed + every):
+                    continue
+                previewed = record.step
+            yield record_event(store, held, record)
+            if record.kind in ENDED:
+                return
+            if record.kind == "progress" and wants_preview(record, every, previewed):
+                held.add_preview()  # it comes as the log's next record
+        quiet = 0.0 if records else quiet + WAIT_SLICE
+        if client_gone is not None and client_gone():
+            return
+        if quiet >= KEEPALIVE_SECONDS:
+            quiet = 0.0
+            yield ": keepalive\n\n"
+
+
+def wants_preview(record, every: int | None, previewed: int | None) -> bool:
+    """A preview every `every` steps, as /generate's `stream` has them: none at the last step (the picture comes)."""
+    if every is None or record.step % every or record.step >= record.steps:
+        return False
+    return previewed is None or record.step >= previewed + every
+
+
+def last_event_id(held: HeldJob) -> int:
+    """The Last-Event-ID a reconnecting client sends (0 without one): an id this job's stream can have sent."""
+    text = request.headers.get("Last-Event-ID")
+    if text is None or not text.strip():
+        return 0
+    last_id = whole_number("Last-Event-ID", text, 0, 10**9)
+    if last_id > held.last_id:
+        raise ImagineError(f"Last-Event-ID {last_id} is past job {held.id}'s last event ({held.last_id})", 400)
+    return last_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The routes
+# ---------------------------------------------------------------------------------------------
+
+
+@blueprint.post("/jobs")
+def submit_route():
+    slots = generation_slots(current_app)
+    if not slots.acquire(blocking=False):  # reading and checking a body holds a thread, as for /generate
+        raise current_engine().busy()
+    try:
+        req = to_answer(read_json_body(), current_settings()).request
+        # A job's previews come from its event streams (?every=N), as many kinds as clients ask for.
+        held = current_jobs().submit(dataclasses.replace(req, stream=0))
+    finally:
+        slots.release()
+    url = f"/jobs/{held.id}"
+    response = jsonify({**job_fields(current_jobs(), held), "url": url, "events": f"{url}/events"})
+    response.headers["Location"] = url
+    return response, 202
+
+
+@blueprint.get("/jobs")
+def list_route():
+    store = current_jobs()
+    return jsonify(jobs=[{"id": held.id, "status": store.status(held), "created": held.created} for held in
+                         store.listing()])  # fmt: skip
+
+
+@blueprint.get("/jobs/<job_id>")
+def job_route(job_id):
+    store = current_jobs()
+    return jsonify(job_fields(store, store.get(job_id), with_preview=switch("preview")))
+
+
+@blueprint.get("/jobs/<job_id>/events")
+def events_route(job_id):
+    store = current_jobs()
+    held = store.get(job_id)
+    every = request.args.get("every")
+    every = None if every is None else whole_number("every", every, 1, MAX_STEPS)
+    last_id = last_event_id(held)
+    if held.status in ENDED and last_id >= held.last_id:
+        return Response(status=204)  # it has seen the end: a 204 tells EventSource to stop reconnecting
+    slots = stream_slots(current_app)
+    if not slots.acquire(blocking=False):
+        raise ImagineError("too many event streams are open; try again, or poll GET /jobs/<id>", 503, retry_after=1)
+    client_gone = request.environ.get("waitress.client_disconnected")
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold events back
+    body = event_stream(store, held, last_id, every, client_gone)
+    response = Response(body, mimetype="text/event-stream", headers=headers)
+    response.call_on_close(slots.release)  # the server closes every answer: once sent, or once its client left
+    return response
+
+
+@blueprint.delete("/jobs/<job_id>")
+def cancel_route(job_id):
+    store = current_jobs()
+    held = store.get(job_id)
+    status = store.status(held)
+    if status in ENDED:
+        message = f"job {held.id} has already ended ({status}): there is nothing to cancel"
+        return jsonify(error=message, id=held.id, status=status), 409
+    store.cancel(held)
+    held.wait_end(CANCEL_WAIT)
+    return jsonify(job_fields(store, held))
