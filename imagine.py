@@ -204,12 +204,15 @@ def create_app(engine: Engine) -> Flask:
 
     @app.errorhandler(ImagineError)
     def imagine_error(error):
+        # AUTOMATIC1111 answers every bad value with 422, wherever it is found (a clip_skip beyond the model's
+        # layers only by the engine): one status per dialect.
+        status = 422 if error.status == 400 and current_dialect() == "a1111" else error.status
         response = jsonify(dialect_error(error))
         if error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
-        if error.status == 401:
+        if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
-        return response, error.status
+        return response, status
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -226,10 +229,14 @@ def create_app(engine: Engine) -> Flask:
     return app
 
 
+def current_dialect() -> str:
+    """The dialect the request spoke: its route's, or for a URL that reached no route, its prefix's."""
+    return request.blueprint or next((name for prefix, name in PREFIXES if request.path.startswith(prefix)), "native")
+
+
 def dialect_error(error: ImagineError) -> dict:
     """The error's JSON in the shape of the dialect the request spoke, whose clients read that shape."""
-    name = request.blueprint or next((name for prefix, name in PREFIXES if request.path.startswith(prefix)), "native")
-    return DIALECTS[name].to_error(error)
+    return DIALECTS[current_dialect()].to_error(error)
 
 
 def create_server(engine: Engine, host: str, port: int):

@@ -21,9 +21,18 @@ from api.native import Answer, current_engine, current_settings, read_json_body,
 from engine.engine import Failed, Finished, Job
 from engine.errors import ImagineError
 from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
-from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
-from engine.request import IMAGE_FORMATS, _integer, _text, decode_image, parse_request, rounded_size
+from engine.request import (
+    IMAGE_FORMATS,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    _integer,
+    _text,
+    decode_image,
+    parse_request,
+    rounded_size,
+)
 from engine.samplers import SAMPLERS, sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import DEMO_MODEL, Settings
@@ -164,7 +173,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             "clip_skip": clip_skip,
         }
         if overrides.get("sd_model_checkpoint"):
-            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None))
+            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
         if img2img:
             generate_body |= a1111_img2img_fields(body)
         req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
@@ -229,7 +238,8 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "sampler_name": understood["sampler_name"],
         "scheduler": understood["scheduler"],
         "cfg_scale": req.guidance,
-        "steps": req.num_steps,
+        "steps": event.steps if event.interrupted else req.num_steps,
+        "interrupted": event.interrupted,
         "batch_size": understood["batch_size"],
         "restore_faces": False,
         "sd_model_name": Path(event.model).stem,
@@ -251,7 +261,7 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "seed": event.seed,
         "width": event.image.width,
         "height": event.image.height,
-        "steps": req.num_steps,
+        "steps": info["steps"],
         "cfg_scale": req.guidance,
         "sampler_name": understood["sampler_name"],
         "scheduler": understood["scheduler"],
@@ -315,13 +325,22 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
 def a1111_model_name(titles: dict, checkpoint: str) -> str:
     """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
     its model_name or its hash, as a name Models.resolve takes."""
-    bare = re.sub(r"\s*\[[0-9a-f]+\]$", "", checkpoint.strip())
+    bare = without_hash(checkpoint.strip())
     for key, listed in titles.items():
         names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}
         filename = listed.get("filename") or key
         if checkpoint in names or bare in names or bare == os.path.splitext(filename)[0]:
             return filename
     raise ImagineError(f"model {checkpoint!r} not found; GET /sdapi/v1/sd-models lists the models", 404)
+
+
+def without_hash(title: str) -> str:
+    """A title without its " [0123456789]"; read from the end, in linear time (a regex took quadratic time on long
+    runs of spaces)."""
+    name, bracket, digits = title.removesuffix("]").rpartition("[")
+    if title.endswith("]") and bracket and digits and all(digit in "0123456789abcdef" for digit in digits):
+        return name.rstrip()
+    return title
 
 
 def a1111_progress(progress: dict | None, with_image: bool) -> dict:
@@ -369,7 +388,15 @@ def png_info(data: str) -> dict:
         raise ImagineError("image is not a picture that can be read", 422) from None
     texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
     info = texts.pop("parameters", "")
+    if len(info) > MAX_PARAMETERS_CHARS:
+        raise ImagineError(
+            f"image's parameters text is {len(info)} characters long; at most {MAX_PARAMETERS_CHARS} are read", 422
+        )
     return {"info": info, "items": texts, "parameters": parse_parameters(info)}
+
+
+# What png-info reads: two prompts at their limit and the settings line that follows them fit well within.
+MAX_PARAMETERS_CHARS = 2 * MAX_PROMPT_CHARS + 8_000
 
 
 def parse_parameters(text: str) -> dict:
@@ -384,12 +411,46 @@ def parse_parameters(text: str) -> dict:
             neg.append(line.removeprefix("Negative prompt:").strip())
         else:
             prompt.append(line)
-    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg)}
-    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
-        parsed[key] = value
+    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg), **parse_settings_line(settings)}
     if "Size" in parsed:
         parsed["Size-1"], _, parsed["Size-2"] = parsed["Size"].partition("x")
     return parsed
+
+
+def parse_settings_line(line: str) -> dict:
+    """`key: value, key: "quoted, value", ...` read in one pass: a regex for it backtracked exponentially on an
+    unclosed quote of backslashes and quadratically on long runs of spaces, holding the GIL for minutes."""
+    settings, position = {}, 0
+    while (colon := line.find(":", position)) != -1:
+        start = colon  # the key: the letters, digits, _ and spaces right before the colon
+        while start > position and (line[start - 1].isalnum() or line[start - 1] in "_ "):
+            start -= 1
+        key = line[start:colon].strip()
+        value_start = colon + 1
+        while value_start < len(line) and line[value_start].isspace():
+            value_start += 1
+        end = closing_quote(line, value_start) if line.startswith('"', value_start) else -1
+        if end == -1:  # a plain value, or a quote never closed: up to the next comma
+            end = line.find(",", value_start)
+            end = len(line) if end == -1 else end
+        if key:
+            settings[key] = line[value_start:end]
+        comma = line.find(",", end)
+        position = len(line) if comma == -1 else comma + 1
+    return settings
+
+
+def closing_quote(line: str, start: int) -> int:
+    """The index just past the quote that closes the one at `start` (backslash escapes skipped), or -1."""
+    index = start + 1
+    while (index := line.find('"', index)) != -1:
+        before = index  # count the backslashes right before it: an odd number escapes it
+        while line[before - 1] == "\\":
+            before -= 1
+        if (index - before) % 2 == 0:
+            return index + 1
+        index += 1
+    return -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +482,7 @@ def to_answer(body: dict, img2img: bool) -> Answer:
             models.default = req.model  # for this run of the server; --model stays the default after a restart
         return a1111_answer(body, event, job, understood, titles().get(job.model_key, {}))
 
-    return Answer(req, whole)
+    return Answer(req, whole, interruptible=True)
 
 
 @blueprint.post("/txt2img")
@@ -439,10 +500,20 @@ def models_route():
     return jsonify([{**listed, "config": None} for listed in titles().values()])
 
 
+def current_model() -> dict:
+    """The default model as sd-models lists it; only its name while its file is missing (moved, not yet copied)."""
+    models = current_engine().models
+    try:
+        key = models.resolve(None)
+    except ImagineError:
+        return {}
+    return titles().get(key, {})
+
+
 @blueprint.get("/options")
 def options_route():
     models = current_engine().models
-    current = titles().get(models.resolve(None), {})
+    current = current_model()
     return jsonify(
         sd_model_checkpoint=current.get("title", models.default),
         sd_checkpoint_hash=current.get("sha256"),
@@ -461,7 +532,7 @@ def set_options_route():
     body = read_json_body()
     if body.get("sd_model_checkpoint") is not None:
         engine = current_engine()
-        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None))
+        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None, MAX_NAME_CHARS))
         first = next(iter(engine.load_model(name)))
         if isinstance(first, Failed):
             raise first.error
@@ -476,8 +547,10 @@ def progress_route():
 
 
 def finish_early(how: str):
+    # Only a generation asked for through this API: an interrupt from one A1111 client (a SillyTavern Stop)
+    # must not cut the picture of a client of /generate or /v1 that knows nothing of it.
     running = current_engine().running
-    if running is not None:
+    if running is not None and running.interruptible:
         running.finish_early(how)
 
 
@@ -516,20 +589,22 @@ def schedulers_route():
 
 @blueprint.get("/loras")
 def loras_route():
+    settings = current_settings()
     return jsonify(
         [
             {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
-            for lora in lora_listing(current_settings())
+            for lora in current_engine().models.reader.read(lambda: lora_listing(settings))
         ]
     )
 
 
 @blueprint.get("/embeddings")
 def embeddings_route():
-    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
+    settings = current_settings()
+    files = current_engine().models.reader.read(lambda: embedding_listing(settings))
     loaded = {
-        name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
-        for name in files
+        each["name"]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        for each in files
     }
     return jsonify(loaded=loaded, skipped={})
 

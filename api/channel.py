@@ -6,9 +6,14 @@ import socket
 import struct
 import time
 
+import waitress.task
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import Error as WaitressError
 
-from api.native import MAX_BODY_BYTES
+from api.guard import SECURITY_HEADERS
+from api.native import INBUF_OVERFLOW, MAX_BODY_BYTES, OUTBUF_OVERFLOW, spool_shortage
+from engine.folders import FOLDER_WAITERS
 
 log = logging.getLogger("imagine")
 
@@ -38,9 +43,42 @@ UPLOADS_BUDGET = 4 * MAX_BODY_BYTES
 SPARE_THREADS = 3
 
 
+class InsufficientStorage(WaitressError):
+    code = 507
+    reason = "Insufficient Storage"
+
+
+class RequestParser(HTTPRequestParser):
+    """waitress's parser, refusing with 507 a body announced larger than the temporary folder can hold, before it is
+    received: waitress would spool it there and reset the connection, without a status, once writing failed."""
+
+    def received(self, data):
+        headers_were_finished = self.headers_finished
+        consumed = super().received(data)
+        announced = self.headers_finished and not headers_were_finished and not self.error and self.content_length
+        if announced > INBUF_OVERFLOW and (why := spool_shortage(announced)):
+            log.warning("refused an upload of %d KiB: %s", announced >> 10, why)
+            self.error = InsufficientStorage(f"{why} for this upload")
+            self.completed = True
+            self.expect_continue = False  # else waitress sends "100 Continue", takes the body after all and spools it
+        return consumed
+
+
+class ErrorTask(waitress.task.ErrorTask):
+    """waitress's own error answers (a malformed request, a body too large or one the temporary folder cannot hold),
+    with the security headers every answer of the app carries."""
+
+    def execute(self):
+        self.response_headers.extend(SECURITY_HEADERS.items())
+        super().execute()
+
+
 class Channel(HTTPChannel):
     """A waitress connection with deadlines, a bound on what unfinished uploads hold, and half-closed clients
     answered. waitress runs these methods on its one event-loop thread, and asks readable() every second."""
+
+    error_task_class = ErrorTask
+    parser_class = RequestParser
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
@@ -122,15 +160,14 @@ class Channel(HTTPChannel):
 
 def create_server(app, max_queue: int, host: str, port: int):
     """The production HTTP server (waitress) for the app; its `run()` serves until the process ends."""
-    import waitress  # only the server needs it
-
     server = waitress.create_server(
         app,
         host=host,
         port=port,
         # A thread for each waiting request and the running one (see generation_slots), one for each of as many
-        # jobs' event streams (api/jobs.py, stream_slots), and spares.
-        threads=2 * (max_queue + 1) + SPARE_THREADS,
+        # jobs' event streams (api/jobs.py, stream_slots), for each request waiting for the models folders to be
+        # read (see FolderReader), and spares.
+        threads=2 * (max_queue + 1) + SPARE_THREADS + FOLDER_WAITERS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
         connection_limit=CONNECTION_LIMIT,
@@ -140,6 +177,8 @@ def create_server(app, max_queue: int, host: str, port: int):
         # Content-Length, unread (with a margin for a body that is just over, to get Flask's clearer answer).
         max_request_body_size=MAX_BODY_BYTES + 2**20,
         max_request_header_size=64 * 2**10,
+        inbuf_overflow=INBUF_OVERFLOW,
+        outbuf_overflow=OUTBUF_OVERFLOW,
         # An answer waits in memory or a spool file until the client reads it; past 4 MB unsent, the thread
         # writing it waits too, until SEND_TIMEOUT drops the client.
         outbuf_high_watermark=4 * 2**20,

@@ -3,10 +3,12 @@ an access-log line); guard(app) puts it in front of every route."""
 
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import socket
 
 from flask import Flask, Response, request
 
@@ -33,6 +35,16 @@ def host_name(host_header: str) -> str:
     return host_header.rpartition(":")[0] if ":" in host_header else host_header
 
 
+def is_name_of_this_machine(host: str) -> bool:
+    """An IP address (a DNS-rebinding page has a name, never an address), a local name, or the machine's own name."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    name = socket.gethostname().lower()  # no DNS lookup: a request must not wait for one
+    names = {name, name.partition(".")[0], f"{name.partition('.')[0]}.local"}
+    return host in LOCAL_HOSTS or host.endswith(".localhost") or host in names
+
+
 def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     """Refuses, before any work, requests this server was not opened up to (docs/server.md, Security)."""
     # DNS rebinding: a web page can make a browser send its requests to 127.0.0.1 under the page's own
@@ -41,6 +53,14 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     host = host_name(request.headers.get("Host", "").strip().lower())
     if is_loopback(settings.host) and host and host not in LOCAL_HOSTS and not host.endswith(".localhost"):
         raise ImagineError(f"Host {host!r} is not a local name; this server listens on {settings.host} only", 403)
+    # Listening on other addresses with no key, the same page could reach it through 127.0.0.1 or the LAN: only
+    # its addresses and its machine's names are then names of it. A key is what such a page cannot send.
+    if not is_loopback(settings.host) and not settings.api_key and host and not is_name_of_this_machine(host):
+        raise ImagineError(
+            f"Host {host!r} is not an address or a name of this machine; with no API key only those are accepted "
+            "(set IMAGINE_API_KEY to use other names)",
+            403,
+        )
     # A browser tells every cross-site request's origin; only the origins the user listed may call.
     origin = request.headers.get("Origin")
     if origin is not None and not origin_allowed(settings, origin) and not is_same_origin(origin):
@@ -49,21 +69,34 @@ def check_who_is_calling(settings: Settings, needs_key: bool = True) -> None:
     if request.method == "OPTIONS" and origin is not None:
         return
     if settings.api_key and needs_key and not has_key(settings):
-        raise ImagineError("this server needs an API key: send 'Authorization: Bearer <key>'", 401)
+        raise ImagineError(
+            "this server needs an API key: send 'Authorization: Bearer <key>', or HTTP Basic with the key as the "
+            "password (any user name)",
+            401,
+        )
 
 
 def has_key(settings: Settings) -> bool:
     """Whether the request carries the API key, as a Bearer token or as the password of Basic credentials."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # WSGI hands headers over as Latin-1 text: encoding them back gives the bytes the client sent, which
-    # for a non-ASCII key are its UTF-8 (what curl and every HTTP library send).
-    sent, key = given.strip().encode("latin-1"), settings.api_key.encode("utf-8", "surrogateescape")
+    # for a non-ASCII key are its UTF-8 (curl, browsers) or its Latin-1 (Python's requests): see key_bytes.
+    sent = given.strip().encode("latin-1")
     if scheme.lower() == "basic":  # AUTOMATIC1111's clients send --api-auth's user:password: any user, the key
         sent = basic_password(sent)
     elif scheme.lower() != "bearer":
         sent = b""
     # compare_digest takes as long for a near miss as for a wild guess: the key cannot be found byte by byte.
-    return bool(sent) and hmac.compare_digest(sent, key)
+    return bool(sent) and any(hmac.compare_digest(sent, key) for key in key_bytes(settings.api_key))
+
+
+def key_bytes(key: str) -> list:
+    """The bytes a client may send for the key: its UTF-8 (curl, browsers), and its Latin-1 where it has one, which
+    Python's requests and http.client send for a str header or auth=(user, key)."""
+    forms = [key.encode("utf-8", "surrogateescape")]
+    with contextlib.suppress(UnicodeEncodeError):
+        forms.append(key.encode("latin-1"))
+    return forms
 
 
 def basic_password(credentials: bytes) -> bytes:

@@ -4,6 +4,8 @@ dialect's routes go through."""
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 from api.guard import has_key
 from engine.engine import Engine, Failed, Finished, Job, Preview
 from engine.errors import ImagineError
-from engine.loras import EMBEDDING_SUFFIXES, list_files, lora_listing
+from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
 from engine.samplers import DEFAULT_SAMPLER, SAMPLERS, schedules_for
@@ -30,6 +32,11 @@ MAX_BODY_BYTES = 64 * 2**20  # a request body; a large input picture as base64 P
 # values ([, { and ,), and two prompts full of them stay far below this. Counting them is cheap; parsing
 # a body of tens of MB of nested empty objects takes gigabytes.
 MAX_JSON_MARKS = 50_000
+
+# waitress keeps an answer or a request body in memory up to these sizes (its defaults), and beyond them in a
+# temporary file (TMPDIR) until it is sent or read.
+OUTBUF_OVERFLOW = 2**20
+INBUF_OVERFLOW = 2**19
 
 blueprint = Blueprint("native", __name__)
 
@@ -66,6 +73,7 @@ class Answer:
     error_chunk: Callable[[ImagineError], str] | None = None  # a stream: how a failure ends it
     mimetype: str = "application/x-ndjson"
     default_if_unknown: bool = False  # a model name the server lacks gets the default (OpenAI's clients send dall-e-3)
+    interruptible: bool = False  # A1111's interrupt and skip may end it early: only a request of that API
 
 
 def respond(translate: Callable[[], Answer]) -> Response:
@@ -77,8 +85,9 @@ def respond(translate: Callable[[], Answer]) -> Response:
         raise current_engine().busy()
     try:
         answer = translate()
+        check_answer_spool(answer.request, current_settings())
         client_gone = request.environ.get("waitress.client_disconnected")
-        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown)
+        job = current_engine().submit(answer.request, client_gone, answer.default_if_unknown, answer.interruptible)
         events = iter(job)
         first = next(events)
         if isinstance(first, Failed):
@@ -92,6 +101,29 @@ def respond(translate: Callable[[], Answer]) -> Response:
         raise
     slots.release()
     return response
+
+
+def spool_free_bytes() -> int:
+    """The free space of the folder waitress spools large answers and uploads to."""
+    return shutil.disk_usage(tempfile.gettempdir()).free
+
+
+def spool_shortage(needed: int) -> str | None:
+    """Why the temporary folder cannot hold `needed` bytes, or None if it can."""
+    free = spool_free_bytes()
+    if free >= needed:
+        return None
+    return f"the server's temporary folder (TMPDIR) has {free >> 10} KiB free and would need {needed >> 10} KiB"
+
+
+def check_answer_spool(req: GenerationRequest, settings: Settings) -> None:
+    """Refuses with 507, before any work, pictures whose answer the temporary folder could not hold: past 1 MB
+    waitress writes it there, and one it cannot write was cut off after the work, the client waiting for the rest."""
+    side = min(1024, settings.max_size)  # where the request leaves the size to the model: the largest default
+    pixels = (req.width or side) * (req.height or side)
+    needed = (req.n + 1) * pixels * 4  # RGB as PNG at worst, in base64; /generate's img repeats the first picture
+    if needed > OUTBUF_OVERFLOW and (why := spool_shortage(needed)):
+        raise ImagineError(f"{why} for this answer; free space there, or ask for smaller or fewer pictures", 507)
 
 
 def last_event(events) -> Finished:
@@ -174,6 +206,7 @@ def to_whole(job: Job, event: Finished) -> dict:
         "height": event.image.height,
         "steps": event.steps,
         "seconds": event.seconds,
+        "interrupted": event.interrupted,
     }
     if job.request.parameters is not None:  # the pasted generation data's keys that set nothing
         answer["parameters_ignored"] = job.request.parameters_ignored
@@ -316,10 +349,11 @@ def health_route():
 
 @blueprint.get("/loras")
 def loras_route():
-    return jsonify(loras=lora_listing(current_settings()))
+    settings = current_settings()
+    return jsonify(loras=current_engine().models.reader.read(lambda: lora_listing(settings)))
 
 
 @blueprint.get("/embeddings")
 def embeddings_route():
-    files = list_files(current_settings(), "embeddings", EMBEDDING_SUFFIXES)
-    return jsonify(embeddings=[{"name": name, "size": path.stat().st_size} for name, path in files.items()])
+    settings = current_settings()
+    return jsonify(embeddings=current_engine().models.reader.read(lambda: embedding_listing(settings)))

@@ -213,11 +213,16 @@ class LinkedPictures:
 
     def add(self, data: bytes, extension: str) -> str:
         name = f"{secrets.token_urlsafe(24)}.{extension}"
+        now = time.monotonic()
         with self.lock:
-            self.pictures[name] = (time.monotonic() + LINKED_PICTURE_SECONDS, data)
-            while len(self.pictures) > LINKED_PICTURES_KEPT:
+            # The oldest come first (all live the same time): the expired ones go, and beyond the bound the oldest.
+            while self.pictures and (len(self.pictures) >= LINKED_PICTURES_KEPT or self.oldest_expiry() < now):
                 self.pictures.popitem(last=False)
+            self.pictures[name] = (now + LINKED_PICTURE_SECONDS, data)
         return name
+
+    def oldest_expiry(self) -> float:
+        return next(iter(self.pictures.values()))[0]
 
     def get(self, name: str) -> bytes | None:
         with self.lock:
@@ -247,7 +252,7 @@ def to_answer(body: dict, settings, kind: str, picture: dict, link) -> Answer:
     img and mask (empty for a generation); `link(data, extension)` keeps a picture answered as a URL."""
     generate_body, options = openai_generate_body(body, settings.max_size)
     generate_body.update(picture, model=body.get("model"))
-    req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
+    req = openai_request(generate_body, settings)
 
     def whole(job: Job, event: Finished) -> dict:
         return to_images(event, options, link)
@@ -255,6 +260,21 @@ def to_answer(body: dict, settings, kind: str, picture: dict, link) -> Answer:
     if not options.stream:
         return Answer(req, whole, default_if_unknown=True)
     return Answer(req, whole, PartialImages(options, kind).chunks, error_event, "text/event-stream", True)
+
+
+# /generate's field -> the OpenAI parameter it came from, so that an error names what the client sent.
+OPENAI_FIELD_NAMES = {field: knob for knob, field in OPENAI_KNOBS.items()} | {"img": "image"}
+
+
+def openai_request(generate_body: dict, settings):
+    """parse_request for the /generate body an OpenAI request became; an error names the OpenAI parameter."""
+    try:
+        return parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
+    except ImagineError as error:
+        name = OPENAI_FIELD_NAMES.get(error.field)
+        if name is None or not error.message.startswith(f"{error.field} "):
+            raise
+        raise ImagineError(name + error.message[len(error.field) :], error.status, field=error.field) from None
 
 
 def to_images(event: Finished, options: OpenAIOptions, link) -> dict:

@@ -57,6 +57,7 @@ class Finished:
     seconds: float
     pictures: list = dataclasses.field(default_factory=list)  # every picture of the batch as (image, parameters)
     seeds: list = dataclasses.field(default_factory=list)
+    interrupted: bool = False  # ended early by A1111's interrupt or skip: `steps` is how far it got
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ class Job:
         self.model = None
         self.preview = (None, None)  # (latents, base64 PNG): the progress preview, built once per step
         self.stop_early = None  # how it was asked to finish early: "interrupt" or "skip"
+        self.interruptible = False  # whether A1111's interrupt and skip may end it: only /sdapi/v1/* jobs
 
     def __iter__(self):
         while True:
@@ -133,12 +135,21 @@ class Engine:
         self.unfinished = 0  # jobs accepted and not yet done: the running one and those waiting
         self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
-    def submit(self, req: GenerationRequest, client_gone=None, default_if_unknown: bool = False, events=None) -> Job:
+    def submit(
+        self,
+        req: GenerationRequest,
+        client_gone=None,
+        default_if_unknown: bool = False,
+        events=None,
+        interruptible: bool = False,
+    ) -> Job:
         """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work.
         With `default_if_unknown`, a model name the folders lack is drawn by the default model instead; `events`
-        is where the job's events go (see Job)."""
+        is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it early
+        (Job.finish_early)."""
         key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
         job = Job(req, key, client_gone, events=events)
+        job.interruptible = interruptible
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
@@ -288,9 +299,10 @@ class Engine:
         # same peak memory (docs/performance.md, Batches).
         each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
         images = self.generate(model, req, self.step_reporter(job, model, each), conditioning)
-        # 6. Each picture with its settings, as its PNG will carry them.
+        # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
+        cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
         pictures = [
-            (image, generation_parameters(picture, model.name, lora_hashes))
+            (image, generation_parameters(picture, model.name, lora_hashes, cut))
             for image, picture in zip(images, each, strict=True)
         ]
         seconds = time.perf_counter() - started
@@ -298,7 +310,8 @@ class Engine:
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         seeds = [req.seed + index for index in range(len(pictures))]
         image, parameters = pictures[0]
-        return Finished(image, parameters, req.seed, model.name, job.step, round(seconds, 3), pictures, seeds)
+        finished = Finished(image, parameters, req.seed, model.name, job.step, round(seconds, 3), pictures, seeds)
+        return dataclasses.replace(finished, interrupted=cut is not None)
 
     def step_reporter(self, job: Job, model, each: list):
         """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,

@@ -18,6 +18,7 @@ from diffusers import (
 from safetensors import safe_open
 
 from engine.errors import ImagineError
+from engine.folders import read_regular_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ def unet_input_channels(path: Path) -> int:
 def pipeline_class_name(folder: Path) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names, or None where it names none readably."""
     try:
-        index = json.loads((folder / "model_index.json").read_bytes())
+        index = json.loads(read_regular_file(folder / "model_index.json"))
     except (OSError, ValueError, RecursionError):  # missing, not JSON, not UTF-8
         return None
     return index.get("_class_name") if isinstance(index, dict) else None
@@ -161,7 +162,7 @@ def folder_family(path: Path) -> Family:
         raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
     family = folder_sd2_family(path) or FAMILIES[base]
     try:
-        channels = json.loads((path / "unet" / "config.json").read_text()).get("in_channels", 4)
+        channels = json.loads(read_regular_file(path / "unet" / "config.json")).get("in_channels", 4)
     except (OSError, ValueError, AttributeError):
         channels = 4  # diffusers itself will say what is missing
     return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
@@ -183,8 +184,8 @@ def folder_sd2_family(path: Path) -> Family | None:
     """An SD2 diffusers folder shares SD1's pipeline class; its OpenCLIP text encoder (gelu, where
     OpenAI's CLIP uses quick_gelu) and its scheduler's prediction type tell which SD2 it is."""
     try:
-        text_encoder = json.loads((path / "text_encoder" / "config.json").read_text())
-        scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        text_encoder = json.loads(read_regular_file(path / "text_encoder" / "config.json"))
+        scheduler = json.loads(read_regular_file(path / "scheduler" / "scheduler_config.json"))
     except (OSError, ValueError):
         return None  # diffusers itself will say what is missing
     if not (isinstance(text_encoder, dict) and isinstance(scheduler, dict)):

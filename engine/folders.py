@@ -1,9 +1,17 @@
 """The models folders: names a request may use, how they are found, walked and listed."""
 
+import concurrent.futures
+import errno
+import logging
 import os
+import queue
+import stat
+import threading
 from pathlib import Path
 
 from engine.errors import ImagineError
+
+log = logging.getLogger("imagine")
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -97,7 +105,60 @@ def is_model_entry(path: Path, real: Path) -> bool:
     """A checkpoint file or a diffusers pipeline folder."""
     if real.is_dir():
         return (real / "model_index.json").is_file()
-    return path.suffix in CHECKPOINT_SUFFIXES
+    return path.suffix in CHECKPOINT_SUFFIXES and real.is_file()  # a FIFO or device is never opened
+
+
+def read_regular_file(path: Path) -> bytes:
+    """A small file's bytes; anything but a regular file (a FIFO, a device) is an OSError, found without waiting:
+    opening a FIFO for reading would wait for a writer forever."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read()
+
+
+FOLDER_SECONDS = 10  # what a request waits for the models folders to be read before it gets 503
+FOLDER_WAITERS = 4  # requests that may wait for them at once (each holds a thread of its own; see create_server)
+
+
+class FolderReader:
+    """Reads the models folders (listings, family detection) on a thread of its own, one read at a time, so that a
+    file or a network mount that blocks cannot take the threads that answer /health and everything else: a request
+    waits FOLDER_SECONDS at most, and FOLDER_WAITERS requests at once; more get 503 at once."""
+
+    def __init__(self):
+        self.reads = queue.Queue()
+        self.waiters = threading.BoundedSemaphore(FOLDER_WAITERS)
+        threading.Thread(target=self.run, name="imagine-folders", daemon=True).start()
+
+    def run(self) -> None:
+        while True:
+            future, function = self.reads.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as error:  # handed to the request that asked, which answers it
+                    future.set_exception(error)
+
+    def read(self, function):
+        """`function()`'s result, computed on the reader's thread."""
+        slow = ImagineError("the models folders are slow to read (a stalled disk or network mount?); try again", 503)
+        if not self.waiters.acquire(blocking=False):
+            slow.retry_after = FOLDER_SECONDS
+            raise slow
+        try:
+            future = concurrent.futures.Future()
+            self.reads.put((future, function))
+            try:
+                return future.result(timeout=FOLDER_SECONDS)
+            except concurrent.futures.TimeoutError:
+                future.cancel()  # if it has not started: a read stuck before it keeps the reader
+                log.warning("reading the models folders took over %d s; answered 503", FOLDER_SECONDS)
+                slow.retry_after = FOLDER_SECONDS
+                raise slow from None
+        finally:
+            self.waiters.release()
 
 
 def model_name(folders: list[Path], relative: str, real: Path) -> str | None:

@@ -1,5 +1,6 @@
 """LoRA and embedding files beside the models: found, read, loaded once per model, switched per request."""
 
+import collections
 import hashlib
 import logging
 import re
@@ -12,6 +13,7 @@ from engine.errors import ImagineError
 from engine.families import FAMILIES, refuse_pickles_that_could_run
 from engine.folders import find_in_folders, model_folders, real_path, walk_folders
 from engine.models import LoadedModel
+from engine.prompts import CHUNK_TOKENS
 from engine.settings import Settings
 
 log = logging.getLogger("imagine")
@@ -107,6 +109,11 @@ def lora_listing(settings: Settings) -> list:
     return listing
 
 
+def embedding_listing(settings: Settings) -> list:
+    files = list_files(settings, "embeddings", EMBEDDING_SUFFIXES)
+    return [{"name": name, "size": path.stat().st_size} for name, path in files.items()]
+
+
 def lora_tags(prompt: str) -> list:
     """The (name, weight) of each `<lora:name:weight>` in a prompt; the weight may be left out (1.0)."""
     found = []
@@ -129,10 +136,12 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
     """
     path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
-    key = str(path)
+    key = file_key(path)
     if key in model.loras:
         model.loras.move_to_end(key)
         return model.loras[key]
+    for stale in [each for each in model.loras if each[0] == key[0]]:  # the file changed: its old weights go
+        delete_adapter(model, model.loras.pop(stale))
     tensors, metadata = read_tensors(path, f"lora {name!r}")
     if any("hada_" in key or "lokr_" in key for key in tensors):
         raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
@@ -140,9 +149,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     if family is not None and family != wanted:
         raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
     if len(model.loras) >= MAX_LORAS_KEPT:
-        evicted = model.loras.popitem(last=False)[1]
-        model.txt2img.delete_adapters(evicted)
-        del model.lora_hashes[evicted]
+        delete_adapter(model, model.loras.popitem(last=False)[1])
     adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
     pipe = model.txt2img
     try:
@@ -158,6 +165,17 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
+
+
+def file_key(path: Path) -> tuple:
+    """What a file read once is kept under: its path, size and date, so that a changed file is read again."""
+    info = path.stat()
+    return str(path), info.st_size, info.st_mtime_ns
+
+
+def delete_adapter(model: LoadedModel, adapter: str) -> None:
+    model.txt2img.delete_adapters(adapter)
+    del model.lora_hashes[adapter]
 
 
 def lora_short_hash(path: Path, metadata: dict) -> str:
@@ -178,8 +196,10 @@ def lora_short_hash(path: Path, metadata: dict) -> str:
 def lora_error_reason(error: Exception) -> str:
     """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
     message = str(error)
-    if "size mismatch" in message:
+    if "size mismatch" in message or "mismatched_sizes" in message:  # diffusers' words, and transformers'
         return "its layers have other sizes than this model's"
+    if "above report" in message:  # transformers' other load errors point at a report only the log shows
+        return "its layers cannot be loaded into this model; the server log has the details"
     if "not found in the base model" in message or "none of its layers" in message:
         return "none of its layers is in this model"
     return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__
@@ -189,7 +209,10 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
     """Switches the model's adapters to exactly the request's LoRAs at their weights (none: all off), and returns
     their short hashes by name for the picture's parameters."""
     adapters = [(load_lora(settings, model, name), weight) for name, weight in loras]
-    active = [(adapter, weight) for adapter, weight in adapters if weight != 0]
+    summed = collections.Counter()  # a LoRA named twice applies once, at the sum of its weights, as A1111 does
+    for adapter, weight in adapters:
+        summed[adapter] += weight
+    active = [(adapter, weight) for adapter, weight in summed.items() if weight != 0]
     pipe = model.txt2img
     if not active:
         if model.loras:
@@ -223,16 +246,22 @@ def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:
         if not isinstance(vector, torch.Tensor) or vector.shape[-1] != width:
             raise ImagineError(f"embedding {name!r} does not fit this model ({model.family.label})")
         vectors[key] = vector.reshape(-1, width).to(encoder.device, encoder.dtype)
+        if len(vectors[key]) > CHUNK_TOKENS:  # an embedding is never split across chunks, so one must hold it
+            raise ImagineError(
+                f"embedding {name!r} has {len(vectors[key])} vectors; at most {CHUNK_TOKENS} fit in a prompt's chunk"
+            )
     return vectors
 
 
 def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str) -> dict:
-    """The vectors of every embedding whose name the texts use as a word, each file read once per model."""
+    """The vectors of every embedding whose name the texts use as a word, each file read once per model (again once
+    it changes)."""
     files = {name.lower(): path for name, path in list_files(settings, "embeddings", EMBEDDING_SUFFIXES).items()}
     used = {}
     for name, path in files.items():
         if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
-            if name not in model.embeddings:
-                model.embeddings[name] = embedding_vectors(name, path, model)
-            used[name] = model.embeddings[name]
+            key = file_key(path)
+            if model.embeddings.get(name, (None,))[0] != key:
+                model.embeddings[name] = key, embedding_vectors(name, path, model)
+            used[name] = model.embeddings[name][1]
     return used

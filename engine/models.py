@@ -38,6 +38,7 @@ from engine.families import (
 from engine.folders import (
     CHECKPOINT_SUFFIXES,
     NOT_CHECKPOINTS,
+    FolderReader,
     check_model_name,
     find_in_folders,
     is_model_entry,
@@ -69,10 +70,14 @@ class LoadedModel:
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
-    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # path -> adapter
+    # (path, size, mtime) -> adapter
+    loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
-    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> vectors per text encoder, read once
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
+
+
+FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
 
 
 class Models:
@@ -85,8 +90,9 @@ class Models:
         self.configs_dir = configs_dir
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
-        self.fallen_back = set()  # the names resolve_or_default has logged as drawn by the default
+        self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
         self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
+        self.reader = FolderReader()
 
     def resolve(self, name: str | None) -> str:
         """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
@@ -126,14 +132,20 @@ class Models:
             if error.status != 404:
                 raise
         if name not in self.fallen_back:
-            self.fallen_back.add(name)
-            log.info("model %r is not here; the default model %r draws instead", name, self.default)
+            log.info("model %r is not here; the default model %r draws instead", str(name)[:80], self.default)
+        self.fallen_back[name] = True  # the newest FALLBACKS_KEPT names: no state grows with every name sent
+        self.fallen_back.move_to_end(name)
+        while len(self.fallen_back) > FALLBACKS_KEPT:
+            self.fallen_back.popitem(last=False)
         return self.resolve(None)
 
     def listing(self) -> list[dict]:
         """Every model a request can name, in the order names are resolved: the built-in demo first, then the
         folders' single files and diffusers folders, recursively, links followed; LoRAs and embeddings, which live
-        in their own sub-folders, left out."""
+        in their own sub-folders, left out. Read on the folder reader's thread (see FolderReader)."""
+        return self.reader.read(self.read_listing)
+
+    def read_listing(self) -> list[dict]:
         folders = model_folders(self.settings.models_dir)
         demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
         listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
@@ -224,6 +236,8 @@ class Models:
             return FAMILIES["sd1"]
         if path.is_dir():
             return folder_family(path)
+        if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
+            raise ImagineError("the model is not a regular file")
         refuse_pickles_that_could_run(path)
         try:
             keys = read_checkpoint_keys(path)

@@ -12,13 +12,18 @@ from engine.errors import ImagineError
 PROMPT_PIECE = re.compile(r"\\[()\[\]\\]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
 
 
-PROMPT_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+PROMPT_BREAK = re.compile(r"\bBREAK\b")
 
 
 ATTENTION_STEP = 1.1  # what one pair of () multiplies a weight by, and [] divides it by
 
 
 CHUNK_TOKENS = 75  # the tokens of one text-encoder pass, between its start and end tokens
+
+
+# Chunks a prompt may take, each one text-encoder pass and its memory in every step (SD1.5 at n=8: ~9 MB each).
+# 16000 characters of English take some 55; 64 BREAKs are far beyond any prompt people write.
+MAX_PROMPT_CHUNKS = 64
 
 
 COMMA_BACKTRACK = 20  # a chunk full in mid-phrase ends at its last comma if that is this close to the end
@@ -56,10 +61,17 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list:
         elif piece == "]" and square_open:
             multiply(square_open.pop(), 1 / ATTENTION_STEP)
         else:
-            for index, part in enumerate(PROMPT_BREAK.split(piece)):
+            for index, part in enumerate(split_at_breaks(piece)):
                 if index:
                     pieces.append(["BREAK", BREAK])
                 pieces.append([part, 1.0])
+    breaks = sum(weight is BREAK for _, weight in pieces)
+    if breaks >= MAX_PROMPT_CHUNKS:
+        raise ImagineError(
+            f"{field} is at least {breaks + 1} chunks of 75 tokens (each BREAK starts one); "
+            f"at most {MAX_PROMPT_CHUNKS} are accepted",
+            field=field,
+        )
     for start in round_open:
         multiply(start, ATTENTION_STEP)
     for start in square_open:
@@ -73,6 +85,18 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list:
         else:
             merged.append(piece)
     return [tuple(piece) for piece in merged] or [("", 1.0)]
+
+
+def split_at_breaks(text: str) -> list:
+    """The text between its BREAKs, the spaces around each BREAK dropped. Split first and stripped after: a regex
+    that took the spaces too (\\s*BREAK\\s*) took quadratic time on long runs of spaces, holding the GIL."""
+    parts = PROMPT_BREAK.split(text)
+    for index in range(len(parts)):
+        if index > 0:
+            parts[index] = parts[index].lstrip()
+        if index < len(parts) - 1:
+            parts[index] = parts[index].rstrip()
+    return parts
 
 
 @dataclasses.dataclass
@@ -211,6 +235,10 @@ def prompt_embeddings(pipe, prompt: str, neg: str, clip_skip: int, embeddings: d
     for tokenizer, text_encoder, key in encoders:
         vectors = {name: each[key] for name, each in embeddings.items()}
         chunks = [prompt_chunks(tokenizer, pieces, vectors) for pieces in parsed]
+        for field, each in zip(("prompt", "neg"), chunks, strict=True):
+            if len(each) > MAX_PROMPT_CHUNKS:
+                message = f"{field} is {len(each)} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS} are accepted"
+                raise ImagineError(message, field=field)
         # The shorter of prompt and negative prompt gets chunks of the empty prompt, so that both line up.
         count = max(len(each) for each in chunks)
         for index, each in enumerate(chunks):

@@ -48,6 +48,9 @@ MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have
 MAX_PROMPT_CHARS = 16_000
 
 
+MAX_NAME_CHARS = 512  # a model's or LoRA's name: a path below a models folder, not a text
+
+
 # Picture formats an input image may have: what cameras, browsers and editors save. Pillow knows many
 # more (EPS runs Ghostscript on the data, others are rare codecs); those are refused, unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -291,7 +294,7 @@ def parse_request(
         )
     parsed = GenerationRequest(
         prompt=prompt,
-        model=_text(body, "model", None),
+        model=_text(body, "model", None, MAX_NAME_CHARS),
         width=width,
         height=height,
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
@@ -338,9 +341,12 @@ def without_aliases(body: dict) -> dict:
     return body
 
 
-def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: dict | None = None) -> str:
+def generation_parameters(
+    req: GenerationRequest, model_name: str, lora_hashes: dict | None = None, cut: tuple | None = None
+) -> str:
     """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
-    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs."""
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
+    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran."""
     lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
     settings = {
         "Steps": req.num_steps,
@@ -365,6 +371,9 @@ def generation_parameters(req: GenerationRequest, model_name: str, lora_hashes: 
     if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
         hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
         settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
+    if cut is not None:
+        settings["Steps"] = cut[0]
+        settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
@@ -387,6 +396,9 @@ def checked_loras(loras: list) -> list:
     if len(loras) > MAX_LORAS_KEPT:
         raise ImagineError(f"a request may use at most {MAX_LORAS_KEPT} loras, not {len(loras)}", field="loras")
     for name, weight in loras:
+        if len(name) > MAX_NAME_CHARS:
+            message = f"lora name is {len(name)} characters long; at most {MAX_NAME_CHARS} are accepted"
+            raise ImagineError(message, field="loras")
         if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
             raise ImagineError(f"lora {name!r} weight must be between -5 and 5, not {weight}", field="loras")
     return loras

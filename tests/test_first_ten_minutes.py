@@ -157,7 +157,8 @@ def test_every_request_gets_an_access_line_and_a_refusal_says_why_without_body_o
     lines = [record.getMessage() for record in caplog.records if '"' in record.getMessage()]
     assert lines == [
         '127.0.0.1 "POST /generate" 400 "width must be a multiple of 8, not 100"',
-        '127.0.0.1 "POST /generate" 401 "this server needs an API key: send \'Authorization: Bearer <key>\'"',
+        '127.0.0.1 "POST /generate" 401 "this server needs an API key: send \'Authorization: Bearer <key>\', or HTTP '
+        'Basic with the key as the password (any user name)"',
         '127.0.0.1 "GET /samplers" 200',
     ]
     assert [record.levelname for record in caplog.records if '"' in record.getMessage()][:2] == ["WARNING"] * 2

@@ -288,8 +288,8 @@ def test_a_utf8_api_key_sent_as_curl_sends_it_is_accepted(make_engine, serve):
     url = serve(make_engine(model="demo", api_key=key))
     authorized = post(url, {"prompt": "x", **FAST}, headers={"Authorization": b"Bearer " + key.encode()})
     assert authorized.status_code == 200
-    latin1 = post(url, {"prompt": "x", **FAST}, headers={"Authorization": b"Bearer " + "clé".encode("latin-1")})
-    assert latin1.status_code == 401
+    wrong = post(url, {"prompt": "x", **FAST}, headers={"Authorization": b"Bearer cle"})
+    assert wrong.status_code == 401
 
 
 # ---- 14. cancel inside a step

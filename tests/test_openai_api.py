@@ -137,7 +137,7 @@ def test_moderation_style_and_user_are_accepted_and_ignored(sdk, live_server):
         ({"output_format": "gif"}, "output_format must be"),
         ({"n": 20}, "n must be between 1 and 8, not 20"),
         ({"partial_images": 4}, "partial_images must be between 0 and 3"),
-        ({"extra_body": {"steps": 0}}, "num_steps must be between"),
+        ({"extra_body": {"steps": 0}}, "steps must be between 1 and 150, not 0"),  # the name the client sent
         ({"extra_body": {"sampler": "nope"}}, "sampler 'nope' is unknown"),
         ({"extra_body": {"stpes": 4}}, "unknown parameter 'stpes'"),
     ],

@@ -1,0 +1,627 @@
+"""Hard to knock over, round three (issue 25): what one client could do to the whole server, each through the real
+server (waitress). Where an attack used to hold the process, /health is asked through waitress while it runs."""
+
+import base64
+import contextlib
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import FAST, count_loads, decode_png
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import api.a1111
+import api.guard
+import api.native
+import api.openai
+import engine.folders
+import engine.models
+import engine.prompts
+import engine.request
+import imagine
+from engine.settings import CONFIGS_DIR
+
+# /health must answer at once while any request runs; this bound only catches a server held for seconds (the
+# attacks below held it 13-86 s); the slowest answer measured is printed (pytest -s) for the performance figures.
+HEALTH_BOUND = 1.0
+
+
+def health_while(url, attack):
+    """Runs `attack()` on a thread and asks /health through waitress until it ends; returns (the attack's answer,
+    the slowest /health answer in seconds)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=attack()), daemon=True)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        started = time.perf_counter()
+        assert requests.get(f"{url}/health", timeout=300).status_code == 200
+        slowest = max(slowest, time.perf_counter() - started)
+        time.sleep(0.01)
+    thread.join()
+    print(f"slowest /health while the attack ran: {slowest * 1000:.1f} ms")
+    return result["answer"], slowest
+
+
+def png_with_parameters(text: str) -> str:
+    info = PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---- 1. png-info parses in linear time
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['a cat\nSteps: "' + "\\" * 40, "a cat\n" + " " * 2000, "a cat\nSteps: 20, " + "a " * 15_000 + "x"],
+    ids=["unclosed-quote-of-backslashes", "spaces", "words-without-colon"],
+)
+def test_png_info_of_parameters_built_to_backtrack_answers_at_once_and_health_stays_quick(live_server, text):
+    image = png_with_parameters(text)
+    answer, slowest = health_while(
+        live_server, lambda: requests.post(f"{live_server}/sdapi/v1/png-info", json={"image": image}, timeout=300)
+    )
+    assert answer.status_code == 200
+    assert answer.json()["info"] == text
+    assert slowest < HEALTH_BOUND
+
+
+def test_png_info_still_reads_quoted_values_and_every_setting(client):
+    text = 'a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Lora hashes: "a: 1, b: 2", Size: 64x96'
+    parsed = client.post("/sdapi/v1/png-info", json={"image": png_with_parameters(text)}).get_json()["parameters"]
+    assert parsed["Prompt"] == "a cat" and parsed["Negative prompt"] == "dog"
+    assert parsed["Steps"] == "20" and parsed["Sampler"] == "Euler a"
+    assert parsed["Lora hashes"] == '"a: 1, b: 2"'
+    assert (parsed["Size-1"], parsed["Size-2"]) == ("64", "96")
+
+
+def test_png_info_of_a_parameters_text_over_the_limit_is_a_422_naming_the_limit(live_server):
+    image = png_with_parameters("a" * (api.a1111.MAX_PARAMETERS_CHARS + 1))
+    answer = requests.post(f"{live_server}/sdapi/v1/png-info", json={"image": image}, timeout=60)
+    assert answer.status_code == 422
+    assert str(api.a1111.MAX_PARAMETERS_CHARS) in answer.json()["detail"]
+
+
+# ---- 2. model names are short strings, and unknown OpenAI names leave no state behind
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/images/generations"])
+def test_a_model_name_longer_than_a_name_is_refused_naming_the_field_and_the_limit(client, route, caplog):
+    body = {"prompt": "a cat", "model": "m" * 1_000_000}
+    answer = client.post(route, json=body)
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    message = message["message"] if isinstance(message, dict) else message
+    assert message == f"model is 1000000 characters long; at most {engine.request.MAX_NAME_CHARS} are accepted"
+    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
+
+
+def test_unknown_openai_model_names_are_remembered_only_up_to_a_bound(client, monkeypatch, caplog):
+    monkeypatch.setattr(engine.models, "FALLBACKS_KEPT", 2)
+    caplog.set_level("INFO", logger="imagine")
+    for name in ("dall-e-2", "dall-e-3", "gpt-image-1", "dall-e-2"):
+        body = {"prompt": "a cat", "model": name, "steps": 1, "size": "64x64"}
+        assert client.post("/v1/images/generations", json=body).status_code == 200
+    logged = [record.getMessage() for record in caplog.records if "is not here" in record.getMessage()]
+    assert len(logged) == 4  # dall-e-2 was forgotten, so it is told again: nothing keeps every name
+
+
+# ---- 3. A1111 checkpoint names are read in linear time
+
+
+@pytest.mark.parametrize("where", ["options", "override_settings"])
+def test_an_a1111_checkpoint_name_of_a_long_run_of_spaces_is_refused_at_once_while_health_answers(live_server, where):
+    name = "a" + " " * 200_000 + "a"
+    if where == "options":
+        call = lambda: requests.post(f"{live_server}/sdapi/v1/options", json={"sd_model_checkpoint": name}, timeout=300)  # noqa: E731
+    else:
+        body = {
+            "prompt": "a cat",
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "override_settings": {"sd_model_checkpoint": name},
+        }
+        call = lambda: requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=300)  # noqa: E731
+    answer, slowest = health_while(live_server, call)
+    assert answer.status_code == 422
+    assert f"at most {engine.request.MAX_NAME_CHARS} are accepted" in answer.json()["detail"]
+    assert slowest < HEALTH_BOUND
+
+
+def test_an_a1111_title_with_its_hash_still_names_the_model(client):
+    answer = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "demo [0123456789]"})
+    assert answer.status_code == 200
+
+
+# ---- 4. a bound on prompt chunks
+
+
+@pytest.mark.parametrize(
+    "field, text",
+    [("prompt", "a cat BREAK " * 100), ("neg", "a dog BREAK " * 100), ("prompt", "a, " * 5000)],
+    ids=["breaks", "breaks-in-neg", "tokens"],
+)
+def test_a_prompt_of_more_chunks_than_the_limit_is_a_400_naming_the_field_and_the_limit(client, field, text):
+    answer = client.post("/generate", json={"prompt": "a cat", **FAST, field: text})
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    assert message.startswith(f"{field} is ") and f"at most {engine.prompts.MAX_PROMPT_CHUNKS}" in message
+
+
+def test_a_prompt_of_many_breaks_is_a_422_on_the_a1111_api(client):
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a BREAK " * 100, "steps": 1, "width": 64, "height": 64})
+    assert answer.status_code == 422
+
+
+# ---- 5. long runs of spaces
+
+
+def test_long_runs_of_spaces_in_prompt_and_negative_do_not_hold_the_server(live_server):
+    body = {"prompt": " " * 16_000, "neg": " " * 16_000, **FAST, "num_steps": 1}
+    answer, slowest = health_while(
+        live_server, lambda: requests.post(f"{live_server}/generate", json=body, timeout=300)
+    )
+    assert answer.status_code == 200
+    assert slowest < HEALTH_BOUND
+
+
+def test_break_still_splits_a_prompt_and_eats_the_spaces_around_it():
+    assert engine.prompts.parse_prompt_attention("a cat  BREAK  a dog") == [
+        ("a cat", 1.0),
+        ("BREAK", None),
+        ("a dog", 1.0),
+    ]
+    assert engine.prompts.parse_prompt_attention("BREAKFAST") == [("BREAKFAST", 1.0)]
+
+
+# ---- 6. an embedding of more than 75 vectors
+
+
+@pytest.fixture
+def long_embedding_engine(make_engine, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "embeddings").mkdir()
+    save_file({"emb_params": torch.zeros(76, 32)}, tmp_path / "embeddings" / "longwinded.safetensors")
+    return make_engine(model="demo", models_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "route, body, status",
+    [
+        ("/generate", {"prompt": "a longwinded cat", **FAST}, 400),
+        ("/v1/images/generations", {"prompt": "a longwinded cat", "size": "64x64", "steps": 1}, 400),
+        ("/sdapi/v1/txt2img", {"prompt": "a longwinded cat", "width": 64, "height": 64, "steps": 1}, 422),
+    ],
+)
+def test_an_embedding_of_more_than_75_vectors_is_refused_naming_it(long_embedding_engine, route, body, status, caplog):
+    answer = imagine.create_app(long_embedding_engine).test_client().post(route, json=body)
+    assert answer.status_code == status
+    assert "embedding 'longwinded' has 76 vectors; at most 75 fit" in answer.get_data(as_text=True)
+    assert not any(record.exc_info for record in caplog.records)  # no traceback in the log
+
+
+# ---- 21.7 and 13d. one status for a bad value on the A1111 API: 422
+
+
+def test_a_clip_skip_beyond_the_models_layers_is_a_422_on_the_a1111_api_like_every_bad_value(client):
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "clip_skip": 12, "width": 64, "height": 64})
+    assert answer.status_code == 422
+    assert "clip_skip 12" in answer.get_json()["detail"]
+
+
+def test_a_bad_value_of_the_options_or_png_info_is_a_422_on_the_a1111_api(client):
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": 5}).status_code == 422
+    assert client.post("/sdapi/v1/png-info", json={"image": 5}).status_code == 422
+    assert client.post("/sdapi/v1/txt2img", data="{", content_type="application/json").status_code == 422
+
+
+# ---- 21.8 the 401 names both ways to send the key
+
+
+def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
+    client = imagine.create_app(make_engine(model="demo", api_key="sesame")).test_client()
+    wrong = base64.b64encode(b"user:wrong").decode()
+    answer = client.get("/sdapi/v1/options", headers={"Authorization": f"Basic {wrong}"})
+    assert answer.status_code == 401
+    message = answer.get_json()["detail"]
+    assert "Bearer <key>" in message and "Basic" in message and "password" in message
+
+
+# ---- 10. a changed LoRA or embedding file is read again
+
+
+def demo_pipe():
+    return engine.models.build_demo_pipeline(CONFIGS_DIR / "sd1")
+
+
+def replace_file(path, write) -> None:
+    """Writes a file anew under the same name, with another size and date, as a new download would."""
+    import os
+
+    stat = path.stat() if path.exists() else None
+    path.unlink(missing_ok=True)
+    write(path)
+    if stat is not None:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def drawn(engine, **fields) -> tuple:
+    answer = (
+        imagine.create_app(engine).test_client().post("/generate", json={"prompt": "a lighthouse", **FAST, **fields})
+    )
+    assert answer.status_code == 200, answer.get_json()
+    image = decode_png(answer.get_json()["img"])
+    return image.tobytes(), image.info["parameters"]
+
+
+def test_a_lora_file_changed_on_disk_is_loaded_again_with_its_new_hash(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    path = tmp_path / "loras" / "style.safetensors"
+    pipe = demo_pipe()
+    save_file(kohya_lora(pipe, seed=0), path)
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    first, first_parameters = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    replace_file(path, lambda p: save_file(kohya_lora(pipe, seed=1, rank=8), p))
+    second, second_parameters = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    fresh, fresh_parameters = drawn(
+        make_engine(model="demo", models_dir=tmp_path), prompt="a lighthouse <lora:style:1>"
+    )
+    assert second != first and second == fresh
+    assert second_parameters == fresh_parameters != first_parameters  # the new file's hash
+
+
+def test_an_embedding_file_changed_on_disk_is_read_again(make_engine, tmp_path):
+    from lora_files import token_vectors
+    from safetensors.torch import save_file
+
+    (tmp_path / "embeddings").mkdir()
+    path = tmp_path / "embeddings" / "thing.safetensors"
+    pipe = demo_pipe()
+    save_file({"emb_params": token_vectors(pipe.text_encoder, pipe.tokenizer, "lighthouse")}, path)
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    first, _ = drawn(engine, prompt="a thing")
+    replace_file(
+        path, lambda p: save_file({"emb_params": token_vectors(pipe.text_encoder, pipe.tokenizer, "red cat")}, p)
+    )
+    second, _ = drawn(engine, prompt="a thing")
+    fresh, _ = drawn(make_engine(model="demo", models_dir=tmp_path), prompt="a thing")
+    assert second != first and second == fresh
+
+
+# ---- 11. links in loras/ follow the models' rule
+
+
+def test_a_link_in_loras_to_a_file_elsewhere_is_followed_as_for_models_and_a_name_still_cannot_climb_out(
+    make_engine, tmp_path
+):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file(kohya_lora(demo_pipe(), seed=0), elsewhere / "style.safetensors")
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    (models / "loras" / "linked.safetensors").symlink_to(elsewhere / "style.safetensors")
+    client = imagine.create_app(make_engine(model="demo", models_dir=models)).test_client()
+    assert [lora["name"] for lora in client.get("/loras").get_json()["loras"]] == ["linked"]
+    assert client.post("/generate", json={"prompt": "a cat <lora:linked>", **FAST}).status_code == 200
+    climbing = client.post("/generate", json={"prompt": "a cat <lora:../../elsewhere/style>", **FAST})
+    assert climbing.status_code == 403
+
+
+def test_the_docs_state_the_one_rule_for_links_in_loras():
+    models_doc = (Path(imagine.__file__).parent / "docs" / "models.md").read_text()
+    assert "links pointing out: 403" not in models_doc
+    assert "links inside it are followed, wherever they point" in models_doc
+
+
+# ---- 12. the same LoRA named twice
+
+
+def test_the_same_lora_named_twice_draws_with_the_sum_of_its_weights_as_automatic1111_does(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    save_file(kohya_lora(demo_pipe(), seed=0), tmp_path / "loras" / "style.safetensors")
+    engine = make_engine(model="demo", models_dir=tmp_path)
+    twice, _ = drawn(engine, prompt="a lighthouse <lora:style:0.4> <lora:style:0.6>")
+    field_and_tag, _ = drawn(engine, prompt="a lighthouse <lora:style:0.4>", loras=[{"name": "style", "weight": 0.6}])
+    once, _ = drawn(engine, prompt="a lighthouse <lora:style:1>")
+    assert twice == once and field_and_tag == once
+
+
+# ---- 7. files that block on open, and folders slow to read
+
+
+FOLDER_ROUTES = (
+    "/models",
+    "/loras",
+    "/embeddings",
+    "/v1/models",
+    "/sdapi/v1/sd-models",
+    "/sdapi/v1/options",
+    "/sdapi/v1/loras",
+    "/sdapi/v1/embeddings",
+)
+
+
+@pytest.fixture
+def fifos(tmp_path):
+    """A models folder holding FIFOs named as models, LoRAs, embeddings and a diffusers folder's config; on leaving,
+    each is opened for writing once, so that a thread a broken server left waiting on one can end."""
+    import json
+    import os
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "folder" / "unet").mkdir(parents=True)
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    paths = [
+        tmp_path / name
+        for name in ("x.safetensors", "y.ckpt", "loras/z.safetensors", "embeddings/e.pt", "folder/unet/config.json")
+    ]
+    for path in paths:
+        os.mkfifo(path)
+    yield tmp_path
+    for path in paths:
+        with contextlib.suppress(OSError):  # no reader waits on it: nothing to free
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifos_in_the_folders_are_never_opened_and_every_listing_answers_while_health_stays_quick(
+    make_engine, serve, fifos
+):
+    url = serve(make_engine(model="demo", models_dir=fifos))
+    for route in FOLDER_ROUTES:
+        answer, slowest = health_while(url, lambda route=route: requests.get(f"{url}{route}", timeout=30))
+        assert answer.status_code == 200, route
+        assert slowest < HEALTH_BOUND
+    listed = {model["name"]: model for model in requests.get(f"{url}/models", timeout=30).json()["models"]}
+    assert "x" not in listed and "y" not in listed  # only regular files are models
+    assert "folder" in listed  # its UNet's config is no regular file: read as missing, never waited on
+    assert requests.get(f"{url}/loras", timeout=30).json()["loras"] == []
+    refused = requests.post(f"{url}/generate", json={"prompt": "a cat", "model": "x", **FAST}, timeout=30)
+    assert refused.status_code == 400
+
+
+def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_health(
+    make_engine, serve, monkeypatch, tmp_path
+):
+    (tmp_path / "x.safetensors").write_bytes(b"not read")
+    monkeypatch.setattr(engine.folders, "FOLDER_SECONDS", 1, raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(engine.models.Models, "describe", lambda self, real: release.wait(60) and {})  # a stalled mount
+    url = serve(make_engine(model="demo", models_dir=tmp_path))
+    statuses = []
+
+    def list_models():
+        statuses.append(requests.get(f"{url}/models", timeout=120).status_code)
+
+    listers = [threading.Thread(target=list_models) for _ in range(20)]
+    try:
+        for lister in listers:
+            lister.start()
+        time.sleep(0.5)
+        _, slowest = health_while(url, lambda: time.sleep(3))
+    finally:
+        release.set()
+        for lister in listers:
+            lister.join(120)
+    assert slowest < HEALTH_BOUND
+    assert set(statuses) == {503}
+
+
+# ---- 8. an A1111 interrupt cuts only an A1111 picture, and a cut picture says so
+
+
+class Held:
+    """Holds the engine before the third denoising step until released, the two before it done."""
+
+    def __init__(self, monkeypatch, engine):
+        self.inside, self.release = threading.Event(), threading.Event()
+        generate = engine.generate
+
+        def held(model, req, on_step=None, conditioning=None):
+            def hold(step, steps, latents):
+                if step == 3:
+                    self.inside.set()
+                    assert self.release.wait(60)
+                return on_step(step, steps, latents)
+
+            return generate(model, req, hold, conditioning)
+
+        monkeypatch.setattr(engine, "generate", held)
+
+
+def interrupted_while_held(url, engine, monkeypatch, call, how="interrupt"):
+    held = Held(monkeypatch, engine)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=call()))
+    thread.start()
+    assert held.inside.wait(60)
+    assert requests.post(f"{url}/sdapi/v1/{how}", timeout=30).status_code == 200
+    held.release.set()
+    thread.join(120)
+    return result["answer"]
+
+
+@pytest.mark.parametrize("how", ["interrupt", "skip"])
+def test_an_a1111_interrupt_or_skip_leaves_a_generate_or_openai_picture_whole(live_server, engine, monkeypatch, how):
+    body = {"prompt": "a cat", **FAST, "num_steps": 8}
+    whole = requests.post(f"{live_server}/generate", json=body, timeout=120).json()
+    answer = interrupted_while_held(
+        live_server, engine, monkeypatch, lambda: requests.post(f"{live_server}/generate", json=body, timeout=120), how
+    ).json()
+    assert (answer["steps"], answer["interrupted"], answer["img"]) == (8, False, whole["img"])
+    openai = {"prompt": "a cat", "size": "64x64", "steps": 8, "seed": 42}
+    whole = requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120).json()
+    call = lambda: requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(live_server, engine, monkeypatch, call, how).json()
+    assert answer["data"][0]["b64_json"] == whole["data"][0]["b64_json"]
+
+
+def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the_png(live_server, engine, monkeypatch):
+    body = {"prompt": "a cat", "seed": 5, "width": 64, "height": 64, "steps": 8}
+    call = lambda: requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(live_server, engine, monkeypatch, call).json()
+    info = json.loads(answer["info"])
+    assert (info["steps"], info["interrupted"], answer["parameters"]["steps"]) == (3, True, 3)
+    assert "Steps: 3," in info["infotexts"][0] and "Interrupted: after step 3 of 8" in info["infotexts"][0]
+    assert decode_png(answer["images"][0]).info["parameters"] == info["infotexts"][0]
+    whole = json.loads(requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120).json()["info"])
+    assert (whole["steps"], whole["interrupted"]) == (8, False) and "Interrupted" not in whole["infotexts"][0]
+
+
+# ---- 9. a temporary folder that cannot hold an upload or an answer
+
+
+def test_an_answer_the_temporary_folder_cannot_hold_is_a_507_before_the_work(live_server, engine, monkeypatch, caplog):
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    loads = count_loads(engine)
+    body = {"prompt": "a cat", "width": 512, "height": 512, "num_steps": 1}
+    for route, fields in [("/generate", body), ("/sdapi/v1/txt2img", {**body, "steps": 1})]:
+        answer = requests.post(f"{live_server}{route}", json=fields, timeout=120)
+        assert answer.status_code == 507, route
+        assert "temporary folder" in answer.text and "TMPDIR" in answer.text
+    openai = {"prompt": "a cat", "size": "512x512", "steps": 1}
+    assert requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120).status_code == 507
+    assert loads == []
+    assert requests.post(f"{live_server}/generate", json={"prompt": "a cat", **FAST}, timeout=120).status_code == 200
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_an_upload_the_temporary_folder_cannot_hold_is_a_507_before_it_is_received(live_server, monkeypatch, caplog):
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    body = {"prompt": "a cat", "neg": "a" * 600_000}
+    answer = requests.post(f"{live_server}/generate", json=body, timeout=120)
+    assert answer.status_code == 507
+    assert "X-Content-Type-Options" in answer.headers
+    refusals = [record for record in caplog.records if "upload" in record.getMessage()]
+    assert len(refusals) == 1 and refusals[0].exc_info is None
+
+
+def test_a_client_that_waits_for_100_continue_gets_the_507_instead_and_sends_no_body(live_server, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
+    host, port = live_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        headers = "Content-Type: application/json\r\nContent-Length: 600000\r\nExpect: 100-continue"
+        connection.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n\r\n".encode())
+        answer = connection.recv(65536)  # the body is never sent: the answer must come without it
+    assert answer.startswith(b"HTTP/1.1 507")
+
+
+# ---- 13a. peft's words for a LoRA of other sizes
+
+
+def test_a_lora_of_other_layer_sizes_is_refused_in_words_of_its_own(make_engine, tmp_path):
+    from lora_files import kohya_lora
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    lora = kohya_lora(demo_pipe(), seed=0)
+    name = next(key for key in lora if key.endswith("lora_down.weight") and key.startswith("lora_te"))
+    lora[name] = torch.zeros(lora[name].shape[0], lora[name].shape[1] + 1)
+    save_file(lora, tmp_path / "loras" / "misfit.safetensors")
+    client = imagine.create_app(make_engine(model="demo", models_dir=tmp_path)).test_client()
+    answer = client.post("/generate", json={"prompt": "a cat <lora:misfit>", **FAST})
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    assert "lora 'misfit' does not fit" in message and "report" not in message
+
+
+# ---- 13b. a non-ASCII key as Python's requests sends it
+
+
+def test_a_non_ascii_key_sent_as_requests_sends_it_latin1_is_accepted(make_engine, serve):
+    url = serve(make_engine(model="demo", api_key="clé"))
+    assert requests.get(f"{url}/health", auth=("user", "clé"), timeout=30).status_code == 200
+    assert requests.get(f"{url}/health", headers={"Authorization": "Bearer clé"}, timeout=30).status_code == 200
+    assert requests.get(f"{url}/health", auth=("user", "cle"), timeout=30).status_code == 401
+
+
+# ---- 13c. /v1 errors name OpenAI's parameters
+
+
+def test_openai_errors_name_the_openai_parameters(client):
+    answer = client.post("/v1/images/generations", json={"prompt": "a cat", "steps": 1000})
+    assert answer.get_json()["error"]["message"] == "steps must be between 1 and 150, not 1000"
+    answer = client.post("/v1/images/generations", json={"prompt": "a cat", "negative_prompt": 5})
+    assert answer.get_json()["error"]["message"] == "negative_prompt must be a string, not 5"
+
+
+# ---- 13e. the A1111 options while the default model's file is missing
+
+
+def test_the_a1111_options_answer_while_the_default_models_file_is_missing(make_engine, tmp_path):
+    client = imagine.create_app(make_engine(model="gone", models_dir=tmp_path)).test_client()
+    answer = client.get("/sdapi/v1/options")
+    assert answer.status_code == 200
+    assert answer.get_json()["sd_model_checkpoint"] == "gone"
+
+
+# ---- 13f. expired linked pictures
+
+
+def test_expired_linked_pictures_are_dropped_when_the_next_is_kept(monkeypatch):
+    pictures = api.openai.LinkedPictures()
+    monkeypatch.setattr(api.openai, "LINKED_PICTURE_SECONDS", -1)
+    pictures.add(b"an old picture", "png")
+    pictures.add(b"a new picture", "png")
+    assert len(pictures.pictures) == 1
+
+
+# ---- 13g. waitress's own error answers
+
+
+def test_waitresss_own_error_answers_carry_the_security_headers(live_server):
+    host, port = live_server.removeprefix("http://").split(":")
+    import socket
+
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413")
+    for name, value in api.guard.SECURITY_HEADERS.items():
+        assert f"{name}: {value}".encode() in answer
+
+
+# ---- 13h. a DNS-rebinding page on a server open to the network without a key
+
+
+@pytest.mark.parametrize(
+    "host, status",
+    [("evil.example:5000", 403), ("192.168.1.20:5000", 200), ("[fe80::1]:5000", 200), ("localhost:5000", 200)],
+)
+def test_on_all_addresses_without_a_key_a_host_that_is_no_name_of_this_machine_is_refused(make_engine, host, status):
+    client = imagine.create_app(make_engine(model="demo", host="0.0.0.0")).test_client()
+    assert client.get("/health", headers={"Host": host}).status_code == status
+
+
+def test_on_all_addresses_the_machines_own_name_is_accepted_and_with_a_key_any_name(make_engine):
+    import socket
+
+    client = imagine.create_app(make_engine(model="demo", host="0.0.0.0")).test_client()
+    assert client.get("/health", headers={"Host": f"{socket.gethostname()}:5000"}).status_code == 200
+    keyed = imagine.create_app(make_engine(model="demo", host="0.0.0.0", api_key="k")).test_client()
+    headers = {"Host": "my-box.example:5000", "Authorization": "Bearer k"}
+    assert keyed.get("/health", headers=headers).status_code == 200
