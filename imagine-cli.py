@@ -71,8 +71,8 @@ DEFAULT_SERVER = "http://127.0.0.1:5000"
 # The server's sampler table (engine/samplers.py) comes with diffusers, too slow to import for --help: its names
 # are written out here, and a test checks that they are all of them.
 SAMPLER_NAMES = (
-    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S, DPM++ SDE, DPM2, DPM2 a, DPM++ 2M SDE, LCM,"
-    " and Karras variants such as 'DPM++ 2M Karras' (the server's GET /samplers lists them all)"
+    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM2, DPM2 a, LCM, ..., with a"
+    " schedule type if wanted, such as 'DPM++ 2M Karras' or 'Euler SGM Uniform' (the server's GET /samplers lists them)"
 )
 
 
@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-g", "--guidance", type=float, help="Guidance scale (default 7.0)")
     parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case (default DPM++ 2M): {SAMPLER_NAMES}")
     parser.add_argument(
-        "--seed", type=int, help="Seed, 0 to 4294967295 (default, or -1: random; the seed used is printed on stderr)"
+        "--seed", type=int, help="Seed, 0 to 2**64-1 (default, or -1: random; the seed used is printed on stderr)"
     )
     parser.add_argument("--neg", help="Negative prompt (default none)")
     parser.add_argument(

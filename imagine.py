@@ -87,6 +87,13 @@ OPTIONS = (
     ),
     Option("max_batch", ("--max-batch",), f"most pictures one request may ask for with n (default {MAX_BATCH})", int),
     Option(
+        "rng",
+        ("--rng",),
+        "noise a seed gives when a request names none: cpu (torch's CPU numbers), gpu or nv (an NVIDIA GPU's, "
+        "AUTOMATIC1111's default, on any device) (default cpu)",
+        str,
+    ),
+    Option(
         "job_ttl",
         ("--job-ttl",),
         "seconds a finished job (POST /jobs) keeps its pictures for its client to collect (default 600)",
@@ -149,6 +156,7 @@ def setting_problems(args) -> list:
         (args.max_loaded >= 1, f"--max-loaded must be at least 1, not {args.max_loaded}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
+        (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
         (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
         (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,

@@ -33,7 +33,8 @@ from engine.request import (
     parse_request,
     rounded_size,
 )
-from engine.samplers import SAMPLERS
+from engine.samplers import SAMPLERS, sampler_label, schedule_label, schedules_for, split_sampler
+from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -42,24 +43,8 @@ log = logging.getLogger("imagine")
 A1111_VERSION = "imagine"  # `version` in info; A1111 writes its git tag there
 
 
-# A1111's sampler names (GET /sdapi/v1/samplers, in its order) -> ours; A1111's "DPM++ 2S a" is our "dpm++ 2s".
-A1111_SAMPLERS = {
-    "DPM++ 2M": "dpm++ 2m",
-    "DPM++ SDE": "dpm++ sde",
-    "DPM++ 2M SDE": "dpm++ 2m sde",
-    "DPM++ 2S a": "dpm++ 2s",
-    "Euler a": "euler a",
-    "Euler": "euler",
-    "LMS": "lms",
-    "Heun": "heun",
-    "DPM2": "dpm2",
-    "DPM2 a": "dpm2 a",
-    "DDIM": "ddim",
-    "LCM": "lcm",
-}
-
-
-A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> label; Karras as our "<sampler> karras"
+# A1111's sampler names (GET /sdapi/v1/samplers) -> ours.
+A1111_SAMPLERS = {sampler_label(name): name for name in SAMPLERS}
 
 
 A1111_SAMPLER = "Euler"  # what A1111 draws with when a request names no sampler
@@ -99,20 +84,33 @@ A1111_LOGGED = set()  # the unsupported features already logged once
 
 
 def a1111_sampler(body: dict) -> tuple:
-    """(our sampler, A1111's sampler name, A1111's scheduler name) for sampler_name (or the older sampler_index)
-    and scheduler; combined names such as "DPM++ 2M Karras" are split. An unknown name falls back to A1111's
-    default, as A1111 does, so a client's list of names from another server still draws."""
+    """(our sampler, our schedule, A1111's sampler name, what was left out) for sampler_name (or the older
+    sampler_index) and scheduler; combined names such as "DPM++ 2M Karras" are split. An unknown sampler falls back
+    to A1111's default, and a schedule unknown or one the sampler cannot use to "automatic", as A1111 does, so a
+    client's names from another server still draw; what was dropped is named in info's imagine_ignored."""
     name = _text(body, "sampler_name", None) or _text(body, "sampler_index", None) or A1111_SAMPLER
-    scheduler = (_text(body, "scheduler", None) or "automatic").lower()
-    label, _, last = name.rpartition(" ")
-    if label and last.lower() in A1111_SCHEDULERS:
-        name, scheduler = label, last.lower()
-    known = {known.lower(): known for known in A1111_SAMPLERS}
-    name = known.get(name.lower(), A1111_SAMPLER)
-    sampler = A1111_SAMPLERS[name]
-    if scheduler == "karras" and f"{sampler} karras" in SAMPLERS:
-        return f"{sampler} karras", name, "karras"
-    return sampler, name, "automatic"
+    sampler, schedule = split_sampler(name)
+    sampler, dropped = sampler or A1111_SAMPLERS[A1111_SAMPLER], [] if sampler else ["sampler_name"]
+    asked = _text(body, "scheduler", None)
+    if asked is not None and asked.lower() != AUTOMATIC:
+        schedule = schedule_name(asked)
+    if schedule is not None and schedule not in schedules_for(sampler):
+        schedule = None
+    if asked is not None and schedule is None and asked.lower() != AUTOMATIC:
+        dropped.append("scheduler")
+    return sampler, schedule or AUTOMATIC, sampler_label(sampler), dropped
+
+
+A1111_RNG = {"GPU": "gpu", "CPU": "cpu", "NV": "nv"}  # override_settings.randn_source -> our rng
+
+
+def a1111_rng(overrides: dict) -> str | None:
+    source = overrides.get("randn_source")
+    if source is None:
+        return None
+    if source not in A1111_RNG:
+        raise ImagineError(f"override_settings.randn_source must be GPU, CPU or NV, not {json.dumps(source)[:80]}")
+    return A1111_RNG[source]
 
 
 def a1111_overrides(body: dict) -> dict:
@@ -154,7 +152,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
     model a checkpoint title names."""
     try:
         overrides = a1111_overrides(body)
-        sampler, sampler_name, scheduler = a1111_sampler(body)
+        sampler, schedule, sampler_name, dropped = a1111_sampler(body)
         batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
         n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
         if batch_size * n_iter > settings.max_batch:
@@ -168,6 +166,8 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             "num_steps": body.get("steps"),
             "guidance": body.get("cfg_scale"),
             "sampler": sampler,
+            "schedule": schedule,
+            "rng": a1111_rng(overrides),
             "seed": body.get("seed"),
             "n": batch_size * n_iter,
             "clip_skip": clip_skip,
@@ -176,19 +176,19 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
         if img2img:
             generate_body |= a1111_img2img_fields(body)
-        req = parse_request(generate_body, settings.max_size, settings.max_batch)
+        req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
     except ImagineError as error:
         if error.status != 400:
             raise
         raise a1111_error(error) from None
     understood = {
         "sampler_name": sampler_name,
-        "scheduler": A1111_SCHEDULERS[scheduler],
+        "scheduler": schedule_label(sampler, schedule),
         "batch_size": batch_size,
         "n_iter": n_iter,
         "send_images": body.get("send_images", True) is not False,
         "restore_afterwards": body.get("override_settings_restore_afterwards", True) is not False,
-        "ignored": a1111_ignored(body),
+        "ignored": a1111_ignored(body) + dropped,
     }
     return req, understood
 
@@ -575,8 +575,14 @@ def samplers_route():
 def schedulers_route():
     return jsonify(
         [
-            {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for name, label in A1111_SCHEDULERS.items()
+            {
+                "name": name,
+                "label": LABELS[name],
+                "aliases": list(SCHEDULES[name].aliases) if name in SCHEDULES else None,
+                "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(name, -1),
+                "need_inner_model": name in ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta"),
+            }
+            for name in SCHEDULE_NAMES
         ]
     )
 

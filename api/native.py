@@ -18,7 +18,8 @@ from engine.errors import ImagineError
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
-from engine.samplers import DEFAULT_SAMPLER, SAMPLERS
+from engine.samplers import DEFAULT_SAMPLER, SAMPLERS, schedules_for
+from engine.schedules import LABELS, SCHEDULE_NAMES
 from engine.settings import Settings
 
 log = logging.getLogger("imagine")
@@ -192,7 +193,7 @@ def parse_json(raw: bytes):
 
 def to_answer(body: dict, settings: Settings) -> Answer:
     """A /generate body as the engine's request, answered as one JSON object or, with `stream`, as NDJSON lines."""
-    req = parse_request(body, settings.max_size, settings.max_batch)
+    req = parse_request(body, settings.max_size, settings.max_batch, settings.rng)
     if not req.stream:
         return Answer(req, to_whole)
     return Answer(req, to_whole, to_lines, error_line)
@@ -200,7 +201,7 @@ def to_answer(body: dict, settings: Settings) -> Answer:
 
 def to_whole(job: Job, event: Finished) -> dict:
     images = [png_base64(image, parameters) for image, parameters in event.pictures]
-    return {
+    answer = {
         "img": images[0],
         "images": images,
         "seeds": event.seeds,
@@ -212,6 +213,9 @@ def to_whole(job: Job, event: Finished) -> dict:
         "seconds": event.seconds,
         "interrupted": event.interrupted,
     }
+    if job.request.parameters is not None:  # the pasted generation data's keys that set nothing
+        answer["parameters_ignored"] = job.request.parameters_ignored
+    return answer
 
 
 def to_lines(job: Job, event) -> list:
@@ -251,7 +255,7 @@ ENDPOINTS = {
         "GET /jobs/<job_id>": "where a job stands; once done, its pictures as /generate answers them",
         "GET /jobs/<job_id>/events": "a job's progress, previews (?every=N) and end as Server-Sent Events",
         "DELETE /jobs/<job_id>": "cancels a queued or running job",
-        "GET /samplers": "the sampler names /generate accepts",
+        "GET /samplers": "the sampler names and schedule types /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
         "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
@@ -269,7 +273,7 @@ ENDPOINTS = {
         "POST /sdapi/v1/interrupt": "ends the running generation now with the picture as far as it got",
         "POST /sdapi/v1/skip": "ends the picture being drawn now; the batch goes on",
         "GET /sdapi/v1/samplers": "AUTOMATIC1111's sampler names that Imagine draws with",
-        "GET /sdapi/v1/schedulers": "Automatic and Karras",
+        "GET /sdapi/v1/schedulers": "AUTOMATIC1111's schedule types",
         "GET /sdapi/v1/loras": "the LoRAs, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/upscalers": "None: Imagine has no upscalers",
@@ -296,7 +300,13 @@ def generate_route():
 
 @blueprint.get("/samplers")
 def samplers_route():
-    return jsonify(samplers=list(SAMPLERS), default=DEFAULT_SAMPLER)
+    """The sampler names, the schedule types (A1111's, "automatic" the sampler's own), and which sampler takes which."""
+    return jsonify(
+        samplers=list(SAMPLERS),
+        default=DEFAULT_SAMPLER,
+        schedules=[{"name": name, "label": LABELS[name]} for name in SCHEDULE_NAMES],
+        schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLERS},
+    )
 
 
 @blueprint.get("/")

@@ -46,6 +46,8 @@ OPENAI_KNOBS = {
     "steps": "num_steps",
     "guidance": "guidance",
     "sampler": "sampler",
+    "schedule": "schedule",
+    "rng": "rng",
     "loras": "loras",
     "clip_skip": "clip_skip",
     "strength": "strength",
@@ -267,7 +269,7 @@ OPENAI_FIELD_NAMES = {field: knob for knob, field in OPENAI_KNOBS.items()} | {"i
 def openai_request(generate_body: dict, settings):
     """parse_request for the /generate body an OpenAI request became; an error names the OpenAI parameter."""
     try:
-        return parse_request(generate_body, settings.max_size, settings.max_batch)
+        return parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
     except ImagineError as error:
         name = OPENAI_FIELD_NAMES.get(error.field)
         if name is None or not error.message.startswith(f"{error.field} "):

@@ -20,7 +20,7 @@ from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
 from engine.previews import png_base64
 from engine.prompts import prompt_embeddings
-from engine.request import MAX_SEED, GenerationRequest, generation_parameters
+from engine.request import RANDOM_SEEDS, GenerationRequest, generation_parameters
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")
@@ -153,7 +153,7 @@ class Engine:
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
-            job.request = dataclasses.replace(req, seed=secrets.randbelow(MAX_SEED + 1))
+            job.request = dataclasses.replace(req, seed=secrets.randbelow(RANDOM_SEEDS))
         return self.queue(job)
 
     def load_model(self, name: str) -> Job:

@@ -69,7 +69,6 @@ class LoadedModel:
     txt2img: DiffusionPipeline
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
-    schedulers: dict = dataclasses.field(default_factory=dict)  # (sampler, prediction) -> its scheduler, built once
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
     # (path, size, mtime) -> adapter
     loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)

@@ -3,7 +3,9 @@
 import torch
 from PIL import Image, ImageFilter
 
+from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
+from engine.noise import PictureNoise
 from engine.previews import latents_to_preview, vae_preview
 from engine.prompts import prompt_embeddings
 from engine.request import GenerationRequest
@@ -35,12 +37,19 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
 def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> list:
     """One pipeline call for the `req.n` pictures of `req` with the sampler, seeds, encoded prompt and step callback
     set; `inputs` are the picture's."""
-    # One seed and generator per picture: the pipeline draws each picture's noise from its own, so picture k is
-    # the picture that seed+k alone draws. A CPU generator gives the same noise for a seed on every device.
+    # One seed and noise stream per picture, as A1111's: picture k is the picture that seed+k alone draws. The
+    # pipeline is handed each picture's starting noise; the sampler draws its step noise from the same streams.
     seeds = [req.seed + index for index in range(req.n)]
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    noise = PictureNoise(req.rng, seeds, (pipe.vae.config.latent_channels, req.height // 8, req.width // 8))
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # for what else the pipeline draws
     one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
-    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, one_or_all(seeds), req.prediction)
+    pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
+    if isinstance(scheduler, KDiffusionScheduler):
+        scheduler.use_noise(noise)
+    if inputs.get("strength", 1.0) < 1.0:  # the pipeline noises the picture through the scheduler's add_noise
+        scheduler.starting_noise = noise.next()
+    else:
+        inputs["latents"] = noise.next().to(pipe.unet.dtype)
 
     def step_end(pipeline, index, timestep, tensors):
         if on_step is not None:

@@ -11,10 +11,21 @@ import math
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import ImagineError
+from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
+from engine.noise import MAX_SEED, RNG_SOURCES
 from engine.previews import PREVIEW_MODES
 from engine.prompts import parse_prompt_attention
-from engine.samplers import DEFAULT_SAMPLER, PREDICTIONS, SAMPLERS, sampler_label
+from engine.samplers import (
+    DEFAULT_SAMPLER,
+    PREDICTIONS,
+    SAMPLERS,
+    checked_schedule,
+    sampler_label,
+    schedule_label,
+    split_sampler,
+)
+from engine.schedules import AUTOMATIC
 from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE
 
 MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before it is decoded
@@ -26,7 +37,7 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 
 
-MAX_SEED = 2**32 - 1  # what A1111 and most tools use, and exact in JavaScript numbers
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as A1111 draws them; any 64-bit seed is accepted
 
 
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
@@ -54,6 +65,8 @@ class GenerationRequest:
     num_steps: int = 25
     guidance: float = 7.0
     sampler: str = DEFAULT_SAMPLER
+    schedule: str = AUTOMATIC  # a schedule type (engine/schedules.py); automatic: the sampler's own, as in A1111
+    rng: str = "cpu"  # the noise source: torch's CPU numbers, or NVIDIA's ("gpu", "nv") computed on any device
     seed: int | None = None
     neg: str = ""
     img: Image.Image | None = None
@@ -68,6 +81,8 @@ class GenerationRequest:
     n: int = 1  # pictures, with seeds seed, seed+1, ...
     clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
     loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
+    parameters: str | None = None  # pasted A1111 generation data, which filled the fields the body left out
+    parameters_ignored: list = dataclasses.field(default_factory=list)  # its keys that set nothing here
 
 
 INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
@@ -82,7 +97,7 @@ MAX_MASK_BLUR = 64
 MAX_INPAINT_PADDING = 256
 
 
-REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored"}
 
 
 # Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
@@ -129,11 +144,42 @@ def _text(body, field, default, max_chars=None):
     return text
 
 
-def _seed(body):
-    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it."""
+def _seed(body, n: int):
+    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it. Any seed torch
+    takes (64 bits) is accepted, as A1111 accepts it; a batch's seeds seed, seed+1, ... must all be seeds too."""
     if body.get("seed") == -1 and isinstance(body["seed"], int):
         return None
-    return _integer(body, "seed", None, 0, MAX_SEED)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)
+    if seed is not None and seed + n - 1 > MAX_SEED:
+        raise ImagineError(
+            f"seed {seed} with n {n} needs the seeds up to {seed + n - 1}, beyond {MAX_SEED}; give a seed at most "
+            f"{MAX_SEED - n + 1}",
+            field="seed",
+        )
+    return seed
+
+
+def _sampler_and_schedule(body, default: str) -> tuple:
+    """The sampler and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M Karras" does, which must
+    then agree with a `schedule` field given beside it."""
+    text = _text(body, "sampler", default)
+    sampler, named = split_sampler(text)
+    if sampler is None:
+        raise ImagineError(f"sampler {text!r} is unknown; choose one of: {', '.join(SAMPLERS)}", field="sampler")
+    schedule = checked_schedule(sampler, _text(body, "schedule", None))
+    if named is not None:
+        if schedule not in (AUTOMATIC, named):
+            message = f"sampler {text!r} names schedule {named!r}, but schedule is {schedule!r}"
+            raise ImagineError(message, field="schedule")
+        schedule = checked_schedule(sampler, named, "sampler")
+    return sampler, schedule
+
+
+def _rng(body, default: str) -> str:
+    rng = _text(body, "rng", default).strip().lower()
+    if rng not in RNG_SOURCES:
+        raise ImagineError(f"rng must be one of: {', '.join(RNG_SOURCES)}, not {body['rng']!r}", field="rng")
+    return rng
 
 
 def _size(body, field, default, max_size):
@@ -204,10 +250,15 @@ def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
     return mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.LANCZOS)
 
 
-def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH) -> GenerationRequest:
+def parse_request(
+    body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH, rng: str = "cpu"
+) -> GenerationRequest:
     """Checks every field of a /generate body and returns the request, or raises naming the bad field. One flat
     list of checks, as diffusers' check_inputs is: long, but read top to bottom, field by field."""
     body = without_aliases(body)
+    ignored = []
+    if body.get("parameters") is not None:
+        body, ignored = with_infotext(body)
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
         raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
@@ -228,9 +279,7 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         raise ImagineError(
             f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}", field="img"
         )
-    sampler = _text(body, "sampler", defaults.sampler).strip().lower()
-    if sampler not in SAMPLERS:
-        raise ImagineError(f"sampler {sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}", field="sampler")
+    sampler, schedule = _sampler_and_schedule(body, defaults.sampler)
     prediction = _text(body, "prediction", None)
     if prediction is not None and prediction not in PREDICTIONS:
         raise ImagineError(f"prediction must be 'epsilon' or 'v', not {prediction!r}", field="prediction")
@@ -251,7 +300,9 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
         guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
         sampler=sampler,
-        seed=_seed(body),
+        schedule=schedule,
+        rng=_rng(body, rng),
+        seed=_seed(body, _integer(body, "n", defaults.n, 1, max_batch)),
         neg=neg,
         img=img,
         strength=_number(body, "strength", MASK_STRENGTH if mask else defaults.strength, 0.0, 1.0),
@@ -265,6 +316,8 @@ def parse_request(body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BAT
         n=_integer(body, "n", defaults.n, 1, max_batch),
         clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
         loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
+        parameters=body.get("parameters"),
+        parameters_ignored=ignored,
     )
     parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
     parse_prompt_attention(parsed.neg, "neg")
@@ -298,6 +351,7 @@ def generation_parameters(
     settings = {
         "Steps": req.num_steps,
         "Sampler": sampler_label(req.sampler),
+        "Schedule type": schedule_label(req.sampler, req.schedule),
         "CFG scale": req.guidance,
         "Seed": req.seed,
         "Size": f"{req.width}x{req.height}",
@@ -312,6 +366,8 @@ def generation_parameters(
             settings["Masked area padding"] = req.inpaint_padding
     if req.clip_skip != 1:
         settings["Clip skip"] = req.clip_skip
+    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
+        settings["RNG"] = req.rng.upper()
     if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
         hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
         settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)

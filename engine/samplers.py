@@ -1,59 +1,19 @@
-"""Samplers: the A1111 names people know, mapped to diffusers schedulers, built once per model."""
+"""Samplers by the names people know: AUTOMATIC1111's (engine/ksampling.py), each on a schedule type
+(engine/schedules.py), and diffusers' LCM for LCM and LCM-LoRA models; one scheduler per generation."""
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LCMScheduler,
-    LMSDiscreteScheduler,
-)
+from diffusers import LCMScheduler
 
+from engine import ksampling
+from engine.errors import ImagineError
 from engine.models import LoadedModel
 from engine.previews import keep_predictions
+from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 
-SAMPLERS = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "dpm++ 2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    # diffusers has no exact DPM++ 2S; its single-step second-order DPM-Solver++ is the usual stand-in.
-    "dpm++ 2s": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++ sde": (DPMSolverSDEScheduler, {}),
-    "dpm2": (KDPM2DiscreteScheduler, {}),
-    "dpm2 a": (KDPM2AncestralDiscreteScheduler, {}),
-    "dpm++ 2m sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    # For LCM and LCM-LoRA, turbo and lightning models: 4-8 steps at a guidance of 1-2.
-    "lcm": (LCMScheduler, {}),
-}
-
-
-# "<name> karras": the same sampler on the Karras et al. noise schedule, for every sampler whose
-# diffusers scheduler offers it (DDIM and Euler a do not). A plain name turns it off explicitly:
-# some models' own scheduler configs switch it on, and the name should mean the same on every model.
-for _name in ("euler", "heun", "lms", "dpm++ 2m", "dpm++ 2s", "dpm++ sde", "dpm2", "dpm2 a", "dpm++ 2m sde"):
-    _cls, _options = SAMPLERS[_name]
-    SAMPLERS[_name] = (_cls, {**_options, "use_karras_sigmas": False})
-    SAMPLERS[f"{_name} karras"] = (_cls, {**_options, "use_karras_sigmas": True})
-
-
+# /generate's sampler names (lowercase A1111 names). LCM's scheduler is diffusers': LCM models are distilled for
+# its boundary conditions, and A1111's own LCM sampler is an extension's.
+SAMPLERS = (*ksampling.SAMPLERS, "lcm")
+OLD_NAMES = {"dpm++ 2s": "dpm++ 2s a"}  # "dpm++ 2s" was diffusers' stand-in for A1111's DPM++ 2S a
 DEFAULT_SAMPLER = "dpm++ 2m"
-
-
-def make_scheduler(sampler: str, base_config: dict, seed: int):
-    """A scheduler for `sampler` on the model's own settings (`base_config`)."""
-    cls, options = SAMPLERS[sampler]
-    if cls is DPMSolverSDEScheduler:
-        # Its Brownian noise has its own seed; tie it to the request's so the picture repeats.
-        options = {**options, "noise_sampler_seed": seed}
-    return cls.from_config(base_config, **options)
 
 
 # What the model predicts at each step, for a request's `prediction` field: the noise ("epsilon",
@@ -61,28 +21,62 @@ def make_scheduler(sampler: str, base_config: dict, seed: int):
 PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
 
 
+def split_sampler(text: str) -> tuple:
+    """(sampler, schedule or None) for a sampler name, which may end in a schedule as A1111's combined names do
+    ("DPM++ 2M Karras", "euler sgm uniform"); the sampler is None where the name is unknown."""
+    name = " ".join(text.strip().lower().split())
+    name = OLD_NAMES.get(name, name)
+    if name in SAMPLERS:
+        return name, None
+    for schedule in SCHEDULES:
+        for spelling in {schedule, LABELS[schedule].lower(), *(alias.lower() for alias in SCHEDULES[schedule].aliases)}:
+            head = name.removesuffix(" " + spelling)
+            if head != name and OLD_NAMES.get(head, head) in SAMPLERS:
+                return OLD_NAMES.get(head, head), schedule
+    return None, None
+
+
+def schedules_for(sampler: str) -> tuple:
+    """The schedules a sampler can use: A1111's DDIM and LCM take their own timesteps, so only "automatic"."""
+    if sampler == "lcm" or ksampling.SAMPLERS[sampler].own_timesteps:
+        return (AUTOMATIC,)
+    return SCHEDULE_NAMES
+
+
+def checked_schedule(sampler: str, text: str | None, field: str = "schedule") -> str:
+    """The schedule `text` names for `sampler`, or an error listing the valid ones."""
+    if text is None:
+        return AUTOMATIC
+    schedule = schedule_name(text)
+    if schedule is None:
+        raise ImagineError(f"{field} {text!r} is unknown; choose one of: {', '.join(SCHEDULE_NAMES)}", field=field)
+    if schedule not in schedules_for(sampler):
+        raise ImagineError(
+            f"sampler {sampler!r} takes its own timesteps, so {field} must be 'automatic', not {text!r}", field=field
+        )
+    return schedule
+
+
 def sampler_label(sampler: str) -> str:
-    """The AUTOMATIC1111 spelling of a sampler name: 'dpm++ 2m karras' -> 'DPM++ 2M Karras'."""
-    words = {"a": "a", "euler": "Euler", "heun": "Heun", "karras": "Karras"}
-    return " ".join(words.get(word, word.upper()) for word in sampler.split())
+    """A1111's spelling of a sampler name: 'dpm++ 2m' -> 'DPM++ 2M'."""
+    return "LCM" if sampler == "lcm" else ksampling.SAMPLERS[sampler].label
 
 
-def scheduler_for(model: LoadedModel, sampler: str, seed: int | list, prediction: str | None = None):
-    """The model's scheduler for `sampler` (and a `prediction` override, if any), built on first use
-    and kept (building some takes tens of milliseconds). `seed` is the picture's, or a list with each
-    picture's of a batch.
+def schedule_label(sampler: str, schedule: str) -> str:
+    """What A1111 writes as "Schedule type" for a picture: the schedule drawn, "Automatic" where that is the
+    model's own timesteps (Euler, DDIM, LCM), the sampler's default schedule's label otherwise."""
+    if schedule != AUTOMATIC:
+        return LABELS[schedule]
+    default = None if sampler == "lcm" else ksampling.SAMPLERS[sampler].schedule
+    return LABELS[default] if default not in (None, "uniform") else LABELS[AUTOMATIC]
 
-    Reuse is safe: the pipeline's set_timesteps resets a scheduler's per-run state at the start of
-    every run, and generations run one at a time.
-    """
-    scheduler = model.schedulers.get((sampler, prediction))
-    if scheduler is None:
-        config = model.scheduler_config
-        if prediction is not None:
-            config = {**config, "prediction_type": PREDICTIONS[prediction]}
-        scheduler = keep_predictions(make_scheduler(sampler, config, seed))
-        model.schedulers[(sampler, prediction)] = scheduler
-    if isinstance(scheduler, DPMSolverSDEScheduler):
-        scheduler.noise_sampler_seed = seed  # each run draws its Brownian noise afresh from this seed
-    scheduler.predicted = None
-    return scheduler
+
+def scheduler_for(model: LoadedModel, sampler: str, schedule: str, prediction: str | None = None):
+    """A fresh scheduler for one generation (schedulers hold a run's state) on the model's own training settings,
+    with a `prediction` override if any."""
+    config = dict(model.scheduler_config)
+    if prediction is not None:
+        config["prediction_type"] = PREDICTIONS[prediction]
+    if sampler == "lcm":
+        return keep_predictions(LCMScheduler.from_config(config))
+    return ksampling.KDiffusionScheduler.for_model(config, sampler, schedule, sdxl=model.family.group == "sdxl")

@@ -70,7 +70,8 @@ def test_cli_png_carries_its_settings_in_the_parameters_chunk(live_server, tmp_p
     assert saved_image(result, tmp_path).info["parameters"] == (
         "an astronaut\n"
         "Negative prompt: ugly, blurry\n"
-        "Steps: 4, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: demo"
+        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: demo, "
+        "RNG: CPU"
     )
 
 
@@ -136,7 +137,7 @@ def test_img2img_from_a_file_keeps_its_size_and_records_the_strength(live_server
     result = run_cli("a red wall", "--img", "red.png", "--strength", "0.5", "-n", "4", cwd=tmp_path, server=live_server)
     image = saved_image(result, tmp_path)
     assert image.size == (96, 64)
-    assert image.info["parameters"].endswith("Size: 96x64, Model: demo, Denoising strength: 0.5")
+    assert image.info["parameters"].endswith("Size: 96x64, Model: demo, Denoising strength: 0.5, RNG: CPU")
 
 
 def test_a_missing_input_image_is_one_line_and_exit_1(live_server, tmp_path):
@@ -214,19 +215,22 @@ def test_help_is_double_dash_help_because_h_is_the_height(live_server, tmp_path)
 
 def test_the_servers_png_carries_its_parameters_for_txt2img_img2img_and_streams(client):
     answer = client.post("/generate", json={"prompt": "p", "sampler": "dpm2 a", **FAST}).get_json()
-    expected = "p\nSteps: 4, Sampler: DPM2 a, CFG scale: 7.0, Seed: 42, Size: 64x64, Model: demo"
+    expected = (
+        "p\nSteps: 4, Sampler: DPM2 a, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 64x64, Model: demo, "
+        "RNG: CPU"
+    )
     assert decode_png(answer["img"]).info["parameters"] == expected
     streamed = client.post("/generate", json={"prompt": "p", "sampler": "dpm2 a", "stream": 1, **FAST}).get_data()
     last = json.loads(streamed.splitlines()[-1])
     assert decode_png(last["img"]).info["parameters"] == expected
     source = png_data(Image.new("RGB", (64, 64), "white"))
     answer = client.post("/generate", json={"prompt": "p", "img": source, "strength": 0.75, **FAST}).get_json()
-    assert decode_png(answer["img"]).info["parameters"].endswith(", Denoising strength: 0.75")
+    assert decode_png(answer["img"]).info["parameters"].endswith(", Denoising strength: 0.75, RNG: CPU")
 
 
 def test_sampler_names_are_written_as_automatic1111_spells_them():
-    spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S", "DPM++ SDE", "DPM2", "DPM2 a"]
-    a1111 = [*spec, "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM2 a Karras", "LMS Karras"]
+    spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S a", "DPM++ SDE", "DPM2", "DPM2 a"]
+    a1111 = [*spec, "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "LCM"]
     assert all(name.lower() in SAMPLERS for name in a1111)
     assert [sampler_label(name.lower()) for name in a1111] == a1111
 

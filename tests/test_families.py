@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import FAST, decode_png, pixels, png_data
 from diffusers import (
-    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -24,7 +23,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import imagine
 from engine.engine import Engine
 from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
+from engine.ksampling import KDiffusionScheduler
 from engine.models import build_tiny_vae
+from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR
 
 
@@ -135,14 +136,17 @@ def answer(engine, **fields):
 
 
 def bare_call(pipe, scheduler_config, **options):
-    """The same picture from the source pipeline, called directly with the server's default sampler."""
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config, use_karras_sigmas=False)
+    """The same picture from the source pipeline, called directly with the server's default sampler (A1111's
+    DPM++ 2M on its Karras schedule) and the seed's CPU noise."""
+    pipe.scheduler = KDiffusionScheduler.for_model(dict(scheduler_config), "dpm++ 2m")
+    noise = PictureNoise("cpu", [FAST["seed"]], (4, options["height"] // 8, options["width"] // 8))
+    pipe.scheduler.use_noise(noise)
     image = pipe(
         "a cat",
         negative_prompt="",
         num_inference_steps=FAST["num_steps"],
         guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(FAST["seed"]),
+        latents=noise.next(),
         **options,
     ).images[0]
     return np.asarray(image, dtype=np.int16)

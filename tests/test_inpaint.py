@@ -109,7 +109,7 @@ def test_strength_defaults_to_075_with_a_mask_and_the_png_says_mask_blur_and_inp
     assert "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32" in settings
     assert answer["img"] == inpaint(client, img, mask, inpaint_area="masked", strength=0.75)["img"]
     plain = decode_png(inpaint(client, img, mask)["img"]).info["parameters"]
-    assert plain.endswith("Denoising strength: 0.75, Mask blur: 4")
+    assert plain.endswith("Denoising strength: 0.75, Mask blur: 4, RNG: CPU")
 
 
 @pytest.mark.parametrize(

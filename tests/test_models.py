@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, count_loads, pixels, png_data, save_config_folder, save_tiny_folder
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from ldm_checkpoint import ldm_state_dict, save_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
@@ -16,6 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import imagine
 from engine.engine import Engine
 from engine.families import detect_family
+from engine.ksampling import KDiffusionScheduler
+from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR
 
 
@@ -76,7 +78,10 @@ def test_the_default_model_serves_requests_without_a_model_field(tiny_engine):
 def test_the_servers_picture_equals_a_bare_diffusers_call(tiny_engine, tiny_models):
     models, _ = tiny_models
     pipe = StableDiffusionPipeline.from_pretrained(models / "tiny")
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    # The server's dpm++ 2m: A1111's (k-diffusion's DPM++ 2M on its Karras schedule) from the seed's CPU noise.
+    pipe.scheduler = KDiffusionScheduler.for_model(dict(pipe.scheduler.config), "dpm++ 2m")
+    noise = PictureNoise("cpu", [42], (4, 8, 8))
+    pipe.scheduler.use_noise(noise)
     bare = pipe(
         "a cat",
         negative_prompt="ugly",
@@ -84,7 +89,7 @@ def test_the_servers_picture_equals_a_bare_diffusers_call(tiny_engine, tiny_mode
         height=64,
         num_inference_steps=4,
         guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(42),
+        latents=noise.next(),
     ).images[0]
     served = picture(tiny_engine, model="tiny", neg="ugly", sampler="dpm++ 2m", seed=42)
     assert np.array_equal(served, np.asarray(bare, dtype=np.int16))

@@ -234,4 +234,4 @@ def test_lcm_is_listed_and_draws_in_four_steps_at_guidance_1(client, engine):
     result = generate(client, sampler="lcm", guidance=1.0)
     assert "Sampler: LCM" in decode_png(result["img"]).info["parameters"]
     model = engine.models.get(engine.models.resolve(None))
-    assert type(model.schedulers[("lcm", None)]).__name__ == "LCMScheduler"
+    assert type(model.txt2img.scheduler).__name__ == "LCMScheduler"

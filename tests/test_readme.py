@@ -180,7 +180,7 @@ def test_the_readme_cli_example_works_as_written(live_server, tmp_path):
     saved = Image.open(tmp_path / result.stdout.strip())
     assert saved.size == (768, 512)
     settings = saved.info["parameters"].splitlines()[-1]
-    assert settings.startswith("Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.0, Seed: ")
+    assert settings.startswith("Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: ")
 
 
 def test_the_readme_keyed_curl_example_works_against_a_server_with_that_key(start_server, tmp_path, monkeypatch):
@@ -206,7 +206,7 @@ def test_the_readme_examples_of_batches_inpainting_models_and_health_work_as_wri
     boat, harbour = Image.open(tmp_path / "boat.png"), Image.open(tmp_path / "harbour.png")
     assert boat.size == harbour.size == (512, 512)
     assert boat.info["parameters"].endswith(
-        "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32"
+        "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32, RNG: CPU"
     )
     assert boat.getpixel((0, 0)) == harbour.getpixel((0, 0)) and boat.tobytes() != harbour.tobytes()
     demo = '{"builtin":true,"family":"sd1","loaded":true,"modified":null,"name":"demo","size":0}'

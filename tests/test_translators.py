@@ -119,7 +119,8 @@ def test_a1111_fields_become_generate_fields_and_the_answer_keeps_what_was_under
     body = {"prompt": "a cat", "negative_prompt": "dog", "steps": 6, "cfg_scale": 5, "sampler_name": "DPM++ 2M Karras",
             "batch_size": 2, "n_iter": 2, "seed": 11, "width": 64, "height": 64}  # fmt: skip
     req, understood = a1111.a1111_request(body, False, model_name=None, settings=SETTINGS)
-    assert (req.neg, req.num_steps, req.guidance, req.sampler, req.n) == ("dog", 6, 5.0, "dpm++ 2m karras", 4)
+    assert (req.neg, req.num_steps, req.guidance, req.sampler, req.n) == ("dog", 6, 5.0, "dpm++ 2m", 4)
+    assert req.schedule == "karras"
     assert (understood["sampler_name"], understood["scheduler"]) == ("DPM++ 2M", "Karras")
 
 

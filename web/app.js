@@ -11,7 +11,9 @@ const SIZES = {
   "sd2-v": [[768, 768], [768, 1024], [1024, 768]],
   sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
 };
-const FIELDS = ["prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "n", "clip_skip"];
+const FIELDS = [
+  "prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "schedule", "n", "clip_skip",
+];
 
 let controller = null; // the running generation's AbortController
 let lastSeed = null;
@@ -54,6 +56,7 @@ async function loadLists() {
     Object.fromEntries(models.models.map((m) => [m.name, m.family || "sd1"])),
   );
   fill($("sampler"), samplers.samplers, samplers.default);
+  fillSchedules(samplers);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
   showDemoNote();
@@ -99,8 +102,8 @@ function requestBody() {
     if (value === "") continue;
     body[field] = $(field).type === "number" ? Number(value) : value;
   }
-  if ($("random-seed").checked) $("seed").value = Math.floor(Math.random() * 2 ** 32);
-  body.seed = Number($("seed").value);
+  if ($("random-seed").checked) $("seed").value = String(Math.floor(Math.random() * 2 ** 32));
+  body.seed = $("seed").value.trim(); // digits, sent as they are: see exactJson
   if (initData) {
     body.img = initData;
     body.strength = Number($("strength").value);
@@ -110,14 +113,14 @@ function requestBody() {
   return body;
 }
 
-async function generate() {
+async function generate(pasted = false) {
   if (controller) return;
-  if (!$("prompt").value.trim()) {
+  if (!pasted && !$("prompt").value.trim()) {
     showError("write a prompt first");
     $("prompt").focus();
     return;
   }
-  const body = requestBody();
+  const body = pasted ? pastedBody() : requestBody();
   await runJob(body, (signal) => submitJob(body, signal));
 }
 
@@ -154,7 +157,7 @@ async function runJob(body, submit) {
 }
 
 async function submitJob(body, signal) {
-  const response = await fetch("/jobs", { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  const response = await fetch("/jobs", { method: "POST", headers: headers(), body: exactJson(body), signal });
   const answer = await response.json().catch(() => ({ error: response.statusText }));
   if (!response.ok) throw responseError(response, answer);
   // What the page needs to show the result after a reload: the settings, not the input pictures.
@@ -255,15 +258,15 @@ function handleLine(line, body, started) {
     return;
   }
   setProgress(line.steps, line.steps, started);
-  lastSeed = line.seed;
+  lastSeed = seedAt(body, line, 0);
   $("reuse-seed").disabled = false;
   const params = { ...body };
   delete params.img;
   delete params.mask;
   params.inpaint = Boolean(body.mask);
-  line.images.forEach((img, i) => addToHistory({ img, params: { ...params, seed: line.seeds[i] } }));
-  show({ img: line.img, params: { ...params, seed: line.seed } });
-  $("status").textContent = `done in ${line.seconds.toFixed(1)} s, seed ${line.seed}`;
+  line.images.forEach((img, i) => addToHistory({ img, params: { ...params, seed: seedAt(body, line, i) } }));
+  show({ img: line.img, params: { ...params, seed: lastSeed } });
+  $("status").textContent = `done in ${line.seconds.toFixed(1)} s, seed ${lastSeed}`;
 }
 
 function setProgress(step, steps, started) {
@@ -432,6 +435,8 @@ function setUp() {
   });
   $("cancel").addEventListener("click", cancelJob);
   $("model").addEventListener("change", updatePresets);
+  $("sampler").addEventListener("change", updateSchedules);
+  $("draw-parameters").addEventListener("click", () => generate(true));
   $("model").addEventListener("change", showDemoNote);
   $("preset").addEventListener("change", () => applyPreset($("preset").value));
   for (const side of ["width", "height"]) $(side).addEventListener("input", showPresetOfSize);
@@ -475,6 +480,37 @@ function setUp() {
   setUpBrush();
   renderHistory();
   start();
+}
+
+// Seeds go up to 2**64 - 1, beyond what a JavaScript number holds exactly (2**53): the page keeps the seed as the
+// digits typed, writes them into the JSON as they are, and counts a batch's seeds with BigInt.
+function exactJson(body) {
+  if (!/^\d+$/.test(body.seed || "")) return JSON.stringify({ ...body, seed: undefined });
+  return JSON.stringify({ ...body, seed: "\u0000seed" }).replace('"\\u0000seed"', body.seed);
+}
+
+function seedAt(body, line, index) {
+  if (!/^\d+$/.test(body.seed || "")) return String(line.seeds[index]); // drawn by the server: below 2**32
+  return (BigInt(body.seed) + BigInt(index)).toString();
+}
+
+// Schedule types: the select lists GET /samplers' schedules and offers only those the chosen sampler takes.
+function fillSchedules(samplers) {
+  const select = $("schedule");
+  select.replaceChildren(...samplers.schedules.map((s) => new Option(s.label, s.name)));
+  select.dataset.bySampler = JSON.stringify(samplers.schedules_by_sampler);
+  updateSchedules();
+}
+
+function updateSchedules() {
+  const allowed = JSON.parse($("schedule").dataset.bySampler || "{}")[$("sampler").value] || ["automatic"];
+  for (const option of $("schedule").options) option.disabled = !allowed.includes(option.value);
+  if (!allowed.includes($("schedule").value)) $("schedule").value = "automatic";
+}
+
+// Pasted generation data: the server reads it (the `parameters` field) and draws that picture.
+function pastedBody() {
+  return { stream: Number($("stream").value) || 1, parameters: $("parameters").value };
 }
 
 function start() {

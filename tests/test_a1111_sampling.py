@@ -1,0 +1,191 @@
+"""Imagine's samplers draw AUTOMATIC1111's picture: the same UNet sampled by k-diffusion's own functions (A1111's
+sampling code) with A1111's noise and sigmas is the reference, compared in pixels after the VAE."""
+
+import kdiffusion_reference
+import numpy as np
+import pytest
+import torch
+from conftest import pixels
+
+import imagine
+from engine.engine import Engine
+from engine.ksampling import SAMPLERS, KDiffusionScheduler, a1111_ddim_timesteps
+from engine.noise import PictureNoise, brownian_noise_as_on_a_gpu
+from engine.prompts import prompt_embeddings
+from engine.schedules import sampling_sigmas
+
+K_FUNCTIONS = {
+    "euler": "sample_euler",
+    "euler a": "sample_euler_ancestral",
+    "heun": "sample_heun",
+    "lms": "sample_lms",
+    "dpm2": "sample_dpm_2",
+    "dpm2 a": "sample_dpm_2_ancestral",
+    "dpm++ 2s a": "sample_dpmpp_2s_ancestral",
+    "dpm++ 2m": "sample_dpmpp_2m",
+    "dpm++ sde": "sample_dpmpp_sde",
+    "dpm++ 2m sde": "sample_dpmpp_2m_sde",
+    "dpm++ 2m sde heun": "sample_dpmpp_2m_sde",
+    "dpm++ 3m sde": "sample_dpmpp_3m_sde",
+}
+# The contract's six (A1111 names): Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM.
+CONTRACT = [("euler", "automatic"), ("euler a", "automatic"), ("dpm++ 2m", "uniform"), ("dpm++ 2m", "karras"),
+            ("dpm++ sde", "karras"), ("ddim", "automatic")]  # fmt: skip
+OTHERS = [(name, "automatic") for name in K_FUNCTIONS if name not in ("euler", "euler a")]
+OTHERS += [("euler a", "karras"), ("euler", "sgm_uniform"), ("euler", "align_your_steps"), ("dpm++ 2m", "beta")]
+SEEDS, SIZE, GUIDANCE = [2**64 - 2, 2**64 - 1], 64, 7.0  # two pictures, the seeds at the very top
+PROMPT, NEG = "a lighthouse at (dawn:1.2)", "blurry"
+
+
+@pytest.fixture(scope="module")
+def engine32(tmp_path_factory):
+    """An engine on the demo model in float32, the precision the contract is measured in."""
+    engine = Engine(imagine.Settings(model="demo", fp_prec="32", models_dir=tmp_path_factory.mktemp("none")))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def client32(engine32):
+    return imagine.create_app(engine32).test_client()
+
+
+@pytest.fixture(scope="module")
+def pipe(engine32, client32):
+    client32.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "num_steps": 1})  # loads the model
+    return engine32.models.get("demo").txt2img
+
+
+@pytest.fixture(scope="module")
+def k_diffusion():
+    return kdiffusion_reference.load()
+
+
+@pytest.fixture(scope="module")
+def conditioning(pipe):
+    return encoded_prompts(pipe)
+
+
+def encoded_prompts(pipe) -> tuple:
+    """The prompts as Imagine encodes them (A1111's weights and chunks), for both pictures."""
+    with torch.inference_mode():
+        encoded = prompt_embeddings(pipe, PROMPT, NEG, 1, {})
+    count = len(SEEDS)
+    return encoded["prompt_embeds"].repeat(count, 1, 1), encoded["negative_prompt_embeds"].repeat(count, 1, 1)
+
+
+def imagine_pictures(client, sampler, schedule, steps, rng, size=SIZE) -> np.ndarray:
+    """The two pictures as /generate draws them, 0..255."""
+    body = {"prompt": PROMPT, "neg": NEG, "width": size, "height": size, "num_steps": steps, "guidance": GUIDANCE,
+            "sampler": sampler, "schedule": schedule, "rng": rng, "seed": SEEDS[0], "n": len(SEEDS)}  # fmt: skip
+    answer = client.post("/generate", json=body).get_json()
+    assert answer["seeds"] == SEEDS, answer
+    return np.stack([pixels(image) for image in answer["images"]]).astype(np.float64)
+
+
+def cfg_denoiser(pipe, external, conditioning):
+    """A1111's CFGDenoiser around k-diffusion's CompVisDenoiser: uncond + (cond - uncond) * scale, on denoised."""
+    alphas = KDiffusionScheduler.for_model(dict(pipe.scheduler.config), "euler").model.alphas_cumprod
+    embeddings = torch.cat([conditioning[0], conditioning[1]])
+
+    def eps(x, t, **_):
+        return pipe.unet(x, t, encoder_hidden_states=embeddings).sample
+
+    model = external.DiscreteEpsDDPMDenoiser(types_namespace(eps), alphas, quantize=False)
+
+    def denoise(x, sigma, **_):
+        out = model(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        cond, uncond = out.chunk(2)
+        return uncond + (cond - uncond) * GUIDANCE
+
+    return denoise, model
+
+
+def types_namespace(function):
+    class Inner(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    return Inner()
+
+
+def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE):
+    sampling, external = k_diffusion
+    denoise, model = cfg_denoiser(pipe, external, conditioning)
+    noise = PictureNoise(rng, SEEDS, (4, size // 8, size // 8))
+    start = noise.next()
+    if sampler == "ddim":  # A1111's DDIM (eta 0) is Euler in sigma space on its timesteps' sigmas
+        timesteps = a1111_ddim_timesteps(steps)
+        sigmas = model.sigmas[timesteps.flip(0)]
+        x = sampling.sample_euler(denoise, start * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, disable=True)
+        return x / (sigmas[-1] ** 2 + 1) ** 0.5
+    options = SAMPLERS[sampler]
+    resolved = options.schedule if schedule == "automatic" else schedule
+    sigmas = sampling_sigmas(resolved, steps, _schedule_of(pipe), discard_penultimate=options.discard_penultimate)
+    sampling.torch, extra = TorchWithNoise(noise), {}
+    if sampler == "dpm++ 2m sde heun":
+        extra["solver_type"] = "heun"
+    try:
+        with brownian_noise_as_on_a_gpu():  # A1111 on an NVIDIA GPU: its Brownian trees draw CUDA's numbers
+            if options.brownian:
+                low, high = sigmas[sigmas > 0].min(), sigmas.max()
+                extra["noise_sampler"] = sampling.BrownianTreeNoiseSampler(start, low, high, seed=SEEDS)
+            return getattr(sampling, K_FUNCTIONS[sampler])(denoise, start * sigmas[0], sigmas, disable=True, **extra)
+    finally:
+        sampling.torch = torch
+
+
+def _schedule_of(pipe):
+    return KDiffusionScheduler.for_model(dict(pipe.scheduler.config), "euler").model
+
+
+class TorchWithNoise:
+    """k-diffusion's `torch`, with randn_like drawing the pictures' next noise, as A1111's TorchHijack does."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def __getattr__(self, name):
+        return self.randn_like if name == "randn_like" else getattr(torch, name)
+
+    def randn_like(self, x):
+        return self.noise.next()
+
+
+def reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE) -> np.ndarray:
+    """The two pictures A1111's sampling draws, decoded and rounded to 0..255 as the pipeline rounds them."""
+    with torch.inference_mode():
+        x = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size)
+        if sampler == "ddim" and steps == 1:  # A1111's DDIM evaluates the model steps - 1 times: none here
+            x = PictureNoise(rng, SEEDS, (4, size // 8, size // 8)).next()
+        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+        return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.float64)
+
+
+def mean_difference(client, pipe, k_diffusion, conditioning, sampler, schedule, steps, rng="cpu", size=SIZE) -> float:
+    """The mean absolute difference between Imagine's pictures and A1111's, in levels of 255."""
+    ours = imagine_pictures(client, sampler, schedule, steps, rng, size)
+    reference = reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size)
+    difference = float(np.abs(ours - reference).mean())
+    print(f"{sampler} / {schedule} / {steps} steps / rng {rng}: {difference:.4f} of 255")
+    return difference
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+@pytest.mark.parametrize("sampler, schedule", CONTRACT)
+def test_the_contract_samplers_draw_a1111s_picture_within_a_level_of_255(
+    client32, pipe, k_diffusion, conditioning, sampler, schedule, steps
+):
+    assert mean_difference(client32, pipe, k_diffusion, conditioning, sampler, schedule, steps) < 1
+
+
+@pytest.mark.parametrize("sampler, schedule", OTHERS)
+def test_the_other_samplers_and_schedules_draw_a1111s_picture_too(
+    client32, pipe, k_diffusion, conditioning, sampler, schedule
+):
+    assert mean_difference(client32, pipe, k_diffusion, conditioning, sampler, schedule, 3) < 1
+
+
+@pytest.mark.parametrize("sampler", ["euler a", "dpm++ sde"])
+def test_nv_noise_draws_a1111s_gpu_picture(client32, pipe, k_diffusion, conditioning, sampler):
+    assert mean_difference(client32, pipe, k_diffusion, conditioning, sampler, "automatic", 3, rng="nv") < 1
