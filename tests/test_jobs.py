@@ -24,7 +24,6 @@ from engine.jobs import HeldJob, JobStore
 ROOT = Path(imagine.__file__).resolve().parent
 CLI = ROOT / "imagine-cli.py"
 DOC_EXAMPLES = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "jobs.md").read_text(), re.S)
-[DOC_PYTHON_EXAMPLE] = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "jobs.md").read_text(), re.S)
 
 
 class Hold:
@@ -526,12 +525,3 @@ def test_the_docs_curl_examples_run_as_written_for_the_whole_life_of_a_job(start
     assert "(256, 256)" in out
     assert '{"status":"cancelled","error":"cancelled by DELETE /jobs/' in out
     assert out.rstrip().endswith('{"status":"cancelled"}\n{"status":"done"}')  # GET /jobs, newest first
-
-
-def test_the_docs_python_example_follows_a_job_to_its_picture(live_server, tmp_path):
-    script = DOC_PYTHON_EXAMPLE.replace("http://localhost:5000", live_server)
-    script = script.replace('"seed": 1}', '"seed": 1, "width": 64, "height": 64, "num_steps": 3}')
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["step 1 of 3", "step 2 of 3", "step 3 of 3"]
-    assert Image.open(tmp_path / "job-lighthouse.png").size == (64, 64)

@@ -40,7 +40,7 @@ def example(*marks: str) -> str:
 
 # Examples that talk to a running server; each is run by a test below, and those no test names by the last one.
 # docs/jobs.md's examples follow one job from block to block: tests/test_jobs.py runs them in one shell.
-JOB_EXAMPLES = re.findall(r"```(?:bash|python)\n(.*?)```", PAGES["docs/jobs.md"], re.S)
+JOB_EXAMPLES = re.findall(r"```bash\n(.*?)```", PAGES["docs/jobs.md"], re.S)
 TALKS_TO_THE_SERVER = [
     block
     for block in SHELL
