@@ -16,7 +16,7 @@ from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 
 import imagine
-from api.a1111 import png_info
+from api.a1111_files import png_info
 from engine.engine import Engine
 from engine.schedules import SCHEDULE_NAMES
 

@@ -15,8 +15,10 @@ import torch
 from conftest import FAST, count_loads, decode_png
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from test_a1111_api import HeldGeneration
 
 import api.a1111
+import api.a1111_files
 import api.guard
 import api.native
 import api.openai
@@ -85,10 +87,10 @@ def test_png_info_still_reads_quoted_values_and_every_setting(client):
 
 
 def test_png_info_of_a_parameters_text_over_the_limit_is_a_422_naming_the_limit(live_server):
-    image = png_with_parameters("a" * (api.a1111.MAX_PARAMETERS_CHARS + 1))
+    image = png_with_parameters("a" * (api.a1111_files.MAX_PARAMETERS_CHARS + 1))
     answer = requests.post(f"{live_server}/sdapi/v1/png-info", json={"image": image}, timeout=60)
     assert answer.status_code == 422
-    assert str(api.a1111.MAX_PARAMETERS_CHARS) in answer.json()["detail"]
+    assert str(api.a1111_files.MAX_PARAMETERS_CHARS) in answer.json()["detail"]
 
 
 # ---- 2. model names are short strings, and unknown OpenAI names leave no state behind
@@ -430,27 +432,8 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
 # ---- 8. an A1111 interrupt cuts only an A1111 picture, and a cut picture says so
 
 
-class Held:
-    """Holds the engine before the third denoising step until released, the two before it done."""
-
-    def __init__(self, monkeypatch, engine):
-        self.inside, self.release = threading.Event(), threading.Event()
-        generate = engine.generate
-
-        def held(model, req, on_step=None, conditioning=None):
-            def hold(step, steps, latents):
-                if step == 3:
-                    self.inside.set()
-                    assert self.release.wait(60)
-                return on_step(step, steps, latents)
-
-            return generate(model, req, hold, conditioning)
-
-        monkeypatch.setattr(engine, "generate", held)
-
-
 def interrupted_while_held(url, engine, monkeypatch, call, how="interrupt"):
-    held = Held(monkeypatch, engine)
+    held = HeldGeneration(monkeypatch, engine)
     result = {}
     thread = threading.Thread(target=lambda: result.update(answer=call()))
     thread.start()

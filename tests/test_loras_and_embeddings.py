@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from test_families import answer, tiny_engine, tiny_files, tiny_sdxl  # noqa: F401 (fixtures)
 
 import imagine
-from api.a1111 import parse_parameters
+from api.a1111_files import parse_parameters
 from engine.models import build_demo_pipeline
 from engine.settings import CONFIGS_DIR
 
