@@ -213,7 +213,8 @@ def to_whole(job: Job, event: Finished) -> dict:
         "seconds": event.seconds,
         "interrupted": event.interrupted,
     }
-    if job.request.parameters is not None:  # the pasted generation data's keys that set nothing
+    # The pasted generation data's keys that set nothing (a held job's answer is built without its engine Job).
+    if job is not None and job.request.parameters is not None:
         answer["parameters_ignored"] = job.request.parameters_ignored
     return answer
 
