@@ -535,9 +535,9 @@ def test_a_lora_of_other_layer_sizes_is_refused_in_words_of_its_own(make_engine,
 
 def test_a_non_ascii_key_sent_as_requests_sends_it_latin1_is_accepted(make_engine, serve):
     url = serve(make_engine(model="demo", api_key="clé"))
-    assert requests.get(f"{url}/health", auth=("user", "clé"), timeout=30).status_code == 200
-    assert requests.get(f"{url}/health", headers={"Authorization": "Bearer clé"}, timeout=30).status_code == 200
-    assert requests.get(f"{url}/health", auth=("user", "cle"), timeout=30).status_code == 401
+    assert requests.get(f"{url}/samplers", auth=("user", "clé"), timeout=30).status_code == 200
+    assert requests.get(f"{url}/samplers", headers={"Authorization": "Bearer clé"}, timeout=30).status_code == 200
+    assert requests.get(f"{url}/samplers", auth=("user", "cle"), timeout=30).status_code == 401
 
 
 # ---- 13c. /v1 errors name OpenAI's parameters
