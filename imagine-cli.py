@@ -133,9 +133,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
     parser.add_argument(
-        "--detach", action="store_true", help="Queue it as a job on the server, print the job's id and exit"
+        "--detach",
+        action="store_true",
+        help="Queue it as a job on the server, print the job's id and exit (default: wait for the picture)",
     )
-    parser.add_argument("--job", metavar="ID", help="Wait for the server's job ID (see --detach), then save it")
+    parser.add_argument(
+        "--job", metavar="ID", help="Wait for the server's job ID (see --detach), then save it (default: none)"
+    )
     parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
     parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
     parser.add_argument("--help", action="help", help="Show this help and exit")

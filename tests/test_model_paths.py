@@ -40,7 +40,7 @@ def post(engine, model):
         ("missing", 404, "not found"),
         ("notes.txt", 400, "not a .safetensors or .ckpt file or a diffusers folder"),
         ("link-out.safetensors", 422, "cannot be read as a checkpoint"),
-        ("x" * 5000, 404, "not found"),
+        ("x" * 5000, 400, "at most 512 are accepted"),
     ],
 )
 def test_a_model_name_cannot_reach_outside_the_models_directory(make_engine, layout, model, status, message):
