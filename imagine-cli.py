@@ -71,7 +71,8 @@ DEFAULT_SERVER = "http://127.0.0.1:5000"
 # The server's sampler table (engine/samplers.py) comes with diffusers, too slow to import for --help: its names
 # are written out here, and a test checks that they are all of them.
 SAMPLER_NAMES = (
-    "DDIM, Euler, Euler a, Heun, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM2, DPM2 a, LCM, ..., with a"
+    "Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2S a, DPM++ 2M, DPM++ SDE, DPM++ 2M SDE, DPM++ 2M SDE Heun, "
+    "DPM++ 3M SDE, DDIM, LCM, with a"
     " schedule type if wanted, such as 'DPM++ 2M Karras' or 'Euler SGM Uniform' (the server's GET /samplers lists them)"
 )
 
