@@ -227,7 +227,7 @@ def test_previews_show_the_picture_forming(client):
         ({"prompt": "x", "stream": "yes"}, 'stream must be an integer, not "yes"'),
         ({"prompt": "x", "model": 3}, "model must be a string, not 3"),
         ({"prompt": "x", "model": ""}, "model must name a model"),
-        ({"prompt": "x", "negative_prompt": "ugly"}, "unknown field 'negative_prompt'"),
+        ({"prompt": "x", "negative": "ugly"}, "unknown field 'negative'"),
     ],
 )
 def test_a_bad_field_answers_400_naming_the_field_and_value(client, body, message):
