@@ -1,0 +1,241 @@
+"""The diffusion models (transformers) of FLUX.1, FLUX.2 (klein) and Z-Image, read from the files people download:
+recognised from a .safetensors header in their original key layout (BFL's for FLUX, the one ComfyUI's Z-Image files
+use), in a file of their own or under ComfyUI's `model.diffusion_model.` prefix, and loaded into diffusers' classes
+with diffusers' own key converters, strictly, from a shipped config folder, with no network."""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, ZImageTransformer2DModel
+from diffusers.loaders.single_file_utils import (
+    convert_flux2_transformer_checkpoint_to_diffusers,
+    convert_flux_transformer_checkpoint_to_diffusers,
+    convert_z_image_transformer_checkpoint_to_diffusers,
+)
+from safetensors import safe_open
+
+from engine.errors import ImagineError
+from engine.headers import Part, with_prefix
+
+PREFIXES = ("", "model.diffusion_model.")  # a file of its own; a ComfyUI all-in-one checkpoint
+FLUX_PATCH = 4  # FLUX packs 2x2 latent pixels into one token: in_channels = 4 x the VAE's latent channels
+Z_IMAGE_PATCH = 4  # Z-Image patches 2x2 too (all_patch_size 2, all_f_patch_size 1: the only layout it was released in)
+FLUX1_WIDTH = 3072  # the width diffusers' FLUX.1 converter splits fused single-block projections at, whatever the file
+
+CLASSES = {"flux1": FluxTransformer2DModel, "flux2": Flux2Transformer2DModel, "z-image": ZImageTransformer2DModel}
+FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2", "z-image": "Z-Image"}
+STORAGE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # kept as is, computed in `dtype`
+
+
+def recognise_diffusion_model(header: dict) -> Part | None:
+    """The FLUX.1, FLUX.2 or Z-Image transformer in a header (as `read_header` gives it), with the numbers it is built
+    with; None where there is none."""
+    for prefix in PREFIXES:
+        tensors = with_prefix(header, prefix)
+        for kind, (markers, numbers_of) in RECOGNISERS.items():
+            if not markers <= tensors.keys():
+                continue
+            try:
+                numbers = numbers_of(tensors)
+            except (ValueError, IndexError, ZeroDivisionError):  # the right names with shapes no model has: damaged
+                numbers = None
+            if numbers is not None:
+                return Part("diffusion_model", kind, prefix, numbers)
+    return None
+
+
+def block_count(tensors: dict, stem: str) -> int:
+    """How many blocks `stem.N.` the tensors hold (N counts from 0)."""
+    indices = {name[len(stem) :].split(".", 1)[0] for name in tensors if name.startswith(stem)}
+    return 1 + max((int(index) for index in indices if index.isdigit()), default=-1)
+
+
+def flux_numbers(tensors: dict) -> dict:
+    """The numbers of a FLUX.1 or FLUX.2: blocks, widths, the head width from a q norm's scale."""
+    hidden, in_channels = tensors["img_in.weight"].shape
+    head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    numbers = {
+        "in_channels": in_channels,
+        "latent_channels": in_channels // FLUX_PATCH,
+        "context_dim": tensors["txt_in.weight"].shape[1],
+        "guidance": "guidance_in.in_layer.weight" in tensors,
+        # the big matrices' dtype: an fp8 file may keep its biases and norms in bf16
+        "dtype": tensors["double_blocks.0.img_attn.qkv.weight"].dtype,
+        "double_blocks": block_count(tensors, "double_blocks."),
+        "single_blocks": block_count(tensors, "single_blocks."),
+        "hidden": hidden,
+        "heads": hidden // head_dim,
+        "head_dim": head_dim,
+    }
+    if "vector_in.in_layer.weight" in tensors:  # FLUX.1's CLIP pooled vector
+        numbers["pooled_dim"] = tensors["vector_in.in_layer.weight"].shape[1]
+    return numbers
+
+
+def z_image_numbers(tensors: dict) -> dict | None:
+    """The numbers of a Z-Image; None for Lumina 2, which shares its layout but modulates from 1024 features, not
+    Z-Image's 256."""
+    hidden, patch_features = tensors["x_embedder.weight"].shape
+    if tensors["layers.0.adaLN_modulation.0.weight"].shape[1] != min(hidden, 256):
+        return None
+    head_dim = tensors["layers.0.attention.q_norm.weight"].shape[0]
+    return {
+        "in_channels": patch_features // Z_IMAGE_PATCH,
+        "latent_channels": patch_features // Z_IMAGE_PATCH,
+        "context_dim": tensors["cap_embedder.1.weight"].shape[1],
+        "guidance": False,
+        "dtype": tensors["layers.0.attention.qkv.weight"].dtype,
+        "layers": block_count(tensors, "layers."),
+        "refiner_layers": block_count(tensors, "noise_refiner."),
+        "hidden": hidden,
+        "heads": hidden // head_dim,
+        "head_dim": head_dim,
+    }
+
+
+FLUX_MARKERS = {
+    "img_in.weight",
+    "txt_in.weight",
+    "double_blocks.0.img_attn.qkv.weight",
+    "double_blocks.0.img_attn.norm.query_norm.scale",
+}
+RECOGNISERS = {  # type: (the tensors it must hold, all that its numbers are read from; its numbers)
+    # FLUX.2 shares one modulation across all single blocks (the tensor diffusers detects it by)
+    "flux2": (FLUX_MARKERS | {"single_stream_modulation.lin.weight"}, flux_numbers),
+    # FLUX.1 modulates each double block itself and takes CLIP's pooled vector (Chroma, its offshoot, does neither)
+    "flux1": (FLUX_MARKERS | {"double_blocks.0.img_mod.lin.weight", "vector_in.in_layer.weight"}, flux_numbers),
+    "z-image": (
+        {
+            "x_embedder.weight",
+            "x_pad_token",
+            "cap_embedder.1.weight",
+            "layers.0.adaLN_modulation.0.weight",
+            "layers.0.attention.qkv.weight",
+            "layers.0.attention.q_norm.weight",
+        },
+        z_image_numbers,
+    ),
+}
+
+
+def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers transformer `part` names in the file at `path`, built from `config_dir`'s transformer config
+    with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
+    `dtype`. A file that does not fit the config is refused (422), naming what did not fit."""
+    config = fitted_config(part, config_dir)
+    storage = STORAGE_DTYPES.get(part.numbers["dtype"])
+    with torch.device("meta"):  # no memory for weights the file replaces anyway
+        model = CLASSES[part.type].from_config(config).to(dtype)
+    if storage is not None:
+        model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
+    expected = model.state_dict()
+    state = to_diffusers(part, read_tensors(path, part.prefix))
+    check_keys(state, expected)
+    # each tensor in the dtype the model keeps it in: fp8 where layerwise casting stores it so, `dtype` elsewhere
+    model.load_state_dict({name: state[name].to(expected[name].dtype) for name in expected}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def fitted_config(part: Part, config_dir: Path) -> dict:
+    """The config to build `part` with: the folder's, with the file's block counts and guidance embedder (pruned
+    and distilled variants differ in those), after checking that the widths agree."""
+    config = json.loads((config_dir / "transformer" / "config.json").read_text())
+    wanted = CLASSES[part.type].__name__
+    if config.get("_class_name") != wanted:
+        raise ImagineError(
+            f"the diffusion model is {FAMILY_NAMES[part.type]}, but the {config_dir.name} configuration is for "
+            f"{config.get('_class_name')}",
+            422,
+        )
+    numbers = part.numbers
+    if part.type == "z-image":
+        widths = {
+            "hidden width": (numbers["hidden"], config["dim"]),
+            "number of heads": (numbers["heads"], config["n_heads"]),
+            "text feature width": (numbers["context_dim"], config["cap_feat_dim"]),
+            "input channels": (numbers["in_channels"], config["in_channels"]),
+        }
+        blocks = {"n_layers": numbers["layers"], "n_refiner_layers": numbers["refiner_layers"]}
+    else:
+        widths = {
+            "hidden width": (numbers["hidden"], config["num_attention_heads"] * config["attention_head_dim"]),
+            "number of heads": (numbers["heads"], config["num_attention_heads"]),
+            "text feature width": (numbers["context_dim"], config["joint_attention_dim"]),
+            "input channels": (numbers["in_channels"], config["in_channels"]),
+        }
+        if part.type == "flux1":
+            widths["pooled text width"] = (numbers["pooled_dim"], config["pooled_projection_dim"])
+        blocks = {
+            "num_layers": numbers["double_blocks"],
+            "num_single_layers": numbers["single_blocks"],
+            "guidance_embeds": numbers["guidance"],
+        }
+    for what, (found, configured) in widths.items():
+        if found != configured:
+            raise ImagineError(
+                f"the diffusion model does not fit the {config_dir.name} architecture: its {what} is {found}, "
+                f"the architecture's {configured}",
+                422,
+            )
+    return {**config, **blocks}
+
+
+def read_tensors(path: Path, prefix: str) -> dict:
+    """The tensors under `prefix`, the prefix taken off; the other parts of an all-in-one file are not read."""
+    with safe_open(path, framework="pt") as file:
+        names = file.keys()  # a safe_open handle is no mapping: it cannot be iterated itself
+        return {name[len(prefix) :]: file.get_tensor(name) for name in names if name.startswith(prefix)}
+
+
+def to_diffusers(part: Part, tensors: dict) -> dict:
+    """The tensors under diffusers' names, by diffusers' converter for the family; a tensor the converter needs
+    and the file lacks is refused, named."""
+    try:
+        if part.type == "flux1":
+            return flux1_to_diffusers(tensors, part.numbers["hidden"])
+        if part.type == "flux2":
+            return convert_flux2_transformer_checkpoint_to_diffusers(tensors)
+        return convert_z_image_transformer_checkpoint_to_diffusers(tensors)
+    except KeyError as error:
+        raise ImagineError(f"the diffusion model lacks the tensor {error.args[0]}", 422) from None
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ImagineError(f"the diffusion model's tensors do not fit together ({error})", 422) from None
+
+
+def flux1_to_diffusers(tensors: dict, hidden: int) -> dict:
+    """diffusers' FLUX.1 conversion, for any width: its converter splits each single block's fused `linear1` (q, k,
+    v and the MLP's input) at width 3072, so it gets shape-only stand-ins of that size, and the real tensors are
+    split here at the file's own width."""
+    fused = {
+        name: tensors.pop(name) for name in list(tensors) if name.startswith("single_blocks.") and ".linear1." in name
+    }
+    for name, tensor in fused.items():
+        tensors[name] = torch.empty((7 * FLUX1_WIDTH, *tensor.shape[1:]), device="meta")
+    converted = convert_flux_transformer_checkpoint_to_diffusers(tensors)
+    converted.update(tensors)  # what the converter left unused: unknown tensors, which the strict load refuses
+    for name, tensor in fused.items():
+        _, block, _, kind = name.split(".")  # single_blocks.N.linear1.weight|bias
+        stem = f"single_transformer_blocks.{block}."
+        q, k, v, mlp = torch.split(tensor, (hidden, hidden, hidden, tensor.shape[0] - 3 * hidden))
+        for target, piece in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
+            converted[f"{stem}{target}.{kind}"] = piece
+    return converted
+
+
+def check_keys(state: dict, expected: dict) -> None:
+    """Refuse (422) a converted state dict that lacks a tensor of the model, holds one it has not, or differs in a
+    shape, naming the first such tensor: a strict load, with a message for the client."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing:
+        raise ImagineError(f"the diffusion model lacks {len(missing)} tensor(s), e.g. {missing[0]}", 422)
+    if unexpected:
+        raise ImagineError(f"the diffusion model holds {len(unexpected)} unknown tensor(s), e.g. {unexpected[0]}", 422)
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise ImagineError(
+                f"the diffusion model's tensor {name} is {tuple(state[name].shape)}, the architecture's "
+                f"{tuple(tensor.shape)}",
+                422,
+            )

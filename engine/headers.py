@@ -1,0 +1,64 @@
+"""What a .safetensors file holds, read from its header alone (names, shapes, dtypes; no tensor is loaded), and the
+`Part` a recogniser finds in it: a diffusion model, a text encoder or a VAE, of one type, under one key prefix."""
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+from engine.errors import ImagineError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a longer "header" is a damaged or hostile file
+
+
+class Truncated(ImagineError):
+    """A file whose header promises more bytes than it holds: a download cut short."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    shape: tuple
+    dtype: str  # safetensors' spelling: "BF16", "F16", "F32", "F8_E4M3", ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One component found in a file: `kind` is "diffusion_model", "text_encoder" or "vae"; `type` what it is
+    ("flux1", "qwen3", "ae", ...); `prefix` the key prefix its tensors sit under ("" in a file of its own); `numbers`
+    the architecture read from the shapes (block counts, widths), which the loader builds the module with."""
+
+    kind: str
+    type: str
+    prefix: str = ""
+    numbers: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+
+def read_header(path: Path) -> dict:
+    """{tensor name: Tensor} from a .safetensors file's header; a file that is not one is refused, naming no path."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError("header too long")
+            header = json.loads(file.read(length))
+            size = file.seek(0, 2)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
+        raise ImagineError(f"the file cannot be read as .safetensors ({type(error).__name__})", 422) from None
+    tensors = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors[name] = Tensor(tuple(entry["shape"]), entry["dtype"])
+            end = max(end, entry["data_offsets"][1])
+        except (KeyError, TypeError, IndexError):
+            raise ImagineError("the file's .safetensors header is damaged", 422) from None
+    if 8 + length + end > size:  # a download cut short: the header promises more than the file holds
+        raise Truncated("the file is truncated: it holds less than its header says (an unfinished download?)", 422)
+    return tensors
+
+
+def with_prefix(header: dict, prefix: str) -> dict:
+    """The entries under `prefix`, with the prefix taken off their names."""
+    return {name[len(prefix) :]: tensor for name, tensor in header.items() if name.startswith(prefix)}
