@@ -4,6 +4,7 @@ import base64
 import contextlib
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from selenium import webdriver
 from waitress import wasyncore
 
 import imagine
@@ -33,6 +35,13 @@ def decode_png(data: str) -> Image.Image:
 
 def pixels(data: str) -> np.ndarray:
     return np.asarray(decode_png(data).convert("RGB"), dtype=np.int16)
+
+
+def assert_same_picture(one: np.ndarray, other: np.ndarray) -> None:
+    """The same picture up to float rounding: a batch runs its matrix products in other shapes, which on some CPUs
+    round differently, moving a pixel by a level of 255 here and there. Another seed moves the mean by some 50."""
+    difference = np.abs(one.astype(int) - other.astype(int))
+    assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
 
 def png_data(image: Image.Image) -> str:
@@ -198,3 +207,25 @@ def serve():
     """Serves engines through imagine.create_server (waitress, as in production); yields a URL maker."""
     with contextlib.ExitStack() as servers:
         yield lambda engine: servers.enter_context(serving(engine))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Headless chromium; the test is skipped, saying why, where chromium or its driver is not installed."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()

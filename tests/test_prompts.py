@@ -171,8 +171,9 @@ def test_the_tail_of_a_prompt_longer_than_77_tokens_changes_the_picture(client, 
         pixels(generate(client, prompt=f"{head}, red")["img"]),
         pixels(generate(client, prompt=f"{head}, blue")["img"]),
     )
-    assert np.abs(one - other).mean() > 0.5
-    # diffusers on its own cuts both at 77 tokens, so it draws the same picture for both.
+    # The tiny model's random weights make the change small (a mean of 0.1 to 1 level of 255, by CPU); any change
+    # shows the tail was read, where diffusers on its own cuts both at 77 tokens and draws the same picture for both.
+    assert not np.array_equal(one, other)
     assert np.array_equal(text_call(engine, f"{head}, red"), text_call(engine, f"{head}, blue"))
 
 

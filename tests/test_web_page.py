@@ -3,7 +3,6 @@ the tiny demo model."""
 
 import base64
 import json
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -12,35 +11,12 @@ import numpy as np
 import pytest
 from conftest import FAST, pixels, serving, wait_until
 from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
 
 import imagine
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser():
-    """Headless chromium; the test is skipped, saying why, where chromium or its driver is not installed."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(
-            "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_script_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def open_page(browser, url):
