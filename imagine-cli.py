@@ -106,9 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Output image width (default: the model's size, 512 for SD1.x; img2img: the input's)",
     )
     parser.add_argument("-h", "--height", type=int, help="Output image height (default: as for the width)")
-    parser.add_argument("-n", "--num_steps", type=int, help="Number of steps (default 25)")
-    parser.add_argument("-g", "--guidance", type=float, help="Guidance scale (default 7.0)")
-    parser.add_argument("-s", "--sampler", help=f"SD Sampler, in any case (default DPM++ 2M): {SAMPLER_NAMES}")
+    parser.add_argument(
+        "-n", "--num_steps", type=int, help="Number of steps (default: the model's: 25 for SD, 8 for Z-Image-Turbo)"
+    )
+    parser.add_argument(
+        "-g", "--guidance", type=float, help="Guidance scale (default: the model's: 7.0 for SD, 3.5 for FLUX.1-dev)"
+    )
+    parser.add_argument(
+        "-s", "--sampler", help=f"Sampler, in any case (default: DPM++ 2M for SD, Euler for FLUX): {SAMPLER_NAMES}"
+    )
     parser.add_argument(
         "--seed", type=int, help="Seed, 0 to 2**64-1 (default, or -1: random; the seed used is printed on stderr)"
     )

@@ -74,6 +74,12 @@ OPTIONS = (
         bool,
     ),
     Option(
+        "offload",
+        ("--offload",),
+        "none | model | sequential: keep a model's parts in CPU memory until each runs, for GPUs it does not fit; "
+        "model moves whole parts, sequential one layer at a time (smallest cards, slowest) (default none)",
+    ),
+    Option(
         "max_size",
         ("--max-size",),
         f"largest width and height a request may ask for, a multiple of 8 (default {MAX_SIZE})",
@@ -119,6 +125,7 @@ OPTIONS = (
     Option("no_web", ("--no-web",), "turn the web page at / off, for a pure API server (default on)", bool),
 )
 SWITCHED_ON = ("1", "true", "yes")
+OFFLOADS = ("none", "model", "sequential")
 
 
 def parse_settings(argv=None) -> Settings:
@@ -157,6 +164,7 @@ def setting_problems(args) -> list:
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
+        (args.offload in OFFLOADS, f"--offload must be none, model or sequential, not {args.offload!r}"),
         (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
         (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,

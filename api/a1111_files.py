@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from engine.errors import ImagineError
-from engine.folders import CHECKPOINT_SUFFIXES, find_in_folders, model_folders, real_path
+from engine.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
 from engine.request import IMAGE_FORMATS, MAX_PROMPT_CHARS
 from engine.settings import DEMO_MODEL
 
@@ -55,7 +55,7 @@ class ModelHashes:
 def a1111_titles(models, hashes: ModelHashes) -> dict:
     """Every model the folders hold, by its key (see Models.resolve), as A1111's sd-models lists it."""
     listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
-    folders = model_folders(models.settings.models_dir)
+    folders = checkpoint_folders(model_folders(models.settings.models_dir))
     for entry in models.listing():
         if entry.get("error") or entry["builtin"]:
             continue

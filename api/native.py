@@ -216,6 +216,8 @@ def to_whole(job: Job, event: Finished) -> dict:
     # The pasted generation data's keys that set nothing (a held job's answer is built without its engine Job).
     if job is not None and job.request.parameters is not None:
         answer["parameters_ignored"] = job.request.parameters_ignored
+    if event.notices:  # what the model did without (a negative prompt on FLUX, say), not an error
+        answer["notices"] = event.notices
     return answer
 
 
@@ -301,13 +303,39 @@ def generate_route():
 
 @blueprint.get("/samplers")
 def samplers_route():
-    """The sampler names, the schedule types (A1111's, "automatic" the sampler's own), and which sampler takes which."""
-    return jsonify(
-        samplers=list(SAMPLERS),
-        default=DEFAULT_SAMPLER,
-        schedules=[{"name": name, "label": LABELS[name]} for name in SCHEDULE_NAMES],
-        schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLERS},
-    )
+    """The sampler names, the schedule types (A1111's, "automatic" the sampler's own), and which sampler takes which;
+    with `?model=NAME`, those that model draws with (the flow-matching families have samplers of their own)."""
+    name = request.args.get("model")
+    if name is None:
+        return jsonify(
+            samplers=list(SAMPLERS),
+            default=DEFAULT_SAMPLER,
+            schedules=[{"name": name, "label": LABELS[name]} for name in SCHEDULE_NAMES],
+            schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLERS},
+        )
+    engine = current_engine()
+    try:
+        family = engine.models.family_of(engine.models.resolve(name))
+    except ImagineError as error:
+        return jsonify(to_error(error)), error.status
+    return jsonify(model_samplers(family))
+
+
+def model_samplers(family) -> dict:
+    """GET /samplers?model=: the samplers and schedules a model of `family` draws with, and what a request that gives
+    no steps, guidance or sampler gets (the flow-matching families' differ from SD's)."""
+    samplers = family.samplers or SAMPLERS
+    defaults = {"num_steps": family.default_steps, "guidance": family.default_guidance, "size": family.default_size}
+    by_sampler = {sampler: list(schedules_for(sampler)) if not family.flow else ["automatic"] for sampler in samplers}
+    schedules = [name for name in SCHEDULE_NAMES if any(name in allowed for allowed in by_sampler.values())]
+    return {
+        "samplers": list(samplers),
+        "default": family.default_sampler,
+        "schedules": [{"name": name, "label": LABELS[name]} for name in schedules],
+        "schedules_by_sampler": by_sampler,
+        "family": family.name,
+        "defaults": defaults,
+    }
 
 
 @blueprint.get("/")

@@ -27,7 +27,8 @@ log = logging.getLogger("imagine")
 
 
 # OpenAI's quality names as steps: low is a quick draft, high takes about twice the default's time.
-OPENAI_QUALITY_STEPS = {"low": 12, "medium": 25, "standard": 25, "auto": 25, "high": 40, "hd": 40}
+# Steps by quality; None: the model family's own (25 for SD, 8 for Z-Image-Turbo, 4 for FLUX.2 klein, ...).
+OPENAI_QUALITY_STEPS = {"low": 12, "medium": None, "standard": None, "auto": None, "high": 40, "hd": 40}
 
 
 OPENAI_OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -20,7 +20,7 @@ from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
 from engine.previews import png_base64
 from engine.prompts import prompt_embeddings
-from engine.request import RANDOM_SEEDS, GenerationRequest, generation_parameters
+from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, generation_parameters
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")
@@ -58,6 +58,7 @@ class Finished:
     pictures: list = dataclasses.field(default_factory=list)  # every picture of the batch as (image, parameters)
     seeds: list = dataclasses.field(default_factory=list)
     interrupted: bool = False  # ended early by A1111's interrupt or skip: `steps` is how far it got
+    notices: list = dataclasses.field(default_factory=list)  # parts of the request the model did without
 
 
 @dataclasses.dataclass
@@ -148,6 +149,7 @@ class Engine:
         is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it early
         (Job.finish_early)."""
         key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
+        req = self.for_model(req, key)
         job = Job(req, key, client_gone, events=events)
         job.interruptible = interruptible
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
@@ -155,6 +157,15 @@ class Engine:
         if req.seed is None:
             job.request = dataclasses.replace(req, seed=secrets.randbelow(RANDOM_SEEDS))
         return self.queue(job)
+
+    def for_model(self, req: GenerationRequest, key: str) -> GenerationRequest:
+        """The request filled in and checked for the model's family (for_family) before it queues, where a glance at
+        the model's header tells the family; a model that cannot be read fails as it loads, as before."""
+        try:
+            family = self.models.family_of(key)
+        except ImagineError:
+            return req
+        return for_family(req, family, self.settings.max_size)
 
     def load_model(self, name: str) -> Job:
         """Queues the loading of a model: the job's one event says it is loaded (Started) or why not (Failed)."""
@@ -275,11 +286,8 @@ class Engine:
         model = self.models.get(job.model_key)
         if job.load_only:
             return Started()
-        # 2. Fill in the sizes the request left out: the family's own, within --max-size.
-        size = min(model.family.default_size, self.settings.max_size)
-        req = job.request = dataclasses.replace(
-            job.request, width=job.request.width or size, height=job.request.height or size
-        )
+        # 2. Fill in what the request left out (size, steps, guidance, sampler): the family's own, within --max-size.
+        req = job.request = for_family(job.request, model.family, self.settings.max_size)
         # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
         steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
         log.info(
@@ -289,10 +297,13 @@ class Engine:
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
         prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
-        embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
-        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes).
-        with torch.inference_mode():
-            conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
+        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes). The flow-matching pipelines
+        # encode their own, with their own chat templates and no SD embeddings.
+        conditioning = None
+        if not model.family.flow:
+            embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
+            with torch.inference_mode():
+                conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
         job.events.put(Started())
         job.started, job.model = time.time(), model
         # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
@@ -311,7 +322,7 @@ class Engine:
         seeds = [req.seed + index for index in range(len(pictures))]
         image, parameters = pictures[0]
         finished = Finished(image, parameters, req.seed, model.name, job.step, round(seconds, 3), pictures, seeds)
-        return dataclasses.replace(finished, interrupted=cut is not None)
+        return dataclasses.replace(finished, interrupted=cut is not None, notices=req.notices)
 
     def step_reporter(self, job: Job, model, each: list):
         """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,

@@ -8,12 +8,20 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    Flux2KleinInpaintPipeline,
+    Flux2KleinPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
 )
 from safetensors import safe_open
 
@@ -37,6 +45,26 @@ class Family:
     # 9 for inpainting checkpoints: their UNet also sees the mask and the masked picture, so every mode
     # (txt2img, img2img, inpaint) runs through their inpaint pipeline.
     unet_channels: int = 4
+    latent_rgb_bias: tuple = (0.0, 0.0, 0.0)
+    # What a request that gives no steps, guidance or sampler gets: the settings the family draws well with.
+    default_steps: int = 25
+    default_guidance: float = 7.0
+    default_sampler: str = "dpm++ 2m"
+    # What `guidance` sets: "cfg" (classifier-free guidance, the negative prompt's weight), "distilled" (FLUX.1-dev's
+    # guidance embedding: no negative prompt) or "none" (distilled to draw without it).
+    guidance: str = "cfg"
+    max_guidance: float = 30.0
+    size_multiple: int = 8  # the latents are 1/8 of the picture; FLUX and Z-Image pack them 2x2 as well: 16
+    samplers: tuple = ()  # the samplers it can draw with; () for every SD sampler (engine/samplers.py)
+    # The flow-matching families: the diffusion model's type (engine/diffusion_models.py; None for an SD UNet),
+    # and the parts a file of it alone lacks, as (pipeline component, part type), found beside it (engine/parts.py).
+    transformer: str | None = None
+    parts: tuple = ()
+    prompt_tokens: int = 77  # the longest prompt the text encoder reads at once (SD reads longer ones in chunks)
+
+    @property
+    def flow(self) -> bool:
+        return self.transformer is not None
 
 
 # ComfyUI's latent_rgb_factors for the SD1/SD2 VAE (comfy/latent_formats.py, SD15).
@@ -64,6 +92,46 @@ SD_INPAINT = {**SD, "txt2img": StableDiffusionInpaintPipeline, "img2img": Stable
 SDXL_INPAINT = {**SDXL, "txt2img": StableDiffusionXLInpaintPipeline, "img2img": StableDiffusionXLInpaintPipeline}
 
 
+# ComfyUI's latent_rgb_factors and bias for FLUX.1's VAE (`ae`), which Z-Image uses too (comfy/latent_formats.py,
+# Flux), for latents as the transformer sees them (shifted and scaled).
+FLUX1_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)  # fmt: skip
+FLUX_LATENT_BIAS = (-0.0329, -0.0718, -0.0851)
+
+# ComfyUI's factors for FLUX.2's VAE (comfy/latent_formats.py, Flux2): one row per channel of its 32-channel latents,
+# which the transformer sees patchified 2x2 into 128 channels (engine/flow.py unpacks them first).
+FLUX2_LATENT_RGB = (
+    (0.0058, 0.0113, 0.0073), (0.0495, 0.0443, 0.0836), (-0.0099, 0.0096, 0.0644), (0.2144, 0.3009, 0.3652),
+    (0.0166, -0.0039, -0.0054), (0.0157, 0.0103, -0.0160), (-0.0398, 0.0902, -0.0235), (-0.0052, 0.0095, 0.0109),
+    (-0.3527, -0.2712, -0.1666), (-0.0301, -0.0356, -0.0180), (-0.0107, 0.0078, 0.0013), (0.0746, 0.0090, -0.0941),
+    (0.0156, 0.0169, 0.0070), (-0.0034, -0.0040, -0.0114), (0.0032, 0.0181, 0.0080), (-0.0939, -0.0008, 0.0186),
+    (0.0018, 0.0043, 0.0104), (0.0284, 0.0056, -0.0127), (-0.0024, -0.0022, -0.0030), (0.1207, -0.0026, 0.0065),
+    (0.0128, 0.0101, 0.0142), (0.0137, -0.0072, -0.0007), (0.0095, 0.0092, -0.0059), (0.0000, -0.0077, -0.0049),
+    (-0.0465, -0.0204, -0.0312), (0.0095, 0.0012, -0.0066), (0.0290, -0.0034, 0.0025), (0.0220, 0.0169, -0.0048),
+    (-0.0332, -0.0457, -0.0468), (-0.0085, 0.0389, 0.0609), (-0.0076, 0.0003, -0.0043), (-0.0111, -0.0460, -0.0614),
+)  # fmt: skip
+
+# The flow-matching samplers (engine/flow.py): diffusers' FlowMatchEulerDiscreteScheduler, plain and stochastic.
+FLOW_SAMPLERS = ("euler", "euler a")
+FLOW = {"default_size": 1024, "default_sampler": "euler", "samplers": FLOW_SAMPLERS, "size_multiple": 16,
+        "prompt_tokens": 512}  # fmt: skip
+Z_IMAGE = {"txt2img": ZImagePipeline, "img2img": ZImageImg2ImgPipeline, "inpaint": ZImageInpaintPipeline,
+           "latent_rgb": FLUX1_LATENT_RGB, "latent_rgb_bias": FLUX_LATENT_BIAS, "transformer": "z-image",
+           "parts": (("text_encoder", "qwen3"), ("vae", "ae"))}  # fmt: skip
+# klein has no img2img pipeline of its own: its inpaint pipeline with the whole picture masked is one.
+FLUX2_KLEIN = {"txt2img": Flux2KleinPipeline, "img2img": Flux2KleinInpaintPipeline,
+               "inpaint": Flux2KleinInpaintPipeline, "latent_rgb": FLUX2_LATENT_RGB,
+               "latent_rgb_bias": FLUX_LATENT_BIAS, "transformer": "flux2",
+               "parts": (("text_encoder", "qwen3"), ("vae", "flux2-vae"))}  # fmt: skip
+FLUX1 = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline,
+         "latent_rgb": FLUX1_LATENT_RGB, "latent_rgb_bias": FLUX_LATENT_BIAS, "transformer": "flux1",
+         "parts": (("text_encoder", "clip-l"), ("text_encoder_2", "t5-xxl"), ("vae", "ae"))}  # fmt: skip
+
+
 def make_family(name: str, group: str, label: str, **fields) -> Family:
     return Family(name=name, group=group, label=label, config=name, **fields)
 
@@ -81,6 +149,43 @@ FAMILIES = {
         "sd2-inpaint", "sd2", "Stable Diffusion 2.x inpainting (512, epsilon)", **SD_INPAINT, unet_channels=9
     ),
     "sdxl-inpaint": make_family("sdxl-inpaint", "sdxl", "SDXL inpainting", **SDXL_INPAINT, unet_channels=9),
+    # The flow-matching families, with the steps and guidance their model cards give. Z-Image-Turbo is distilled
+    # for 8 steps without guidance (its CFG works but doubles the cost); FLUX.2 klein and FLUX.1-schnell for 4
+    # steps without; FLUX.1-dev takes 28 steps and a distilled guidance of 3.5, embedded, not classifier-free.
+    "z-image": make_family(
+        "z-image", "z-image", "Z-Image", **Z_IMAGE, **FLOW, default_steps=8, default_guidance=0.0, max_guidance=10.0
+    ),
+    "flux2-klein": make_family(
+        "flux2-klein",
+        "flux2",
+        "FLUX.2 klein",
+        **FLUX2_KLEIN,
+        **FLOW,
+        default_steps=4,
+        default_guidance=1.0,
+        guidance="none",
+    ),  # fmt: skip
+    "flux1-dev": make_family(
+        "flux1-dev",
+        "flux1",
+        "FLUX.1-dev",
+        **FLUX1,
+        **FLOW,
+        default_steps=28,
+        default_guidance=3.5,
+        guidance="distilled",
+        max_guidance=10.0,
+    ),  # fmt: skip
+    "flux1-schnell": make_family(
+        "flux1-schnell",
+        "flux1",
+        "FLUX.1-schnell",
+        **FLUX1,
+        **FLOW,
+        default_steps=4,
+        default_guidance=0.0,
+        guidance="none",
+    ),  # fmt: skip
 }
 INPAINT_FAMILIES = {"sd1": "sd1-inpaint", "sd2": "sd2-inpaint", "sd2-v": "sd2-inpaint", "sdxl": "sdxl-inpaint"}
 
@@ -152,7 +257,18 @@ PIPELINE_BASES = {
     "StableDiffusionInpaintPipeline": "sd1",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
+    "ZImagePipeline": "z-image",
+    "Flux2KleinPipeline": "flux2-klein",
+    "FluxPipeline": "flux1-dev",
 }
+
+
+def flow_family_name(part) -> str:
+    """The family of a diffusion model found in a file (engine/diffusion_models.py): FLUX.1-dev has a guidance
+    embedding, schnell has none."""
+    if part.type == "flux1":
+        return "flux1-dev" if part.numbers["guidance"] else "flux1-schnell"
+    return {"flux2": "flux2-klein", "z-image": "z-image"}[part.type]
 
 
 def folder_family(path: Path) -> Family:
@@ -160,6 +276,8 @@ def folder_family(path: Path) -> Family:
     base = PIPELINE_BASES.get(pipeline_class_name(path))
     if base is None:
         raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
+    if FAMILIES[base].flow:
+        return folder_flow_family(path, FAMILIES[base])
     family = folder_sd2_family(path) or FAMILIES[base]
     try:
         channels = json.loads(read_regular_file(path / "unet" / "config.json")).get("in_channels", 4)
@@ -193,3 +311,15 @@ def folder_sd2_family(path: Path) -> Family | None:
     if text_encoder.get("hidden_act") != "gelu":
         return None
     return FAMILIES["sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"]
+
+
+def folder_flow_family(path: Path, family: Family) -> Family:
+    """A FLUX.1 diffusers folder is schnell where its transformer has no guidance embedding."""
+    if family.name != "flux1-dev":
+        return family
+    try:
+        transformer = json.loads(read_regular_file(path / "transformer" / "config.json"))
+    except (OSError, ValueError):
+        return family  # diffusers itself will say what is missing
+    guidance = transformer.get("guidance_embeds", True) if isinstance(transformer, dict) else True
+    return family if guidance else FAMILIES["flux1-schnell"]

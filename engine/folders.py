@@ -98,7 +98,20 @@ def is_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(part and part not in (".", "..") and part.strip() == part for part in parts)
 
 
-NOT_CHECKPOINTS = ("loras", "embeddings")  # sub-folders of a models folder that hold other kinds of files
+# Sub-folders of a models folder that hold other kinds of files: Imagine's, ComfyUI's and AUTOMATIC1111's.
+NOT_CHECKPOINTS = ("loras", "Lora", "LyCORIS", "embeddings", "text_encoders", "clip", "vae", "VAE", "clip_vision",
+                   "controlnet", "ControlNet", "upscale_models", "ESRGAN", "hypernetworks")  # fmt: skip
+
+# Sub-folders of a models folder that hold models: ComfyUI's (checkpoints, and diffusion models alone, once named unet)
+# and AUTOMATIC1111's (Stable-diffusion). So that `--models-dir ~/ComfyUI/models` works whole.
+CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models", "unet", "Stable-diffusion")
+
+
+def checkpoint_folders(folders: list) -> list:
+    """The folders models are looked up in, in order: for each models folder, its model sub-folders that exist, then
+    the folder itself; a model in `checkpoints/` is then named without the sub-folder, as ComfyUI names it."""
+    return [path for folder in folders for path in (*(folder / sub for sub in CHECKPOINT_FOLDERS), folder)
+            if path == folder or path.is_dir()]  # fmt: skip
 
 
 def is_model_entry(path: Path, real: Path) -> bool:

@@ -53,6 +53,7 @@ class HeldJob:
         with self.changed:
             if self.status not in ENDED:  # a job may end before submit() has returned it
                 self.job = job
+                self.steps = self.steps or job.request.num_steps or 0  # the family's, where the request gave none
 
     def put(self, event) -> None:
         """Takes one event from the engine (on its thread, or on the thread that cancels the job)."""
@@ -136,7 +137,7 @@ class JobStore:
 
     def submit(self, req: GenerationRequest) -> HeldJob:
         """Queues a request as a job; refused as the engine refuses (full queue, unknown model), keeping nothing."""
-        held = HeldJob(secrets.token_hex(16), self.clock, req.prompt, req.num_steps)
+        held = HeldJob(secrets.token_hex(16), self.clock, req.prompt, req.num_steps or 0)
         # No client_gone: a client that leaves (a reload, a phone asleep) does not cancel its job.
         held.attach(self.engine.submit(req, None, events=held))
         with self.lock:

@@ -34,9 +34,13 @@ MAX_LORAS_KEPT = 8  # adapters kept loaded per model; the least recently used is
 LORA_TAG = re.compile(r"<lora:([^>]*)>")
 
 
+# The sub-folders each kind lives in: Imagine's and ComfyUI's names, then AUTOMATIC1111's.
+KIND_FOLDERS = {"loras": ("loras", "Lora"), "embeddings": ("embeddings",)}
+
+
 def extra_folders(settings: Settings, kind: str) -> list:
-    """Where `loras` or `embeddings` live: that sub-folder of every models folder, in search order."""
-    return [folder / kind for folder in model_folders(settings.models_dir)]
+    """Where `loras` or `embeddings` live: those sub-folders of every models folder, in search order."""
+    return [folder / sub for folder in model_folders(settings.models_dir) for sub in KIND_FOLDERS[kind]]
 
 
 def list_files(settings: Settings, kind: str, suffixes: tuple) -> dict:

@@ -23,12 +23,14 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from engine.diffusion_models import recognise_diffusion_model
 from engine.errors import Cancelled, ImagineError
 from engine.families import (
     FAMILIES,
     INPAINT_FAMILIES,
     Family,
     detect_family,
+    flow_family_name,
     folder_family,
     read_checkpoint_keys,
     refuse_pickles_that_could_run,
@@ -40,6 +42,7 @@ from engine.folders import (
     NOT_CHECKPOINTS,
     FolderReader,
     check_model_name,
+    checkpoint_folders,
     find_in_folders,
     is_model_entry,
     is_repo_id,
@@ -49,6 +52,8 @@ from engine.folders import (
     relative_to_folders,
     walk_folders,
 )
+from engine.headers import Truncated, read_header
+from engine.parts import PartFinder, build_flow_pipeline
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -92,6 +97,7 @@ class Models:
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
         self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
         self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
+        self.parts = PartFinder()
         self.reader = FolderReader()
 
     def resolve(self, name: str | None) -> str:
@@ -104,7 +110,7 @@ class Models:
         name = self.default if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
-        folders = model_folders(self.settings.models_dir)
+        folders = checkpoint_folders(model_folders(self.settings.models_dir))
         if configured:
             found = find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
             found = found or find_in_folders([Path.cwd()], str(Path(name).expanduser()), CHECKPOINT_SUFFIXES)
@@ -118,6 +124,10 @@ class Models:
             raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
+        if find_in_folders(folders, relative_to_folders(name, folders), (".gguf",)) is not None:
+            raise ImagineError(
+                f"model {name!r} is a GGUF file, which Imagine cannot load yet; use its .safetensors release", 422
+            )
         raise ImagineError(
             f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
             "GET /models lists the models a request can name, 'demo' (built in) among them",
@@ -146,7 +156,7 @@ class Models:
         return self.reader.read(self.read_listing)
 
     def read_listing(self) -> list[dict]:
-        folders = model_folders(self.settings.models_dir)
+        folders = checkpoint_folders(model_folders(self.settings.models_dir))
         demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
         listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
@@ -176,7 +186,11 @@ class Models:
             except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
                 self.family_cache[key] = {"family": None, "error": f"cannot be read ({type(error).__name__})"}
         modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
-        return {**self.family_cache[key], "size": size, "modified": modified}
+        described = {**self.family_cache[key], "size": size, "modified": modified}
+        family = FAMILIES.get(described["family"])
+        if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
+            described["parts"] = self.parts_listing(real) if real.is_file() else "in the folder"
+        return described
 
     def get(self, key: str) -> LoadedModel:
         if key in self.loaded:
@@ -239,6 +253,10 @@ class Models:
         if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
             raise ImagineError("the model is not a regular file")
         refuse_pickles_that_could_run(path)
+        if path.suffix == ".safetensors":
+            part = self.diffusion_model_in(path)
+            if part is not None:
+                return FAMILIES[flow_family_name(part)]
         try:
             keys = read_checkpoint_keys(path)
             channels = unet_input_channels(path)
@@ -250,10 +268,24 @@ class Models:
         family = sd2_family(path) if name == "sd2" else FAMILIES[name]
         return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
 
+    @staticmethod
+    def diffusion_model_in(path: Path):
+        """The flow-matching diffusion model a .safetensors file holds (a Part), or None: an SD checkpoint, or a file
+        whose header cannot be read, which the SD reading then refuses; a truncated file is refused here."""
+        try:
+            return recognise_diffusion_model(read_header(path))
+        except Truncated:
+            raise
+        except ImagineError:
+            return None
+
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
         if key == DEMO_MODEL:
             pipe = build_demo_pipeline(self.configs_dir / family.config)
+        elif family.flow and path.is_file():
+            model, parts = self.flow_parts(path)
+            pipe = build_flow_pipeline(family, path, model, parts, self.configs_dir / family.config, self.dtype)
         elif path.is_dir():
             pipe = family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
         elif path.is_file():
@@ -264,11 +296,9 @@ class Models:
             )
         else:
             pipe = self.download(key, family)
-        pipe = pipe.to(device=self.device, dtype=self.dtype)
-        pipe.vae.enable_slicing()  # a batch decodes one picture at a time: the memory of one, in the same time
-        self.speed_up_unet(pipe)
-        img2img = family.img2img(**pipe.components)
-        inpaint = family.inpaint(**pipe.components)
+        self.place(pipe, family)
+        img2img = family.img2img(**pipe.components, **pipeline_options(pipe))
+        inpaint = family.inpaint(**pipe.components, **pipeline_options(pipe))
         for each in (pipe, img2img, inpaint):
             each.set_progress_bar_config(disable=True)
         model = LoadedModel(
@@ -281,6 +311,37 @@ class Models:
         )
         add_cancel_points(model)
         return model
+
+    def place(self, pipe, family: Family) -> None:
+        """Puts the pipeline on the device in the server's precision; a flow model's fp8 weights stay fp8 (their layers
+        cast as they run: engine/diffusion_models.py), and with --offload its parts wait in CPU memory until used."""
+        if self.settings.offload != "none" and self.device.type != "cpu":
+            offload = pipe.enable_sequential_cpu_offload if self.settings.offload == "sequential" else None
+            (offload or pipe.enable_model_cpu_offload)(device=self.device)
+        elif family.flow:
+            pipe.to(self.device)
+        else:
+            pipe.to(device=self.device, dtype=self.dtype)
+        pipe.vae.enable_slicing()  # a batch decodes one picture at a time: the memory of one, in the same time
+        if family.flow:
+            # A big picture's decode is the peak of a flow model's memory: tiles keep it to that of a small one.
+            pipe.vae.enable_tiling()
+        else:
+            self.speed_up_unet(pipe)
+
+    def flow_parts(self, path: Path) -> tuple:
+        """(the diffusion model's Part, {component: Found}) for a flow-matching model's file."""
+        model = recognise_diffusion_model(read_header(path))
+        folders = model_folders(self.settings.models_dir)
+        return model, self.parts.find(path, model, self.family_of(str(path)), folders)
+
+    def parts_listing(self, path: Path) -> dict:
+        """For GET /models: the parts a flow model would load with, or what it lacks."""
+        try:
+            _, parts = self.flow_parts(path)
+        except ImagineError as error:
+            return {"missing": error.message}
+        return {component: found.name for component, found in parts.items()}
 
     def speed_up_unet(self, pipe) -> None:
         """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
@@ -306,7 +367,10 @@ cancel_check = contextvars.ContextVar("cancel_check", default=None)
 # Modules before which a generation checks whether it was cancelled: every ResNet block, attention and
 # feed-forward layer of the UNet and VAE, and every text-encoder layer. A step of SD1.5 at 512x512 runs
 # about 100 of them, so a cancel takes effect within a small part of a step rather than at its end.
-CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer")
+CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer",
+                 # The flow-matching families' transformer blocks and text-encoder layers.
+                 "FluxTransformerBlock", "FluxSingleTransformerBlock", "Flux2TransformerBlock",
+                 "Flux2SingleTransformerBlock", "ZImageTransformerBlock", "Qwen3DecoderLayer", "T5Block")  # fmt: skip
 
 
 def add_cancel_points(model: LoadedModel) -> None:
@@ -324,6 +388,11 @@ def add_cancel_points(model: LoadedModel) -> None:
             for module in component.modules():
                 if type(module).__name__ in CANCEL_POINTS:
                     module.register_forward_pre_hook(stop_if_cancelled)
+
+
+def pipeline_options(pipe) -> dict:
+    """The pipeline's own settings (klein's is_distilled), for its img2img and inpaint siblings."""
+    return {"is_distilled": pipe.config.is_distilled} if "is_distilled" in pipe.config else {}
 
 
 def build_tiny_vae(**config) -> AutoencoderKL:

@@ -3,6 +3,7 @@
 import torch
 from PIL import Image, ImageFilter
 
+from engine.flow import call_flow, vae_latents
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
 from engine.noise import PictureNoise
@@ -25,6 +26,8 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
     """
     if req.mask is not None or model.family.unet_channels == 9:
         return inpaint(model, req, on_step, conditioning)
+    if model.family.flow:
+        return generate_flow(model, req, on_step)
     pipe = model.img2img if req.img is not None else model.txt2img
     size_args = (
         {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
@@ -87,9 +90,8 @@ def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioni
         # A copy of the picture for each of the batch: the pipeline encodes one picture with the first picture's
         # generator only, and each copy makes every picture's draw the one its single request makes.
         inputs = {"image": [image] * req.n, "mask_image": [mask] * req.n, "strength": strength}
-        return call_pipeline(
-            model, model.inpaint, req, on_step, conditioning, width=req.width, height=req.height, **inputs
-        )
+        call = call_flow if model.family.flow else call_pipeline
+        return call(model, model.inpaint, req, on_step, conditioning, width=req.width, height=req.height, **inputs)
 
     if req.img is None:  # an inpainting checkpoint's txt2img: all repainted, nothing of the (blank) picture kept
         return paint(Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255), strength=1.0)
@@ -133,7 +135,22 @@ def _widen(low: int, high: int, length: int, limit: int) -> tuple:
     return max(0, high - length), high
 
 
+def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None) -> list:
+    """txt2img or img2img with a flow-matching family; FLUX.2 klein's img2img is its inpaint pipeline, all repainted."""
+    if req.img is None:
+        return call_flow(model, model.txt2img, req, on_step, width=req.width, height=req.height)
+    image = req.img.resize((req.width, req.height), Image.Resampling.LANCZOS)
+    inputs = {"image": [image] * req.n, "strength": req.strength, "width": req.width, "height": req.height}
+    if model.family.img2img is model.family.inpaint:
+        inputs["mask_image"] = [Image.new("L", image.size, 255)] * req.n
+    return call_flow(model, model.img2img, req, on_step, **inputs)
+
+
 def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
+    """A picture of step latents (one picture's): the cheap factor mapping, or with `preview: full` a VAE decode."""
     if req.preview == "full":
-        return vae_preview(model.txt2img.vae, latents)
-    return latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height))
+        vae = model.txt2img.vae
+        if model.family.flow:
+            return vae_preview(vae, vae_latents(model, latents), scaled=False)
+        return vae_preview(vae, latents)
+    return latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height), model.family.latent_rgb_bias)

@@ -41,16 +41,18 @@ def keep_predictions(scheduler):
     return scheduler
 
 
-def vae_preview(vae, latents: torch.Tensor) -> Image.Image:
-    """A full decode, as the pipeline does for the final picture: the real look, at the cost of a step or more."""
-    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample[0]
+def vae_preview(vae, latents: torch.Tensor, scaled: bool = True) -> Image.Image:
+    """A full decode, as the pipeline does for the final picture: the real look, at the cost of a step or more.
+    `scaled`: the latents are in SD's scaled space (the flow families unscale their own first)."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor if scaled else latents.to(vae.dtype)
+    decoded = vae.decode(latents).sample[0]
     pixels = ((decoded.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
     return Image.fromarray(pixels.cpu().numpy())
 
 
-def latents_to_preview(latents: torch.Tensor, latent_rgb: tuple, size: tuple) -> Image.Image:
+def latents_to_preview(latents: torch.Tensor, latent_rgb: tuple, size: tuple, bias=(0.0, 0.0, 0.0)) -> Image.Image:
     factors = torch.tensor(latent_rgb, dtype=torch.float32, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), factors)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), factors) + torch.tensor(bias, device=latents.device)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
 

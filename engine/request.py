@@ -11,6 +11,8 @@ import math
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import ImagineError
+from engine.families import Family
+from engine.flow import flow_notices
 from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
@@ -62,9 +64,10 @@ class GenerationRequest:
     model: str | None = None
     width: int | None = None  # None: the model family's default size, known once the model is loaded
     height: int | None = None
-    num_steps: int = 25
-    guidance: float = 7.0
-    sampler: str = DEFAULT_SAMPLER
+    # None: the model family's own (engine/families.py), filled in by for_family once the model is known.
+    num_steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
     schedule: str = AUTOMATIC  # a schedule type (engine/schedules.py); automatic: the sampler's own, as in A1111
     rng: str = "cpu"  # the noise source: torch's CPU numbers, or NVIDIA's ("gpu", "nv") computed on any device
     seed: int | None = None
@@ -83,6 +86,7 @@ class GenerationRequest:
     loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
     parameters: str | None = None  # pasted A1111 generation data, which filled the fields the body left out
     parameters_ignored: list = dataclasses.field(default_factory=list)  # its keys that set nothing here
+    notices: list = dataclasses.field(default_factory=list)  # what the answer says of fields the model does without
 
 
 INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
@@ -97,7 +101,7 @@ MAX_MASK_BLUR = 64
 MAX_INPAINT_PADDING = 256
 
 
-REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored"}
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored", "notices"}
 
 
 # Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
@@ -159,10 +163,13 @@ def _seed(body, n: int):
     return seed
 
 
-def _sampler_and_schedule(body, default: str) -> tuple:
-    """The sampler and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M Karras" does, which must
-    then agree with a `schedule` field given beside it."""
-    text = _text(body, "sampler", default)
+def _sampler_and_schedule(body) -> tuple:
+    """The sampler (None: the family's own) and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M
+    Karras" does, which must then agree with a `schedule` field given beside it."""
+    text = _text(body, "sampler", None)
+    if text is None:  # the family's sampler, known once the model is: for_family checks the schedule then
+        schedule = _text(body, "schedule", None)
+        return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule)
     sampler, named = split_sampler(text)
     if sampler is None:
         raise ImagineError(f"sampler {text!r} is unknown; choose one of: {', '.join(SAMPLERS)}", field="sampler")
@@ -279,7 +286,7 @@ def parse_request(
         raise ImagineError(
             f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}", field="img"
         )
-    sampler, schedule = _sampler_and_schedule(body, defaults.sampler)
+    sampler, schedule = _sampler_and_schedule(body)
     prediction = _text(body, "prediction", None)
     if prediction is not None and prediction not in PREDICTIONS:
         raise ImagineError(f"prediction must be 'epsilon' or 'v', not {prediction!r}", field="prediction")
@@ -297,8 +304,8 @@ def parse_request(
         model=_text(body, "model", None, MAX_NAME_CHARS),
         width=width,
         height=height,
-        num_steps=_integer(body, "num_steps", defaults.num_steps, 1, MAX_STEPS),
-        guidance=_number(body, "guidance", defaults.guidance, 0.0, MAX_GUIDANCE),
+        num_steps=_integer(body, "num_steps", None, 1, MAX_STEPS),
+        guidance=_number(body, "guidance", None, 0.0, MAX_GUIDANCE),
         sampler=sampler,
         schedule=schedule,
         rng=_rng(body, rng),
@@ -321,12 +328,65 @@ def parse_request(
     )
     parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
     parse_prompt_attention(parsed.neg, "neg")
-    if img is not None and int(parsed.num_steps * parsed.strength) < 1:
+    if img is not None and parsed.num_steps is not None:
+        check_steps_left(parsed)
+    return parsed
+
+
+def check_steps_left(req: GenerationRequest) -> None:
+    """img2img runs int(num_steps * strength) steps: at least one must be left."""
+    if int(req.num_steps * req.strength) < 1:
         raise ImagineError(
-            f"strength {parsed.strength} with num_steps {parsed.num_steps} leaves no step to run; raise either",
+            f"strength {req.strength} with num_steps {req.num_steps} leaves no step to run; raise either",
             field="strength",
         )
-    return parsed
+
+
+def for_family(req: GenerationRequest, family: Family, max_size: int) -> GenerationRequest:
+    """The request with what it left out taken from the model's family (size, steps, guidance, sampler) and checked
+    against what the family draws with; for the flow-matching families, with notices of what they do without."""
+    size = min(family.default_size, max_size) // family.size_multiple * family.size_multiple
+    width, height = req.width or size, req.height or size
+    if req.img is not None and family.size_multiple > 8:  # a size taken from the picture, rounded as it needs
+        width, height = (value // family.size_multiple * family.size_multiple for value in (width, height))
+    filled = dataclasses.replace(
+        req,
+        width=width,
+        height=height,
+        num_steps=req.num_steps or family.default_steps,
+        guidance=family.default_guidance if req.guidance is None else req.guidance,
+        sampler=req.sampler or family.default_sampler,
+        notices=flow_notices(family, req) if family.flow else [],
+    )
+    check_for_family(filled, family)
+    if filled.img is not None:
+        check_steps_left(filled)
+    return filled
+
+
+def check_for_family(req: GenerationRequest, family: Family) -> None:
+    """What one family cannot draw: sizes off its grid, samplers it has no form of, guidance beyond its range."""
+    for field in ("width", "height"):
+        value = getattr(req, field)
+        if value % family.size_multiple:
+            message = f"{field} must be a multiple of {family.size_multiple} for {family.label} models, not {value}"
+            raise ImagineError(message, field=field)
+    if family.samplers and req.sampler not in family.samplers:
+        raise ImagineError(
+            f"sampler {req.sampler!r} has no flow-matching form for {family.label}; choose one of: "
+            f"{', '.join(family.samplers)}",
+            field="sampler",
+        )
+    if family.flow and req.schedule != AUTOMATIC:
+        message = f"schedule {req.schedule!r} is for SD samplers; {family.label} keeps its own shifted schedule"
+        raise ImagineError(message, field="schedule")
+    if family.guidance != "none" and req.guidance > family.max_guidance:
+        message = f"guidance must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
+        raise ImagineError(message, field="guidance")
+    if family.flow and req.loras:
+        raise ImagineError(f"loras for {family.label} models are not supported yet", field="loras")
+    if family.flow and req.prediction is not None:
+        raise ImagineError(f"prediction applies to SD models; {family.label} predicts a flow", field="prediction")
 
 
 def without_aliases(body: dict) -> dict:

@@ -20,6 +20,7 @@ class Settings:
     max_loaded: int = 1
     allow_downloads: bool = False
     compile: bool = False
+    offload: str = "none"  # none, model or sequential: diffusers' CPU offload, for GPUs a model does not fit
     max_size: int = MAX_SIZE
     max_queue: int = 8
     max_batch: int = MAX_BATCH

@@ -17,9 +17,9 @@ from engine.ksampling import KDiffusionScheduler
 from engine.models import Models, build_demo_pipeline
 from engine.pipeline import generate
 from engine.previews import latents_to_preview
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, for_family
 from engine.samplers import SAMPLERS
-from engine.settings import CONFIGS_DIR
+from engine.settings import CONFIGS_DIR, MAX_SIZE
 
 
 def stream_lines(client, **fields):
@@ -76,6 +76,7 @@ def preview_correlations(model, sampler, monkeypatch):
     def run():
         seen = {}
         req = GenerationRequest(prompt="a cat", width=64, height=64, num_steps=10, seed=3, sampler=sampler)
+        req = for_family(req, model.family, MAX_SIZE)  # guidance: the family's, as the engine fills it in
         generate(model, req, lambda step, steps, latents: seen.__setitem__(step, latents.clone()))
         return seen
 
@@ -119,7 +120,7 @@ def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler
     again = pixels(stream_lines(client, sampler=sampler)[-1]["img"])
     assert np.array_equal(first, again)
     fresh = Models(imagine.Settings(), engine.device, engine.dtype).get("demo")
-    req = GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST)
+    req = for_family(GenerationRequest(prompt="a lighthouse", sampler=sampler, **FAST), fresh.family, MAX_SIZE)
     assert np.array_equal(first, np.asarray(generate(fresh, req)[0], dtype=np.int16))
 
 

@@ -11,6 +11,8 @@ const SIZES = {
   "sd2-v": [[768, 768], [768, 1024], [1024, 768]],
   sdxl: [[1024, 1024], [832, 1216], [1216, 832], [896, 1152], [1152, 896]],
 };
+// The flow-matching families draw at SDXL's sizes, each a multiple of 16 as they need.
+for (const family of ["z-image", "flux2-klein", "flux1-dev", "flux1-schnell"]) SIZES[family] = SIZES.sdxl;
 const FIELDS = [
   "prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "schedule", "n", "clip_skip",
 ];
@@ -59,7 +61,20 @@ async function loadLists() {
   fillSchedules(samplers);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
+  await applyModelDefaults();
   showDemoNote();
+}
+
+// A model's own steps, guidance and samplers (Z-Image-Turbo draws in 8 steps without guidance, with Euler), from
+// GET /samplers?model=.
+async function applyModelDefaults() {
+  const samplers = await api("/samplers?model=" + encodeURIComponent($("model").value));
+  if (!samplers.samplers) return; // a model that cannot be read: generating says why
+  $("num_steps").value = samplers.defaults.num_steps;
+  $("guidance").value = samplers.defaults.guidance;
+  fill($("sampler"), samplers.samplers, samplers.default);
+  $("schedule").dataset.bySampler = JSON.stringify(samplers.schedules_by_sampler);
+  updateSchedules();
 }
 
 function fill(select, values, selected) {
@@ -435,6 +450,7 @@ function setUp() {
   });
   $("cancel").addEventListener("click", cancelJob);
   $("model").addEventListener("change", updatePresets);
+  $("model").addEventListener("change", applyModelDefaults);
   $("sampler").addEventListener("change", updateSchedules);
   $("draw-parameters").addEventListener("click", () => generate(true));
   $("model").addEventListener("change", showDemoNote);

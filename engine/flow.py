@@ -1,0 +1,125 @@
+"""Generation with the flow-matching families (Z-Image, FLUX.2 klein, FLUX.1): their samplers, the pipeline call,
+the prompt as they read it, and their latents made into previews."""
+
+import functools
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from engine.prompts import parse_prompt_attention
+from engine.text_encoders import inner_layers
+
+# Notices a picture's answer carries where the request asked for something the family does without.
+IGNORED_NEGATIVE = "neg is ignored: {label} draws without classifier-free guidance, which a negative prompt needs"
+IGNORED_GUIDANCE = "guidance is ignored: {label} is distilled to draw without it"
+STRIPPED_WEIGHTS = "the prompt's (word:weight) emphasis is A1111's for CLIP models; {label} reads it as plain text"
+
+
+def flow_scheduler(model, sampler: str, generators: list) -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler on the model's own settings (its shift, FLUX's resolution-dependent one included):
+    "euler" as trained, "euler a" adding fresh noise at each step, drawn from each picture's own seed."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        model.scheduler_config, stochastic_sampling=sampler == "euler a"
+    )
+    step = scheduler.step
+
+    # The pipelines call step() without a generator: the stochastic noise would then be unseeded.
+    @functools.wraps(step)
+    def seeded_step(*args, **kwargs):
+        return step(*args, **{**kwargs, "generator": generators if len(generators) > 1 else generators[0]})
+
+    scheduler.step = seeded_step
+    return scheduler
+
+
+def plain_prompt(prompt: str) -> tuple:
+    """(the prompt as these families read it, whether A1111 emphasis was taken out): `(word:1.3)` weights mean
+    something only to CLIP-conditioned SD models; the T5 and Qwen3 encoders would read the brackets as text."""
+    parts = parse_prompt_attention(prompt)
+    plain = "".join(text for text, _ in parts)
+    return plain, any(weight != 1.0 for _, weight in parts) or plain != prompt
+
+
+def flow_notices(family, req) -> list:
+    """What the answer tells the client about parts of its request the family does without (`req` as sent: its
+    guidance is None where the client gave none)."""
+    notices = []
+    if req.neg and family.guidance != "cfg":
+        notices.append(IGNORED_NEGATIVE.format(label=family.label))
+    if req.guidance is not None and family.guidance == "none":
+        notices.append(IGNORED_GUIDANCE.format(label=family.label))
+    if plain_prompt(req.prompt)[1]:
+        notices.append(STRIPPED_WEIGHTS.format(label=family.label))
+    return notices
+
+
+def guidance_inputs(model, req) -> dict:
+    """The pipeline arguments that carry `guidance` and the negative prompt, as the family reads them."""
+    family = model.family
+    if family.guidance == "cfg":  # Z-Image: classifier-free guidance, off at 0 (Turbo's default)
+        return {"guidance_scale": req.guidance, "negative_prompt": req.neg or None}
+    if family.guidance == "distilled":  # FLUX.1-dev: a guidance embedding, one pass per step
+        return {"guidance_scale": req.guidance}
+    return {"guidance_scale": 1.0} if family.transformer == "flux2" else {"guidance_scale": 0.0}
+
+
+def encoder_inputs(model) -> dict:
+    """klein conditions on three inner layers of its Qwen3 encoder: a quarter, half and three quarters of its depth."""
+    if model.family.transformer != "flux2":
+        return {}
+    return {"text_encoder_out_layers": inner_layers(model.txt2img.text_encoder.config.num_hidden_layers)}
+
+
+def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
+    """One pipeline call for the `req.n` pictures of `req`: the counterpart of pipeline.call_pipeline. Picture k draws
+    from the generator of seed+k alone, so it is the picture that seed draws in a request of its own."""
+    generators = [torch.Generator("cpu").manual_seed(req.seed + index) for index in range(req.n)]
+    pipe.scheduler = flow_scheduler(model, req.sampler, generators)
+    size = (req.height, req.width)
+
+    def step_end(pipeline, index, timestep, tensors):
+        if on_step is not None and on_step(index + 1, pipeline.num_timesteps, spatial_latents(model, tensors, size)):
+            pipeline._interrupt = True  # skips the remaining steps; the latents so far are decoded
+        return tensors
+
+    with torch.inference_mode():
+        return pipe(
+            prompt=plain_prompt(req.prompt)[0],
+            num_inference_steps=req.num_steps,
+            generator=generators if req.n > 1 else generators[0],
+            num_images_per_prompt=req.n,
+            callback_on_step_end=step_end,
+            max_sequence_length=model.family.prompt_tokens,
+            **guidance_inputs(model, req),
+            **encoder_inputs(model),
+            **inputs,
+        ).images
+
+
+def spatial_latents(model, tensors: dict, size: tuple) -> torch.Tensor:
+    """The step's latents as the VAE's channels on the picture's grid (1/8 of its size), which previews show:
+    FLUX packs them 2x2 into tokens, FLUX.2 normalises them as well; Z-Image keeps them as they are."""
+    latents = tensors["latents"]
+    height, width = size[0] // 8, size[1] // 8
+    kind = model.family.transformer
+    if kind == "z-image":
+        return latents
+    if kind == "flux1":  # (batch, tokens, channels x 2 x 2), tokens row by row
+        batch, _, packed = latents.shape
+        grid = latents.view(batch, height // 2, width // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return grid.reshape(batch, packed // 4, height, width)
+    batch, _, packed = latents.shape  # FLUX.2: patchified channels, normalised by the VAE's batch norm
+    grid = latents.permute(0, 2, 1).reshape(batch, packed, height // 2, width // 2)
+    bn = model.txt2img.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + model.txt2img.vae.config.batch_norm_eps)
+    grid = grid * std.to(grid.dtype) + bn.running_mean.view(1, -1, 1, 1).to(grid.dtype)
+    grid = grid.reshape(batch, packed // 4, 2, 2, height // 2, width // 2).permute(0, 1, 4, 2, 5, 3)
+    return grid.reshape(batch, packed // 4, height, width)
+
+
+def vae_latents(model, latents: torch.Tensor) -> torch.Tensor:
+    """spatial_latents as the VAE decodes them: FLUX.1's `ae` works on shifted and scaled ones."""
+    if model.family.transformer == "flux2":
+        return latents
+    config = model.txt2img.vae.config
+    return latents / config.scaling_factor + config.shift_factor

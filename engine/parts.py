@@ -1,0 +1,184 @@
+"""The parts a flow-matching model's file may lack (its text encoders and VAE): found in the models folders by what
+their headers hold, one picked by a documented rule where several fit, and the pipeline put together from them.
+
+The rule, in order: a sidecar `<model>.json` beside the model naming its parts ({"vae": "vae/ae", ...}); the model's
+own file (ComfyUI's all-in-one checkpoints hold every part); the `text_encoders/`, `clip/` and `vae/` sub-folders of
+the models folders, where among the parts that fit, the one named as its usual download is (qwen_3_4b, ae, ...), then
+the first by name. A part fits when its type is the family's and its width the one the diffusion model reads."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+from transformers import AutoTokenizer
+
+from engine.diffusion_models import load_diffusion_model
+from engine.errors import ImagineError
+from engine.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
+from engine.headers import Part, read_header
+from engine.text_encoders import load_text_encoder, recognise_text_encoders
+from engine.vaes import load_vae, recognise_vae
+
+PART_FOLDERS = ("text_encoders", "clip", "vae")  # ComfyUI's sub-folders for them ("clip" is its older name)
+
+# What each part type is, where it goes, and the file people download for it, for the answer that says it is missing.
+DOWNLOADS = {
+    "qwen3": ("a Qwen3 text encoder", "text_encoders", "qwen_3_4b.safetensors (8 GB; Qwen3-8B's for klein 9B)"),
+    "t5-xxl": ("a T5-XXL text encoder", "text_encoders", "t5xxl_fp16.safetensors (9.8 GB; fp8_e4m3fn: 4.9 GB)"),
+    "clip-l": ("a CLIP-L text encoder", "text_encoders", "clip_l.safetensors (246 MB)"),
+    "ae": ("FLUX.1's VAE", "vae", "ae.safetensors (335 MB)"),
+    "flux2-vae": ("FLUX.2's VAE", "vae", "flux2-vae.safetensors (336 MB)"),
+}
+USUAL_NAMES = {"qwen3": "qwen_3", "t5-xxl": "t5xxl", "clip-l": "clip_l", "ae": "ae", "flux2-vae": "flux2-vae"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    name: str  # as the sidecar and GET /models name it: below its models folder, without .safetensors
+    path: Path
+    part: Part
+
+
+def parts_in(path: Path) -> list:
+    """The text encoders and VAE a .safetensors file holds, from its header."""
+    header = read_header(path)
+    vae = recognise_vae(header)
+    return [*recognise_text_encoders(header), *([vae] if vae else [])]
+
+
+def fits(part: Part, wanted: str, model: Part) -> bool:
+    """Whether `part` is of the `wanted` type and as wide as the diffusion model `model` reads."""
+    if part.type != wanted:
+        return False
+    width, numbers = part.numbers.get("width"), model.numbers
+    if wanted == "qwen3":  # klein reads three of its layers side by side; Z-Image reads one
+        return width * (3 if model.type == "flux2" else 1) == numbers["context_dim"]
+    if wanted == "t5-xxl":
+        return width == numbers["context_dim"]
+    if wanted == "clip-l":
+        return width == numbers["pooled_dim"]
+    return part.numbers.get("latent_channels") == numbers["latent_channels"]
+
+
+def describe_part(part: Part) -> str:
+    width = part.numbers.get("width") or part.numbers.get("latent_channels")
+    unit = "wide" if "width" in part.numbers else "latent channels"
+    return f"{DOWNLOADS[part.type][0]} ({width} {unit})" if part.type in DOWNLOADS else part.type
+
+
+class PartFinder:
+    """Finds the parts of flow-matching models; the headers of the part files are read once per version of a file."""
+
+    def __init__(self):
+        self.headers = {}  # (path, size, mtime) -> the parts in that file
+
+    def parts_of(self, path: Path) -> list:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self.headers:
+            try:
+                self.headers[key] = parts_in(path)
+            except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
+                self.headers[key] = []
+        return self.headers[key]
+
+    def candidates(self, folders: list) -> list:
+        """Every part file of the models folders' part sub-folders, as Found, by name."""
+        found = []
+        for folder in folders:
+            for sub in PART_FOLDERS:
+                for relative, path in walk_folders([folder / sub]):
+                    real = real_path(path)
+                    if path.suffix == ".safetensors" and real is not None and real.is_file():
+                        name = f"{sub}/{relative.removesuffix('.safetensors')}"
+                        found += [Found(name, real, part) for part in self.parts_of(real)]
+        return sorted(found, key=lambda each: each.name)
+
+    def find(self, model_path: Path, model: Part, family, folders: list) -> dict:
+        """{pipeline component: Found} for each part the family needs, or a 422 naming what is missing."""
+        sidecar = read_sidecar(model_path)
+        inside = [Found(model_path.stem, model_path, part) for part in self.parts_of(model_path)]
+        found, missing = {}, []
+        candidates = None
+        for component, wanted in family.parts:
+            if component in sidecar:
+                found[component] = self.named_part(sidecar[component], component, wanted, model, family, folders)
+                continue
+            fitting = [each for each in inside if fits(each.part, wanted, model)]
+            if not fitting:
+                candidates = self.candidates(folders) if candidates is None else candidates
+                fitting = sorted(
+                    (each for each in candidates if fits(each.part, wanted, model)),
+                    key=lambda each: USUAL_NAMES[wanted] not in Path(each.name).name.lower(),
+                )
+            if fitting:
+                found[component] = fitting[0]
+            else:
+                missing.append(wanted)
+        if missing:
+            raise ImagineError(missing_message(model_path.stem, family, model, missing, candidates or []), 422)
+        return found
+
+    def named_part(self, name: str, component: str, wanted: str, model: Part, family, folders: list) -> Found:
+        """The part a sidecar names, refused where it is not there or not of the kind the model needs."""
+        what = f"the sidecar's {component} {name!r}"
+        if not isinstance(name, str) or not name:
+            raise ImagineError(f"the sidecar's {component} must name a file in the models folders", 422)
+        check_model_name(name, field=f"the sidecar's {component}")
+        path = find_in_folders(folders, name, (".safetensors",))
+        real = path and real_path(path)
+        if not real or not real.is_file():
+            raise ImagineError(f"{what} is not in the models folders", 422)
+        parts = self.parts_of(real)
+        for part in parts:
+            if fits(part, wanted, model):
+                return Found(name, real, part)
+        held = ", ".join(describe_part(part) for part in parts) or "no text encoder or VAE"
+        need = DOWNLOADS[wanted][0]
+        raise ImagineError(f"{what} holds {held}; {family.label} needs {need} that fits it", 422)
+
+
+def read_sidecar(model_path: Path) -> dict:
+    """The parts a `<model>.json` beside the model names, {} where there is none."""
+    sidecar = model_path.with_suffix(".json")
+    try:
+        named = json.loads(read_regular_file(sidecar))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise ImagineError(f"{sidecar.name} beside the model is not readable JSON", 422) from None
+    if not isinstance(named, dict):
+        raise ImagineError(f'{sidecar.name} must be an object such as {{"vae": "vae/ae"}}', 422)
+    return named
+
+
+def missing_message(name: str, family, model: Part, missing: list, candidates: list) -> str:
+    """What to download and where, for each missing part, and what was found that does not fit."""
+    needs = []
+    for wanted in missing:
+        what, folder, download = DOWNLOADS[wanted]
+        needs.append(f"{what}: download {download} into {folder}/ of a models folder")
+    wrong = sorted({f"{each.name} ({describe_part(each.part)})" for each in candidates})
+    found = f"; found, but not fitting it: {', '.join(wrong)}" if wrong else ""
+    return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}"
+
+
+def build_flow_pipeline(family, model_path: Path, model: Part, parts: dict, config_dir: Path, dtype):
+    """The family's txt2img pipeline from its diffusion model, the parts found for it and the shipped configs and
+    tokenizers (config_dir: configs/<family>/); nothing is read from the network."""
+    components = {
+        "transformer": load_diffusion_model(model_path, model, config_dir, dtype),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir / "scheduler"),
+    }
+    for component, found in parts.items():
+        if component == "vae":
+            components["vae"] = load_vae(found.path, found.part, config_dir / "vae", dtype)
+        else:
+            components[component] = load_text_encoder(found.path, found.part, config_dir / component, dtype)
+            tokenizer = component.replace("text_encoder", "tokenizer")
+            components[tokenizer] = AutoTokenizer.from_pretrained(config_dir / tokenizer, local_files_only=True)
+    # Settings of the pipeline itself (klein's is_distilled), as model_index.json holds them in a diffusers folder.
+    index = json.loads((config_dir / "model_index.json").read_text())
+    options = {key: value for key, value in index.items() if not key.startswith("_") and not isinstance(value, list)}
+    return family.txt2img(**components, **options)

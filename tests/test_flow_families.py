@@ -1,0 +1,348 @@
+"""Z-Image, FLUX.2 klein and FLUX.1 end to end: tiny random models of their real architectures, written as the files
+people download (ComfyUI's split files in their original key layouts, an all-in-one checkpoint, a diffusers folder,
+fp8), loaded with the network blocked, drawn through every dialect and mode."""
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import decode_png, png_data, serving, wait_until
+from diffusion_model_files import flux1_tensors, flux2_tensors, write_tiny_transformer_configs, z_image_tensors
+from encoder_files import (
+    ae_tensors,
+    clip_l_tensors,
+    flux2_vae_tensors,
+    qwen3_tensors,
+    t5_tensors,
+    write_tiny_encoder_configs,
+)
+from PIL import Image
+from safetensors.torch import save_file
+from selenium.webdriver.support.ui import Select
+from test_web_page import element, fill_form, finished, open_page
+
+import imagine
+from engine.engine import Engine, Failed, Progress
+from engine.errors import ImagineError
+from engine.request import parse_request
+from engine.settings import CONFIGS_DIR
+
+SMALL = {"width": 64, "height": 64, "seed": 7}
+SPLIT_MODELS = {"z_image_turbo_bf16": "z-image", "flux-2-klein-4b": "flux2-klein", "flux1-schnell": "flux1-schnell",
+                "flux1-dev": "flux1-dev"}  # fmt: skip
+
+
+def save(path: Path, tensors: dict, prefix: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+    return path
+
+
+def fp8(tensors: dict) -> dict:
+    """As ComfyUI's fp8 files are: the weight matrices in float8_e4m3fn, the norms and biases as they were."""
+    return {name: t.to(torch.float8_e4m3fn) if t.dim() == 2 else t for name, t in tensors.items()}
+
+
+def write_comfyui_folder(models: Path) -> None:
+    """ComfyUI's models folder: diffusion models alone, their text encoders and VAEs, and an all-in-one checkpoint."""
+    save(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", z_image_tensors())
+    save(models / "diffusion_models" / "flux-2-klein-4b.safetensors", flux2_tensors())
+    save(models / "unet" / "flux1-schnell.safetensors", flux1_tensors(guidance=False))
+    save(models / "diffusion_models" / "flux1-dev.safetensors", flux1_tensors(guidance=True))
+    save(models / "diffusion_models" / "flux1-dev-fp8-e4m3fn.safetensors", fp8(flux1_tensors(guidance=True)))
+    save(models / "text_encoders" / "qwen_3_4b.safetensors", qwen3_tensors())
+    save(models / "text_encoders" / "clip_l.safetensors", clip_l_tensors())
+    save(models / "clip" / "t5xxl_fp16.safetensors", t5_tensors())
+    save(models / "vae" / "ae.safetensors", ae_tensors())
+    save(models / "vae" / "flux2-vae.safetensors", flux2_vae_tensors())
+    all_in_one = {
+        **{"model.diffusion_model." + k: v for k, v in flux1_tensors(guidance=True).items()},
+        **{"text_encoders.clip_l.transformer." + k: v for k, v in clip_l_tensors().items()},
+        **{"text_encoders.t5xxl.transformer." + k: v for k, v in t5_tensors().items()},
+        **{"vae." + k: v for k, v in ae_tensors().items()},
+    }
+    save(models / "checkpoints" / "flux1-dev-all-in-one.safetensors", all_in_one)
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory) -> Path:
+    """The shipped configs and tokenizers, with the tiny models' numbers in place of the full-size ones."""
+    configs = tmp_path_factory.mktemp("configs") / "configs"
+    shutil.copytree(CONFIGS_DIR, configs, symlinks=True)
+    write_tiny_transformer_configs(configs)
+    write_tiny_encoder_configs(configs)
+    return configs
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("ComfyUI") / "models"
+    write_comfyui_folder(models)
+    return models
+
+
+@pytest.fixture(scope="module")
+def flow_engine(comfyui, tiny_configs):
+    engine = Engine(imagine.Settings(model="demo", models_dir=comfyui, max_loaded=1), configs_dir=tiny_configs)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def flow_client(flow_engine):
+    return imagine.create_app(flow_engine).test_client()
+
+
+@pytest.fixture
+def over_loopback(flow_engine):
+    """The flow engine served by waitress on a loopback port, for the CLI: the one test here that opens sockets."""
+    with serving(flow_engine) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def offline(request):
+    """Every test here but the one over loopback runs with the network blocked (conftest's no_network)."""
+    if "over_loopback" not in request.fixturenames:
+        request.getfixturevalue("no_network")
+
+
+def generate(client, **body) -> dict:
+    response = client.post("/generate", json={"prompt": "a lighthouse at dusk", **SMALL, **body})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+@pytest.mark.parametrize("name, family", SPLIT_MODELS.items())
+def test_each_family_draws_from_comfyuis_split_files_with_its_own_defaults(flow_client, flow_engine, name, family):
+    answer = generate(flow_client, model=name)
+    assert decode_png(answer["img"]).size == (64, 64)
+    assert answer["steps"] == flow_engine.models.loaded[next(iter(flow_engine.models.loaded))].family.default_steps
+    assert flow_engine.models.loaded[next(iter(flow_engine.models.loaded))].family.name == family
+
+
+def test_models_lists_each_flow_model_with_its_family_and_parts(flow_client):
+    listed = {entry["name"]: entry for entry in flow_client.get("/models").get_json()["models"]}
+    for name, family in SPLIT_MODELS.items():
+        assert listed[name]["family"] == family, listed[name]
+    assert listed["z_image_turbo_bf16"]["parts"] == {"text_encoder": "text_encoders/qwen_3_4b", "vae": "vae/ae"}
+    assert listed["flux-2-klein-4b"]["parts"] == {"text_encoder": "text_encoders/qwen_3_4b", "vae": "vae/flux2-vae"}
+    assert listed["flux1-schnell"]["parts"] == {
+        "text_encoder": "text_encoders/clip_l", "text_encoder_2": "clip/t5xxl_fp16", "vae": "vae/ae",
+    }  # fmt: skip
+    # An all-in-one checkpoint's parts are its own.
+    all_in_one = listed["flux1-dev-all-in-one"]["parts"]
+    assert set(all_in_one.values()) == {"flux1-dev-all-in-one"}
+    # Text encoders and VAEs are parts, not models.
+    parts = ("text_encoders/", "vae/", "clip/")
+    assert not any(name.startswith(parts) or name in ("ae", "qwen_3_4b") for name in listed)
+
+
+def test_the_same_seed_draws_the_same_picture_and_another_seed_another(flow_client):
+    first = generate(flow_client, model="flux-2-klein-4b")["img"]
+    again = generate(flow_client, model="flux-2-klein-4b")["img"]
+    other = generate(flow_client, model="flux-2-klein-4b", seed=8)["img"]
+    assert first == again
+    assert first != other
+
+
+def test_picture_k_of_a_batch_is_the_picture_its_seed_draws_alone(flow_client):
+    batch = generate(flow_client, model="z_image_turbo_bf16", n=2)
+    alone = generate(flow_client, model="z_image_turbo_bf16", seed=8)
+    assert batch["seeds"] == [7, 8]
+    difference = np.abs(np.asarray(decode_png(batch["images"][1]), int) - np.asarray(decode_png(alone["img"]), int))
+    assert difference.max() <= 2  # a batch runs its matrix products in other shapes: float rounding, not a new picture
+
+
+def test_an_all_in_one_checkpoint_and_an_fp8_file_draw_as_the_split_files_do(flow_client, flow_engine):
+    split = decode_png(generate(flow_client, model="flux1-dev")["img"])
+    all_in_one = decode_png(generate(flow_client, model="flux1-dev-all-in-one")["img"])
+    assert np.array_equal(np.asarray(split), np.asarray(all_in_one))  # the same tensors, read from one file
+    generate(flow_client, model="flux1-dev-fp8-e4m3fn")
+    transformer = flow_engine.models.loaded[next(iter(flow_engine.models.loaded))].txt2img.transformer
+    assert any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())  # kept as downloaded, in fp8
+
+
+def test_a_diffusers_folder_of_a_flow_family_loads_too(flow_client, flow_engine, comfyui):
+    generate(flow_client, model="z_image_turbo_bf16")
+    model = flow_engine.models.loaded[next(iter(flow_engine.models.loaded))]
+    folder = comfyui / "Z-Image-Turbo"
+    model.txt2img.save_pretrained(folder)
+    try:
+        listed = {e["name"]: e for e in flow_client.get("/models").get_json()["models"]}
+        assert listed["Z-Image-Turbo"]["family"] == "z-image"
+        answer = generate(flow_client, model="Z-Image-Turbo")
+        assert decode_png(answer["img"]).size == (64, 64)
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name", ["z_image_turbo_bf16", "flux-2-klein-4b", "flux1-schnell"])
+def test_img2img_and_inpainting_keep_what_the_mask_keeps(flow_client, name):
+    start = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    img2img = generate(flow_client, model=name, img=png_data(start), strength=0.5)
+    assert decode_png(img2img["img"]).size == (64, 64)
+    painted = generate(flow_client, model=name, img=png_data(start), mask=png_data(mask), mask_blur=0)
+    pixels = np.asarray(decode_png(painted["img"]).convert("RGB"), int)
+    assert np.abs(pixels[:8, :8] - (200, 30, 30)).max() <= 2  # outside the mask: the input's pixels
+
+
+def test_previews_stream_from_the_packed_latents_of_each_family(flow_client):
+    for name in ("flux1-schnell", "flux-2-klein-4b", "z_image_turbo_bf16"):
+        body = {"prompt": "a fox", "model": name, **SMALL, "num_steps": 3, "stream": 1}
+        previews = [line for line in streamed(flow_client, body) if not line["done"]]
+        assert [line["step"] for line in previews] == [1, 2]
+        assert decode_png(previews[0]["img"]).size == (64, 64)
+        decoded = streamed(flow_client, {**body, "preview": "full"})[0]
+        assert decode_png(decoded["img"]).size == (64, 64)
+
+
+def streamed(client, body: dict) -> list:
+    text = client.post("/generate", json=body).get_data(as_text=True)
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_noticed_not_errors(flow_client):
+    answer = generate(flow_client, model="flux1-schnell", neg="blurry", guidance=5, prompt="a (red:1.3) fox")
+    notices = " ".join(answer["notices"])
+    assert "neg is ignored" in notices and "guidance is ignored" in notices and "(word:weight)" in notices
+    assert "notices" not in generate(flow_client, model="z_image_turbo_bf16", neg="blurry", guidance=2)
+
+
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        ({"width": 72}, "width", "multiple of 16"),
+        ({"sampler": "dpm++ 2m"}, "sampler", "euler, euler a"),
+        ({"guidance": 12}, "guidance", "between 0 and 10.0"),
+        ({"schedule": "karras"}, "schedule", "its own shifted schedule"),
+        ({"loras": [{"name": "x"}]}, "loras", "not supported yet"),
+    ],
+)
+def test_what_a_flow_family_cannot_draw_is_refused_before_any_work(flow_client, body, field, words):
+    response = flow_client.post("/generate", json={"prompt": "p", "model": "z_image_turbo_bf16", **SMALL, **body})
+    assert response.status_code == 400
+    assert words in response.get_json()["error"], response.get_json()
+
+
+def test_samplers_for_a_model_are_the_flow_samplers(flow_client):
+    answer = flow_client.get("/samplers?model=flux1-dev").get_json()
+    assert answer["samplers"] == ["euler", "euler a"] and answer["default"] == "euler"
+    assert answer["defaults"] == {"num_steps": 28, "guidance": 3.5, "size": 1024}
+    assert "dpm++ 2m" in flow_client.get("/samplers").get_json()["samplers"]
+
+
+def test_euler_a_draws_the_same_picture_for_the_same_seed(flow_client):
+    first = generate(flow_client, model="z_image_turbo_bf16", sampler="euler a")["img"]
+    assert first == generate(flow_client, model="z_image_turbo_bf16", sampler="euler a")["img"]
+    assert first != generate(flow_client, model="z_image_turbo_bf16")["img"]
+
+
+def test_a1111_clients_list_and_draw_flow_models(flow_client):
+    titles = [entry["model_name"] for entry in flow_client.get("/sdapi/v1/sd-models").get_json()]
+    assert "z_image_turbo_bf16" in titles
+    body = {"prompt": "a fox", "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": "flux-2-klein-4b"}}  # fmt: skip
+    answer = flow_client.post("/sdapi/v1/txt2img", json=body).get_json()
+    info = json.loads(answer["info"])
+    assert info["steps"] == 4 and decode_png(answer["images"][0]).size == (64, 64)
+
+
+def test_openai_clients_draw_flow_models_with_the_familys_steps(flow_client):
+    body = {"prompt": "a fox", "model": "z_image_turbo_bf16", "size": "256x256", "extra_body": None}
+    body.pop("extra_body")
+    answer = flow_client.post("/v1/images/generations", json=body).get_json()
+    image = Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"])))
+    assert image.size == (256, 256)
+
+
+def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(comfyui, tiny_configs, tmp_path):
+    models = tmp_path / "models"
+    save(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", z_image_tensors())
+    save(models / "text_encoders" / "t5xxl_fp16.safetensors", t5_tensors())  # of the wrong kind for Z-Image
+    engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
+    engine.start()
+    client = imagine.create_app(engine).test_client()
+    response = client.post("/generate", json={"prompt": "p", "model": "z_image_turbo_bf16", **SMALL})
+    error = response.get_json()["error"]
+    assert response.status_code == 422
+    assert "qwen_3_4b.safetensors" in error and "text_encoders/" in error and "ae.safetensors" in error
+    assert "text_encoders/t5xxl_fp16 (a T5-XXL text encoder" in error  # what is there, and why it does not fit
+    assert str(models) not in error
+    listed = {e["name"]: e for e in client.get("/models").get_json()["models"]}
+    assert "qwen_3_4b.safetensors" in listed["z_image_turbo_bf16"]["parts"]["missing"]
+    engine.stop()
+
+
+def test_a_sidecar_names_the_parts_and_one_of_the_wrong_kind_is_refused_naming_it(comfyui, tiny_configs, tmp_path):
+    models = tmp_path / "models"
+    save(models / "diffusion_models" / "z.safetensors", z_image_tensors())
+    shutil.copy(comfyui / "text_encoders" / "qwen_3_4b.safetensors", models / "mine.safetensors")
+    shutil.copy(comfyui / "vae" / "ae.safetensors", models / "my-vae.safetensors")
+    (models / "diffusion_models" / "z.json").write_text(json.dumps({"text_encoder": "mine", "vae": "my-vae"}))
+    engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
+    engine.start()
+    client = imagine.create_app(engine).test_client()
+    assert client.post("/generate", json={"prompt": "p", "model": "z", **SMALL}).status_code == 200
+    shutil.copy(models / "diffusion_models" / "z.safetensors", models / "diffusion_models" / "z2.safetensors")
+    (models / "diffusion_models" / "z2.json").write_text(json.dumps({"text_encoder": "my-vae", "vae": "my-vae"}))
+    response = client.post("/generate", json={"prompt": "p", "model": "z2", **SMALL})
+    assert response.status_code == 422
+    assert "'my-vae' holds FLUX.1's VAE" in response.get_json()["error"]
+    engine.stop()
+
+
+def test_a_gguf_file_is_refused_saying_it_is_not_supported_yet(flow_client, comfyui):
+    (comfyui / "diffusion_models" / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
+    response = flow_client.post("/generate", json={"prompt": "p", "model": "flux1-dev-Q4_K_S"})
+    assert response.status_code == 422 and "GGUF" in response.get_json()["error"]
+
+
+def test_a_truncated_diffusion_model_is_refused_as_damaged(flow_client, comfyui):
+    whole = (comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors").read_bytes()
+    (comfyui / "diffusion_models" / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    response = flow_client.post("/generate", json={"prompt": "p", "model": "cut", **SMALL})
+    assert response.status_code == 422 and "truncated" in response.get_json()["error"]
+
+
+def test_a_cancel_stops_a_flow_model_at_once_not_after_its_steps(flow_engine):
+    job = flow_engine.submit(parse_request({"prompt": "p", "model": "flux1-dev", **SMALL, "num_steps": 50}))
+    steps = []
+    for event in job:
+        if isinstance(event, Progress):
+            steps.append(event.step)
+            job.cancel(ImagineError("cancelled", 499))
+    assert isinstance(event, Failed) and event.cancelled
+    assert steps == [1]  # the transformer blocks' cancel points stop the next step as it begins
+
+
+def test_the_cli_draws_a_flow_model_through_the_server(over_loopback, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(Path(imagine.__file__).parent / "imagine-cli.py"), "a fox", "--model", "flux1-schnell",
+         "-w", "64", "-h", "64", "--server", over_loopback, "-o", str(tmp_path / "fox.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "fox.png").size == (64, 64)
+
+
+def test_the_web_page_offers_a_flow_models_own_steps_guidance_and_samplers_and_draws_with_it(over_loopback, browser):
+    open_page(browser, over_loopback)
+    Select(element(browser, "model")).select_by_value("z_image_turbo_bf16")
+    wait_until(lambda: element(browser, "num_steps").get_attribute("value") == "8", "the page took Z-Image's steps")
+    assert element(browser, "guidance").get_attribute("value") == "0"
+    assert [option.text for option in Select(element(browser, "sampler")).options] == ["euler", "euler a"]
+    fill_form(browser, "a lighthouse at dusk", steps=2, seed=5)
+    element(browser, "generate").click()
+    wait_until(lambda: finished(browser), "the page finished the picture")
+    assert element(browser, "error").text == ""
