@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, ZImageTransformer2DModel
+from safetensors.torch import save_file
 
 from engine.headers import Tensor
 
@@ -285,3 +286,15 @@ def full_size_header(config_dir: Path) -> dict:
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     tensors = original_layout(meta_model(config).state_dict(), config)
     return {name: Tensor(tuple(tensor.shape), "BF16") for name, tensor in tensors.items()}
+
+
+def random_fp8_file(path: Path, shapes: dict) -> None:
+    """A .safetensors of random weights of the given {name: shape}, stored as people download them to save memory:
+    matrices in fp8 (e4m3fn), norm scales of 1 and biases of 0 in bf16."""
+    tensors = {}
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            tensors[name] = (torch.randn(shape) * STD).to(torch.float8_e4m3fn)
+        else:
+            tensors[name] = (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=torch.bfloat16)
+    save_file(tensors, str(path))

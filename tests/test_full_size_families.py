@@ -3,8 +3,9 @@ architectures, stored in fp8 as people download them to save memory, loaded offl
 step), with the time and memory each takes printed (`-s` shows them; docs/performance.md has the figures).
 
 Slow and opt-in (`python -m pytest -m slow tests/test_full_size_families.py -s`): the files take 11-12 GB of disk in
-a temp dir, never kept, and loading takes up to 17 GB of memory. FLUX.1 (12B, with T5-XXL) needs more memory than
-a machine of 24 GB has beside them; it runs where 48 GB are free.
+a temp dir, never kept, and loading takes up to 13 GB of memory. FLUX.1 (12B, with T5-XXL) needs more memory than
+a machine of 24 GB has beside them; it runs where 48 GB are free. It computes in bfloat16 to bound the memory, which
+a CPU without avx512_bf16 or AMX emulates: there one picture takes over 25 minutes (docs/performance.md).
 """
 
 import resource
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 from conftest import decode_png
-from diffusion_model_files import full_size_header
+from diffusion_model_files import full_size_header, random_fp8_file
 from encoder_files import ae_tensors, clip_l_tensors, flux2_vae_tensors
 from safetensors.torch import save_file
 
@@ -24,17 +25,6 @@ from engine.engine import Engine
 from engine.settings import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow
-
-
-def random_file(path, shapes: dict) -> None:
-    """A .safetensors of random weights: matrices in fp8 (e4m3fn), norm scales of 1 and biases of 0 in bf16."""
-    tensors = {}
-    for name, shape in shapes.items():
-        if len(shape) >= 2:
-            tensors[name] = (torch.randn(shape) * 0.02).to(torch.float8_e4m3fn)
-        else:
-            tensors[name] = (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=torch.bfloat16)
-    save_file(tensors, str(path))
 
 
 def meta_shapes(model_class, config_dir, prefix: str = "") -> dict:
@@ -87,7 +77,7 @@ def test_the_released_architecture_loads_offline_and_draws(family, tmp_path, no_
         if isinstance(next(iter(content.values())), torch.Tensor):
             save_file({key: value.contiguous() for key, value in content.items()}, str(path))
         else:
-            random_file(path, {key: tuple(shape) for key, shape in content.items()})
+            random_fp8_file(path, {key: tuple(shape) for key, shape in content.items()})
         model = model or path.stem
     engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path, fp_prec="16"))
     engine.start()

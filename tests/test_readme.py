@@ -47,7 +47,15 @@ TALKS_TO_THE_SERVER = [
     if ("localhost:5000" in block or "./imagine-cli.py " in block) and block not in JOB_EXAMPLES
 ]
 # What the other shell examples do instead: set up, start a server, or configure another program.
-SETUP_MARKS = ("pip install", "python imagine.py", ". .venv/bin/activate", "sudo ", "systemctl", "bench/bench.py")
+SETUP_MARKS = (
+    "pip install",
+    "python imagine.py",
+    ". .venv/bin/activate",
+    "sudo ",
+    "systemctl",
+    "bench/bench.py",
+    "bench/flow_step.py",
+)
 
 EXAMPLES = [example("> astronaut.png"), example("> city.png"), example('"stream": 5')]
 NEW_EXAMPLES = {
