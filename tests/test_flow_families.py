@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ from test_web_page import element, fill_form, finished, open_page
 import imagine
 from engine.engine import Engine, Failed, Progress
 from engine.errors import ImagineError
+from engine.families import FAMILIES
+from engine.models import Models
 from engine.request import parse_request
 from engine.settings import CONFIGS_DIR
 
@@ -69,6 +72,12 @@ def write_comfyui_folder(models: Path) -> None:
         **{"vae." + k: v for k, v in ae_tensors().items()},
     }
     save(models / "checkpoints" / "flux1-dev-all-in-one.safetensors", all_in_one)
+    z_image_all_in_one = {
+        **{"model.diffusion_model." + k: v for k, v in z_image_tensors().items()},
+        **{"text_encoders.qwen3_4b.transformer." + k: v for k, v in qwen3_tensors().items()},
+        **{"vae." + k: v for k, v in ae_tensors().items()},
+    }
+    save(models / "checkpoints" / "z-image-all-in-one.safetensors", z_image_all_in_one)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +178,14 @@ def test_an_all_in_one_checkpoint_and_an_fp8_file_draw_as_the_split_files_do(flo
     generate(flow_client, model="flux1-dev-fp8-e4m3fn")
     transformer = flow_engine.models.loaded[next(iter(flow_engine.models.loaded))].txt2img.transformer
     assert any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())  # kept as downloaded, in fp8
+
+
+def test_a_z_image_all_in_one_checkpoint_draws_as_its_split_files_do(flow_client):
+    listed = {entry["name"]: entry for entry in flow_client.get("/models").get_json()["models"]}
+    assert listed["z-image-all-in-one"]["parts"] == {"text_encoder": "z-image-all-in-one", "vae": "z-image-all-in-one"}
+    split = decode_png(generate(flow_client, model="z_image_turbo_bf16")["img"])
+    all_in_one = decode_png(generate(flow_client, model="z-image-all-in-one")["img"])
+    assert np.array_equal(np.asarray(split), np.asarray(all_in_one))
 
 
 def test_a_diffusers_folder_of_a_flow_family_loads_too(flow_client, flow_engine, comfyui):
@@ -346,3 +363,38 @@ def test_the_web_page_offers_a_flow_models_own_steps_guidance_and_samplers_and_d
     element(browser, "generate").click()
     wait_until(lambda: finished(browser), "the page finished the picture")
     assert element(browser, "error").text == ""
+
+
+def test_offload_is_a_setting_taking_none_model_or_sequential(monkeypatch, capsys):
+    assert imagine.parse_settings([]).offload == "none"
+    assert imagine.parse_settings(["--offload", "model"]).offload == "model"
+    monkeypatch.setenv("IMAGINE_OFFLOAD", "sequential")
+    assert imagine.parse_settings([]).offload == "sequential"
+    with pytest.raises(SystemExit):
+        imagine.parse_settings(["--offload", "all"])
+    assert "--offload must be none, model or sequential, not 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_hands_a_gpu_models_parts_to_diffusers_cpu_offload(offload):
+    calls = []
+
+    class Pipeline:
+        """Records what loading asks of a pipeline: offloading needs a GPU, which is beside the point here."""
+
+        vae = SimpleNamespace(
+            enable_slicing=lambda: calls.append("slicing"), enable_tiling=lambda: calls.append("tiling")
+        )
+
+        def enable_model_cpu_offload(self, device):
+            calls.append(("model", device))
+
+        def enable_sequential_cpu_offload(self, device):
+            calls.append(("sequential", device))
+
+        def to(self, *args, **kwargs):
+            calls.append("to")
+
+    models = Models(imagine.Settings(offload=offload), torch.device("cuda"), torch.bfloat16)
+    models.place(Pipeline(), FAMILIES["z-image"])
+    assert calls == [(offload, torch.device("cuda")), "slicing", "tiling"]  # never moved whole onto the GPU
