@@ -41,12 +41,13 @@ def plain_prompt(prompt: str) -> tuple:
 
 
 def flow_notices(family, req) -> list:
-    """What the answer tells the client about parts of its request the family does without (`req` as sent: its
-    guidance is None where the client gave none)."""
+    """What the answer tells the client about parts of its request the family does without."""
     notices = []
     if req.neg and family.guidance != "cfg":
         notices.append(IGNORED_NEGATIVE.format(label=family.label))
-    if req.guidance is not None and family.guidance == "none":
+    # As sent, or as filled in already (the engine fills a request in before it queues and again as it runs): only a
+    # guidance other than the family's own asks for something it does without.
+    if req.guidance not in (None, family.default_guidance) and family.guidance == "none":
         notices.append(IGNORED_GUIDANCE.format(label=family.label))
     if plain_prompt(req.prompt)[1]:
         notices.append(STRIPPED_WEIGHTS.format(label=family.label))

@@ -234,6 +234,7 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
     notices = " ".join(answer["notices"])
     assert "neg is ignored" in notices and "guidance is ignored" in notices and "(word:weight)" in notices
     assert "notices" not in generate(flow_client, model="z_image_turbo_bf16", neg="blurry", guidance=2)
+    assert "notices" not in generate(flow_client, model="flux-2-klein-4b")  # its own guidance is no request for more
 
 
 @pytest.mark.parametrize(
