@@ -315,9 +315,10 @@ class Models:
     def place(self, pipe, family: Family) -> None:
         """Puts the pipeline on the device in the server's precision; a flow model's fp8 weights stay fp8 (their layers
         cast as they run: engine/diffusion_models.py), and with --offload its parts wait in CPU memory until used."""
-        if self.settings.offload != "none" and self.device.type != "cpu":
-            offload = pipe.enable_sequential_cpu_offload if self.settings.offload == "sequential" else None
-            (offload or pipe.enable_model_cpu_offload)(device=self.device)
+        if self.settings.offload == "model" and self.device.type != "cpu":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self.settings.offload == "sequential" and self.device.type != "cpu":
+            pipe.enable_sequential_cpu_offload(device=self.device)
         elif family.flow:
             pipe.to(self.device)
         else:
@@ -333,7 +334,7 @@ class Models:
         """(the diffusion model's Part, {component: Found}) for a flow-matching model's file."""
         model = recognise_diffusion_model(read_header(path))
         folders = model_folders(self.settings.models_dir)
-        return model, self.parts.find(path, model, self.family_of(str(path)), folders)
+        return model, self.parts.find(path, model, FAMILIES[flow_family_name(model)], folders)
 
     def parts_listing(self, path: Path) -> dict:
         """For GET /models: the parts a flow model would load with, or what it lacks."""
