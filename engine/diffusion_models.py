@@ -139,46 +139,66 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
 
 def fitted_config(part: Part, config_dir: Path) -> dict:
     """The config to build `part` with: the folder's, with the file's block counts and guidance embedder (pruned
-    and distilled variants differ in those), after checking that the widths agree."""
-    config = json.loads((config_dir / "transformer" / "config.json").read_text())
-    wanted = CLASSES[part.type].__name__
-    if config.get("_class_name") != wanted:
-        raise ImagineError(
-            f"the diffusion model is {FAMILY_NAMES[part.type]}, but the {config_dir.name} configuration is for "
-            f"{config.get('_class_name')}",
-            422,
-        )
+    and distilled variants differ in those), after checking that the widths agree. A family released in several
+    widths has a config for each beside the first (`transformer/`, `transformer-9b/` for FLUX.2 klein 4B and 9B):
+    the one the file's widths fit is taken."""
+    folders = [config_dir / "transformer", *sorted(config_dir.glob("transformer-*"))]
+    configs = [json.loads((folder / "config.json").read_text()) for folder in folders]
+    for config in configs:
+        wanted = CLASSES[part.type].__name__
+        if config.get("_class_name") != wanted:
+            raise ImagineError(
+                f"the diffusion model is {FAMILY_NAMES[part.type]}, but the {config_dir.name} configuration is for "
+                f"{config.get('_class_name')}",
+                422,
+            )
+        if all(found == configured for found, configured in widths(part, config).values()):
+            return {**config, **block_numbers(part)}
+    first = widths(part, configs[0])
+    what = next(what for what, (found, configured) in first.items() if found != configured)
+    found, configured = first[what]
+    others = "".join(
+        f", {folder.name.removeprefix('transformer-')}'s {widths(part, config)[what][1]}"
+        for folder, config in zip(folders[1:], configs[1:], strict=True)
+    )
+    raise ImagineError(
+        f"the diffusion model does not fit the {config_dir.name} architecture: its {what} is {found}, "
+        f"the architecture's {configured}{others}",
+        422,
+    )
+
+
+def widths(part: Part, config: dict) -> dict:
+    """{what: (the file's, the config's)} for each width the file must share with the config."""
     numbers = part.numbers
     if part.type == "z-image":
-        widths = {
+        return {
             "hidden width": (numbers["hidden"], config["dim"]),
             "number of heads": (numbers["heads"], config["n_heads"]),
             "text feature width": (numbers["context_dim"], config["cap_feat_dim"]),
             "input channels": (numbers["in_channels"], config["in_channels"]),
         }
-        blocks = {"n_layers": numbers["layers"], "n_refiner_layers": numbers["refiner_layers"]}
-    else:
-        widths = {
-            "hidden width": (numbers["hidden"], config["num_attention_heads"] * config["attention_head_dim"]),
-            "number of heads": (numbers["heads"], config["num_attention_heads"]),
-            "text feature width": (numbers["context_dim"], config["joint_attention_dim"]),
-            "input channels": (numbers["in_channels"], config["in_channels"]),
-        }
-        if part.type == "flux1":
-            widths["pooled text width"] = (numbers["pooled_dim"], config["pooled_projection_dim"])
-        blocks = {
-            "num_layers": numbers["double_blocks"],
-            "num_single_layers": numbers["single_blocks"],
-            "guidance_embeds": numbers["guidance"],
-        }
-    for what, (found, configured) in widths.items():
-        if found != configured:
-            raise ImagineError(
-                f"the diffusion model does not fit the {config_dir.name} architecture: its {what} is {found}, "
-                f"the architecture's {configured}",
-                422,
-            )
-    return {**config, **blocks}
+    flux = {
+        "hidden width": (numbers["hidden"], config["num_attention_heads"] * config["attention_head_dim"]),
+        "number of heads": (numbers["heads"], config["num_attention_heads"]),
+        "text feature width": (numbers["context_dim"], config["joint_attention_dim"]),
+        "input channels": (numbers["in_channels"], config["in_channels"]),
+    }
+    if part.type == "flux1":
+        flux["pooled text width"] = (numbers["pooled_dim"], config["pooled_projection_dim"])
+    return flux
+
+
+def block_numbers(part: Part) -> dict:
+    """The config entries the file's own numbers give: its block counts, and FLUX's guidance embedder."""
+    numbers = part.numbers
+    if part.type == "z-image":
+        return {"n_layers": numbers["layers"], "n_refiner_layers": numbers["refiner_layers"]}
+    return {
+        "num_layers": numbers["double_blocks"],
+        "num_single_layers": numbers["single_blocks"],
+        "guidance_embeds": numbers["guidance"],
+    }
 
 
 def read_tensors(path: Path, prefix: str) -> dict:

@@ -68,12 +68,20 @@ TINY_CONFIGS = {
     },
 }
 TINY_CONFIGS["flux1-schnell"] = {**TINY_CONFIGS["flux1-dev"], "guidance_embeds": False}
+# klein's second size, as 9B differs from 4B: more heads, and the three layers of a wider Qwen3 (48: 3 x 48)
+TINY_CONFIGS["flux2-klein/transformer-9b"] = {
+    **TINY_CONFIGS["flux2-klein"],
+    "num_attention_heads": 3,
+    "joint_attention_dim": 144,
+    "num_layers": 2,
+}
 
 
 def write_tiny_transformer_configs(configs_dir: Path) -> None:
-    """configs_dir/<family>/transformer/config.json for the tiny models, for each family."""
-    for family, config in TINY_CONFIGS.items():
-        folder = configs_dir / family / "transformer"
+    """The tiny models' configs: configs_dir/<family>/transformer/config.json for each family, and the other sizes'
+    configs where a family has them (configs_dir/flux2-klein/transformer-9b/config.json)."""
+    for name, config in TINY_CONFIGS.items():
+        folder = configs_dir / name if "/" in name else configs_dir / name / "transformer"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -270,9 +278,9 @@ def flux1_tensors(guidance: bool = True, double_blocks: int = 2, single_blocks: 
     return flux1_original(tiny_model_state(config, dtype), config)
 
 
-def flux2_tensors(dtype=torch.bfloat16) -> dict:
-    """A tiny FLUX.2 klein in BFL's layout."""
-    return flux2_original(tiny_model_state(TINY_CONFIGS["flux2-klein"], dtype), TINY_CONFIGS["flux2-klein"])
+def flux2_tensors(dtype=torch.bfloat16, size="flux2-klein") -> dict:
+    """A tiny FLUX.2 klein in BFL's layout; `size` "flux2-klein/transformer-9b" for one shaped as 9B is."""
+    return flux2_original(tiny_model_state(TINY_CONFIGS[size], dtype), TINY_CONFIGS[size])
 
 
 def z_image_tensors(dtype=torch.bfloat16) -> dict:
@@ -280,10 +288,10 @@ def z_image_tensors(dtype=torch.bfloat16) -> dict:
     return z_image_original(tiny_model_state(TINY_CONFIGS["z-image"], dtype), TINY_CONFIGS["z-image"])
 
 
-def full_size_header(config_dir: Path) -> dict:
-    """{original name: Tensor(shape, "BF16")}: the header of a bf16 file of the transformer `config_dir` describes
-    (a shipped folder: the real size), built on the meta device, with no weights."""
-    config = json.loads((config_dir / "transformer" / "config.json").read_text())
+def full_size_header(config_dir: Path, transformer: str = "transformer") -> dict:
+    """{original name: Tensor(shape, "BF16")}: the header of a bf16 file of the transformer `config_dir/transformer`
+    describes (a shipped folder: the real size), built on the meta device, with no weights."""
+    config = json.loads((config_dir / transformer / "config.json").read_text())
     tensors = original_layout(meta_model(config).state_dict(), config)
     return {name: Tensor(tuple(tensor.shape), "BF16") for name, tensor in tensors.items()}
 

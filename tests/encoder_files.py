@@ -21,6 +21,7 @@ SEED = 0
 
 QWEN3 = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
 QWEN3 |= {"intermediate_size": 64, "vocab_size": 151936, "max_window_layers": 4}
+QWEN3_WIDER = {**QWEN3, "hidden_size": 48, "num_attention_heads": 3}  # as Qwen3-8B is wider than 4B, for klein 9B
 T5 = {"d_model": 32, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 64}
 T5 |= {"vocab_size": 32128}
 CLIP_L = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -55,9 +56,10 @@ def write_tiny_encoder_configs(configs_dir: Path) -> None:
         path.write_text(json.dumps(_tiny_config(source, numbers), indent=2) + "\n")
 
 
-def qwen3_tensors(dtype=torch.bfloat16) -> dict:
-    """ComfyUI's qwen_3_4b.safetensors layout: `model.embed_tokens.weight`, `model.layers.N...`, `model.norm.weight`."""
-    model = _seeded(lambda: transformers.Qwen3Model(_transformers_config("z-image/text_encoder", QWEN3)))
+def qwen3_tensors(dtype=torch.bfloat16, numbers=QWEN3) -> dict:
+    """ComfyUI's qwen_3_4b.safetensors layout: `model.embed_tokens.weight`, `model.layers.N...`, `model.norm.weight`;
+    `numbers` QWEN3_WIDER for a wider one, as qwen_3_8b.safetensors is."""
+    model = _seeded(lambda: transformers.Qwen3Model(_transformers_config("z-image/text_encoder", numbers)))
     return {"model." + name: tensor.to(dtype) for name, tensor in model.state_dict().items()}
 
 

@@ -58,6 +58,9 @@ RELEASED_NUMBERS = {  # as the model cards and BFL's and Tongyi's code have them
     "flux1-dev": {**FLUX1_NUMBERS, "single_blocks": 38, "guidance": True, "hidden": 3072, "heads": 24, "head_dim": 128},
     "flux1-schnell": {**FLUX1_NUMBERS, "guidance": False},
 }
+# BFL's Klein9BParams: 8 double and 24 single blocks, 32 heads of 128, three layers of Qwen3-8B's 4096
+KLEIN_9B_NUMBERS = {"latent_channels": 32, "context_dim": 12288, "hidden": 4096, "heads": 32, "double_blocks": 8}
+KLEIN_9B_NUMBERS |= {"single_blocks": 24, "guidance": False}
 PUBLISHED_PARAMETERS = {  # Z-Image 6.15B, FLUX.2 klein 4B, FLUX.1 12B (schnell has no guidance embedder)
     "z-image": 6_154_908_736,
     "flux2-klein": 3_875_544_576,
@@ -197,6 +200,26 @@ def test_a_model_of_another_width_is_refused_naming_the_width(tmp_path, configs)
     assert str(tmp_path) not in refused.value.message
 
 
+def test_a_klein_of_the_9b_width_loads_through_the_9b_config(tmp_path, configs, no_network):
+    path = save(tmp_path / "flux-2-klein-9b.safetensors", flux2_tensors(size="flux2-klein/transformer-9b"))
+    model = loaded(path, configs, "flux2-klein", torch.bfloat16)
+    assert (model.config.num_attention_heads, model.config.joint_attention_dim) == (3, 144)
+    expected = tiny_model_state(TINY_CONFIGS["flux2-klein/transformer-9b"], torch.bfloat16)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_klein_of_neither_width_is_refused_naming_both_architectures(tmp_path, configs):
+    other = tmp_path / "configs"
+    shutil.copytree(configs / "flux2-klein", other / "flux2-klein")
+    for folder, width in (("transformer", 64), ("transformer-9b", 144)):
+        config = {**TINY_CONFIGS["flux2-klein"], "joint_attention_dim": width}
+        (other / "flux2-klein" / folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImagineError) as refused:
+        loaded(save(tmp_path / "klein.safetensors", flux2_tensors()), other, "flux2-klein")
+    assert refused.value.status == 422
+    assert "text feature width is 96, the architecture's 64, 9b's 144" in refused.value.message
+
+
 def test_a_model_of_another_family_than_its_config_is_refused(tmp_path, configs):
     with pytest.raises(ImagineError) as refused:
         loaded(save(tmp_path / "z.safetensors", z_image_tensors()), configs, "flux1-dev")
@@ -266,6 +289,17 @@ def test_a_full_size_file_is_recognised_with_the_released_numbers_and_fits_its_c
     config = fitted_config(part, CONFIGS_DIR / folder)
     tensors = {name: torch.empty(tensor.shape, device="meta") for name, tensor in header.items()}
     check_keys(to_diffusers(part, tensors), meta_model(config).state_dict())
+
+
+def test_the_shipped_klein_9b_config_has_the_released_numbers_and_the_size_its_name_gives():
+    header = full_size_header(CONFIGS_DIR / "flux2-klein", "transformer-9b")
+    part = recognise_diffusion_model(header)
+    assert part.type == "flux2" and part.numbers.items() >= KLEIN_9B_NUMBERS.items()
+    config = fitted_config(part, CONFIGS_DIR / "flux2-klein")
+    assert config["joint_attention_dim"] == 12288
+    tensors = {name: torch.empty(tensor.shape, device="meta") for name, tensor in header.items()}
+    check_keys(to_diffusers(part, tensors), meta_model(config).state_dict())
+    assert round(sum(p.numel() for p in meta_model(config).parameters()) / 1e9) == 9  # 9,078,581,248
 
 
 def test_the_shipped_schedulers_shift_as_the_released_models_do():

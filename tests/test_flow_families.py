@@ -17,6 +17,7 @@ import torch
 from conftest import decode_png, png_data, serving, wait_until
 from diffusion_model_files import flux1_tensors, flux2_tensors, write_tiny_transformer_configs, z_image_tensors
 from encoder_files import (
+    QWEN3_WIDER,
     ae_tensors,
     clip_l_tensors,
     flux2_vae_tensors,
@@ -38,8 +39,8 @@ from engine.request import parse_request
 from engine.settings import CONFIGS_DIR
 
 SMALL = {"width": 64, "height": 64, "seed": 7}
-SPLIT_MODELS = {"z_image_turbo_bf16": "z-image", "flux-2-klein-4b": "flux2-klein", "flux1-schnell": "flux1-schnell",
-                "flux1-dev": "flux1-dev"}  # fmt: skip
+SPLIT_MODELS = {"z_image_turbo_bf16": "z-image", "flux-2-klein-4b": "flux2-klein", "flux-2-klein-9b": "flux2-klein",
+                "flux1-schnell": "flux1-schnell", "flux1-dev": "flux1-dev"}  # fmt: skip
 
 
 def save(path: Path, tensors: dict, prefix: str = "") -> Path:
@@ -57,10 +58,12 @@ def write_comfyui_folder(models: Path) -> None:
     """ComfyUI's models folder: diffusion models alone, their text encoders and VAEs, and an all-in-one checkpoint."""
     save(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", z_image_tensors())
     save(models / "diffusion_models" / "flux-2-klein-4b.safetensors", flux2_tensors())
+    save(models / "diffusion_models" / "flux-2-klein-9b.safetensors", flux2_tensors(size="flux2-klein/transformer-9b"))
     save(models / "unet" / "flux1-schnell.safetensors", flux1_tensors(guidance=False))
     save(models / "diffusion_models" / "flux1-dev.safetensors", flux1_tensors(guidance=True))
     save(models / "diffusion_models" / "flux1-dev-fp8-e4m3fn.safetensors", fp8(flux1_tensors(guidance=True)))
     save(models / "text_encoders" / "qwen_3_4b.safetensors", qwen3_tensors())
+    save(models / "text_encoders" / "qwen_3_8b.safetensors", qwen3_tensors(numbers=QWEN3_WIDER))  # klein 9B's
     save(models / "text_encoders" / "clip_l.safetensors", clip_l_tensors())
     save(models / "clip" / "t5xxl_fp16.safetensors", t5_tensors())
     save(models / "vae" / "ae.safetensors", ae_tensors())
@@ -144,6 +147,7 @@ def test_models_lists_each_flow_model_with_its_family_and_parts(flow_client):
         assert listed[name]["family"] == family, listed[name]
     assert listed["z_image_turbo_bf16"]["parts"] == {"text_encoder": "text_encoders/qwen_3_4b", "vae": "vae/ae"}
     assert listed["flux-2-klein-4b"]["parts"] == {"text_encoder": "text_encoders/qwen_3_4b", "vae": "vae/flux2-vae"}
+    assert listed["flux-2-klein-9b"]["parts"] == {"text_encoder": "text_encoders/qwen_3_8b", "vae": "vae/flux2-vae"}
     assert listed["flux1-schnell"]["parts"] == {
         "text_encoder": "text_encoders/clip_l", "text_encoder_2": "clip/t5xxl_fp16", "vae": "vae/ae",
     }  # fmt: skip
