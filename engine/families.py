@@ -115,8 +115,9 @@ FLUX2_LATENT_RGB = (
     (-0.0332, -0.0457, -0.0468), (-0.0085, 0.0389, 0.0609), (-0.0076, 0.0003, -0.0043), (-0.0111, -0.0460, -0.0614),
 )  # fmt: skip
 
-# The flow-matching samplers (engine/flow.py): diffusers' FlowMatchEulerDiscreteScheduler, plain and stochastic.
-FLOW_SAMPLERS = ("euler", "euler a")
+# The flow-matching samplers (engine/flow.py): diffusers' FlowMatchEulerDiscreteScheduler, plain and stochastic, and
+# DPM-Solver++(2M) on its schedule.
+FLOW_SAMPLERS = ("euler", "euler a", "dpm++ 2m")
 FLOW = {"default_size": 1024, "default_sampler": "euler", "samplers": FLOW_SAMPLERS, "size_multiple": 16,
         "prompt_tokens": 512}  # fmt: skip
 Z_IMAGE = {"txt2img": ZImagePipeline, "img2img": ZImageImg2ImgPipeline, "inpaint": ZImageInpaintPipeline,

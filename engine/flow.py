@@ -2,9 +2,11 @@
 the prompt as they read it, and their latents made into previews."""
 
 import functools
+import math
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from engine.prompts import parse_prompt_attention
 from engine.text_encoders import inner_layers
@@ -15,9 +17,54 @@ IGNORED_GUIDANCE = "guidance is ignored: {label} is distilled to draw without it
 STRIPPED_WEIGHTS = "the prompt's (word:weight) emphasis is A1111's for CLIP models; {label} reads it as plain text"
 
 
+class FlowDPMSolver2M(FlowMatchEulerDiscreteScheduler):
+    """DPM-Solver++(2M) (Lu et al., 2022; k-diffusion's sample_dpmpp_2m, A1111's DPM++ 2M) on a flow-matching
+    model's own schedule. diffusers' DPMSolverMultistepScheduler has a flow form, but on sigmas of its own: it takes
+    neither the `sigmas` these pipelines pass (FLUX's resolution-dependent shift is applied to them) nor img2img's
+    `scale_noise`. Subclassing the Euler scheduler keeps its schedule, shift and noising, and replaces only the step.
+
+    In flow terms a latent at sigma is (1 - sigma) x0 + sigma noise, and the model predicts the velocity, noise - x0;
+    the solver steps in the log signal-to-noise ratio lambda = log((1 - sigma) / sigma), with the previous step's x0
+    prediction as its second order, and ends on the last prediction (sigma 0)."""
+
+    # The pipelines read this signature to see whether they may pass `sigmas`: it is spelled out, not *args.
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+        self.previous = None  # (the last step's x0 prediction, its step in lambda)
+
+    def step(self, model_output, timestep, sample, return_dict=True, **_):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = (float(each) for each in self.sigmas[self.step_index : self.step_index + 2])
+        sample = sample.to(torch.float32)
+        denoised = sample - sigma * model_output.to(torch.float32)
+        if sigma_next == 0:
+            prev_sample = denoised
+        else:
+            h = log_snr(sigma_next) - log_snr(sigma)
+            target = denoised
+            if self.previous is not None:
+                last_denoised, last_h = self.previous
+                half_ratio = h / (2 * last_h)  # 1 / 2r for r = last_h / h; 0 after the first step (last_h infinite)
+                target = (1 + half_ratio) * denoised - half_ratio * last_denoised
+            prev_sample = (sigma_next / sigma) * sample - (1 - sigma_next) * math.expm1(-h) * target
+            self.previous = (denoised, h)
+        self._step_index += 1
+        prev_sample = prev_sample.to(model_output.dtype)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+def log_snr(sigma: float) -> float:
+    """lambda = log((1 - sigma) / sigma): minus infinity at sigma 1 (pure noise), where the first step starts."""
+    return -math.inf if sigma >= 1 else math.log1p(-sigma) - math.log(sigma)
+
+
 def flow_scheduler(model, sampler: str, generators: list) -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler on the model's own settings (its shift, FLUX's resolution-dependent one included):
-    "euler" as trained, "euler a" adding fresh noise at each step, drawn from each picture's own seed."""
+    "euler" as trained, "euler a" adding fresh noise at each step, drawn from each picture's own seed, "dpm++ 2m"
+    the second-order multistep solver."""
+    if sampler == "dpm++ 2m":
+        return FlowDPMSolver2M.from_config(model.scheduler_config)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         model.scheduler_config, stochastic_sampling=sampler == "euler a"
     )

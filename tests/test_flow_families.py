@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import decode_png, png_data, serving, wait_until
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusion_model_files import flux1_tensors, flux2_tensors, write_tiny_transformer_configs, z_image_tensors
 from encoder_files import (
     QWEN3_WIDER,
@@ -34,6 +35,7 @@ import imagine
 from engine.engine import Engine, Failed, Progress
 from engine.errors import ImagineError
 from engine.families import FAMILIES
+from engine.flow import FlowDPMSolver2M
 from engine.models import Models
 from engine.request import parse_request
 from engine.settings import CONFIGS_DIR
@@ -245,7 +247,7 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
     "body, field, words",
     [
         ({"width": 72}, "width", "multiple of 16"),
-        ({"sampler": "dpm++ 2m"}, "sampler", "euler, euler a"),
+        ({"sampler": "heun"}, "sampler", "euler, euler a, dpm++ 2m"),
         ({"guidance": 12}, "guidance", "between 0 and 10.0"),
         ({"schedule": "karras"}, "schedule", "its own shifted schedule"),
         ({"loras": [{"name": "x"}]}, "loras", "not supported yet"),
@@ -259,15 +261,65 @@ def test_what_a_flow_family_cannot_draw_is_refused_before_any_work(flow_client, 
 
 def test_samplers_for_a_model_are_the_flow_samplers(flow_client):
     answer = flow_client.get("/samplers?model=flux1-dev").get_json()
-    assert answer["samplers"] == ["euler", "euler a"] and answer["default"] == "euler"
+    assert answer["samplers"] == ["euler", "euler a", "dpm++ 2m"] and answer["default"] == "euler"
     assert answer["defaults"] == {"num_steps": 28, "guidance": 3.5, "size": 1024}
-    assert "dpm++ 2m" in flow_client.get("/samplers").get_json()["samplers"]
+    assert "heun" in flow_client.get("/samplers").get_json()["samplers"]
 
 
 def test_euler_a_draws_the_same_picture_for_the_same_seed(flow_client):
     first = generate(flow_client, model="z_image_turbo_bf16", sampler="euler a")["img"]
     assert first == generate(flow_client, model="z_image_turbo_bf16", sampler="euler a")["img"]
     assert first != generate(flow_client, model="z_image_turbo_bf16")["img"]
+
+
+@pytest.mark.parametrize("name", ["z_image_turbo_bf16", "flux-2-klein-4b", "flux1-dev"])
+def test_dpm_2m_draws_each_family_the_same_for_the_same_seed_and_img2img_too(flow_client, name):
+    first = generate(flow_client, model=name, sampler="dpm++ 2m")
+    assert "Sampler: DPM++ 2M," in decode_png(first["img"]).info["parameters"]
+    assert first["img"] == generate(flow_client, model=name, sampler="dpm++ 2m")["img"]
+    assert first["img"] != generate(flow_client, model=name)["img"]
+    start = png_data(Image.new("RGB", (64, 64), (200, 30, 30)))
+    assert decode_png(generate(flow_client, model=name, sampler="dpm++ 2m", img=start, strength=0.5)["img"])
+
+
+def test_flow_dpm_2m_steps_as_diffusers_flow_form_of_dpm_solver_does_on_the_same_sigmas():
+    # diffusers' DPMSolverMultistepScheduler in its flow form, on its own sigmas (the pipelines cannot drive it)
+    reference = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=3.0,
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
+    reference.set_timesteps(12)
+    ours = FlowDPMSolver2M(shift=1.0)  # those sigmas, unshifted again
+    ours.set_timesteps(sigmas=reference.sigmas[:-1].numpy())
+    assert torch.allclose(ours.sigmas, reference.sigmas.float())
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def velocity(latents, sigma):  # a model whose x0 prediction moves with the latents: the second order matters
+        x0 = torch.tanh(target + latents)
+        return (latents - x0) / sigma
+
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    theirs = mine = start
+    for index, (their_t, our_t) in enumerate(zip(reference.timesteps, ours.timesteps, strict=True)):
+        theirs = reference.step(velocity(theirs, float(reference.sigmas[index])), their_t, theirs).prev_sample
+        mine = ours.step(velocity(mine, float(ours.sigmas[index])), our_t, mine).prev_sample
+    assert (mine - theirs).abs().max() < 1e-5  # a first-order solver ends 0.1 away
+    assert (mine - start).abs().max() > 1  # it moved: the two agree on a trajectory, not on standing still
+
+
+def test_flow_dpm_2m_takes_an_euler_step_from_pure_noise():
+    # the pipelines' schedules start at sigma 1, where lambda is minus infinity: the first step is first order
+    euler, ours = FlowMatchEulerDiscreteScheduler(shift=3.0), FlowDPMSolver2M(shift=3.0)
+    for scheduler in (euler, ours):
+        scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])
+    latents, velocity = torch.randn(2, 16), torch.randn(2, 16)
+    assert torch.allclose(ours.step(velocity, ours.timesteps[0], latents).prev_sample,
+                          euler.step(velocity, euler.timesteps[0], latents).prev_sample, atol=1e-6)  # fmt: skip
+    second = ours.step(velocity, ours.timesteps[1], latents).prev_sample
+    assert torch.isfinite(second).all()
 
 
 def test_a1111_clients_list_and_draw_flow_models(flow_client):
@@ -363,7 +415,7 @@ def test_the_web_page_offers_a_flow_models_own_steps_guidance_and_samplers_and_d
     Select(element(browser, "model")).select_by_value("z_image_turbo_bf16")
     wait_until(lambda: element(browser, "num_steps").get_attribute("value") == "8", "the page took Z-Image's steps")
     assert element(browser, "guidance").get_attribute("value") == "0"
-    assert [option.text for option in Select(element(browser, "sampler")).options] == ["euler", "euler a"]
+    assert [option.text for option in Select(element(browser, "sampler")).options] == ["euler", "euler a", "dpm++ 2m"]
     fill_form(browser, "a lighthouse at dusk", steps=2, seed=5)
     element(browser, "generate").click()
     wait_until(lambda: finished(browser), "the page finished the picture")
