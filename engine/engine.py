@@ -160,12 +160,10 @@ class Engine:
 
     def for_model(self, req: GenerationRequest, key: str) -> GenerationRequest:
         """The request filled in and checked for the model's family (for_family) before it queues, where a glance at
-        the model's header tells the family; a model that cannot be read fails as it loads, as before."""
-        try:
-            family = self.models.family_of(key)
-        except ImagineError:
-            return req
-        return for_family(req, family, self.settings.max_size)
+        the model's header (once per version of the file) tells the family; a model that cannot be read fails as it
+        loads."""
+        family = self.models.known_family(key)
+        return req if family is None else for_family(req, family, self.settings.max_size)
 
     def load_model(self, name: str) -> Job:
         """Queues the loading of a model: the job's one event says it is loaded (Started) or why not (Failed)."""

@@ -53,7 +53,7 @@ from engine.folders import (
     walk_folders,
 )
 from engine.headers import Truncated, read_header
-from engine.parts import PartFinder, build_flow_pipeline
+from engine.parts import PartFinder, build_flow_pipeline, read_sidecar
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -80,6 +80,19 @@ class LoadedModel:
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
+    # A flow model file's sidecar as it was loaded with ({} where it had none; engine/parts.py): when it is edited,
+    # the model loads again with the parts it now names. None for other models.
+    sidecar: dict | None = None
+
+
+def sidecar_changed(model: LoadedModel, path: Path) -> bool:
+    """Whether a loaded flow model's sidecar names other parts now (or cannot be read: loading again says why)."""
+    if model.sidecar is None:
+        return False
+    try:
+        return read_sidecar(path) != model.sidecar
+    except ImagineError:
+        return True
 
 
 FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
@@ -174,9 +187,20 @@ class Models:
         return listed
 
     def describe(self, real: Path) -> dict:
-        """Family, size and date of a model file or folder; the family is cached by path, size and date."""
+        """Family, size and date of a model file or folder."""
         stat = real.stat()
         size = stat.st_size if real.is_file() else sum(f.stat().st_size for f in real.rglob("*") if f.is_file())
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
+        described = {**self.cached_family(real), "size": size, "modified": modified}
+        family = FAMILIES.get(described["family"])
+        if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
+            described["parts"] = self.parts_listing(real) if real.is_file() else "in the folder"
+        return described
+
+    def cached_family(self, real: Path) -> dict:
+        """{"family": its name} or {"family": None, "error": why}: family_of, cached by path, size and date, so the
+        listing and each request read a file's header once per version of it."""
+        stat = real.stat()
         key = (str(real), stat.st_size, stat.st_mtime_ns)
         if key not in self.family_cache:
             try:
@@ -185,14 +209,20 @@ class Models:
                 self.family_cache[key] = {"family": None, "error": error.message}
             except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
                 self.family_cache[key] = {"family": None, "error": f"cannot be read ({type(error).__name__})"}
-        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
-        described = {**self.family_cache[key], "size": size, "modified": modified}
-        family = FAMILIES.get(described["family"])
-        if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
-            described["parts"] = self.parts_listing(real) if real.is_file() else "in the folder"
-        return described
+        return self.family_cache[key]
+
+    def known_family(self, key: str) -> Family | None:
+        """The family of the model `key` (see resolve), from the cache where its file was read before; None where
+        it cannot be read."""
+        path = Path(key)
+        if key == DEMO_MODEL or not path.exists():
+            return self.family_of(key)
+        return FAMILIES.get(self.cached_family(path)["family"])
 
     def get(self, key: str) -> LoadedModel:
+        if key in self.loaded and sidecar_changed(self.loaded[key], Path(key)):
+            log.info("the sidecar of %s changed: loading it again", self.loaded[key].name)
+            self.unload(key)
         if key in self.loaded:
             self.loaded.move_to_end(key)
             return self.loaded[key]
@@ -281,9 +311,11 @@ class Models:
 
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
+        sidecar = None
         if key == DEMO_MODEL:
             pipe = build_demo_pipeline(self.configs_dir / family.config)
         elif family.flow and path.is_file():
+            sidecar = read_sidecar(path)
             model, parts = self.flow_parts(path)
             pipe = build_flow_pipeline(family, path, model, parts, self.configs_dir / family.config, self.dtype)
         elif path.is_dir():
@@ -308,6 +340,7 @@ class Models:
             img2img,
             dict(pipe.scheduler.config),
             inpaint=inpaint,
+            sidecar=sidecar,
         )
         add_cancel_points(model)
         return model

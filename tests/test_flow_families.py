@@ -31,11 +31,13 @@ from safetensors.torch import save_file
 from selenium.webdriver.support.ui import Select
 from test_web_page import element, fill_form, finished, open_page
 
+import engine.models
 import imagine
 from engine.engine import Engine, Failed, Progress
 from engine.errors import ImagineError
 from engine.families import FAMILIES
 from engine.flow import FlowDPMSolver2M
+from engine.headers import read_header
 from engine.models import Models
 from engine.request import parse_request
 from engine.settings import CONFIGS_DIR
@@ -358,22 +360,34 @@ def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(comfyui
     engine.stop()
 
 
-def test_a_sidecar_names_the_parts_and_one_of_the_wrong_kind_is_refused_naming_it(comfyui, tiny_configs, tmp_path):
+def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(comfyui, tiny_configs, tmp_path):
     models = tmp_path / "models"
     save(models / "diffusion_models" / "z.safetensors", z_image_tensors())
     shutil.copy(comfyui / "text_encoders" / "qwen_3_4b.safetensors", models / "mine.safetensors")
     shutil.copy(comfyui / "vae" / "ae.safetensors", models / "my-vae.safetensors")
-    (models / "diffusion_models" / "z.json").write_text(json.dumps({"text_encoder": "mine", "vae": "my-vae"}))
+    sidecar = models / "diffusion_models" / "z.json"
+    sidecar.write_text(json.dumps({"text_encoder": "mine", "vae": "my-vae"}))
     engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
     engine.start()
     client = imagine.create_app(engine).test_client()
-    assert client.post("/generate", json={"prompt": "p", "model": "z", **SMALL}).status_code == 200
-    shutil.copy(models / "diffusion_models" / "z.safetensors", models / "diffusion_models" / "z2.safetensors")
-    (models / "diffusion_models" / "z2.json").write_text(json.dumps({"text_encoder": "my-vae", "vae": "my-vae"}))
-    response = client.post("/generate", json={"prompt": "p", "model": "z2", **SMALL})
-    assert response.status_code == 422
-    assert "'my-vae' holds FLUX.1's VAE" in response.get_json()["error"]
-    engine.stop()
+    try:
+        assert client.post("/generate", json={"prompt": "p", "model": "z", **SMALL}).status_code == 200
+        sidecar.write_text(json.dumps({"text_encoder": "my-vae", "vae": "my-vae"}))  # edited while z is loaded
+        response = client.post("/generate", json={"prompt": "p", "model": "z", **SMALL})
+        assert response.status_code == 422
+        assert "'my-vae' holds FLUX.1's VAE" in response.get_json()["error"]
+        sidecar.write_text(json.dumps({"text_encoder": "mine", "vae": "my-vae"}))
+        assert client.post("/generate", json={"prompt": "p", "model": "z", **SMALL}).status_code == 200
+    finally:
+        engine.stop()
+
+
+def test_a_request_for_a_model_read_before_reads_no_header_again(flow_client, monkeypatch):
+    generate(flow_client, model="flux-2-klein-4b")
+    reads = []
+    monkeypatch.setattr(engine.models, "read_header", lambda path: reads.append(path) or read_header(path))
+    generate(flow_client, model="flux-2-klein-4b")
+    assert reads == []
 
 
 def test_a_gguf_file_is_refused_saying_it_is_not_supported_yet(flow_client, comfyui):
