@@ -2,11 +2,11 @@
 architectures, stored in fp8 as people download them to save memory, loaded offline and drawn with (256x256, one
 step), with the time and memory each takes printed (`-s` shows them; docs/performance.md has the figures).
 
-Slow and opt-in (`python -m pytest -m slow tests/test_full_size_families.py -s`): the files take 11-12 GB of disk in
-a temp dir, never kept. It computes as the server would by default (`-f auto`: bfloat16 where the CPU has it, else
-float32), and loading an fp8 text encoder passes through that precision: 19.5 GB of memory at the peak in float32
-(klein, measured). FLUX.1 (12B, with T5-XXL) needs more than a machine of 24 GB has beside that; it runs where 48 GB
-are free.
+Slow and opt-in (`python -m pytest -m slow tests/test_full_size_families.py -s`): the files take 11-12 GB of disk
+(klein 9B's 17 GB) in a temp dir, never kept. It computes as the server would by default (`-f auto`: bfloat16 where
+the CPU has it, else float32), and loading an fp8 text encoder passes through that precision: 19.5 GB of memory at
+the peak in float32 (klein, measured). klein 9B (with Qwen3-8B) and FLUX.1 (12B, with T5-XXL) need more than a
+machine of 24 GB has beside that; they run where 42 and 48 GB are free.
 """
 
 import resource
@@ -28,15 +28,15 @@ from engine.settings import CONFIGS_DIR
 pytestmark = pytest.mark.slow
 
 
-def meta_shapes(model_class, config_dir, prefix: str = "") -> dict:
-    config = transformers.AutoConfig.from_pretrained(config_dir)
+def meta_shapes(model_class, config_dir, prefix: str = "", **numbers) -> dict:
+    config = transformers.AutoConfig.from_pretrained(config_dir, **numbers)
     with torch.device("meta"):
         model = model_class(config)
     return {prefix + name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def transformer_shapes(family: str) -> dict:
-    return {name: tensor.shape for name, tensor in full_size_header(CONFIGS_DIR / family).items()}
+def transformer_shapes(family: str, transformer: str = "transformer") -> dict:
+    return {name: tensor.shape for name, tensor in full_size_header(CONFIGS_DIR / family, transformer).items()}
 
 
 FAMILIES = {
@@ -54,6 +54,17 @@ FAMILIES = {
         ),
         "vae/flux2-vae.safetensors": flux2_vae_tensors(numbers={}),
     },
+    "flux2-klein-9b": lambda: {
+        "diffusion_models/flux-2-klein-9b-fp8.safetensors": transformer_shapes("flux2-klein", "transformer-9b"),
+        "text_encoders/qwen_3_8b_fp8.safetensors": meta_shapes(  # Qwen3-8B: 4096 wide, the 4B's depth and heads
+            transformers.Qwen3Model,
+            CONFIGS_DIR / "z-image" / "text_encoder",
+            "model.",
+            hidden_size=4096,
+            intermediate_size=12288,
+        ),
+        "vae/flux2-vae.safetensors": flux2_vae_tensors(numbers={}),
+    },
     "flux1-schnell": lambda: {
         "diffusion_models/flux1-schnell-fp8.safetensors": transformer_shapes("flux1-schnell"),
         "text_encoders/t5xxl_fp8_e4m3fn.safetensors": meta_shapes(
@@ -63,7 +74,8 @@ FAMILIES = {
         "vae/ae.safetensors": ae_tensors(numbers={}),
     },
 }
-NEEDS_GB = {"z-image": 24, "flux2-klein": 21, "flux1-schnell": 48}  # free GB, float32 compute
+# free GB, float32 compute: klein 4B measured; the others scaled by their files' sizes
+NEEDS_GB = {"z-image": 24, "flux2-klein": 21, "flux2-klein-9b": 42, "flux1-schnell": 48}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
