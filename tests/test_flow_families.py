@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import decode_png, png_data, serving, wait_until
+from conftest import assert_same_picture, decode_png, png_data, serving, wait_until
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusion_model_files import flux1_tensors, flux2_tensors, write_tiny_transformer_configs, z_image_tensors
 from encoder_files import (
@@ -54,8 +54,9 @@ def save(path: Path, tensors: dict, prefix: str = "") -> Path:
 
 
 def fp8(tensors: dict) -> dict:
-    """As ComfyUI's fp8 files are: the weight matrices in float8_e4m3fn, the norms and biases as they were."""
-    return {name: t.to(torch.float8_e4m3fn) if t.dim() == 2 else t for name, t in tensors.items()}
+    """As ComfyUI's fp8 files are: the weight matrices in float8_e4m3fn, the norms, biases and pad tokens as they
+    were."""
+    return {name: t.to(torch.float8_e4m3fn) if t.dim() == 2 and min(t.shape) > 1 else t for name, t in tensors.items()}
 
 
 def write_comfyui_folder(models: Path) -> None:
@@ -66,6 +67,8 @@ def write_comfyui_folder(models: Path) -> None:
     save(models / "unet" / "flux1-schnell.safetensors", flux1_tensors(guidance=False))
     save(models / "diffusion_models" / "flux1-dev.safetensors", flux1_tensors(guidance=True))
     save(models / "diffusion_models" / "flux1-dev-fp8-e4m3fn.safetensors", fp8(flux1_tensors(guidance=True)))
+    save(models / "diffusion_models" / "flux-2-klein-4b-fp8.safetensors", fp8(flux2_tensors()))
+    save(models / "diffusion_models" / "z_image_turbo_fp8_e4m3fn.safetensors", fp8(z_image_tensors()))
     save(models / "text_encoders" / "qwen_3_4b.safetensors", qwen3_tensors())
     save(models / "text_encoders" / "qwen_3_8b.safetensors", qwen3_tensors(numbers=QWEN3_WIDER))  # klein 9B's
     save(models / "text_encoders" / "clip_l.safetensors", clip_l_tensors())
@@ -85,6 +88,12 @@ def write_comfyui_folder(models: Path) -> None:
         **{"vae." + k: v for k, v in ae_tensors().items()},
     }
     save(models / "checkpoints" / "z-image-all-in-one.safetensors", z_image_all_in_one)
+    klein_all_in_one = {
+        **{"model.diffusion_model." + k: v for k, v in flux2_tensors().items()},
+        **{"text_encoders.qwen3_4b.transformer." + k: v for k, v in qwen3_tensors().items()},
+        **{"vae." + k: v for k, v in flux2_vae_tensors().items()},
+    }
+    save(models / "checkpoints" / "flux-2-klein-all-in-one.safetensors", klein_all_in_one)
 
 
 @pytest.fixture(scope="module")
@@ -179,33 +188,47 @@ def test_picture_k_of_a_batch_is_the_picture_its_seed_draws_alone(flow_client):
     assert difference.max() <= 2  # a batch runs its matrix products in other shapes: float rounding, not a new picture
 
 
-def test_an_all_in_one_checkpoint_and_an_fp8_file_draw_as_the_split_files_do(flow_client, flow_engine):
-    split = decode_png(generate(flow_client, model="flux1-dev")["img"])
-    all_in_one = decode_png(generate(flow_client, model="flux1-dev-all-in-one")["img"])
-    assert np.array_equal(np.asarray(split), np.asarray(all_in_one))  # the same tensors, read from one file
-    generate(flow_client, model="flux1-dev-fp8-e4m3fn")
+@pytest.mark.parametrize(
+    "split, all_in_one",
+    [("flux1-dev", "flux1-dev-all-in-one"), ("z_image_turbo_bf16", "z-image-all-in-one"),
+     ("flux-2-klein-4b", "flux-2-klein-all-in-one")],
+)  # fmt: skip
+def test_an_all_in_one_checkpoint_draws_as_its_split_files_do(flow_client, split, all_in_one):
+    listed = {entry["name"]: entry for entry in flow_client.get("/models").get_json()["models"]}
+    assert set(listed[all_in_one]["parts"].values()) == {all_in_one}  # every part found inside it
+    split_picture = decode_png(generate(flow_client, model=split)["img"])
+    whole_picture = decode_png(generate(flow_client, model=all_in_one)["img"])
+    assert np.array_equal(np.asarray(split_picture), np.asarray(whole_picture))  # the same tensors, read from one file
+
+
+@pytest.mark.parametrize(
+    "fp8_name, split", [("flux1-dev-fp8-e4m3fn", "flux1-dev"), ("flux-2-klein-4b-fp8", "flux-2-klein-4b"),
+                        ("z_image_turbo_fp8_e4m3fn", "z_image_turbo_bf16")],
+)  # fmt: skip
+def test_an_fp8_file_of_each_family_stays_fp8_and_draws_near_its_bf16_file(flow_client, flow_engine, fp8_name, split):
+    bf16 = np.asarray(decode_png(generate(flow_client, model=split)["img"]), float)
+    drawn = np.asarray(decode_png(generate(flow_client, model=fp8_name)["img"]), float)
     transformer = flow_engine.models.loaded[next(iter(flow_engine.models.loaded))].txt2img.transformer
     assert any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())  # kept as downloaded, in fp8
+    other_seed = np.asarray(decode_png(generate(flow_client, model=split, seed=8)["img"]), float)
+    assert np.abs(drawn - bf16).mean() < np.abs(other_seed - bf16).mean() / 2  # rounded weights, the same picture
 
 
-def test_a_z_image_all_in_one_checkpoint_draws_as_its_split_files_do(flow_client):
-    listed = {entry["name"]: entry for entry in flow_client.get("/models").get_json()["models"]}
-    assert listed["z-image-all-in-one"]["parts"] == {"text_encoder": "z-image-all-in-one", "vae": "z-image-all-in-one"}
-    split = decode_png(generate(flow_client, model="z_image_turbo_bf16")["img"])
-    all_in_one = decode_png(generate(flow_client, model="z-image-all-in-one")["img"])
-    assert np.array_equal(np.asarray(split), np.asarray(all_in_one))
-
-
-def test_a_diffusers_folder_of_a_flow_family_loads_too(flow_client, flow_engine, comfyui):
-    generate(flow_client, model="z_image_turbo_bf16")
+@pytest.mark.parametrize(
+    "name, folder_name, family",
+    [("z_image_turbo_bf16", "Z-Image-Turbo", "z-image"), ("flux-2-klein-4b", "FLUX.2-klein-4B", "flux2-klein"),
+     ("flux1-schnell", "FLUX.1-schnell", "flux1-schnell"), ("flux1-dev", "FLUX.1-dev", "flux1-dev")],
+)  # fmt: skip
+def test_a_diffusers_folder_of_each_flow_family_loads_too(flow_client, flow_engine, comfyui, name, folder_name, family):
+    split = generate(flow_client, model=name)
     model = flow_engine.models.loaded[next(iter(flow_engine.models.loaded))]
-    folder = comfyui / "Z-Image-Turbo"
-    model.txt2img.save_pretrained(folder)
+    folder = comfyui / folder_name
+    model.txt2img.save_pretrained(folder)  # as a snapshot of the model's Hugging Face repository is laid out
     try:
         listed = {e["name"]: e for e in flow_client.get("/models").get_json()["models"]}
-        assert listed["Z-Image-Turbo"]["family"] == "z-image"
-        answer = generate(flow_client, model="Z-Image-Turbo")
-        assert decode_png(answer["img"]).size == (64, 64)
+        assert listed[folder_name]["family"] == family
+        folder_picture = decode_png(generate(flow_client, model=folder_name)["img"])
+        assert_same_picture(np.asarray(folder_picture), np.asarray(decode_png(split["img"])))
     finally:
         shutil.rmtree(folder)
 
@@ -324,22 +347,28 @@ def test_flow_dpm_2m_takes_an_euler_step_from_pure_noise():
     assert torch.isfinite(second).all()
 
 
-def test_a1111_clients_list_and_draw_flow_models(flow_client):
+@pytest.mark.parametrize("name", ["z_image_turbo_bf16", "flux-2-klein-4b", "flux1-schnell", "flux1-dev"])
+def test_a1111_clients_list_each_family_and_draw_txt2img_and_img2img_with_its_steps(flow_client, name):
     titles = [entry["model_name"] for entry in flow_client.get("/sdapi/v1/sd-models").get_json()]
-    assert "z_image_turbo_bf16" in titles
+    assert name in titles
     body = {"prompt": "a fox", "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler",
-            "override_settings": {"sd_model_checkpoint": "flux-2-klein-4b"}}  # fmt: skip
+            "override_settings": {"sd_model_checkpoint": name}}  # fmt: skip
     answer = flow_client.post("/sdapi/v1/txt2img", json=body).get_json()
-    info = json.loads(answer["info"])
-    assert info["steps"] == 4 and decode_png(answer["images"][0]).size == (64, 64)
+    assert json.loads(answer["info"])["steps"] == FAMILIES[SPLIT_MODELS[name]].default_steps
+    again = {**body, "init_images": [answer["images"][0]], "denoising_strength": 0.5}
+    redrawn = flow_client.post("/sdapi/v1/img2img", json=again).get_json()
+    assert decode_png(redrawn["images"][0]).size == (64, 64) and redrawn["images"][0] != answer["images"][0]
 
 
-def test_openai_clients_draw_flow_models_with_the_familys_steps(flow_client):
-    body = {"prompt": "a fox", "model": "z_image_turbo_bf16", "size": "256x256", "extra_body": None}
-    body.pop("extra_body")
+@pytest.mark.parametrize("name", ["z_image_turbo_bf16", "flux-2-klein-4b", "flux1-schnell", "flux1-dev"])
+def test_openai_clients_draw_and_edit_with_each_family(flow_client, name):
+    body = {"prompt": "a fox", "model": name, "size": "256x256"}
     answer = flow_client.post("/v1/images/generations", json=body).get_json()
-    image = Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"])))
-    assert image.size == (256, 256)
+    drawn = base64.b64decode(answer["data"][0]["b64_json"])
+    assert Image.open(io.BytesIO(drawn)).size == (256, 256)
+    form = {**body, "image": (io.BytesIO(drawn), "fox.png")}
+    edited = flow_client.post("/v1/images/edits", data=form, content_type="multipart/form-data").get_json()
+    assert Image.open(io.BytesIO(base64.b64decode(edited["data"][0]["b64_json"]))).size == (256, 256)
 
 
 def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(comfyui, tiny_configs, tmp_path):
