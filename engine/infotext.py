@@ -54,6 +54,8 @@ FIELDS = {
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}
+# Forge's key for FLUX.1-dev's distilled guidance, beside a "CFG scale" of 1: where it is given, it is the guidance.
+DISTILLED_CFG = "Distilled CFG Scale"
 
 
 def split_infotext(text: str) -> tuple:
@@ -99,13 +101,16 @@ def infotext_fields(text: str) -> tuple:
     fields, ignored = {"prompt": prompt, "rng": "gpu"}, []
     if negative is not None:
         fields["neg"] = negative
-    for key, value in settings_pairs(line).items():
+    pairs = settings_pairs(line)
+    for key, value in pairs.items():
         if key in FIELDS:
             field, convert = FIELDS[key]
             converted = convert(key, value)
             fields |= converted if field is None else {field: converted}
-        elif key not in UNDERSTOOD:
+        elif key != DISTILLED_CFG and key not in UNDERSTOOD:
             ignored.append(key)
+    if DISTILLED_CFG in pairs:
+        fields["guidance"] = number(DISTILLED_CFG, pairs[DISTILLED_CFG])
     return fields | older_schedule(fields), ignored
 
 

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import ImagineError
 from engine.families import Family
 from engine.flow import flow_notices
-from engine.infotext import with_infotext
+from engine.infotext import DISTILLED_CFG, with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
 from engine.previews import PREVIEW_MODES
@@ -402,17 +402,27 @@ def without_aliases(body: dict) -> dict:
 
 
 def generation_parameters(
-    req: GenerationRequest, model_name: str, lora_hashes: dict | None = None, cut: tuple | None = None
+    req: GenerationRequest,
+    model_name: str,
+    lora_hashes: dict | None = None,
+    cut: tuple | None = None,
+    guidance: str = "cfg",
 ) -> str:
     """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
     prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
-    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran."""
+    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran.
+    `guidance` is what the family's guidance is (Family.guidance): FLUX.1-dev's distilled guidance is written as
+    Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
+    "Distilled CFG Scale"."""
     lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
+    scales = {"CFG scale": req.guidance}
+    if guidance == "distilled":
+        scales = {"CFG scale": 1.0, DISTILLED_CFG: req.guidance}
     settings = {
         "Steps": req.num_steps,
         "Sampler": sampler_label(req.sampler),
         "Schedule type": schedule_label(req.sampler, req.schedule),
-        "CFG scale": req.guidance,
+        **scales,
         "Seed": req.seed,
         "Size": f"{req.width}x{req.height}",
         "Model": model_name,

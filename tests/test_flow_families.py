@@ -284,6 +284,17 @@ def test_what_a_flow_family_cannot_draw_is_refused_before_any_work(flow_client, 
     assert words in response.get_json()["error"], response.get_json()
 
 
+def test_flux1_devs_distilled_guidance_is_written_as_forge_writes_it_and_pasted_back_redraws_the_picture(
+    flow_client,
+):
+    first = generate(flow_client, model="flux1-dev", guidance=4.5, num_steps=3)
+    text = decode_png(first["img"]).info["parameters"]
+    assert "CFG scale: 1.0, Distilled CFG Scale: 4.5," in text
+    again = flow_client.post("/generate", json={"parameters": text}).get_json()
+    assert np.array_equal(np.asarray(decode_png(again["img"])), np.asarray(decode_png(first["img"])))
+    assert again["parameters_ignored"] == []
+
+
 def test_samplers_for_a_model_are_the_flow_samplers(flow_client):
     answer = flow_client.get("/samplers?model=flux1-dev").get_json()
     assert answer["samplers"] == ["euler", "euler a", "dpm++ 2m"] and answer["default"] == "euler"

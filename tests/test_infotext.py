@@ -37,6 +37,12 @@ def test_a_civitai_infotext_sets_every_field_it_names():
     assert ignored == ["Model hash", "ENSD", "Version"]
 
 
+def test_forges_distilled_cfg_scale_for_flux_is_the_guidance_not_its_cfg_scale_of_one():
+    forge = "a fox\nSteps: 20, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 1, Size: 896x1152"
+    fields, ignored = infotext_fields(forge)
+    assert fields["guidance"] == 3.5 and ignored == []
+
+
 def test_the_request_takes_the_infotexts_fields_where_the_body_leaves_them_out():
     req = parse_request({"parameters": CIVITAI, "num_steps": 4, "model": "demo"})
     assert (req.num_steps, req.model, req.sampler, req.schedule, req.seed) == (
