@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from engine.errors import ImagineError
 from engine.headers import Part, with_prefix
+from engine.scaled_fp8 import DEQUANTISED, dequantised, is_scaled
 
 PREFIXES = ("", "model.diffusion_model.")  # a file of its own; a ComfyUI all-in-one checkpoint
 FLUX_PATCH = 4  # FLUX packs 2x2 latent pixels into one token: in_channels = 4 x the VAE's latent channels
@@ -62,6 +63,7 @@ def flux_numbers(tensors: dict) -> dict:
         "guidance": "guidance_in.in_layer.weight" in tensors,
         # the big matrices' dtype: an fp8 file may keep its biases and norms in bf16
         "dtype": tensors["double_blocks.0.img_attn.qkv.weight"].dtype,
+        "scaled": is_scaled(tensors),
         "double_blocks": block_count(tensors, "double_blocks."),
         "single_blocks": block_count(tensors, "single_blocks."),
         "hidden": hidden,
@@ -86,6 +88,7 @@ def z_image_numbers(tensors: dict) -> dict | None:
         "context_dim": tensors["cap_embedder.1.weight"].shape[1],
         "guidance": False,
         "dtype": tensors["layers.0.attention.qkv.weight"].dtype,
+        "scaled": is_scaled(tensors),
         "layers": block_count(tensors, "layers."),
         "refiner_layers": block_count(tensors, "noise_refiner."),
         "hidden": hidden,
@@ -122,19 +125,27 @@ RECOGNISERS = {  # type: (the tensors it must hold, all that its numbers are rea
 def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The diffusers transformer `part` names in the file at `path`, built from `config_dir`'s transformer config
     with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
-    `dtype`. A file that does not fit the config is refused (422), naming what did not fit."""
+    `dtype` (a scaled fp8 file's are multiplied out into bfloat16). A file that does not fit the config is refused
+    (422), naming what did not fit."""
     config = fitted_config(part, config_dir)
-    storage = STORAGE_DTYPES.get(part.numbers["dtype"])
+    storage = storage_dtype(part, dtype)
     with torch.device("meta"):  # no memory for weights the file replaces anyway
         model = CLASSES[part.type].from_config(config).to(dtype)
     if storage is not None:
         model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
     expected = model.state_dict()
-    state = to_diffusers(part, read_tensors(path, part.prefix))
+    state = to_diffusers(part, dequantised(read_tensors(path, part.prefix)))
     check_keys(state, expected)
     # each tensor in the dtype the model keeps it in: fp8 where layerwise casting stores it so, `dtype` elsewhere
     model.load_state_dict({name: state[name].to(expected[name].dtype) for name in expected}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def storage_dtype(part: Part, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the big weights are kept in where it is narrower than `dtype`, the one they compute in: an fp8
+    file's fp8, a scaled fp8 file's bfloat16 (engine/scaled_fp8.py); None where they are kept in `dtype`."""
+    storage = DEQUANTISED if part.numbers["scaled"] else STORAGE_DTYPES.get(part.numbers["dtype"])
+    return storage if storage is not None and storage.itemsize < dtype.itemsize else None
 
 
 def fitted_config(part: Part, config_dir: Path) -> dict:

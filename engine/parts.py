@@ -24,7 +24,11 @@ PART_FOLDERS = ("text_encoders", "clip", "vae")  # ComfyUI's sub-folders for the
 
 # What each part type is, where it goes, and the file people download for it, for the answer that says it is missing.
 DOWNLOADS = {
-    "qwen3": ("a Qwen3 text encoder", "text_encoders", "qwen_3_4b.safetensors (8 GB; Qwen3-8B's for klein 9B)"),
+    "qwen3": (
+        "a Qwen3 text encoder",
+        "text_encoders",
+        "qwen_3_4b.safetensors (8 GB; klein 9B: qwen_3_8b_fp8mixed.safetensors)",
+    ),
     "t5-xxl": ("a T5-XXL text encoder", "text_encoders", "t5xxl_fp16.safetensors (9.8 GB; fp8_e4m3fn: 4.9 GB)"),
     "clip-l": ("a CLIP-L text encoder", "text_encoders", "clip_l.safetensors (246 MB)"),
     "ae": ("FLUX.1's VAE", "vae", "ae.safetensors (335 MB)"),

@@ -13,6 +13,7 @@ from diffusers.hooks import apply_layerwise_casting_hook
 
 from engine.errors import ImagineError
 from engine.headers import Part
+from engine.scaled_fp8 import dequantised
 
 QWEN3_VOCAB = 151936  # every Qwen3 size shares this vocabulary (151643 BPE tokens, specials, padding)
 T5_VOCAB = 32128  # T5 v1.1's 32100 pieces and extra ids, padded to a multiple of 128
@@ -68,9 +69,6 @@ MODEL_CLASSES = {
     "clip-l": transformers.CLIPTextModel,
 }
 
-# ComfyUI's "scaled" fp8 files (t5xxl_fp8_e4m3fn_scaled): a `scaled_fp8` marker, and a `scale_weight` to multiply
-# each fp8 weight by (`scale_input` serves fp8 matrix products, which these models do not do).
-SCALED_FP8_MARKER, SCALED_FP8_EXTRAS = "scaled_fp8", (".scale_weight", ".scale_input")
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # Layers kept in the compute dtype even where the file stores them in fp8: embeddings (a model's `.dtype` is its first
 # parameter's, which the pipelines cast prompt embeddings to) and T5's `wo` (T5 casts the activations to its dtype).
@@ -99,20 +97,18 @@ def inner_layers(depth: int) -> tuple:
 
 def load_text_encoder(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
     """The text encoder `part` of the file at `path`, built from the config.json in `config_dir` with every number in
-    `part.numbers` put in its place, and loaded strictly (a missing or unexpected tensor is refused, naming it). An fp8
-    file's weights stay fp8 in memory and are cast to `dtype` layer by layer as they run (a scaled fp8 file's are
-    scaled into `dtype` on loading). T5's `encoder.embed_tokens` is tied to the `shared` embedding the file stores
-    (transformers ties it on loading)."""
+    `part.numbers` put in its place, and loaded strictly (a missing or unexpected tensor is refused, naming it). An
+    fp8 file's weights stay fp8 in memory and are cast to `dtype` layer by layer as they run (a scaled fp8 file's
+    are multiplied by their scales on loading, and kept in bfloat16: engine/scaled_fp8.py). T5's
+    `encoder.embed_tokens` is tied to the `shared` embedding the file stores (transformers ties it on loading)."""
     config = _config_with_numbers(config_dir, part)
     with safetensors.safe_open(path, framework="pt") as file:
         # Slices, read only as each tensor is put in place: a file's tensors are never all in memory twice.
         names = [name for name in file.keys() if name.startswith(part.prefix)]  # noqa: SIM118 (safe_open is no mapping)
         tensors = {name[len(part.prefix) :]: file.get_slice(name) for name in names}
-        if SCALED_FP8_MARKER in tensors:
-            tensors = _scaled_into(tensors, dtype)
-        state = _model_state(tensors, part.type)
+        state = _model_state(dequantised(tensors), part.type)
         model = _load_strictly(MODEL_CLASSES[part.type], config, state, dtype, part.type)
-    _keep_weights_fp8(model, _fp8_weights(state), dtype)
+    _keep_weights_stored(model, _stored_dtypes(state, dtype), dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -204,17 +200,6 @@ def _file_name(key: str, encoder_type: str) -> str:
     return {"qwen3": "model.", "clip-l": "text_model."}.get(encoder_type, "") + key
 
 
-def _scaled_into(tensors: dict, dtype: torch.dtype) -> dict:
-    """A scaled fp8 file's tensors with each scaled weight multiplied by its scale, in `dtype`, and the scales gone."""
-    out = {}
-    for name, tensor in tensors.items():
-        if name == SCALED_FP8_MARKER or name.endswith(SCALED_FP8_EXTRAS):
-            continue
-        scale = tensors.get(name.removesuffix(".weight") + ".scale_weight") if name.endswith(".weight") else None
-        out[name] = tensor if scale is None else (tensor[:].float() * scale[:].float()).to(dtype)
-    return out
-
-
 def _model_state(tensors: dict, encoder_type: str) -> dict:
     """The file's tensors under the names the transformers model gives them."""
     state = {}
@@ -258,19 +243,24 @@ def _expected_shapes(model_class, config) -> dict:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
 
 
-def _fp8_weights(state: dict) -> dict:
-    """{model name: fp8 dtype} of the weights the file stores in fp8 (slices; a scaled file's weights are tensors)."""
-    return {
-        name: FP8_DTYPES[tensor.get_dtype()]
-        for name, tensor in state.items()
-        if not isinstance(tensor, torch.Tensor) and tensor.get_dtype() in FP8_DTYPES
-    }
+def _stored_dtypes(state: dict, compute_dtype: torch.dtype) -> dict:
+    """{model name: dtype} of the weights kept narrower than `compute_dtype` in memory: those the file stores in fp8
+    (slices), and scaled fp8 weights multiplied out into bfloat16 (tensors: engine/scaled_fp8.py)."""
+    stored = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            if tensor.dtype.itemsize < compute_dtype.itemsize:
+                stored[name] = tensor.dtype
+        elif tensor.get_dtype() in FP8_DTYPES:
+            stored[name] = FP8_DTYPES[tensor.get_dtype()]
+    return stored
 
 
-def _keep_weights_fp8(model, fp8_weights: dict, compute_dtype: torch.dtype) -> None:
-    """Store each layer whose weight the file has in fp8 in that dtype again (half the memory of bf16), cast to
-    `compute_dtype` only while it runs. The weights passed through `compute_dtype` on loading: exact for fp8 values."""
+def _keep_weights_stored(model, stored: dict, compute_dtype: torch.dtype) -> None:
+    """Store each layer whose weight is kept narrower (_stored_dtypes) in that dtype again (fp8: half the memory of
+    bf16), cast to `compute_dtype` only while it runs. The weights passed through `compute_dtype` on loading: exact
+    for fp8 and bf16 values."""
     for name, module in model.named_modules():
-        storage_dtype = fp8_weights.get(name + ".weight")
+        storage_dtype = stored.get(name + ".weight")
         if storage_dtype is not None and not COMPUTE_DTYPE_LAYERS.search(name):
             apply_layerwise_casting_hook(module, storage_dtype, compute_dtype, non_blocking=False)

@@ -306,3 +306,32 @@ def random_fp8_file(path: Path, shapes: dict) -> None:
         else:
             tensors[name] = (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=torch.bfloat16)
     save_file(tensors, str(path))
+
+
+def is_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """What fp8 files store in fp8: the weight matrices; not the norms, biases and pad tokens."""
+    return tensor.dim() == 2 and min(tensor.shape) > 1
+
+
+def scaled_fp8_tensors(tensors: dict, chosen=is_matrix, layout: str = "mixed") -> dict:
+    """The tensors as ComfyUI's scaled fp8 files hold them: each weight `chosen(name, tensor)` picks as the fp8
+    values of weight / scale beside its scale, in ComfyUI's newer "mixed" layout (a 0-dimensional `weight_scale`, an
+    `input_scale` and a `comfy_quant` note naming the format) or the "older" one (`scale_weight`, `scale_input` and
+    a `scaled_fp8` marker)."""
+    note = list(b'{"format": "float8_e4m3fn"}')
+    scaled = {} if layout == "mixed" else {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for name, tensor in tensors.items():
+        if not chosen(name, tensor):
+            scaled[name] = tensor
+            continue
+        scale = tensor.float().abs().max() / 448  # fp8 e4m3's largest value, as ComfyUI scales
+        stem = name.removesuffix(".weight")
+        scaled[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+        if layout == "mixed":
+            scaled[stem + ".weight_scale"] = scale
+            scaled[stem + ".input_scale"] = torch.tensor(1.0)
+            scaled[stem + ".comfy_quant"] = torch.tensor(note, dtype=torch.uint8)
+        else:
+            scaled[stem + ".scale_weight"] = scale.reshape(1)
+            scaled[stem + ".scale_input"] = torch.ones(1)
+    return scaled

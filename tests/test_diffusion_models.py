@@ -15,6 +15,7 @@ from diffusion_model_files import (
     flux2_tensors,
     full_size_header,
     meta_model,
+    scaled_fp8_tensors,
     tiny_model_state,
     write_tiny_transformer_configs,
     z_image_tensors,
@@ -249,10 +250,10 @@ def test_a_file_missing_a_tensor_is_refused_naming_it(tmp_path, configs, family,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_file_with_an_unknown_tensor_is_refused_naming_it(tmp_path, configs, family):
     tensors, folder, _ = FAMILIES[family]
-    extra = {**tensors(), "scaled_fp8": torch.zeros(2)}
+    extra = {**tensors(), "extra_block.weight": torch.zeros(2)}
     with pytest.raises(ImagineError) as refused:
         loaded(save(tmp_path / "extra.safetensors", extra), configs, folder)
-    assert refused.value.status == 422 and "scaled_fp8" in refused.value.message
+    assert refused.value.status == 422 and "extra_block.weight" in refused.value.message
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -272,6 +273,24 @@ def test_an_fp8_file_stays_fp8_in_memory_and_runs_in_the_compute_dtype(tmp_path,
     assert model.dtype == torch.bfloat16  # what the pipelines cast their inputs to
     output = forward(model, family)
     assert output.dtype == torch.bfloat16 and torch.isfinite(output.float()).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_comfyui_scaled_fp8_file_loads_with_its_scales_multiplied_out(tmp_path, configs, family, no_network):
+    tensors, folder, _ = FAMILIES[family]
+    written = scaled_fp8_tensors(tensors())
+    path = save(tmp_path / "scaled.safetensors", written)
+    part = recognise_diffusion_model(read_header(path))
+    assert part.numbers["scaled"]
+    model = load_diffusion_model(path, part, configs / folder, torch.float32)
+    expected = tiny_model_state(TINY_CONFIGS[folder], torch.float32)
+    state = model.state_dict()
+    big = [name for name, tensor in expected.items() if tensor.dim() == 2 and min(tensor.shape) > 1]
+    dtypes = {state[name].dtype for name in big}  # multiplied out, half of float32 (norms and the like: float32)
+    assert torch.bfloat16 in dtypes and dtypes <= {torch.bfloat16, torch.float32}
+    for name in big:  # within fp8's rounding of each weight (3 bits of mantissa) and bf16's of the product
+        assert torch.allclose(state[name].float(), expected[name], rtol=0.07, atol=2e-3), name
+    assert torch.isfinite(forward(model, family)).all()
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

@@ -16,7 +16,14 @@ import pytest
 import torch
 from conftest import assert_same_picture, decode_png, png_data, serving, wait_until
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-from diffusion_model_files import flux1_tensors, flux2_tensors, write_tiny_transformer_configs, z_image_tensors
+from diffusion_model_files import (
+    flux1_tensors,
+    flux2_tensors,
+    is_matrix,
+    scaled_fp8_tensors,
+    write_tiny_transformer_configs,
+    z_image_tensors,
+)
 from encoder_files import (
     QWEN3_WIDER,
     ae_tensors,
@@ -56,7 +63,7 @@ def save(path: Path, tensors: dict, prefix: str = "") -> Path:
 def fp8(tensors: dict) -> dict:
     """As ComfyUI's fp8 files are: the weight matrices in float8_e4m3fn, the norms, biases and pad tokens as they
     were."""
-    return {name: t.to(torch.float8_e4m3fn) if t.dim() == 2 and min(t.shape) > 1 else t for name, t in tensors.items()}
+    return {name: t.to(torch.float8_e4m3fn) if is_matrix(name, t) else t for name, t in tensors.items()}
 
 
 def write_comfyui_folder(models: Path) -> None:
@@ -212,6 +219,30 @@ def test_an_fp8_file_of_each_family_stays_fp8_and_draws_near_its_bf16_file(flow_
     assert any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())  # kept as downloaded, in fp8
     other_seed = np.asarray(decode_png(generate(flow_client, model=split, seed=8)["img"]), float)
     assert np.abs(drawn - bf16).mean() < np.abs(other_seed - bf16).mean() / 2  # rounded weights, the same picture
+
+
+def test_comfyuis_scaled_fp8_files_of_klein_9b_as_people_download_them_draw_near_the_bf16_files(
+    flow_client, tiny_configs, tmp_path
+):
+    # klein 9B's downloads: flux-2-klein-9b-fp8 and Comfy-Org's qwen_3_8b_fp8mixed (scaled fp8, ComfyUI's layout)
+    models = tmp_path / "models"
+    klein = flux2_tensors(size="flux2-klein/transformer-9b")
+    save(models / "diffusion_models" / "flux-2-klein-9b-fp8.safetensors", scaled_fp8_tensors(klein))
+    qwen = qwen3_tensors(numbers=QWEN3_WIDER)
+    mixed = scaled_fp8_tensors(qwen, lambda name, _: ".layers." in name and name.endswith("proj.weight"))
+    save(models / "text_encoders" / "qwen_3_8b_fp8mixed.safetensors", mixed)
+    save(models / "vae" / "flux2-vae.safetensors", flux2_vae_tensors())
+    engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
+    engine.start()
+    try:
+        client = imagine.create_app(engine).test_client()
+        drawn = generate(client, model="flux-2-klein-9b-fp8")
+        bf16 = np.asarray(decode_png(generate(flow_client, model="flux-2-klein-9b")["img"]), float)
+        other_seed = np.asarray(decode_png(generate(flow_client, model="flux-2-klein-9b", seed=8)["img"]), float)
+        difference = np.abs(np.asarray(decode_png(drawn["img"]), float) - bf16).mean()
+        assert difference < np.abs(other_seed - bf16).mean() / 2  # rounded weights, the same picture
+    finally:
+        engine.stop()
 
 
 @pytest.mark.parametrize(

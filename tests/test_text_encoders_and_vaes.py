@@ -12,6 +12,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2KleinPipeline, ZImagePipeline
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from diffusion_model_files import scaled_fp8_tensors
 from ldm_checkpoint import _vae_prefixes
 from safetensors.torch import save_file
 
@@ -231,21 +232,39 @@ def test_an_all_fp8_t5_runs_keeping_its_embedding_and_wo_in_bf16(tmp_path, tiny_
 
 def test_a_scaled_fp8_t5_loads_with_its_scales_applied(tmp_path, tiny_configs):
     tensors = encoder_files.t5_tensors(torch.float32)
-    scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
-    for name, tensor in tensors.items():
-        if name.endswith("DenseReluDense.wi_0.weight"):
-            scale = tensor.abs().max() / 448  # fp8 e4m3's largest value, as ComfyUI scales
-            scaled[name] = (tensor / scale).to(torch.float8_e4m3fn)
-            scaled[name.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
-            scaled[name.removesuffix(".weight") + ".scale_input"] = torch.ones(1)
-        else:
-            scaled[name] = tensor
+    scaled = scaled_fp8_tensors(tensors, lambda name, _: name.endswith("DenseReluDense.wi_0.weight"), "older")
     path = save(tmp_path, "t5xxl_fp8_e4m3fn_scaled.safetensors", scaled, T5_PREFIX)
     (part,) = text_encoders.recognise_text_encoders(read_header(path))
     model = text_encoders.load_text_encoder(path, part, tiny_configs / "flux1-dev/text_encoder_2", torch.float32)
     loaded = model.encoder.block[1].layer[1].DenseReluDense.wi_0.weight
-    assert loaded.dtype == torch.float32
-    assert torch.allclose(loaded, tensors["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"], rtol=0.07, atol=1e-4)
+    assert loaded.dtype == torch.bfloat16  # multiplied out, kept at half the compute dtype's size
+    expected = tensors["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"]
+    assert torch.allclose(loaded.float(), expected, rtol=0.07, atol=1e-4)
+    output = model(input_ids=torch.tensor([[8774, 296, 1]])).last_hidden_state
+    assert output.dtype == torch.float32 and torch.isfinite(output).all()
+
+
+def test_a_comfyui_mixed_precision_qwen3_loads_with_its_scales_applied_and_encodes_as_the_bf16_file(
+    tmp_path, tiny_configs
+):
+    # qwen_3_8b_fp8mixed.safetensors' layout: the layers' matrices in fp8 beside their scales, the embedding in bf16
+    tensors = encoder_files.qwen3_tensors()
+    mixed = scaled_fp8_tensors(tensors, lambda name, _: ".layers." in name and name.endswith("proj.weight"))
+    path = save(tmp_path, "qwen_3_8b_fp8mixed.safetensors", mixed)
+    plain = save(tmp_path, "qwen_3_4b.safetensors", tensors)
+    config = tiny_configs / "z-image/text_encoder"
+    encoders = []
+    for file in (path, plain):
+        (part,) = text_encoders.recognise_text_encoders(read_header(file))
+        encoders.append(text_encoders.load_text_encoder(file, part, config, torch.float32))
+    mixed_model, plain_model = encoders
+    assert mixed_model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[9707, 1879, 151645]])
+    mixed_output = mixed_model(input_ids=ids).last_hidden_state
+    plain_output = plain_model(input_ids=ids).last_hidden_state
+    # fp8 keeps 3 bits of mantissa: near the bf16 file's output, nowhere near another prompt's
+    other = plain_model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
+    assert (mixed_output - plain_output).abs().mean() < (other - plain_output).abs().mean() / 4
 
 
 def test_full_size_text_encoder_configs_build_the_published_models():
