@@ -50,6 +50,7 @@ A1111_FIELD_NAMES = {
     "neg": "negative_prompt",
     "num_steps": "steps",
     "guidance": "cfg_scale",
+    "distilled_guidance": "distilled_cfg_scale",
     "strength": "denoising_strength",
     "img": "init_images[0]",
     "inpaint_padding": "inpaint_full_res_padding",
@@ -157,6 +158,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
             "height": rounded_size(body.get("height")),
             "num_steps": body.get("steps"),
             "guidance": body.get("cfg_scale"),
+            "distilled_guidance": body.get("distilled_cfg_scale"),
             "sampler": sampler,
             "schedule": schedule,
             "rng": a1111_rng(overrides),
@@ -175,7 +177,6 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         raise a1111_error(error) from None
     understood = {
         "sampler_name": sampler_name,
-        "scheduler": schedule_label(sampler, schedule),
         "batch_size": batch_size,
         "n_iter": n_iter,
         "send_images": body.get("send_images", True) is not False,
@@ -213,8 +214,9 @@ def a1111_error(error: ImagineError) -> ImagineError:
 def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
     """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
     `info`, a JSON string in A1111's layout (long: two flat lists of A1111's fields, as its clients read them)."""
-    req, seeds = job.request, event.seeds
+    req, seeds, family = job.request, event.seeds, job.model.family
     prompts = [req.prompt] * len(seeds)
+    scheduler = schedule_label(req.sampler, req.schedule, family.flow)
     info = {
         "prompt": req.prompt,
         "all_prompts": prompts,
@@ -228,8 +230,8 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "width": event.image.width,
         "height": event.image.height,
         "sampler_name": understood["sampler_name"],
-        "scheduler": understood["scheduler"],
-        "cfg_scale": req.guidance,
+        "scheduler": scheduler,
+        **a1111_guidance(req, family),
         "steps": event.steps if event.interrupted else req.num_steps,
         "interrupted": event.interrupted,
         "batch_size": understood["batch_size"],
@@ -254,14 +256,21 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "width": event.image.width,
         "height": event.image.height,
         "steps": info["steps"],
-        "cfg_scale": req.guidance,
+        **a1111_guidance(req, family),
         "sampler_name": understood["sampler_name"],
-        "scheduler": understood["scheduler"],
+        "scheduler": scheduler,
         "batch_size": understood["batch_size"],
         "n_iter": understood["n_iter"],
         "denoising_strength": info["denoising_strength"],
     }
     return {"images": images if understood["send_images"] else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+def a1111_guidance(req, family) -> dict:
+    """The guidance drawn with, as Forge reports it: FLUX.1-dev's distilled guidance beside a cfg_scale of 1."""
+    if family.guidance == "distilled":
+        return {"cfg_scale": 1.0, "distilled_cfg_scale": req.guidance}
+    return {"cfg_scale": req.guidance}
 
 
 def a1111_progress(progress: dict | None, with_image: bool) -> dict:

@@ -311,7 +311,7 @@ class Engine:
         # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
         cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
         pictures = [
-            (image, generation_parameters(picture, model.name, lora_hashes, cut, model.family.guidance))
+            (image, generation_parameters(picture, model.name, model.family, lora_hashes, cut))
             for image, picture in zip(images, each, strict=True)
         ]
         seconds = time.perf_counter() - started

@@ -9,11 +9,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from engine.prompts import parse_prompt_attention
+from engine.schedules import AUTOMATIC
 from engine.text_encoders import inner_layers
 
 # Notices a picture's answer carries where the request asked for something the family does without.
 IGNORED_NEGATIVE = "neg is ignored: {label} draws without classifier-free guidance, which a negative prompt needs"
 IGNORED_GUIDANCE = "guidance is ignored: {label} is distilled to draw without it"
+IGNORED_SCHEDULE = "schedule {schedule!r} is ignored: {label} keeps its own shifted schedule"
 STRIPPED_WEIGHTS = "the prompt's (word:weight) emphasis is A1111's for CLIP models; {label} reads it as plain text"
 
 
@@ -96,6 +98,9 @@ def flow_notices(family, req) -> list:
     # guidance other than the family's own asks for something it does without.
     if req.guidance not in (None, family.default_guidance) and family.guidance == "none":
         notices.append(IGNORED_GUIDANCE.format(label=family.label))
+    # Refusing a schedule would fail every A1111 client and pasted infotext, which name one ("Simple" in Forge's).
+    if req.schedule != AUTOMATIC:
+        notices.append(IGNORED_SCHEDULE.format(schedule=req.schedule, label=family.label))
     if plain_prompt(req.prompt)[1]:
         notices.append(STRIPPED_WEIGHTS.format(label=family.label))
     return notices

@@ -44,6 +44,7 @@ FIELDS = {
     "Sampler": ("sampler", lambda key, value: value),
     "Schedule type": ("schedule", lambda key, value: value),
     "CFG scale": ("guidance", number),
+    "Distilled CFG Scale": ("distilled_guidance", number),  # Forge's, for FLUX.1-dev: see GenerationRequest
     "Seed": ("seed", integer),
     "Size": (None, size),
     "Clip skip": ("clip_skip", integer),
@@ -54,8 +55,6 @@ FIELDS = {
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}
-# Forge's key for FLUX.1-dev's distilled guidance, beside a "CFG scale" of 1: where it is given, it is the guidance.
-DISTILLED_CFG = "Distilled CFG Scale"
 
 
 def split_infotext(text: str) -> tuple:
@@ -107,10 +106,8 @@ def infotext_fields(text: str) -> tuple:
             field, convert = FIELDS[key]
             converted = convert(key, value)
             fields |= converted if field is None else {field: converted}
-        elif key != DISTILLED_CFG and key not in UNDERSTOOD:
+        elif key not in UNDERSTOOD:
             ignored.append(key)
-    if DISTILLED_CFG in pairs:
-        fields["guidance"] = number(DISTILLED_CFG, pairs[DISTILLED_CFG])
     return fields | older_schedule(fields), ignored
 
 

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import ImagineError
 from engine.families import Family
 from engine.flow import flow_notices
-from engine.infotext import DISTILLED_CFG, with_infotext
+from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
 from engine.previews import PREVIEW_MODES
@@ -67,6 +67,9 @@ class GenerationRequest:
     # None: the model family's own (engine/families.py), filled in by for_family once the model is known.
     num_steps: int | None = None
     guidance: float | None = None
+    # Forge's distilled_cfg_scale (its "Distilled CFG Scale"), which its clients send beside a cfg_scale of 1: the
+    # guidance of a family whose guidance is distilled (FLUX.1-dev), ignored by the others, as Forge does.
+    distilled_guidance: float | None = None
     sampler: str | None = None
     schedule: str = AUTOMATIC  # a schedule type (engine/schedules.py); automatic: the sampler's own, as in A1111
     rng: str = "cpu"  # the noise source: torch's CPU numbers, or NVIDIA's ("gpu", "nv") computed on any device
@@ -306,6 +309,7 @@ def parse_request(
         height=height,
         num_steps=_integer(body, "num_steps", None, 1, MAX_STEPS),
         guidance=_number(body, "guidance", None, 0.0, MAX_GUIDANCE),
+        distilled_guidance=_number(body, "distilled_guidance", None, 0.0, MAX_GUIDANCE),
         sampler=sampler,
         schedule=schedule,
         rng=_rng(body, rng),
@@ -354,7 +358,7 @@ def for_family(req: GenerationRequest, family: Family, max_size: int) -> Generat
         width=width,
         height=height,
         num_steps=req.num_steps or family.default_steps,
-        guidance=family.default_guidance if req.guidance is None else req.guidance,
+        guidance=family_guidance(req, family),
         sampler=req.sampler or family.default_sampler,
         notices=flow_notices(family, req) if family.flow else [],
     )
@@ -362,6 +366,14 @@ def for_family(req: GenerationRequest, family: Family, max_size: int) -> Generat
     if filled.img is not None:
         check_steps_left(filled)
     return filled
+
+
+def family_guidance(req: GenerationRequest, family: Family) -> float:
+    """The guidance a request draws with: a distilled guidance given apart where the family's guidance is distilled,
+    else its guidance, else the family's own."""
+    if family.guidance == "distilled" and req.distilled_guidance is not None:
+        return req.distilled_guidance
+    return family.default_guidance if req.guidance is None else req.guidance
 
 
 def check_for_family(req: GenerationRequest, family: Family) -> None:
@@ -377,9 +389,6 @@ def check_for_family(req: GenerationRequest, family: Family) -> None:
             f"{', '.join(family.samplers)}",
             field="sampler",
         )
-    if family.flow and req.schedule != AUTOMATIC:
-        message = f"schedule {req.schedule!r} is for SD samplers; {family.label} keeps its own shifted schedule"
-        raise ImagineError(message, field="schedule")
     if family.guidance != "none" and req.guidance > family.max_guidance:
         message = f"guidance must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
         raise ImagineError(message, field="guidance")
@@ -402,26 +411,22 @@ def without_aliases(body: dict) -> dict:
 
 
 def generation_parameters(
-    req: GenerationRequest,
-    model_name: str,
-    lora_hashes: dict | None = None,
-    cut: tuple | None = None,
-    guidance: str = "cfg",
+    req: GenerationRequest, model_name: str, family: Family, lora_hashes: dict | None = None, cut: tuple | None = None
 ) -> str:
     """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
     prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
     `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran.
-    `guidance` is what the family's guidance is (Family.guidance): FLUX.1-dev's distilled guidance is written as
-    Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
+    The flow-matching families step on their own schedule, "Automatic"; FLUX.1-dev's distilled guidance is written
+    as Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
     "Distilled CFG Scale"."""
     lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
     scales = {"CFG scale": req.guidance}
-    if guidance == "distilled":
-        scales = {"CFG scale": 1.0, DISTILLED_CFG: req.guidance}
+    if family.guidance == "distilled":
+        scales = {"CFG scale": 1.0, "Distilled CFG Scale": req.guidance}
     settings = {
         "Steps": req.num_steps,
         "Sampler": sampler_label(req.sampler),
-        "Schedule type": schedule_label(req.sampler, req.schedule),
+        "Schedule type": schedule_label(req.sampler, req.schedule, family.flow),
         **scales,
         "Seed": req.seed,
         "Size": f"{req.width}x{req.height}",

@@ -62,9 +62,12 @@ def sampler_label(sampler: str) -> str:
     return "LCM" if sampler == "lcm" else ksampling.SAMPLERS[sampler].label
 
 
-def schedule_label(sampler: str, schedule: str) -> str:
+def schedule_label(sampler: str, schedule: str, flow: bool = False) -> str:
     """What A1111 writes as "Schedule type" for a picture: the schedule drawn, "Automatic" where that is the
-    model's own timesteps (Euler, DDIM, LCM), the sampler's default schedule's label otherwise."""
+    model's own timesteps (Euler, DDIM, LCM, and every sampler of the flow-matching families, which keep their
+    shifted schedule), the sampler's default schedule's label otherwise."""
+    if flow:
+        return LABELS[AUTOMATIC]
     if schedule != AUTOMATIC:
         return LABELS[schedule]
     default = None if sampler == "lcm" else ksampling.SAMPLERS[sampler].schedule

@@ -214,6 +214,17 @@ def test_webuiapi_batches_seeds_and_reads_the_pictures_parameters_back(server):
     assert nothing["images"] == []
 
 
+def test_a_forge_clients_distilled_cfg_scale_leaves_an_sd_model_drawing_with_its_cfg_scale(server):
+    url, _ = server(model="demo")
+    body = {"prompt": "a cat", "seed": 5, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "Simple", **SMALL}
+    plain = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()
+    forge = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "distilled_cfg_scale": 3.5}).json()
+    assert forge["images"] == plain["images"] and json.loads(forge["info"])["cfg_scale"] == 6
+    assert "distilled_cfg_scale" not in json.loads(forge["info"])
+    bad = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "distilled_cfg_scale": "high"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("distilled_cfg_scale ")
+
+
 def test_img2img_with_a_mask_repaints_only_the_white_part_and_an_inverted_mask_the_rest(server):
     url, _ = server(model="demo")
     start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))

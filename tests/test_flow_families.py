@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_picture, decode_png, png_data, serving, wait_until
+from conftest import assert_same_picture, decode_png, pixels, png_data, serving, wait_until
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusion_model_files import (
     flux1_tensors,
@@ -305,7 +305,6 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
         ({"width": 72}, "width", "multiple of 16"),
         ({"sampler": "heun"}, "sampler", "euler, euler a, dpm++ 2m"),
         ({"guidance": 12}, "guidance", "between 0 and 10.0"),
-        ({"schedule": "karras"}, "schedule", "its own shifted schedule"),
         ({"loras": [{"name": "x"}]}, "loras", "not supported yet"),
     ],
 )
@@ -346,7 +345,51 @@ def test_dpm_2m_draws_each_family_the_same_for_the_same_seed_and_img2img_too(flo
     assert first["img"] == generate(flow_client, model=name, sampler="dpm++ 2m")["img"]
     assert first["img"] != generate(flow_client, model=name)["img"]
     start = png_data(Image.new("RGB", (64, 64), (200, 30, 30)))
-    assert decode_png(generate(flow_client, model=name, sampler="dpm++ 2m", img=start, strength=0.5)["img"])
+    redrawn = generate(flow_client, model=name, sampler="dpm++ 2m", img=start, strength=0.5, num_steps=4)["img"]
+    assert redrawn != generate(flow_client, model=name, img=start, strength=0.5, num_steps=4)["img"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm++ 2m"])
+def test_a_flow_models_picture_pasted_back_redraws_itself_with_each_sampler(flow_client, sampler):
+    first = generate(flow_client, model="flux-2-klein-4b", sampler=sampler, num_steps=3)
+    text = decode_png(first["img"]).info["parameters"]
+    assert "Schedule type: Automatic," in text  # the model's own shifted schedule, not an SD sampler's default
+    again = flow_client.post("/generate", json={"parameters": text}).get_json()
+    assert again["img"] == first["img"] and again["parameters_ignored"] == [] and "notices" not in again
+
+
+FORGE_FLUX_INFOTEXT = """a fox in the snow
+Steps: 3, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 7, Size: 64x64, \
+Model: flux1-dev"""
+
+
+def test_forges_flux_generation_data_draws_with_its_distilled_guidance_and_says_the_schedule_is_ignored(flow_client):
+    pasted = flow_client.post("/generate", json={"parameters": FORGE_FLUX_INFOTEXT})
+    assert pasted.status_code == 200, pasted.get_json()
+    answer = pasted.get_json()
+    assert answer["notices"] == ["schedule 'simple' is ignored: FLUX.1-dev keeps its own shifted schedule"]
+    asked = dict(prompt="a fox in the snow", model="flux1-dev", num_steps=3, rng="gpu")  # A1111's default noise
+    assert np.array_equal(pixels(answer["img"]), pixels(generate(flow_client, **asked, guidance=2.5)["img"]))
+    assert not np.array_equal(pixels(answer["img"]), pixels(generate(flow_client, **asked)["img"]))
+
+
+def test_a_schedule_asked_of_a_flow_model_is_ignored_with_a_notice(flow_client):
+    answer = generate(flow_client, model="z_image_turbo_bf16", schedule="karras", num_steps=2)
+    assert answer["notices"] == ["schedule 'karras' is ignored: Z-Image keeps its own shifted schedule"]
+    assert answer["img"] == generate(flow_client, model="z_image_turbo_bf16", num_steps=2)["img"]
+
+
+def test_forge_clients_draw_flux1_dev_with_their_distilled_cfg_scale_and_read_it_back_as_forge_reports_it(
+    flow_client,
+):
+    body = {"prompt": "a fox", "width": 64, "height": 64, "seed": 3, "steps": 3, "sampler_name": "Euler",
+            "scheduler": "Simple", "cfg_scale": 1, "distilled_cfg_scale": 2.5,
+            "override_settings": {"sd_model_checkpoint": "flux1-dev"}}  # fmt: skip
+    answer = flow_client.post("/sdapi/v1/txt2img", json=body).get_json()
+    info = json.loads(answer["info"])
+    assert (info["cfg_scale"], info["distilled_cfg_scale"], info["scheduler"]) == (1.0, 2.5, "Automatic")
+    asked = generate(flow_client, prompt="a fox", model="flux1-dev", seed=3, num_steps=3, guidance=2.5)
+    assert np.array_equal(pixels(answer["images"][0]), pixels(asked["img"]))
 
 
 def test_flow_dpm_2m_steps_as_diffusers_flow_form_of_dpm_solver_does_on_the_same_sigmas():

@@ -6,8 +6,9 @@ import pytest
 from conftest import FAST, decode_png, pixels
 
 from engine.errors import ImagineError
+from engine.families import FAMILIES
 from engine.infotext import infotext_fields
-from engine.request import parse_request
+from engine.request import for_family, parse_request
 
 CIVITAI = """masterpiece, a lighthouse at dawn, <lora:add_detail:0.5>
 on a cliff
@@ -37,10 +38,12 @@ def test_a_civitai_infotext_sets_every_field_it_names():
     assert ignored == ["Model hash", "ENSD", "Version"]
 
 
-def test_forges_distilled_cfg_scale_for_flux_is_the_guidance_not_its_cfg_scale_of_one():
+def test_forges_distilled_cfg_scale_is_flux1_devs_guidance_and_leaves_other_models_their_cfg_scale():
     forge = "a fox\nSteps: 20, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 1, Size: 896x1152"
-    fields, ignored = infotext_fields(forge)
-    assert fields["guidance"] == 3.5 and ignored == []
+    req = parse_request({"parameters": forge})
+    assert req.parameters_ignored == []
+    assert for_family(req, FAMILIES["flux1-dev"], 2048).guidance == 3.5
+    assert for_family(req, FAMILIES["sdxl"], 2048).guidance == 1
 
 
 def test_the_request_takes_the_infotexts_fields_where_the_body_leaves_them_out():

@@ -121,7 +121,7 @@ def test_a1111_fields_become_generate_fields_and_the_answer_keeps_what_was_under
     req, understood = a1111.a1111_request(body, False, model_name=None, settings=SETTINGS)
     assert (req.neg, req.num_steps, req.guidance, req.sampler, req.n) == ("dog", 6, 5.0, "dpm++ 2m", 4)
     assert req.schedule == "karras"
-    assert (understood["sampler_name"], understood["scheduler"]) == ("DPM++ 2M", "Karras")
+    assert understood["sampler_name"] == "DPM++ 2M"
 
 
 def test_a1111_errors_name_a1111s_field_with_its_status():
