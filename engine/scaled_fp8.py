@@ -3,17 +3,22 @@
 left in bf16: `qwen_3_8b_fp8mixed.safetensors`, the text encoder of FLUX.2 klein 9B) and the older `scaled_fp8`
 layout (a `scaled_fp8` marker tensor and `<layer>.scale_weight`: `t5xxl_fp8_e4m3fn_scaled.safetensors`). Such a
 weight is the fp8 values times the scale; a plain cast to the compute dtype, as layerwise casting does, would drop
-the scale, so these weights are multiplied out on loading."""
+the scale, so these weights are multiplied out on loading. Only one scale per weight is read: ComfyUI's formats
+with a scale per block (nvfp4, mxfp8) are refused, naming the format."""
+
+import json
 
 import torch
+
+from engine.errors import ImagineError
 
 MARKER = "scaled_fp8"
 SCALES = (".weight_scale", ".scale_weight")
 # What fp8 matrix products use (the activations' scale) and the format note: casting to the compute dtype needs
 # neither.
 UNUSED = (".input_scale", ".scale_input", ".comfy_quant")
-# The dtype a scaled weight is kept in once multiplied out: finer than fp8 (8 bits of mantissa to its 3), so the
-# product loses nothing that matters, at twice the fp8 file's size.
+# The dtype a scaled weight is kept in once multiplied out where the model computes in float32: finer than fp8 (8
+# bits of mantissa to its 3), so the product loses nothing that matters, at twice the fp8 file's size.
 DEQUANTISED = torch.bfloat16
 
 
@@ -22,15 +27,40 @@ def is_scaled(names) -> bool:
     return any(name == MARKER or name.endswith(SCALES) for name in names)
 
 
-def dequantised(tensors: dict) -> dict:
-    """The tensors (torch tensors or safetensors slices) with each scaled weight multiplied by its scale, in
-    bfloat16, and the scales, markers and format notes taken out; tensors without a scale as they were."""
+def kept_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a scaled weight is kept in once multiplied out: the compute dtype where it is 16-bit, so that each
+    weight is rounded once, from the float32 product; bfloat16 beside float32 compute, at half its memory."""
+    return compute_dtype if compute_dtype.itemsize == 2 else DEQUANTISED
+
+
+def dequantised(tensors: dict, dtype: torch.dtype) -> dict:
+    """The tensors (torch tensors or safetensors slices) with each scaled weight multiplied by its scale in float32,
+    then kept in `dtype`, and the scales, markers and format notes taken out; tensors without a scale as they were."""
     out = {}
     for name, tensor in tensors.items():
         if name == MARKER or name.endswith(SCALES + UNUSED):
             continue
         stem = name.removesuffix(".weight")
         scales = [tensors[stem + suffix] for suffix in SCALES if name.endswith(".weight") and stem + suffix in tensors]
-        # [...] reads a slice whole, a 0-dimensional scale too
-        out[name] = (tensor[...].float() * scales[0][...].float()).to(DEQUANTISED) if scales else tensor
+        if not scales:
+            out[name] = tensor
+            continue
+        scale = scales[0][...]  # [...] reads a slice whole, a 0-dimensional scale too
+        if scale.numel() != 1:
+            raise ImagineError(
+                f"{name} has {scale.numel()} scales, one per block (ComfyUI's {quantised_format(tensors, stem)} "
+                "format): only fp8 files with one scale per weight are supported",
+                422,
+            )
+        out[name] = (tensor[...].float() * scale.float()).to(dtype)
     return out
+
+
+def quantised_format(tensors: dict, stem: str) -> str:
+    """The format a layer's `comfy_quant` note names (JSON bytes, e.g. {"format": "nvfp4"}), or "unnamed"."""
+    if stem + ".comfy_quant" not in tensors:
+        return "unnamed"
+    try:
+        return str(json.loads(bytes(tensors[stem + ".comfy_quant"][...].tolist()))["format"])
+    except (ValueError, KeyError, TypeError):
+        return "unnamed"

@@ -13,14 +13,16 @@ from diffusers.hooks import apply_layerwise_casting_hook
 
 from engine.errors import ImagineError
 from engine.headers import Part
-from engine.scaled_fp8 import dequantised
+from engine.scaled_fp8 import dequantised, kept_dtype
 
 QWEN3_VOCAB = 151936  # every Qwen3 size shares this vocabulary (151643 BPE tokens, specials, padding)
 T5_VOCAB = 32128  # T5 v1.1's 32100 pieces and extra ids, padded to a multiple of 128
 CLIP_VOCAB = 49408
 CLIP_G_WIDTH = 1280  # OpenCLIP ViT-bigG shares CLIP-L's layout: no family here uses it
 
-# Anchors: the embedding each encoder type starts from, and a tensor only that type has next to it.
+# Anchors: the embedding each encoder type starts from (RECOGNISERS), and a tensor its recogniser reads beside it:
+# Qwen3's q_norm and T5's gated feed-forward tell them from Qwen2.5 and T5 v1.0, CLIP's attention tells a text
+# model from a vision one.
 QWEN3_EMBEDDING, QWEN3_QK_NORM = "model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight"
 T5_EMBEDDING, T5_GATED_FF = "shared.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
 CLIP_EMBEDDING = "text_model.embeddings.token_embedding.weight"
@@ -99,14 +101,14 @@ def load_text_encoder(path: Path, part: Part, config_dir: Path, dtype: torch.dty
     """The text encoder `part` of the file at `path`, built from the config.json in `config_dir` with every number in
     `part.numbers` put in its place, and loaded strictly (a missing or unexpected tensor is refused, naming it). An
     fp8 file's weights stay fp8 in memory and are cast to `dtype` layer by layer as they run (a scaled fp8 file's
-    are multiplied by their scales on loading, and kept in bfloat16: engine/scaled_fp8.py). T5's
+    are multiplied by their scales on loading: engine/scaled_fp8.py). T5's
     `encoder.embed_tokens` is tied to the `shared` embedding the file stores (transformers ties it on loading)."""
     config = _config_with_numbers(config_dir, part)
     with safetensors.safe_open(path, framework="pt") as file:
-        # Slices, read only as each tensor is put in place: a file's tensors are never all in memory twice.
+        # Slices, read only as each tensor is put in place (a scaled fp8 weight as it is multiplied out).
         names = [name for name in file.keys() if name.startswith(part.prefix)]  # noqa: SIM118 (safe_open is no mapping)
         tensors = {name[len(part.prefix) :]: file.get_slice(name) for name in names}
-        state = _model_state(dequantised(tensors), part.type)
+        state = _model_state(dequantised(tensors, kept_dtype(dtype)), part.type)
         model = _load_strictly(MODEL_CLASSES[part.type], config, state, dtype, part.type)
     _keep_weights_stored(model, _stored_dtypes(state, dtype), dtype)
     return model.eval().requires_grad_(False)
@@ -245,7 +247,7 @@ def _expected_shapes(model_class, config) -> dict:
 
 def _stored_dtypes(state: dict, compute_dtype: torch.dtype) -> dict:
     """{model name: dtype} of the weights kept narrower than `compute_dtype` in memory: those the file stores in fp8
-    (slices), and scaled fp8 weights multiplied out into bfloat16 (tensors: engine/scaled_fp8.py)."""
+    (slices), and scaled fp8 weights multiplied out into bfloat16 beside float32 (tensors: engine/scaled_fp8.py)."""
     stored = {}
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):

@@ -31,6 +31,7 @@ from engine.diffusion_models import (
 )
 from engine.errors import ImagineError
 from engine.headers import Tensor, read_header
+from engine.scaled_fp8 import dequantised, kept_dtype
 from engine.settings import CONFIGS_DIR
 
 ALL_IN_ONE = "model.diffusion_model."
@@ -291,6 +292,42 @@ def test_a_comfyui_scaled_fp8_file_loads_with_its_scales_multiplied_out(tmp_path
     for name in big:  # within fp8's rounding of each weight (3 bits of mantissa) and bf16's of the product
         assert torch.allclose(state[name].float(), expected[name], rtol=0.07, atol=2e-3), name
     assert torch.isfinite(forward(model, family)).all()
+
+
+def test_a_scaled_fp8_weight_is_multiplied_out_in_float32_and_rounded_once_to_a_16_bit_compute_dtype():
+    values = torch.randn(64, 64).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.0123)
+    for dtype in (torch.float16, torch.bfloat16):
+        kept = dequantised({"w.weight": values, "w.weight_scale": scale}, kept_dtype(dtype))
+        assert kept.keys() == {"w.weight"} and torch.equal(kept["w.weight"], (values.float() * scale).to(dtype))
+    assert kept_dtype(torch.float32) == torch.bfloat16  # half float32's memory
+
+
+def test_a_scaled_fp8_file_computed_in_float16_loads_and_runs_in_float16(tmp_path, configs):
+    tensors, folder, _ = FAMILIES["z-image"]
+    path = save(tmp_path / "scaled.safetensors", scaled_fp8_tensors(tensors()))
+    model = load_diffusion_model(path, recognise_diffusion_model(read_header(path)), configs / folder, torch.float16)
+    expected = tiny_model_state(TINY_CONFIGS[folder], torch.float32)
+    state = model.state_dict()
+    big = [name for name, tensor in expected.items() if tensor.dim() == 2 and min(tensor.shape) > 1]
+    assert {state[name].dtype for name in big} == {torch.float16}
+    for name in big:
+        assert torch.allclose(state[name].float(), expected[name], rtol=0.07, atol=2e-3), name
+    assert torch.isfinite(forward(model, "z-image").float()).all()
+
+
+def test_a_file_scaled_per_block_is_refused_naming_its_format(tmp_path, configs):
+    tensors, folder, _ = FAMILIES["z-image"]
+    written = scaled_fp8_tensors(tensors())
+    name = next(name for name in written if name.endswith(".weight_scale"))
+    stem = name.removesuffix(".weight_scale")
+    written[name] = torch.ones(4, 4)  # nvfp4's block scales, one per 16 values
+    written[stem + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    path = save(tmp_path / "nvfp4.safetensors", written)
+    with pytest.raises(ImagineError) as refused:
+        load_diffusion_model(path, recognise_diffusion_model(read_header(path)), configs / folder, torch.float32)
+    assert refused.value.status == 422
+    assert f"{stem}.weight has 16 scales" in refused.value.message and "nvfp4" in refused.value.message
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
