@@ -95,6 +95,15 @@ def sidecar_changed(model: LoadedModel, path: Path) -> bool:
         return True
 
 
+def file_version(path: Path) -> tuple:
+    """(size, modification time) of a file, () where there is none: what tells one version of it from the next."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return (stat.st_size, stat.st_mtime_ns)
+
+
 FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
 
 
@@ -109,7 +118,7 @@ class Models:
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
         self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
-        self.family_cache = {}  # (path, size, mtime) -> what describe() read from the file's header
+        self.family_cache = {}  # (path, size, date, its .yaml's) -> what described_family read (cached_family)
         self.parts = PartFinder()
         self.reader = FolderReader()
 
@@ -198,18 +207,24 @@ class Models:
         return described
 
     def cached_family(self, real: Path) -> dict:
-        """{"family": its name} or {"family": None, "error": why}: family_of, cached by path, size and date, so the
-        listing and each request read a file's header once per version of it."""
-        stat = real.stat()
-        key = (str(real), stat.st_size, stat.st_mtime_ns)
+        """{"family": its name} or {"family": None, "error": why}: family_of, cached by the size and date of each file
+        that decides it (the file, and an SD2 checkpoint's `.yaml`), so the listing and each request read a file's
+        header once per version of it. A diffusers folder is read each time: editing its small config files changes
+        no date of the folder's own."""
+        if real.is_dir():
+            return self.described_family(real)
+        key = (str(real), *file_version(real), *file_version(real.with_suffix(".yaml")))
         if key not in self.family_cache:
-            try:
-                self.family_cache[key] = {"family": self.family_of(str(real)).name}
-            except ImagineError as error:
-                self.family_cache[key] = {"family": None, "error": error.message}
-            except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
-                self.family_cache[key] = {"family": None, "error": f"cannot be read ({type(error).__name__})"}
+            self.family_cache[key] = self.described_family(real)
         return self.family_cache[key]
+
+    def described_family(self, real: Path) -> dict:
+        try:
+            return {"family": self.family_of(str(real)).name}
+        except ImagineError as error:
+            return {"family": None, "error": error.message}
+        except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
+            return {"family": None, "error": f"cannot be read ({type(error).__name__})"}
 
     def known_family(self, key: str) -> Family | None:
         """The family of the model `key` (see resolve), from the cache where its file was read before; None where
