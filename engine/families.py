@@ -244,6 +244,23 @@ def unet_input_channels(path: Path) -> int:
     return 4 if weight is None else weight.shape[1]
 
 
+FOLDER_FAMILY_FILES = (  # what folder_family reads
+    "model_index.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "transformer/config.json",
+)
+
+
+def family_deciding_files(path: Path) -> list[Path]:
+    """The files whose contents decide a model's family: a diffusers folder's index and configs, or a checkpoint and
+    the SD2 `.yaml` that may lie beside it (sd2_family)."""
+    if path.is_dir():
+        return [path / name for name in FOLDER_FAMILY_FILES]
+    return [path, path.with_suffix(".yaml")]
+
+
 def pipeline_class_name(folder: Path) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names, or None where it names none readably."""
     try:

@@ -30,6 +30,7 @@ from engine.families import (
     INPAINT_FAMILIES,
     Family,
     detect_family,
+    family_deciding_files,
     flow_family_name,
     folder_family,
     read_checkpoint_keys,
@@ -118,7 +119,7 @@ class Models:
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
         self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
-        self.family_cache = {}  # (path, size, date, its .yaml's) -> what described_family read (cached_family)
+        self.family_cache = {}  # path -> (the versions of the files deciding its family, what was read there)
         self.parts = PartFinder()
         self.reader = FolderReader()
 
@@ -208,15 +209,13 @@ class Models:
 
     def cached_family(self, real: Path) -> dict:
         """{"family": its name} or {"family": None, "error": why}: family_of, cached by the size and date of each file
-        that decides it (the file, and an SD2 checkpoint's `.yaml`), so the listing and each request read a file's
-        header once per version of it. A diffusers folder is read each time: editing its small config files changes
-        no date of the folder's own."""
-        if real.is_dir():
-            return self.described_family(real)
-        key = (str(real), *file_version(real), *file_version(real.with_suffix(".yaml")))
-        if key not in self.family_cache:
-            self.family_cache[key] = self.described_family(real)
-        return self.family_cache[key]
+        that decides it (a checkpoint and the SD2 `.yaml` beside it; a diffusers folder's index and configs), so the
+        listing and each request read a model once per version of it."""
+        versions = tuple(file_version(path) for path in family_deciding_files(real))
+        cached = self.family_cache.get(str(real))
+        if cached is None or cached[0] != versions:
+            cached = self.family_cache[str(real)] = (versions, self.described_family(real))
+        return cached[1]
 
     def described_family(self, real: Path) -> dict:
         try:
