@@ -166,17 +166,16 @@ def fitted_config(part: Part, config_dir: Path) -> dict:
             )
         if all(found == configured for found, configured in widths(part, config).values()):
             return {**config, **block_numbers(part)}
-    first = widths(part, configs[0])
-    what = next(what for what, (found, configured) in first.items() if found != configured)
-    found, configured = first[what]
-    others = "".join(
-        f", {folder.name.removeprefix('transformer-')}'s {widths(part, config)[what][1]}"
-        for folder, config in zip(folders[1:], configs[1:], strict=True)
-    )
+    mismatches = []
+    for folder, config in zip(folders, configs, strict=True):
+        what, (found, configured) = next(
+            (what, pair) for what, pair in widths(part, config).items() if pair[0] != pair[1]
+        )
+        size = folder.name.removeprefix("transformer").removeprefix("-")
+        whose = f"{size}'s" if size else "the architecture's"
+        mismatches.append(f"its {what} is {found} where {whose} is {configured}")
     raise ImagineError(
-        f"the diffusion model does not fit the {config_dir.name} architecture: its {what} is {found}, "
-        f"the architecture's {configured}{others}",
-        422,
+        f"the diffusion model does not fit the {config_dir.name} architecture: {'; '.join(mismatches)}", 422
     )
 
 

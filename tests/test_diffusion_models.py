@@ -213,13 +213,16 @@ def test_a_klein_of_the_9b_width_loads_through_the_9b_config(tmp_path, configs, 
 def test_a_klein_of_neither_width_is_refused_naming_both_architectures(tmp_path, configs):
     other = tmp_path / "configs"
     shutil.copytree(configs / "flux2-klein", other / "flux2-klein")
-    for folder, width in (("transformer", 64), ("transformer-9b", 144)):
-        config = {**TINY_CONFIGS["flux2-klein"], "joint_attention_dim": width}
-        (other / "flux2-klein" / folder / "config.json").write_text(json.dumps(config))
+    narrower = {**TINY_CONFIGS["flux2-klein"], "joint_attention_dim": 64}
+    (other / "flux2-klein" / "transformer" / "config.json").write_text(json.dumps(narrower))
     with pytest.raises(ImagineError) as refused:
         loaded(save(tmp_path / "klein.safetensors", flux2_tensors()), other, "flux2-klein")
     assert refused.value.status == 422
-    assert "text feature width is 96, the architecture's 64, 9b's 144" in refused.value.message
+    nine = TINY_CONFIGS["flux2-klein/transformer-9b"]
+    nine_wide = nine["num_attention_heads"] * nine["attention_head_dim"]
+    assert refused.value.message.endswith(  # each architecture's own first difference
+        f"its text feature width is 96 where the architecture's is 64; its hidden width is 32 where 9b's is {nine_wide}"
+    )
 
 
 def test_a_model_of_another_family_than_its_config_is_refused(tmp_path, configs):
