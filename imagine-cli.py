@@ -513,11 +513,13 @@ def human_size(size: int) -> str:
 
 
 def list_models(server: str) -> str:
-    """The server's GET /models as a table: name, family, size, loaded."""
+    """The server's GET /models as a table: name, family (with what a flow model lacks), size, loaded."""
     response = server_request("GET", server, "/models")
     rows = [("NAME", "FAMILY", "SIZE", "LOADED")]
     for model in response.json()["models"]:
         family = model["family"] or f"unreadable: {model.get('error', '')}"
+        if "missing" in model.get("parts", {}):
+            family = f"{family}, cannot draw: {model['parts']['missing']}"
         size = "built in" if model.get("builtin") else human_size(model["size"])
         rows.append((model["name"], family, size, "yes" if model["loaded"] else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -204,7 +204,8 @@ class Models:
         described = {**self.cached_family(real), "size": size, "modified": modified}
         family = FAMILIES.get(described["family"])
         if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
-            described["parts"] = self.parts_listing(real) if real.is_file() else "in the folder"
+            in_folder = {component: "in the folder" for component, _ in family.parts}
+            described["parts"] = self.parts_listing(real) if real.is_file() else in_folder
         return described
 
     def cached_family(self, real: Path) -> dict:

@@ -142,8 +142,8 @@ def over_loopback(flow_engine):
 
 @pytest.fixture(autouse=True)
 def offline(request):
-    """Every test here but the one over loopback runs with the network blocked (conftest's no_network)."""
-    if "over_loopback" not in request.fixturenames:
+    """Every test here but those over loopback runs with the network blocked (conftest's no_network)."""
+    if not any(name.startswith("over_loopback") for name in request.fixturenames):
         request.getfixturevalue("no_network")
 
 
@@ -258,6 +258,8 @@ def test_a_diffusers_folder_of_each_flow_family_loads_too(flow_client, flow_engi
     try:
         listed = {e["name"]: e for e in flow_client.get("/models").get_json()["models"]}
         assert listed[folder_name]["family"] == family
+        assert set(listed[folder_name]["parts"]) == {component for component, _ in FAMILIES[family].parts}
+        assert set(listed[folder_name]["parts"].values()) == {"in the folder"}
         folder_picture = decode_png(generate(flow_client, model=folder_name)["img"])
         assert_same_picture(np.asarray(folder_picture), np.asarray(decode_png(split["img"])))
     finally:
@@ -456,13 +458,27 @@ def test_openai_clients_draw_and_edit_with_each_family(flow_client, name):
     assert Image.open(io.BytesIO(base64.b64decode(edited["data"][0]["b64_json"]))).size == (256, 256)
 
 
-def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(comfyui, tiny_configs, tmp_path):
+@pytest.fixture
+def lacking_parts(tiny_configs, tmp_path):
+    """An engine whose models folder holds Z-Image with a T5 text encoder beside it, of the wrong kind, and no VAE."""
     models = tmp_path / "models"
     save(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", z_image_tensors())
-    save(models / "text_encoders" / "t5xxl_fp16.safetensors", t5_tensors())  # of the wrong kind for Z-Image
+    save(models / "text_encoders" / "t5xxl_fp16.safetensors", t5_tensors())
     engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
     engine.start()
-    client = imagine.create_app(engine).test_client()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def over_loopback_lacking_parts(lacking_parts):
+    with serving(lacking_parts) as url:
+        yield url
+
+
+def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(lacking_parts):
+    models = lacking_parts.settings.models_dir
+    client = imagine.create_app(lacking_parts).test_client()
     response = client.post("/generate", json={"prompt": "p", "model": "z_image_turbo_bf16", **SMALL})
     error = response.get_json()["error"]
     assert response.status_code == 422
@@ -471,7 +487,17 @@ def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(comfyui
     assert str(models) not in error
     listed = {e["name"]: e for e in client.get("/models").get_json()["models"]}
     assert "qwen_3_4b.safetensors" in listed["z_image_turbo_bf16"]["parts"]["missing"]
-    engine.stop()
+
+
+def test_the_clis_model_list_says_what_a_model_lacks(over_loopback_lacking_parts):
+    table = subprocess.run(
+        [sys.executable, str(Path(imagine.__file__).parent / "imagine-cli.py"), "--list",
+         "--server", over_loopback_lacking_parts],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("z_image_turbo_bf16 "))
+    assert "z-image, cannot draw: model 'z_image_turbo_bf16' (Z-Image) needs a Qwen3 text encoder" in row
 
 
 def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(comfyui, tiny_configs, tmp_path):
