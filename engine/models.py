@@ -235,8 +235,7 @@ class Models:
         return FAMILIES.get(self.cached_family(path)["family"])
 
     def get(self, key: str) -> LoadedModel:
-        if key in self.loaded and sidecar_changed(self.loaded[key], Path(key)):
-            log.info("the sidecar of %s changed: loading it again", self.loaded[key].name)
+        if key in self.loaded and self.changed_beside(key):
             self.unload(key)
         if key in self.loaded:
             self.loaded.move_to_end(key)
@@ -260,6 +259,18 @@ class Models:
         log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
         self.loaded[key] = model
         return model
+
+    def changed_beside(self, key: str) -> bool:
+        """Whether the files beside a loaded model say otherwise now: a sidecar naming other parts, or a `.yaml` or a
+        folder's config that gives it another family (whose scheduler settings it was loaded with)."""
+        model = self.loaded[key]
+        if sidecar_changed(model, Path(key)):
+            log.info("the sidecar of %s changed: loading it again", model.name)
+            return True
+        if self.known_family(key) is not model.family:
+            log.info("the family of %s changed: loading it again", model.name)
+            return True
+        return False
 
     def load_or_refuse(self, key: str, family: Family) -> LoadedModel:
         """load(), with a model whose files are missing or damaged refused in words that name no server path."""

@@ -2,6 +2,7 @@
 offline through tiny config folders, and generated with; the family detector on real checkpoints' key sets."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,19 +227,22 @@ def test_an_sd2_single_file_gets_its_prediction_type_from_the_yaml_beside_it(
 def test_a_yaml_put_beside_an_sd2_file_or_a_folders_edited_scheduler_changes_its_family_at_the_next_request(
     tiny_engine, tiny_files, tmp_path
 ):
+    """Loaded or not: the defaults a request gets (known_family) and the model it draws with (get) change together."""
     _, _, sources = tiny_files
     models = tiny_engine.models
-    checkpoint = tmp_path / "later.safetensors"
-    save_ldm_checkpoint(sources["sd2"], checkpoint, family="sd2")
-    assert models.known_family(str(checkpoint)) is FAMILIES["sd2-v"]  # no .yaml yet: the 768-v default
+    checkpoint = str(tmp_path / "later.safetensors")
+    save_ldm_checkpoint(sources["sd2"], Path(checkpoint), family="sd2")
+    assert models.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2-v"]  # the default
     (tmp_path / "later.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
-    assert models.known_family(str(checkpoint)) is FAMILIES["sd2"]
+    assert models.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2"]
+    assert models.get(checkpoint).scheduler_config["prediction_type"] == "epsilon"
     folder = tmp_path / "folder"
     sources["sd2"].save_pretrained(folder)
-    assert models.known_family(str(folder)) is FAMILIES["sd2"]
+    assert models.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2"]
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
-    assert models.known_family(str(folder)) is FAMILIES["sd2-v"]
+    assert models.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2-v"]
+    assert models.get(str(folder)).scheduler_config["prediction_type"] == "v_prediction"
 
 
 def test_sd2_v_draws_what_a_bare_v_prediction_call_draws_and_the_request_can_override_it(tiny_engine, tiny_files):
