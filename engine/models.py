@@ -54,7 +54,7 @@ from engine.folders import (
     walk_folders,
 )
 from engine.headers import Truncated, read_header
-from engine.parts import PartFinder, build_flow_pipeline, read_sidecar
+from engine.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -144,13 +144,13 @@ class Models:
             real = real_path(found)
             if real is not None and (real.is_dir() or (real.is_file() and found.suffix in CHECKPOINT_SUFFIXES)):
                 return str(real)
+            if found.suffix == ".gguf":
+                raise gguf_not_yet(f"model {name!r}")
             raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
         if find_in_folders(folders, relative_to_folders(name, folders), (".gguf",)) is not None:
-            raise ImagineError(
-                f"model {name!r} is a GGUF file, which Imagine cannot load yet; use its .safetensors release", 422
-            )
+            raise gguf_not_yet(f"model {name!r}")
         raise ImagineError(
             f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
             "GET /models lists the models a request can name, 'demo' (built in) among them",

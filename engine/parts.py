@@ -90,13 +90,8 @@ class PartFinder:
     def candidates(self, folders: list) -> list:
         """Every part file of the models folders' part sub-folders, as Found, by name."""
         found = []
-        for folder in folders:
-            for sub in PART_FOLDERS:
-                for relative, path in walk_folders([folder / sub]):
-                    real = real_path(path)
-                    if path.suffix == ".safetensors" and real is not None and real.is_file():
-                        name = f"{sub}/{relative.removesuffix('.safetensors')}"
-                        found += [Found(name, real, part) for part in self.parts_of(real)]
+        for name, real in part_files(folders, ".safetensors"):
+            found += [Found(name.removesuffix(".safetensors"), real, part) for part in self.parts_of(real)]
         return sorted(found, key=lambda each: each.name)
 
     def find(self, model_path: Path, model: Part, family, folders: list) -> dict:
@@ -121,7 +116,8 @@ class PartFinder:
             else:
                 missing.append(wanted)
         if missing:
-            raise ImagineError(missing_message(model_path.stem, family, model, missing, candidates or []), 422)
+            ggufs = sorted(name for name, _ in part_files(folders, ".gguf"))
+            raise ImagineError(missing_message(model_path.stem, family, missing, candidates or [], ggufs), 422)
         return found
 
     def named_part(self, name: str, component: str, wanted: str, model: Part, family, folders: list) -> Found:
@@ -130,10 +126,12 @@ class PartFinder:
         if not isinstance(name, str) or not name:
             raise ImagineError(f"the sidecar's {component} must name a file in the models folders", 422)
         check_model_name(name, field=f"the sidecar's {component}")
-        path = find_in_folders(folders, name, (".safetensors",))
+        path = find_in_folders(folders, name, (".safetensors", ".gguf"))
         real = path and real_path(path)
         if not real or not real.is_file():
             raise ImagineError(f"{what} is not in the models folders", 422)
+        if path.suffix == ".gguf":
+            raise gguf_not_yet(what)
         parts = self.parts_of(real)
         for part in parts:
             if fits(part, wanted, model):
@@ -141,6 +139,10 @@ class PartFinder:
         held = ", ".join(describe_part(part) for part in parts) or "no text encoder or VAE"
         need = DOWNLOADS[wanted][0]
         raise ImagineError(f"{what} holds {held}; {family.label} needs {need} that fits it", 422)
+
+
+def gguf_not_yet(what: str) -> ImagineError:
+    return ImagineError(f"{what} is a GGUF file, which Imagine cannot load yet; use its .safetensors release", 422)
 
 
 def read_sidecar(model_path: Path) -> dict:
@@ -157,7 +159,17 @@ def read_sidecar(model_path: Path) -> dict:
     return named
 
 
-def missing_message(name: str, family, model: Part, missing: list, candidates: list) -> str:
+def part_files(folders: list, suffix: str):
+    """(name below its models folder, real path) of each `suffix` file in the models folders' part sub-folders."""
+    for folder in folders:
+        for sub in PART_FOLDERS:
+            for relative, path in walk_folders([folder / sub]):
+                real = real_path(path)
+                if path.suffix == suffix and real is not None and real.is_file():
+                    yield f"{sub}/{relative}", real
+
+
+def missing_message(name: str, family, missing: list, candidates: list, ggufs: list) -> str:
     """What to download and where, for each missing part, and what was found that does not fit."""
     needs = []
     for wanted in missing:
@@ -165,7 +177,8 @@ def missing_message(name: str, family, model: Part, missing: list, candidates: l
         needs.append(f"{what}: download {download} into {folder}/ of a models folder")
     wrong = sorted({f"{each.name} ({describe_part(each.part)})" for each in candidates})
     found = f"; found, but not fitting it: {', '.join(wrong)}" if wrong else ""
-    return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}"
+    not_yet = f"; GGUF files, which Imagine cannot load yet: {', '.join(ggufs)}" if ggufs else ""
+    return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}{not_yet}"
 
 
 def build_flow_pipeline(family, model_path: Path, model: Part, parts: dict, config_dir: Path, dtype):

@@ -460,10 +460,12 @@ def test_openai_clients_draw_and_edit_with_each_family(flow_client, name):
 
 @pytest.fixture
 def lacking_parts(tiny_configs, tmp_path):
-    """An engine whose models folder holds Z-Image with a T5 text encoder beside it, of the wrong kind, and no VAE."""
+    """An engine whose models folder holds Z-Image with a T5 text encoder beside it, of the wrong kind, a GGUF Qwen3,
+    and no VAE."""
     models = tmp_path / "models"
     save(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", z_image_tensors())
     save(models / "text_encoders" / "t5xxl_fp16.safetensors", t5_tensors())
+    (models / "text_encoders" / "Qwen3-4B-Q4_K_M.gguf").write_bytes(b"GGUF")
     engine = Engine(imagine.Settings(model="demo", models_dir=models), configs_dir=tiny_configs)
     engine.start()
     yield engine
@@ -484,6 +486,7 @@ def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(lacking
     assert response.status_code == 422
     assert "qwen_3_4b.safetensors" in error and "text_encoders/" in error and "ae.safetensors" in error
     assert "text_encoders/t5xxl_fp16 (a T5-XXL text encoder" in error  # what is there, and why it does not fit
+    assert error.endswith("; GGUF files, which Imagine cannot load yet: text_encoders/Qwen3-4B-Q4_K_M.gguf")
     assert str(models) not in error
     listed = {e["name"]: e for e in client.get("/models").get_json()["models"]}
     assert "qwen_3_4b.safetensors" in listed["z_image_turbo_bf16"]["parts"]["missing"]
@@ -516,6 +519,11 @@ def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(
         response = client.post("/generate", json={"prompt": "p", "model": "z", **SMALL})
         assert response.status_code == 422
         assert "'my-vae' holds FLUX.1's VAE" in response.get_json()["error"]
+        (models / "qwen-q4.gguf").write_bytes(b"GGUF")
+        sidecar.write_text(json.dumps({"text_encoder": "qwen-q4", "vae": "my-vae"}))
+        response = client.post("/generate", json={"prompt": "p", "model": "z", **SMALL})
+        assert response.status_code == 422
+        assert response.get_json()["error"].startswith("the sidecar's text_encoder 'qwen-q4' is a GGUF file")
         sidecar.write_text(json.dumps({"text_encoder": "mine", "vae": "my-vae"}))
         assert client.post("/generate", json={"prompt": "p", "model": "z", **SMALL}).status_code == 200
     finally:
@@ -532,8 +540,13 @@ def test_a_request_for_a_model_read_before_reads_no_header_again(flow_client, mo
 
 def test_a_gguf_file_is_refused_saying_it_is_not_supported_yet(flow_client, comfyui):
     (comfyui / "diffusion_models" / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
-    response = flow_client.post("/generate", json={"prompt": "p", "model": "flux1-dev-Q4_K_S"})
-    assert response.status_code == 422 and "GGUF" in response.get_json()["error"]
+    for name in ("flux1-dev-Q4_K_S", "flux1-dev-Q4_K_S.gguf"):
+        response = flow_client.post("/generate", json={"prompt": "p", "model": name})
+        assert response.status_code == 422
+        assert (
+            response.get_json()["error"]
+            == f"model {name!r} is a GGUF file, which Imagine cannot load yet; use its .safetensors release"
+        )
 
 
 def test_a_truncated_diffusion_model_is_refused_as_damaged(flow_client, comfyui):
