@@ -143,38 +143,33 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
     """An A1111 txt2img/img2img body as (GenerationRequest, what else the answer needs). Its fields become a
     /generate body that parse_request checks; an error names A1111's field. `model_name(checkpoint)` finds the
     model a checkpoint title names."""
-    try:
-        overrides = a1111_overrides(body)
-        sampler, schedule, sampler_name, dropped = a1111_sampler(body)
-        batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
-        n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
-        if batch_size * n_iter > settings.max_batch:
-            raise ImagineError(f"batch_size x n_iter is {batch_size * n_iter}; at most {settings.max_batch} pictures")
-        clip_skip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip"))
-        generate_body = {
-            "prompt": body.get("prompt") or "",
-            "neg": body.get("negative_prompt"),
-            "width": rounded_size(body.get("width")),  # info tells the size drawn
-            "height": rounded_size(body.get("height")),
-            "num_steps": body.get("steps"),
-            "guidance": body.get("cfg_scale"),
-            "distilled_guidance": body.get("distilled_cfg_scale"),
-            "sampler": sampler,
-            "schedule": schedule,
-            "rng": a1111_rng(overrides),
-            "seed": body.get("seed"),
-            "n": batch_size * n_iter,
-            "clip_skip": clip_skip,
-        }
-        if overrides.get("sd_model_checkpoint"):
-            generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
-        if img2img:
-            generate_body |= a1111_img2img_fields(body)
-        req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
-    except ImagineError as error:
-        if error.status != 400:
-            raise
-        raise a1111_error(error) from None
+    overrides = a1111_overrides(body)
+    sampler, schedule, sampler_name, dropped = a1111_sampler(body)
+    batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
+    n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
+    if batch_size * n_iter > settings.max_batch:
+        raise ImagineError(f"batch_size x n_iter is {batch_size * n_iter}; at most {settings.max_batch} pictures")
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip"))
+    generate_body = {
+        "prompt": body.get("prompt") or "",
+        "neg": body.get("negative_prompt"),
+        "width": rounded_size(body.get("width")),  # info tells the size drawn
+        "height": rounded_size(body.get("height")),
+        "num_steps": body.get("steps"),
+        "guidance": body.get("cfg_scale"),
+        "distilled_guidance": body.get("distilled_cfg_scale"),
+        "sampler": sampler,
+        "schedule": schedule,
+        "rng": a1111_rng(overrides),
+        "seed": body.get("seed"),
+        "n": batch_size * n_iter,
+        "clip_skip": clip_skip,
+    }
+    if overrides.get("sd_model_checkpoint"):
+        generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
+    if img2img:
+        generate_body |= a1111_img2img_fields(body)
+    req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
     understood = {
         "sampler_name": sampler_name,
         "batch_size": batch_size,
@@ -200,15 +195,6 @@ def a1111_img2img_fields(body: dict) -> dict:
         "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
         "inpaint_padding": body.get("inpaint_full_res_padding"),
     }
-
-
-def a1111_error(error: ImagineError) -> ImagineError:
-    """A bad request's error as A1111 answers it: 422, naming the field as the client sent it."""
-    name = A1111_FIELD_NAMES.get(error.field)
-    message = error.message
-    if name is not None and message.startswith(f"{error.field} "):
-        message = name + message[len(error.field) :]
-    return ImagineError(message, 422, field=error.field)
 
 
 def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
@@ -326,7 +312,13 @@ def titles() -> dict:
 
 
 def to_error(error: ImagineError) -> dict:
-    return {"error": error.message, "detail": error.message}  # A1111's clients read its errors' detail
+    """An error as A1111 answers it (its clients read `detail`), naming the field as the client sent it; its status,
+    422 for every bad value, is set where errors of every dialect are answered (imagine.py)."""
+    name = A1111_FIELD_NAMES.get(error.field)
+    message = error.message
+    if name is not None and message.startswith(f"{error.field} "):
+        message = name + message[len(error.field) :]
+    return {"error": message, "detail": message}
 
 
 def to_answer(body: dict, img2img: bool) -> Answer:

@@ -390,8 +390,10 @@ def check_for_family(req: GenerationRequest, family: Family) -> None:
             field="sampler",
         )
     if family.guidance != "none" and req.guidance > family.max_guidance:
-        message = f"guidance must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
-        raise ImagineError(message, field="guidance")
+        apart = family.guidance == "distilled" and req.distilled_guidance is not None  # family_guidance took it
+        field = "distilled_guidance" if apart else "guidance"
+        message = f"{field} must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
+        raise ImagineError(message, field=field)
     if family.flow and req.loras:
         raise ImagineError(f"loras for {family.label} models are not supported yet", field="loras")
     if family.flow and req.prediction is not None:

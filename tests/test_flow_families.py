@@ -313,7 +313,20 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
 def test_what_a_flow_family_cannot_draw_is_refused_before_any_work(flow_client, body, field, words):
     response = flow_client.post("/generate", json={"prompt": "p", "model": "z_image_turbo_bf16", **SMALL, **body})
     assert response.status_code == 400
-    assert words in response.get_json()["error"], response.get_json()
+    error = response.get_json()["error"]
+    assert error.startswith(field) and words in error, error
+
+
+def test_a_distilled_guidance_beyond_flux1_devs_range_is_refused_naming_the_field_it_came_in(flow_client):
+    body = {"prompt": "p", "model": "flux1-dev", **SMALL, "distilled_guidance": 12}
+    native = flow_client.post("/generate", json=body)
+    assert native.status_code == 400
+    assert native.get_json()["error"].startswith("distilled_guidance must be between 0 and 10.0"), native.get_json()
+    forge = {"prompt": "p", "steps": 1, "width": 64, "height": 64, "cfg_scale": 1, "distilled_cfg_scale": 12}
+    forge["override_settings"] = {"sd_model_checkpoint": "flux1-dev"}
+    answer = flow_client.post("/sdapi/v1/txt2img", json=forge)
+    assert answer.status_code == 422  # A1111's status for a bad value
+    assert answer.get_json()["detail"].startswith("distilled_cfg_scale must be between 0 and 10.0"), answer.get_json()
 
 
 def test_flux1_devs_distilled_guidance_is_written_as_forge_writes_it_and_pasted_back_redraws_the_picture(
