@@ -8,12 +8,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from engine.infotext import names_schedule
 from engine.prompts import parse_prompt_attention
 from engine.schedules import AUTOMATIC
 from engine.text_encoders import inner_layers
 
 # Notices a picture's answer carries where the request asked for something the family does without.
 IGNORED_NEGATIVE = "neg is ignored: {label} draws without classifier-free guidance, which a negative prompt needs"
+NEGATIVE_AT_NO_GUIDANCE = "neg is ignored at guidance 0: {label} reads a negative prompt only with guidance above 0"
 IGNORED_GUIDANCE = "guidance is ignored: {label} is distilled to draw without it"
 IGNORED_SCHEDULE = "schedule {schedule!r} is ignored: {label} keeps its own shifted schedule"
 STRIPPED_WEIGHTS = "the prompt's (word:weight) emphasis is A1111's for CLIP models; {label} reads it as plain text"
@@ -94,12 +96,16 @@ def flow_notices(family, req) -> list:
     notices = []
     if req.neg and family.guidance != "cfg":
         notices.append(IGNORED_NEGATIVE.format(label=family.label))
+    elif req.neg and (family.default_guidance if req.guidance is None else req.guidance) == 0:
+        notices.append(NEGATIVE_AT_NO_GUIDANCE.format(label=family.label))  # Z-Image-Turbo's default
     # As sent, or as filled in already (the engine fills a request in before it queues and again as it runs): only a
     # guidance other than the family's own asks for something it does without.
     if req.guidance not in (None, family.default_guidance) and family.guidance == "none":
         notices.append(IGNORED_GUIDANCE.format(label=family.label))
     # Refusing a schedule would fail every A1111 client and pasted infotext, which name one ("Simple" in Forge's).
-    if req.schedule != AUTOMATIC:
+    # One inferred for pasted data that names none was asked for by nobody.
+    inferred = req.parameters is not None and not names_schedule(req.parameters)
+    if req.schedule != AUTOMATIC and not inferred:
         notices.append(IGNORED_SCHEDULE.format(schedule=req.schedule, label=family.label))
     if plain_prompt(req.prompt)[1]:
         notices.append(STRIPPED_WEIGHTS.format(label=family.label))

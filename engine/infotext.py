@@ -111,6 +111,11 @@ def infotext_fields(text: str) -> tuple:
     return fields | older_schedule(fields), ignored
 
 
+def names_schedule(text: str) -> bool:
+    """Whether an infotext names its schedule type; older_schedule infers one for an SD model where it does not."""
+    return "Schedule type" in settings_pairs(split_infotext(text)[2])
+
+
 def older_schedule(fields: dict) -> dict:
     """Generation data without a "Schedule type" comes from A1111 before 1.9, where every k-diffusion sampler not
     named "... Karras" stepped through the model's own timesteps: that is "uniform" now ("automatic" has since
@@ -135,5 +140,7 @@ def with_infotext(body: dict) -> tuple:
             raise ImagineError(
                 f"parameters' Size gives {field} {fields[field]}, but {field} is {body[field]}", field=field
             )
-    filled = {**fields, **{key: value for key, value in body.items() if value is not None}}
-    return filled, ignored
+    given = {key: value for key, value in body.items() if value is not None}
+    if "guidance" in given:  # the body's guidance is the one to draw with, over the pasted Distilled CFG Scale too
+        fields.pop("distilled_guidance", None)
+    return {**fields, **given}, ignored

@@ -299,6 +299,10 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
     assert "neg is ignored" in notices and "guidance is ignored" in notices and "(word:weight)" in notices
     assert "notices" not in generate(flow_client, model="z_image_turbo_bf16", neg="blurry", guidance=2)
     assert "notices" not in generate(flow_client, model="flux-2-klein-4b")  # its own guidance is no request for more
+    turbo = generate(flow_client, model="z_image_turbo_bf16", neg="blurry")  # Turbo's own guidance, 0: no CFG pass
+    assert turbo["notices"] == [
+        "neg is ignored at guidance 0: Z-Image reads a negative prompt only with guidance above 0"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -386,6 +390,19 @@ def test_forges_flux_generation_data_draws_with_its_distilled_guidance_and_says_
     asked = dict(prompt="a fox in the snow", model="flux1-dev", num_steps=3, rng="gpu")  # A1111's default noise
     assert np.array_equal(pixels(answer["img"]), pixels(generate(flow_client, **asked, guidance=2.5)["img"]))
     assert not np.array_equal(pixels(answer["img"]), pixels(generate(flow_client, **asked)["img"]))
+
+
+def test_generation_data_naming_no_schedule_draws_a_flow_model_with_no_schedule_notice(flow_client):
+    pasted = flow_client.post(
+        "/generate", json={"parameters": FORGE_FLUX_INFOTEXT.replace("Schedule type: Simple, ", "")}
+    )
+    assert pasted.status_code == 200 and "notices" not in pasted.get_json(), pasted.get_json()
+
+
+def test_a_guidance_given_beside_forges_flux_generation_data_is_the_one_drawn_with(flow_client):
+    pasted = flow_client.post("/generate", json={"parameters": FORGE_FLUX_INFOTEXT, "guidance": 5}).get_json()
+    asked = dict(prompt="a fox in the snow", model="flux1-dev", num_steps=3, rng="gpu")
+    assert np.array_equal(pixels(pasted["img"]), pixels(generate(flow_client, **asked, guidance=5)["img"]))
 
 
 def test_a_schedule_asked_of_a_flow_model_is_ignored_with_a_notice(flow_client):
