@@ -36,11 +36,12 @@ from encoder_files import (
 from PIL import Image
 from safetensors.torch import save_file
 from selenium.webdriver.support.ui import Select
+from test_hostile_clients import module_at
 from test_web_page import element, fill_form, finished, open_page
 
 import engine.models
 import imagine
-from engine.engine import Engine, Failed, Progress
+from engine.engine import Engine, Failed
 from engine.errors import ImagineError
 from engine.families import FAMILIES
 from engine.flow import FlowDPMSolver2M
@@ -586,15 +587,37 @@ def test_a_truncated_diffusion_model_is_refused_as_damaged(flow_client, comfyui)
     assert response.status_code == 422 and "truncated" in response.get_json()["error"]
 
 
-def test_a_cancel_stops_a_flow_model_at_once_not_after_its_steps(flow_engine):
-    job = flow_engine.submit(parse_request({"prompt": "p", "model": "flux1-dev", **SMALL, "num_steps": 50}))
-    steps = []
-    for event in job:
-        if isinstance(event, Progress):
-            steps.append(event.step)
-            job.cancel(ImagineError("cancelled", 499))
-    assert isinstance(event, Failed) and event.cancelled
-    assert steps == [1]  # the transformer blocks' cancel points stop the next step as it begins
+@pytest.mark.parametrize(
+    "name, cancelled_in, must_not_run",
+    [
+        ("flux1-dev", "transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"),
+        ("flux-2-klein-4b", "transformer.single_transformer_blocks.0", "transformer.single_transformer_blocks.1"),
+        ("z_image_turbo_bf16", "transformer.layers.0", "transformer.layers.1"),
+        ("z_image_turbo_bf16", "text_encoder.layers.0", "text_encoder.layers.1"),  # Qwen3, as the prompt is read
+        ("flux1-schnell", "text_encoder_2.encoder.block.0", "text_encoder_2.encoder.block.1"),  # T5
+    ],
+)
+def test_a_cancel_stops_a_flow_model_at_the_next_block_not_at_the_end_of_its_step(
+    flow_client, flow_engine, name, cancelled_in, must_not_run
+):
+    before = generate(flow_client, model=name)["img"]  # loads the model
+    model = flow_engine.models.loaded[flow_engine.models.resolve(name)]
+    ran_after = []
+    cancel = module_at(model, cancelled_in).register_forward_pre_hook(
+        lambda module, args: flow_engine.running.cancel(ImagineError("cancelled", 499))
+    )
+    later = module_at(model, must_not_run).register_forward_pre_hook(
+        lambda module, args: ran_after.append(module) if flow_engine.running.cancelled() else None
+    )
+    try:
+        job = flow_engine.submit(parse_request({"prompt": "p", "model": name, **SMALL}))
+        events = list(job)
+    finally:
+        cancel.remove()
+        later.remove()
+    assert isinstance(events[-1], Failed) and events[-1].cancelled
+    assert ran_after == []  # stopped at the next cancel point, inside the step or the encoding
+    assert generate(flow_client, model=name)["img"] == before  # and the next request draws as before
 
 
 def test_the_cli_draws_a_flow_model_through_the_server(over_loopback, tmp_path):
