@@ -55,6 +55,7 @@ from engine.folders import (
 )
 from engine.headers import Truncated, read_header
 from engine.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
+from engine.scaled_fp8 import refuse_block_scaled
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -329,11 +330,13 @@ class Models:
         """The flow-matching diffusion model a .safetensors file holds (a Part), or None: an SD checkpoint, or a file
         whose header cannot be read, which the SD reading then refuses; a truncated file is refused here."""
         try:
-            return recognise_diffusion_model(read_header(path))
+            header = read_header(path)
         except Truncated:
             raise
         except ImagineError:
             return None
+        refuse_block_scaled(path, header)
+        return recognise_diffusion_model(header)
 
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)

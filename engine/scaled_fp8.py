@@ -7,8 +7,11 @@ the scale, so these weights are multiplied out on loading. Only one scale per we
 with a scale per block (nvfp4, mxfp8) are refused, naming the format."""
 
 import json
+import math
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from engine.errors import ImagineError
 
@@ -47,13 +50,29 @@ def dequantised(tensors: dict, dtype: torch.dtype) -> dict:
             continue
         scale = scales[0][...]  # [...] reads a slice whole, a 0-dimensional scale too
         if scale.numel() != 1:
-            raise ImagineError(
-                f"{name} has {scale.numel()} scales, one per block (ComfyUI's {quantised_format(tensors, stem)} "
-                "format): only fp8 files with one scale per weight are supported",
-                422,
-            )
+            raise block_scaled(name, scale.numel(), quantised_format(tensors, stem))
         out[name] = (tensor[...].float() * scale.float()).to(dtype)
     return out
+
+
+def refuse_block_scaled(path: Path, header: dict) -> None:
+    """Refuses, naming its format, a file whose weights carry a scale per block of values (ComfyUI's nvfp4, whose
+    4-bit values are packed two to a byte, or mxfp8), from its header: packed weights have no shape of the model's,
+    so this comes before any shape is read as the architecture's."""
+    for name, tensor in header.items():
+        if name.endswith(SCALES) and math.prod(tensor.shape) > 1:
+            stem = name.removesuffix(".weight_scale").removesuffix(".scale_weight")
+            with safe_open(path, framework="pt") as file:
+                notes = {note: file.get_slice(note) for note in [stem + ".comfy_quant"] if note in header}
+                raise block_scaled(f"{stem}.weight", math.prod(tensor.shape), quantised_format(notes, stem))
+
+
+def block_scaled(name: str, scales: int, format_name: str) -> ImagineError:
+    return ImagineError(
+        f"{name} has {scales} scales, one per block (ComfyUI's {format_name} format): only fp8 files with one scale "
+        "per weight are supported",
+        422,
+    )
 
 
 def quantised_format(tensors: dict, stem: str) -> str:

@@ -335,3 +335,23 @@ def scaled_fp8_tensors(tensors: dict, chosen=is_matrix, layout: str = "mixed") -
             scaled[stem + ".scale_weight"] = scale.reshape(1)
             scaled[stem + ".scale_input"] = torch.ones(1)
     return scaled
+
+
+def nvfp4_tensors(tensors: dict, chosen=is_matrix) -> dict:
+    """The tensors as ComfyUI's nvfp4 files hold them (zeros for values): each weight `chosen` picks as 4-bit values
+    packed two to a byte, a scale per block of 16 values (fp8), a scale for the whole weight and a `comfy_quant` note
+    naming the format."""
+    note = list(b'{"format": "nvfp4"}')
+    packed = {}
+    for name, tensor in tensors.items():
+        if not chosen(name, tensor):
+            packed[name] = tensor
+            continue
+        stem = name.removesuffix(".weight")
+        rows, columns = tensor.shape
+        packed[name] = torch.zeros(rows, columns // 2, dtype=torch.uint8)
+        packed[stem + ".weight_scale"] = torch.ones(rows, columns // 16).to(torch.float8_e4m3fn)
+        packed[stem + ".weight_scale_2"] = torch.tensor(1.0)
+        packed[stem + ".input_scale"] = torch.tensor(1.0)
+        packed[stem + ".comfy_quant"] = torch.tensor(note, dtype=torch.uint8)
+    return packed

@@ -15,6 +15,7 @@ from diffusion_model_files import (
     flux2_tensors,
     full_size_header,
     meta_model,
+    nvfp4_tensors,
     scaled_fp8_tensors,
     tiny_model_state,
     write_tiny_transformer_configs,
@@ -31,6 +32,7 @@ from engine.diffusion_models import (
 )
 from engine.errors import ImagineError
 from engine.headers import Tensor, read_header
+from engine.models import Models
 from engine.scaled_fp8 import dequantised, kept_dtype
 from engine.settings import CONFIGS_DIR
 
@@ -319,18 +321,13 @@ def test_a_scaled_fp8_file_computed_in_float16_loads_and_runs_in_float16(tmp_pat
     assert torch.isfinite(forward(model, "z-image").float()).all()
 
 
-def test_a_file_scaled_per_block_is_refused_naming_its_format(tmp_path, configs):
-    tensors, folder, _ = FAMILIES["z-image"]
-    written = scaled_fp8_tensors(tensors())
-    name = next(name for name in written if name.endswith(".weight_scale"))
-    stem = name.removesuffix(".weight_scale")
-    written[name] = torch.ones(4, 4)  # nvfp4's block scales, one per 16 values
-    written[stem + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
-    path = save(tmp_path / "nvfp4.safetensors", written)
+def test_a_file_scaled_per_block_is_refused_naming_its_format_before_its_packed_shapes_are_read(tmp_path):
+    tensors, _, _ = FAMILIES["z-image"]
+    path = save(tmp_path / "z_image_turbo_nvfp4.safetensors", nvfp4_tensors(tensors()))
     with pytest.raises(ImagineError) as refused:
-        load_diffusion_model(path, recognise_diffusion_model(read_header(path)), configs / folder, torch.float32)
+        Models.diffusion_model_in(path)
     assert refused.value.status == 422
-    assert f"{stem}.weight has 16 scales" in refused.value.message and "nvfp4" in refused.value.message
+    assert "scales, one per block (ComfyUI's nvfp4 format)" in refused.value.message, refused.value.message
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

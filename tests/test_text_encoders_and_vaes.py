@@ -12,7 +12,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2KleinPipeline, ZImagePipeline
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from diffusion_model_files import scaled_fp8_tensors
+from diffusion_model_files import nvfp4_tensors, scaled_fp8_tensors
 from ldm_checkpoint import _vae_prefixes
 from safetensors.torch import save_file
 
@@ -265,6 +265,16 @@ def test_a_comfyui_mixed_precision_qwen3_loads_with_its_scales_applied_and_encod
     # fp8 keeps 3 bits of mantissa: near the bf16 file's output, nowhere near another prompt's
     other = plain_model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
     assert (mixed_output - plain_output).abs().mean() < (other - plain_output).abs().mean() / 4
+
+
+def test_an_nvfp4_qwen3_is_refused_naming_its_format(tmp_path, tiny_configs):
+    tensors = encoder_files.qwen3_tensors()
+    packed = nvfp4_tensors(tensors, lambda name, _: ".layers." in name and name.endswith("proj.weight"))
+    path = save(tmp_path, "qwen_3_4b_nvfp4.safetensors", packed)
+    (part,) = text_encoders.recognise_text_encoders(read_header(path))
+    with pytest.raises(ImagineError) as refused:
+        text_encoders.load_text_encoder(path, part, tiny_configs / "z-image/text_encoder", torch.float32)
+    assert refused.value.status == 422 and "one per block (ComfyUI's nvfp4 format)" in refused.value.message
 
 
 def test_full_size_text_encoder_configs_build_the_published_models():
