@@ -295,3 +295,11 @@ def test_loras_in_an_edit_may_be_json_text_and_text_that_is_no_list_is_refused(s
         with pytest.raises(openai.BadRequestError) as refused:
             sdk.images.edit(image=png_file(noise_picture()), prompt="a cat", extra_body={"loras": loras})
         assert words in refused.value.body["message"]
+
+
+def test_an_error_found_while_drawing_names_the_field_as_openais_clients_send_it(sdk):
+    # The negative prompt's length in tokens is known only once the model's tokenizer reads it, on the engine's thread.
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.images.generate(prompt="a cat", size="64x64", extra_body={**QUICK, "negative_prompt": "a " * 7500})
+    message = refused.value.body["message"]
+    assert message.startswith("negative_prompt is 100 chunks of 75 tokens"), message
