@@ -448,8 +448,9 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tupl
     try:
         # torch and diffusers take seconds to import: only when generating here
         import imagine
-        from engine.engine import Engine, Failed, Finished, Preview, Progress
+        from engine.engine import Engine
         from engine.errors import ImagineError
+        from engine.job import Failed, Finished, Preview, Progress
         from engine.previews import png_bytes
         from engine.request import parse_request
     except ImportError as error:

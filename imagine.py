@@ -190,7 +190,7 @@ from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.folders import model_folders  # noqa: E402
-from engine.jobs import JobStore  # noqa: E402
+from engine.held_jobs import JobStore  # noqa: E402
 
 DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}
 # A URL that reached no route (404, 405) still gets its dialect's error shape, by the dialect's prefix.

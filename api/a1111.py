@@ -12,19 +12,13 @@ from PIL import Image
 
 from api.a1111_files import ModelHashes, a1111_model_name, a1111_titles, png_info
 from api.guard import is_loopback
-from api.native import Answer, current_engine, current_settings, read_json_body, respond
-from engine.engine import Failed, Finished, Job
+from api.native import Answer, current_engine, current_settings, generation_slot, last_event, read_json_body, respond
 from engine.errors import ImagineError
+from engine.fields import decode_image, integer, rounded_size, text
+from engine.job import Finished, Job
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
-from engine.request import (
-    MAX_NAME_CHARS,
-    _integer,
-    _text,
-    decode_image,
-    parse_request,
-    rounded_size,
-)
+from engine.request import MAX_NAME_CHARS, parse_request
 from engine.samplers import SAMPLERS, sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import Settings
@@ -81,10 +75,10 @@ def a1111_sampler(body: dict) -> tuple:
     sampler_index) and scheduler; combined names such as "DPM++ 2M Karras" are split. An unknown sampler falls back
     to A1111's default, and a schedule unknown or one the sampler cannot use to "automatic", as A1111 does, so a
     client's names from another server still draw; what was dropped is named in info's imagine_ignored."""
-    name = _text(body, "sampler_name", None) or _text(body, "sampler_index", None) or A1111_SAMPLER
+    name = text(body, "sampler_name", None) or text(body, "sampler_index", None) or A1111_SAMPLER
     sampler, schedule = split_sampler(name)
     sampler, dropped = sampler or A1111_SAMPLERS[A1111_SAMPLER], [] if sampler else ["sampler_name"]
-    asked = _text(body, "scheduler", None)
+    asked = text(body, "scheduler", None)
     if asked is not None and asked.lower() != AUTOMATIC:
         schedule = schedule_name(asked)
     if schedule is not None and schedule not in schedules_for(sampler):
@@ -118,8 +112,8 @@ def a1111_overrides(body: dict) -> dict:
 def a1111_mask(body: dict) -> Image.Image | None:
     """The img2img mask as our mask field takes it (white repaints): an RGBA mask whose alpha is used is read by its
     alpha, as A1111 does, and inpainting_mask_invert 1 swaps what is kept and what is repainted."""
-    data = _text(body, "mask", None)
-    invert = _integer(body, "inpainting_mask_invert", 0, 0, 1)
+    data = text(body, "mask", None)
+    invert = integer(body, "inpainting_mask_invert", 0, 0, 1)
     if data is None:
         return None
     mask = decode_image(data, "mask", "RGBA")
@@ -145,8 +139,8 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
     model a checkpoint title names."""
     overrides = a1111_overrides(body)
     sampler, schedule, sampler_name, dropped = a1111_sampler(body)
-    batch_size = _integer(body, "batch_size", 1, 1, settings.max_batch)
-    n_iter = _integer(body, "n_iter", 1, 1, settings.max_batch)
+    batch_size = integer(body, "batch_size", 1, 1, settings.max_batch)
+    n_iter = integer(body, "n_iter", 1, 1, settings.max_batch)
     if batch_size * n_iter > settings.max_batch:
         raise ImagineError(f"batch_size x n_iter is {batch_size * n_iter}; at most {settings.max_batch} pictures")
     clip_skip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip"))
@@ -166,7 +160,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         "clip_skip": clip_skip,
     }
     if overrides.get("sd_model_checkpoint"):
-        generate_body["model"] = model_name(_text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
+        generate_body["model"] = model_name(text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
     if img2img:
         generate_body |= a1111_img2img_fields(body)
     req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
@@ -200,7 +194,7 @@ def a1111_img2img_fields(body: dict) -> dict:
 def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
     """txt2img's and img2img's answer: the pictures as bare base64 PNGs, the request as understood, and
     `info`, a JSON string in A1111's layout (long: two flat lists of A1111's fields, as its clients read them)."""
-    req, seeds, family = job.request, event.seeds, job.model.family
+    req, seeds, family = job.request, event.seeds, event.family
     prompts = [req.prompt] * len(seeds)
     scheduler = schedule_label(req.sampler, req.schedule, family.flow)
     info = {
@@ -259,8 +253,8 @@ def a1111_guidance(req, family) -> dict:
     return {"cfg_scale": req.guidance}
 
 
-def a1111_progress(progress: dict | None, with_image: bool) -> dict:
-    """GET /sdapi/v1/progress from the engine's progress snapshot (None: nothing runs)."""
+def a1111_progress(job: Job | None, preview: str | None) -> dict:
+    """GET /sdapi/v1/progress of the generating job (None: nothing runs), with its latest `preview` (base64 PNG)."""
     state = {
         "skipped": False,
         "interrupted": False,
@@ -272,9 +266,9 @@ def a1111_progress(progress: dict | None, with_image: bool) -> dict:
         "sampling_step": 0,
         "sampling_steps": 0,
     }
-    if progress is None:
+    if job is None:
         return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
-    job, step, steps, started = progress["job"], progress["step"], progress["steps"], progress["started"]
+    step, steps, started = job.step, job.steps, job.started
     done = min(1.0, step / steps if steps else 0)
     elapsed = time.time() - started
     state |= {
@@ -290,7 +284,7 @@ def a1111_progress(progress: dict | None, with_image: bool) -> dict:
         "progress": done,
         "eta_relative": elapsed / done - elapsed if done else 0,
         "state": state,
-        "current_image": progress["preview"] if with_image else None,  # the batch's first picture, as A1111 shows
+        "current_image": preview,  # the batch's first picture's, as A1111 shows
         "textinfo": f"Step {step}/{steps}" + (f", {job.request.n} pictures" if job.request.n > 1 else ""),
     }
 
@@ -312,35 +306,32 @@ def titles() -> dict:
 
 
 def to_error(error: ImagineError) -> dict:
-    """An error as A1111 answers it (its clients read `detail`), naming the field as the client sent it; its status,
+    """An error as A1111 answers it (its clients read `detail`), naming each field as the client sent it; its status,
     422 for every bad value, is set where errors of every dialect are answered (imagine.py)."""
-    name = A1111_FIELD_NAMES.get(error.field)
-    message = error.message
-    if name is not None and message.startswith(f"{error.field} "):
-        message = name + message[len(error.field) :]
+    message = error.text(A1111_FIELD_NAMES)
     return {"error": message, "detail": message}
 
 
-def to_answer(body: dict, img2img: bool) -> Answer:
-    settings, models = current_settings(), current_engine().models
-    req, understood = a1111_request(body, img2img, lambda checkpoint: a1111_model_name(titles(), checkpoint), settings)
+def to_answer(body: dict, img2img: bool, settings: Settings, titles: dict) -> Answer:
+    """An A1111 txt2img or img2img body as the engine's request and the way to answer it; `titles` are the models as
+    sd-models lists them (a1111_titles), by which a body names its checkpoint and the answer gives its hash."""
+    req, understood = a1111_request(body, img2img, lambda checkpoint: a1111_model_name(titles, checkpoint), settings)
 
     def whole(job: Job, event: Finished) -> dict:
-        if req.model is not None and not understood["restore_afterwards"]:
-            models.default = req.model  # for this run of the server; --model stays the default after a restart
-        return a1111_answer(body, event, job, understood, titles().get(job.model_key, {}))
+        return a1111_answer(body, event, job, understood, titles.get(job.model_key, {}))
 
-    return Answer(req, whole, interruptible=True)
+    keep = req.model if req.model is not None and not understood["restore_afterwards"] else None
+    return Answer(req, whole, interruptible=True, default_after=keep)
 
 
 @blueprint.post("/txt2img")
 def txt2img_route():
-    return respond(lambda: to_answer(read_json_body(), img2img=False))
+    return respond(lambda: to_answer(read_json_body(), False, current_settings(), titles()))
 
 
 @blueprint.post("/img2img")
 def img2img_route():
-    return respond(lambda: to_answer(read_json_body(), img2img=True))
+    return respond(lambda: to_answer(read_json_body(), True, current_settings(), titles()))
 
 
 @blueprint.get("/sd-models")
@@ -377,21 +368,22 @@ def options_route():
 
 @blueprint.post("/options")
 def set_options_route():
-    body = read_json_body()
-    if body.get("sd_model_checkpoint") is not None:
-        engine = current_engine()
-        name = a1111_model_name(titles(), _text(body, "sd_model_checkpoint", None, MAX_NAME_CHARS))
-        first = next(iter(engine.load_model(name)))
-        if isinstance(first, Failed):
-            raise first.error
-        engine.models.default = name  # for this run of the server; --model stays the default after a restart
+    with generation_slot():  # the load waits in the engine's queue as a generation does
+        body = read_json_body()
+        if body.get("sd_model_checkpoint") is not None:
+            engine = current_engine()
+            name = a1111_model_name(titles(), text(body, "sd_model_checkpoint", None, MAX_NAME_CHARS))
+            last_event(engine.load_model(name))
+            engine.models.default = name  # for this run of the server; --model stays the default after a restart
     return jsonify(None)
 
 
 @blueprint.get("/progress")
 def progress_route():
+    job = current_engine().generating()
     skip = request.args.get("skip_current_image", "false").lower() == "true"
-    return jsonify(a1111_progress(current_engine().progress(), not skip))
+    latest = None if job is None or skip else job.latest_preview()  # asking keeps previews coming (Job.latest_preview)
+    return jsonify(a1111_progress(job, None if latest is None else latest.png))
 
 
 def finish_early(how: str):
@@ -482,4 +474,4 @@ def cmd_flags_route():
 
 @blueprint.post("/png-info")
 def png_info_route():
-    return jsonify(png_info(_text(read_json_body(), "image", "")))
+    return jsonify(png_info(text(read_json_body(), "image", "")))

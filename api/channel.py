@@ -164,7 +164,7 @@ def create_server(app, max_queue: int, host: str, port: int):
         app,
         host=host,
         port=port,
-        # A thread for each waiting request and the running one (see generation_slots), one for each of as many
+        # A thread for each waiting request and the running one (see take_generation_slot), one for each of as many
         # jobs' event streams (api/jobs.py, stream_slots), for each request waiting for the models folders to be
         # read (see FolderReader), and spares.
         threads=2 * (max_queue + 1) + SPARE_THREADS + FOLDER_WAITERS,

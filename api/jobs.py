@@ -4,15 +4,16 @@ then polled (GET /jobs/<id>), followed as Server-Sent Events that a client picks
 
 import dataclasses
 import json
-import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from api.native import current_engine, current_settings, generation_slots, read_json_body, to_answer
+from api.native import current_settings, generation_slot, read_json_body, to_answer
 from api.native import to_error as native_error
 from api.native import to_whole as native_whole
 from engine.errors import ImagineError
-from engine.jobs import ENDED, HeldJob, JobStore
+from engine.fields import whole_number
+from engine.held_jobs import ENDED, HeldJob, JobStore
+from engine.job import due
 from engine.request import MAX_STEPS
 
 blueprint = Blueprint("jobs", __name__)
@@ -43,7 +44,7 @@ def stream_slots(app):
 
 def job_fields(store: JobStore, held: HeldJob, with_preview: bool = False) -> dict:
     """GET /jobs/<id>: where the job stands and, once done, the fields of a /generate answer."""
-    status = store.status(held)
+    status = held.status
     fields = {"id": held.id, "status": status}
     if status == "queued":
         fields["position"] = store.position(held)
@@ -62,13 +63,6 @@ def job_fields(store: JobStore, held: HeldJob, with_preview: bool = False) -> di
     if with_preview:
         fields["preview"] = held.preview()
     return fields
-
-
-def whole_number(name: str, text: str, low: int, high: int) -> int:
-    """A query or header value that must be a whole number from `low` to `high`; a 400 naming it otherwise."""
-    if not re.fullmatch(r"\d{1,9}", text.strip()) or not low <= int(text) <= high:
-        raise ImagineError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}", field=name)
-    return int(text)
 
 
 def switch(name: str) -> bool:
@@ -91,42 +85,39 @@ def record_event(store: JobStore, held: HeldJob, record) -> str:
     if record.kind == "progress":
         return sse(record.id, "progress", {"step": record.step, "steps": record.steps})
     if record.kind == "preview":
-        return sse(record.id, "preview", {"step": record.step, "steps": record.steps, "img": record.image})
+        return sse(record.id, "preview", {"step": record.step, "steps": record.steps, "img": record.preview.png})
     return sse(record.id, record.kind, job_fields(store, held))  # the end: the job as GET /jobs/<id> shows it
 
 
 def event_stream(store: JobStore, held: HeldJob, last_id: int, every: int | None, client_gone):
-    """The job's events after `last_id`, then its live ones until it ends. With `every`, a preview follows every
-    `every` steps (built from the latest latents, at most once a step for all the job's watchers)."""
+    """The job's events after `last_id`, then its live ones until it ends. With `every`, the engine previews the
+    job's first picture every `every` steps while the stream is open, and the stream sends those previews."""
     yield f"retry: {RETRY_MS}\n\n"
-    previewed = None  # the step of the last preview sent
+    watched = held.watch(every)
+    try:
+        yield from records_as_events(store, held, last_id, every or 0, client_gone)
+    finally:
+        if watched is not None:
+            watched.watch(every, watching=False)
+
+
+def records_as_events(store: JobStore, held: HeldJob, last_id: int, every: int, client_gone):
     quiet = 0.0
     while True:
         records = held.records_after(last_id, WAIT_SLICE)
         for record in records:
             last_id = record.id
-            if record.kind == "preview":
-                if every is None or (previewed is not None and record.step < previewed + every):
-                    continue
-                previewed = record.step
+            if record.kind == "preview" and not due(record.step, record.steps, every):
+                continue  # one another stream or a poll asked for
             yield record_event(store, held, record)
             if record.kind in ENDED:
                 return
-            if record.kind == "progress" and wants_preview(record, every, previewed):
-                held.add_preview()  # it comes as the log's next record
         quiet = 0.0 if records else quiet + WAIT_SLICE
         if client_gone is not None and client_gone():
             return
         if quiet >= KEEPALIVE_SECONDS:
             quiet = 0.0
             yield ": keepalive\n\n"
-
-
-def wants_preview(record, every: int | None, previewed: int | None) -> bool:
-    """A preview every `every` steps, as /generate's `stream` has them: none at the last step (the picture comes)."""
-    if every is None or record.step % every or record.step >= record.steps:
-        return False
-    return previewed is None or record.step >= previewed + every
 
 
 def last_event_id(held: HeldJob) -> int:
@@ -147,15 +138,10 @@ def last_event_id(held: HeldJob) -> int:
 
 @blueprint.post("/jobs")
 def submit_route():
-    slots = generation_slots(current_app)
-    if not slots.acquire(blocking=False):  # reading and checking a body holds a thread, as for /generate
-        raise current_engine().busy()
-    try:
+    with generation_slot():
         req = to_answer(read_json_body(), current_settings()).request
-        # A job's previews come from its event streams (?every=N), as many kinds as clients ask for.
+        # A job's previews are those its event streams (?every=N) and polls ask for while it runs.
         held = current_jobs().submit(dataclasses.replace(req, stream=0))
-    finally:
-        slots.release()
     url = f"/jobs/{held.id}"
     response = jsonify({**job_fields(current_jobs(), held), "url": url, "events": f"{url}/events"})
     response.headers["Location"] = url
@@ -165,7 +151,7 @@ def submit_route():
 @blueprint.get("/jobs")
 def list_route():
     store = current_jobs()
-    return jsonify(jobs=[{"id": held.id, "status": store.status(held), "created": held.created} for held in
+    return jsonify(jobs=[{"id": held.id, "status": held.status, "created": held.created} for held in
                          store.listing()])  # fmt: skip
 
 
@@ -199,10 +185,9 @@ def events_route(job_id):
 def cancel_route(job_id):
     store = current_jobs()
     held = store.get(job_id)
-    status = store.status(held)
-    if status in ENDED:
-        message = f"job {held.id} has already ended ({status}): there is nothing to cancel"
-        return jsonify(error=message, id=held.id, status=status), 409
+    if held.status in ENDED:
+        message = f"job {held.id} has already ended ({held.status}): there is nothing to cancel"
+        return jsonify(error=message, id=held.id, status=held.status), 409
     store.cancel(held)
     held.wait_end(CANCEL_WAIT)
     return jsonify(job_fields(store, held))

@@ -1,20 +1,21 @@
 """Imagine's own API (/generate and the lists), the web page, and respond(): the one response path that every
 dialect's routes go through."""
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
 from api.guard import has_key
-from engine.engine import Engine, Failed, Finished, Job, Preview
+from engine.engine import Engine
 from engine.errors import ImagineError
+from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, due
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
@@ -54,12 +55,27 @@ def current_settings() -> Settings:
     return current_engine().settings
 
 
-def generation_slots(app) -> threading.BoundedSemaphore:
-    """One slot for each request the engine may hold (running or waiting). A stream keeps its slot until the
-    client has read it or is dropped (SEND_TIMEOUT), so clients that stop reading cannot take the threads that
-    answer everything else: a request past the slots gets its 503 from those. (A single answer is handed to
-    waitress whole, and a thread waits on its reader only past 4 MB unsent, up to SEND_TIMEOUT.)"""
-    return app.extensions["imagine.slots"]
+def take_generation_slot() -> Callable[[], None]:
+    """Takes one of the slots for the requests the engine may hold (running or waiting), or refuses with the engine's
+    503; returns what gives it back. Reading and checking a body holds a thread, so a request takes its slot before
+    it is read. A stream keeps its slot until the client has read it or is dropped (SEND_TIMEOUT), so clients that
+    stop reading cannot take the threads that answer everything else: a request past the slots gets its 503 from
+    those. (A single answer is handed to waitress whole, and a thread waits on its reader only past 4 MB unsent, up
+    to SEND_TIMEOUT.)"""
+    slots = current_app.extensions["imagine.slots"]
+    if not slots.acquire(blocking=False):
+        raise current_engine().busy()
+    return slots.release
+
+
+@contextlib.contextmanager
+def generation_slot():
+    """A generation slot for the work inside the block (see take_generation_slot)."""
+    release = take_generation_slot()
+    try:
+        yield
+    finally:
+        release()
 
 
 @dataclasses.dataclass
@@ -74,37 +90,40 @@ class Answer:
     mimetype: str = "application/x-ndjson"
     default_if_unknown: bool = False  # a model name the server lacks gets the default (OpenAI's clients send dall-e-3)
     interruptible: bool = False  # A1111's interrupt and skip may end it early: only a request of that API
+    # The model the server's default becomes once the answer is done, for this run of the server (A1111's
+    # override_settings_restore_afterwards false); --model stays the default after a restart.
+    default_after: str | None = None
 
 
 def respond(translate: Callable[[], Answer]) -> Response:
     """The answer to a generation in any dialect. In a generation slot, `translate()` reads and checks the request;
-    the engine queues it; once its model is loaded (or failed to load), while the status is still ours to set, the
-    answer streams or comes whole. A client that leaves cancels its job (see stream_body)."""
-    slots = generation_slots(current_app)
-    if not slots.acquire(blocking=False):
-        raise current_engine().busy()
+    the engine queues it; once its model is loaded and its prompts encoded (or either failed), while the status is
+    still ours to set, the answer streams or comes whole. A client that leaves cancels its job (see stream_body)."""
+    release = take_generation_slot()
     try:
         answer = translate()
         check_answer_spool(answer.request, current_settings())
         client_gone = request.environ.get("waitress.client_disconnected")
-        job = current_engine().submit(
+        engine = current_engine()
+        job = engine.submit(
             answer.request,
             client_gone,
             default_if_unknown=answer.default_if_unknown,
             interruptible=answer.interruptible,
         )
-        events = iter(job)
+        events = (event for event in job if not isinstance(event, (Loading, Loaded)))
         first = next(events)
         if isinstance(first, Failed):
             raise first.error
         if answer.chunks is not None:
-            body = release_after(stream_body(job, events, answer), slots.release)
-            return Response(body, mimetype=answer.mimetype)
+            return Response(release_after(stream_body(job, events, answer), release), mimetype=answer.mimetype)
         response = jsonify(answer.whole(job, last_event(events)))
+        if answer.default_after is not None:
+            engine.models.default = answer.default_after
     except BaseException:
-        slots.release()
+        release()
         raise
-    slots.release()
+    release()
     return response
 
 
@@ -131,13 +150,13 @@ def check_answer_spool(req: GenerationRequest, settings: Settings) -> None:
         raise ImagineError(f"{why} for this answer; free space there, or ask for smaller or fewer pictures", 507)
 
 
-def last_event(events) -> Finished:
+def last_event(events) -> Finished | Loaded:
+    """The event a job ends with (Finished; Loaded for a load job), or its Failed's error raised."""
     for event in events:
         if isinstance(event, Failed):
             raise event.error
-        if isinstance(event, Finished):
-            return event
-    raise ImagineError("the generation ended without a picture", 500)
+        last = event
+    return last
 
 
 def stream_body(job: Job, events, answer: Answer):
@@ -223,11 +242,9 @@ def to_whole(job: Job, event: Finished) -> dict:
 
 def to_lines(job: Job, event) -> list:
     """The NDJSON lines of one event: a preview every `stream` steps, then the finished picture."""
-    if isinstance(event, Preview):
-        # Previews favour speed: the lowest PNG compression, still lossless.
-        preview = png_base64(event.image, compress_level=1)
+    if isinstance(event, Preview) and due(event.step, event.steps, job.request.stream):
         step = {"step": event.step, "steps": event.steps, "index": event.index}
-        return [ndjson({"img": preview, **step, "seed": job.request.seed + event.index, "done": False})]
+        return [ndjson({"img": event.png, **step, "seed": job.request.seed + event.index, "done": False})]
     if isinstance(event, Finished):
         return [ndjson({**to_whole(job, event), "done": True})]
     return []

@@ -17,10 +17,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from PIL import Image
 
 from api.native import Answer, current_engine, current_settings, parse_json, read_json_body, respond
-from engine.engine import Finished, Job, Preview
 from engine.errors import ImagineError
+from engine.fields import decode_image, integer, rounded_size, text
+from engine.fields import size as size_field
+from engine.job import Finished, Job, Preview
 from engine.previews import png_bytes
-from engine.request import _integer, _size, _text, decode_image, parse_request, rounded_size
+from engine.request import parse_request
 from engine.settings import DEMO_MODEL
 
 log = logging.getLogger("imagine")
@@ -111,7 +113,7 @@ def openai_size(size: str, max_size: int) -> dict:
     dimensions = {"width": rounded_size(int(match[1])), "height": rounded_size(int(match[2]))}
     try:
         for field in dimensions:
-            _size(dimensions, field, None, max_size)
+            size_field(dimensions, field, None, max_size)
     except ImagineError as error:
         raise ImagineError(f"size {size!r}: {error.message}") from None
     return dimensions
@@ -119,12 +121,12 @@ def openai_size(size: str, max_size: int) -> dict:
 
 def openai_options(body: dict) -> OpenAIOptions:
     options = OpenAIOptions(
-        size=_text(body, "size", "auto"),
-        quality=_text(body, "quality", "auto"),
-        response_format=_text(body, "response_format", "b64_json"),
-        output_format=_text(body, "output_format", "png"),
-        output_compression=_integer(body, "output_compression", 100, 0, 100),
-        partial_images=_integer(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
+        size=text(body, "size", "auto"),
+        quality=text(body, "quality", "auto"),
+        response_format=text(body, "response_format", "b64_json"),
+        output_format=text(body, "output_format", "png"),
+        output_compression=integer(body, "output_compression", 100, 0, 100),
+        partial_images=integer(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
     )
     if options.quality not in OPENAI_QUALITY_STEPS:
         raise ImagineError(f"quality must be one of: {', '.join(OPENAI_QUALITY_STEPS)}, not {options.quality!r}")
@@ -250,10 +252,10 @@ def openai_answer_fields(options: OpenAIOptions, width: int, height: int) -> dic
 
 def to_answer(body: dict, settings, kind: str, picture: dict, link) -> Answer:
     """An OpenAI request as the engine's request and the way to answer it. `picture` holds an edit's decoded
-    img and mask (empty for a generation); `link(data, extension)` keeps a picture answered as a URL."""
+    img and mask (empty for a generation); `link(data, extension)` keeps a picture answered as a URL and gives it."""
     generate_body, options = openai_generate_body(body, settings.max_size)
     generate_body.update(picture, model=body.get("model"))
-    req = openai_request(generate_body, settings)
+    req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
 
     def whole(job: Job, event: Finished) -> dict:
         return to_images(event, options, link)
@@ -261,21 +263,6 @@ def to_answer(body: dict, settings, kind: str, picture: dict, link) -> Answer:
     if not options.stream:
         return Answer(req, whole, default_if_unknown=True)
     return Answer(req, whole, PartialImages(options, kind).chunks, error_event, "text/event-stream", True)
-
-
-# /generate's field -> the OpenAI parameter it came from, so that an error names what the client sent.
-OPENAI_FIELD_NAMES = {field: knob for knob, field in OPENAI_KNOBS.items()} | {"img": "image"}
-
-
-def openai_request(generate_body: dict, settings):
-    """parse_request for the /generate body an OpenAI request became; an error names the OpenAI parameter."""
-    try:
-        return parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
-    except ImagineError as error:
-        name = OPENAI_FIELD_NAMES.get(error.field)
-        if name is None or not error.message.startswith(f"{error.field} "):
-            raise
-        raise ImagineError(name + error.message[len(error.field) :], error.status, field=error.field) from None
 
 
 def to_images(event: Finished, options: OpenAIOptions, link) -> dict:
@@ -322,9 +309,13 @@ class PartialImages:
         return []
 
 
+# /generate's field -> the OpenAI parameter it came from, so that an error names what the client sent.
+OPENAI_FIELD_NAMES = {field: knob for knob, field in OPENAI_KNOBS.items()} | {"img": "image"}
+
+
 def to_error(error: ImagineError) -> dict:
     kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return {"error": {"message": error.message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": error.text(OPENAI_FIELD_NAMES), "type": kind, "param": None, "code": None}}
 
 
 def error_event(error: ImagineError) -> str:
@@ -348,14 +339,19 @@ def keep_linked_pictures(state):
     state.app.extensions["imagine.linked"] = LinkedPictures()
 
 
-def link(data: bytes, extension: str) -> str:
-    name = current_app.extensions["imagine.linked"].add(data, extension)
-    return f"{request.host_url}v1/images/files/{name}"
+def linker():
+    """The `link` of this request's answer: it keeps a picture and gives its URL on the host the client called."""
+    pictures, host_url = current_app.extensions["imagine.linked"], request.host_url
+
+    def link(data: bytes, extension: str) -> str:
+        return f"{host_url}v1/images/files/{pictures.add(data, extension)}"
+
+    return link
 
 
 @blueprint.post("/images/generations")
 def generations_route():
-    return respond(lambda: to_answer(read_json_body(), current_settings(), "image_generation", {}, link))
+    return respond(lambda: to_answer(read_json_body(), current_settings(), "image_generation", {}, linker()))
 
 
 @blueprint.post("/images/edits")
@@ -372,7 +368,7 @@ def edit_answer() -> Answer:
     picture = {"img": decode_image(base64.b64encode(images[0].read()).decode("ascii"), "image")}
     if "mask" in request.files:
         picture["mask"] = openai_mask(request.files["mask"].read())
-    return to_answer(form_fields(request.form), current_settings(), "image_edit", picture, link)
+    return to_answer(form_fields(request.form), current_settings(), "image_edit", picture, linker())
 
 
 @blueprint.get("/images/files/<name>")

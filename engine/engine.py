@@ -1,4 +1,5 @@
-"""The engine: a queue of jobs, run one at a time on one thread, each telling its progress as events."""
+"""The engine: a queue of jobs, run one at a time on one thread, each telling its progress as events (engine/job.py),
+its previews built here, on that thread, where its readers asked for them."""
 
 import contextlib
 import dataclasses
@@ -11,105 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
+from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
-from engine.previews import png_base64
 from engine.prompts import prompt_embeddings
 from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, generation_parameters
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")
-
-
-@dataclasses.dataclass
-class Started:
-    """The model is loaded and the generation has begun."""
-
-
-@dataclasses.dataclass
-class Progress:
-    """A denoising step is done (every step; previews come only every `stream` steps)."""
-
-    step: int
-    steps: int
-
-
-@dataclasses.dataclass
-class Preview:
-    step: int
-    steps: int
-    image: Image.Image
-    index: int = 0  # which picture of a batch
-
-
-@dataclasses.dataclass
-class Finished:
-    image: Image.Image
-    parameters: str  # the settings, as stored in the PNG (see generation_parameters)
-    seed: int
-    model: str
-    steps: int
-    seconds: float
-    pictures: list = dataclasses.field(default_factory=list)  # every picture of the batch as (image, parameters)
-    seeds: list = dataclasses.field(default_factory=list)
-    interrupted: bool = False  # ended early by A1111's interrupt or skip: `steps` is how far it got
-    notices: list = dataclasses.field(default_factory=list)  # parts of the request the model did without
-
-
-@dataclasses.dataclass
-class Failed:
-    error: ImagineError
-    cancelled: bool = False  # stopped on purpose (cancelled, its client gone, the server stopping), not broken
-
-
-class Job:
-    """One accepted request; the engine reports its progress as events the caller iterates over."""
-
-    def __init__(
-        self, request: GenerationRequest, model_key: str, client_gone=None, load_only: bool = False, events=None
-    ):
-        self.request = request
-        self.model_key = model_key
-        self.load_only = load_only  # only load the model (Engine.load_model): its one event is Started
-        # Where the engine puts the events (it only ever calls put): a queue the caller iterates over, or a
-        # held job's record (engine/jobs.py), which keeps them for clients that come and go.
-        self.events = queue.Queue() if events is None else events
-        self.client_gone = client_gone  # a callable saying the client has left, where the server can tell
-        self.cancel_reason = None
-        # Where it stands, for Engine.progress(), which builds a report only when asked.
-        self.started = None  # time.time() when its generation began
-        self.step, self.steps = 0, 0
-        self.latents = None  # the latest latents a preview shows (one per picture), with the model that draws them
-        self.model = None
-        self.preview = (None, None)  # (latents, base64 PNG): the progress preview, built once per step
-        self.stop_early = None  # how it was asked to finish early: "interrupt" or "skip"
-        self.interruptible = False  # whether A1111's interrupt and skip may end it: only /sdapi/v1/* jobs
-
-    def __iter__(self):
-        while True:
-            event = self.events.get()
-            yield event
-            if isinstance(event, (Finished, Failed)):
-                return
-
-    def cancel(self, reason: ImagineError) -> None:
-        """Stops the job before its next step, or before it starts; `reason` is what its client is told."""
-        self.cancel_reason = reason
-
-    def finish_early(self, how: str) -> None:
-        """Ends the pictures at their next step, keeping them as far as they got (AUTOMATIC1111's interrupt and
-        skip, which are one here: a batch is drawn in one call, and A1111's skip ends the call being drawn)."""
-        self.stop_early = how
-
-    def cancelled(self) -> bool:
-        if self.cancel_reason is None and self.client_gone is not None and self.client_gone():
-            self.cancel_reason = ImagineError("the client disconnected", 499)
-        return self.cancel_reason is not None
 
 
 class Engine:
@@ -150,8 +64,7 @@ class Engine:
         (Job.finish_early)."""
         key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
         req = self.for_model(req, key)
-        job = Job(req, key, client_gone, events=events)
-        job.interruptible = interruptible
+        job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
@@ -166,7 +79,7 @@ class Engine:
         return req if family is None else for_family(req, family, self.settings.max_size)
 
     def load_model(self, name: str) -> Job:
-        """Queues the loading of a model: the job's one event says it is loaded (Started) or why not (Failed)."""
+        """Queues the loading of a model: the job ends with Loaded, or Failed saying why not."""
         return self.queue(Job(GenerationRequest(prompt="", model=name), self.models.resolve(name), load_only=True))
 
     def queue(self, job: Job) -> Job:
@@ -205,14 +118,10 @@ class Engine:
             waiting = list(self.jobs.queue)
         return waiting.index(job) if job in waiting else None
 
-    def progress(self) -> dict | None:
-        """Where the running generation stands, or None while none runs: the one source of progress for anyone
-        who polls. Its preview (the first picture's, in the request's `preview` kind) is built at most once per
-        step however often it is asked for."""
+    def generating(self) -> Job | None:
+        """The job whose generation runs now (its model loaded and its prompts encoded), or None."""
         job = self.running
-        if job is None or job.started is None:
-            return None
-        return {"job": job, "step": job.step, "steps": job.steps, "started": job.started, "preview": job_preview(job)}
+        return job if job is not None and job.started is not None else None
 
     def run_forever(self) -> None:
         """Runs jobs until stop() is called."""
@@ -237,9 +146,11 @@ class Engine:
         return thread
 
     def stop(self) -> None:
-        """Cancels the running job and every waiting one, telling their clients, then ends run_forever."""
+        """Cancels the running job and every waiting one, telling their clients, then ends run_forever; once."""
         shutting_down = ImagineError("the server is shutting down", 503)
         with self.accepting:
+            if self.stopping:
+                return
             self.stopping = True
             if self.running is not None:
                 self.running.cancel(shutting_down)
@@ -256,6 +167,7 @@ class Engine:
             job.events.put(Failed(job.cancel_reason, cancelled=True))
             return
         self.running = job
+        job.events.put(Loading())
         token = cancel_check.set(job.cancelled)  # what the cancel points inside every layer ask
         try:
             job.events.put(self.draw(job))
@@ -278,12 +190,13 @@ class Engine:
             self.running = None
 
     def draw(self, job: Job):
-        """The job's recipe; returns its last event (Started for a load job, else Finished)."""
+        """The job's recipe; returns its last event (Loaded for a load job, else Finished)."""
         started = time.perf_counter()
         # 1. Load the model (or find it loaded); a load job ends here.
         model = self.models.get(job.model_key)
         if job.load_only:
-            return Started()
+            return Loaded()
+        job.events.put(Loaded())
         # 2. Fill in what the request left out (size, steps, guidance, sampler): the family's own, within --max-size.
         req = job.request = for_family(job.request, model.family, self.settings.max_size)
         # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
@@ -302,8 +215,8 @@ class Engine:
             embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
             with torch.inference_mode():
                 conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
+        job.started = time.time()
         job.events.put(Started())
-        job.started, job.model = time.time(), model
         # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
         # same peak memory (docs/performance.md, Batches).
         each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
@@ -319,13 +232,14 @@ class Engine:
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         seeds = [req.seed + index for index in range(len(pictures))]
         image, parameters = pictures[0]
-        finished = Finished(image, parameters, req.seed, model.name, job.step, round(seconds, 3), pictures, seeds)
+        finished = Finished(
+            image, parameters, req.seed, model.name, model.family, job.step, round(seconds, 3), pictures, seeds
+        )
         return dataclasses.replace(finished, interrupted=cut is not None, notices=req.notices)
 
     def step_reporter(self, job: Job, model, each: list):
-        """The pipeline's step callback for `job`: it records the step, sends Progress and, every `stream` steps,
-        a Preview of each picture; it stops a cancelled job and says when one should finish early."""
-        req = job.request
+        """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's
+        readers asked for (Job.previews_at); it stops a cancelled job and says when one should finish early."""
         began = time.perf_counter()
 
         def on_step(step, steps, latents):
@@ -333,25 +247,20 @@ class Engine:
                 raise Cancelled
             if step == 1:
                 log_time_left(time.perf_counter() - began, steps)
-            job.step, job.steps, job.latents = step, steps, latents
+            job.step, job.steps = step, steps
             job.events.put(Progress(step, steps))
-            if req.stream and step % req.stream == 0 and step < steps:
-                for index, picture in enumerate(each):
-                    preview = preview_image(model, picture, latents[index : index + 1])
-                    job.events.put(Preview(step, steps, preview, index))
+            for index in range(job.previews_at(step, steps)):
+                image = preview_image(model, each[index], latents[index : index + 1])
+                send_preview(job, Preview(step, steps, image, index))
             return job.stop_early is not None
 
         return on_step
 
 
-def job_preview(job: Job) -> str | None:
-    """The job's latest preview as a base64 PNG (the first picture's, in the request's `preview` kind), or None
-    before its first step: built at most once per step however often, and by whomever, it is asked for."""
-    latents, model = job.latents, job.model
-    if latents is not None and job.preview[0] is not latents:
-        image = preview_image(model, job.request, latents[:1])
-        job.preview = (latents, png_base64(image, None, compress_level=1))
-    return job.preview[1]
+def send_preview(job: Job, preview: Preview) -> None:
+    if preview.index == 0:
+        job.latest = preview  # what a poll reads (Job.latest_preview)
+    job.events.put(preview)
 
 
 def log_time_left(took: float, steps: int) -> None:

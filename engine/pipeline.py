@@ -146,8 +146,10 @@ def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None) -> l
     return call_flow(model, model.img2img, req, on_step, **inputs)
 
 
+@torch.inference_mode()
 def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
-    """A picture of step latents (one picture's): the cheap factor mapping, or with `preview: full` a VAE decode."""
+    """A picture of step latents (one picture's): the cheap factor mapping, or with `preview: full` a VAE decode, on
+    the engine's thread (its step callback) under inference mode, as the pipeline's own decode."""
     if req.preview == "full":
         vae = model.txt2img.vae
         if model.family.flow:

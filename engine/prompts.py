@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from engine.errors import ImagineError
+from engine.errors import ImagineError, named
 
 # One piece of a prompt each: an escaped bracket or backslash, a lone backslash, an opening bracket, a
 # weight closing a round bracket (":1.3)"), a closing bracket, a run of plain text, or a lone colon.
@@ -55,7 +55,7 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list:
             try:
                 multiply(round_open.pop(), float(weight))
             except ValueError:
-                raise ImagineError(f"{field} weight {weight!r} is not a number", field=field) from None
+                raise ImagineError(f"{named(field)} weight {weight!r} is not a number", field=field) from None
         elif piece == ")" and round_open:
             multiply(round_open.pop(), ATTENTION_STEP)
         elif piece == "]" and square_open:
@@ -68,7 +68,7 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list:
     breaks = sum(weight is BREAK for _, weight in pieces)
     if breaks >= MAX_PROMPT_CHUNKS:
         raise ImagineError(
-            f"{field} is at least {breaks + 1} chunks of 75 tokens (each BREAK starts one); "
+            f"{named(field)} is at least {breaks + 1} chunks of 75 tokens (each BREAK starts one); "
             f"at most {MAX_PROMPT_CHUNKS} are accepted",
             field=field,
         )
@@ -230,14 +230,15 @@ def prompt_embeddings(pipe, prompt: str, neg: str, clip_skip: int, embeddings: d
     for _, text_encoder, _ in encoders:
         layers = text_encoder.config.num_hidden_layers
         if clip_skip > layers:
-            raise ImagineError(f"clip_skip {clip_skip} is more than this model's text encoder has ({layers} layers)")
+            message = f"{named('clip_skip')} {clip_skip} is more than this model's text encoder has ({layers} layers)"
+            raise ImagineError(message, field="clip_skip")
     hidden, pooled = [[], []], [None, None]
     for tokenizer, text_encoder, key in encoders:
         vectors = {name: each[key] for name, each in embeddings.items()}
         chunks = [prompt_chunks(tokenizer, pieces, vectors) for pieces in parsed]
         for field, each in zip(("prompt", "neg"), chunks, strict=True):
             if len(each) > MAX_PROMPT_CHUNKS:
-                message = f"{field} is {len(each)} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS} are accepted"
+                message = f"{named(field)} is {len(each)} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS} are accepted"
                 raise ImagineError(message, field=field)
         # The shorter of prompt and negative prompt gets chunks of the empty prompt, so that both line up.
         count = max(len(each) for each in chunks)

@@ -1,16 +1,14 @@
 """A generation request: every field checked before any work, errors naming the field and the bad value;
 the pictures it carries decoded once; the settings a finished picture records."""
 
-import base64
-import binascii
 import dataclasses
-import io
 import json
 import math
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from engine.errors import ImagineError
+from engine import fields
+from engine.errors import ImagineError, named
 from engine.families import Family
 from engine.flow import flow_notices
 from engine.infotext import with_infotext
@@ -30,9 +28,6 @@ from engine.samplers import (
 from engine.schedules import AUTOMATIC
 from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE
 
-MAX_IMG_PIXELS = 4096 * 4096  # an input picture, checked from its header before it is decoded
-
-
 MAX_STEPS = 150
 
 
@@ -51,11 +46,6 @@ MAX_PROMPT_CHARS = 16_000
 
 
 MAX_NAME_CHARS = 512  # a model's or LoRA's name: a path below a models folder, not a text
-
-
-# Picture formats an input image may have: what cameras, browsers and editors save. Pillow knows many
-# more (EPS runs Ghostscript on the data, others are rare codecs); those are refused, unread.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 @dataclasses.dataclass
@@ -112,140 +102,144 @@ REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"par
 FIELD_ALIASES = {"negative_prompt": "neg", "steps": "num_steps"}
 
 
-def _value(body, field, kinds, kind_name):
-    value = body[field]
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise ImagineError(f"{field} must be {kind_name}, not {json.dumps(value)[:80]}", field=field)
+def parse_request(
+    body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH, rng: str = "cpu"
+) -> GenerationRequest:
+    """Checks every field of a /generate body and returns the request, or raises naming the bad field: the texts
+    first (cheap to check), then the pictures (costly to decode), then the numbers and names; a prompt's weights
+    last, so that a weight that is no number is refused now, not after the queue."""
+    body = without_aliases(body)
+    ignored = []
+    if body.get("parameters") is not None:
+        body, ignored = with_infotext(body)
+    check_field_names(body)
+    defaults = GenerationRequest(prompt="")
+    prompt = fields.text(body, "prompt", "", MAX_PROMPT_CHARS)
+    neg = fields.text(body, "neg", defaults.neg, MAX_PROMPT_CHARS)
+    parsed = GenerationRequest(
+        prompt=prompt,
+        neg=neg,
+        **picture_fields(body, max_size),
+        **drawing_fields(body, rng, max_batch),
+        model=fields.text(body, "model", None, MAX_NAME_CHARS),
+        stream=fields.integer(body, "stream", 0, 0, MAX_STEPS),
+        preview=one_of(body, "preview", defaults.preview, PREVIEW_MODES),
+        loras=checked_loras(lora_field(body) + lora_tags(prompt)),
+        parameters=body.get("parameters"),
+        parameters_ignored=ignored,
+    )
+    parse_prompt_attention(parsed.prompt)
+    parse_prompt_attention(parsed.neg, "neg")
+    if parsed.img is not None and parsed.num_steps is not None:
+        check_steps_left(parsed)
+    return parsed
+
+
+def check_field_names(body: dict) -> None:
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
+    if body.get("prompt") is None:
+        raise ImagineError(f"{named('prompt')} is required", field="prompt")
+    if body.get("model") == "":
+        message = f"{named('model')} must name a model, not be empty; leave it out for the default"
+        raise ImagineError(message, field="model")
+
+
+def picture_fields(body: dict, max_size: int) -> dict:
+    """The input picture, its mask and the size drawn. img2img keeps the input's size unless asked otherwise (rounded
+    down to a multiple of 8); txt2img leaves a size it is not given to the model's family (512, 768 or 1024)."""
+    img = None if body.get("img") is None else fields.picture(body, "img", "RGB")
+    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (None, None)
+    width = fields.size(body, "width", default_width, max_size)
+    height = fields.size(body, "height", default_height, max_size)
+    # Sizes given in the body were checked above; one taken from img may still be out of range.
+    if img is not None and not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):
+        message = f"{named('img')} is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}"
+        raise ImagineError(message, field="img")
+    mask = parse_mask(body, img)
+    defaults = GenerationRequest(prompt="")
+    return {
+        "img": img,
+        "width": width,
+        "height": height,
+        "mask": mask,
+        "strength": fields.number(body, "strength", MASK_STRENGTH if mask else defaults.strength, 0.0, 1.0),
+        "mask_blur": fields.integer(body, "mask_blur", defaults.mask_blur, 0, MAX_MASK_BLUR),
+        "inpaint_area": one_of(body, "inpaint_area", defaults.inpaint_area, INPAINT_AREAS),
+        "inpaint_padding": fields.integer(body, "inpaint_padding", defaults.inpaint_padding, 0, MAX_INPAINT_PADDING),
+    }
+
+
+def drawing_fields(body: dict, rng: str, max_batch: int) -> dict:
+    """How the pictures are drawn: steps, guidance, sampler and schedule, noise, seed and count."""
+    defaults = GenerationRequest(prompt="")
+    sampler, schedule = sampler_and_schedule(body)
+    prediction = fields.text(body, "prediction", None)
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ImagineError(f"{named('prediction')} must be 'epsilon' or 'v', not {prediction!r}", field="prediction")
+    n = fields.integer(body, "n", defaults.n, 1, max_batch)
+    return {
+        "num_steps": fields.integer(body, "num_steps", None, 1, MAX_STEPS),
+        "guidance": fields.number(body, "guidance", None, 0.0, MAX_GUIDANCE),
+        "distilled_guidance": fields.number(body, "distilled_guidance", None, 0.0, MAX_GUIDANCE),
+        "sampler": sampler,
+        "schedule": schedule,
+        "prediction": prediction,
+        "rng": rng_source(body, rng),
+        "seed": seed(body, n),
+        "n": n,
+        "clip_skip": fields.integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
+    }
+
+
+def one_of(body: dict, field: str, default: str, choices: tuple) -> str:
+    value = fields.text(body, field, default)
+    if value not in choices:
+        raise ImagineError(f"{named(field)} must be one of: {', '.join(choices)}, not {value!r}", field=field)
     return value
 
 
-def _in_range(field, value, low, high):
-    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
-        raise ImagineError(f"{field} must be between {low} and {high}, not {value}", field=field)
-    return value
-
-
-def _integer(body, field, default, low, high):
-    if body.get(field) is None:
-        return default
-    return _in_range(field, _value(body, field, int, "an integer"), low, high)
-
-
-def _number(body, field, default, low, high):
-    if body.get(field) is None:
-        return default
-    return float(_in_range(field, _value(body, field, (int, float), "a number"), low, high))
-
-
-def _text(body, field, default, max_chars=None):
-    if body.get(field) is None:
-        return default
-    text = _value(body, field, str, "a string")
-    if max_chars is not None and len(text) > max_chars:
-        raise ImagineError(f"{field} is {len(text)} characters long; at most {max_chars} are accepted", field=field)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair ("\ud800"), which is no text
-        bad = text[error.start : error.end].encode("unicode_escape").decode()
-        raise ImagineError(f"{field} must be valid Unicode text, not a lone surrogate {bad}", field=field) from None
-    return text
-
-
-def _seed(body, n: int):
+def seed(body: dict, n: int) -> int | None:
     """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it. Any seed torch
     takes (64 bits) is accepted, as A1111 accepts it; a batch's seeds seed, seed+1, ... must all be seeds too."""
     if body.get("seed") == -1 and isinstance(body["seed"], int):
         return None
-    seed = _integer(body, "seed", None, 0, MAX_SEED)
-    if seed is not None and seed + n - 1 > MAX_SEED:
+    value = fields.integer(body, "seed", None, 0, MAX_SEED)
+    if value is not None and value + n - 1 > MAX_SEED:
         raise ImagineError(
-            f"seed {seed} with n {n} needs the seeds up to {seed + n - 1}, beyond {MAX_SEED}; give a seed at most "
-            f"{MAX_SEED - n + 1}",
+            f"{named('seed')} {value} with {named('n')} {n} needs the seeds up to {value + n - 1}, beyond {MAX_SEED}; "
+            f"give a seed at most {MAX_SEED - n + 1}",
             field="seed",
         )
-    return seed
-
-
-def _sampler_and_schedule(body) -> tuple:
-    """The sampler (None: the family's own) and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M
-    Karras" does, which must then agree with a `schedule` field given beside it."""
-    text = _text(body, "sampler", None)
-    if text is None:  # the family's sampler, known once the model is: for_family checks the schedule then
-        schedule = _text(body, "schedule", None)
-        return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule)
-    sampler, named = split_sampler(text)
-    if sampler is None:
-        raise ImagineError(f"sampler {text!r} is unknown; choose one of: {', '.join(SAMPLERS)}", field="sampler")
-    schedule = checked_schedule(sampler, _text(body, "schedule", None))
-    if named is not None:
-        if schedule not in (AUTOMATIC, named):
-            message = f"sampler {text!r} names schedule {named!r}, but schedule is {schedule!r}"
-            raise ImagineError(message, field="schedule")
-        schedule = checked_schedule(sampler, named, "sampler")
-    return sampler, schedule
-
-
-def _rng(body, default: str) -> str:
-    rng = _text(body, "rng", default).strip().lower()
-    if rng not in RNG_SOURCES:
-        raise ImagineError(f"rng must be one of: {', '.join(RNG_SOURCES)}, not {body['rng']!r}", field="rng")
-    return rng
-
-
-def _size(body, field, default, max_size):
-    size = _integer(body, field, default, MIN_SIZE, max_size)
-    if size is not None and size % 8:
-        raise ImagineError(f"{field} must be a multiple of 8, not {size}", field=field)
-    return size
-
-
-def rounded_size(value):
-    """A width or height as AUTOMATIC1111 draws it, rounded down to a multiple of 8 (its latents are size // 8), for
-    the dialects whose clients let users type any size; a value that is no size, or too small, is left for the checks
-    to refuse as sent."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= MIN_SIZE:
-        return value // 8 * 8
     return value
 
 
-def decode_image(data: str, field: str = "img", mode: str = "RGB") -> Image.Image:
-    """The one way a request's picture is read: a data URI (`data:image/png;base64,...`) or bare base64
-    of a PNG, JPEG, WEBP, BMP or GIF (its first frame), converted to `mode`; `field` names the request field
-    in errors."""
-    if data.startswith("data:"):
-        header, _, data = data.partition(",")
-        if not header.endswith(";base64"):
-            raise ImagineError(f"{field} must be a base64 data URI (data:image/...;base64,...)", field=field)
-    try:
-        # Line breaks are allowed: `base64` wraps its output at 76 columns.
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImagineError(f"{field} is not valid base64", field=field) from None
-    try:
-        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-        if image.width * image.height > MAX_IMG_PIXELS:  # from the header: nothing is decoded yet
-            raise ImagineError(
-                f"{field} is {image.width}x{image.height}; at most {MAX_IMG_PIXELS} pixels are accepted", field=field
-            )
-        image.load()
-        return image.convert(mode)
-    except Image.DecompressionBombError:
-        raise ImagineError(f"{field} has too many pixels to be decoded safely", field=field) from None
-    except UnidentifiedImageError:
-        raise ImagineError(
-            f"{field} is not a picture in a format accepted: {', '.join(IMAGE_FORMATS)}", field=field
-        ) from None
-    except ImagineError:
-        raise
-    except Exception:  # a damaged file: Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error...
-        raise ImagineError(f"{field} is a damaged picture that cannot be decoded", field=field) from None
+def sampler_and_schedule(body: dict) -> tuple:
+    """The sampler (None: the family's own) and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M
+    Karras" does, which must then agree with a `schedule` field given beside it."""
+    text = fields.text(body, "sampler", None)
+    if text is None:  # the family's sampler, known once the model is: for_family checks the schedule then
+        schedule = fields.text(body, "schedule", None)
+        return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule)
+    sampler, in_name = split_sampler(text)
+    if sampler is None:
+        message = f"{named('sampler')} {text!r} is unknown; choose one of: {', '.join(SAMPLERS)}"
+        raise ImagineError(message, field="sampler")
+    schedule = checked_schedule(sampler, fields.text(body, "schedule", None))
+    if in_name is not None:
+        if schedule not in (AUTOMATIC, in_name):
+            message = f"{named('sampler')} {text!r} names schedule {in_name!r}, but {named('schedule')} is {schedule!r}"
+            raise ImagineError(message, field="schedule")
+        schedule = checked_schedule(sampler, in_name, "sampler")
+    return sampler, schedule
 
 
-def picture(body: dict, field: str, mode: str) -> Image.Image:
-    """A request's picture: base64 text from a client, or a picture an API dialect has decoded already."""
-    if isinstance(body[field], Image.Image):
-        return body[field].convert(mode)
-    return decode_image(_text(body, field, None), field, mode)
+def rng_source(body: dict, default: str) -> str:
+    rng = fields.text(body, "rng", default).strip().lower()
+    if rng not in RNG_SOURCES:
+        raise ImagineError(f"{named('rng')} must be one of: {', '.join(RNG_SOURCES)}, not {body['rng']!r}", field="rng")
+    return rng
 
 
 def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
@@ -253,95 +247,21 @@ def parse_mask(body: dict, img: Image.Image | None) -> Image.Image | None:
     if body.get("mask") is None:
         return None
     if img is None:
-        raise ImagineError("mask needs img: the picture whose white-masked part is repainted", field="mask")
-    mask = picture(body, "mask", "L")
+        message = f"{named('mask')} needs {named('img')}: the picture whose white-masked part is repainted"
+        raise ImagineError(message, field="mask")
+    mask = fields.picture(body, "mask", "L")
     if mask.getbbox() is None:
-        raise ImagineError("mask is all black: nothing to repaint; white marks what to repaint", field="mask")
+        message = f"{named('mask')} is all black: nothing to repaint; white marks what to repaint"
+        raise ImagineError(message, field="mask")
     return mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.LANCZOS)
-
-
-def parse_request(
-    body: dict, max_size: int = MAX_SIZE, max_batch: int = MAX_BATCH, rng: str = "cpu"
-) -> GenerationRequest:
-    """Checks every field of a /generate body and returns the request, or raises naming the bad field. One flat
-    list of checks, as diffusers' check_inputs is: long, but read top to bottom, field by field."""
-    body = without_aliases(body)
-    ignored = []
-    if body.get("parameters") is not None:
-        body, ignored = with_infotext(body)
-    unknown = sorted(set(body) - REQUEST_FIELDS)
-    if unknown:
-        raise ImagineError(f"unknown field {unknown[0]!r}; the fields are: {', '.join(sorted(REQUEST_FIELDS))}")
-    if body.get("prompt") is None:
-        raise ImagineError("prompt is required", field="prompt")
-    if body.get("model") == "":
-        raise ImagineError("model must name a model, not be empty; leave it out for the default", field="model")
-    defaults = GenerationRequest(prompt="")
-    # The texts first: they are cheap to check, and an image is costly to decode.
-    prompt, neg = _text(body, "prompt", "", MAX_PROMPT_CHARS), _text(body, "neg", defaults.neg, MAX_PROMPT_CHARS)
-    img = None if body.get("img") is None else picture(body, "img", "RGB")
-    # img2img keeps the input's size unless asked otherwise (rounded down to a multiple of 8); txt2img
-    # takes the model's default size (512, 768 or 1024 by family) for a size it leaves out.
-    default_width, default_height = (img.width // 8 * 8, img.height // 8 * 8) if img else (None, None)
-    width, height = _size(body, "width", default_width, max_size), _size(body, "height", default_height, max_size)
-    # Sizes given in the body were checked above; one taken from img may still be out of range.
-    if img is not None and not (MIN_SIZE <= width <= max_size and MIN_SIZE <= height <= max_size):
-        raise ImagineError(
-            f"img is {img.width}x{img.height}; give width and height from {MIN_SIZE} to {max_size}", field="img"
-        )
-    sampler, schedule = _sampler_and_schedule(body)
-    prediction = _text(body, "prediction", None)
-    if prediction is not None and prediction not in PREDICTIONS:
-        raise ImagineError(f"prediction must be 'epsilon' or 'v', not {prediction!r}", field="prediction")
-    preview = _text(body, "preview", defaults.preview)
-    if preview not in PREVIEW_MODES:
-        raise ImagineError(f"preview must be one of: {', '.join(PREVIEW_MODES)}, not {preview!r}", field="preview")
-    mask = parse_mask(body, img)
-    inpaint_area = _text(body, "inpaint_area", defaults.inpaint_area)
-    if inpaint_area not in INPAINT_AREAS:
-        raise ImagineError(
-            f"inpaint_area must be one of: {', '.join(INPAINT_AREAS)}, not {inpaint_area!r}", field="inpaint_area"
-        )
-    parsed = GenerationRequest(
-        prompt=prompt,
-        model=_text(body, "model", None, MAX_NAME_CHARS),
-        width=width,
-        height=height,
-        num_steps=_integer(body, "num_steps", None, 1, MAX_STEPS),
-        guidance=_number(body, "guidance", None, 0.0, MAX_GUIDANCE),
-        distilled_guidance=_number(body, "distilled_guidance", None, 0.0, MAX_GUIDANCE),
-        sampler=sampler,
-        schedule=schedule,
-        rng=_rng(body, rng),
-        seed=_seed(body, _integer(body, "n", defaults.n, 1, max_batch)),
-        neg=neg,
-        img=img,
-        strength=_number(body, "strength", MASK_STRENGTH if mask else defaults.strength, 0.0, 1.0),
-        stream=_integer(body, "stream", 0, 0, MAX_STEPS),
-        prediction=prediction,
-        preview=preview,
-        mask=mask,
-        mask_blur=_integer(body, "mask_blur", defaults.mask_blur, 0, MAX_MASK_BLUR),
-        inpaint_area=inpaint_area,
-        inpaint_padding=_integer(body, "inpaint_padding", defaults.inpaint_padding, 0, MAX_INPAINT_PADDING),
-        n=_integer(body, "n", defaults.n, 1, max_batch),
-        clip_skip=_integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
-        loras=checked_loras(lora_field(body) + lora_tags(_text(body, "prompt", ""))),
-        parameters=body.get("parameters"),
-        parameters_ignored=ignored,
-    )
-    parse_prompt_attention(parsed.prompt)  # a weight that is no number is refused now, not after the queue
-    parse_prompt_attention(parsed.neg, "neg")
-    if img is not None and parsed.num_steps is not None:
-        check_steps_left(parsed)
-    return parsed
 
 
 def check_steps_left(req: GenerationRequest) -> None:
     """img2img runs int(num_steps * strength) steps: at least one must be left."""
     if int(req.num_steps * req.strength) < 1:
         raise ImagineError(
-            f"strength {req.strength} with num_steps {req.num_steps} leaves no step to run; raise either",
+            f"{named('strength')} {req.strength} with {named('num_steps')} {req.num_steps} leaves no step to run; "
+            "raise either",
             field="strength",
         )
 
@@ -381,23 +301,25 @@ def check_for_family(req: GenerationRequest, family: Family) -> None:
     for field in ("width", "height"):
         value = getattr(req, field)
         if value % family.size_multiple:
-            message = f"{field} must be a multiple of {family.size_multiple} for {family.label} models, not {value}"
+            multiple = family.size_multiple
+            message = f"{named(field)} must be a multiple of {multiple} for {family.label} models, not {value}"
             raise ImagineError(message, field=field)
     if family.samplers and req.sampler not in family.samplers:
         raise ImagineError(
-            f"sampler {req.sampler!r} has no flow-matching form for {family.label}; choose one of: "
+            f"{named('sampler')} {req.sampler!r} has no flow-matching form for {family.label}; choose one of: "
             f"{', '.join(family.samplers)}",
             field="sampler",
         )
     if family.guidance != "none" and req.guidance > family.max_guidance:
         apart = family.guidance == "distilled" and req.distilled_guidance is not None  # family_guidance took it
         field = "distilled_guidance" if apart else "guidance"
-        message = f"{field} must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
+        message = f"{named(field)} must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
         raise ImagineError(message, field=field)
     if family.flow and req.loras:
-        raise ImagineError(f"loras for {family.label} models are not supported yet", field="loras")
+        raise ImagineError(f"{named('loras')} for {family.label} models are not supported yet", field="loras")
     if family.flow and req.prediction is not None:
-        raise ImagineError(f"prediction applies to SD models; {family.label} predicts a flow", field="prediction")
+        message = f"{named('prediction')} applies to SD models; {family.label} predicts a flow"
+        raise ImagineError(message, field="prediction")
 
 
 def without_aliases(body: dict) -> dict:
@@ -407,7 +329,8 @@ def without_aliases(body: dict) -> dict:
             continue
         if field in body and body[field] != body[alias]:
             given = f"{json.dumps(body[alias])[:80]} and {json.dumps(body[field])[:80]}"
-            raise ImagineError(f"{alias} and {field} are one field; give one of them, not {given}", field=field)
+            message = f"{alias} and {named(field)} are one field; give one of them, not {given}"
+            raise ImagineError(message, field=field)
         body = {**{key: value for key, value in body.items() if key != alias}, field: body[alias]}
     return body
 
@@ -460,12 +383,14 @@ def lora_field(body: dict) -> list:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(each, dict) for each in value):
-        raise ImagineError('loras must be a list like [{"name": "add_detail", "weight": 0.8}]', field="loras")
+        message = f'{named("loras")} must be a list like [{{"name": "add_detail", "weight": 0.8}}]'
+        raise ImagineError(message, field="loras")
     loras = []
     for each in value:
         if set(each) - {"name", "weight"} or not isinstance(each.get("name"), str):
-            raise ImagineError(f"loras entries have a name and a weight, not {json.dumps(each)[:80]}", field="loras")
-        loras.append((each["name"], _number(each, "weight", 1.0, -math.inf, math.inf)))
+            message = f"{named('loras')} entries have a name and a weight, not {json.dumps(each)[:80]}"
+            raise ImagineError(message, field="loras")
+        loras.append((each["name"], fields.number(each, "weight", 1.0, -math.inf, math.inf)))
     return loras
 
 

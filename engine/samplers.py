@@ -4,7 +4,7 @@
 from diffusers import LCMScheduler
 
 from engine import ksampling
-from engine.errors import ImagineError
+from engine.errors import ImagineError, named
 from engine.models import LoadedModel
 from engine.previews import keep_predictions
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
@@ -49,11 +49,11 @@ def checked_schedule(sampler: str, text: str | None, field: str = "schedule") ->
         return AUTOMATIC
     schedule = schedule_name(text)
     if schedule is None:
-        raise ImagineError(f"{field} {text!r} is unknown; choose one of: {', '.join(SCHEDULE_NAMES)}", field=field)
+        message = f"{named(field)} {text!r} is unknown; choose one of: {', '.join(SCHEDULE_NAMES)}"
+        raise ImagineError(message, field=field)
     if schedule not in schedules_for(sampler):
-        raise ImagineError(
-            f"sampler {sampler!r} takes its own timesteps, so {field} must be 'automatic', not {text!r}", field=field
-        )
+        must = f"{named(field)} must be 'automatic', not {text!r}"
+        raise ImagineError(f"{named('sampler')} {sampler!r} takes its own timesteps, so {must}", field=field)
     return schedule
 
 

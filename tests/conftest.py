@@ -21,6 +21,7 @@ from waitress import wasyncore
 import imagine
 from engine.engine import Engine
 from engine.models import build_demo_pipeline
+from engine.pipeline import generate
 from engine.settings import CONFIGS_DIR
 
 # Small and quick: the tiny model draws 64x64 in a few steps in well under a second.
@@ -99,15 +100,71 @@ def count_loads(engine) -> list:
 
 @pytest.fixture
 def make_engine(tmp_path):
-    """Builds a fresh engine with its own settings, for tests that count loads or change limits."""
+    """Builds a fresh engine with its own settings (and `generate`, e.g. a Hold's), for tests that hold or fail a
+    generation, count loads or change limits; each is stopped when the test ends."""
+    engines = []
 
-    def make(**settings):
+    def make(generate=generate, **settings):
         settings.setdefault("models_dir", tmp_path)
-        engine = Engine(imagine.Settings(**settings))
-        engine.start()
-        return engine
+        engines.append(Engine(imagine.Settings(**settings), generate=generate))
+        engines[-1].start()
+        return engines[-1]
 
-    return make
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+HOLD_SECONDS = 120  # how long a held generation waits to be released before it fails the test
+
+
+class Hold:
+    """A `generate` for an engine (make_engine(generate=hold.generate)): the real pipeline, stopped before the step
+    callback of each step in `at` until the test releases that step, for every job from then on. `steps` records
+    every step reached, in order."""
+
+    def __init__(self, *at: int):
+        self.steps = []
+        self.gates = {}
+        self.stop_at(*at)
+
+    def stop_at(self, *steps: int) -> None:
+        """Stops the generations from now on before `steps` (again, where they were released); `steps` starts anew."""
+        self.gates |= {step: threading.Event() for step in steps}
+        self.steps = []
+
+    def generate(self, model, req, on_step=None, conditioning=None):
+        def held_on_step(step, steps, latents):
+            self.steps.append(step)
+            if step in self.gates:
+                assert self.gates[step].wait(HOLD_SECONDS), f"the test never released step {step}"
+            return on_step(step, steps, latents)
+
+        return generate(model, req, held_on_step, conditioning)
+
+    def reached(self, step: int) -> None:
+        """Waits until a generation has reached `step` (and, if it is held there, stopped before it)."""
+        wait_until(lambda: step in self.steps, f"the generation reaches step {step}")
+
+    def release(self, *steps: int) -> None:
+        """Lets every generation go past `steps`, or past every held step where none are named."""
+        for step in steps or self.gates:
+            self.gates[step].set()
+
+
+@pytest.fixture
+def hold():
+    """Makes a Hold at the given steps; each is released when the test ends, passed or failed, so that no engine
+    thread stays stopped."""
+    made = []
+
+    def make(*at: int) -> Hold:
+        made.append(Hold(*at))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.release()
 
 
 @pytest.fixture

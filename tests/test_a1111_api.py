@@ -18,6 +18,7 @@ from PIL import Image
 import imagine
 from api.a1111_files import png_info
 from engine.engine import Engine
+from engine.pipeline import generate
 from engine.schedules import SCHEDULE_NAMES
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
@@ -40,32 +41,14 @@ def models(tmp_path_factory):
 def server(models, serve):
     """A waitress server on its own engine (model switches change its default); yields (url, engine)."""
 
-    def start(**settings):
+    def start(generate=generate, **settings):
         folder, configs = models
-        engine = Engine(imagine.Settings(models_dir=folder, fp_prec="32", **settings), configs_dir=configs)
+        settings = imagine.Settings(models_dir=folder, fp_prec="32", **settings)
+        engine = Engine(settings, configs_dir=configs, generate=generate)
         engine.start()
         return serve(engine), engine
 
     return start
-
-
-class HeldGeneration:
-    """Holds the engine before the third denoising step of each picture until released, the two before it done."""
-
-    def __init__(self, monkeypatch, engine):
-        self.inside, self.release = threading.Event(), threading.Event()
-        generate = engine.generate
-
-        def held(model, req, on_step=None, conditioning=None):
-            def hold(step, steps, latents):
-                if step == 3:
-                    self.inside.set()
-                    assert self.release.wait(60)
-                return on_step(step, steps, latents)
-
-            return generate(model, req, hold, conditioning)
-
-        monkeypatch.setattr(engine, "generate", held)
 
 
 def in_background(call):
@@ -249,43 +232,47 @@ def test_img2img_with_a_mask_repaints_only_the_white_part_and_an_inverted_mask_t
         assert (painted[~unchanged] != np.asarray(start)[~unchanged]).any()
 
 
-def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_returns_the_picture_so_far(
-    server, monkeypatch
-):
-    url, engine = server(model="demo")
+def test_progress_during_a_generation_shows_its_step_and_preview_and_interrupt_returns_the_picture_so_far(server, hold):
+    held = hold()
+    url, engine = server(model="demo", generate=held.generate)
     idle = requests.get(f"{url}/sdapi/v1/progress").json()
     assert (idle["progress"], idle["state"]["job_count"], idle["current_image"]) == (0, 0, None)
     body = {"prompt": "a cat", "seed": 5, "batch_size": 2, "width": 64, "height": 64, "steps": 8}
     full = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "batch_size": 1}).json()["images"][0]
-    held = HeldGeneration(monkeypatch, engine)
+    held.stop_at(3, 4)
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
-    assert held.inside.wait(60)
+    held.reached(3)
     progress = requests.get(f"{url}/sdapi/v1/progress").json()
     assert progress["state"]["job_count"] == 1  # the batch is one pipeline call
     assert progress["state"]["sampling_step"] == 2 and progress["state"]["sampling_steps"] == 8
     assert progress["progress"] == pytest.approx(2 / 8)
-    assert decode_png(progress["current_image"]).size == (64, 64)
+    assert progress["current_image"] is None  # nobody had asked for one: the engine previews the next step
+    held.release(3)
+    held.reached(4)
+    progress = requests.get(f"{url}/sdapi/v1/progress").json()
+    assert progress["state"]["sampling_step"] == 3 and decode_png(progress["current_image"]).size == (64, 64)
     assert requests.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
     assert requests.post(f"{url}/sdapi/v1/interrupt").status_code == 200
-    held.release.set()
+    held.release()
     interrupted = answer()
     assert interrupted.status_code == 200
     images = interrupted.json()["images"]
     assert len(images) == 2  # both pictures of the batch, as far as they got
-    assert decode_png(images[0]).size == (64, 64) and images[0] != full  # stopped after 3 of 8 steps
+    assert decode_png(images[0]).size == (64, 64) and images[0] != full  # stopped after 4 of 8 steps
     after = requests.get(f"{url}/sdapi/v1/progress").json()
     assert (after["progress"], after["state"]["job_count"]) == (0, 0)
 
 
-def test_skip_ends_the_batch_being_drawn_and_keeps_its_pictures_as_far_as_they_got(server, monkeypatch):
-    url, engine = server(model="demo")
+def test_skip_ends_the_batch_being_drawn_and_keeps_its_pictures_as_far_as_they_got(server, hold):
+    held = hold()
+    url, engine = server(model="demo", generate=held.generate)
     body = {"prompt": "a cat", "seed": 5, "batch_size": 2, **SMALL}
     full = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()["images"]
-    held = HeldGeneration(monkeypatch, engine)
+    held.stop_at(3)
     answer = in_background(lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body))
-    assert held.inside.wait(60)
+    held.reached(3)
     assert requests.post(f"{url}/sdapi/v1/skip").status_code == 200
-    held.release.set()
+    held.release()
     skipped = answer().json()["images"]
     assert len(skipped) == 2 and skipped[0] != full[0] and skipped[1] != full[1]
 

@@ -11,8 +11,10 @@ import pytest
 from conftest import FAST, decode_png
 
 import imagine
-from engine.engine import Engine, Failed
+from engine import pipeline
+from engine.engine import Engine
 from engine.errors import ImagineError
+from engine.job import Failed
 from engine.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +92,8 @@ def test_the_queue_counts_a_batch_as_one_job(tmp_path):
     assert engine.jobs.qsize() == 2
 
 
-def test_cancelling_a_batch_stops_all_its_pictures_at_the_next_step(make_engine, monkeypatch):
-    engine = make_engine()
+def test_cancelling_a_batch_stops_all_its_pictures_at_the_next_step(make_engine):
     steps = []
-    generate = engine.generate
 
     def cancelled_after_step_2(model, req, on_step=None, conditioning=None):
         def step_then_cancel(step, steps_in_all, latents):
@@ -102,9 +102,9 @@ def test_cancelling_a_batch_stops_all_its_pictures_at_the_next_step(make_engine,
                 engine.running.cancel(ImagineError("the client disconnected", 499))
             return on_step(step, steps_in_all, latents)
 
-        return generate(model, req, step_then_cancel, conditioning)
+        return pipeline.generate(model, req, step_then_cancel, conditioning)
 
-    monkeypatch.setattr(engine, "generate", cancelled_after_step_2)
+    engine = make_engine(generate=cancelled_after_step_2)
     job = engine.submit(GenerationRequest(prompt="x", width=64, height=64, num_steps=8, seed=1, n=5))
     events = list(job)
     assert isinstance(events[-1], Failed) and events[-1].error.status == 499

@@ -41,11 +41,12 @@ from test_web_page import element, fill_form, finished, open_page
 
 import engine.models
 import imagine
-from engine.engine import Engine, Failed
+from engine.engine import Engine
 from engine.errors import ImagineError
 from engine.families import FAMILIES
 from engine.flow import FlowDPMSolver2M
 from engine.headers import read_header
+from engine.job import Failed
 from engine.models import Models
 from engine.request import parse_request
 from engine.settings import CONFIGS_DIR

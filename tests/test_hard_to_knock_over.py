@@ -15,7 +15,6 @@ import torch
 from conftest import FAST, count_loads, decode_png
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from test_a1111_api import HeldGeneration
 
 import api.a1111
 import api.a1111_files
@@ -433,42 +432,52 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
 # ---- 8. an A1111 interrupt cuts only an A1111 picture, and a cut picture says so
 
 
-def interrupted_while_held(url, engine, monkeypatch, call, how="interrupt"):
-    held = HeldGeneration(monkeypatch, engine)
+@pytest.fixture
+def held_server(make_engine, serve, hold):
+    """A server whose engine can be held at a step (Hold.stop_at); yields (url, its Hold)."""
+    held = hold()
+    return serve(make_engine(model="demo", generate=held.generate)), held
+
+
+def interrupted_while_held(held_server, call, how="interrupt"):
+    """`call`'s answer, where A1111's interrupt or skip came while its generation was held before step 3."""
+    url, held = held_server
+    held.stop_at(3)
     result = {}
     thread = threading.Thread(target=lambda: result.update(answer=call()))
     thread.start()
-    assert held.inside.wait(60)
+    held.reached(3)
     assert requests.post(f"{url}/sdapi/v1/{how}", timeout=30).status_code == 200
-    held.release.set()
+    held.release()
     thread.join(120)
     return result["answer"]
 
 
 @pytest.mark.parametrize("how", ["interrupt", "skip"])
-def test_an_a1111_interrupt_or_skip_leaves_a_generate_or_openai_picture_whole(live_server, engine, monkeypatch, how):
+def test_an_a1111_interrupt_or_skip_leaves_a_generate_or_openai_picture_whole(held_server, how):
+    url = held_server[0]
     body = {"prompt": "a cat", **FAST, "num_steps": 8}
-    whole = requests.post(f"{live_server}/generate", json=body, timeout=120).json()
-    answer = interrupted_while_held(
-        live_server, engine, monkeypatch, lambda: requests.post(f"{live_server}/generate", json=body, timeout=120), how
-    ).json()
+    whole = requests.post(f"{url}/generate", json=body, timeout=120).json()
+    call = lambda: requests.post(f"{url}/generate", json=body, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(held_server, call, how).json()
     assert (answer["steps"], answer["interrupted"], answer["img"]) == (8, False, whole["img"])
     openai = {"prompt": "a cat", "size": "64x64", "steps": 8, "seed": 42}
-    whole = requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120).json()
-    call = lambda: requests.post(f"{live_server}/v1/images/generations", json=openai, timeout=120)  # noqa: E731
-    answer = interrupted_while_held(live_server, engine, monkeypatch, call, how).json()
+    whole = requests.post(f"{url}/v1/images/generations", json=openai, timeout=120).json()
+    call = lambda: requests.post(f"{url}/v1/images/generations", json=openai, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(held_server, call, how).json()
     assert answer["data"][0]["b64_json"] == whole["data"][0]["b64_json"]
 
 
-def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the_png(live_server, engine, monkeypatch):
+def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the_png(held_server):
+    url = held_server[0]
     body = {"prompt": "a cat", "seed": 5, "width": 64, "height": 64, "steps": 8}
-    call = lambda: requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120)  # noqa: E731
-    answer = interrupted_while_held(live_server, engine, monkeypatch, call).json()
+    call = lambda: requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)  # noqa: E731
+    answer = interrupted_while_held(held_server, call).json()
     info = json.loads(answer["info"])
     assert (info["steps"], info["interrupted"], answer["parameters"]["steps"]) == (3, True, 3)
     assert "Steps: 3," in info["infotexts"][0] and "Interrupted: after step 3 of 8" in info["infotexts"][0]
     assert decode_png(answer["images"][0]).info["parameters"] == info["infotexts"][0]
-    whole = json.loads(requests.post(f"{live_server}/sdapi/v1/txt2img", json=body, timeout=120).json()["info"])
+    whole = json.loads(requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120).json()["info"])
     assert (whole["steps"], whole["interrupted"]) == (8, False) and "Interrupted" not in whole["infotexts"][0]
 
 

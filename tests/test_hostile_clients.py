@@ -164,22 +164,21 @@ def test_a_png_with_a_garbage_chunk_type_between_its_data_is_a_400(live_server):
 # ---- 3. --max-queue 0
 
 
-def test_max_queue_0_runs_one_request_and_refuses_the_next_while_it_runs(make_engine, serve, monkeypatch):
-    from test_queue_and_cancel import Gate
-
-    engine = make_engine(model="demo", max_queue=0)
+def test_max_queue_0_runs_one_request_and_refuses_the_next_while_it_runs(make_engine, serve, hold):
+    held = hold()
+    engine = make_engine(model="demo", max_queue=0, generate=held.generate)
     url = serve(engine)
     assert post(url, {"prompt": "x", **FAST}).status_code == 200  # idle: it runs
 
-    gate = Gate(monkeypatch, engine)
+    held.stop_at(1)
     results = []
     running = threading.Thread(target=lambda: results.append(post(url, {"prompt": "x", **FAST})))
     running.start()
-    wait_until(lambda: gate.steps, "the first request runs")
+    wait_until(lambda: held.steps, "the first request runs")
     refused = post(url, {"prompt": "x", **FAST})
     assert refused.status_code == 503
     assert refused.json()["error"] == "the server is busy: 0 requests are waiting; try again"
-    gate.open()
+    held.release()
     running.join()
     assert results[0].status_code == 200
     assert post(url, {"prompt": "x", **FAST}).status_code == 200  # idle again

@@ -19,34 +19,11 @@ from conftest import FAST, free_port, pixels, read_log_until_listening, wait_unt
 from PIL import Image
 
 import imagine
-from engine.jobs import HeldJob, JobStore
+from engine.held_jobs import HeldJob, JobStore
 
 ROOT = Path(imagine.__file__).resolve().parent
 CLI = ROOT / "imagine-cli.py"
 DOC_EXAMPLES = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "jobs.md").read_text(), re.S)
-
-
-class Hold:
-    """Wraps the engine's generate: the real pipeline, held at step `at` until released; records the steps run."""
-
-    def __init__(self, monkeypatch, engine, at=1):
-        self.released = threading.Event()
-        self.steps = []
-        real_generate = engine.generate
-
-        def held_generate(model, req, on_step=None, conditioning=None):
-            def held_on_step(step, steps, latents):
-                self.steps.append(step)
-                if step == at:
-                    assert self.released.wait(600), "the test never released the generation"
-                return on_step(step, steps, latents)
-
-            return real_generate(model, req, held_on_step, conditioning)
-
-        monkeypatch.setattr(engine, "generate", held_generate)
-
-    def release(self):
-        self.released.set()
 
 
 def submit(client, body=None, **fields) -> dict:
@@ -129,32 +106,32 @@ def test_a_bad_body_is_refused_as_generate_refuses_it_before_anything_is_queued(
     assert client.get("/jobs").get_json() == {"jobs": []}
 
 
-def test_a_full_queue_is_the_same_503_with_retry_after_as_generate(make_engine, monkeypatch):
-    engine = make_engine(model="demo", max_queue=0)
+def test_a_full_queue_is_the_same_503_with_retry_after_as_generate(make_engine, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=0, generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine)
     running = submit(client)
-    wait_until(lambda: hold.steps, "the first job runs")
+    wait_until(lambda: held.steps, "the first job runs")
     refused, generate = client.post("/jobs", json={"prompt": "x"}), client.post("/generate", json={"prompt": "x"})
     assert refused.status_code == generate.status_code == 503
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.get_json() == generate.get_json()
-    hold.release()
+    held.release()
     assert wait_for(client, running["id"], "done")["img"]
 
 
-def test_a_queued_job_tells_its_position_and_health_counts_it(make_engine, monkeypatch):
-    engine = make_engine(model="demo", max_queue=2)
+def test_a_queued_job_tells_its_position_and_health_counts_it(make_engine, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=2, generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine)
     first = submit(client)
-    wait_until(lambda: hold.steps, "the first job runs")
+    wait_until(lambda: held.steps, "the first job runs")
     second, third = submit(client), submit(client)
     assert job(client, first["id"])["status"] == "running" and "position" not in job(client, first["id"])
     assert (second["status"], second["position"], third["position"]) == ("queued", 0, 1)
     assert client.get("/health").get_json()["queue"] == 2
     assert client.get("/sdapi/v1/progress").get_json()["state"]["job"] == "txt2img"  # the running job
-    hold.release()
+    held.release()
     for each in (first, second, third):
         assert wait_for(client, each["id"], "done")["img"]
 
@@ -168,17 +145,21 @@ def test_get_jobs_lists_the_held_jobs_newest_first(client):
     assert listed[0]["created"] >= listed[-1]["created"]
 
 
-def test_preview_1_adds_the_latest_preview_while_the_job_runs(make_engine, monkeypatch):
-    engine = make_engine(model="demo")
+def test_preview_1_adds_the_latest_preview_from_the_step_after_the_first_ask(make_engine, hold):
+    held = hold(2)
+    engine = make_engine(model="demo", generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine, at=2)
     submitted = submit(client)
-    wait_until(lambda: hold.steps == [1, 2], "the job is held at step 2")
+    held.reached(2)
+    asked = job(client, submitted["id"], "?preview=1")  # before it, nobody had asked for a preview
+    assert asked["status"] == "running" and asked["step"] == 1 and asked["preview"] is None
+    held.stop_at(3)
+    held.release(2)
+    held.reached(3)
     running = job(client, submitted["id"], "?preview=1")
-    assert running["status"] == "running" and running["step"] >= 1
-    assert pixels(running["preview"]).shape == (64, 64, 3)
+    assert running["step"] == 2 and pixels(running["preview"]).shape == (64, 64, 3)
     assert "preview" not in job(client, submitted["id"])
-    hold.release()
+    held.release()
     wait_for(client, submitted["id"], "done")
     assert job(client, submitted["id"], "?preview=1")["preview"] is None
 
@@ -210,10 +191,10 @@ def test_without_every_the_stream_has_no_previews(client):
     assert kinds == {"progress", "done"}
 
 
-def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed_then_the_live_events(make_engine, monkeypatch):
-    engine = make_engine(model="demo")
+def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed_then_the_live_events(make_engine, hold):
+    held = hold(3)
+    engine = make_engine(model="demo", generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine, at=3)
     submitted = submit(client, num_steps=6)
     first = stream(client, submitted["id"])
     seen = []
@@ -222,9 +203,9 @@ def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed_then_th
         if event[2]["step"] == 1:
             break
     first.close()  # the client leaves after step 1
-    wait_until(lambda: hold.steps == [1, 2, 3], "the job went on to step 3 with no client watching")
+    wait_until(lambda: held.steps == [1, 2, 3], "the job went on to step 3 with no client watching")
     again = stream(client, submitted["id"], "?every=1", last_id=seen[-1][0])
-    hold.release()
+    held.release()
     rest = read_to_end(again)
     assert all(event_id > seen[-1][0] for event_id, _, _ in rest)
     assert [data["step"] for _, kind, data in rest if kind == "progress"] == [2, 3, 4, 5, 6]  # missed, then live
@@ -235,18 +216,18 @@ def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed_then_th
     assert [kind for _, kind, _ in read_to_end(stream(client, submitted["id"], last_id=rest[-2][0]))] == ["done"]
 
 
-def test_leaving_the_event_stream_of_a_real_server_does_not_cancel_the_job(make_engine, serve, monkeypatch):
-    engine = make_engine(model="demo")
+def test_leaving_the_event_stream_of_a_real_server_does_not_cancel_the_job(make_engine, serve, hold):
+    held = hold(2)
+    engine = make_engine(model="demo", generate=held.generate)
     url = serve(engine)
-    hold = Hold(monkeypatch, engine, at=2)
     answer = requests.post(f"{url}/jobs", json={"prompt": "x", **FAST}, timeout=30).json()
     with requests.get(f"{url}/jobs/{answer['id']}/events", stream=True, timeout=30) as response:
         first = next(parse_events(response.iter_lines(decode_unicode=True)))
     assert first[1:] == ("progress", {"step": 1, "steps": 4})
-    hold.release()  # the connection is closed: a /generate client leaving here would cancel its picture
+    held.release()  # the connection is closed: a /generate client leaving here would cancel its picture
     wait_until(lambda: requests.get(f"{url}/jobs/{answer['id']}", timeout=30).json()["status"] != "running", "it ends")
     assert requests.get(f"{url}/jobs/{answer['id']}", timeout=30).json()["status"] == "done"
-    assert hold.steps == [1, 2, 3, 4]
+    assert held.steps == [1, 2, 3, 4]
 
 
 def test_event_streams_past_the_servers_threads_for_them_are_503_and_a_closed_one_frees_its_place(make_engine):
@@ -264,12 +245,12 @@ def test_event_streams_past_the_servers_threads_for_them_are_503_and_a_closed_on
 # ---- cancel
 
 
-def test_delete_cancels_a_queued_job_at_once_and_frees_its_place_in_the_queue(make_engine, monkeypatch):
-    engine = make_engine(model="demo", max_queue=1)
+def test_delete_cancels_a_queued_job_at_once_and_frees_its_place_in_the_queue(make_engine, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=1, generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine)
     running = submit(client)
-    wait_until(lambda: hold.steps, "the first job runs")
+    wait_until(lambda: held.steps, "the first job runs")
     queued = submit(client)
     assert client.post("/jobs", json={"prompt": "x"}).status_code == 503
     cancelled = client.delete(f"/jobs/{queued['id']}")
@@ -280,25 +261,25 @@ def test_delete_cancels_a_queued_job_at_once_and_frees_its_place_in_the_queue(ma
     [(_, kind, data)] = read_to_end(stream(client, queued["id"]))
     assert (kind, data["status"]) == ("cancelled", "cancelled")
     later = submit(client)  # the cancelled job's place is free
-    hold.release()
+    held.release()
     assert wait_for(client, later["id"], "done")["img"] and job(client, running["id"])["status"] == "done"
 
 
-def test_delete_stops_a_running_job_before_its_next_step_and_its_stream_says_cancelled(make_engine, monkeypatch):
-    engine = make_engine(model="demo")
+def test_delete_stops_a_running_job_before_its_next_step_and_its_stream_says_cancelled(make_engine, hold):
+    held = hold(2)
+    engine = make_engine(model="demo", generate=held.generate)
     client = imagine.create_app(engine).test_client()
-    hold = Hold(monkeypatch, engine, at=2)
     submitted = submit(client, num_steps=150)
     watcher = stream(client, submitted["id"])
     answers = []
     deleting = threading.Thread(target=lambda: answers.append(client.delete(f"/jobs/{submitted['id']}")))
-    wait_until(lambda: hold.steps == [1, 2], "the job is held at step 2")
+    wait_until(lambda: held.steps == [1, 2], "the job is held at step 2")
     deleting.start()
     wait_until(lambda: engine.running is None or engine.running.cancel_reason is not None, "the job is cancelled")
-    hold.release()
+    held.release()
     deleting.join(timeout=60)
     assert answers[0].status_code == 200 and answers[0].get_json()["status"] == "cancelled"
-    assert hold.steps == [1, 2]
+    assert held.steps == [1, 2]
     got = read_to_end(watcher)
     assert got[-1][1] == "cancelled" and got[-1][2]["error"].startswith("cancelled by DELETE")
 
@@ -333,19 +314,20 @@ def test_a_finished_job_is_kept_for_the_ttl_then_answers_as_an_unknown_id_does(m
     assert client.get("/jobs").get_json() == {"jobs": []}
 
 
-def test_past_max_jobs_the_oldest_finished_job_goes_first_and_an_unfinished_one_never(make_engine, monkeypatch):
-    engine = make_engine(model="demo", max_jobs=2)
+def test_past_max_jobs_the_oldest_finished_job_goes_first_and_an_unfinished_one_never(make_engine, hold):
+    held = hold()
+    engine = make_engine(model="demo", max_jobs=2, generate=held.generate)
     client = imagine.create_app(engine).test_client()
     finished = []
     for seed in (1, 2, 3):
         finished.append(submit(client, seed=seed)["id"])
         wait_for(client, finished[-1], "done")
-    hold = Hold(monkeypatch, engine)
+    held.stop_at(1)
     running = submit(client)["id"]
-    wait_until(lambda: hold.steps, "the fourth job runs")
+    wait_until(lambda: held.steps, "the fourth job runs")
     assert [each["id"] for each in client.get("/jobs").get_json()["jobs"]] == [running, finished[2], finished[1]]
     assert client.get(f"/jobs/{finished[0]}").status_code == 404
-    hold.release()
+    held.release()
     wait_for(client, running, "done")
     assert [each["id"] for each in client.get("/jobs").get_json()["jobs"]] == [running, finished[2]]
 
@@ -359,20 +341,20 @@ def test_an_expired_jobs_pictures_are_freed_without_any_request(make_engine):
     wait_until(lambda: not store.held, "the sweeper dropped the expired job")
 
 
-def test_ten_thousand_posts_in_a_row_are_503s_and_hold_nothing(make_engine, monkeypatch, caplog):
+def test_ten_thousand_posts_in_a_row_are_503s_and_hold_nothing(make_engine, hold, caplog):
     caplog.set_level(logging.ERROR, logger="imagine")  # 10,000 access-log lines would be memory of their own
-    engine = make_engine(model="demo", max_queue=1)
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=1, generate=held.generate)
     app = imagine.create_app(engine)
     client = app.test_client()
-    hold = Hold(monkeypatch, engine)
     statuses = [client.post("/jobs", json={"prompt": "x", **FAST}).status_code for _ in range(2)]
-    wait_until(lambda: hold.steps, "the first job runs")
+    wait_until(lambda: held.steps, "the first job runs")
     alive = held_jobs_alive()
     statuses += [client.post("/jobs", json={"prompt": "x", **FAST}).status_code for _ in range(10_000)]
     assert statuses.count(202) == 2 and statuses.count(503) == 10_000
     assert len(app.extensions["imagine.jobs"].held) == 2
     assert held_jobs_alive() == alive  # a refused job is kept nowhere
-    hold.release()
+    held.release()
 
 
 def held_jobs_alive() -> int:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import imagine
 from api.native import MAX_BODY_BYTES
-from engine.request import MAX_IMG_PIXELS
+from engine.fields import MAX_IMG_PIXELS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -188,26 +188,9 @@ def test_a_missing_models_folder_is_a_start_up_warning_not_a_crash(tmp_path):
     assert f"WARNING models folder {missing} does not exist" in log
 
 
-class HeldGeneration:
-    """Holds the engine inside its first denoising step until released."""
-
-    def __init__(self, monkeypatch, engine):
-        self.inside, self.release = threading.Event(), threading.Event()
-        generate = engine.generate
-
-        def held(model, req, on_step=None, conditioning=None):
-            def hold(*args):
-                self.inside.set()
-                self.release.wait(60)
-                on_step(*args)
-
-            return generate(model, req, hold, conditioning)
-
-        monkeypatch.setattr(engine, "generate", held)
-
-
-def test_health_answers_while_a_generation_runs_and_needs_no_model(make_engine, monkeypatch):
-    engine = make_engine()
+def test_health_answers_while_a_generation_runs_and_needs_no_model(make_engine, hold):
+    held = hold(1)
+    engine = make_engine(generate=held.generate)
     client = imagine.create_app(engine).test_client()
     assert client.get("/health").get_json() == {
         "status": "ok",
@@ -216,11 +199,10 @@ def test_health_answers_while_a_generation_runs_and_needs_no_model(make_engine, 
         "queue": 0,
         "running": False,
     }
-    held = HeldGeneration(monkeypatch, engine)
     job = engine.submit(GenerationRequest(prompt="a cat", width=64, height=64, num_steps=2, seed=1))
-    assert held.inside.wait(60)
+    held.reached(1)
     during = client.get("/health")
-    held.release.set()
+    held.release()
     list(job)
     assert during.status_code == 200
     assert during.get_json() == {"status": "ok", "device": "cpu", "loaded": ["demo"], "queue": 0, "running": True}

@@ -8,6 +8,8 @@ import pytest
 from conftest import FAST, decode_png, pixels, png_data
 from PIL import Image
 
+import imagine
+from engine import pipeline
 from engine.ksampling import KDiffusionScheduler
 from engine.samplers import SAMPLERS
 
@@ -272,31 +274,33 @@ def test_an_unknown_path_answers_404_json(client):
     assert response.status_code == 404 and "error" in response.get_json()
 
 
-def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_serving(client, engine, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise RuntimeError("CUDA out of memory (injected)")
+def test_a_failure_inside_a_generation_answers_json_500_and_the_server_keeps_serving(make_engine):
+    calls = []
 
-    monkeypatch.setattr(engine, "generate", out_of_memory)
+    def fails_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return pipeline.generate(*args, **kwargs)
+
+    client = imagine.create_app(make_engine(model="demo", generate=fails_once)).test_client()
     response = client.post("/generate", json={"prompt": "x", **FAST})
     assert response.status_code == 500
     assert "out of memory" in response.get_json()["error"]
     assert "Traceback" not in response.get_data(as_text=True)
-    monkeypatch.undo()
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
 
 
-def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(client, engine, monkeypatch):
-    real_generate = engine.generate
-
+def test_a_failure_after_the_stream_started_ends_it_with_an_error_line(make_engine):
     def fails_after_step_two(model, req, on_step=None, conditioning=None):
         def failing_on_step(step, steps, latents):
             on_step(step, steps, latents)
             if step == 2:
                 raise RuntimeError("device lost (injected)")
 
-        return real_generate(model, req, failing_on_step, conditioning)
+        return pipeline.generate(model, req, failing_on_step, conditioning)
 
-    monkeypatch.setattr(engine, "generate", fails_after_step_two)
+    client = imagine.create_app(make_engine(model="demo", generate=fails_after_step_two)).test_client()
     lines = stream_lines(client, num_steps=6, stream=1)
     assert [line.get("step") for line in lines[:-1]] == [1, 2]
     assert lines[-1]["done"] is True and "device lost" in lines[-1]["error"]

@@ -10,7 +10,7 @@ import requests
 from conftest import FAST, assert_same_picture, pixels, png_data
 from PIL import Image
 from test_inpaint import noise_picture, square_mask
-from test_queue_and_cancel import Gate, post_in_background, wait_until
+from test_queue_and_cancel import post_in_background, wait_until
 
 # Imagine's knobs, as the SDK sends them: extra fields beside OpenAI's.
 QUICK = {"steps": 4, "seed": 42}
@@ -174,18 +174,18 @@ def test_streaming_without_partial_images_sends_only_the_picture(sdk):
     assert [event.type for event in events] == ["image_generation.completed"]
 
 
-def test_a_streaming_client_that_leaves_cancels_its_generation(make_engine, serve, monkeypatch):
-    engine = make_engine(model="demo")
+def test_a_streaming_client_that_leaves_cancels_its_generation(make_engine, serve, hold):
+    held = hold(10)
+    engine = make_engine(model="demo", generate=held.generate)
     sdk = openai.OpenAI(base_url=f"{serve(engine)}/v1", api_key="unused", max_retries=0)
-    gate = Gate(monkeypatch, engine, hold_at=10)
     stream = sdk.images.generate(
         prompt="a cat", size="64x64", stream=True, partial_images=3, extra_body={**QUICK, "steps": 30}
     )
     next(iter(stream))  # the first partial image, at step 8 of 30
     stream.close()
-    gate.open()
+    held.release()
     wait_until(lambda: engine.running is None and engine.unfinished == 0, "the generation stops")
-    assert max(gate.steps) < 30
+    assert max(held.steps) < 30
 
 
 # ---- edits
@@ -272,10 +272,10 @@ def test_with_an_api_key_a_wrong_key_is_an_authentication_error(make_engine, ser
     assert openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0).models.list().data
 
 
-def test_a_full_queue_is_a_503_with_retry_after(make_engine, serve, monkeypatch):
-    engine = make_engine(model="demo", max_queue=0)
+def test_a_full_queue_is_a_503_with_retry_after(make_engine, serve, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=0, generate=held.generate)
     url = serve(engine)
-    gate = Gate(monkeypatch, engine)
     results = []
     running = post_in_background(url, {"prompt": "x", **FAST}, results)
     wait_until(lambda: engine.running is not None, "the first request runs")
@@ -285,7 +285,7 @@ def test_a_full_queue_is_a_503_with_retry_after(make_engine, serve, monkeypatch)
     assert refused.value.status_code == 503
     assert int(refused.value.response.headers["Retry-After"]) >= 1
     assert "busy" in refused.value.body["message"]
-    gate.open()
+    held.release()
     running.join()
     assert results[0][0] == 200
 

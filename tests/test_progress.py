@@ -4,7 +4,7 @@ context, once a step and only where someone asked; the stream, /jobs, A1111's /p
 import threading
 
 import torch
-from conftest import FAST, decode_png
+from conftest import decode_png
 from test_jobs import events, stream, submit, wait_for
 
 import imagine

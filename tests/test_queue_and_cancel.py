@@ -19,37 +19,15 @@ from conftest import FAST, free_port, read_log_until_listening, wait_until
 
 import imagine
 from api.channel import HALF_CLOSE_GRACE
+from engine import pipeline
 from engine.engine import Engine
 
 ROOT = Path(imagine.__file__).resolve().parent
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]  # Linux's system call for a signal to one thread
 
 
-class Gate:
-    """Wraps generate: the real pipeline, held at step `hold_at` until opened; records every step run."""
-
-    def __init__(self, monkeypatch, engine, hold_at=1):
-        self.open_event = threading.Event()
-        self.hold_at = hold_at
-        self.steps = []
-        real_generate = engine.generate
-
-        def gated_generate(model, req, on_step=None, conditioning=None):
-            def held_on_step(step, steps, latents):
-                self.steps.append(step)
-                if step == self.hold_at:
-                    assert self.open_event.wait(60), "the test never opened the gate"
-                on_step(step, steps, latents)
-
-            return real_generate(model, req, held_on_step, conditioning)
-
-        monkeypatch.setattr(engine, "generate", gated_generate)
-
-    def open(self):
-        self.open_event.set()
-
-
-def record_jobs(engine):
+def record_jobs(engine, monkeypatch) -> list:
+    """Records every job the engine accepts, for the rest of the test."""
     jobs = []
     submit = engine.submit
 
@@ -57,7 +35,7 @@ def record_jobs(engine):
         jobs.append(submit(*args, **kwargs))
         return jobs[-1]
 
-    engine.submit = recording_submit
+    monkeypatch.setattr(engine, "submit", recording_submit)
     return jobs
 
 
@@ -75,7 +53,7 @@ def post_in_background(url, body, results):
 
 
 def one_running_one_waiting(url, engine, results) -> tuple:
-    """Posts seed 1, which starts generating (held by a Gate), then seed 2, which waits; returns their threads."""
+    """Posts seed 1, which starts generating (held by a Hold), then seed 2, which waits; returns their threads."""
     running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
     wait_until(lambda: engine.running is not None, "the first request runs")
     waiting = post_in_background(url, {"prompt": "x", **FAST, "seed": 2}, results)
@@ -83,12 +61,10 @@ def one_running_one_waiting(url, engine, results) -> tuple:
     return running, waiting
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_completes(
-    make_engine, serve, monkeypatch
-):
-    engine = make_engine(model="demo", max_queue=1)
+def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_completes(make_engine, serve, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", max_queue=1, generate=held.generate)
     url = serve(engine)
-    gate = Gate(monkeypatch, engine)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
 
@@ -97,7 +73,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_every_accepted_request_co
     assert int(refused.headers["Retry-After"]) >= 1
     assert "busy" in refused.json()["error"]
 
-    gate.open()
+    held.release()
     running.join()
     waiting.join()
     assert sorted((status, body["seed"]) for status, body in results) == [(200, 1), (200, 2)]
@@ -127,65 +103,52 @@ def open_request(url, body) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [1, 0])
 def test_a_client_that_leaves_stops_its_generation_within_a_step_and_the_next_starts_at_once(
-    make_engine, serve, monkeypatch, stream
+    make_engine, serve, monkeypatch, hold, stream
 ):
-    engine = make_engine(model="demo")
+    held = hold(2)
+    engine = make_engine(model="demo", generate=held.generate)
     url = serve(engine)
-    jobs = record_jobs(engine)
-    gate = Gate(monkeypatch, engine, hold_at=2)
+    jobs = record_jobs(engine, monkeypatch)
     connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": stream})
-    wait_until(lambda: gate.steps == [1, 2], "the generation reaches step 2")
+    wait_until(lambda: held.steps == [1, 2], "the generation reaches step 2")
     time.sleep(HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
     connection.close()
     wait_until(lambda: jobs[0].cancelled(), "the server notices the client has gone")
-    gate.open()
+    held.release()
     wait_until(lambda: engine.running is None, "the cancelled generation ends")
-    assert gate.steps == [1, 2]  # step 2 finished, then nothing more ran
+    assert held.steps == [1, 2]  # step 2 finished, then nothing more ran
 
-    gate.hold_at = None
     response = requests.post(f"{url}/generate", json={"prompt": "x", **FAST}, timeout=60)
     assert response.status_code == 200
 
 
 def test_a_streaming_client_that_leaves_just_after_a_preview_line_is_cancelled_not_taken_for_half_closed(
-    make_engine, serve, monkeypatch
+    make_engine, serve, monkeypatch, hold
 ):
-    engine = make_engine(model="demo")
+    held = hold(1, 3)
+    engine = make_engine(model="demo", generate=held.generate)
     url = serve(engine)
-    jobs = record_jobs(engine)
-    steps, gates = [], {1: threading.Event(), 3: threading.Event()}
-    real_generate = engine.generate
-
-    def held_at_steps_1_and_3(model, req, on_step=None, conditioning=None):
-        def held(step, steps_in_all, latents):
-            steps.append(step)
-            if step in gates:
-                assert gates[step].wait(60), "the test never let the generation go on"
-            return on_step(step, steps_in_all, latents)
-
-        return real_generate(model, req, held, conditioning)
-
-    monkeypatch.setattr(engine, "generate", held_at_steps_1_and_3)
+    jobs = record_jobs(engine, monkeypatch)
     connection = open_request(url, {"prompt": "x", **FAST, "num_steps": 50, "stream": 1})
-    wait_until(lambda: steps == [1], "the generation reaches step 1")
+    wait_until(lambda: held.steps == [1], "the generation reaches step 1")
     time.sleep(HALF_CLOSE_GRACE)  # the request is older than the grace ...
-    gates[1].set()
+    held.release(1)
     received = b""
     while received.count(b'"step"') < 2:  # ... and the last preview line only just went out
         received += connection.recv(65536)
-    wait_until(lambda: steps == [1, 2, 3], "the generation is held at step 3")
+    wait_until(lambda: held.steps == [1, 2, 3], "the generation is held at step 3")
     connection.close()
     wait_until(lambda: jobs[0].cancelled(), "the server notices the client has gone")
-    gates[3].set()
+    held.release(3)
     wait_until(lambda: engine.running is None, "the cancelled generation ends")
-    assert steps == [1, 2, 3]
+    assert held.steps == [1, 2, 3]
 
 
-def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(make_engine, serve, monkeypatch):
-    engine = make_engine(model="demo")
+def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(make_engine, serve, monkeypatch, hold):
+    held = hold(1)
+    engine = make_engine(model="demo", generate=held.generate)
     url = serve(engine)
-    jobs = record_jobs(engine)
-    gate = Gate(monkeypatch, engine)
+    jobs = record_jobs(engine, monkeypatch)
     results = []
     running = post_in_background(url, {"prompt": "x", **FAST, "seed": 1}, results)
     wait_until(lambda: engine.running is not None, "the first request runs")
@@ -194,31 +157,32 @@ def test_a_request_whose_client_left_while_it_waited_is_dropped_without_running(
     time.sleep(HALF_CLOSE_GRACE)  # sooner, leaving reads as a client that only shut its sending side
     connection.close()
     wait_until(lambda: jobs[1].client_gone(), "the server notices the client has gone")
-    gate.open()
+    held.release()
     running.join()
     wait_until(lambda: engine.jobs.empty() and engine.running is None, "the queue drains")
     assert results[0][0] == 200
-    assert gate.steps == [1, 2, 3, 4]  # only the first request's four steps ran
+    assert held.steps == [1, 2, 3, 4]  # only the first request's four steps ran
 
 
 # ---- failures
 
 
-def test_out_of_memory_answers_an_error_unloads_the_models_and_the_server_keeps_serving(make_engine, monkeypatch):
-    engine = make_engine(model="demo")
+def test_out_of_memory_answers_an_error_unloads_the_models_and_the_server_keeps_serving(make_engine):
+    calls = []
+
+    def out_of_memory_the_second_time(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        return pipeline.generate(*args, **kwargs)
+
+    engine = make_engine(model="demo", generate=out_of_memory_the_second_time)
     client = imagine.create_app(engine).test_client()
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
-    real_generate = engine.generate
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-
-    monkeypatch.setattr(engine, "generate", out_of_memory)
     response = client.post("/generate", json={"prompt": "x", **FAST})
     assert response.status_code == 500
     assert "ran out of memory" in response.get_json()["error"]
     assert engine.models.loaded == {}
-    monkeypatch.setattr(engine, "generate", real_generate)
     assert client.post("/generate", json={"prompt": "x", **FAST}).status_code == 200
 
 
@@ -259,21 +223,21 @@ def test_an_idle_server_exits_on_sigterm_that_the_kernel_hands_to_another_of_its
     assert process.wait(timeout=30) == 0
 
 
-def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, monkeypatch):
-    engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path))
+def test_stopping_tells_the_running_and_the_waiting_clients_and_ends_the_engine_thread(tmp_path, serve, hold):
+    held = hold(1)
+    engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path), generate=held.generate)
     url = serve(engine)
     engine_thread = engine.start()
-    gate = Gate(monkeypatch, engine)
     results = []
     running, waiting = one_running_one_waiting(url, engine, results)
-    wait_until(lambda: gate.steps, "the running request is held after its first step")
+    wait_until(lambda: held.steps, "the running request is held after its first step")
     engine.stop()
-    gate.open()
+    held.release()
     running.join()
     waiting.join()
     engine_thread.join(timeout=60)
     assert not engine_thread.is_alive()
     assert results == [(503, {"error": "the server is shutting down"})] * 2
-    assert gate.steps == [1]
+    assert held.steps == [1]
     late = requests.post(f"{url}/generate", json={"prompt": "x", **FAST}, timeout=30)
     assert (late.status_code, late.json()) == (503, {"error": "the server is shutting down"})

@@ -14,6 +14,7 @@ import torch
 from conftest import FAST, free_port
 
 import imagine
+from engine import pipeline
 from engine.devices import pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +121,9 @@ def test_first_stream_line_arrives_well_before_the_generation_ends(live_server):
     assert first < 0.5 * last, f"first line at {first:.2f} s, last at {last:.2f} s"
 
 
-def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, engine, monkeypatch):
+def test_concurrent_requests_run_one_at_a_time_and_all_complete(make_engine, serve):
     running, most = 0, 0
     lock = threading.Lock()
-    real_generate = engine.generate
 
     def counting_generate(*args, **kwargs):
         nonlocal running, most
@@ -131,16 +131,16 @@ def test_concurrent_requests_run_one_at_a_time_and_all_complete(live_server, eng
             running += 1
             most = max(most, running)
         try:
-            return real_generate(*args, **kwargs)
+            return pipeline.generate(*args, **kwargs)
         finally:
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(engine, "generate", counting_generate)
+    url = serve(make_engine(model="demo", generate=counting_generate))
     statuses = []
 
     def post(seed):
-        response = requests.post(f"{live_server}/generate", json={"prompt": "x", **FAST, "seed": seed}, timeout=120)
+        response = requests.post(f"{url}/generate", json={"prompt": "x", **FAST, "seed": seed}, timeout=120)
         statuses.append((response.status_code, response.json()["seed"]))
 
     threads = [threading.Thread(target=post, args=(seed,)) for seed in range(5)]

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from api import a1111, native, openai
-from engine.engine import Finished, Job, Preview
-from engine.errors import ImagineError
+from engine.errors import ImagineError, named
+from engine.families import FAMILIES
+from engine.job import Finished, Job, Preview
 from engine.settings import Settings
 
 SETTINGS = Settings()
@@ -18,7 +19,9 @@ SETTINGS = Settings()
 
 def finished(n=1, size=(64, 48)) -> Finished:
     pictures = [(Image.new("RGB", size, (10 * k, 0, 0)), f"a cat\nSeed: {7 + k}") for k in range(n)]
-    return Finished(pictures[0][0], pictures[0][1], 7, "demo", 4, 0.5, pictures, [7 + k for k in range(n)])
+    return Finished(
+        pictures[0][0], pictures[0][1], 7, "demo", FAMILIES["sd1"], 4, 0.5, pictures, [7 + k for k in range(n)]
+    )
 
 
 def job_for(answer) -> Job:
@@ -57,6 +60,13 @@ def test_native_errors_are_one_field():
     assert native.to_error(ImagineError("num_steps must be between 1 and 150, not 0", field="num_steps")) == {
         "error": "num_steps must be between 1 and 150, not 0"
     }
+
+
+def test_each_dialect_names_the_fields_an_error_names_as_its_clients_send_them():
+    error = ImagineError(f"{named('strength')} 0.1 with {named('num_steps')} 4 leaves no step to run", field="strength")
+    assert native.to_error(error)["error"] == "strength 0.1 with num_steps 4 leaves no step to run"
+    assert a1111.to_error(error)["detail"] == "denoising_strength 0.1 with steps 4 leaves no step to run"
+    assert openai.to_error(error)["error"]["message"] == "strength 0.1 with steps 4 leaves no step to run"
 
 
 # ---- OpenAI's
@@ -131,12 +141,12 @@ def test_a1111_errors_name_a1111s_field():
     assert a1111.to_error(refused.value) == {"error": message, "detail": message}
 
 
-def test_a1111_progress_reads_the_engines_snapshot():
-    assert a1111.a1111_progress(None, with_image=True)["progress"] == 0
+def test_a1111_progress_reads_where_the_engines_job_stands():
+    assert a1111.a1111_progress(None, preview=None)["progress"] == 0
     req, _ = a1111.a1111_request({"prompt": "a cat", "batch_size": 2}, False, model_name=None, settings=SETTINGS)
-    snapshot = {"job": Job(req, "demo"), "step": 5, "steps": 20, "started": 0.0, "preview": "PNG"}
-    progress = a1111.a1111_progress(snapshot, with_image=True)
+    job = Job(req, "demo")
+    job.step, job.steps, job.started = 5, 20, 0.0
+    progress = a1111.a1111_progress(job, preview="PNG")
     assert (progress["progress"], progress["current_image"]) == (0.25, "PNG")
     assert progress["textinfo"] == "Step 5/20, 2 pictures"
     assert (progress["state"]["sampling_step"], progress["state"]["job"]) == (5, "txt2img")
-    assert a1111.a1111_progress(snapshot, with_image=False)["current_image"] is None

@@ -3,7 +3,6 @@ the tiny demo model."""
 
 import base64
 import json
-import threading
 import urllib.error
 import urllib.request
 
@@ -213,26 +212,13 @@ def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
     assert imagine.parse_settings([]).no_web is True
 
 
-def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arrives(
-    browser, live_server, engine, monkeypatch
-):
-    held, release = [], threading.Event()
-    real_generate = engine.generate
-
-    def held_generate(model, req, on_step=None, conditioning=None):
-        def held_on_step(step, steps, latents):
-            if step == 3:  # the page has seen steps 1 and 2 and their previews
-                held.append(step)
-                assert release.wait(600), "the test never released the generation"
-            return on_step(step, steps, latents)
-
-        return real_generate(model, req, held_on_step, conditioning)
-
-    monkeypatch.setattr(engine, "generate", held_generate)
+def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arrives(browser, make_engine, serve, hold):
+    held = hold(3)  # the page has seen steps 1 and 2 and their previews
+    live_server = serve(make_engine(model="demo", generate=held.generate))
     open_page(browser, live_server)
     fill_form(browser, "a sunrise over the sea", steps=8, seed=77)
     element(browser, "generate").click()
-    wait_until(lambda: held and element(browser, "progress-text").text.startswith("step 2 / 8"), "step 2 is shown")
+    wait_until(lambda: 3 in held.steps and element(browser, "progress-text").text.startswith("step 2 / 8"), "step 2")
     job_id = browser.execute_script("return JSON.parse(localStorage.getItem('imagine.job')).id")
 
     browser.refresh()  # mid-run: the job goes on, and the page finds it again
@@ -245,10 +231,9 @@ def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arri
     )
     assert element(browser, "status").text == "generating…"
     assert pixels(element(browser, "picture").get_attribute("src").partition(",")[2]).shape == (64, 64, 3)  # forming
-    release.set()
+    held.release()
     wait_until(lambda: finished(browser), "the picture arrived after the reload")
 
-    monkeypatch.setattr(engine, "generate", real_generate)
     expected = api_picture(live_server, {"prompt": "a sunrise over the sea", **FAST, "num_steps": 8, "seed": 77})
     assert np.array_equal(shown_picture(browser), expected)
     with urllib.request.urlopen(live_server + "/jobs", timeout=30) as response:

@@ -7,8 +7,9 @@ import threading
 import time
 import weakref
 
-from engine.engine import Engine, Failed, Finished, Progress, Started, job_preview
+from engine.engine import Engine
 from engine.errors import ImagineError
+from engine.job import Failed, Finished, Job, Loading, Preview, Progress, Started
 from engine.request import GenerationRequest
 
 ENDED = ("done", "failed", "cancelled")
@@ -23,16 +24,17 @@ class Record:
     kind: str  # progress, preview, or how the job ended: done, failed or cancelled
     step: int
     steps: int
-    image: str | None = None  # a preview's base64 PNG
+    preview: Preview | None = None  # a preview's picture, encoded by the first reader that sends it
 
 
 class HeldJob:
     """A job kept for clients that come and go: where it stands, the log of its events, then its result.
 
-    The engine puts the job's events here (see Job.events). The log keeps what a client that reconnects needs:
-    every progress event (one a step, so at most MAX_STEPS), the latest preview only (a new one replaces it),
-    and the end. When the job ends, the preview and the engine's Job (its request, input pictures and latents)
-    are let go: what stays is the log, a few numbers and the finished pictures."""
+    The engine puts the job's events here (see Job.events): they are the one account of where it stands. The log
+    keeps what a client that reconnects needs: every progress event (one a step, so at most MAX_STEPS), the latest
+    preview of the first picture only (a new one replaces it), and the end. When the job ends, the preview and the
+    engine's Job (its request and input pictures) are let go: what stays is the log, a few numbers and the finished
+    pictures."""
 
     def __init__(self, job_id: str, clock, prompt: str, steps: int):
         self.id = job_id
@@ -60,11 +62,16 @@ class HeldJob:
         with self.changed:
             if self.status in ENDED:
                 return
-            if isinstance(event, Started):
-                self.status, self.started = "running", self.clock()
+            if isinstance(event, Loading):  # running from the moment the engine takes it, its model loading included
+                self.status = "running"
+            elif isinstance(event, Started):
+                self.started = self.clock()
             elif isinstance(event, Progress):
                 self.step, self.steps = event.step, event.steps
                 self.append("progress")
+            elif isinstance(event, Preview) and event.index == 0:  # the first picture's, in the last one's place
+                self.log = [record for record in self.log if record.kind != "preview"]
+                self.append("preview", event)
             elif isinstance(event, Finished):
                 self.result = event
                 self.end("done")
@@ -72,9 +79,9 @@ class HeldJob:
                 self.error = event.error.message
                 self.end("cancelled" if event.cancelled else "failed")
 
-    def append(self, kind: str, image: str | None = None) -> None:
+    def append(self, kind: str, preview: Preview | None = None) -> None:
         self.last_id += 1
-        self.log.append(Record(self.last_id, kind, self.step, self.steps, image))
+        self.log.append(Record(self.last_id, kind, self.step, self.steps, preview))
         self.changed.notify_all()
 
     def end(self, status: str) -> None:
@@ -83,24 +90,21 @@ class HeldJob:
         self.log = [record for record in self.log if record.kind != "preview"]
         self.append(status)
 
-    def add_preview(self) -> None:
-        """Puts a preview of the latest step in the log, in place of the last one; nothing once the job ended."""
-        job = self.job
-        if job is None:
-            return
-        image = job_preview(job)  # outside the lock: the engine goes on while it is built (once a step)
-        with self.changed:
-            last = next((record for record in self.log if record.kind == "preview"), None)
-            if image is None or self.status in ENDED or (last is not None and last.image is image):
-                return
-            if last is not None:
-                self.log.remove(last)
-            self.append("preview", image)
-
     def preview(self) -> str | None:
-        """The latest preview (base64 PNG), or None before the first step and once the job ended."""
+        """The latest preview (base64 PNG) while the job runs, None before its first and once it ended; asking keeps
+        them coming (Job.latest_preview)."""
         job = self.job
-        return None if job is None else job_preview(job)
+        latest = None if job is None else job.latest_preview()
+        return None if latest is None else latest.png
+
+    def watch(self, every: int | None, watching: bool = True) -> Job | None:
+        """An event stream that wants a preview every `every` steps opens (or closes); the engine's Job it watched,
+        for closing it, or None where there is nothing to watch (no `every`, or the job ended)."""
+        job = self.job
+        if every is None or job is None:
+            return None
+        job.watch(every, watching)
+        return job
 
     def records_after(self, last_id: int, timeout: float) -> list:
         """The records after `last_id`, waiting up to `timeout` seconds for one if there are none yet."""
@@ -170,13 +174,6 @@ class JobStore:
         reason = ImagineError(f"cancelled by DELETE /jobs/{held.id}", 499)
         if not self.engine.withdraw(job, reason):
             job.cancel(reason)
-
-    def status(self, held: HeldJob) -> str:
-        """queued, running (from the moment the engine takes it, its model loading included), or how it ended."""
-        job = held.job
-        if held.status == "queued" and job is not None and self.engine.running is job:
-            return "running"
-        return held.status
 
     def position(self, held: HeldJob) -> int | None:
         job = held.job
