@@ -19,7 +19,7 @@ from engine.job import Finished, Job
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import MAX_NAME_CHARS, parse_request
-from engine.samplers import SAMPLERS, sampler_label, schedule_label, schedules_for, split_sampler
+from engine.samplers import SAMPLER_NAMES, sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import Settings
 
@@ -30,7 +30,7 @@ A1111_VERSION = "imagine"  # `version` in info; A1111 writes its git tag there
 
 
 # A1111's sampler names (GET /sdapi/v1/samplers) -> ours.
-A1111_SAMPLERS = {sampler_label(name): name for name in SAMPLERS}
+A1111_SAMPLERS = {sampler_label(name): name for name in SAMPLER_NAMES}
 
 
 A1111_SAMPLER = "Euler"  # what A1111 draws with when a request names no sampler

@@ -19,7 +19,7 @@ from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, due
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
-from engine.samplers import DEFAULT_SAMPLER, SAMPLERS, schedules_for
+from engine.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, schedules_for
 from engine.schedules import LABELS, SCHEDULE_NAMES
 from engine.settings import Settings
 
@@ -325,10 +325,10 @@ def samplers_route():
     name = request.args.get("model")
     if name is None:
         return jsonify(
-            samplers=list(SAMPLERS),
+            samplers=list(SAMPLER_NAMES),
             default=DEFAULT_SAMPLER,
             schedules=[{"name": name, "label": LABELS[name]} for name in SCHEDULE_NAMES],
-            schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLERS},
+            schedules_by_sampler={sampler: list(schedules_for(sampler)) for sampler in SAMPLER_NAMES},
         )
     engine = current_engine()
     try:
@@ -341,7 +341,7 @@ def samplers_route():
 def model_samplers(family) -> dict:
     """GET /samplers?model=: the samplers and schedules a model of `family` draws with, and what a request that gives
     no steps, guidance or sampler gets (the flow-matching families' differ from SD's)."""
-    samplers = family.samplers or SAMPLERS
+    samplers = family.samplers or SAMPLER_NAMES
     defaults = {"num_steps": family.default_steps, "guidance": family.default_guidance, "size": family.default_size}
     by_sampler = {sampler: list(schedules_for(sampler)) if not family.flow else ["automatic"] for sampler in samplers}
     schedules = [name for name in SCHEDULE_NAMES if any(name in allowed for allowed in by_sampler.values())]

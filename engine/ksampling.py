@@ -248,7 +248,9 @@ def a1111_ddim_timesteps(steps: int) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
+class KSampler:
+    """How A1111 runs one of its k-diffusion samplers."""
+
     label: str  # A1111's name, as its API lists it and its infotext writes it
     algorithm: object
     schedule: str = "uniform"  # what "Automatic" means for this sampler in A1111
@@ -258,20 +260,20 @@ class Sampler:
     own_timesteps: bool = False  # DDIM: A1111's timestep sampler, which takes no schedule type
 
 
-SAMPLERS = {
-    "euler": Sampler("Euler", euler),
-    "euler a": Sampler("Euler a", euler_ancestral),
-    "heun": Sampler("Heun", heun, second_order=True),
-    "lms": Sampler("LMS", lms),
-    "dpm2": Sampler("DPM2", dpm_2, "karras", discard_penultimate=True, second_order=True),
-    "dpm2 a": Sampler("DPM2 a", dpm_2_ancestral, "karras", discard_penultimate=True, second_order=True),
-    "dpm++ 2s a": Sampler("DPM++ 2S a", dpmpp_2s_ancestral, "karras", second_order=True),
-    "dpm++ 2m": Sampler("DPM++ 2M", dpmpp_2m, "karras"),
-    "dpm++ sde": Sampler("DPM++ SDE", dpmpp_sde, "karras", second_order=True, brownian=True),
-    "dpm++ 2m sde": Sampler("DPM++ 2M SDE", dpmpp_2m_sde, "exponential", brownian=True),
-    "dpm++ 2m sde heun": Sampler("DPM++ 2M SDE Heun", dpmpp_2m_sde_heun, "exponential", brownian=True),
-    "dpm++ 3m sde": Sampler("DPM++ 3M SDE", dpmpp_3m_sde, "exponential", discard_penultimate=True, brownian=True),
-    "ddim": Sampler("DDIM", a1111_ddim, schedule=None, own_timesteps=True),
+KSAMPLERS = {
+    "euler": KSampler("Euler", euler),
+    "euler a": KSampler("Euler a", euler_ancestral),
+    "heun": KSampler("Heun", heun, second_order=True),
+    "lms": KSampler("LMS", lms),
+    "dpm2": KSampler("DPM2", dpm_2, "karras", discard_penultimate=True, second_order=True),
+    "dpm2 a": KSampler("DPM2 a", dpm_2_ancestral, "karras", discard_penultimate=True, second_order=True),
+    "dpm++ 2s a": KSampler("DPM++ 2S a", dpmpp_2s_ancestral, "karras", second_order=True),
+    "dpm++ 2m": KSampler("DPM++ 2M", dpmpp_2m, "karras"),
+    "dpm++ sde": KSampler("DPM++ SDE", dpmpp_sde, "karras", second_order=True, brownian=True),
+    "dpm++ 2m sde": KSampler("DPM++ 2M SDE", dpmpp_2m_sde, "exponential", brownian=True),
+    "dpm++ 2m sde heun": KSampler("DPM++ 2M SDE Heun", dpmpp_2m_sde_heun, "exponential", brownian=True),
+    "dpm++ 3m sde": KSampler("DPM++ 3M SDE", dpmpp_3m_sde, "exponential", discard_penultimate=True, brownian=True),
+    "ddim": KSampler("DDIM", a1111_ddim, schedule=None, own_timesteps=True),
 }
 
 
@@ -311,7 +313,7 @@ def evaluation_points(algorithm, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
-    """A diffusers scheduler that samples as AUTOMATIC1111 does: `sampler` (a SAMPLERS key) on `schedule` (a schedule
+    """A diffusers scheduler that samples as AUTOMATIC1111 does: `sampler` (a KSAMPLERS key) on `schedule` (a schedule
     name, or "automatic" for the sampler's own), from the model's training schedule in the config.
 
     Before a run, `use_noise` hands it the batch's PictureNoise: the pipeline is given the starting noise as its
@@ -335,7 +337,7 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
         sdxl: bool = False,
     ):
         self.model = DiscreteSchedule(alphas_cumprod_from_config(self.config))
-        self.sampler = SAMPLERS[sampler]
+        self.sampler = KSAMPLERS[sampler]
         self.order = 2 if self.sampler.second_order else 1
         self.noise, self.starting_noise, self.predicted, self.exact = None, None, None, None
         self.timesteps, self.init_noise_sigma = torch.zeros(0), 1.0

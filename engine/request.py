@@ -19,7 +19,7 @@ from engine.prompts import parse_prompt_attention
 from engine.samplers import (
     DEFAULT_SAMPLER,
     PREDICTIONS,
-    SAMPLERS,
+    SAMPLER_NAMES,
     checked_schedule,
     sampler_label,
     schedule_label,
@@ -224,7 +224,7 @@ def sampler_and_schedule(body: dict) -> tuple:
         return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule)
     sampler, in_name = split_sampler(text)
     if sampler is None:
-        message = f"{named('sampler')} {text!r} is unknown; choose one of: {', '.join(SAMPLERS)}"
+        message = f"{named('sampler')} {text!r} is unknown; choose one of: {', '.join(SAMPLER_NAMES)}"
         raise ImagineError(message, field="sampler")
     schedule = checked_schedule(sampler, fields.text(body, "schedule", None))
     if in_name is not None:

@@ -11,7 +11,7 @@ from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, sched
 
 # /generate's sampler names (lowercase A1111 names). LCM's scheduler is diffusers': LCM models are distilled for
 # its boundary conditions, and A1111's own LCM sampler is an extension's.
-SAMPLERS = (*ksampling.SAMPLERS, "lcm")
+SAMPLER_NAMES = (*ksampling.KSAMPLERS, "lcm")
 OLD_NAMES = {"dpm++ 2s": "dpm++ 2s a"}  # "dpm++ 2s" was diffusers' stand-in for A1111's DPM++ 2S a
 DEFAULT_SAMPLER = "dpm++ 2m"
 
@@ -26,19 +26,19 @@ def split_sampler(text: str) -> tuple:
     ("DPM++ 2M Karras", "euler sgm uniform"); the sampler is None where the name is unknown."""
     name = " ".join(text.strip().lower().split())
     name = OLD_NAMES.get(name, name)
-    if name in SAMPLERS:
+    if name in SAMPLER_NAMES:
         return name, None
     for schedule in SCHEDULES:
         for spelling in {schedule, LABELS[schedule].lower(), *(alias.lower() for alias in SCHEDULES[schedule].aliases)}:
             head = name.removesuffix(" " + spelling)
-            if head != name and OLD_NAMES.get(head, head) in SAMPLERS:
+            if head != name and OLD_NAMES.get(head, head) in SAMPLER_NAMES:
                 return OLD_NAMES.get(head, head), schedule
     return None, None
 
 
 def schedules_for(sampler: str) -> tuple:
     """The schedules a sampler can use: A1111's DDIM and LCM take their own timesteps, so only "automatic"."""
-    if sampler == "lcm" or ksampling.SAMPLERS[sampler].own_timesteps:
+    if sampler == "lcm" or ksampling.KSAMPLERS[sampler].own_timesteps:
         return (AUTOMATIC,)
     return SCHEDULE_NAMES
 
@@ -59,7 +59,7 @@ def checked_schedule(sampler: str, text: str | None, field: str = "schedule") ->
 
 def sampler_label(sampler: str) -> str:
     """A1111's spelling of a sampler name: 'dpm++ 2m' -> 'DPM++ 2M'."""
-    return "LCM" if sampler == "lcm" else ksampling.SAMPLERS[sampler].label
+    return "LCM" if sampler == "lcm" else ksampling.KSAMPLERS[sampler].label
 
 
 def schedule_label(sampler: str, schedule: str, flow: bool = False) -> str:
@@ -70,7 +70,7 @@ def schedule_label(sampler: str, schedule: str, flow: bool = False) -> str:
         return LABELS[AUTOMATIC]
     if schedule != AUTOMATIC:
         return LABELS[schedule]
-    default = None if sampler == "lcm" else ksampling.SAMPLERS[sampler].schedule
+    default = None if sampler == "lcm" else ksampling.KSAMPLERS[sampler].schedule
     return LABELS[default] if default not in (None, "uniform") else LABELS[AUTOMATIC]
 
 

@@ -9,7 +9,7 @@ from conftest import pixels
 
 import imagine
 from engine.engine import Engine
-from engine.ksampling import SAMPLERS, KDiffusionScheduler, a1111_ddim_timesteps
+from engine.ksampling import KSAMPLERS, KDiffusionScheduler, a1111_ddim_timesteps
 from engine.noise import PictureNoise, brownian_noise_as_on_a_gpu
 from engine.prompts import prompt_embeddings
 from engine.schedules import sampling_sigmas
@@ -123,7 +123,7 @@ def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps,
         sigmas = model.sigmas[timesteps.flip(0)]
         x = sampling.sample_euler(denoise, start * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, disable=True)
         return x / (sigmas[-1] ** 2 + 1) ** 0.5
-    options = SAMPLERS[sampler]
+    options = KSAMPLERS[sampler]
     resolved = options.schedule if schedule == "automatic" else schedule
     sigmas = sampling_sigmas(resolved, steps, _schedule_of(pipe), discard_penultimate=options.discard_penultimate)
     sampling.torch, extra = TorchWithNoise(noise), {}

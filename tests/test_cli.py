@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST, decode_png, free_port, png_data, serving
 from PIL import Image
 
-from engine.samplers import SAMPLERS, sampler_label
+from engine.samplers import SAMPLER_NAMES, sampler_label
 
 CLI = Path(__file__).resolve().parent.parent / "imagine-cli.py"
 TINY = ["-w", "64", "-h", "64", "-n", "4", "--seed", "42"]
@@ -231,7 +231,7 @@ def test_the_servers_png_carries_its_parameters_for_txt2img_img2img_and_streams(
 def test_sampler_names_are_written_as_automatic1111_spells_them():
     spec = ["DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2S a", "DPM++ SDE", "DPM2", "DPM2 a"]
     a1111 = [*spec, "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "LCM"]
-    assert all(name.lower() in SAMPLERS for name in a1111)
+    assert all(name.lower() in SAMPLER_NAMES for name in a1111)
     assert [sampler_label(name.lower()) for name in a1111] == a1111
 
 

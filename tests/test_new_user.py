@@ -13,7 +13,7 @@ from conftest import FAST, decode_png, free_port, pixels, png_data, read_log_unt
 from PIL import Image
 
 import imagine
-from engine.samplers import SAMPLERS, sampler_label
+from engine.samplers import SAMPLER_NAMES, sampler_label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def test_the_servers_help_names_its_routes_not_one_endpoint():
 
 def test_the_clis_help_names_every_sampler_of_the_servers_table():
     text = help_text("imagine-cli.py")
-    for name in SAMPLERS:
+    for name in SAMPLER_NAMES:
         if not name.endswith(" karras"):
             assert f"{sampler_label(name)}," in text, name
     assert "schedule type" in text

@@ -8,7 +8,7 @@ from conftest import FAST, decode_png, pixels
 
 from api.a1111 import a1111_sampler
 from engine.ksampling import KDiffusionScheduler
-from engine.samplers import SAMPLERS
+from engine.samplers import SAMPLER_NAMES
 from engine.schedules import LABELS, SCHEDULE_NAMES
 
 
@@ -31,7 +31,7 @@ def parameters(answer) -> str:
 def test_get_samplers_lists_the_samplers_the_schedules_and_which_sampler_takes_which(client):
     answer = client.get("/samplers").get_json()
     assert answer["default"] == "dpm++ 2m"
-    assert answer["samplers"] == list(SAMPLERS)
+    assert answer["samplers"] == list(SAMPLER_NAMES)
     assert {"euler", "euler a", "dpm++ 2m", "dpm++ sde", "ddim", "lcm", "dpm++ 2s a"} <= set(answer["samplers"])
     assert [schedule["name"] for schedule in answer["schedules"]] == list(SCHEDULE_NAMES)
     assert {"name": "sgm_uniform", "label": "SGM Uniform"} in answer["schedules"]

@@ -18,7 +18,7 @@ from engine.models import Models, build_demo_pipeline
 from engine.pipeline import generate
 from engine.previews import latents_to_preview
 from engine.request import GenerationRequest, for_family
-from engine.samplers import SAMPLERS
+from engine.samplers import SAMPLER_NAMES
 from engine.settings import CONFIGS_DIR, MAX_SIZE
 
 
@@ -110,7 +110,7 @@ def test_fast_previews_look_more_like_the_final_picture_than_the_noisy_latents_d
 # ---- no wasted work
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", list(SAMPLER_NAMES))
 def test_a_reused_scheduler_draws_what_a_fresh_one_draws(client, engine, sampler):
     """Reuse leaks no state between runs: after txt2img and img2img with other seeds, the first picture repeats."""
     first = pixels(stream_lines(client, sampler=sampler)[-1]["img"])
