@@ -14,6 +14,7 @@ progress goes to stderr when stderr is a terminal.
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import re
@@ -93,69 +94,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
     parser.add_argument("prompt", nargs="*" if known.job else "+", help="Prompt for model (the words are joined)")
-    parser.add_argument(
-        "-m",
-        "--model",
-        help="SD model: a name in the server's models directory, a path, or 'demo' (default: the server's --model)",
-    )
-    parser.add_argument("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
-    parser.add_argument(
-        "-w",
-        "--width",
-        type=int,
-        help="Output image width (default: the model's size, 512 for SD1.x; img2img: the input's)",
-    )
-    parser.add_argument("-h", "--height", type=int, help="Output image height (default: as for the width)")
-    parser.add_argument(
-        "-n", "--num_steps", type=int, help="Number of steps (default: the model's: 25 for SD, 8 for Z-Image-Turbo)"
-    )
-    parser.add_argument(
-        "-g", "--guidance", type=float, help="Guidance scale (default: the model's: 7.0 for SD, 3.5 for FLUX.1-dev)"
-    )
-    parser.add_argument(
-        "-s", "--sampler", help=f"Sampler, in any case (default: DPM++ 2M for SD, Euler for FLUX): {SAMPLER_NAMES}"
-    )
-    parser.add_argument(
-        "--seed", type=int, help="Seed, 0 to 2**64-1 (default, or -1: random; the seed used is printed on stderr)"
-    )
-    parser.add_argument("--neg", help="Negative prompt (default none)")
-    parser.add_argument(
-        "--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps (default off)"
-    )
-    parser.add_argument("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
-    parser.add_argument(
-        "--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default 0.8)"
-    )
-    parser.add_argument(
-        "--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part (default: none, img2img)"
-    )
-    parser.add_argument(
-        "-b",
-        "--batch",
-        type=int,
-        metavar="N",
-        help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png... (default 1)",
-    )
-    parser.add_argument("--list", action="store_true", help="List the server's models and exit (default: generate)")
-    parser.add_argument("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
-    parser.add_argument("--local", action="store_true", help="Generate in this process instead of on the server")
-    parser.add_argument(
-        "--detach",
-        action="store_true",
-        help="Queue it as a job on the server, print the job's id and exit (default: wait for the picture)",
-    )
-    parser.add_argument(
-        "--job", metavar="ID", help="Wait for the server's job ID (see --detach), then save it (default: none)"
-    )
-    parser.add_argument("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
-    parser.add_argument("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
-    parser.add_argument("--help", action="help", help="Show this help and exit")
+    add_picture_options(parser)
+    add_mode_options(parser)
     args = parser.parse_args(argv)
     if args.job is not None and (args.prompt or args.detach or args.local):
         parser.error("--job ID takes no prompt, --detach or --local: the job has its own settings")
     if args.detach and args.local:
         parser.error("--detach queues the job on a server; it cannot be --local")
     return args
+
+
+def add_picture_options(parser: argparse.ArgumentParser) -> None:
+    """What to draw, as /generate's fields: each left out takes the server's default."""
+    add = parser.add_argument
+    add("-m", "--model", help="SD model: a name in the server's models directory, a path, or 'demo' (default: the "
+        "server's --model)")  # fmt: skip
+    add("-o", "--output", type=Path, help="Output image (default: a name made from the prompt)")
+    add("-w", "--width", type=int, help="Output image width (default: the model's size, 512 for SD1.x; img2img: the "
+        "input's)")  # fmt: skip
+    add("-h", "--height", type=int, help="Output image height (default: as for the width)")
+    add("-n", "--num_steps", type=int, help="Number of steps (default: the model's: 25 for SD, 8 for Z-Image-Turbo)")
+    add("-g", "--guidance", type=float, help="Guidance scale (default: the model's: 7.0 for SD, 3.5 for FLUX.1-dev)")
+    add("-s", "--sampler", help=f"Sampler, in any case (default: DPM++ 2M for SD, Euler for FLUX): {SAMPLER_NAMES}")
+    add("--seed", type=int, help="Seed, 0 to 2**64-1 (default, or -1: random; the seed used is printed on stderr)")
+    add("--neg", help="Negative prompt (default none)")
+    add("--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps (default off)")
+    add("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
+    add("--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default "
+        "0.8)")  # fmt: skip
+    add("--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part (default: none, img2img)")
+    add("-b", "--batch", type=int, metavar="N", help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png... "
+        "(default 1)")  # fmt: skip
+
+
+def add_mode_options(parser: argparse.ArgumentParser) -> None:
+    """Where it is drawn (a server, this process) and what else the command can do."""
+    add = parser.add_argument
+    add("--list", action="store_true", help="List the server's models and exit (default: generate)")
+    add("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
+    add("--local", action="store_true", help="Generate in this process instead of on the server")
+    add("--detach", action="store_true", help="Queue it as a job on the server, print the job's id and exit "
+        "(default: wait for the picture)")  # fmt: skip
+    add("--job", metavar="ID", help="Wait for the server's job ID (see --detach), then save it (default: none)")
+    add("-d", "--device", help="With --local: auto, cpu, cuda or mps (IMAGINE_DEVICE, default auto)")
+    add("-f", "--fp_prec", help="With --local: 16, 32 or auto (IMAGINE_FP_PREC, default auto)")
+    add("--help", action="help", help="Show this help and exit")
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -195,6 +178,24 @@ def reserve_output(prompt: str, directory: Path = Path()) -> Path:
         except FileExistsError:
             continue
     raise CliError(f"cannot find a free file name for {stem}.png in {directory.resolve()}")
+
+
+def check_output_folder(output: Path | None) -> None:
+    if output is not None and not output.parent.is_dir():
+        raise CliError(f"cannot write {output}: the folder {output.parent} does not exist")
+
+
+@contextlib.contextmanager
+def output_file(output: Path | None, prompt: str):
+    """Where the picture goes: `output`, or a new file named from the prompt, which a failure removes again (the name
+    was ours: no empty or unfinished file stays behind)."""
+    path = output or reserve_output(prompt)
+    try:
+        yield path
+    except BaseException:
+        if output is None:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def write_picture(path: Path, data: bytes) -> None:
@@ -373,16 +374,10 @@ def detach(server: str, body: dict) -> str:
 
 def follow_job(server: str, job_id: str, args: argparse.Namespace) -> list[Path]:
     """Waits for the job with the progress bar, and saves its pictures as a run of its prompt would."""
-    if args.output is not None and not args.output.parent.is_dir():
-        raise CliError(f"cannot write {args.output}: the folder {args.output.parent} does not exist")
+    check_output_folder(args.output)
     job = answer_fields(server_request("GET", server, job_path(job_id)).content)
-    output = args.output or reserve_output(str(job.get("prompt") or "image"))
-    try:
+    with output_file(args.output, str(job.get("prompt") or "image")) as output:
         return report_seed(save_updates(job_updates(server, job_id, args.stream), output, args.stream))
-    except BaseException:
-        if args.output is None:
-            output.unlink(missing_ok=True)
-        raise
 
 
 def job_path(job_id: str) -> str:
@@ -532,10 +527,8 @@ def list_models(server: str) -> str:
 
 def run(args: argparse.Namespace) -> list[Path]:
     body = request_body(args)
-    if args.output is not None and not args.output.parent.is_dir():
-        raise CliError(f"cannot write {args.output}: the folder {args.output.parent} does not exist")
-    output = args.output or reserve_output(body["prompt"])
-    try:
+    check_output_folder(args.output)
+    with output_file(args.output, body["prompt"]) as output:
         if args.local:
             return report_seed(generate_locally(body, args, output))
         server = args.server or os.environ.get("IMAGINE_SERVER")
@@ -548,10 +541,6 @@ def run(args: argparse.Namespace) -> list[Path]:
                 raise
             print(f"imagine: no server at {DEFAULT_SERVER}; generating in this process", file=sys.stderr)
             return report_seed(generate_locally(body, args, output))
-    except BaseException:
-        if args.output is None:  # the name was ours: leave no empty or unfinished file behind
-            output.unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:
