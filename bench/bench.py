@@ -449,9 +449,8 @@ def main(argv=None) -> None:
     # Imagine is compared with diffusers in the precision -f auto takes on this CPU: bfloat16 where it is
     # native, else float32 (on a GPU: float16). The other precision runs beside it, so that `-f 16 ÷ -f 32` says
     # what 16-bit costs or saves on whatever CPU this is; only native 16-bit has a target (else it is emulated).
-    ours, other = ("16", "32") if bf16_feature else ("32", "16")
+    ours = "16" if bf16_feature else "32"
     dtype = pick_dtype(ours, torch.device(device))
-    bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     size, steps, repeats = args.size, args.steps, args.repeats
     if args.cancel:
         measure_cancel(checkpoint, device, size, steps, repeats)
@@ -465,18 +464,18 @@ def main(argv=None) -> None:
     if args.batch:
         compare_batch(checkpoint, ours, device, size, steps, args.batch, repeats)
         return
-    if args.loras_only:
-        rows = lora_rows(checkpoint, dtype, device, size, steps, repeats)
-        print_table(rows, device, size, steps, repeats, bf16_feature)
-        return
-    rows = []
+    rows = [] if args.loras_only else server_rows(checkpoint, ours, dtype, device, size, steps, repeats, bf16_feature)
+    rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)
+    print_table(rows, device, size, steps, repeats, bf16_feature)
 
+
+def server_rows(checkpoint, ours: str, dtype, device: str, size: int, steps: int, repeats: int, bf16_feature) -> list:
+    """Imagine's server against a bare diffusers call: cold loads, generations in both precisions, with and without a
+    stream, loads of a loaded model, and what img2img adds to the memory."""
+    other = "32" if ours == "16" else "16"
+    bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     print("cold loads:", file=sys.stderr)
     imagine_loads, diffusers_loads = measure_loads(checkpoint, dtype, device, repeats)
-    rows.append(
-        ratio_row("cold load of the single file ÷ diffusers from_single_file", imagine_loads, diffusers_loads, 1.1)
-    )
-
     pipe = bare_pipeline(checkpoint, dtype, device)
     servers = {"16": Server(checkpoint, "16", device), "32": Server(checkpoint, "32", device)}
     try:
@@ -492,19 +491,13 @@ def main(argv=None) -> None:
         }
         print("generations:", file=sys.stderr)
         times = rounds(contestants, repeats)
-        server = servers[ours]
-        rss_txt2img = server.rss_bytes()
-        answer = server.generate(size, steps)[-1]["img"]
-        server.generate(size, steps, img=answer, strength=0.8)
-        rss_added = server.rss_bytes() / rss_txt2img - 1
-        requests = 3 + 3 * repeats
-        loads = server.load_seconds()  # one per "loaded ... in N s" line of its log
-
+        rss_txt2img, rss_added, loads = img2img_memory_and_loads(servers[ours], size, steps)
     finally:
         for server in servers.values():
             server.stop()
-
-    rows += [
+    requests = 3 + 3 * repeats
+    return [
+        ratio_row("cold load of the single file ÷ diffusers from_single_file", imagine_loads, diffusers_loads, 1.1),
         ratio_row("/generate end to end ÷ bare diffusers call", times[f"/generate -f {ours}"], times[bare], 1.02),
         ratio_row(
             "stream: 1 ÷ stream: 0", times[f"/generate -f {ours}, stream 1"], times[f"/generate -f {ours}"], 1.03
@@ -513,23 +506,23 @@ def main(argv=None) -> None:
         (
             "second request for a loaded model: time loading",
             f"{sum(loads[1:]):.2f} s ({len(loads)} load in {requests} requests)",
-            "",
-            "",
-            "0",
-            len(loads) == 1,
+            *("", "", "0", len(loads) == 1),
         ),
         (
             "resident memory added by img2img after txt2img",
             f"{rss_added * 100:+.1f} % of {rss_txt2img / 2**30:.2f} GiB",
-            "",
-            "",
-            "<= 5 %",
-            rss_added <= 0.05,
+            *("", "", "<= 5 %", rss_added <= 0.05),
         ),
     ]
 
-    rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)
-    print_table(rows, device, size, steps, repeats, bf16_feature)
+
+def img2img_memory_and_loads(server, size: int, steps: int) -> tuple:
+    """(resident bytes after a txt2img, what an img2img of its picture adds to them, as a share; the server's load
+    times, one per "loaded ... in N s" line of its log)."""
+    rss_txt2img = server.rss_bytes()
+    answer = server.generate(size, steps)[-1]["img"]
+    server.generate(size, steps, img=answer, strength=0.8)
+    return rss_txt2img, server.rss_bytes() / rss_txt2img - 1, server.load_seconds()
 
 
 def print_table(rows: list, device: str, size: int, steps: int, repeats: int, bf16_feature) -> None:
