@@ -189,7 +189,7 @@ from api.channel import create_server as create_waitress_server  # noqa: E402
 from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
-from engine.folders import model_folders  # noqa: E402
+from engine.files.folders import model_folders  # noqa: E402
 from engine.jobs import JobStore  # noqa: E402
 
 DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}

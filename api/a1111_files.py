@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from engine.errors import ImagineError
-from engine.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
+from engine.files.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
 from engine.request import IMAGE_FORMATS, MAX_PROMPT_CHARS
 from engine.settings import DEMO_MODEL
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.families import FAMILIES, refuse_pickles_that_could_run
-from engine.folders import find_in_folders, model_folders, real_path, walk_folders
+from engine.files.families import FAMILIES, refuse_pickles_that_could_run
+from engine.files.folders import find_in_folders, model_folders, real_path, walk_folders
 from engine.models import LoadedModel
 from engine.prompts import CHUNK_TOKENS
 from engine.settings import Settings

@@ -23,9 +23,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from engine.diffusion_models import recognise_diffusion_model
 from engine.errors import Cancelled, ImagineError
-from engine.families import (
+from engine.files.diffusion_models import recognise_diffusion_model
+from engine.files.families import (
     FAMILIES,
     INPAINT_FAMILIES,
     Family,
@@ -38,7 +38,7 @@ from engine.families import (
     sd2_family,
     unet_input_channels,
 )
-from engine.folders import (
+from engine.files.folders import (
     CHECKPOINT_SUFFIXES,
     NOT_CHECKPOINTS,
     FolderReader,
@@ -53,9 +53,9 @@ from engine.folders import (
     relative_to_folders,
     walk_folders,
 )
-from engine.headers import Truncated, read_header
-from engine.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
-from engine.scaled_fp8 import refuse_block_scaled
+from engine.files.headers import Truncated, read_header
+from engine.files.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
+from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -82,8 +82,8 @@ class LoadedModel:
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
-    # A flow model file's sidecar as it was loaded with ({} where it had none; engine/parts.py): when it is edited,
-    # the model loads again with the parts it now names. None for other models.
+    # A flow model file's sidecar as it was loaded with ({} where it had none; engine/files/parts.py): when it is
+    # edited, the model loads again with the parts it now names. None for other models.
     sidecar: dict | None = None
 
 
@@ -376,7 +376,8 @@ class Models:
 
     def place(self, pipe, family: Family) -> None:
         """Puts the pipeline on the device in the server's precision; a flow model's fp8 weights stay fp8 (their layers
-        cast as they run: engine/diffusion_models.py), and with --offload its parts wait in CPU memory until used."""
+        cast as they run: engine/files/diffusion_models.py), and with --offload its parts wait in CPU memory until
+        used."""
         if self.settings.offload == "model" and self.device.type != "cpu":
             pipe.enable_model_cpu_offload(device=self.device)
         elif self.settings.offload == "sequential" and self.device.type != "cpu":

@@ -23,17 +23,17 @@ from diffusion_model_files import (
 )
 from safetensors.torch import save_file
 
-from engine.diffusion_models import (
+from engine.errors import ImagineError
+from engine.files.diffusion_models import (
     check_keys,
     fitted_config,
     load_diffusion_model,
     recognise_diffusion_model,
     to_diffusers,
 )
-from engine.errors import ImagineError
-from engine.headers import Tensor, read_header
+from engine.files.headers import Tensor, read_header
+from engine.files.scaled_fp8 import dequantised, kept_dtype
 from engine.models import Models
-from engine.scaled_fp8 import dequantised, kept_dtype
 from engine.settings import CONFIGS_DIR
 
 ALL_IN_ONE = "model.diffusion_model."

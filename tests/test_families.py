@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import imagine
 from engine.engine import Engine
-from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
+from engine.files.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
 from engine.ksampling import KDiffusionScheduler
 from engine.models import build_tiny_vae
 from engine.noise import PictureNoise

@@ -43,9 +43,9 @@ import engine.models
 import imagine
 from engine.engine import Engine, Failed
 from engine.errors import ImagineError
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
+from engine.files.headers import read_header
 from engine.flow import FlowDPMSolver2M
-from engine.headers import read_header
 from engine.models import Models
 from engine.request import parse_request
 from engine.settings import CONFIGS_DIR

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import imagine
 from engine.engine import Engine
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
 from engine.settings import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow

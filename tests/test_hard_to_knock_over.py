@@ -22,7 +22,7 @@ import api.a1111_files
 import api.guard
 import api.native
 import api.openai
-import engine.folders
+import engine.files.folders
 import engine.models
 import engine.prompts
 import engine.request
@@ -407,7 +407,7 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
     make_engine, serve, monkeypatch, tmp_path
 ):
     (tmp_path / "x.safetensors").write_bytes(b"not read")
-    monkeypatch.setattr(engine.folders, "FOLDER_SECONDS", 1, raising=False)
+    monkeypatch.setattr(engine.files.folders, "FOLDER_SECONDS", 1, raising=False)
     release = threading.Event()
     monkeypatch.setattr(engine.models.Models, "describe", lambda self, real: release.wait(60) and {})  # a stalled mount
     url = serve(make_engine(model="demo", models_dir=tmp_path))

@@ -19,7 +19,7 @@ from test_families import save_configs, tiny_sd2, tiny_sdxl, tiny_unet
 
 import imagine
 from engine.engine import Engine
-from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, UNET_CONV_IN, folder_family
+from engine.files.families import FAMILIES, FAMILY_KEY_PREFIXES, UNET_CONV_IN, folder_family
 from engine.models import Models, build_demo_pipeline
 from engine.pipeline import crop_box
 from engine.request import MAX_IMG_PIXELS

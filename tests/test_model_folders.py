@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import imagine
 from engine.devices import pick_device
 from engine.engine import Engine
-from engine.folders import find_in_folders, model_folders
+from engine.files.folders import find_in_folders, model_folders
 from engine.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent

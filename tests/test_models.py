@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import imagine
 from engine.engine import Engine
-from engine.families import detect_family
+from engine.files.families import detect_family
 from engine.ksampling import KDiffusionScheduler
 from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR

@@ -16,8 +16,8 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.headers import Part, with_prefix
-from engine.scaled_fp8 import dequantised, is_scaled, kept_dtype
+from engine.files.headers import Part, with_prefix
+from engine.files.scaled_fp8 import dequantised, is_scaled, kept_dtype
 
 PREFIXES = ("", "model.diffusion_model.")  # a file of its own; a ComfyUI all-in-one checkpoint
 FLUX_PATCH = 4  # FLUX packs 2x2 latent pixels into one token: in_channels = 4 x the VAE's latent channels
@@ -125,7 +125,7 @@ RECOGNISERS = {  # type: (the tensors it must hold, all that its numbers are rea
 def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The diffusers transformer `part` names in the file at `path`, built from `config_dir`'s transformer config
     with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
-    `dtype` (a scaled fp8 file's are multiplied out: engine/scaled_fp8.py). A file that does not fit the config is
+    `dtype` (a scaled fp8 file's are multiplied out: engine/files/scaled_fp8.py). A file that does not fit the config is
     refused (422), naming what did not fit."""
     config = fitted_config(part, config_dir)
     storage = storage_dtype(part, dtype)
@@ -143,7 +143,7 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
 
 def storage_dtype(part: Part, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype the big weights are kept in where it is narrower than `dtype`, the one they compute in: an fp8
-    file's fp8, a scaled fp8 file's bfloat16 beside float32 (engine/scaled_fp8.py); None where they are kept in
+    file's fp8, a scaled fp8 file's bfloat16 beside float32 (engine/files/scaled_fp8.py); None where they are kept in
     `dtype`."""
     storage = kept_dtype(dtype) if part.numbers["scaled"] else STORAGE_DTYPES.get(part.numbers["dtype"])
     return storage if storage is not None and storage.itemsize < dtype.itemsize else None

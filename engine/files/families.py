@@ -26,7 +26,7 @@ from diffusers import (
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.folders import read_regular_file
+from engine.files.folders import read_regular_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,9 @@ class Family:
     max_guidance: float = 30.0
     size_multiple: int = 8  # the latents are 1/8 of the picture; FLUX and Z-Image pack them 2x2 as well: 16
     samplers: tuple = ()  # the samplers it can draw with; () for every SD sampler (engine/samplers.py)
-    # The flow-matching families: the diffusion model's type (engine/diffusion_models.py; None for an SD UNet),
-    # and the parts a file of it alone lacks, as (pipeline component, part type), found beside it (engine/parts.py).
+    # The flow-matching families: the diffusion model's type (engine/files/diffusion_models.py; None for an SD
+    # UNet), and the parts a file of it alone lacks, as (pipeline component, part type), found beside it
+    # (engine/files/parts.py).
     transformer: str | None = None
     parts: tuple = ()
     prompt_tokens: int = 77  # the longest prompt the text encoder reads at once (SD reads longer ones in chunks)
@@ -282,7 +283,7 @@ PIPELINE_BASES = {
 
 
 def flow_family_name(part) -> str:
-    """The family of a diffusion model found in a file (engine/diffusion_models.py): FLUX.1-dev has a guidance
+    """The family of a diffusion model found in a file (engine/files/diffusion_models.py): FLUX.1-dev has a guidance
     embedding, schnell has none."""
     if part.type == "flux1":
         return "flux1-dev" if part.numbers["guidance"] else "flux1-schnell"

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
 from engine.errors import ImagineError
-from engine.headers import Part
+from engine.files.headers import Part
 
 VAE_PREFIXES = ("", "vae.")
 LATENT_TYPES = {16: "ae", 32: "flux2-vae"}

@@ -13,12 +13,12 @@ from pathlib import Path
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer
 
-from engine.diffusion_models import load_diffusion_model
 from engine.errors import ImagineError
-from engine.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
-from engine.headers import Part, read_header
-from engine.text_encoders import load_text_encoder, recognise_text_encoders
-from engine.vaes import load_vae, recognise_vae
+from engine.files.diffusion_models import load_diffusion_model
+from engine.files.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
+from engine.files.headers import Part, read_header
+from engine.files.text_encoders import load_text_encoder, recognise_text_encoders
+from engine.files.vaes import load_vae, recognise_vae
 
 PART_FOLDERS = ("text_encoders", "clip", "vae")  # ComfyUI's sub-folders for them ("clip" is its older name)
 

@@ -12,8 +12,8 @@ import transformers
 from diffusers.hooks import apply_layerwise_casting_hook
 
 from engine.errors import ImagineError
-from engine.headers import Part
-from engine.scaled_fp8 import dequantised, kept_dtype
+from engine.files.headers import Part
+from engine.files.scaled_fp8 import dequantised, kept_dtype
 
 QWEN3_VOCAB = 151936  # every Qwen3 size shares this vocabulary (151643 BPE tokens, specials, padding)
 T5_VOCAB = 32128  # T5 v1.1's 32100 pieces and extra ids, padded to a multiple of 128
@@ -101,7 +101,7 @@ def load_text_encoder(path: Path, part: Part, config_dir: Path, dtype: torch.dty
     """The text encoder `part` of the file at `path`, built from the config.json in `config_dir` with every number in
     `part.numbers` put in its place, and loaded strictly (a missing or unexpected tensor is refused, naming it). An
     fp8 file's weights stay fp8 in memory and are cast to `dtype` layer by layer as they run (a scaled fp8 file's
-    are multiplied by their scales on loading: engine/scaled_fp8.py). T5's
+    are multiplied by their scales on loading: engine/files/scaled_fp8.py). T5's
     `encoder.embed_tokens` is tied to the `shared` embedding the file stores (transformers ties it on loading)."""
     config = _config_with_numbers(config_dir, part)
     with safetensors.safe_open(path, framework="pt") as file:
@@ -247,7 +247,8 @@ def _expected_shapes(model_class, config) -> dict:
 
 def _stored_dtypes(state: dict, compute_dtype: torch.dtype) -> dict:
     """{model name: dtype} of the weights kept narrower than `compute_dtype` in memory: those the file stores in fp8
-    (slices), and scaled fp8 weights multiplied out into bfloat16 beside float32 (tensors: engine/scaled_fp8.py)."""
+    (slices), and scaled fp8 weights multiplied out into bfloat16 beside float32 (tensors:
+    engine/files/scaled_fp8.py)."""
     stored = {}
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
