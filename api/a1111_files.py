@@ -14,6 +14,7 @@ from PIL import Image
 
 from engine.errors import ImagineError
 from engine.files.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
+from engine.files.tensors import file_version
 from engine.request import IMAGE_FORMATS, MAX_PROMPT_CHARS
 from engine.settings import DEMO_MODEL
 
@@ -27,13 +28,12 @@ class ModelHashes:
     A1111 lists one it has not hashed yet."""
 
     def __init__(self):
-        self.known = {}  # (path, size, mtime) -> sha256
+        self.known = {}  # file_version -> sha256
         self.queued = set()
         self.one_at_a_time = threading.Lock()  # files are read one after another, not all at once
 
     def get(self, path: Path) -> str | None:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = file_version(path)
         if key not in self.known and key not in self.queued:
             self.queued.add(key)
             threading.Thread(target=self.hash_file, args=(key,), name="imagine-hash", daemon=True).start()

@@ -56,6 +56,7 @@ from engine.files.folders import (
 from engine.files.headers import Truncated, read_header
 from engine.files.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
 from engine.files.scaled_fp8 import refuse_block_scaled
+from engine.files.tensors import file_version
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -77,11 +78,11 @@ class LoadedModel:
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
-    # (path, size, mtime) -> adapter
+    # file_version -> adapter
     loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
-    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_version, vectors per text encoder)
     # A flow model file's sidecar as it was loaded with ({} where it had none; engine/files/parts.py): when it is
     # edited, the model loads again with the parts it now names. None for other models.
     sidecar: dict | None = None
@@ -97,13 +98,15 @@ def sidecar_changed(model: LoadedModel, path: Path) -> bool:
         return True
 
 
-def file_version(path: Path) -> tuple:
-    """(size, modification time) of a file, () where there is none: what tells one version of it from the next."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return ()
-    return (stat.st_size, stat.st_mtime_ns)
+def versions(paths: list) -> tuple:
+    """The file_version of each file, () for one that is not there (a checkpoint without a `.yaml` beside it)."""
+    found = []
+    for path in paths:
+        try:
+            found.append(file_version(path))
+        except OSError:
+            found.append(())
+    return tuple(found)
 
 
 FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
@@ -213,10 +216,10 @@ class Models:
         """{"family": its name} or {"family": None, "error": why}: family_of, cached by the size and date of each file
         that decides it (a checkpoint and the SD2 `.yaml` beside it; a diffusers folder's index and configs), so the
         listing and each request read a model once per version of it."""
-        versions = tuple(file_version(path) for path in family_deciding_files(real))
+        deciding = versions(family_deciding_files(real))
         cached = self.family_cache.get(str(real))
-        if cached is None or cached[0] != versions:
-            cached = self.family_cache[str(real)] = (versions, self.described_family(real))
+        if cached is None or cached[0] != deciding:
+            cached = self.family_cache[str(real)] = (deciding, self.described_family(real))
         return cached[1]
 
     def described_family(self, real: Path) -> dict:

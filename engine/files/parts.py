@@ -17,6 +17,7 @@ from engine.errors import ImagineError
 from engine.files.diffusion_models import load_diffusion_model
 from engine.files.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
 from engine.files.headers import Part, read_header
+from engine.files.tensors import file_version
 from engine.files.text_encoders import load_text_encoder, recognise_text_encoders
 from engine.files.vaes import load_vae, recognise_vae
 
@@ -75,11 +76,10 @@ class PartFinder:
     """Finds the parts of flow-matching models; the headers of the part files are read once per version of a file."""
 
     def __init__(self):
-        self.headers = {}  # (path, size, mtime) -> the parts in that file
+        self.headers = {}  # file_version -> the parts in that file
 
     def parts_of(self, path: Path) -> list:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = file_version(path)
         if key not in self.headers:
             try:
                 self.headers[key] = parts_in(path)
