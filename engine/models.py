@@ -27,16 +27,12 @@ from engine.errors import Cancelled, ImagineError
 from engine.files.diffusion_models import recognise_diffusion_model
 from engine.files.families import (
     FAMILIES,
-    INPAINT_FAMILIES,
     Family,
-    detect_family,
+    checkpoint_family,
     family_deciding_files,
     flow_family_name,
     folder_family,
-    read_checkpoint_keys,
     refuse_pickles_that_could_run,
-    sd2_family,
-    unet_input_channels,
 )
 from engine.files.folders import (
     CHECKPOINT_SUFFIXES,
@@ -53,7 +49,7 @@ from engine.files.folders import (
     relative_to_folders,
     walk_folders,
 )
-from engine.files.headers import Truncated, read_header
+from engine.files.headers import Headers, Truncated
 from engine.files.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.tensors import file_version
@@ -124,7 +120,8 @@ class Models:
         self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
         self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
         self.family_cache = {}  # path -> (the versions of the files deciding its family, what was read there)
-        self.parts = PartFinder()
+        self.headers = Headers()
+        self.parts = PartFinder(self.headers)
         self.reader = FolderReader()
 
     def resolve(self, name: str | None) -> str:
@@ -313,33 +310,25 @@ class Models:
         if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
             raise ImagineError("the model is not a regular file")
         refuse_pickles_that_could_run(path)
-        if path.suffix == ".safetensors":
-            part = self.diffusion_model_in(path)
+        header = self.readable_header(path)
+        if header is not None:
+            refuse_block_scaled(path, header)
+            part = recognise_diffusion_model(header)
             if part is not None:
                 return FAMILIES[flow_family_name(part)]
-        try:
-            keys = read_checkpoint_keys(path)
-            channels = unet_input_channels(path)
-        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors: a damaged file
-            raise ImagineError(
-                f"the model file cannot be read as a checkpoint ({type(error).__name__})", 422
-            ) from error
-        name = detect_family(keys)
-        family = sd2_family(path) if name == "sd2" else FAMILIES[name]
-        return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
+        return checkpoint_family(path, header)
 
-    @staticmethod
-    def diffusion_model_in(path: Path):
-        """The flow-matching diffusion model a .safetensors file holds (a Part), or None: an SD checkpoint, or a file
-        whose header cannot be read, which the SD reading then refuses; a truncated file is refused here."""
+    def readable_header(self, path: Path) -> dict | None:
+        """A .safetensors file's header, read once for all that family detection reads there; None for a .ckpt, or a
+        file whose header cannot be read, which the SD reading then refuses. A truncated file is refused here."""
+        if path.suffix != ".safetensors":
+            return None
         try:
-            header = read_header(path)
+            return self.headers.read(path)
         except Truncated:
             raise
         except ImagineError:
             return None
-        refuse_block_scaled(path, header)
-        return recognise_diffusion_model(header)
 
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
@@ -398,7 +387,7 @@ class Models:
 
     def flow_parts(self, path: Path) -> tuple:
         """(the diffusion model's Part, {component: Found}) for a flow-matching model's file."""
-        model = recognise_diffusion_model(read_header(path))
+        model = recognise_diffusion_model(self.headers.read(path))
         folders = model_folders(self.settings.models_dir)
         return model, self.parts.find(path, model, FAMILIES[flow_family_name(model)], folders)
 

@@ -39,7 +39,7 @@ from selenium.webdriver.support.ui import Select
 from test_hostile_clients import module_at
 from test_web_page import element, fill_form, finished, open_page
 
-import engine.models
+import engine.files.headers
 import imagine
 from engine.engine import Engine, Failed
 from engine.errors import ImagineError
@@ -564,7 +564,7 @@ def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(
 def test_a_request_for_a_model_read_before_reads_no_header_again(flow_client, monkeypatch):
     generate(flow_client, model="flux-2-klein-4b")
     reads = []
-    monkeypatch.setattr(engine.models, "read_header", lambda path: reads.append(path) or read_header(path))
+    monkeypatch.setattr(engine.files.headers, "read_header", lambda path: reads.append(path) or read_header(path))
     generate(flow_client, model="flux-2-klein-4b")
     assert reads == []
 
