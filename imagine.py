@@ -256,7 +256,7 @@ def check_default_model(engine: Engine) -> None:
     """Finds (does not load) the --model default, so that a mistyped name stops the start, not the first request."""
     settings = engine.settings
     try:
-        engine.models.resolve(settings.model)
+        engine.catalog.resolve(settings.model)
     except ImagineError as error:
         folders = ", ".join(str(folder) for folder in model_folders(settings.models_dir))
         where = f"the models folders {folders} (--models-dir, IMAGINE_MODELS_DIR)"

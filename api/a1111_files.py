@@ -52,11 +52,11 @@ class ModelHashes:
         self.known[key] = digest.hexdigest()
 
 
-def a1111_titles(models, hashes: ModelHashes) -> dict:
-    """Every model the folders hold, by its key (see Models.resolve), as A1111's sd-models lists it."""
+def a1111_titles(catalog, hashes: ModelHashes) -> dict:
+    """Every model the folders hold, by its key (see Catalog.resolve), as A1111's sd-models lists it."""
     listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
-    folders = checkpoint_folders(model_folders(models.settings.models_dir))
-    for entry in models.listing():
+    folders = checkpoint_folders(model_folders(catalog.settings.models_dir))
+    for entry in catalog.listing():
         if entry.get("error") or entry["builtin"]:
             continue
         found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
@@ -72,7 +72,7 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
 
 def a1111_model_name(titles: dict, checkpoint: str) -> str:
     """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
-    its model_name or its hash, as a name Models.resolve takes."""
+    its model_name or its hash, as a name Catalog.resolve takes."""
     bare = without_hash(checkpoint.strip())
     for key, listed in titles.items():
         names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}

@@ -19,8 +19,8 @@ from selenium import webdriver
 from waitress import wasyncore
 
 import imagine
+from engine.demo import build_demo_pipeline
 from engine.engine import Engine
-from engine.models import build_demo_pipeline
 from engine.settings import CONFIGS_DIR
 
 # Small and quick: the tiny model draws 64x64 in a few steps in well under a second.

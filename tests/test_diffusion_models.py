@@ -24,6 +24,7 @@ from diffusion_model_files import (
 from safetensors.torch import save_file
 
 from engine.errors import ImagineError
+from engine.files.catalog import Catalog
 from engine.files.diffusion_models import (
     check_keys,
     fitted_config,
@@ -33,7 +34,6 @@ from engine.files.diffusion_models import (
 )
 from engine.files.headers import Tensor, read_header
 from engine.files.scaled_fp8 import dequantised, kept_dtype
-from engine.models import Models
 from engine.settings import CONFIGS_DIR, Settings
 
 ALL_IN_ONE = "model.diffusion_model."
@@ -325,7 +325,7 @@ def test_a_file_scaled_per_block_is_refused_naming_its_format_before_its_packed_
     tensors, _, _ = FAMILIES["z-image"]
     path = save(tmp_path / "z_image_turbo_nvfp4.safetensors", nvfp4_tensors(tensors()))
     with pytest.raises(ImagineError) as refused:
-        Models(Settings(), torch.device("cpu"), torch.float32).family_of(str(path))
+        Catalog(Settings(), {}).family_of(str(path))
     assert refused.value.status == 422
     assert "scales, one per block (ComfyUI's nvfp4 format)" in refused.value.message, refused.value.message
 

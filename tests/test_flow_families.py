@@ -601,7 +601,7 @@ def test_a_cancel_stops_a_flow_model_at_the_next_block_not_at_the_end_of_its_ste
     flow_client, flow_engine, name, cancelled_in, must_not_run
 ):
     before = generate(flow_client, model=name)["img"]  # loads the model
-    model = flow_engine.models.loaded[flow_engine.models.resolve(name)]
+    model = flow_engine.models.loaded[flow_engine.catalog.resolve(name)]
     ran_after = []
     cancel = module_at(model, cancelled_in).register_forward_pre_hook(
         lambda module, args: flow_engine.running.cancel(ImagineError("cancelled", 499))

@@ -22,8 +22,9 @@ import api.a1111_files
 import api.guard
 import api.native
 import api.openai
+import engine.demo
+import engine.files.catalog
 import engine.files.folders
-import engine.models
 import engine.prompts
 import engine.request
 import imagine
@@ -108,7 +109,7 @@ def test_a_model_name_longer_than_a_name_is_refused_naming_the_field_and_the_lim
 
 
 def test_unknown_openai_model_names_are_remembered_only_up_to_a_bound(client, monkeypatch, caplog):
-    monkeypatch.setattr(engine.models, "FALLBACKS_KEPT", 2)
+    monkeypatch.setattr(engine.files.catalog, "FALLBACKS_KEPT", 2)
     caplog.set_level("INFO", logger="imagine")
     # Names no other test sends: the app is shared across this file, and what it already remembers would count.
     for name in ("never-sent-1", "never-sent-2", "never-sent-3", "never-sent-1"):
@@ -245,7 +246,7 @@ def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
 
 
 def demo_pipe():
-    return engine.models.build_demo_pipeline(CONFIGS_DIR / "sd1")
+    return engine.demo.build_demo_pipeline(CONFIGS_DIR / "sd1")
 
 
 def replace_file(path, write) -> None:
@@ -409,7 +410,8 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
     (tmp_path / "x.safetensors").write_bytes(b"not read")
     monkeypatch.setattr(engine.files.folders, "FOLDER_SECONDS", 1, raising=False)
     release = threading.Event()
-    monkeypatch.setattr(engine.models.Models, "describe", lambda self, real: release.wait(60) and {})  # a stalled mount
+    # a stalled mount
+    monkeypatch.setattr(engine.files.catalog.Catalog, "describe", lambda self, real: release.wait(60) and {})
     url = serve(make_engine(model="demo", models_dir=tmp_path))
     statuses = []
 

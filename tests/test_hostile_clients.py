@@ -18,7 +18,7 @@ from conftest import FAST, count_loads, free_port, save_config_folder, wait_unti
 from PIL import Image
 
 from api.channel import HALF_CLOSE_GRACE
-from engine.models import build_demo_pipeline
+from engine.demo import build_demo_pipeline
 from engine.previews import png_base64
 from engine.settings import CONFIGS_DIR
 

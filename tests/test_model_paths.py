@@ -81,5 +81,5 @@ def test_a_hub_name_that_is_really_a_path_is_never_downloaded(make_engine, layou
     engine = make_engine(models_dir=models, allow_downloads=True)
     for model in ("../outside", "./x", "a/..", "/x"):
         with pytest.raises(ImagineError) as refused:
-            engine.models.resolve(model)
+            engine.catalog.resolve(model)
         assert refused.value.status in (403, 404), model

@@ -58,7 +58,7 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_source_folder
 def test_a_single_file_checkpoint_loads_with_identical_weights(tiny_engine, tiny_models, no_network):
     models, _ = tiny_models
     source = StableDiffusionPipeline.from_pretrained(models / "tiny")
-    loaded = tiny_engine.models.get(tiny_engine.models.resolve("tiny-ldm")).txt2img
+    loaded = tiny_engine.models.get(tiny_engine.catalog.resolve("tiny-ldm")).txt2img
     for name in ("unet", "vae", "text_encoder"):
         expected, actual = getattr(source, name).state_dict(), getattr(loaded, name).state_dict()
         assert expected.keys() == actual.keys()
@@ -131,7 +131,7 @@ def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
 
 
 def test_img2img_shares_the_txt2img_weights(tiny_engine):
-    model = tiny_engine.models.get(tiny_engine.models.resolve("tiny"))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve("tiny"))
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         assert getattr(model.img2img, name) is getattr(model.txt2img, name)
 
