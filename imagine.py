@@ -189,7 +189,7 @@ from api.channel import create_server as create_waitress_server  # noqa: E402
 from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
-from engine.folders import model_folders  # noqa: E402
+from engine.files.folders import model_folders  # noqa: E402
 from engine.held_jobs import JobStore  # noqa: E402
 
 DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}
@@ -256,7 +256,7 @@ def check_default_model(engine: Engine) -> None:
     """Finds (does not load) the --model default, so that a mistyped name stops the start, not the first request."""
     settings = engine.settings
     try:
-        engine.models.resolve(settings.model)
+        engine.catalog.resolve(settings.model)
     except ImagineError as error:
         folders = ", ".join(str(folder) for folder in model_folders(settings.models_dir))
         where = f"the models folders {folders} (--models-dir, IMAGINE_MODELS_DIR)"

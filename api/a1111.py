@@ -302,7 +302,7 @@ def keep_model_hashes(state):
 
 
 def titles() -> dict:
-    return a1111_titles(current_engine().models, current_app.extensions["imagine.hashes"])
+    return a1111_titles(current_engine().catalog, current_app.extensions["imagine.hashes"])
 
 
 def to_error(error: ImagineError) -> dict:
@@ -341,9 +341,8 @@ def models_route():
 
 def current_model() -> dict:
     """The default model as sd-models lists it; only its name while its file is missing (moved, not yet copied)."""
-    models = current_engine().models
     try:
-        key = models.resolve(None)
+        key = current_engine().catalog.resolve(None)
     except ImagineError:
         return {}
     return titles().get(key, {})
@@ -351,10 +350,9 @@ def current_model() -> dict:
 
 @blueprint.get("/options")
 def options_route():
-    models = current_engine().models
     current = current_model()
     return jsonify(
-        sd_model_checkpoint=current.get("title", models.default),
+        sd_model_checkpoint=current.get("title", current_engine().catalog.default),
         sd_checkpoint_hash=current.get("sha256"),
         CLIP_stop_at_last_layers=1,
         sd_checkpoints_limit=current_settings().max_loaded,
@@ -374,7 +372,7 @@ def set_options_route():
             engine = current_engine()
             name = a1111_model_name(titles(), text(body, "sd_model_checkpoint", None, MAX_NAME_CHARS))
             last_event(engine.load_model(name))
-            engine.models.default = name  # for this run of the server; --model stays the default after a restart
+            engine.catalog.default = name  # for this run of the server; --model stays the default after a restart
     return jsonify(None)
 
 
@@ -433,7 +431,7 @@ def loras_route():
     return jsonify(
         [
             {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
-            for lora in current_engine().models.reader.read(lambda: lora_listing(settings))
+            for lora in current_engine().catalog.reader.read(lambda: lora_listing(settings))
         ]
     )
 
@@ -441,7 +439,7 @@ def loras_route():
 @blueprint.get("/embeddings")
 def embeddings_route():
     settings = current_settings()
-    files = current_engine().models.reader.read(lambda: embedding_listing(settings))
+    files = current_engine().catalog.reader.read(lambda: embedding_listing(settings))
     loaded = {
         each["name"]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
         for each in files

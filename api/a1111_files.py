@@ -14,7 +14,8 @@ from PIL import Image
 
 from engine.errors import ImagineError
 from engine.fields import IMAGE_FORMATS
-from engine.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
+from engine.files.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
+from engine.files.tensors import file_version
 from engine.request import MAX_PROMPT_CHARS
 from engine.settings import DEMO_MODEL
 
@@ -28,13 +29,12 @@ class ModelHashes:
     A1111 lists one it has not hashed yet."""
 
     def __init__(self):
-        self.known = {}  # (path, size, mtime) -> sha256
+        self.known = {}  # file_version -> sha256
         self.queued = set()
         self.one_at_a_time = threading.Lock()  # files are read one after another, not all at once
 
     def get(self, path: Path) -> str | None:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = file_version(path)
         if key not in self.known and key not in self.queued:
             self.queued.add(key)
             threading.Thread(target=self.hash_file, args=(key,), name="imagine-hash", daemon=True).start()
@@ -53,11 +53,11 @@ class ModelHashes:
         self.known[key] = digest.hexdigest()
 
 
-def a1111_titles(models, hashes: ModelHashes) -> dict:
-    """Every model the folders hold, by its key (see Models.resolve), as A1111's sd-models lists it."""
+def a1111_titles(catalog, hashes: ModelHashes) -> dict:
+    """Every model the folders hold, by its key (see Catalog.resolve), as A1111's sd-models lists it."""
     listed = {DEMO_MODEL: {"title": DEMO_MODEL, "model_name": DEMO_MODEL, "hash": None, "sha256": None}}
-    folders = checkpoint_folders(model_folders(models.settings.models_dir))
-    for entry in models.listing():
+    folders = checkpoint_folders(model_folders(catalog.settings.models_dir))
+    for entry in catalog.listing():
         if entry.get("error") or entry["builtin"]:
             continue
         found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
@@ -73,7 +73,7 @@ def a1111_titles(models, hashes: ModelHashes) -> dict:
 
 def a1111_model_name(titles: dict, checkpoint: str) -> str:
     """The model an A1111 client names by its title, its name (with or without extension or " [hash]"),
-    its model_name or its hash, as a name Models.resolve takes."""
+    its model_name or its hash, as a name Catalog.resolve takes."""
     bare = without_hash(checkpoint.strip())
     for key, listed in titles.items():
         names = {listed["title"], listed["model_name"], listed.get("filename"), listed["hash"], listed["sha256"]}

@@ -13,7 +13,7 @@ from waitress.utilities import Error as WaitressError
 
 from api.guard import SECURITY_HEADERS
 from api.native import INBUF_OVERFLOW, MAX_BODY_BYTES, OUTBUF_OVERFLOW, spool_shortage
-from engine.folders import FOLDER_WAITERS
+from engine.files.folders import FOLDER_WAITERS
 
 log = logging.getLogger("imagine")
 

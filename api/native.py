@@ -119,7 +119,7 @@ def respond(translate: Callable[[], Answer]) -> Response:
             return Response(release_after(stream_body(job, events, answer), release), mimetype=answer.mimetype)
         response = jsonify(answer.whole(job, last_event(events)))
         if answer.default_after is not None:
-            engine.models.default = answer.default_after
+            engine.catalog.default = answer.default_after
     except BaseException:
         release()
         raise
@@ -332,7 +332,7 @@ def samplers_route():
         )
     engine = current_engine()
     try:
-        family = engine.models.family_of(engine.models.resolve(name))
+        family = engine.catalog.family_of(engine.catalog.resolve(name))
     except ImagineError as error:
         return jsonify(to_error(error)), error.status
     return jsonify(model_samplers(family))
@@ -382,8 +382,8 @@ def send_web_file(name: str) -> Response:
 
 @blueprint.get("/models")
 def models_route():
-    models = current_engine().models
-    return jsonify(models=models.listing(), default=models.default)
+    catalog = current_engine().catalog
+    return jsonify(models=catalog.listing(), default=catalog.default)
 
 
 @blueprint.get("/health")
@@ -401,10 +401,10 @@ def health_route():
 @blueprint.get("/loras")
 def loras_route():
     settings = current_settings()
-    return jsonify(loras=current_engine().models.reader.read(lambda: lora_listing(settings)))
+    return jsonify(loras=current_engine().catalog.reader.read(lambda: lora_listing(settings)))
 
 
 @blueprint.get("/embeddings")
 def embeddings_route():
     settings = current_settings()
-    return jsonify(embeddings=current_engine().models.reader.read(lambda: embedding_listing(settings)))
+    return jsonify(embeddings=current_engine().catalog.reader.read(lambda: embedding_listing(settings)))

@@ -381,7 +381,7 @@ def file_route(name):
 
 @blueprint.get("/models")
 def models_route():
-    models = current_engine().models
-    names = dict.fromkeys([models.default, *(model["name"] for model in models.listing()), DEMO_MODEL])
+    catalog = current_engine().catalog
+    names = dict.fromkeys([catalog.default, *(model["name"] for model in catalog.listing()), DEMO_MODEL])
     listed = [{"id": name, "object": "model", "created": 0, "owned_by": "imagine"} for name in names]
     return jsonify(object="list", data=listed)

@@ -42,7 +42,7 @@ def main():
         engine.start()
         client = imagine.create_app(engine).test_client()
         client.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "num_steps": 1})
-        pipe = engine.models.get(engine.models.resolve(None)).txt2img
+        pipe = engine.models.get(engine.catalog.resolve(None)).txt2img
         k_diffusion, conditioning = kdiffusion_reference.load(), parity.encoded_prompts(pipe)
         print(f"SD1.5 architecture, random weights, {args.size}x{args.size}, two pictures each:", flush=True)
         for sampler, schedule in parity.CONTRACT:

@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from diffusion_model_files import full_size_header, random_fp8_file  # noqa: E402
 
 import engine.models  # noqa: E402, F401 (turns the libraries' progress bars off)
-from engine.diffusion_models import load_diffusion_model, recognise_diffusion_model  # noqa: E402
-from engine.headers import read_header  # noqa: E402
+from engine.files.diffusion_models import load_diffusion_model, recognise_diffusion_model  # noqa: E402
+from engine.files.headers import read_header  # noqa: E402
 from engine.settings import CONFIGS_DIR  # noqa: E402
 
 PROMPT_TOKENS = 512

@@ -42,7 +42,8 @@ class Engine:
         self.generate = generate
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.fp_prec, self.device)
-        self.models = Models(settings, self.device, self.dtype, configs_dir)
+        self.models = Models(settings, self.device, self.dtype, configs_dir)  # what is loaded
+        self.catalog = self.models.catalog  # what is on disk: model names, the listing, families
         self.jobs = queue.Queue()
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
@@ -62,7 +63,7 @@ class Engine:
         With `default_if_unknown`, a model name the folders lack is drawn by the default model instead; `events`
         is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it early
         (Job.finish_early)."""
-        key = self.models.resolve_or_default(req.model) if default_if_unknown else self.models.resolve(req.model)
+        key = self.catalog.resolve_or_default(req.model) if default_if_unknown else self.catalog.resolve(req.model)
         req = self.for_model(req, key)
         job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
@@ -75,12 +76,12 @@ class Engine:
         """The request filled in and checked for the model's family (for_family) before it queues, where a glance at
         the model's header (once per version of the file) tells the family; a model that cannot be read fails as it
         loads."""
-        family = self.models.known_family(key)
+        family = self.catalog.known_family(key)
         return req if family is None else for_family(req, family, self.settings.max_size)
 
     def load_model(self, name: str) -> Job:
         """Queues the loading of a model: the job ends with Loaded, or Failed saying why not."""
-        return self.queue(Job(GenerationRequest(prompt="", model=name), self.models.resolve(name), load_only=True))
+        return self.queue(Job(GenerationRequest(prompt="", model=name), self.catalog.resolve(name), load_only=True))
 
     def queue(self, job: Job) -> Job:
         with self.accepting:

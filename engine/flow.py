@@ -8,10 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from engine.files.text_encoders import inner_layers
 from engine.infotext import names_schedule
 from engine.prompts import parse_prompt_attention
 from engine.schedules import AUTOMATIC
-from engine.text_encoders import inner_layers
 
 # Notices a picture's answer carries where the request asked for something the family does without.
 IGNORED_NEGATIVE = "neg is ignored: {label} draws without classifier-free guidance, which a negative prompt needs"

@@ -12,7 +12,7 @@ import time
 from PIL import Image
 
 from engine.errors import ImagineError
-from engine.families import Family
+from engine.files.families import Family
 from engine.previews import png_base64
 from engine.request import GenerationRequest
 

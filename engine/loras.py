@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.families import FAMILIES, refuse_pickles_that_could_run
-from engine.folders import find_in_folders, model_folders, real_path, walk_folders
+from engine.files.families import FAMILIES, refuse_pickles_that_could_run
+from engine.files.folders import find_in_folders, model_folders, real_path, walk_folders
+from engine.files.tensors import file_version
 from engine.models import LoadedModel
 from engine.prompts import CHUNK_TOKENS
 from engine.settings import Settings
@@ -140,7 +141,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     A file that cannot be loaded leaves no part of itself behind: what diffusers had attached is deleted.
     """
     path = find_file(settings, "loras", "lora", name, LORA_SUFFIXES)
-    key = file_key(path)
+    key = file_version(path)
     if key in model.loras:
         model.loras.move_to_end(key)
         return model.loras[key]
@@ -169,12 +170,6 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
-
-
-def file_key(path: Path) -> tuple:
-    """What a file read once is kept under: its path, size and date, so that a changed file is read again."""
-    info = path.stat()
-    return str(path), info.st_size, info.st_mtime_ns
 
 
 def delete_adapter(model: LoadedModel, adapter: str) -> None:
@@ -264,7 +259,7 @@ def prompt_embedding_vectors(settings: Settings, model: LoadedModel, *texts: str
     used = {}
     for name, path in files.items():
         if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I) for text in texts):
-            key = file_key(path)
+            key = file_version(path)
             if model.embeddings.get(name, (None,))[0] != key:
                 model.embeddings[name] = key, embedding_vectors(name, path, model)
             used[name] = model.embeddings[name][1]

@@ -1,5 +1,5 @@
-"""Loaded models: name resolution, loading offline, the cache of the most recently used, cancel points,
-and the tiny demo model."""
+"""Loaded models: loading offline, the cache of the most recently used, and cancel points. What there is to load,
+and its family, is the catalogue's (engine/files/catalog.py)."""
 
 import collections
 import contextvars
@@ -14,48 +14,13 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import DiffusionPipeline
 
-from engine.diffusion_models import recognise_diffusion_model
+from engine.demo import build_demo_pipeline
 from engine.errors import Cancelled, ImagineError
-from engine.families import (
-    FAMILIES,
-    INPAINT_FAMILIES,
-    Family,
-    detect_family,
-    family_deciding_files,
-    flow_family_name,
-    folder_family,
-    read_checkpoint_keys,
-    refuse_pickles_that_could_run,
-    sd2_family,
-    unet_input_channels,
-)
-from engine.folders import (
-    CHECKPOINT_SUFFIXES,
-    NOT_CHECKPOINTS,
-    FolderReader,
-    check_model_name,
-    checkpoint_folders,
-    find_in_folders,
-    is_model_entry,
-    is_repo_id,
-    model_folders,
-    model_name,
-    real_path,
-    relative_to_folders,
-    walk_folders,
-)
-from engine.headers import Truncated, read_header
-from engine.parts import PartFinder, build_flow_pipeline, gguf_not_yet, read_sidecar
-from engine.scaled_fp8 import refuse_block_scaled
+from engine.files.catalog import Catalog
+from engine.files.families import Family
+from engine.files.parts import build_flow_pipeline, read_sidecar
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -77,13 +42,13 @@ class LoadedModel:
     img2img: DiffusionPipeline  # built from txt2img's modules: the weights exist once
     scheduler_config: dict  # the model's own scheduler settings, the base of every sampler
     inpaint: DiffusionPipeline = None  # built from txt2img's modules too
-    # (path, size, mtime) -> adapter
+    # file_version -> adapter
     loras: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
-    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_key, vectors per text encoder)
-    # A flow model file's sidecar as it was loaded with ({} where it had none; engine/parts.py): when it is edited,
-    # the model loads again with the parts it now names. None for other models.
+    embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_version, vectors per text encoder)
+    # A flow model file's sidecar as it was loaded with ({} where it had none; engine/files/parts.py): when it is
+    # edited, the model loads again with the parts it now names. None for other models.
     sidecar: dict | None = None
 
 
@@ -97,20 +62,8 @@ def sidecar_changed(model: LoadedModel, path: Path) -> bool:
         return True
 
 
-def file_version(path: Path) -> tuple:
-    """(size, modification time) of a file, () where there is none: what tells one version of it from the next."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return ()
-    return (stat.st_size, stat.st_mtime_ns)
-
-
-FALLBACKS_KEPT = 64  # unknown model names remembered as told once in the log; older ones are told again
-
-
 class Models:
-    """Finds models by name, loads them once, and keeps the `max_loaded` most recently used."""
+    """Loads models once, and keeps the `max_loaded` most recently used; `catalog` finds them by name."""
 
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype, configs_dir: Path = CONFIGS_DIR):
         self.settings = settings
@@ -118,122 +71,7 @@ class Models:
         self.dtype = dtype
         self.configs_dir = configs_dir
         self.loaded = collections.OrderedDict()  # model key -> LoadedModel, least recently used first
-        self.default = settings.model  # the model a request that names none gets; A1111 clients may switch it
-        self.fallen_back = collections.OrderedDict()  # names resolve_or_default logged as drawn by the default
-        self.family_cache = {}  # path -> (the versions of the files deciding its family, what was read there)
-        self.parts = PartFinder()
-        self.reader = FolderReader()
-
-    def resolve(self, name: str | None) -> str:
-        """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.
-
-        The name comes from the network, so it may only name entries of the models folders (see
-        check_model_name); links inside them are followed. Only the configured default model may live elsewhere.
-        """
-        configured = name is None or name == self.default
-        name = self.default if name is None else name
-        if name == DEMO_MODEL:
-            return DEMO_MODEL
-        folders = checkpoint_folders(model_folders(self.settings.models_dir))
-        if configured:
-            found = find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
-            found = found or find_in_folders([Path.cwd()], str(Path(name).expanduser()), CHECKPOINT_SUFFIXES)
-        else:
-            check_model_name(name)
-            found = find_in_folders(folders, relative_to_folders(name, folders), CHECKPOINT_SUFFIXES)
-        if found is not None:
-            real = real_path(found)
-            if real is not None and (real.is_dir() or (real.is_file() and found.suffix in CHECKPOINT_SUFFIXES)):
-                return str(real)
-            if found.suffix == ".gguf":
-                raise gguf_not_yet(f"model {name!r}")
-            raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
-        if self.settings.allow_downloads and is_repo_id(name):
-            return name
-        if find_in_folders(folders, relative_to_folders(name, folders), (".gguf",)) is not None:
-            raise gguf_not_yet(f"model {name!r}")
-        raise ImagineError(
-            f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
-            "GET /models lists the models a request can name, 'demo' (built in) among them",
-            404,
-        )
-
-    def resolve_or_default(self, name: str | None) -> str:
-        """resolve(), with the default model for a name the folders lack (clients of OpenAI's API send dall-e-3)."""
-        try:
-            return self.resolve(name)
-        except ImagineError as error:
-            if error.status != 404:
-                raise
-        if name not in self.fallen_back:
-            log.info("model %r is not here; the default model %r draws instead", str(name)[:80], self.default)
-        self.fallen_back[name] = True  # the newest FALLBACKS_KEPT names: no state grows with every name sent
-        self.fallen_back.move_to_end(name)
-        while len(self.fallen_back) > FALLBACKS_KEPT:
-            self.fallen_back.popitem(last=False)
-        return self.resolve(None)
-
-    def listing(self) -> list[dict]:
-        """Every model a request can name, in the order names are resolved: the built-in demo first, then the
-        folders' single files and diffusers folders, recursively, links followed; LoRAs and embeddings, which live
-        in their own sub-folders, left out. Read on the folder reader's thread (see FolderReader)."""
-        return self.reader.read(self.read_listing)
-
-    def read_listing(self) -> list[dict]:
-        folders = checkpoint_folders(model_folders(self.settings.models_dir))
-        demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
-        listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
-        for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
-            real = real_path(path)
-            if real is None or not is_model_entry(path, real):
-                continue
-            name = model_name(folders, relative, real)
-            if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
-                continue
-            try:
-                described = self.describe(real)
-            except OSError as error:  # e.g. a folder inside it that this server's user may not read
-                described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
-            listed.append({"name": name, **described, "loaded": str(real) in self.loaded, "builtin": False})
-        return listed
-
-    def describe(self, real: Path) -> dict:
-        """Family, size and date of a model file or folder."""
-        stat = real.stat()
-        size = stat.st_size if real.is_file() else sum(f.stat().st_size for f in real.rglob("*") if f.is_file())
-        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
-        described = {**self.cached_family(real), "size": size, "modified": modified}
-        family = FAMILIES.get(described["family"])
-        if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
-            in_folder = {component: "in the folder" for component, _ in family.parts}
-            described["parts"] = self.parts_listing(real) if real.is_file() else in_folder
-        return described
-
-    def cached_family(self, real: Path) -> dict:
-        """{"family": its name} or {"family": None, "error": why}: family_of, cached by the size and date of each file
-        that decides it (a checkpoint and the SD2 `.yaml` beside it; a diffusers folder's index and configs), so the
-        listing and each request read a model once per version of it."""
-        versions = tuple(file_version(path) for path in family_deciding_files(real))
-        cached = self.family_cache.get(str(real))
-        if cached is None or cached[0] != versions:
-            cached = self.family_cache[str(real)] = (versions, self.described_family(real))
-        return cached[1]
-
-    def described_family(self, real: Path) -> dict:
-        try:
-            return {"family": self.family_of(str(real)).name}
-        except ImagineError as error:
-            return {"family": None, "error": error.message}
-        except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
-            return {"family": None, "error": f"cannot be read ({type(error).__name__})"}
-
-    def known_family(self, key: str) -> Family | None:
-        """The family of the model `key` (see resolve), from the cache where its file was read before; None where
-        it cannot be read."""
-        path = Path(key)
-        if key == DEMO_MODEL or not path.exists():
-            return self.family_of(key)
-        return FAMILIES.get(self.cached_family(path)["family"])
+        self.catalog = Catalog(settings, self.loaded)
 
     def get(self, key: str) -> LoadedModel:
         if key in self.loaded and self.changed_beside(key):
@@ -243,7 +81,7 @@ class Models:
             return self.loaded[key]
         # Check the model before unloading another for it: a request for a file that cannot load
         # must not cost the next request a reload of the model it evicted.
-        family = self.family_of(key)
+        family = self.catalog.family_of(key)
         evicted = []
         while len(self.loaded) >= self.settings.max_loaded:
             evicted.append(next(iter(self.loaded)))
@@ -268,7 +106,7 @@ class Models:
         if sidecar_changed(model, Path(key)):
             log.info("the sidecar of %s changed: loading it again", model.name)
             return True
-        if self.known_family(key) is not model.family:
+        if self.catalog.known_family(key) is not model.family:
             log.info("the family of %s changed: loading it again", model.name)
             return True
         return False
@@ -289,7 +127,7 @@ class Models:
 
     def reload(self, key: str) -> None:
         try:
-            self.loaded[key] = self.load(key, self.family_of(key))
+            self.loaded[key] = self.load(key, self.catalog.family_of(key))
             log.info("reloaded %s", self.loaded[key].name)
         except Exception:
             log.exception("cannot reload %s", key)
@@ -300,44 +138,6 @@ class Models:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def family_of(self, key: str) -> Family:
-        """The model's family, from a glance at the file or folder; refuses what cannot be loaded."""
-        path = Path(key)
-        if key == DEMO_MODEL or not path.exists():  # the demo, or a hub repo id (downloads allowed)
-            return FAMILIES["sd1"]
-        if path.is_dir():
-            return folder_family(path)
-        if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
-            raise ImagineError("the model is not a regular file")
-        refuse_pickles_that_could_run(path)
-        if path.suffix == ".safetensors":
-            part = self.diffusion_model_in(path)
-            if part is not None:
-                return FAMILIES[flow_family_name(part)]
-        try:
-            keys = read_checkpoint_keys(path)
-            channels = unet_input_channels(path)
-        except Exception as error:  # a truncated download, or a .ckpt holding more than tensors: a damaged file
-            raise ImagineError(
-                f"the model file cannot be read as a checkpoint ({type(error).__name__})", 422
-            ) from error
-        name = detect_family(keys)
-        family = sd2_family(path) if name == "sd2" else FAMILIES[name]
-        return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
-
-    @staticmethod
-    def diffusion_model_in(path: Path):
-        """The flow-matching diffusion model a .safetensors file holds (a Part), or None: an SD checkpoint, or a file
-        whose header cannot be read, which the SD reading then refuses; a truncated file is refused here."""
-        try:
-            header = read_header(path)
-        except Truncated:
-            raise
-        except ImagineError:
-            return None
-        refuse_block_scaled(path, header)
-        return recognise_diffusion_model(header)
-
     def load(self, key: str, family: Family) -> LoadedModel:
         path = Path(key)
         sidecar = None
@@ -345,7 +145,7 @@ class Models:
             pipe = build_demo_pipeline(self.configs_dir / family.config)
         elif family.flow and path.is_file():
             sidecar = read_sidecar(path)
-            model, parts = self.flow_parts(path)
+            model, parts = self.catalog.flow_parts(path)
             pipe = build_flow_pipeline(family, path, model, parts, self.configs_dir / family.config, self.dtype)
         elif path.is_dir():
             pipe = family.txt2img.from_pretrained(path, local_files_only=True, torch_dtype=self.dtype)
@@ -376,7 +176,8 @@ class Models:
 
     def place(self, pipe, family: Family) -> None:
         """Puts the pipeline on the device in the server's precision; a flow model's fp8 weights stay fp8 (their layers
-        cast as they run: engine/diffusion_models.py), and with --offload its parts wait in CPU memory until used."""
+        cast as they run: engine/files/diffusion_models.py), and with --offload its parts wait in CPU memory until
+        used."""
         if self.settings.offload == "model" and self.device.type != "cpu":
             pipe.enable_model_cpu_offload(device=self.device)
         elif self.settings.offload == "sequential" and self.device.type != "cpu":
@@ -391,20 +192,6 @@ class Models:
             pipe.vae.enable_tiling()
         else:
             self.speed_up_unet(pipe)
-
-    def flow_parts(self, path: Path) -> tuple:
-        """(the diffusion model's Part, {component: Found}) for a flow-matching model's file."""
-        model = recognise_diffusion_model(read_header(path))
-        folders = model_folders(self.settings.models_dir)
-        return model, self.parts.find(path, model, FAMILIES[flow_family_name(model)], folders)
-
-    def parts_listing(self, path: Path) -> dict:
-        """For GET /models: the parts a flow model would load with, or what it lacks."""
-        try:
-            _, parts = self.flow_parts(path)
-        except ImagineError as error:
-            return {"missing": error.message}
-        return {component: found.name for component, found in parts.items()}
 
     def speed_up_unet(self, pipe) -> None:
         """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
@@ -456,59 +243,3 @@ def add_cancel_points(model: LoadedModel) -> None:
 def pipeline_options(pipe) -> dict:
     """The pipeline's own settings (klein's is_distilled), for its img2img and inpaint siblings."""
     return {"is_distilled": pipe.config.is_distilled} if "is_distilled" in pipe.config else {}
-
-
-def build_tiny_vae(**config) -> AutoencoderKL:
-    """A VAE of a few MB with four blocks, as in the real model: latents are 1/8 of the image, so
-    previews and img2img see the same geometry as with a real checkpoint."""
-    return AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        **config,
-    )
-
-
-def build_demo_pipeline(config_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
-    """A tiny Stable Diffusion with random weights, built in about a second: its pictures are noise.
-
-    It runs the real pipeline end to end (tokenizer, text encoder, UNet, VAE, samplers), so a fresh
-    machine can prove the whole path without a multi-gigabyte download. The same seed builds the same
-    weights, so the demo model gives the same picture for the same request across restarts.
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
-        vae = build_tiny_vae()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=5,
-                num_attention_heads=4,
-                vocab_size=49408,
-                max_position_embeddings=77,
-            )
-        )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer"),
-        unet=unet,
-        scheduler=PNDMScheduler.from_pretrained(config_dir / "scheduler"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )

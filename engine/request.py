@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine import fields
 from engine.errors import ImagineError, named
-from engine.families import Family
+from engine.files.families import Family
 from engine.flow import flow_notices
 from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
@@ -54,7 +54,7 @@ class GenerationRequest:
     model: str | None = None
     width: int | None = None  # None: the model family's default size, known once the model is loaded
     height: int | None = None
-    # None: the model family's own (engine/families.py), filled in by for_family once the model is known.
+    # None: the model family's own (engine/files/families.py), filled in by for_family once the model is known.
     num_steps: int | None = None
     guidance: float | None = None
     # Forge's distilled_cfg_scale (its "Distilled CFG Scale"), which its clients send beside a cfg_scale of 1: the

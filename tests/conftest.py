@@ -19,8 +19,8 @@ from selenium import webdriver
 from waitress import wasyncore
 
 import imagine
+from engine.demo import build_demo_pipeline
 from engine.engine import Engine
-from engine.models import build_demo_pipeline
 from engine.pipeline import generate
 from engine.settings import CONFIGS_DIR
 
@@ -85,8 +85,9 @@ def client(engine):
     return imagine.create_app(engine).test_client()
 
 
-def count_loads(engine) -> list:
-    """Records every model the engine reads from disk or builds; a cache hit records nothing."""
+def count_loads(engine, monkeypatch) -> list:
+    """Records every model the engine reads from disk or builds, for the rest of the test; a cache hit records
+    nothing."""
     loads = []
     load = engine.models.load
 
@@ -94,19 +95,19 @@ def count_loads(engine) -> list:
         loads.append(key)
         return load(key, family)
 
-    engine.models.load = counting_load
+    monkeypatch.setattr(engine.models, "load", counting_load)
     return loads
 
 
 @pytest.fixture
 def make_engine(tmp_path):
-    """Builds a fresh engine with its own settings (and `generate`, e.g. a Hold's), for tests that hold or fail a
-    generation, count loads or change limits; each is stopped when the test ends."""
+    """Builds a fresh engine with its own settings (and `generate`, e.g. a Hold's, and `configs_dir`), for tests that
+    hold or fail a generation, count loads or change limits; each is stopped when the test ends."""
     engines = []
 
-    def make(generate=generate, **settings):
+    def make(generate=generate, configs_dir=CONFIGS_DIR, **settings):
         settings.setdefault("models_dir", tmp_path)
-        engines.append(Engine(imagine.Settings(**settings), generate=generate))
+        engines.append(Engine(imagine.Settings(**settings), configs_dir, generate))
         engines[-1].start()
         return engines[-1]
 

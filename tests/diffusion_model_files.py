@@ -12,7 +12,7 @@ import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, ZImageTransformer2DModel
 from safetensors.torch import save_file
 
-from engine.headers import Tensor
+from engine.files.headers import Tensor
 
 MODEL_CLASSES = (FluxTransformer2DModel, Flux2Transformer2DModel, ZImageTransformer2DModel)
 SEED = 0

@@ -15,10 +15,7 @@ from diffusers import StableDiffusionPipeline
 from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 
-import imagine
 from api.a1111_files import png_info
-from engine.engine import Engine
-from engine.pipeline import generate
 from engine.schedules import SCHEDULE_NAMES
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
@@ -38,14 +35,12 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def server(models, serve):
+def server(models, serve, make_engine):
     """A waitress server on its own engine (model switches change its default); yields (url, engine)."""
 
-    def start(generate=generate, **settings):
+    def start(**settings):
         folder, configs = models
-        settings = imagine.Settings(models_dir=folder, fp_prec="32", **settings)
-        engine = Engine(settings, configs_dir=configs, generate=generate)
-        engine.start()
+        engine = make_engine(models_dir=folder, fp_prec="32", configs_dir=configs, **settings)
         return serve(engine), engine
 
     return start

@@ -23,18 +23,18 @@ from diffusion_model_files import (
 )
 from safetensors.torch import save_file
 
-from engine.diffusion_models import (
+from engine.errors import ImagineError
+from engine.files.catalog import Catalog
+from engine.files.diffusion_models import (
     check_keys,
     fitted_config,
     load_diffusion_model,
     recognise_diffusion_model,
     to_diffusers,
 )
-from engine.errors import ImagineError
-from engine.headers import Tensor, read_header
-from engine.models import Models
-from engine.scaled_fp8 import dequantised, kept_dtype
-from engine.settings import CONFIGS_DIR
+from engine.files.headers import Tensor, read_header
+from engine.files.scaled_fp8 import dequantised, kept_dtype
+from engine.settings import CONFIGS_DIR, Settings
 
 ALL_IN_ONE = "model.diffusion_model."
 FAMILIES = {  # family: (tiny tensors, config folder, diffusers class)
@@ -325,7 +325,7 @@ def test_a_file_scaled_per_block_is_refused_naming_its_format_before_its_packed_
     tensors, _, _ = FAMILIES["z-image"]
     path = save(tmp_path / "z_image_turbo_nvfp4.safetensors", nvfp4_tensors(tensors()))
     with pytest.raises(ImagineError) as refused:
-        Models.diffusion_model_in(path)
+        Catalog(Settings(), {}).family_of(str(path))
     assert refused.value.status == 422
     assert "scales, one per block (ComfyUI's nvfp4 format)" in refused.value.message, refused.value.message
 

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import imagine
+from engine.demo import build_tiny_vae
 from engine.engine import Engine
-from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
+from engine.files.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
 from engine.ksampling import KDiffusionScheduler
-from engine.models import build_tiny_vae
 from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR
 
@@ -165,7 +165,7 @@ def same_weights(source, loaded, names):
 
 def test_an_sdxl_single_file_loads_offline_with_identical_weights(tiny_engine, tiny_files, no_network):
     _, _, sources = tiny_files
-    model = tiny_engine.models.get(tiny_engine.models.resolve("xl"))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve("xl"))
     assert model.family.label == "SDXL"
     assert isinstance(model.txt2img, StableDiffusionXLPipeline)
     assert isinstance(model.img2img, StableDiffusionXLImg2ImgPipeline)
@@ -198,7 +198,7 @@ def test_sdxl_streams_previews_made_with_the_sdxl_latent_factors(tiny_engine):
     lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert [line["done"] for line in lines] == [False, True]
     assert decode_png(lines[0]["img"]).size == (96, 64)
-    assert tiny_engine.models.get(tiny_engine.models.resolve("xl")).family.latent_rgb == SDXL_LATENT_RGB
+    assert tiny_engine.models.get(tiny_engine.catalog.resolve("xl")).family.latent_rgb == SDXL_LATENT_RGB
     assert SDXL_LATENT_RGB != SD_LATENT_RGB
 
 
@@ -217,7 +217,7 @@ def test_an_sd2_single_file_gets_its_prediction_type_from_the_yaml_beside_it(
     tiny_engine, tiny_files, no_network, name, family, prediction
 ):
     _, _, sources = tiny_files
-    model = tiny_engine.models.get(tiny_engine.models.resolve(name))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve(name))
     assert model.family is FAMILIES[family]
     assert model.scheduler_config["prediction_type"] == prediction
     same_weights(sources["sd2"], model.txt2img, ("unet", "vae", "text_encoder"))
@@ -232,16 +232,16 @@ def test_a_yaml_put_beside_an_sd2_file_or_a_folders_edited_scheduler_changes_its
     models = tiny_engine.models
     checkpoint = str(tmp_path / "later.safetensors")
     save_ldm_checkpoint(sources["sd2"], Path(checkpoint), family="sd2")
-    assert models.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2-v"]  # the default
+    assert models.catalog.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2-v"]  # the default
     (tmp_path / "later.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
-    assert models.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2"]
+    assert models.catalog.known_family(checkpoint) is models.get(checkpoint).family is FAMILIES["sd2"]
     assert models.get(checkpoint).scheduler_config["prediction_type"] == "epsilon"
     folder = tmp_path / "folder"
     sources["sd2"].save_pretrained(folder)
-    assert models.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2"]
+    assert models.catalog.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2"]
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
-    assert models.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2-v"]
+    assert models.catalog.known_family(str(folder)) is models.get(str(folder)).family is FAMILIES["sd2-v"]
     assert models.get(str(folder)).scheduler_config["prediction_type"] == "v_prediction"
 
 
@@ -336,13 +336,14 @@ def test_an_sdxl_refiner_is_refused_as_unrecognised(tiny_engine, tiny_files):
 
 
 @pytest.mark.parametrize("name, family, size", [("sd2", "sd2", 512), ("sd2-v", "sd2-v", 768)])
-def test_an_sd2_diffusers_folder_is_recognised_as_its_kind_of_sd2(tiny_files, tmp_path, name, family, size):
+def test_an_sd2_diffusers_folder_is_recognised_as_its_kind_of_sd2(
+    tiny_files, tmp_path, make_engine, name, family, size
+):
     _, configs, sources = tiny_files
     scheduler = PNDMScheduler.from_pretrained(configs / name / "scheduler")
     StableDiffusionPipeline(**{**sources["sd2"].components, "scheduler": scheduler}).save_pretrained(
         tmp_path / "folder"
     )
-    engine = Engine(imagine.Settings(model="folder", models_dir=tmp_path))
-    engine.start()
+    engine = make_engine(model="folder", models_dir=tmp_path)
     assert decode_png(answer(engine, width=None, height=None, num_steps=1)["img"]).size == (size, size)
-    assert engine.models.get(engine.models.resolve(None)).family is FAMILIES[family]
+    assert engine.models.get(engine.catalog.resolve(None)).family is FAMILIES[family]

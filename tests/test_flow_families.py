@@ -39,13 +39,13 @@ from selenium.webdriver.support.ui import Select
 from test_hostile_clients import module_at
 from test_web_page import element, fill_form, finished, open_page
 
-import engine.models
+import engine.files.headers
 import imagine
 from engine.engine import Engine
 from engine.errors import ImagineError
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
+from engine.files.headers import read_header
 from engine.flow import FlowDPMSolver2M
-from engine.headers import read_header
 from engine.job import Failed
 from engine.models import Models
 from engine.request import parse_request
@@ -565,7 +565,7 @@ def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(
 def test_a_request_for_a_model_read_before_reads_no_header_again(flow_client, monkeypatch):
     generate(flow_client, model="flux-2-klein-4b")
     reads = []
-    monkeypatch.setattr(engine.models, "read_header", lambda path: reads.append(path) or read_header(path))
+    monkeypatch.setattr(engine.files.headers, "read_header", lambda path: reads.append(path) or read_header(path))
     generate(flow_client, model="flux-2-klein-4b")
     assert reads == []
 
@@ -602,7 +602,7 @@ def test_a_cancel_stops_a_flow_model_at_the_next_block_not_at_the_end_of_its_ste
     flow_client, flow_engine, name, cancelled_in, must_not_run
 ):
     before = generate(flow_client, model=name)["img"]  # loads the model
-    model = flow_engine.models.loaded[flow_engine.models.resolve(name)]
+    model = flow_engine.models.loaded[flow_engine.catalog.resolve(name)]
     ran_after = []
     cancel = module_at(model, cancelled_in).register_forward_pre_hook(
         lambda module, args: flow_engine.running.cancel(ImagineError("cancelled", 499))

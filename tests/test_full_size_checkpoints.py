@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import imagine
 from engine.engine import Engine
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
 from engine.settings import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def serve_once(models, name):
     )
     assert response.status_code == 200, response.get_json()
     assert decode_png(response.get_json()["img"]).size == (64, 64)
-    return engine.models, engine.models.get(engine.models.resolve(None))
+    return engine.models, engine.models.get(engine.catalog.resolve(None))
 
 
 def assert_loaded_as_written(path, pipe, pairs, parameters):
@@ -113,7 +113,7 @@ def test_an_sdxl_base_architecture_checkpoint_loads_offline_and_generates(tmp_pa
         },
         SDXL_PARAMETERS,
     )
-    models.unload(models.resolve(None))
+    models.unload(models.catalog.resolve(None))
 
 
 def test_an_sd21_768_v_architecture_checkpoint_loads_offline_and_generates(tmp_path, no_network):
@@ -147,4 +147,4 @@ def test_an_sd21_768_v_architecture_checkpoint_loads_offline_and_generates(tmp_p
         },
         SD2_PARAMETERS,
     )
-    models.unload(models.resolve(None))
+    models.unload(models.catalog.resolve(None))

@@ -85,9 +85,8 @@ def test_the_server_still_draws_after_the_fuzzing(fuzz_client):
     assert response.status_code == 200
 
 
-def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_ones_their_picture(tmp_path):
-    engine = Engine(imagine.Settings(model="demo", models_dir=tmp_path, max_queue=4))
-    engine.start()
+def test_many_concurrent_clients_on_loopback_each_get_an_answer_and_accepted_ones_their_picture(make_engine):
+    engine = make_engine(model="demo", max_queue=4)
     answers = []
 
     def client(number):

@@ -21,8 +21,9 @@ import api.a1111_files
 import api.guard
 import api.native
 import api.openai
-import engine.folders
-import engine.models
+import engine.demo
+import engine.files.catalog
+import engine.files.folders
 import engine.prompts
 import engine.request
 import imagine
@@ -107,7 +108,7 @@ def test_a_model_name_longer_than_a_name_is_refused_naming_the_field_and_the_lim
 
 
 def test_unknown_openai_model_names_are_remembered_only_up_to_a_bound(client, monkeypatch, caplog):
-    monkeypatch.setattr(engine.models, "FALLBACKS_KEPT", 2)
+    monkeypatch.setattr(engine.files.catalog, "FALLBACKS_KEPT", 2)
     caplog.set_level("INFO", logger="imagine")
     # Names no other test sends: the app is shared across this file, and what it already remembers would count.
     for name in ("never-sent-1", "never-sent-2", "never-sent-3", "never-sent-1"):
@@ -244,7 +245,7 @@ def test_the_401_for_a_wrong_basic_credential_names_both_forms(make_engine):
 
 
 def demo_pipe():
-    return engine.models.build_demo_pipeline(CONFIGS_DIR / "sd1")
+    return engine.demo.build_demo_pipeline(CONFIGS_DIR / "sd1")
 
 
 def replace_file(path, write) -> None:
@@ -406,9 +407,10 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
     make_engine, serve, monkeypatch, tmp_path
 ):
     (tmp_path / "x.safetensors").write_bytes(b"not read")
-    monkeypatch.setattr(engine.folders, "FOLDER_SECONDS", 1, raising=False)
+    monkeypatch.setattr(engine.files.folders, "FOLDER_SECONDS", 1, raising=False)
     release = threading.Event()
-    monkeypatch.setattr(engine.models.Models, "describe", lambda self, real: release.wait(60) and {})  # a stalled mount
+    # a stalled mount
+    monkeypatch.setattr(engine.files.catalog.Catalog, "describe", lambda self, real: release.wait(60) and {})
     url = serve(make_engine(model="demo", models_dir=tmp_path))
     statuses = []
 
@@ -486,7 +488,7 @@ def test_an_interrupted_a1111_picture_tells_its_real_steps_in_the_answer_and_the
 
 def test_an_answer_the_temporary_folder_cannot_hold_is_a_507_before_the_work(live_server, engine, monkeypatch, caplog):
     monkeypatch.setattr(api.native, "spool_free_bytes", lambda: 1000)
-    loads = count_loads(engine)
+    loads = count_loads(engine, monkeypatch)
     body = {"prompt": "a cat", "width": 512, "height": 512, "num_steps": 1}
     for route, fields in [("/generate", body), ("/sdapi/v1/txt2img", {**body, "steps": 1})]:
         answer = requests.post(f"{live_server}{route}", json=fields, timeout=120)

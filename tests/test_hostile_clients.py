@@ -18,7 +18,7 @@ from conftest import FAST, count_loads, free_port, save_config_folder, wait_unti
 from PIL import Image
 
 from api.channel import HALF_CLOSE_GRACE
-from engine.models import build_demo_pipeline
+from engine.demo import build_demo_pipeline
 from engine.previews import png_base64
 from engine.settings import CONFIGS_DIR
 
@@ -57,9 +57,9 @@ def picture(format_name: str, **options) -> str:
 
 @pytest.mark.parametrize("field", ["prompt", "neg"])
 def test_a_prompt_or_negative_prompt_over_16k_characters_is_refused_naming_the_field_and_the_limit(
-    live_server, engine, field
+    live_server, engine, monkeypatch, field
 ):
-    loads = count_loads(engine)
+    loads = count_loads(engine, monkeypatch)
     response = post(live_server, {"prompt": "x", field: "a cat " * 3000, **FAST})
     assert response.status_code == 400
     assert response.json()["error"] == f"{field} is 18000 characters long; at most 16000 are accepted"

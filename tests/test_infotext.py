@@ -6,7 +6,7 @@ import pytest
 from conftest import FAST, decode_png, pixels
 
 from engine.errors import ImagineError
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
 from engine.infotext import infotext_fields
 from engine.request import for_family, parse_request
 

@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 from test_families import save_configs, tiny_sd2, tiny_sdxl, tiny_unet
 
 import imagine
+from engine.demo import build_demo_pipeline
 from engine.engine import Engine
-from engine.families import FAMILIES, FAMILY_KEY_PREFIXES, UNET_CONV_IN, folder_family
 from engine.fields import MAX_IMG_PIXELS
-from engine.models import Models, build_demo_pipeline
+from engine.files.families import FAMILIES, FAMILY_KEY_PREFIXES, UNET_CONV_IN, folder_family
+from engine.models import Models
 from engine.pipeline import crop_box
 from engine.settings import CONFIGS_DIR
 
@@ -148,7 +149,7 @@ def test_sdxl_inpaints_with_its_own_pipeline_built_from_the_loaded_modules(make_
     out = pixels(inpaint(client, img, mask, model="xl")["img"])
     keep = untouched(mask, 4)
     assert np.array_equal(out[keep], np.asarray(img, dtype=np.int16)[keep])
-    model = engine.models.get(engine.models.resolve("xl"))
+    model = engine.models.get(engine.catalog.resolve("xl"))
     assert isinstance(model.inpaint, StableDiffusionXLInpaintPipeline)
     assert model.inpaint.unet is model.txt2img.unet and model.inpaint.vae is model.txt2img.vae  # no second copy
 
@@ -201,7 +202,7 @@ def inpainting_engine(inpainting_checkpoints):
 
 
 def test_inpainting_checkpoints_are_recognised_from_their_first_convolution(inpainting_engine):
-    listed = inpainting_engine.models.listing()
+    listed = inpainting_engine.catalog.listing()
     families = {model["name"]: model["family"] for model in listed if not model["builtin"]}
     assert families == {
         "sd1-inpainting": "sd1-inpaint",
@@ -225,7 +226,7 @@ def test_an_inpainting_checkpoint_loads_offline_and_serves_txt2img_img2img_and_i
     out = pixels(inpaint(client, picture, mask, model=name)["img"])
     keep = untouched(mask, 4)
     assert np.array_equal(out[keep], np.asarray(picture, dtype=np.int16)[keep])
-    assert inpainting_engine.models.get(inpainting_engine.models.resolve(name)).txt2img.unet.config.in_channels == 9
+    assert inpainting_engine.models.get(inpainting_engine.catalog.resolve(name)).txt2img.unet.config.in_channels == 9
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -245,7 +246,7 @@ def test_the_shipped_inpainting_configs_are_their_familys_with_a_9_channel_unet(
         tmp_path / "x.safetensors",
     )
     models = Models(imagine.Settings(), torch.device("cpu"), torch.float32)
-    assert models.family_of(str(tmp_path / "x.safetensors")).config == f"{family}-inpaint"
+    assert models.catalog.family_of(str(tmp_path / "x.safetensors")).config == f"{family}-inpaint"
 
 
 def test_a_folder_of_an_inpainting_model_is_recognised_too(tmp_path):

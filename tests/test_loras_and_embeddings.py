@@ -14,7 +14,7 @@ from test_families import answer, tiny_engine, tiny_files, tiny_sdxl  # noqa: F4
 
 import imagine
 from api.a1111_files import parse_parameters
-from engine.models import build_demo_pipeline
+from engine.demo import build_demo_pipeline
 from engine.settings import CONFIGS_DIR
 
 
@@ -75,7 +75,7 @@ def differs(a, b):
 
 
 def adapters(engine):
-    model = engine.models.get(engine.models.resolve(None))
+    model = engine.models.get(engine.catalog.resolve(None))
     return {name for names in model.txt2img.get_list_adapters().values() for name in names}
 
 
@@ -219,7 +219,7 @@ def test_a_lora_of_another_family_without_metadata_is_refused_and_leaves_no_adap
         response.get_json()["error"]
         == "lora 'sd1' does not fit this model (SDXL): its layers have other sizes than this model's"
     )
-    model = tiny_engine.models.get(tiny_engine.models.resolve("xl"))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve("xl"))
     assert not any(model.txt2img.get_list_adapters().values())
     assert np.array_equal(pixels(answer(tiny_engine, model="xl")["img"]), base)
 
@@ -231,7 +231,7 @@ def test_a_kohya_sdxl_lora_with_both_text_encoders_applies_to_sdxl(tiny_engine, 
     base = pixels(answer(tiny_engine, model="xl")["img"])
     with_lora = pixels(answer(tiny_engine, model="xl", prompt="a cat <lora:xl_detail:0.5>")["img"])
     assert differs(base, with_lora)
-    model = tiny_engine.models.get(tiny_engine.models.resolve("xl"))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve("xl"))
     assert set(model.txt2img.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     assert np.array_equal(pixels(answer(tiny_engine, model="xl")["img"]), base)
 

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 import imagine
 from engine.devices import pick_device
-from engine.engine import Engine
-from engine.folders import find_in_folders, model_folders
+from engine.files.folders import find_in_folders, model_folders
 from engine.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,15 +39,13 @@ def tiny_checkpoint(tiny_source) -> Path:
 
 
 @pytest.fixture
-def make_engine(tiny_source, tmp_path):
-    """An engine whose configs fit the tiny checkpoints, in float32 so that pictures compare exactly."""
+def make_engine(make_engine, tiny_source):
+    """conftest's make_engine, with configs that fit the tiny checkpoints, in float32 so that pictures compare
+    exactly."""
 
     def make(**settings):
-        settings.setdefault("models_dir", tmp_path)
         settings.setdefault("fp_prec", "32")
-        engine = Engine(imagine.Settings(**settings), configs_dir=tiny_source[1])
-        engine.start()
-        return engine
+        return make_engine(configs_dir=tiny_source[1], **settings)
 
     return make
 
@@ -149,14 +146,14 @@ def test_listing_reads_each_header_once_until_the_file_changes(make_engine, list
     own, *_ = listed_folders
     engine = make_engine(models_dir=folders_setting(*listed_folders))
     reads = []
-    family_of = engine.models.family_of
-    engine.models.family_of = lambda key: reads.append(key) or family_of(key)
-    engine.models.listing()
+    family_of = engine.catalog.family_of
+    engine.catalog.family_of = lambda key: reads.append(key) or family_of(key)
+    engine.catalog.listing()
     first = len(reads)
-    engine.models.listing()
+    engine.catalog.listing()
     assert first == 3 and len(reads) == first  # linked and sd15/dreamshaper_8 are one file
     (own / "broken.safetensors").write_bytes(b"a longer half of a download")
-    engine.models.listing()
+    engine.catalog.listing()
     assert len(reads) == first + 1
 
 
@@ -255,14 +252,14 @@ def test_cli_list_prints_the_servers_models_as_a_table(make_engine, listed_folde
 def test_a_model_the_server_may_not_read_is_listed_with_an_error_not_a_500(make_engine, listed_folders, monkeypatch):
     """Tests run as root, whom file permissions do not stop, so the refusal is raised where the listing reads."""
     engine = make_engine(models_dir=folders_setting(*listed_folders))
-    describe = engine.models.describe
+    describe = engine.catalog.describe
 
     def refuse_the_folder(real):
         if real.name == "tiny-folder":
             raise PermissionError(13, "Permission denied")
         return describe(real)
 
-    monkeypatch.setattr(engine.models, "describe", refuse_the_folder)
+    monkeypatch.setattr(engine.catalog, "describe", refuse_the_folder)
     response = imagine.create_app(engine).test_client().get("/models")
     assert response.status_code == 200
     [entry] = [model for model in response.get_json()["models"] if model["name"] == "tiny-folder"]

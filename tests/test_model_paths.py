@@ -43,10 +43,12 @@ def post(engine, model):
         ("x" * 5000, 400, "at most 512 are accepted"),
     ],
 )
-def test_a_model_name_cannot_reach_outside_the_models_directory(make_engine, layout, model, status, message):
+def test_a_model_name_cannot_reach_outside_the_models_directory(
+    make_engine, monkeypatch, layout, model, status, message
+):
     root, models = layout
     engine = make_engine(models_dir=models)
-    loads = count_loads(engine)
+    loads = count_loads(engine, monkeypatch)
     response = post(engine, model.format(root=root))
     assert response.status_code == status
     error = response.get_json()["error"]
@@ -81,5 +83,5 @@ def test_a_hub_name_that_is_really_a_path_is_never_downloaded(make_engine, layou
     engine = make_engine(models_dir=models, allow_downloads=True)
     for model in ("../outside", "./x", "a/..", "/x"):
         with pytest.raises(ImagineError) as refused:
-            engine.models.resolve(model)
+            engine.catalog.resolve(model)
         assert refused.value.status in (403, 404), model

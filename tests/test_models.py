@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import imagine
-from engine.engine import Engine
-from engine.families import detect_family
+from engine.files.families import detect_family
 from engine.ksampling import KDiffusionScheduler
 from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR
@@ -35,13 +34,10 @@ def tiny_models(tmp_path):
 
 
 @pytest.fixture
-def tiny_engine(tiny_models):
+def tiny_engine(tiny_models, make_engine):
     models, configs = tiny_models
     # float32, as the references these tests compare with, whatever `auto` picks on this CPU
-    settings = imagine.Settings(model="tiny", models_dir=models, max_loaded=3, fp_prec="32")
-    engine = Engine(settings, configs_dir=configs)
-    engine.start()
-    return engine
+    return make_engine(model="tiny", models_dir=models, max_loaded=3, fp_prec="32", configs_dir=configs)
 
 
 def picture(engine, **fields):
@@ -58,7 +54,7 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_source_folder
 def test_a_single_file_checkpoint_loads_with_identical_weights(tiny_engine, tiny_models, no_network):
     models, _ = tiny_models
     source = StableDiffusionPipeline.from_pretrained(models / "tiny")
-    loaded = tiny_engine.models.get(tiny_engine.models.resolve("tiny-ldm")).txt2img
+    loaded = tiny_engine.models.get(tiny_engine.catalog.resolve("tiny-ldm")).txt2img
     for name in ("unet", "vae", "text_encoder"):
         expected, actual = getattr(source, name).state_dict(), getattr(loaded, name).state_dict()
         assert expected.keys() == actual.keys()
@@ -95,8 +91,8 @@ def test_the_servers_picture_equals_a_bare_diffusers_call(tiny_engine, tiny_mode
     assert np.array_equal(served, np.asarray(bare, dtype=np.int16))
 
 
-def test_a_second_request_for_a_loaded_model_loads_nothing(tiny_engine):
-    loads = count_loads(tiny_engine)
+def test_a_second_request_for_a_loaded_model_loads_nothing(tiny_engine, monkeypatch):
+    loads = count_loads(tiny_engine, monkeypatch)
     first = picture(tiny_engine, model="tiny")
     picture(tiny_engine, model="tiny", seed=1)
     picture(tiny_engine, model="tiny-ldm")
@@ -105,11 +101,10 @@ def test_a_second_request_for_a_loaded_model_loads_nothing(tiny_engine):
     assert len(loads) == 2
 
 
-def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models):
+def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models, make_engine, monkeypatch):
     models, configs = tiny_models
-    engine = Engine(imagine.Settings(models_dir=models, max_loaded=2), configs_dir=configs)
-    engine.start()
-    loads = count_loads(engine)
+    engine = make_engine(models_dir=models, max_loaded=2, configs_dir=configs)
+    loads = count_loads(engine, monkeypatch)
     for name in ("tiny", "tiny-ldm", "tiny", "demo"):  # 'tiny-ldm' is now the least recently used
         picture(engine, model=name)
     assert [model.name for model in engine.models.loaded.values()] == ["tiny", "demo"]
@@ -117,13 +112,12 @@ def test_the_least_recently_used_model_is_unloaded_beyond_max_loaded(tiny_models
     assert [key.rsplit("/", 1)[-1] for key in loads] == ["tiny", "tiny-ldm.safetensors", "demo", "tiny-ldm.safetensors"]
 
 
-def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
+def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models, make_engine, monkeypatch):
     models, configs = tiny_models
     save_file({"some.other.weight": torch.zeros(4)}, models / "xl.safetensors")
-    engine = Engine(imagine.Settings(model="tiny", models_dir=models, max_loaded=1), configs_dir=configs)
-    engine.start()
+    engine = make_engine(model="tiny", models_dir=models, max_loaded=1, configs_dir=configs)
     picture(engine)
-    loads = count_loads(engine)
+    loads = count_loads(engine, monkeypatch)
     response = imagine.create_app(engine).test_client().post("/generate", json={"prompt": "x", "model": "xl"})
     assert response.status_code == 400
     picture(engine)
@@ -131,7 +125,7 @@ def test_a_model_that_cannot_load_does_not_evict_the_loaded_one(tiny_models):
 
 
 def test_img2img_shares_the_txt2img_weights(tiny_engine):
-    model = tiny_engine.models.get(tiny_engine.models.resolve("tiny"))
+    model = tiny_engine.models.get(tiny_engine.catalog.resolve("tiny"))
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         assert getattr(model.img2img, name) is getattr(model.txt2img, name)
 

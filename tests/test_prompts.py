@@ -7,7 +7,7 @@ import torch
 from conftest import FAST, decode_png, pixels
 from test_families import answer, bare_call, tiny_engine, tiny_files  # noqa: F401 (fixtures)
 
-from engine.models import build_demo_pipeline
+from engine.demo import build_demo_pipeline
 from engine.prompts import parse_prompt_attention, prompt_chunks, prompt_embeddings
 from engine.settings import CONFIGS_DIR
 
@@ -134,7 +134,7 @@ def generate(client, **fields):
 
 def text_call(engine, prompt, neg=""):
     """What the server drew before it parsed prompts: the loaded pipeline called with the text itself."""
-    model = engine.models.get(engine.models.resolve(None))
+    model = engine.models.get(engine.catalog.resolve(None))
     with torch.inference_mode():
         image = model.txt2img(
             prompt,
@@ -220,7 +220,7 @@ def test_a_bad_clip_skip_or_weight_is_refused_naming_it(client, fields, error):
 
 @pytest.mark.parametrize(("guidance", "n", "batch"), [(1.0, 1, 1), (0.5, 2, 2), (1.5, 1, 2), (7.0, 2, 4)])
 def test_a_guidance_of_1_or_less_runs_no_unconditional_half(client, engine, guidance, n, batch):
-    model = engine.models.get(engine.models.resolve(None))
+    model = engine.models.get(engine.catalog.resolve(None))
     batches = []
     hook = model.txt2img.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
     try:
@@ -234,5 +234,5 @@ def test_lcm_is_listed_and_draws_in_four_steps_at_guidance_1(client, engine):
     assert "lcm" in client.get("/samplers").get_json()["samplers"]
     result = generate(client, sampler="lcm", guidance=1.0)
     assert "Sampler: LCM" in decode_png(result["img"]).info["parameters"]
-    model = engine.models.get(engine.models.resolve(None))
+    model = engine.models.get(engine.catalog.resolve(None))
     assert type(model.txt2img.scheduler).__name__ == "LCMScheduler"

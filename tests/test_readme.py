@@ -11,7 +11,7 @@ import requests
 from conftest import free_port
 from PIL import Image
 
-from engine.models import build_demo_pipeline
+from engine.demo import build_demo_pipeline
 from engine.settings import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent

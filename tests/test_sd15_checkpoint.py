@@ -43,7 +43,7 @@ def test_an_sd15_architecture_checkpoint_loads_offline_through_the_shipped_confi
     assert response.status_code == 200, response.get_json()
     assert decode_png(response.get_json()["img"]).size == (64, 64)
 
-    loaded = engine.models.get(engine.models.resolve(None)).txt2img
+    loaded = engine.models.get(engine.catalog.resolve(None)).txt2img
     assert loaded.unet.dtype == engine.dtype and loaded.unet.config.cross_attention_dim == 768
     reloaded = ldm_state_dict(loaded, dtype=torch.float16)
     assert reloaded.keys() == state.keys()

@@ -12,9 +12,10 @@ from conftest import FAST, decode_png, pixels, png_data
 from PIL import Image
 
 import imagine
+from engine.demo import build_demo_pipeline
 from engine.devices import cpu_bf16_feature, pick_dtype
 from engine.ksampling import KDiffusionScheduler
-from engine.models import Models, build_demo_pipeline
+from engine.models import Models
 from engine.pipeline import generate
 from engine.previews import latents_to_preview
 from engine.request import GenerationRequest, for_family

@@ -16,9 +16,9 @@ from diffusion_model_files import nvfp4_tensors, scaled_fp8_tensors
 from ldm_checkpoint import _vae_prefixes
 from safetensors.torch import save_file
 
-from engine import text_encoders, vaes
 from engine.errors import ImagineError
-from engine.headers import Tensor, read_header
+from engine.files import text_encoders, vaes
+from engine.files.headers import Tensor, read_header
 from tests import encoder_files
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from api import a1111, native, openai
 from engine.errors import ImagineError, named
-from engine.families import FAMILIES
+from engine.files.families import FAMILIES
 from engine.job import Finished, Job, Preview
 from engine.settings import Settings
 

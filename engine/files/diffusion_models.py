@@ -13,11 +13,11 @@ from diffusers.loaders.single_file_utils import (
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
-from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.headers import Part, with_prefix
-from engine.scaled_fp8 import dequantised, is_scaled, kept_dtype
+from engine.files.headers import Part, with_prefix
+from engine.files.scaled_fp8 import dequantised, is_scaled, kept_dtype
+from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, read_tensors
 
 PREFIXES = ("", "model.diffusion_model.")  # a file of its own; a ComfyUI all-in-one checkpoint
 FLUX_PATCH = 4  # FLUX packs 2x2 latent pixels into one token: in_channels = 4 x the VAE's latent channels
@@ -26,7 +26,12 @@ FLUX1_WIDTH = 3072  # the width diffusers' FLUX.1 converter splits fused single-
 
 CLASSES = {"flux1": FluxTransformer2DModel, "flux2": Flux2Transformer2DModel, "z-image": ZImageTransformer2DModel}
 FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2", "z-image": "Z-Image"}
-STORAGE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # kept as is, computed in `dtype`
+# What the strict load says of a file whose tensors do not fit the model (check_tensors).
+REFUSALS = {
+    "missing": "the diffusion model lacks {count} tensor(s), e.g. {name}",
+    "unexpected": "the diffusion model holds {count} unknown tensor(s), e.g. {name}",
+    "shape": "the diffusion model's tensor {name} is {shape}, the architecture's {expected}",
+}
 
 
 def recognise_diffusion_model(header: dict) -> Part | None:
@@ -44,12 +49,6 @@ def recognise_diffusion_model(header: dict) -> Part | None:
             if numbers is not None:
                 return Part("diffusion_model", kind, prefix, numbers)
     return None
-
-
-def block_count(tensors: dict, stem: str) -> int:
-    """How many blocks `stem.N.` the tensors hold (N counts from 0)."""
-    indices = {name[len(stem) :].split(".", 1)[0] for name in tensors if name.startswith(stem)}
-    return 1 + max((int(index) for index in indices if index.isdigit()), default=-1)
 
 
 def flux_numbers(tensors: dict) -> dict:
@@ -125,7 +124,7 @@ RECOGNISERS = {  # type: (the tensors it must hold, all that its numbers are rea
 def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The diffusers transformer `part` names in the file at `path`, built from `config_dir`'s transformer config
     with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
-    `dtype` (a scaled fp8 file's are multiplied out: engine/scaled_fp8.py). A file that does not fit the config is
+    `dtype` (a scaled fp8 file's are multiplied out: engine/files/scaled_fp8.py). A file that does not fit the config is
     refused (422), naming what did not fit."""
     config = fitted_config(part, config_dir)
     storage = storage_dtype(part, dtype)
@@ -143,9 +142,9 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
 
 def storage_dtype(part: Part, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype the big weights are kept in where it is narrower than `dtype`, the one they compute in: an fp8
-    file's fp8, a scaled fp8 file's bfloat16 beside float32 (engine/scaled_fp8.py); None where they are kept in
+    file's fp8, a scaled fp8 file's bfloat16 beside float32 (engine/files/scaled_fp8.py); None where they are kept in
     `dtype`."""
-    storage = kept_dtype(dtype) if part.numbers["scaled"] else STORAGE_DTYPES.get(part.numbers["dtype"])
+    storage = kept_dtype(dtype) if part.numbers["scaled"] else FP8_DTYPES.get(part.numbers["dtype"])
     return storage if storage is not None and storage.itemsize < dtype.itemsize else None
 
 
@@ -212,13 +211,6 @@ def block_numbers(part: Part) -> dict:
     }
 
 
-def read_tensors(path: Path, prefix: str) -> dict:
-    """The tensors under `prefix`, the prefix taken off; the other parts of an all-in-one file are not read."""
-    with safe_open(path, framework="pt") as file:
-        names = file.keys()  # a safe_open handle is no mapping: it cannot be iterated itself
-        return {name[len(prefix) :]: file.get_tensor(name) for name in names if name.startswith(prefix)}
-
-
 def to_diffusers(part: Part, tensors: dict) -> dict:
     """The tensors under diffusers' names, by diffusers' converter for the family; a tensor the converter needs
     and the file lacks is refused, named."""
@@ -255,18 +247,6 @@ def flux1_to_diffusers(tensors: dict, hidden: int) -> dict:
 
 
 def check_keys(state: dict, expected: dict) -> None:
-    """Refuse (422) a converted state dict that lacks a tensor of the model, holds one it has not, or differs in a
-    shape, naming the first such tensor: a strict load, with a message for the client."""
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing:
-        raise ImagineError(f"the diffusion model lacks {len(missing)} tensor(s), e.g. {missing[0]}", 422)
-    if unexpected:
-        raise ImagineError(f"the diffusion model holds {len(unexpected)} unknown tensor(s), e.g. {unexpected[0]}", 422)
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
-            raise ImagineError(
-                f"the diffusion model's tensor {name} is {tuple(state[name].shape)}, the architecture's "
-                f"{tuple(tensor.shape)}",
-                422,
-            )
+    """Refuse (422) a converted state dict that lacks a tensor of the model (`expected`, its state dict), holds one it
+    has not, or differs in a shape, naming the first such tensor: a strict load, with a message for the client."""
+    check_tensors(state, expected, REFUSALS)

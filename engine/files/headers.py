@@ -1,14 +1,20 @@
-"""What a .safetensors file holds, read from its header alone (names, shapes, dtypes; no tensor is loaded), and the
-`Part` a recogniser finds in it: a diffusion model, a text encoder or a VAE, of one type, under one key prefix."""
+"""What a .safetensors file holds, read from its header alone (names, shapes, dtypes; no tensor is loaded) once per
+version of the file, and the `Part` a recogniser finds in it: a diffusion model, a text encoder or a VAE, of one
+type, under one key prefix."""
 
+import collections
 import dataclasses
 import json
 import struct
+import threading
 from pathlib import Path
 
 from engine.errors import ImagineError
+from engine.files.tensors import file_version
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a longer "header" is a damaged or hostile file
+# Headers kept read: a big checkpoint's takes about 1 MB of memory, and a models folder may hold hundreds of them.
+HEADERS_KEPT = 32
 
 
 class Truncated(ImagineError):
@@ -62,3 +68,33 @@ def read_header(path: Path) -> dict:
 def with_prefix(header: dict, prefix: str) -> dict:
     """The entries under `prefix`, with the prefix taken off their names."""
     return {name[len(prefix) :]: tensor for name, tensor in header.items() if name.startswith(prefix)}
+
+
+class Headers:
+    """The headers of .safetensors files, each read once per version of the file (read_header's answer, a refusal
+    too), the HEADERS_KEPT most recently read kept: what family detection and the parts finder read."""
+
+    def __init__(self):
+        self.kept = collections.OrderedDict()  # file_version -> its header, or the ImagineError it was refused with
+        self.lock = threading.Lock()  # the folder reader's thread and the engine's read at once
+
+    def read(self, path: Path) -> dict:
+        """read_header(path), from memory where this version of the file was read before."""
+        try:
+            version = file_version(path)
+        except OSError:
+            return read_header(path)  # not there, or not to be read: refused, naming why
+        with self.lock:
+            header = self.kept.pop(version, None)
+        if header is None:
+            try:
+                header = read_header(path)
+            except ImagineError as refusal:
+                header = refusal
+        with self.lock:
+            self.kept[version] = header
+            while len(self.kept) > HEADERS_KEPT:
+                self.kept.popitem(last=False)
+        if isinstance(header, ImagineError):
+            raise type(header)(header.message, header.status)  # afresh: threads never raise one instance at once
+        return header

@@ -6,16 +6,21 @@ diffusers' names here (diffusers 0.42.1 has no single-file loader for FLUX.2's V
 import re
 from pathlib import Path
 
-import safetensors
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
-from engine.errors import ImagineError
-from engine.headers import Part
+from engine.files.headers import Part
+from engine.files.tensors import block_count, check_tensors, read_tensors
 
 VAE_PREFIXES = ("", "vae.")
 LATENT_TYPES = {16: "ae", 32: "flux2-vae"}
 MODEL_CLASSES = {"ae": AutoencoderKL, "flux2-vae": AutoencoderKLFlux2}
+# What the strict load says of a file whose tensors do not fit the model (check_tensors).
+REFUSALS = {
+    "missing": "the VAE file lacks the tensor for {name} (diffusers' name)",
+    "unexpected": "the VAE file has an unexpected tensor {name}",
+    "shape": "the VAE file's tensor for {name} has shape {shape}, not {expected}",
+}
 
 # LDM's names for parts of a block -> diffusers' (the attention's 1x1 convolutions are linear layers there).
 RESNET_NAMES = (("nin_shortcut.", "conv_shortcut."),)
@@ -51,7 +56,7 @@ def recognise_vae(header: dict) -> Part | None:
         numbers = {
             "latent_channels": latent_channels,
             "block_out_channels": _block_widths(header, prefix),
-            "layers_per_block": _count(header, prefix + "encoder.down.0.block."),
+            "layers_per_block": block_count(header, prefix + "encoder.down.0.block."),
             "dtype": decoder_in.dtype,
         }
         return Part("vae", vae_type, prefix, numbers)
@@ -73,36 +78,25 @@ def load_vae(path: Path, part: Part, config_dir: Path, dtype: torch.dtype):
     }
     with torch.device("meta"):
         model = model_class.from_config(config)
-    state = _diffusers_state(_read_tensors(path, part.prefix), count)
+    state = _diffusers_state(read_tensors(path, part.prefix), count)
     if part.type == "flux2-vae":
         # BFL's file keeps the running statistics only: the count is a training-time number.
         state.setdefault("bn.num_batches_tracked", torch.tensor(0))
-    _check_names_and_shapes(state, model.state_dict())
+    check_tensors(state, model.state_dict(), REFUSALS)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval().requires_grad_(False)
 
 
 def _block_widths(header: dict, prefix: str) -> tuple:
-    count = _count(header, prefix + "encoder.down.")
+    count = block_count(header, prefix + "encoder.down.")
     return tuple(header[f"{prefix}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(count))
 
 
-def _count(header: dict, prefix: str) -> int:
-    numbers = {int(m.group(1)) for name in header if (m := re.match(re.escape(prefix) + r"(\d+)\.", name))}
-    return max(numbers) + 1 if numbers else 0
-
-
-def _read_tensors(path: Path, prefix: str) -> dict:
-    with safetensors.safe_open(path, framework="pt") as file:
-        names = [name for name in file.keys() if name.startswith(prefix)]  # noqa: SIM118 (safe_open is no mapping)
-        return {name[len(prefix) :]: file.get_tensor(name) for name in names}
-
-
-def _diffusers_state(tensors: dict, block_count: int) -> dict:
+def _diffusers_state(tensors: dict, blocks: int) -> dict:
     """{diffusers name: tensor}; a name of no known place keeps its original name, for loading to refuse."""
     state = {}
     for name, tensor in tensors.items():
-        new_name = diffusers_vae_name(name, block_count)
+        new_name = diffusers_vae_name(name, blocks)
         if new_name is None:
             state[name] = tensor
             continue
@@ -112,7 +106,7 @@ def _diffusers_state(tensors: dict, block_count: int) -> dict:
     return state
 
 
-def diffusers_vae_name(name: str, block_count: int) -> str | None:
+def diffusers_vae_name(name: str, blocks: int) -> str | None:
     """diffusers' name for an LDM/BFL VAE tensor name, or None for a name of no known place."""
     for old, new in TOP_LEVEL_NAMES.items():
         if name.startswith(old):
@@ -121,14 +115,14 @@ def diffusers_vae_name(name: str, block_count: int) -> str | None:
     if match is None:
         return None
     side, rest = match.groups()
-    for pattern, place in _block_patterns(block_count):
+    for pattern, place in _block_patterns(blocks):
         found = re.match(pattern, rest)
         if found:
             return f"{side}.{place(found)}"
     return None
 
 
-def _block_patterns(block_count: int) -> tuple:
+def _block_patterns(blocks: int) -> tuple:
     """(regular expression on the name inside encoder/decoder, its diffusers name) pairs."""
 
     def renamed(prefix: str, rest: str, names: tuple) -> str:
@@ -150,22 +144,7 @@ def _block_patterns(block_count: int) -> tuple:
         # LDM numbers the decoder's blocks by resolution (up.0 runs last), diffusers in the order they run.
         (
             r"up\.(\d+)\.block\.(\d+)\.(.*)",
-            lambda m: renamed(f"up_blocks.{block_count - 1 - int(m[1])}.resnets.{m[2]}.", m[3], RESNET_NAMES),
+            lambda m: renamed(f"up_blocks.{blocks - 1 - int(m[1])}.resnets.{m[2]}.", m[3], RESNET_NAMES),
         ),
-        (r"up\.(\d+)\.upsample\.(.*)", lambda m: f"up_blocks.{block_count - 1 - int(m[1])}.upsamplers.0.{m[2]}"),
+        (r"up\.(\d+)\.upsample\.(.*)", lambda m: f"up_blocks.{blocks - 1 - int(m[1])}.upsamplers.0.{m[2]}"),
     )
-
-
-def _check_names_and_shapes(state: dict, expected: dict) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise ImagineError(f"the VAE file lacks the tensor for {missing[0]} (diffusers' name)", 422)
-    if unexpected:
-        raise ImagineError(f"the VAE file has an unexpected tensor {unexpected[0]}", 422)
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ImagineError(
-                f"the VAE file's tensor for {name} has shape {tuple(tensor.shape)}, not {tuple(expected[name].shape)}",
-                422,
-            )

@@ -13,12 +13,12 @@ from pathlib import Path
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer
 
-from engine.diffusion_models import load_diffusion_model
 from engine.errors import ImagineError
-from engine.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
-from engine.headers import Part, read_header
-from engine.text_encoders import load_text_encoder, recognise_text_encoders
-from engine.vaes import load_vae, recognise_vae
+from engine.files.diffusion_models import load_diffusion_model
+from engine.files.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
+from engine.files.headers import Headers, Part
+from engine.files.text_encoders import load_text_encoder, recognise_text_encoders
+from engine.files.vaes import load_vae, recognise_vae
 
 PART_FOLDERS = ("text_encoders", "clip", "vae")  # ComfyUI's sub-folders for them ("clip" is its older name)
 
@@ -44,9 +44,8 @@ class Found:
     part: Part
 
 
-def parts_in(path: Path) -> list:
-    """The text encoders and VAE a .safetensors file holds, from its header."""
-    header = read_header(path)
+def parts_in(header: dict) -> list:
+    """The text encoders and VAE a .safetensors header holds."""
     vae = recognise_vae(header)
     return [*recognise_text_encoders(header), *([vae] if vae else [])]
 
@@ -72,20 +71,18 @@ def describe_part(part: Part) -> str:
 
 
 class PartFinder:
-    """Finds the parts of flow-matching models; the headers of the part files are read once per version of a file."""
+    """Finds the parts of flow-matching models, from the headers of the part files (`headers`: each read once per
+    version of a file)."""
 
-    def __init__(self):
-        self.headers = {}  # (path, size, mtime) -> the parts in that file
+    def __init__(self, headers: Headers):
+        self.headers = headers
 
     def parts_of(self, path: Path) -> list:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self.headers:
-            try:
-                self.headers[key] = parts_in(path)
-            except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
-                self.headers[key] = []
-        return self.headers[key]
+        try:
+            header = self.headers.read(path)
+        except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
+            return []
+        return parts_in(header)
 
     def candidates(self, folders: list) -> list:
         """Every part file of the models folders' part sub-folders, as Found, by name."""

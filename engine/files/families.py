@@ -26,7 +26,7 @@ from diffusers import (
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.folders import read_regular_file
+from engine.files.folders import read_regular_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,9 @@ class Family:
     max_guidance: float = 30.0
     size_multiple: int = 8  # the latents are 1/8 of the picture; FLUX and Z-Image pack them 2x2 as well: 16
     samplers: tuple = ()  # the samplers it can draw with; () for every SD sampler (engine/samplers.py)
-    # The flow-matching families: the diffusion model's type (engine/diffusion_models.py; None for an SD UNet),
-    # and the parts a file of it alone lacks, as (pipeline component, part type), found beside it (engine/parts.py).
+    # The flow-matching families: the diffusion model's type (engine/files/diffusion_models.py; None for an SD
+    # UNet), and the parts a file of it alone lacks, as (pipeline component, part type), found beside it
+    # (engine/files/parts.py).
     transformer: str | None = None
     parts: tuple = ()
     prompt_tokens: int = 77  # the longest prompt the text encoder reads at once (SD reads longer ones in chunks)
@@ -224,24 +225,33 @@ def refuse_pickles_that_could_run(path: Path) -> None:
         raise ImagineError(".ckpt models need torch 2.6 or newer to load safely; use .safetensors or upgrade torch")
 
 
-def read_checkpoint_keys(path: Path) -> list:
-    """Tensor names of a checkpoint without loading its tensors (a .ckpt is memory-mapped, never unpickled unsafely)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return list(state.get("state_dict", state).keys())
+def checkpoint_family(path: Path, header: dict | None) -> Family:
+    """The family of an SD checkpoint (the original LDM layout), from its tensor names and its UNet's input channels
+    (`header`: its .safetensors header, None where there is none to read: see checkpoint_contents)."""
+    try:
+        keys, channels = checkpoint_contents(path, header)
+    except Exception as error:  # a truncated download, or a .ckpt holding more than tensors: a damaged file
+        raise ImagineError(f"the model file cannot be read as a checkpoint ({type(error).__name__})", 422) from error
+    name = detect_family(keys)
+    family = sd2_family(path) if name == "sd2" else FAMILIES[name]
+    return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
 
 
-def unet_input_channels(path: Path) -> int:
-    """The UNet's input channels from the checkpoint's header: 4, or 9 for an inpainting model."""
+def checkpoint_contents(path: Path, header: dict | None) -> tuple:
+    """(tensor names, the UNet's input channels: 4, or 9 for an inpainting model) of a checkpoint, no tensor loaded:
+    from its .safetensors header; a .ckpt memory-mapped, never unpickled unsafely; a .safetensors file whose header
+    could not be read opened by safetensors, whose error then names the damage."""
+    if header is not None:
+        conv_in = header.get(UNET_CONV_IN)
+        return list(header), 4 if conv_in is None else conv_in.shape[1]
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            keys = f.keys()
-            return f.get_slice(UNET_CONV_IN).get_shape()[1] if UNET_CONV_IN in keys else 4
+        with safe_open(str(path), framework="pt") as file:
+            keys = list(file.keys())
+            return keys, file.get_slice(UNET_CONV_IN).get_shape()[1] if UNET_CONV_IN in keys else 4
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    weight = state.get("state_dict", state).get(UNET_CONV_IN)
-    return 4 if weight is None else weight.shape[1]
+    state = state.get("state_dict", state)
+    conv_in = state.get(UNET_CONV_IN)
+    return list(state.keys()), 4 if conv_in is None else conv_in.shape[1]
 
 
 FOLDER_FAMILY_FILES = (  # what folder_family reads
@@ -282,7 +292,7 @@ PIPELINE_BASES = {
 
 
 def flow_family_name(part) -> str:
-    """The family of a diffusion model found in a file (engine/diffusion_models.py): FLUX.1-dev has a guidance
+    """The family of a diffusion model found in a file (engine/files/diffusion_models.py): FLUX.1-dev has a guidance
     embedding, schnell has none."""
     if part.type == "flux1":
         return "flux1-dev" if part.numbers["guidance"] else "flux1-schnell"

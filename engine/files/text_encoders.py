@@ -6,14 +6,13 @@ import json
 import re
 from pathlib import Path
 
-import safetensors
 import torch
 import transformers
 from diffusers.hooks import apply_layerwise_casting_hook
 
-from engine.errors import ImagineError
-from engine.headers import Part
-from engine.scaled_fp8 import dequantised, kept_dtype
+from engine.files.headers import Part
+from engine.files.scaled_fp8 import dequantised, kept_dtype
+from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, tensor_slices
 
 QWEN3_VOCAB = 151936  # every Qwen3 size shares this vocabulary (151643 BPE tokens, specials, padding)
 T5_VOCAB = 32128  # T5 v1.1's 32100 pieces and extra ids, padded to a multiple of 128
@@ -71,7 +70,14 @@ MODEL_CLASSES = {
     "clip-l": transformers.CLIPTextModel,
 }
 
-FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# What the strict load says of a file whose tensors do not fit the model (check_tensors), naming each tensor as the
+# published file does (_file_name).
+REFUSALS = {
+    "missing": "the text encoder file lacks the tensor {name}",
+    "unexpected": "the text encoder file has an unexpected tensor {name}",
+    "shape": "the text encoder file's tensor {name} is {shape}, not {expected}",
+}
+
 # Layers kept in the compute dtype even where the file stores them in fp8: embeddings (a model's `.dtype` is its first
 # parameter's, which the pipelines cast prompt embeddings to) and T5's `wo` (T5 casts the activations to its dtype).
 COMPUTE_DTYPE_LAYERS = re.compile(r"embed_tokens$|shared$|embeddings\.|\.wo$")
@@ -101,13 +107,11 @@ def load_text_encoder(path: Path, part: Part, config_dir: Path, dtype: torch.dty
     """The text encoder `part` of the file at `path`, built from the config.json in `config_dir` with every number in
     `part.numbers` put in its place, and loaded strictly (a missing or unexpected tensor is refused, naming it). An
     fp8 file's weights stay fp8 in memory and are cast to `dtype` layer by layer as they run (a scaled fp8 file's
-    are multiplied by their scales on loading: engine/scaled_fp8.py). T5's
+    are multiplied by their scales on loading: engine/files/scaled_fp8.py). T5's
     `encoder.embed_tokens` is tied to the `shared` embedding the file stores (transformers ties it on loading)."""
     config = _config_with_numbers(config_dir, part)
-    with safetensors.safe_open(path, framework="pt") as file:
-        # Slices, read only as each tensor is put in place (a scaled fp8 weight as it is multiplied out).
-        names = [name for name in file.keys() if name.startswith(part.prefix)]  # noqa: SIM118 (safe_open is no mapping)
-        tensors = {name[len(part.prefix) :]: file.get_slice(name) for name in names}
+    # Slices, read only as each tensor is put in place (a scaled fp8 weight as it is multiplied out).
+    with tensor_slices(path, part.prefix) as tensors:
         state = _model_state(dequantised(tensors, kept_dtype(dtype)), part.type)
         model = _load_strictly(MODEL_CLASSES[part.type], config, state, dtype, part.type)
     _keep_weights_stored(model, _stored_dtypes(state, dtype), dtype)
@@ -119,11 +123,6 @@ def _is_text_encoder_prefix(prefix: str) -> bool:
     return prefix == "" or prefix.startswith("text_encoders.")
 
 
-def _layer_count(header: dict, prefix: str) -> int:
-    numbers = {int(m.group(1)) for name in header if (m := re.match(re.escape(prefix) + r"(\d+)\.", name))}
-    return max(numbers) + 1 if numbers else 0
-
-
 def _recognise_qwen3(header: dict, prefix: str) -> Part | None:
     vocab, width = header[prefix + QWEN3_EMBEDDING].shape
     if vocab != QWEN3_VOCAB or prefix + QWEN3_QK_NORM not in header:
@@ -132,7 +131,7 @@ def _recognise_qwen3(header: dict, prefix: str) -> Part | None:
     head_dim = header[layer + "self_attn.q_norm.weight"].shape[0]
     numbers = {
         "width": width,
-        "depth": _layer_count(header, prefix + "model.layers."),
+        "depth": block_count(header, prefix + "model.layers."),
         "heads": header[layer + "self_attn.q_proj.weight"].shape[0] // head_dim,
         "kv_heads": header[layer + "self_attn.k_proj.weight"].shape[0] // head_dim,
         "head_dim": head_dim,
@@ -151,7 +150,7 @@ def _recognise_t5(header: dict, prefix: str) -> Part | None:
     heads = header[block + "0.SelfAttention.relative_attention_bias.weight"].shape[1]
     numbers = {
         "width": width,
-        "depth": _layer_count(header, prefix + "encoder.block."),
+        "depth": block_count(header, prefix + "encoder.block."),
         "heads": heads,
         "head_dim": header[block + "0.SelfAttention.q.weight"].shape[0] // heads,
         "intermediate": header[block + "1.DenseReluDense.wi_0.weight"].shape[0],
@@ -168,7 +167,7 @@ def _recognise_clip_l(header: dict, prefix: str) -> Part | None:
     # CLIP's shapes do not tell its head count (64-wide heads in every released CLIP): the config's stays.
     numbers = {
         "width": width,
-        "depth": _layer_count(header, prefix + "text_model.encoder.layers."),
+        "depth": block_count(header, prefix + "text_model.encoder.layers."),
         "intermediate": header[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         "vocab": vocab,
         "positions": header[prefix + "text_model.embeddings.position_embedding.weight"].shape[0],
@@ -219,35 +218,24 @@ def _model_state(tensors: dict, encoder_type: str) -> dict:
 def _load_strictly(model_class, config, state: dict, dtype: torch.dtype, encoder_type: str):
     """The model with exactly the tensors in `state`: checked here, before loading, because transformers only warns
     about missing tensors (and leaves them random)."""
-    shapes = _expected_shapes(model_class, config)
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    if missing:
-        raise ImagineError(f"the text encoder file lacks the tensor {_file_name(missing[0], encoder_type)}", 422)
-    if unexpected:
-        name = _file_name(unexpected[0], encoder_type)
-        raise ImagineError(f"the text encoder file has an unexpected tensor {name}", 422)
-    for name, tensor in state.items():
-        shape = tuple(tensor.shape if isinstance(tensor, torch.Tensor) else tensor.get_shape())
-        if shape != shapes[name]:
-            raise ImagineError(
-                f"the text encoder file's tensor {_file_name(name, encoder_type)} is {shape}, not {shapes[name]}",
-                422,
-            )
+    expected = _expected_tensors(model_class, config)
+    check_tensors(state, expected, REFUSALS, name=lambda key: _file_name(key, encoder_type))
     return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
-def _expected_shapes(model_class, config) -> dict:
-    """{name: shape} of every tensor the model loads, less those tied to another (T5's `encoder.embed_tokens`)."""
+def _expected_tensors(model_class, config) -> dict:
+    """{name: tensor on the meta device} of every tensor the model loads, less those tied to another (T5's
+    `encoder.embed_tokens`)."""
     with torch.device("meta"):
         model = model_class(config)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in tied}
 
 
 def _stored_dtypes(state: dict, compute_dtype: torch.dtype) -> dict:
     """{model name: dtype} of the weights kept narrower than `compute_dtype` in memory: those the file stores in fp8
-    (slices), and scaled fp8 weights multiplied out into bfloat16 beside float32 (tensors: engine/scaled_fp8.py)."""
+    (slices), and scaled fp8 weights multiplied out into bfloat16 beside float32 (tensors:
+    engine/files/scaled_fp8.py)."""
     stored = {}
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
