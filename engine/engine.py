@@ -15,12 +15,13 @@ from PIL import Image
 
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
+from engine.infotext import generation_parameters
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
 from engine.previews import png_base64
 from engine.prompts import prompt_embeddings
-from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, generation_parameters
+from engine.request import RANDOM_SEEDS, GenerationRequest, for_family
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")

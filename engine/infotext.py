@@ -1,11 +1,17 @@
-"""AUTOMATIC1111's generation data ("infotext": the PNG `parameters` text civitai shows under a picture) read into
-/generate's fields: the prompt, "Negative prompt: ...", then one line of `Key: value` pairs."""
+"""AUTOMATIC1111's generation data ("infotext": the PNG `parameters` text civitai shows under a picture): read into
+/generate's fields, and written for every picture: the prompt, "Negative prompt: ...", then one line of `Key: value`
+pairs."""
 
 import json
 import re
+from typing import TYPE_CHECKING
 
 from engine.errors import ImagineError
-from engine.samplers import schedules_for, split_sampler
+from engine.families import Family
+from engine.samplers import sampler_label, schedule_label, schedules_for, split_sampler
+
+if TYPE_CHECKING:  # engine.request reads pasted data with this module
+    from engine.request import GenerationRequest
 
 # One `Key: value` item of the settings line; a value holding commas or colons is quoted as JSON (A1111's way).
 SETTING = re.compile(r'\s*([\w][\w \-/+().]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -144,3 +150,45 @@ def with_infotext(body: dict) -> tuple:
     if "guidance" in given:  # the body's guidance is the one to draw with, over the pasted Distilled CFG Scale too
         fields.pop("distilled_guidance", None)
     return {**fields, **given}, ignored
+
+
+def generation_parameters(
+    req: "GenerationRequest", model_name: str, family: Family, lora_hashes: dict | None = None, cut: tuple | None = None
+) -> str:
+    """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
+    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran.
+    The flow-matching families step on their own schedule, "Automatic"; FLUX.1-dev's distilled guidance is written
+    as Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
+    "Distilled CFG Scale"."""
+    lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
+    scales = {"CFG scale": req.guidance}
+    if family.guidance == "distilled":
+        scales = {"CFG scale": 1.0, "Distilled CFG Scale": req.guidance}
+    settings = {
+        "Steps": req.num_steps,
+        "Sampler": sampler_label(req.sampler),
+        "Schedule type": schedule_label(req.sampler, req.schedule, family.flow),
+        **scales,
+        "Seed": req.seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model": model_name,
+    }
+    if req.img is not None:
+        settings["Denoising strength"] = req.strength
+    if req.mask is not None:
+        settings["Mask blur"] = req.mask_blur
+        if req.inpaint_area == "masked":
+            settings["Inpaint area"] = "Only masked"
+            settings["Masked area padding"] = req.inpaint_padding
+    if req.clip_skip != 1:
+        settings["Clip skip"] = req.clip_skip
+    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
+        settings["RNG"] = req.rng.upper()
+    if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
+        hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
+        settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
+    if cut is not None:
+        settings["Steps"] = cut[0]
+        settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
+    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
