@@ -1,6 +1,9 @@
 """Pasted A1111 generation data (`parameters` on /generate): read into the request's fields, refused clearly when
 it is garbage, and a saved picture's own data redraws it exactly."""
 
+import contextlib
+import time
+
 import numpy as np
 import pytest
 from conftest import FAST, decode_png, pixels
@@ -119,3 +122,39 @@ def test_the_answer_lists_the_keys_that_set_nothing(client):
     text = "a boat\nSteps: 2, Sampler: Euler, Seed: 3, Size: 64x64, Hires upscale: 2, Version: v1.10.1"
     answer = client.post("/generate", json={"parameters": text}).get_json()
     assert answer["parameters_ignored"] == ["Hires upscale", "Version"]
+
+
+@pytest.mark.parametrize(
+    "setting, quoted",
+    [('Sampler: "Euler', '"Euler'), ('Model: "a" b', '"a" b'), (r'Model: "a\q"', r'"a\q"')],
+    ids=["unclosed", "text-after-it", "no-json-escape"],
+)
+def test_a_quoted_value_that_is_no_json_string_is_refused_quoting_it(setting, quoted):
+    key = setting.partition(":")[0]
+    error = refusal({"parameters": f"a cat\nSteps: 20, {setting}, Seed: 1"})
+    assert error == f"parameters: {key}'s quoted value is no JSON string: {quoted!r}"
+
+
+def test_a_quoted_value_may_have_spaces_before_its_comma():
+    req = parse_request({"parameters": 'a cat\nSteps: 20, Model: "a, b" , Seed: 1'})
+    assert (req.model, req.seed) == ("a, b", 1)
+
+
+HOSTILE = {
+    "unclosed-quote-of-backslashes": 'a cat\nSteps: "' + "\\" * 200_000,
+    "spaces": "a cat\n" + " " * 200_000,
+    "spaces-after-a-colon": "a cat\nSteps:" + " " * 200_000 + "1",
+    "words-without-colon": "a cat\nSteps: 20, " + "a " * 100_000 + "x",
+    "many-quoted-values": "a cat\nSteps: 20, " + 'a: "x\\"y", ' * 20_000 + "b: 1",
+    "many-items": "a cat\nSteps: 20, " + "a: 1, " * 30_000 + "b: 1",
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_pasted_data_built_to_backtrack_is_read_at_once(text):
+    """The first two made a regex for png-info's reading backtrack for minutes (exponentially, quadratically); linear
+    time reads each of these in milliseconds, and the bound only catches super-linear time."""
+    started = time.perf_counter()
+    with contextlib.suppress(ImagineError):
+        parse_request({"parameters": text})
+    assert time.perf_counter() - started < 2.0
