@@ -119,6 +119,7 @@ def comma_or_end(line: str, start: int) -> int:
 
 KEY = re.compile(r"\w[\w \-/+().]*")  # a key as A1111 writes them: "Steps", "Schedule type", "Hires resize-1", ...
 RNG_NAMES = {"cpu": "cpu", "gpu": "gpu", "nv": "nv"}
+INPAINT_AREAS = {"Whole picture": "whole", "Only masked": "masked"}  # A1111's labels of inpaint_area's values
 
 
 def integer(key: str, value: str) -> int:
@@ -147,6 +148,13 @@ def rng(key: str, value: str) -> str:
     return RNG_NAMES[value.lower()]
 
 
+def inpaint_area(key: str, value: str) -> str:
+    if value not in INPAINT_AREAS:
+        message = f"parameters: Inpaint area must be Whole picture or Only masked, not {value!r}"
+        raise ImagineError(message, field="parameters")
+    return INPAINT_AREAS[value]
+
+
 # A1111's key -> (our field, how its text becomes the value); "Size" sets two fields.
 FIELDS = {
     "Steps": ("num_steps", integer),
@@ -161,6 +169,8 @@ FIELDS = {
     "RNG": ("rng", rng),
     "Denoising strength": ("strength", number),
     "Mask blur": ("mask_blur", integer),
+    "Inpaint area": ("inpaint_area", inpaint_area),
+    "Masked area padding": ("inpaint_padding", integer),
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}

@@ -158,3 +158,17 @@ def test_pasted_data_built_to_backtrack_is_read_at_once(text):
     with contextlib.suppress(ImagineError):
         parse_request({"parameters": text})
     assert time.perf_counter() - started < 2.0
+
+
+def test_an_img2img_or_inpainting_infotext_sets_the_fields_of_drawing_from_a_picture():
+    fields, ignored = infotext_fields(
+        "a boat\nSteps: 20, Denoising strength: 0.6, Mask blur: 8, Inpaint area: Only masked, Masked area padding: 16"
+    )
+    from_a_picture = {key: fields[key] for key in ("strength", "mask_blur", "inpaint_area", "inpaint_padding")}
+    assert from_a_picture == {"strength": 0.6, "mask_blur": 8, "inpaint_area": "masked", "inpaint_padding": 16}
+    assert ignored == []
+
+
+def test_an_inpaint_area_a1111_has_no_label_for_is_refused():
+    error = refusal({"parameters": "a cat\nSteps: 20, Inpaint area: Everywhere"})
+    assert error == "parameters: Inpaint area must be Whole picture or Only masked, not 'Everywhere'"
