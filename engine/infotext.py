@@ -1,6 +1,6 @@
 """AUTOMATIC1111's generation data ("infotext": the PNG `parameters` text civitai shows under a picture): the prompt,
-"Negative prompt: ...", then one settings line of `Key: value` pairs. Here are its writer (every picture's PNG), one
-scanner of the settings line, and the two readers built on it: the strict one that fills /generate's fields from
+"Negative prompt: ...", then one settings line of `Key: value` pairs. Here are its writer (for every picture's PNG),
+one scanner of the settings line, and the two readers built on it: the strict one that fills /generate's fields from
 pasted data and refuses what it cannot read, and the lenient one that A1111's png-info answers with, which refuses
 nothing."""
 
@@ -65,6 +65,8 @@ def generation_parameters(
 
 # ---- The settings line, scanned in one pass
 
+SPACES = re.compile(r"\s*")  # matched where it stands, to its end: nothing after it to backtrack for
+
 
 class Setting(NamedTuple):
     """One item of a settings line, as written."""
@@ -86,9 +88,7 @@ def settings_items(line: str) -> Iterator[Setting]:
         if colon == -1:
             yield Setting(start, line[start:], None, "")
             return
-        value_start = colon + 1
-        while value_start < len(line) and line[value_start].isspace():
-            value_start += 1
+        value_start = SPACES.match(line, colon + 1).end()
         end = closing_quote(line, value_start) if line.startswith('"', value_start) else -1
         if end == -1:
             end = comma_or_end(line, value_start)
@@ -117,7 +117,7 @@ def comma_or_end(line: str, start: int) -> int:
 
 # ---- The strict reader: pasted data into /generate's fields
 
-KEY = re.compile(r"\w[\w \-/+().]*")  # a key as A1111 writes them: "Steps", "Schedule type", "Hires resize-1", ...
+KEY = re.compile(r"\w[\w \-/+().]*")  # keys as A1111 writes them: "Steps", "Schedule type", "Hires resize-1", ...
 RNG_NAMES = {"cpu": "cpu", "gpu": "gpu", "nv": "nv"}
 INPAINT_AREAS = {"Whole picture": "whole", "Only masked": "masked"}  # A1111's labels of inpaint_area's values
 
@@ -214,7 +214,7 @@ def setting_value(item: Setting) -> str:
     if not item.value.startswith('"'):
         return item.value.strip()
     if not item.after.strip():
-        with contextlib.suppress(json.JSONDecodeError):  # unclosed, or no JSON string ("\\q", a raw tab)
+        with contextlib.suppress(json.JSONDecodeError):  # unclosed, or no JSON string ("\q", a raw tab)
             return json.loads(item.value)
     quoted = (item.value + item.after)[:60]
     message = f"parameters: {item.head.strip()}'s quoted value is no JSON string: {quoted!r}"
