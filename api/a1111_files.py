@@ -6,7 +6,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from engine.errors import ImagineError
 from engine.fields import IMAGE_FORMATS
 from engine.files.folders import CHECKPOINT_SUFFIXES, checkpoint_folders, find_in_folders, model_folders, real_path
 from engine.files.tensors import file_version
+from engine.infotext import infotext_strings
 from engine.request import MAX_PROMPT_CHARS
 from engine.settings import DEMO_MODEL
 
@@ -105,62 +105,8 @@ def png_info(data: str) -> dict:
         raise ImagineError(
             f"image's parameters text is {len(info)} characters long; at most {MAX_PARAMETERS_CHARS} are read", 422
         )
-    return {"info": info, "items": texts, "parameters": parse_parameters(info)}
+    return {"info": info, "items": texts, "parameters": infotext_strings(info)}
 
 
 # What png-info reads: two prompts at their limit and the settings line that follows them fit well within.
 MAX_PARAMETERS_CHARS = 2 * MAX_PROMPT_CHARS + 8_000
-
-
-def parse_parameters(text: str) -> dict:
-    """A1111's infotext ("prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler, ...") as a dict of strings."""
-    if not text:
-        return {}
-    lines = text.split("\n")
-    settings = lines.pop() if len(lines) > 1 or re.search(r"\bSteps: ", lines[0]) else ""
-    prompt, neg = [], []
-    for line in lines:
-        if line.startswith("Negative prompt:") or neg:
-            neg.append(line.removeprefix("Negative prompt:").strip())
-        else:
-            prompt.append(line)
-    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg), **parse_settings_line(settings)}
-    if "Size" in parsed:
-        parsed["Size-1"], _, parsed["Size-2"] = parsed["Size"].partition("x")
-    return parsed
-
-
-def parse_settings_line(line: str) -> dict:
-    """`key: value, key: "quoted, value", ...` read in one pass: a regex for it backtracked exponentially on an
-    unclosed quote of backslashes and quadratically on long runs of spaces, holding the GIL for minutes."""
-    settings, position = {}, 0
-    while (colon := line.find(":", position)) != -1:
-        start = colon  # the key: the letters, digits, _ and spaces right before the colon
-        while start > position and (line[start - 1].isalnum() or line[start - 1] in "_ "):
-            start -= 1
-        key = line[start:colon].strip()
-        value_start = colon + 1
-        while value_start < len(line) and line[value_start].isspace():
-            value_start += 1
-        end = closing_quote(line, value_start) if line.startswith('"', value_start) else -1
-        if end == -1:  # a plain value, or a quote never closed: up to the next comma
-            end = line.find(",", value_start)
-            end = len(line) if end == -1 else end
-        if key:
-            settings[key] = line[value_start:end]
-        comma = line.find(",", end)
-        position = len(line) if comma == -1 else comma + 1
-    return settings
-
-
-def closing_quote(line: str, start: int) -> int:
-    """The index just past the quote that closes the one at `start` (backslash escapes skipped), or -1."""
-    index = start + 1
-    while (index := line.find('"', index)) != -1:
-        before = index  # count the backslashes right before it: an odd number escapes it
-        while line[before - 1] == "\\":
-            before -= 1
-        if (index - before) % 2 == 0:
-            return index + 1
-        index += 1
-    return -1

@@ -15,12 +15,13 @@ import torch
 
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
+from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
 from engine.prompts import prompt_embeddings
-from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, generation_parameters
+from engine.request import RANDOM_SEEDS, GenerationRequest, for_family
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")

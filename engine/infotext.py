@@ -1,15 +1,125 @@
-"""AUTOMATIC1111's generation data ("infotext": the PNG `parameters` text civitai shows under a picture) read into
-/generate's fields: the prompt, "Negative prompt: ...", then one line of `Key: value` pairs."""
+"""AUTOMATIC1111's generation data ("infotext": the PNG `parameters` text civitai shows under a picture): the prompt,
+"Negative prompt: ...", then one settings line of `Key: value` pairs. Here are its writer (for every picture's PNG),
+one scanner of the settings line, and the two readers built on it: the strict one that fills /generate's fields from
+pasted data and refuses what it cannot read, and the lenient one that A1111's png-info answers with, which refuses
+nothing."""
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.errors import ImagineError
-from engine.samplers import schedules_for, split_sampler
+from engine.files.families import Family
+from engine.samplers import sampler_label, schedule_label, schedules_for, split_sampler
 
-# One `Key: value` item of the settings line; a value holding commas or colons is quoted as JSON (A1111's way).
-SETTING = re.compile(r'\s*([\w][\w \-/+().]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+if TYPE_CHECKING:  # engine.request reads pasted data with this module
+    from engine.request import GenerationRequest
+
+
+# ---- The writer
+
+
+def generation_parameters(
+    req: "GenerationRequest", model_name: str, family: Family, lora_hashes: dict | None = None, cut: tuple | None = None
+) -> str:
+    """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
+    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
+    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran.
+    The flow-matching families step on their own schedule, "Automatic"; FLUX.1-dev's distilled guidance is written
+    as Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
+    "Distilled CFG Scale"."""
+    lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
+    scales = {"CFG scale": req.guidance}
+    if family.guidance == "distilled":
+        scales = {"CFG scale": 1.0, "Distilled CFG Scale": req.guidance}
+    settings = {
+        "Steps": req.num_steps,
+        "Sampler": sampler_label(req.sampler),
+        "Schedule type": schedule_label(req.sampler, req.schedule, family.flow),
+        **scales,
+        "Seed": req.seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model": model_name,
+    }
+    if req.img is not None:
+        settings["Denoising strength"] = req.strength
+    if req.mask is not None:
+        settings["Mask blur"] = req.mask_blur
+        if req.inpaint_area == "masked":
+            settings["Inpaint area"] = "Only masked"
+            settings["Masked area padding"] = req.inpaint_padding
+    if req.clip_skip != 1:
+        settings["Clip skip"] = req.clip_skip
+    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
+        settings["RNG"] = req.rng.upper()
+    if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
+        hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
+        settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
+    if cut is not None:
+        settings["Steps"] = cut[0]
+        settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
+    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+# ---- The settings line, scanned in one pass
+
+SPACES = re.compile(r"\s*")  # matched where it stands, to its end: nothing after it to backtrack for
+
+
+class Setting(NamedTuple):
+    """One item of a settings line, as written."""
+
+    start: int  # where the item starts in the line: what an error quotes from
+    head: str  # the text from there to its colon: the key, after whatever a lenient reader skips
+    value: str | None  # from the colon's first non-space to the comma, or past a closing quote; None: no colon
+    after: str  # what a quoted value leaves before the comma (nothing, as A1111 writes it)
+
+
+def settings_items(line: str) -> Iterator[Setting]:
+    """The items of `Key: value, Key: "quoted, value", ...` in one pass, each character looked at a bounded number of
+    times: a regex for this backtracked exponentially on an unclosed quote of backslashes and quadratically on long
+    runs of spaces, holding the GIL for minutes. A quote never closed is a plain value, up to the next comma; only one
+    search for a closing quote can run to the line's end, since any value opening with a quote after it closes it."""
+    start = 0
+    while start < len(line):
+        colon = line.find(":", start)
+        if colon == -1:
+            yield Setting(start, line[start:], None, "")
+            return
+        value_start = SPACES.match(line, colon + 1).end()
+        end = closing_quote(line, value_start) if line.startswith('"', value_start) else -1
+        if end == -1:
+            end = comma_or_end(line, value_start)
+        comma = comma_or_end(line, end)
+        yield Setting(start, line[start:colon], line[value_start:end], line[end:comma])
+        start = comma + 1
+
+
+def closing_quote(line: str, start: int) -> int:
+    """The index just past the quote that closes the one at `start` (backslash escapes skipped), or -1."""
+    index = start + 1
+    while (index := line.find('"', index)) != -1:
+        before = index  # count the backslashes right before it: an odd number escapes it
+        while line[before - 1] == "\\":
+            before -= 1
+        if (index - before) % 2 == 0:
+            return index + 1
+        index += 1
+    return -1
+
+
+def comma_or_end(line: str, start: int) -> int:
+    comma = line.find(",", start)
+    return len(line) if comma == -1 else comma
+
+
+# ---- The strict reader: pasted data into /generate's fields
+
+KEY = re.compile(r"\w[\w \-/+().]*")  # keys as A1111 writes them: "Steps", "Schedule type", "Hires resize-1", ...
 RNG_NAMES = {"cpu": "cpu", "gpu": "gpu", "nv": "nv"}
+INPAINT_AREAS = {"Whole picture": "whole", "Only masked": "masked"}  # A1111's labels of inpaint_area's values
 
 
 def integer(key: str, value: str) -> int:
@@ -38,6 +148,13 @@ def rng(key: str, value: str) -> str:
     return RNG_NAMES[value.lower()]
 
 
+def inpaint_area(key: str, value: str) -> str:
+    if value not in INPAINT_AREAS:
+        message = f"parameters: Inpaint area must be Whole picture or Only masked, not {value!r}"
+        raise ImagineError(message, field="parameters")
+    return INPAINT_AREAS[value]
+
+
 # A1111's key -> (our field, how its text becomes the value); "Size" sets two fields.
 FIELDS = {
     "Steps": ("num_steps", integer),
@@ -52,6 +169,8 @@ FIELDS = {
     "RNG": ("rng", rng),
     "Denoising strength": ("strength", number),
     "Mask blur": ("mask_blur", integer),
+    "Inpaint area": ("inpaint_area", inpaint_area),
+    "Masked area padding": ("inpaint_padding", integer),
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}
@@ -80,17 +199,26 @@ def split_infotext(text: str) -> tuple:
 
 def settings_pairs(line: str) -> dict:
     """The settings line as {key: value text}; anything that is no `Key: value` item is refused, quoting it."""
-    pairs, position = {}, 0
-    while position < len(line):
-        match = SETTING.match(line, position)
-        if match is None or match.end() == position:
-            rest = line[position:].strip()[:60]
+    pairs = {}
+    for item in settings_items(line):
+        if item.value is None or not KEY.fullmatch(item.head.lstrip()):
+            rest = line[item.start :].strip()[:60]
             message = f"parameters: the settings line has text that is no 'Key: value': {rest!r}"
             raise ImagineError(message, field="parameters")
-        value = match[2].strip()
-        pairs[match[1].strip()] = json.loads(value) if value.startswith('"') else value
-        position = match.end()
+        pairs[item.head.strip()] = setting_value(item)
     return pairs
+
+
+def setting_value(item: Setting) -> str:
+    """An item's value: a plain one without the spaces around it, a quoted one read as the JSON string A1111 writes."""
+    if not item.value.startswith('"'):
+        return item.value.strip()
+    if not item.after.strip():
+        with contextlib.suppress(json.JSONDecodeError):  # unclosed, or no JSON string ("\q", a raw tab)
+            return json.loads(item.value)
+    quoted = (item.value + item.after)[:60]
+    message = f"parameters: {item.head.strip()}'s quoted value is no JSON string: {quoted!r}"
+    raise ImagineError(message, field="parameters")
 
 
 def infotext_fields(text: str) -> tuple:
@@ -144,3 +272,38 @@ def with_infotext(body: dict) -> tuple:
     if "guidance" in given:  # the body's guidance is the one to draw with, over the pasted Distilled CFG Scale too
         fields.pop("distilled_guidance", None)
     return {**fields, **given}, ignored
+
+
+# ---- The lenient reader: png-info's dict of strings
+
+
+def infotext_strings(text: str) -> dict:
+    """A1111's infotext ("prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler, ...") as the dict of strings
+    A1111's png-info answers: "Prompt", "Negative prompt", each key with its value as written, "Size-1" and "Size-2".
+    Whatever it cannot read is left out, never refused."""
+    if not text:
+        return {}
+    lines = text.split("\n")
+    settings = lines.pop() if len(lines) > 1 or re.search(r"\bSteps: ", lines[0]) else ""
+    prompt, neg = [], []
+    for line in lines:
+        if line.startswith("Negative prompt:") or neg:
+            neg.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            prompt.append(line)
+    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(neg)}
+    for item in settings_items(settings):
+        if item.value is not None and (key := key_ending(item.head)):
+            parsed[key] = item.value
+    if "Size" in parsed:
+        parsed["Size-1"], _, parsed["Size-2"] = parsed["Size"].partition("x")
+    return parsed
+
+
+def key_ending(head: str) -> str:
+    """The letters, digits, _ and spaces that end an item's head, without the spaces around them: the key png-info
+    takes, skipping whatever text comes before it."""
+    start = len(head)
+    while start > 0 and (head[start - 1].isalnum() or head[start - 1] in "_ "):
+        start -= 1
+    return head[start:].strip()

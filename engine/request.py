@@ -21,8 +21,6 @@ from engine.samplers import (
     PREDICTIONS,
     SAMPLER_NAMES,
     checked_schedule,
-    sampler_label,
-    schedule_label,
     split_sampler,
 )
 from engine.schedules import AUTOMATIC
@@ -333,48 +331,6 @@ def without_aliases(body: dict) -> dict:
             raise ImagineError(message, field=field)
         body = {**{key: value for key, value in body.items() if key != alias}, field: body[alias]}
     return body
-
-
-def generation_parameters(
-    req: GenerationRequest, model_name: str, family: Family, lora_hashes: dict | None = None, cut: tuple | None = None
-) -> str:
-    """The settings of a picture in the text layout AUTOMATIC1111 writes, which image viewers and
-    prompt readers understand: the prompt, the negative prompt, then one line of `key: value` pairs.
-    `cut` is (steps run, steps planned) for a picture an interrupt ended early: its Steps are those it ran.
-    The flow-matching families step on their own schedule, "Automatic"; FLUX.1-dev's distilled guidance is written
-    as Forge, the A1111 fork that draws FLUX, writes it: "CFG scale: 1" (no classifier-free guidance) and
-    "Distilled CFG Scale"."""
-    lines = [req.prompt, f"Negative prompt: {req.neg}"] if req.neg else [req.prompt]
-    scales = {"CFG scale": req.guidance}
-    if family.guidance == "distilled":
-        scales = {"CFG scale": 1.0, "Distilled CFG Scale": req.guidance}
-    settings = {
-        "Steps": req.num_steps,
-        "Sampler": sampler_label(req.sampler),
-        "Schedule type": schedule_label(req.sampler, req.schedule, family.flow),
-        **scales,
-        "Seed": req.seed,
-        "Size": f"{req.width}x{req.height}",
-        "Model": model_name,
-    }
-    if req.img is not None:
-        settings["Denoising strength"] = req.strength
-    if req.mask is not None:
-        settings["Mask blur"] = req.mask_blur
-        if req.inpaint_area == "masked":
-            settings["Inpaint area"] = "Only masked"
-            settings["Masked area padding"] = req.inpaint_padding
-    if req.clip_skip != 1:
-        settings["Clip skip"] = req.clip_skip
-    if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
-        settings["RNG"] = req.rng.upper()
-    if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
-        hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
-        settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
-    if cut is not None:
-        settings["Steps"] = cut[0]
-        settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
-    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
 def lora_field(body: dict) -> list:

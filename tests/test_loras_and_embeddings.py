@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from test_families import answer, tiny_engine, tiny_files, tiny_sdxl  # noqa: F401 (fixtures)
 
 import imagine
-from api.a1111_files import parse_parameters
 from engine.demo import build_demo_pipeline
+from engine.infotext import infotext_strings
 from engine.settings import CONFIGS_DIR
 
 
@@ -280,7 +280,7 @@ def test_the_png_names_each_loras_short_hash_as_automatic1111_writes_them(lora_e
         "detail_pickled": short_hash(loras / "detail_pickled.pt"),
     }
     assert parameters.endswith('Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in hashes.items()) + '"')
-    assert parse_parameters(parameters)["Lora hashes"].startswith('"styles/unet_only: ')
+    assert infotext_strings(parameters)["Lora hashes"].startswith('"styles/unet_only: ')
     assert "Lora hashes" not in decode_png(post(lora_engine).get_json()["img"]).info["parameters"]
 
 
