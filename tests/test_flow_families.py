@@ -5,6 +5,7 @@ fp8), loaded with the network blocked, drawn through every dialect and mode."""
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -562,12 +563,18 @@ def test_a_sidecar_names_the_parts_refuses_a_wrong_one_and_an_edit_takes_effect(
         engine.stop()
 
 
-def test_a_request_for_a_model_read_before_reads_no_header_again(flow_client, monkeypatch):
+def test_a_request_for_a_model_read_before_reads_no_header_again_until_its_file_changes(
+    flow_client, comfyui, monkeypatch
+):
+    path = comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors"
     generate(flow_client, model="flux-2-klein-4b")
     reads = []
     monkeypatch.setattr(engine.files.headers, "read_header", lambda path: reads.append(path) or read_header(path))
     generate(flow_client, model="flux-2-klein-4b")
     assert reads == []
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1000))  # a new version of the file
+    generate(flow_client, model="flux-2-klein-4b")
+    assert path in reads  # the spy sees the reads there are
 
 
 def test_a_gguf_file_is_refused_saying_it_is_not_supported_yet(flow_client, comfyui):

@@ -134,7 +134,7 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
         model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
     expected = model.state_dict()
     state = to_diffusers(part, dequantised(read_tensors(path, part.prefix), kept_dtype(dtype)))
-    check_keys(state, expected)
+    check_tensors(state, expected, REFUSALS)
     # each tensor in the dtype the model keeps it in: fp8 where layerwise casting stores it so, `dtype` elsewhere
     model.load_state_dict({name: state[name].to(expected[name].dtype) for name in expected}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -244,9 +244,3 @@ def flux1_to_diffusers(tensors: dict, hidden: int) -> dict:
         for target, piece in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
             converted[f"{stem}{target}.{kind}"] = piece
     return converted
-
-
-def check_keys(state: dict, expected: dict) -> None:
-    """Refuse (422) a converted state dict that lacks a tensor of the model (`expected`, its state dict), holds one it
-    has not, or differs in a shape, naming the first such tensor: a strict load, with a message for the client."""
-    check_tensors(state, expected, REFUSALS)

@@ -17,6 +17,7 @@ from engine.errors import ImagineError
 from engine.files.diffusion_models import load_diffusion_model
 from engine.files.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
 from engine.files.headers import Headers, Part
+from engine.files.tensors import file_version
 from engine.files.text_encoders import load_text_encoder, recognise_text_encoders
 from engine.files.vaes import load_vae, recognise_vae
 
@@ -71,18 +72,26 @@ def describe_part(part: Part) -> str:
 
 
 class PartFinder:
-    """Finds the parts of flow-matching models, from the headers of the part files (`headers`: each read once per
-    version of a file)."""
+    """Finds the parts of flow-matching models, from the headers of the part files (`headers`), each file's parts
+    recognised once per version of it: a listing looks at every part file for every flow model it lists."""
 
     def __init__(self, headers: Headers):
         self.headers = headers
+        self.recognised = {}  # path -> (its file_version, the parts in it): one entry a file, replaced as it changes
 
     def parts_of(self, path: Path) -> list:
         try:
-            header = self.headers.read(path)
-        except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
+            version = file_version(path)
+        except OSError:
             return []
-        return parts_in(header)
+        kept = self.recognised.get(str(path))
+        if kept is None or kept[0] != version:
+            try:
+                parts = parts_in(self.headers.read(path))
+            except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
+                parts = []
+            kept = self.recognised[str(path)] = (version, parts)
+        return kept[1]
 
     def candidates(self, folders: list) -> list:
         """Every part file of the models folders' part sub-folders, as Found, by name."""
