@@ -100,6 +100,13 @@ OPTIONS = (
         str,
     ),
     Option(
+        "folder_timeout",
+        ("--folder-timeout",),
+        "seconds a request waits for the models folders to be read (a stalled disk or network mount) before it is "
+        "answered 503 (default 10)",
+        int,
+    ),
+    Option(
         "job_ttl",
         ("--job-ttl",),
         "seconds a finished job (POST /jobs) keeps its pictures for its client to collect (default 600)",
@@ -166,6 +173,7 @@ def setting_problems(args) -> list:
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
         (args.offload in OFFLOADS, f"--offload must be none, model or sequential, not {args.offload!r}"),
         (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
+        (args.folder_timeout >= 1, f"--folder-timeout must be at least 1 (seconds), not {args.folder_timeout}"),
         (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),

@@ -207,10 +207,11 @@ def encode_picture(image: Image.Image, parameters: str | None, options: OpenAIOp
 
 
 class LinkedPictures:
-    """Pictures answered as links: in memory for an hour, the newest LINKED_PICTURES_KEPT, under names
+    """Pictures answered as links: in memory for `seconds` (an hour), the newest LINKED_PICTURES_KEPT, under names
     nobody can guess (the links are the only way to them)."""
 
-    def __init__(self):
+    def __init__(self, seconds: float = LINKED_PICTURE_SECONDS):
+        self.seconds = seconds
         self.pictures = collections.OrderedDict()  # name -> (expiry, data)
         self.lock = threading.Lock()
 
@@ -221,7 +222,7 @@ class LinkedPictures:
             # The oldest come first (all live the same time): the expired ones go, and beyond the bound the oldest.
             while self.pictures and (len(self.pictures) >= LINKED_PICTURES_KEPT or self.oldest_expiry() < now):
                 self.pictures.popitem(last=False)
-            self.pictures[name] = (now + LINKED_PICTURE_SECONDS, data)
+            self.pictures[name] = (now + self.seconds, data)
         return name
 
     def oldest_expiry(self) -> float:

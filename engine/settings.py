@@ -25,6 +25,7 @@ class Settings:
     max_queue: int = 8
     max_batch: int = MAX_BATCH
     rng: str = "cpu"  # the noise source of a request that names none (see engine/noise.py)
+    folder_timeout: int = 10  # seconds a request waits for the models folders to be read before it gets 503
     job_ttl: int = 600  # seconds a finished job (POST /jobs) is kept for its client to collect
     max_jobs: int = 64  # finished jobs kept at once; the oldest finished goes first
     api_key: str = ""

@@ -407,11 +407,10 @@ def test_a_models_folder_that_blocks_holds_none_of_the_threads_that_answer_healt
     make_engine, serve, monkeypatch, tmp_path
 ):
     (tmp_path / "x.safetensors").write_bytes(b"not read")
-    monkeypatch.setattr(engine.files.folders, "FOLDER_SECONDS", 1, raising=False)
     release = threading.Event()
     # a stalled mount
     monkeypatch.setattr(engine.files.catalog.Catalog, "describe", lambda self, real: release.wait(60) and {})
-    url = serve(make_engine(model="demo", models_dir=tmp_path))
+    url = serve(make_engine(model="demo", models_dir=tmp_path, folder_timeout=1))
     statuses = []
 
     def list_models():
@@ -575,9 +574,8 @@ def test_the_a1111_options_answer_while_the_default_models_file_is_missing(make_
 # ---- 13f. expired linked pictures
 
 
-def test_expired_linked_pictures_are_dropped_when_the_next_is_kept(monkeypatch):
-    pictures = api.openai.LinkedPictures()
-    monkeypatch.setattr(api.openai, "LINKED_PICTURE_SECONDS", -1)
+def test_expired_linked_pictures_are_dropped_when_the_next_is_kept():
+    pictures = api.openai.LinkedPictures(seconds=-1)
     pictures.add(b"an old picture", "png")
     pictures.add(b"a new picture", "png")
     assert len(pictures.pictures) == 1

@@ -56,7 +56,7 @@ class Catalog:
         self.family_cache = {}  # path -> (the versions of the files deciding its family, what was read there)
         self.headers = Headers()
         self.parts = PartFinder(self.headers)
-        self.reader = FolderReader()
+        self.reader = FolderReader(settings.folder_timeout)
 
     def resolve(self, name: str | None) -> str:
         """Turns a request's model name into the key it is loaded and cached under: 'demo', a path, or a hub repo id.

@@ -131,16 +131,16 @@ def read_regular_file(path: Path) -> bytes:
         return file.read()
 
 
-FOLDER_SECONDS = 10  # what a request waits for the models folders to be read before it gets 503
 FOLDER_WAITERS = 4  # requests that may wait for them at once (each holds a thread of its own; see create_server)
 
 
 class FolderReader:
     """Reads the models folders (listings, family detection) on a thread of its own, one read at a time, so that a
     file or a network mount that blocks cannot take the threads that answer /health and everything else: a request
-    waits FOLDER_SECONDS at most, and FOLDER_WAITERS requests at once; more get 503 at once."""
+    waits `timeout` seconds at most (--folder-timeout), and FOLDER_WAITERS requests at once; more get 503 at once."""
 
-    def __init__(self):
+    def __init__(self, timeout: int):
+        self.timeout = timeout
         self.reads = queue.Queue()
         self.waiters = threading.BoundedSemaphore(FOLDER_WAITERS)
         threading.Thread(target=self.run, name="imagine-folders", daemon=True).start()
@@ -158,17 +158,17 @@ class FolderReader:
         """`function()`'s result, computed on the reader's thread."""
         slow = ImagineError("the models folders are slow to read (a stalled disk or network mount?); try again", 503)
         if not self.waiters.acquire(blocking=False):
-            slow.retry_after = FOLDER_SECONDS
+            slow.retry_after = self.timeout
             raise slow
         try:
             future = concurrent.futures.Future()
             self.reads.put((future, function))
             try:
-                return future.result(timeout=FOLDER_SECONDS)
+                return future.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:
                 future.cancel()  # if it has not started: a read stuck before it keeps the reader
-                log.warning("reading the models folders took over %d s; answered 503", FOLDER_SECONDS)
-                slow.retry_after = FOLDER_SECONDS
+                log.warning("reading the models folders took over %d s; answered 503", self.timeout)
+                slow.retry_after = self.timeout
                 raise slow from None
         finally:
             self.waiters.release()
