@@ -15,7 +15,6 @@ progress goes to stderr when stderr is a terminal.
 import argparse
 import base64
 import contextlib
-import json
 import os
 import re
 import signal
@@ -24,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent  # through the `imagine` symlink too
@@ -63,8 +61,18 @@ if __name__ == "__main__":
     run_in_venv()
 
 try:
-    import requests
     from tqdm import tqdm
+
+    from api.client import (
+        ClientError,
+        NoServer,
+        answer_fields,
+        detach,
+        job_path,
+        job_updates,
+        remote_updates,
+        server_request,
+    )
 except ImportError as error:
     sys.exit(missing_module(error))
 
@@ -76,10 +84,6 @@ SAMPLER_NAMES = (
     "DPM++ 3M SDE, DDIM, LCM, with a"
     " schedule type if wanted, such as 'DPM++ 2M Karras' or 'Euler SGM Uniform' (the server's GET /samplers lists them)"
 )
-
-
-class CliError(Exception):
-    """A failure to report on one line of stderr, ending the command with exit status 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,7 +158,7 @@ def request_body(args: argparse.Namespace) -> dict:
             try:
                 body[field] = base64.b64encode(path.read_bytes()).decode("ascii")
             except OSError as error:
-                raise CliError(f"cannot read the {what} {path}: {error.strerror}") from None
+                raise ClientError(f"cannot read the {what} {path}: {error.strerror}") from None
     return body
 
 
@@ -177,12 +181,12 @@ def reserve_output(prompt: str, directory: Path = Path()) -> Path:
             return path
         except FileExistsError:
             continue
-    raise CliError(f"cannot find a free file name for {stem}.png in {directory.resolve()}")
+    raise ClientError(f"cannot find a free file name for {stem}.png in {directory.resolve()}")
 
 
 def check_output_folder(output: Path | None) -> None:
     if output is not None and not output.parent.is_dir():
-        raise CliError(f"cannot write {output}: the folder {output.parent} does not exist")
+        raise ClientError(f"cannot write {output}: the folder {output.parent} does not exist")
 
 
 @contextlib.contextmanager
@@ -245,7 +249,7 @@ def save_updates(updates, output: Path, stream: int | None) -> tuple[list[Path],
     with tqdm(file=sys.stderr, disable=not terminal, unit="step", leave=False, mininterval=0, miniters=1) as bar:
         for update in updates:
             if "error" in update:
-                raise CliError(update["error"])
+                raise ClientError(update["error"])
             if "steps" in update:
                 bar.total = update["steps"]
                 bar.update(update.get("step", bar.total) - bar.n)  # the final answer has no step: all done
@@ -257,119 +261,12 @@ def save_updates(updates, output: Path, stream: int | None) -> tuple[list[Path],
                 return paths, update["seed"]
             if "png" in update and stream and update["step"] % stream == 0:
                 write_picture(output, update["png"])
-    raise CliError("the generation ended without a picture")
+    raise ClientError("the generation ended without a picture")
 
 
 # ---------------------------------------------------------------------------------------------
-# Remote: the server's answer, or its stream, as updates
+# Remote: the server's answer, its stream, or a job's events, saved (api/client.py reads them)
 # ---------------------------------------------------------------------------------------------
-
-
-class NoServer(CliError):
-    """Nothing listens at the server's address."""
-
-
-def api_headers(extra: dict | None = None) -> dict:
-    key = os.environ.get("IMAGINE_API_KEY")
-    return {**({"Authorization": f"Bearer {key}"} if key else {}), **(extra or {})}
-
-
-def server_request(method: str, server: str, path: str, expect: int = 200, headers=None, **options):
-    """A request to the server, its answer checked for the `expect`ed status; a NoServer or CliError otherwise."""
-    options.setdefault("timeout", (10, 60))
-    try:
-        url = f"{server.rstrip('/')}{path}"
-        response = requests.request(method, url, headers=api_headers(headers), **options)
-    except requests.ConnectionError:
-        raise NoServer(f"cannot connect to the server at {server}; is it running?") from None
-    except requests.RequestException as error:
-        raise CliError(f"cannot reach the server at {server}: {error}") from None
-    if response.status_code != expect:
-        with response:
-            raise refusal(response)
-    return response
-
-
-def remote_updates(server: str, body: dict):
-    response = server_request("POST", server, "/generate", json=body, stream=True, timeout=(10, None))
-    with response:
-        try:
-            if "stream" not in body:
-                yield update_from(answer_fields(response.content), streamed=False)
-                return
-            for line in response.iter_lines():
-                if line:
-                    yield update_from(answer_fields(line), streamed=True)
-        except requests.RequestException:  # reset, or closed in the middle of the answer
-            raise CliError(f"the connection to the server at {server} broke before the picture came") from None
-
-
-def answer_fields(text: bytes) -> dict:
-    """A JSON object the server sent; anything else (an HTML page, a truncated line) is a CliError."""
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        shown = text[:60].decode(errors="replace")
-        raise CliError(f"the server's answer is not Imagine's JSON: {shown!r}; is the server an Imagine server?")
-    return answer
-
-
-def update_from(answer: dict, streamed: bool) -> dict:
-    """An answer, or a line of a stream, as an update for save_updates; a CliError if it is not shaped as Imagine's."""
-    if "error" in answer:
-        return {"error": str(answer["error"])}
-    done = answer.get("done", True) is True or not streamed  # a plain answer is done; a stream line says if it is
-    required = ("img", "seed") if done else ("step", "steps")
-    update = {"done": done}
-    try:
-        for field in ("step", "steps", "seed"):
-            if field in answer:
-                update[field] = answer[field]
-                if type(answer[field]) is not int:
-                    raise ValueError
-        if "img" in answer:
-            update["png"] = base64.b64decode(answer["img"], validate=True)
-        if "images" in answer:
-            update["pngs"] = [base64.b64decode(image, validate=True) for image in answer["images"]]
-        if not all(field in answer for field in required):
-            raise ValueError
-    except (ValueError, TypeError):  # binascii.Error is a ValueError
-        fields = json.dumps(answer)[:60]
-        raise CliError(f"the server sent an answer the CLI cannot read: {fields}") from None
-    return update
-
-
-def refusal(response: requests.Response) -> CliError:
-    """The server's refusal on one line; a 401 says where the CLI takes the key from."""
-    message = f"the server answered {response.status_code}: {error_message(response)}"
-    if response.status_code == 401:
-        message += "; set IMAGINE_API_KEY to the server's key"
-    return CliError(message)
-
-
-def error_message(response: requests.Response) -> str:
-    try:
-        return response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        return response.text.strip()[:200] or response.reason
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs: --detach queues one on the server, --job waits for one (POST /jobs, GET /jobs/<id>/events)
-# ---------------------------------------------------------------------------------------------
-
-JOB_ENDS = ("done", "failed", "cancelled")
-RECONNECTS = 5  # times in a row a broken event stream is picked up again before the CLI gives up
-
-
-def detach(server: str, body: dict) -> str:
-    """Queues the request as a job; returns its id."""
-    answer = answer_fields(server_request("POST", server, "/jobs", expect=202, json=body).content)
-    if not isinstance(answer.get("id"), str):
-        raise CliError(f"the server sent an answer the CLI cannot read: {json.dumps(answer)[:60]}")
-    return answer["id"]
 
 
 def follow_job(server: str, job_id: str, args: argparse.Namespace) -> list[Path]:
@@ -378,57 +275,6 @@ def follow_job(server: str, job_id: str, args: argparse.Namespace) -> list[Path]
     job = answer_fields(server_request("GET", server, job_path(job_id)).content)
     with output_file(args.output, str(job.get("prompt") or "image")) as output:
         return report_seed(save_updates(job_updates(server, job_id, args.stream), output, args.stream))
-
-
-def job_path(job_id: str) -> str:
-    return f"/jobs/{urllib.parse.quote(job_id, safe='')}"
-
-
-def job_updates(server: str, job_id: str, every: int | None):
-    """The job's events as updates for save_updates. A stream that breaks (a proxy's idle cut, a network change)
-    is picked up where it broke, with the id of the last event seen (Last-Event-ID)."""
-    path = job_path(job_id) + "/events" + (f"?every={every}" if every else "")
-    last_id, breaks = None, 0
-    while breaks < RECONNECTS:
-        headers = {"Last-Event-ID": last_id} if last_id else {}
-        response = server_request("GET", server, path, headers=headers, stream=True, timeout=(10, 120))
-        try:
-            with response:
-                for event_id, kind, data in sse_events(response.iter_lines(decode_unicode=True)):
-                    last_id, breaks = event_id or last_id, 0
-                    yield job_update(kind, answer_fields(data.encode()))
-                    if kind in JOB_ENDS:
-                        return
-        except requests.RequestException:
-            pass
-        breaks += 1
-        time.sleep(1)
-    raise CliError(f"the connection to {server} broke {RECONNECTS} times in a row; try again: imagine --job {job_id}")
-
-
-def sse_events(lines):
-    """(id, event, data) for each event of a text/event-stream; comments and unknown fields are skipped."""
-    fields = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
-        elif "data" in fields:
-            yield fields.get("id"), fields.get("event", "message"), fields["data"]
-            fields = {}
-        else:
-            fields = {}
-
-
-def job_update(kind: str, answer: dict) -> dict:
-    """One event of a job's stream as an update for save_updates."""
-    if kind in ("progress", "preview"):
-        return update_from({**answer, "done": False}, streamed=True)
-    if kind == "done":
-        return update_from(answer, streamed=False)
-    if kind in JOB_ENDS:
-        return {"error": f"the job {kind}: {answer.get('error', 'no reason given')}"}
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +295,7 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tupl
         from engine.previews import png_bytes
         from engine.request import parse_request
     except ImportError as error:
-        raise CliError(missing_module(error).removeprefix("imagine: ")) from None
+        raise ClientError(missing_module(error).removeprefix("imagine: ")) from None
 
     flags = [*(["-d", args.device] if args.device else []), *(["-f", args.fp_prec] if args.fp_prec else [])]
     try:
@@ -457,7 +303,7 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tupl
         engine = Engine(settings)
         job = engine.submit(parse_request({**body, "stream": args.stream or 0}, settings.max_size, settings.max_batch))
     except ImagineError as error:
-        raise CliError(error.message) from None
+        raise ClientError(error.message) from None
 
     def updates():
         for event in job:
@@ -480,7 +326,7 @@ def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tupl
     def save():
         try:
             saved.append(save_updates(updates(), output, args.stream))
-        except (CliError, OSError) as error:
+        except (ClientError, OSError) as error:
             failures.append(error)
 
     saver = threading.Thread(target=save, name="save", daemon=True)  # an interrupt must not wait for it
@@ -557,7 +403,7 @@ def main(argv=None) -> int:
             print(*follow_job(server, args.job, args), sep="\n")
         else:
             print(*run(args), sep="\n")
-    except CliError as error:
+    except ClientError as error:
         print(f"imagine: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -188,11 +188,12 @@ def test_the_clis_401_says_to_set_imagine_api_key(make_engine, tmp_path):
 
 
 def project_with_venv(tmp_path: Path, venv: Path | None) -> Path:
-    """A copy of the CLI in a project folder, its .venv a link to `venv` (None: no .venv), and an `imagine` link
-    to it elsewhere, as the README puts one on PATH."""
+    """A copy of the CLI (and the API client it imports) in a project folder, its .venv a link to `venv` (None: no
+    .venv), and an `imagine` link to it elsewhere, as the README puts one on PATH."""
     project = tmp_path / "project"
-    project.mkdir()
+    (project / "api").mkdir(parents=True)
     shutil.copy2(ROOT / "imagine-cli.py", project / "imagine-cli.py")
+    shutil.copy2(ROOT / "api" / "client.py", project / "api" / "client.py")
     if venv is not None:
         (project / ".venv").symlink_to(venv)
     (tmp_path / "imagine").symlink_to(project / "imagine-cli.py")
