@@ -113,16 +113,7 @@ def bare_pipeline(checkpoint: Path, dtype: torch.dtype, device: str = "cpu"):
 
 
 def bare_generate(pipe, size: int, steps: int) -> Image.Image:
-    with torch.inference_mode():
-        return pipe(
-            prompt=PROMPT,
-            negative_prompt=NEG,
-            width=size,
-            height=size,
-            num_inference_steps=steps,
-            guidance_scale=7.0,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-        ).images[0]
+    return batched_generate(pipe, size, steps, 1)[0]
 
 
 # ---- Imagine, as a server in its own process
