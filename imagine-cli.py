@@ -70,7 +70,9 @@ try:
         detach,
         job_path,
         job_updates,
+        pull_lines,
         remote_updates,
+        remove_model,
         server_request,
     )
 except ImportError as error:
@@ -87,13 +89,15 @@ SAMPLER_NAMES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    # --list and --job need no prompt; the prompt stays a required positional, as the spec has it, for the rest.
+    # --list, --pull, --rm and --job need no prompt; the prompt stays a required positional, as the spec has it, for
+    # the rest.
     listing = argparse.ArgumentParser(add_help=False)
+    for flag in ("--job", "--server", "--pull", "--rm"):
+        listing.add_argument(flag)
     listing.add_argument("--list", action="store_true")
-    listing.add_argument("--job")
-    listing.add_argument("--server")
+    listing.add_argument("--all", action="store_true")
     known, _ = listing.parse_known_args(argv)
-    if known.list:
+    if known.list or known.pull or known.rm:
         return known
     # -h is the height, as in the spec, so help is --help only.
     parser = argparse.ArgumentParser(prog="imagine", description="SD image generator", add_help=False)
@@ -134,7 +138,12 @@ def add_picture_options(parser: argparse.ArgumentParser) -> None:
 def add_mode_options(parser: argparse.ArgumentParser) -> None:
     """Where it is drawn (a server, this process) and what else the command can do."""
     add = parser.add_argument
-    add("--list", action="store_true", help="List the server's models and exit (default: generate)")
+    add("--list", action="store_true", help="List the server's models and exit; with --all, the catalog of models "
+        "--pull fetches by name (default: generate)")  # fmt: skip
+    add("--all", action="store_true", help="With --list: the catalog too")
+    add("--pull", metavar="NAME", help="Fetch a model by name into the server's models folder (no server: the local "
+        "one), e.g. dreamshaper-8 or z-image-turbo:bf16; --list --all lists the names")  # fmt: skip
+    add("--rm", metavar="NAME", help="Remove a pulled model, keeping the files other models use")
     add("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     add("--local", action="store_true", help="Generate in this process instead of on the server")
     add("--detach", action="store_true", help="Queue it as a job on the server, print the job's id and exit "
@@ -282,6 +291,24 @@ def follow_job(server: str, job_id: str, args: argparse.Namespace) -> list[Path]
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def local_engine():
+    """(imagine, engine): the server's settings and its engine package in this process, for a pull or a removal with
+    no server; the engine's refusals as ClientErrors."""
+    try:
+        import engine.devices
+        import engine.files.catalog
+        import engine.pull
+        import imagine
+        from engine.errors import ImagineError
+    except ImportError as error:
+        raise ClientError(missing_module(error).removeprefix("imagine: ")) from None
+    try:
+        yield imagine, engine
+    except ImagineError as error:
+        raise ClientError(error.message) from None
+
+
 def generate_locally(body: dict, args: argparse.Namespace, output: Path) -> tuple[list[Path], int]:
     """Runs the generation on this (main) thread, where it runs fastest, and saves from another; returns the
     paths written and the seed."""
@@ -364,11 +391,83 @@ def list_models(server: str) -> str:
             family = f"{family}, cannot draw: {model['parts']['missing']}"
         size = "built in" if model.get("builtin") else human_size(model["size"])
         rows.append((model["name"], family, size, "yes" if model["loaded"] else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return table(rows)
+
+
+def list_catalog(server: str) -> str:
+    """The server's GET /catalog as a table: each model and variant, its family, size, licence, whether it is here."""
+    rows = [("NAME", "FAMILY", "SIZE", "LICENCE", "HERE")]
+    for model in answer_fields(server_request("GET", server, "/catalog").content)["models"]:
+        licence = model["license"]["name"] + (", gated" if model["license"].get("gated") else "")
+        here = "yes" if model["present"] else "taken by the bare name here" if "taken" in model else ""
+        rows.append((model["name"], model["family"], human_size(model["size"]), licence, here))
+    return table(rows)
+
+
+def table(rows: list) -> str:
+    """Rows of cells as aligned columns, the last column left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = (
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]]) for row in rows
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]) for row in rows
     )
     return "\n".join(line.rstrip() for line in lines)
+
+
+def pull(args: argparse.Namespace) -> str:
+    """Pulls the model on the server (into its models folder), or with no server named and none running, into the
+    local models folder; shows a bar per file, and returns the name it draws by."""
+    server = args.server or os.environ.get("IMAGINE_SERVER")
+    try:
+        return show_pull(pull_lines(server or DEFAULT_SERVER, args.pull))
+    except NoServer:
+        if server:
+            raise
+    print(f"imagine: no server at {DEFAULT_SERVER}; pulling into the local models folder", file=sys.stderr)
+    with local_engine() as (imagine, engine):
+        settings = imagine.parse_settings([])
+        memory = engine.devices.device_memory(engine.devices.pick_device(settings.device))
+        return show_pull(engine.pull.Puller(settings).pull(args.pull, memory))
+
+
+def show_pull(lines) -> str:
+    """Shows a pull's lines on stderr: what it takes and why, then a bar per file as it comes and is checked."""
+    bars = {}
+    try:
+        for line in lines:
+            if "reason" in line:
+                print(f"imagine: {line['status']} ({line['reason']}); {human_size(line['total'])} to fetch",
+                      file=sys.stderr)  # fmt: skip
+            elif "completed" in line:
+                key = (line["status"], line["file"])
+                if key not in bars:
+                    desc = line["file"] if line["status"] == "downloading" else f"sha256 {line['file']}"
+                    bars[key] = tqdm(total=line["total"], unit="B", unit_scale=True, desc=desc, file=sys.stderr)
+                bars[key].update(line["completed"] - bars[key].n)
+            elif line.get("status") == "success":
+                print(f"imagine: pulled; draw with: imagine -m {line['model']} 'a prompt'", file=sys.stderr)
+                return line["model"]
+    finally:
+        for bar in bars.values():
+            bar.close()
+    raise ClientError("the pull ended before it said it succeeded")
+
+
+def remove(args: argparse.Namespace) -> str:
+    """Removes a pulled model on the server, or with no server named and none running, from the local models folder;
+    returns what was removed and kept."""
+    server = args.server or os.environ.get("IMAGINE_SERVER")
+    try:
+        removed = remove_model(server or DEFAULT_SERVER, args.rm)
+    except NoServer:
+        if server:
+            raise
+        with local_engine() as (imagine, engine):
+            settings = imagine.parse_settings([])
+            catalog = engine.files.catalog.Catalog(settings, loaded={})
+            used = catalog.files_in_use(but=catalog.pulled_model(args.rm))
+            removed = engine.pull.Puller(settings).remove(args.rm, used)
+    kept = f"; kept, as other models use them: {', '.join(removed['kept'])}" if removed["kept"] else ""
+    return f"removed {', '.join(removed['removed']) or 'nothing'}{kept}"
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -394,7 +493,11 @@ def main(argv=None) -> int:
     try:
         server = args.server or os.environ.get("IMAGINE_SERVER") or DEFAULT_SERVER
         if args.list:
-            print(list_models(server))
+            print(list_catalog(server) if args.all else list_models(server))
+        elif args.pull:
+            print(pull(args))
+        elif args.rm:
+            print(remove(args))
         elif args.detach:
             job_id = detach(server, request_body(args))
             print(job_id)

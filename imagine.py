@@ -130,6 +130,12 @@ OPTIONS = (
         "(default none)",
     ),
     Option("no_web", ("--no-web",), "turn the web page at / off, for a pure API server (default on)", bool),
+    Option(
+        "no_pull",
+        ("--no-pull",),
+        "turn pulling models by name (POST /pull) and removing them (DELETE /models/NAME) off (default on)",
+        bool,
+    ),
 )
 SWITCHED_ON = ("1", "true", "yes")
 OFFLOADS = ("none", "model", "sequential")
@@ -192,7 +198,7 @@ if __name__ == "__main__":
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 
-from api import a1111, jobs, native, openai  # noqa: E402
+from api import a1111, jobs, native, openai, pulls  # noqa: E402
 from api.channel import create_server as create_waitress_server  # noqa: E402
 from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
@@ -200,7 +206,7 @@ from engine.errors import ImagineError  # noqa: E402
 from engine.files.folders import model_folders  # noqa: E402
 from engine.held_jobs import JobStore  # noqa: E402
 
-DIALECTS = {"native": native, "jobs": jobs, "openai": openai, "a1111": a1111}
+DIALECTS = {"native": native, "jobs": jobs, "pulls": pulls, "openai": openai, "a1111": a1111}
 # A URL that reached no route (404, 405) still gets its dialect's error shape, by the dialect's prefix.
 PREFIXES = (("/v1/", "openai"), ("/sdapi/", "a1111"))
 

@@ -13,6 +13,7 @@ from waitress.utilities import Error as WaitressError
 
 from api.guard import SECURITY_HEADERS
 from api.native import INBUF_OVERFLOW, MAX_BODY_BYTES, OUTBUF_OVERFLOW, spool_shortage
+from api.pulls import PULL_SLOTS
 from engine.files.folders import FOLDER_WAITERS
 
 log = logging.getLogger("imagine")
@@ -166,8 +167,8 @@ def create_server(app, max_queue: int, host: str, port: int):
         port=port,
         # A thread for each waiting request and the running one (see take_generation_slot), one for each of as many
         # jobs' event streams (api/jobs.py, stream_slots), for each request waiting for the models folders to be
-        # read (see FolderReader), and spares.
-        threads=2 * (max_queue + 1) + SPARE_THREADS + FOLDER_WAITERS,
+        # read (see FolderReader), for each pull (api/pulls.py), and spares.
+        threads=2 * (max_queue + 1) + SPARE_THREADS + FOLDER_WAITERS + PULL_SLOTS,
         # Reading ahead on each connection is what lets waitress notice that a client has left.
         channel_request_lookahead=1,
         connection_limit=CONNECTION_LIMIT,

@@ -108,6 +108,31 @@ def error_message(response: requests.Response) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Models by name: pulled (POST /pull, its NDJSON lines) and removed (DELETE /models/<name>)
+# ---------------------------------------------------------------------------------------------
+
+
+def pull_lines(server: str, name: str):
+    """The lines of the server's pull of `name`, each a dict; an error line is a ClientError."""
+    response = server_request("POST", server, "/pull", json={"model": name}, stream=True, timeout=(10, None))
+    with response:
+        try:
+            for raw in response.iter_lines():
+                if raw:
+                    line = answer_fields(raw)
+                    if "error" in line:
+                        raise ClientError(str(line["error"]))
+                    yield line
+        except requests.RequestException:
+            raise ClientError(f"the connection to the server at {server} broke; pull again to resume") from None
+
+
+def remove_model(server: str, name: str) -> dict:
+    path = f"/models/{urllib.parse.quote(name, safe='')}"
+    return answer_fields(server_request("DELETE", server, path).content)
+
+
+# ---------------------------------------------------------------------------------------------
 # Jobs: queued on the server (POST /jobs), then followed (GET /jobs/<id>/events)
 # ---------------------------------------------------------------------------------------------
 

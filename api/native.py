@@ -277,6 +277,10 @@ ENDPOINTS = {
         "DELETE /jobs/<job_id>": "cancels a queued or running job",
         "GET /samplers": "the sampler names and schedule types /generate accepts",
         "GET /models": "the models in the models folders, with their family and whether they are loaded",
+        "GET /catalog": "the models Imagine pulls by name, their variants, sizes and licences, and which are here",
+        "POST /pull": 'fetches a catalog model into the models folder ({"model": "dreamshaper-8"}), its progress as '
+        "NDJSON",
+        "DELETE /models/<name>": "removes a pulled model's files, but those another model uses",
         "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",

@@ -1,6 +1,7 @@
 """The device a server runs on and the precision it computes in."""
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,13 @@ def pick_device(name: str) -> torch.device:
         gpus = f"cuda:0 to cuda:{count - 1}" if count else "none"
         raise SystemExit(f"imagine: device {name!r} is not available: this machine has {count} GPU(s) ({gpus})")
     return torch.device(name)
+
+
+def device_memory(device: torch.device) -> int:
+    """The memory a model has to draw in, in bytes: a GPU's own, else the machine's (MPS shares it with the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 CPUINFO = Path("/proc/cpuinfo")

@@ -16,7 +16,7 @@ import torch
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.infotext import generation_parameters
-from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started
+from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
@@ -82,7 +82,12 @@ class Engine:
 
     def load_model(self, name: str) -> Job:
         """Queues the loading of a model: the job ends with Loaded, or Failed saying why not."""
-        return self.queue(Job(GenerationRequest(prompt="", model=name), self.catalog.resolve(name), load_only=True))
+        return self.queue(Job(GenerationRequest(prompt="", model=name), self.catalog.resolve(name), only="load"))
+
+    def unload_model(self, key: str) -> Job:
+        """Queues the unloading of the model `key` (a resolve() key), after the jobs ahead of it: the job ends with
+        Unloaded."""
+        return self.queue(Job(GenerationRequest(prompt=""), key, only="unload"))
 
     def queue(self, job: Job) -> Job:
         with self.accepting:
@@ -169,7 +174,8 @@ class Engine:
             job.events.put(Failed(job.cancel_reason, cancelled=True))
             return
         self.running = job
-        job.events.put(Loading())
+        if job.only != "unload":
+            job.events.put(Loading())
         token = cancel_check.set(job.cancelled)  # what the cancel points inside every layer ask
         try:
             job.events.put(self.draw(job))
@@ -192,11 +198,15 @@ class Engine:
             self.running = None
 
     def draw(self, job: Job):
-        """The job's recipe; returns its last event (Loaded for a load job, else Finished)."""
+        """The job's recipe; returns its last event (Loaded or Unloaded for a load or unload job, else Finished)."""
         started = time.perf_counter()
+        if job.only == "unload":
+            if job.model_key in self.models.loaded:
+                self.models.unload(job.model_key)
+            return Unloaded()
         # 1. Load the model (or find it loaded); a load job ends here.
         model = self.models.get(job.model_key)
-        if job.load_only:
+        if job.only == "load":
             return Loaded()
         job.events.put(Loaded())
         # 2. Fill in what the request left out (size, steps, guidance, sampler): the family's own, within --max-size.

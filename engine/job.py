@@ -32,6 +32,11 @@ class Loaded:
 
 
 @dataclasses.dataclass
+class Unloaded:
+    """The model is unloaded (or was not loaded); an unload job (Engine.unload_model) ends here."""
+
+
+@dataclasses.dataclass
 class Started:
     """The prompts are encoded and the first step begins."""
 
@@ -97,13 +102,15 @@ class Job:
         request: GenerationRequest,
         model_key: str,
         client_gone=None,
-        load_only: bool = False,
+        only: str | None = None,
         events=None,
         interruptible: bool = False,
     ):
         self.request = request
         self.model_key = model_key
-        self.load_only = load_only  # only load the model (Engine.load_model): it ends with Loaded
+        # "load" or "unload" the model and nothing else (Engine.load_model, unload_model): it ends with Loaded, or
+        # Unloaded.
+        self.only = only
         # Where the engine puts the events (it only ever calls put): a queue the caller iterates over, or a
         # held job's record (engine/held_jobs.py), which keeps them for clients that come and go.
         self.events = queue.Queue() if events is None else events
@@ -127,7 +134,8 @@ class Job:
                 return
 
     def ends_with(self, event) -> bool:
-        return isinstance(event, (Finished, Failed)) or (self.load_only and isinstance(event, Loaded))
+        ends = {None: (Finished, Failed), "load": (Loaded, Failed), "unload": (Unloaded, Failed)}[self.only]
+        return isinstance(event, ends)
 
     def cancel(self, reason: ImagineError) -> None:
         """Stops the job before its next step, or before it starts; `reason` is what its client is told."""

@@ -31,3 +31,4 @@ class Settings:
     api_key: str = ""
     cors_origins: tuple = ()
     no_web: bool = False
+    no_pull: bool = False

@@ -3,6 +3,7 @@ of the models folders (GET /models), each model's family, read once per version 
 parts a flow-matching model's file is drawn with. What is loaded is engine/models.py's."""
 
 import collections
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from engine.files.folders import (
 )
 from engine.files.headers import Headers, Truncated
 from engine.files.parts import PartFinder, gguf_not_yet
+from engine.files.pulled import read_manifests
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.tensors import file_version
 from engine.settings import DEMO_MODEL, Settings
@@ -68,6 +70,8 @@ class Catalog:
         name = self.default if name is None else name
         if name == DEMO_MODEL:
             return DEMO_MODEL
+        if (pulled := self.pulled_model(name)) is not None:
+            return str(pulled)
         folders = checkpoint_folders(model_folders(self.settings.models_dir))
         if configured:
             found = find_in_folders(folders, name, CHECKPOINT_SUFFIXES)
@@ -91,6 +95,10 @@ class Catalog:
             "GET /models lists the models a request can name, 'demo' (built in) among them",
             404,
         )
+
+    def pulled_model(self, name: str) -> Path | None:
+        """The real path of the model pulled as `name` (engine/pull.py), or None where none was, or its file is gone."""
+        return next((real for real, manifest in self.pulled_files().items() if manifest.name == name), None)
 
     def resolve_or_default(self, name: str | None) -> str:
         """resolve(), with the default model for a name the folders lack (clients of OpenAI's API send dall-e-3)."""
@@ -117,6 +125,7 @@ class Catalog:
         folders = checkpoint_folders(model_folders(self.settings.models_dir))
         demo = {"family": FAMILIES["sd1"].name, "size": 0, "modified": None, "loaded": DEMO_MODEL in self.loaded}
         listed = [{"name": DEMO_MODEL, **demo, "builtin": True}]
+        pulled = self.pulled_files()
         for relative, path in walk_folders(folders, skip=NOT_CHECKPOINTS):
             real = real_path(path)
             if real is None or not is_model_entry(path, real):
@@ -124,12 +133,40 @@ class Catalog:
             name = model_name(folders, relative, real)
             if name is None:  # an entry of a later folder that an earlier one's entry of the same name hides
                 continue
+            entry = {"name": name}
+            if real in pulled:  # drawn by the name it was pulled as; its own file's name beside it
+                entry = {"name": pulled[real].name, "file": name, "pulled": pulled[real].variant}
             try:
                 described = self.describe(real)
             except OSError as error:  # e.g. a folder inside it that this server's user may not read
                 described = {"family": None, "error": f"cannot be read ({error.strerror})", "size": 0, "modified": None}
-            listed.append({"name": name, **described, "loaded": str(real) in self.loaded, "builtin": False})
+            listed.append({**entry, **described, "loaded": str(real) in self.loaded, "builtin": False})
         return listed
+
+    def files_in_use(self, but: Path | None) -> set:
+        """The real paths every model on disk but `but` draws from: its own file or folder and, for a flow model's
+        file, the parts it finds (what removing a pulled model must keep). Read on the folder reader's thread."""
+        used = set()
+        for _, path in walk_folders(checkpoint_folders(model_folders(self.settings.models_dir)), skip=NOT_CHECKPOINTS):
+            real = real_path(path)
+            if real is None or real == but or not is_model_entry(path, real):
+                continue
+            used.add(real)
+            family = FAMILIES.get(self.cached_family(real)["family"])
+            if family is not None and family.flow and real.is_file():
+                with contextlib.suppress(ImagineError):  # a model that lacks a part keeps none
+                    used |= {found.path for found in self.flow_parts(real)[1].values()}
+        return used
+
+    def pulled_files(self) -> dict:
+        """{real path of its file: Manifest} of each pulled model whose file is there."""
+        folders = model_folders(self.settings.models_dir)
+        found = {}
+        for manifest in read_manifests(folders).values():
+            path = find_in_folders(folders, manifest.model)
+            if path is not None and (real := real_path(path)) is not None:
+                found[real] = manifest
+        return found
 
     def describe(self, real: Path) -> dict:
         """Family, size and date of a model file or folder."""
