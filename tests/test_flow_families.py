@@ -15,7 +15,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_picture, decode_png, pixels, png_data, serving, wait_until
+from conftest import (
+    assert_same_picture,
+    decode_png,
+    element,
+    fill_form,
+    finished,
+    module_at,
+    open_page,
+    pixels,
+    png_data,
+    serving,
+    wait_until,
+)
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusion_model_files import (
     flux1_tensors,
@@ -37,8 +49,6 @@ from encoder_files import (
 from PIL import Image
 from safetensors.torch import save_file
 from selenium.webdriver.support.ui import Select
-from test_hostile_clients import module_at
-from test_web_page import element, fill_form, finished, open_page
 
 import engine.files.headers
 import imagine
