@@ -1,6 +1,6 @@
 """Fixtures and helpers the test modules share: a real engine on the tiny demo model, a Flask test client, servers,
-tiny models on disk (SD1, SDXL and SD2 checkpoints), the CLI and the web page.
-Bulkier groups of helpers live in modules of their own beside it (tiny_pipelines, jobs_client, ...)."""
+tiny models on disk (SD1, SDXL and SD2 checkpoints, a ComfyUI folder of flow models), the CLI and the web page.
+Bulkier groups of helpers live in modules of their own beside it (tiny_pipelines, flow_models, jobs_client, ...)."""
 
 import base64
 import contextlib
@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from diffusion_model_files import write_tiny_transformer_configs
+from encoder_files import write_tiny_encoder_configs
+from flow_models import write_comfyui_folder
 from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 from selenium import webdriver
@@ -437,3 +440,47 @@ def bare_call(pipe, scheduler_config, **options):
         **options,
     ).images[0]
     return np.asarray(image, dtype=np.int16)
+
+
+# ---- tiny flow models (Z-Image, FLUX.2 klein, FLUX.1) in a ComfyUI models folder
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory) -> Path:
+    """The shipped configs and tokenizers, with the tiny flow models' numbers in place of the full-size ones."""
+    configs = tmp_path_factory.mktemp("configs") / "configs"
+    shutil.copytree(CONFIGS_DIR, configs, symlinks=True)
+    write_tiny_transformer_configs(configs)
+    write_tiny_encoder_configs(configs)
+    return configs
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory) -> Path:
+    """ComfyUI's models folder of tiny flow models, as flow_models.write_comfyui_folder writes it."""
+    models = tmp_path_factory.mktemp("ComfyUI") / "models"
+    write_comfyui_folder(models)
+    return models
+
+
+@pytest.fixture(scope="module")
+def flow_engine(comfyui, tiny_configs):
+    """An engine on the ComfyUI folder and the tiny configs, one model loaded at a time; stopped at the end."""
+    engine = Engine(imagine.Settings(model="demo", models_dir=comfyui, max_loaded=1), configs_dir=tiny_configs)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def flow_client(flow_engine):
+    """A Flask test client on the flow engine."""
+    return imagine.create_app(flow_engine).test_client()
+
+
+@pytest.fixture
+def offline(request):
+    """The network blocked (no_network) for a test, unless it serves over loopback (a fixture named
+    over_loopback...); the flow modules ask it for every test (pytestmark)."""
+    if not any(name.startswith("over_loopback") for name in request.fixturenames):
+        request.getfixturevalue("no_network")
