@@ -1,4 +1,6 @@
-"""Fixtures: a real engine on the tiny demo model, a Flask test client, and tiny models on disk."""
+"""Fixtures and helpers the test modules share: a real engine on the tiny demo model, a Flask test client, servers,
+tiny models on disk (SD1, SDXL and SD2 checkpoints, a ComfyUI folder of flow models), the CLI and the web page.
+Bulkier groups of helpers live in modules of their own beside it (tiny_pipelines, flow_models, jobs_client, ...)."""
 
 import base64
 import contextlib
@@ -14,13 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
+from diffusion_model_files import write_tiny_transformer_configs
+from encoder_files import write_tiny_encoder_configs
+from flow_models import write_comfyui_folder
+from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 from selenium import webdriver
+from selenium.webdriver.common.by import By
+from tiny_pipelines import save_configs, tiny_sd2, tiny_sdxl
 from waitress import wasyncore
 
 import imagine
 from engine.demo import build_demo_pipeline
 from engine.engine import Engine
+from engine.ksampling import KDiffusionScheduler
+from engine.noise import PictureNoise
 from engine.pipeline import generate
 from engine.settings import CONFIGS_DIR
 
@@ -49,6 +60,18 @@ def png_data(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def noise_picture(width=64, height=64, seed=0) -> Image.Image:
+    """A picture of random pixels, for img2img and inpainting."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def square_mask(size=(64, 64), box=(24, 24, 40, 40)) -> Image.Image:
+    """An inpainting mask: white (repaint) inside `box`, black (keep) elsewhere."""
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
 
 
 def save_tiny_folder(path: Path, seed: int) -> Path:
@@ -97,6 +120,14 @@ def count_loads(engine, monkeypatch) -> list:
 
     monkeypatch.setattr(engine.models, "load", counting_load)
     return loads
+
+
+def module_at(model, path: str):
+    """A module of a loaded model's pipeline by its dotted path, e.g. 'unet.mid_block'."""
+    module = model.txt2img
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
 
 
 @pytest.fixture
@@ -227,6 +258,22 @@ def start_server(tmp_path):
         process.wait(timeout=30)
 
 
+CLI = Path(__file__).resolve().parent.parent / "imagine-cli.py"
+TINY = ["-w", "64", "-h", "64", "-n", "4", "--seed", "42"]  # the CLI's flags for FAST
+
+
+def run_cli(*args, cwd, server=None, env_extra=None, **options):
+    """Runs imagine-cli.py in a process of its own, as a user does; the server and key of this environment are
+    left out, so only `server` and `env_extra` give them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGINE_SERVER", "IMAGINE_API_KEY")}
+    if server:
+        env["IMAGINE_SERVER"] = server
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **options
+    )
+
+
 @contextlib.contextmanager
 def serving(engine):
     """Serves `engine` through waitress on a free loopback port; yields its URL, and on leaving stops every
@@ -267,6 +314,45 @@ def serve():
         yield lambda engine: servers.enter_context(serving(engine))
 
 
+def post_in_background(url, body, results):
+    """POSTs `body` to /generate on a thread of its own, which appends (status, JSON answer) to `results`; returns
+    the started thread."""
+
+    def post():
+        response = requests.post(f"{url}/generate", json=body, timeout=120)
+        results.append((response.status_code, response.json()))
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+# /health must answer at once while any request runs; this bound only catches a server held for seconds (the
+# attacks of issue 25 held it 13-86 s); the slowest answer measured is printed (pytest -s) for the
+# performance figures.
+HEALTH_BOUND = 1.0
+
+
+def health_while(url, attack):
+    """Runs `attack()` on a thread and asks /health through waitress until it ends; returns (the attack's answer,
+    the slowest /health answer in seconds)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=attack()), daemon=True)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        started = time.perf_counter()
+        assert requests.get(f"{url}/health", timeout=300).status_code == 200
+        slowest = max(slowest, time.perf_counter() - started)
+        time.sleep(0.01)
+    thread.join()
+    print(f"slowest /health while the attack ran: {slowest * 1000:.1f} ms")
+    return result["answer"], slowest
+
+
+# ---- the web page in the browser
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
@@ -287,3 +373,137 @@ def browser():
     driver.set_script_timeout(60)
     yield driver
     driver.quit()
+
+
+def open_page(browser, url):
+    """Opens the page and waits until it has listed the models and the samplers."""
+    browser.get(url)
+    wait_until(lambda: element(browser, "status").text in ("ready", ""), "the page loaded its lists")
+    wait_until(lambda: element(browser, "sampler").get_attribute("value"), "the samplers are listed")
+
+
+def element(browser, id_):
+    """The page's element of this id."""
+    return browser.find_element(By.ID, id_)
+
+
+def set_field(browser, id_, value):
+    """Types `value` into a field in place of what it held."""
+    field = element(browser, id_)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def fill_form(browser, prompt, steps, seed, size=64):
+    """Fills in the prompt, a square size, the steps and a fixed seed (unticking "random seed")."""
+    set_field(browser, "prompt", prompt)
+    set_field(browser, "width", size)
+    set_field(browser, "height", size)
+    set_field(browser, "num_steps", steps)
+    if element(browser, "random-seed").is_selected():
+        element(browser, "random-seed").click()
+    set_field(browser, "seed", seed)
+
+
+def finished(browser):
+    """Whether the page says it has finished the picture."""
+    return element(browser, "status").text.startswith("done")
+
+
+# ---- tiny SDXL and SD2 single-file checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """(models dir, configs root, source pipelines): tiny SDXL and SD2 files in the LDM layout, and a
+    configs root with sdxl, sd2 and sd2-v folders that fit them."""
+    root = tmp_path_factory.mktemp("families")
+    models, configs = root / "models", root / "configs"
+    models.mkdir()
+    sources = {"sdxl": tiny_sdxl(), "sd2": tiny_sd2("epsilon"), "sd2-v": tiny_sd2("v_prediction")}
+    for name, pipe in sources.items():
+        save_configs(pipe, configs / name)
+    save_ldm_checkpoint(sources["sdxl"], models / "xl.safetensors", family="sdxl")
+    for name in ("sd2-plain", "sd2-eps", "sd2-v"):
+        save_ldm_checkpoint(sources["sd2"], models / f"{name}.safetensors", family="sd2")
+    # What Stability's v2-inference.yaml and v2-inference-v.yaml say, shortened.
+    (models / "sd2-eps.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n    image_size: 64\n")
+    (models / "sd2-v.yaml").write_text('model:\n  params:\n    parameterization: "v"\n    image_size: 96\n')
+    return models, configs, sources
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_files):
+    """An engine on tiny_files' models and configs, default model 'xl', in float32."""
+    models, configs, _ = tiny_files
+    engine = Engine(imagine.Settings(model="xl", models_dir=models, max_loaded=4, fp_prec="32"), configs_dir=configs)
+    engine.start()
+    return engine
+
+
+def answer(engine, **fields):
+    """The answer of /generate on `engine` to 'a cat' at FAST settings with `fields`; fails the test on any error."""
+    response = imagine.create_app(engine).test_client().post("/generate", json={"prompt": "a cat", **FAST, **fields})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def bare_call(pipe, scheduler_config, **options):
+    """The same picture from the source pipeline, called directly with the server's default sampler (A1111's
+    DPM++ 2M on its Karras schedule) and the seed's CPU noise."""
+    pipe.scheduler = KDiffusionScheduler.for_model(dict(scheduler_config), "dpm++ 2m")
+    noise = PictureNoise("cpu", [FAST["seed"]], (4, options["height"] // 8, options["width"] // 8))
+    pipe.scheduler.use_noise(noise)
+    image = pipe(
+        "a cat",
+        negative_prompt="",
+        num_inference_steps=FAST["num_steps"],
+        guidance_scale=7.0,
+        latents=noise.next(),
+        **options,
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+# ---- tiny flow models (Z-Image, FLUX.2 klein, FLUX.1) in a ComfyUI models folder
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory) -> Path:
+    """The shipped configs and tokenizers, with the tiny flow models' numbers in place of the full-size ones."""
+    configs = tmp_path_factory.mktemp("configs") / "configs"
+    shutil.copytree(CONFIGS_DIR, configs, symlinks=True)
+    write_tiny_transformer_configs(configs)
+    write_tiny_encoder_configs(configs)
+    return configs
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory) -> Path:
+    """ComfyUI's models folder of tiny flow models, as flow_models.write_comfyui_folder writes it."""
+    models = tmp_path_factory.mktemp("ComfyUI") / "models"
+    write_comfyui_folder(models)
+    return models
+
+
+@pytest.fixture(scope="module")
+def flow_engine(comfyui, tiny_configs):
+    """An engine on the ComfyUI folder and the tiny configs, one model loaded at a time; stopped at the end."""
+    engine = Engine(imagine.Settings(model="demo", models_dir=comfyui, max_loaded=1), configs_dir=tiny_configs)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def flow_client(flow_engine):
+    """A Flask test client on the flow engine."""
+    return imagine.create_app(flow_engine).test_client()
+
+
+@pytest.fixture
+def offline(request):
+    """The network blocked (no_network) for a test, unless it serves over loopback (a fixture named
+    over_loopback...); the flow modules ask it for every test (pytestmark)."""
+    if not any(name.startswith("over_loopback") for name in request.fixturenames):
+        request.getfixturevalue("no_network")

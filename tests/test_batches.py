@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, decode_png
+from conftest import FAST, decode_png, noise_picture, png_data, square_mask
 
 import imagine
 from engine import pipeline
@@ -40,8 +40,6 @@ def test_a_batch_keeps_img_and_seed_of_its_first_picture_and_each_png_carries_it
     ids=["txt2img", "euler a", "dpm++ sde", "img2img", "inpaint"],
 )
 def test_picture_k_of_a_batch_is_the_single_picture_with_seed_plus_k(client, fields):
-    from test_inpaint import noise_picture, png_data, square_mask
-
     inputs = {"noise": png_data(noise_picture()), "square": png_data(square_mask())}
     body = {"prompt": "a cat", **FAST, **{field: inputs.get(value, value) for field, value in fields.items()}}
     batch = client.post("/generate", json={**body, "n": 3}).get_json()

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, decode_png, free_port, png_data, serving
+from conftest import CLI, FAST, TINY, decode_png, free_port, png_data, run_cli, serving
 from PIL import Image
 
 from engine.samplers import SAMPLER_NAMES, sampler_label
-
-CLI = Path(__file__).resolve().parent.parent / "imagine-cli.py"
-TINY = ["-w", "64", "-h", "64", "-n", "4", "--seed", "42"]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +25,6 @@ def cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_cli(*args, cwd, server=None, env_extra=None, **options):
-    env = {k: v for k, v in os.environ.items() if k not in ("IMAGINE_SERVER", "IMAGINE_API_KEY")}
-    if server:
-        env["IMAGINE_SERVER"] = server
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **options
-    )
 
 
 def saved_image(result, cwd: Path) -> Image.Image:

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import CLI, TINY, run_cli
 from PIL import Image
-from test_cli import CLI, TINY, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

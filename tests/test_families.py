@@ -7,150 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_png, pixels, png_data
+from conftest import FAST, answer, bare_call, decode_png, pixels, png_data
 from diffusers import (
-    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from ldm_checkpoint import ldm_shapes, save_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import imagine
-from engine.demo import build_tiny_vae
-from engine.engine import Engine
 from engine.files.families import FAMILIES, FAMILY_KEY_PREFIXES, SD_LATENT_RGB, SDXL_LATENT_RGB, detect_family
-from engine.ksampling import KDiffusionScheduler
-from engine.noise import PictureNoise
 from engine.settings import CONFIGS_DIR
-
-
-def tiny_text_encoder(cls=CLIPTextModel, **config):
-    text = dict(intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vocab_size=49408)
-    return cls(CLIPTextConfig(**text, max_position_embeddings=77, **config))
-
-
-def tiny_unet(**config):
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        **config,
-    )
-
-
-def tiny_sdxl() -> StableDiffusionXLPipeline:
-    """SDXL's structure in miniature: two text encoders (of different widths, or the single-file loader
-    cannot tell them apart), size and time conditioning, deeper transformers in the lower block."""
-    torch.manual_seed(0)
-    configs = CONFIGS_DIR / "sdxl"
-    return StableDiffusionXLPipeline(
-        vae=build_tiny_vae(scaling_factor=0.13025, force_upcast=True),
-        text_encoder=tiny_text_encoder(hidden_size=32),
-        text_encoder_2=tiny_text_encoder(
-            CLIPTextModelWithProjection, hidden_size=48, projection_dim=48, hidden_act="gelu"
-        ),
-        tokenizer=CLIPTokenizer.from_pretrained(configs / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(configs / "tokenizer_2"),
-        # cross attention sees both encoders side by side (32 + 48); the added conditioning is the
-        # pooled 48-wide text embedding plus six 8-wide size and crop embeddings.
-        unet=tiny_unet(
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=80,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=96,
-        ),
-        scheduler=EulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
-    )
-
-
-def tiny_sd2(prediction: str) -> StableDiffusionPipeline:
-    """SD2's structure in miniature: an OpenCLIP-style text encoder (gelu) and linear projections."""
-    torch.manual_seed(1)
-    return StableDiffusionPipeline(
-        vae=build_tiny_vae(),
-        text_encoder=tiny_text_encoder(hidden_size=32, hidden_act="gelu"),
-        tokenizer=CLIPTokenizer.from_pretrained(CONFIGS_DIR / "sd2" / "tokenizer"),
-        unet=tiny_unet(cross_attention_dim=32),
-        scheduler=PNDMScheduler.from_pretrained(CONFIGS_DIR / "sd2" / "scheduler", prediction_type=prediction),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def save_configs(pipe, path):
-    """A config folder like those in configs/: every module's config and the tokenizers, no weights."""
-    pipe.save_config(path)
-    for name, module in pipe.components.items():
-        if module is None:
-            continue
-        if name.startswith("tokenizer"):
-            module.save_pretrained(path / name)
-        elif hasattr(module, "save_config"):  # diffusers models and schedulers
-            module.save_config(path / name)
-        else:  # transformers models
-            module.config.save_pretrained(path / name)
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    """(models dir, configs root, source pipelines): tiny SDXL and SD2 files in the LDM layout, and a
-    configs root with sdxl, sd2 and sd2-v folders that fit them."""
-    root = tmp_path_factory.mktemp("families")
-    models, configs = root / "models", root / "configs"
-    models.mkdir()
-    sources = {"sdxl": tiny_sdxl(), "sd2": tiny_sd2("epsilon"), "sd2-v": tiny_sd2("v_prediction")}
-    for name, pipe in sources.items():
-        save_configs(pipe, configs / name)
-    save_ldm_checkpoint(sources["sdxl"], models / "xl.safetensors", family="sdxl")
-    for name in ("sd2-plain", "sd2-eps", "sd2-v"):
-        save_ldm_checkpoint(sources["sd2"], models / f"{name}.safetensors", family="sd2")
-    # What Stability's v2-inference.yaml and v2-inference-v.yaml say, shortened.
-    (models / "sd2-eps.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n    image_size: 64\n")
-    (models / "sd2-v.yaml").write_text('model:\n  params:\n    parameterization: "v"\n    image_size: 96\n')
-    return models, configs, sources
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_files):
-    models, configs, _ = tiny_files
-    engine = Engine(imagine.Settings(model="xl", models_dir=models, max_loaded=4, fp_prec="32"), configs_dir=configs)
-    engine.start()
-    return engine
-
-
-def answer(engine, **fields):
-    response = imagine.create_app(engine).test_client().post("/generate", json={"prompt": "a cat", **FAST, **fields})
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
-
-
-def bare_call(pipe, scheduler_config, **options):
-    """The same picture from the source pipeline, called directly with the server's default sampler (A1111's
-    DPM++ 2M on its Karras schedule) and the seed's CPU noise."""
-    pipe.scheduler = KDiffusionScheduler.for_model(dict(scheduler_config), "dpm++ 2m")
-    noise = PictureNoise("cpu", [FAST["seed"]], (4, options["height"] // 8, options["width"] // 8))
-    pipe.scheduler.use_noise(noise)
-    image = pipe(
-        "a cat",
-        negative_prompt="",
-        num_inference_steps=FAST["num_steps"],
-        guidance_scale=7.0,
-        latents=noise.next(),
-        **options,
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 def same_weights(source, loaded, names):

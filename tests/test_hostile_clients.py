@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import FAST, count_loads, free_port, save_config_folder, wait_until
+from conftest import FAST, count_loads, free_port, module_at, save_config_folder, wait_until
 from PIL import Image
 
 from api.channel import HALF_CLOSE_GRACE
@@ -292,14 +292,6 @@ def test_a_utf8_api_key_sent_as_curl_sends_it_is_accepted(make_engine, serve):
 
 
 # ---- 14. cancel inside a step
-
-
-def module_at(model, path: str):
-    """A module of a loaded model's pipeline by its dotted path, e.g. 'unet.mid_block'."""
-    module = model.txt2img
-    for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
 
 
 @pytest.mark.parametrize(

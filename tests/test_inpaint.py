@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_png, pixels, png_data, save_tiny_folder
+from conftest import FAST, decode_png, noise_picture, pixels, png_data, save_tiny_folder, square_mask
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from ldm_checkpoint import ldm_shapes, save_ldm_checkpoint
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
-from test_families import save_configs, tiny_sd2, tiny_sdxl, tiny_unet
+from tiny_pipelines import save_configs, tiny_sd2, tiny_sdxl, tiny_unet
 
 import imagine
 from engine.demo import build_demo_pipeline
@@ -27,16 +27,6 @@ from engine.pipeline import crop_box
 from engine.settings import CONFIGS_DIR
 
 STEPS = {"num_steps": 4, "seed": 42}
-
-
-def noise_picture(width=64, height=64, seed=0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def square_mask(size=(64, 64), box=(24, 24, 40, 40)) -> Image.Image:
-    mask = Image.new("L", size, 0)
-    mask.paste(255, box)
-    return mask
 
 
 def inpaint(client, img, mask, **fields):

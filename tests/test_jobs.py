@@ -2,7 +2,6 @@
 them, cancelled, kept for --job-ttl seconds and at most --max-jobs; on the tiny demo model."""
 
 import gc
-import json
 import logging
 import re
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import FAST, free_port, pixels, read_log_until_listening, wait_until
+from jobs_client import events, job, parse_events, stream, submit, wait_for
 from PIL import Image
 
 import imagine
@@ -24,45 +24,6 @@ from engine.held_jobs import HeldJob, JobStore
 ROOT = Path(imagine.__file__).resolve().parent
 CLI = ROOT / "imagine-cli.py"
 DOC_EXAMPLES = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "jobs.md").read_text(), re.S)
-
-
-def submit(client, body=None, **fields) -> dict:
-    response = client.post("/jobs", json={"prompt": "a job", **FAST, **(body or {}), **fields})
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()
-
-
-def job(client, job_id, query="") -> dict:
-    response = client.get(f"/jobs/{job_id}{query}")
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
-
-
-def wait_for(client, job_id, *statuses) -> dict:
-    wait_until(lambda: job(client, job_id)["status"] in statuses, f"job {job_id} is {' or '.join(statuses)}")
-    return job(client, job_id)
-
-
-def parse_events(lines):
-    """(id, event, data) for each event of a text/event-stream, as the lines come."""
-    fields = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        elif "data" in fields:
-            yield int(fields["id"]), fields["event"], json.loads(fields["data"])
-            fields = {}
-
-
-def stream(client, job_id, query="", last_id=None):
-    """GET /jobs/<id>/events through the test client, unbuffered; its events are read with `events(response)`."""
-    headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
-    return client.get(f"/jobs/{job_id}/events{query}", headers=headers, buffered=False)
-
-
-def events(response):
-    return parse_events(line for chunk in response.response for line in chunk.decode().split("\n"))
 
 
 def read_to_end(response) -> list:

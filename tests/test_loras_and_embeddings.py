@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, pixels
+from conftest import FAST, answer, pixels
 from lora_files import diffusers_lora, kohya_lora, token_vectors
 from safetensors.torch import save_file
-from test_families import answer, tiny_engine, tiny_files, tiny_sdxl  # noqa: F401 (fixtures)
+from tiny_pipelines import tiny_sdxl
 
 import imagine
 from engine.demo import build_demo_pipeline
@@ -202,7 +202,7 @@ def test_a_bad_lora_is_refused_naming_it_and_why_and_leaves_nothing_behind(lora_
     assert np.array_equal(picture(lora_engine), base)
 
 
-def test_a_lora_of_another_family_without_metadata_is_refused_and_leaves_no_adapter(tiny_engine, folder, tiny_files):  # noqa: F811
+def test_a_lora_of_another_family_without_metadata_is_refused_and_leaves_no_adapter(tiny_engine, folder, tiny_files):
     models, _, _ = tiny_files
     (models / "loras").mkdir(exist_ok=True)
     (models / "loras" / "sd1.safetensors").write_bytes(
@@ -224,7 +224,7 @@ def test_a_lora_of_another_family_without_metadata_is_refused_and_leaves_no_adap
     assert np.array_equal(pixels(answer(tiny_engine, model="xl")["img"]), base)
 
 
-def test_a_kohya_sdxl_lora_with_both_text_encoders_applies_to_sdxl(tiny_engine, folder, tiny_files):  # noqa: F811
+def test_a_kohya_sdxl_lora_with_both_text_encoders_applies_to_sdxl(tiny_engine, folder, tiny_files):
     models, _, _ = tiny_files
     (models / "loras").mkdir(exist_ok=True)
     (models / "loras" / "xl_detail.safetensors").write_bytes((folder / "loras" / "xl_detail.safetensors").read_bytes())
@@ -318,7 +318,7 @@ def test_a_prompt_without_the_embeddings_name_draws_as_if_it_did_not_exist(lora_
     )
 
 
-def test_an_sdxl_embedding_gives_each_encoder_its_vectors(tiny_engine, folder, tiny_files):  # noqa: F811
+def test_an_sdxl_embedding_gives_each_encoder_its_vectors(tiny_engine, folder, tiny_files):
     models, _, _ = tiny_files
     (models / "embeddings").mkdir(exist_ok=True)
     (models / "embeddings" / "xlcat.safetensors").write_bytes(

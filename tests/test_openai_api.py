@@ -7,10 +7,17 @@ import logging
 import openai
 import pytest
 import requests
-from conftest import FAST, assert_same_picture, pixels, png_data
+from conftest import (
+    FAST,
+    assert_same_picture,
+    noise_picture,
+    pixels,
+    png_data,
+    post_in_background,
+    square_mask,
+    wait_until,
+)
 from PIL import Image
-from test_inpaint import noise_picture, square_mask
-from test_queue_and_cancel import post_in_background, wait_until
 
 # Imagine's knobs, as the SDK sends them: extra fields beside OpenAI's.
 QUICK = {"steps": 4, "seed": 42}

@@ -5,7 +5,7 @@ import threading
 
 import torch
 from conftest import decode_png
-from test_jobs import events, stream, submit, wait_for
+from jobs_client import events, stream, submit, wait_for
 
 import imagine
 

@@ -4,8 +4,7 @@ lcm sampler; a plain prompt draws exactly what the diffusers pipeline draws from
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_png, pixels
-from test_families import answer, bare_call, tiny_engine, tiny_files  # noqa: F401 (fixtures)
+from conftest import FAST, answer, bare_call, decode_png, pixels
 
 from engine.demo import build_demo_pipeline
 from engine.prompts import parse_prompt_attention, prompt_chunks, prompt_embeddings
@@ -155,7 +154,7 @@ def test_a_plain_sd1_prompt_draws_bit_for_bit_what_diffusers_draws_from_the_text
 
 
 @pytest.mark.parametrize("model", ["xl", "sd2-v"])
-def test_a_plain_sdxl_or_sd2_prompt_draws_bit_for_bit_what_diffusers_draws(tiny_engine, tiny_files, model):  # noqa: F811
+def test_a_plain_sdxl_or_sd2_prompt_draws_bit_for_bit_what_diffusers_draws(tiny_engine, tiny_files, model):
     _, _, sources = tiny_files
     pipe = sources["sdxl" if model == "xl" else "sd2"]
     config = dict(pipe.scheduler.config)
@@ -198,7 +197,7 @@ def test_clip_skip_2_changes_the_picture_and_is_written_into_the_png(client):
     assert "Clip skip" not in decode_png(plain["img"]).info["parameters"]
 
 
-def test_clip_skip_on_sdxl_moves_both_encoders_back_a_layer(tiny_engine):  # noqa: F811
+def test_clip_skip_on_sdxl_moves_both_encoders_back_a_layer(tiny_engine):
     plain = pixels(answer(tiny_engine, model="xl")["img"])
     assert np.abs(plain - pixels(answer(tiny_engine, model="xl", clip_skip=2)["img"])).mean() > 0.5
 

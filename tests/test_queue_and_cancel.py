@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port, read_log_until_listening, wait_until
+from conftest import FAST, free_port, post_in_background, read_log_until_listening, wait_until
 
 import imagine
 from api.channel import HALF_CLOSE_GRACE
@@ -37,16 +37,6 @@ def record_jobs(engine, monkeypatch) -> list:
 
     monkeypatch.setattr(engine, "submit", recording_submit)
     return jobs
-
-
-def post_in_background(url, body, results):
-    def post():
-        response = requests.post(f"{url}/generate", json=body, timeout=120)
-        results.append((response.status_code, response.json()))
-
-    thread = threading.Thread(target=post)
-    thread.start()
-    return thread
 
 
 # ---- the bounded queue

@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import FAST, pixels, serving, wait_until
+from conftest import FAST, element, fill_form, finished, open_page, pixels, serving, wait_until
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -16,32 +16,6 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
 import imagine
-
-
-def open_page(browser, url):
-    browser.get(url)
-    wait_until(lambda: element(browser, "status").text in ("ready", ""), "the page loaded its lists")
-    wait_until(lambda: element(browser, "sampler").get_attribute("value"), "the samplers are listed")
-
-
-def element(browser, id_):
-    return browser.find_element(By.ID, id_)
-
-
-def set_field(browser, id_, value):
-    field = element(browser, id_)
-    field.clear()
-    field.send_keys(str(value))
-
-
-def fill_form(browser, prompt, steps, seed, size=64):
-    set_field(browser, "prompt", prompt)
-    set_field(browser, "width", size)
-    set_field(browser, "height", size)
-    set_field(browser, "num_steps", steps)
-    if element(browser, "random-seed").is_selected():
-        element(browser, "random-seed").click()
-    set_field(browser, "seed", seed)
 
 
 def record_picture_changes(browser):
@@ -52,10 +26,6 @@ def record_picture_changes(browser):
             document.getElementById('picture').src))).observe(document.getElementById('picture'), {attributes: true});
         """
     )
-
-
-def finished(browser):
-    return element(browser, "status").text.startswith("done")
 
 
 def shown_picture(browser) -> np.ndarray:
