@@ -89,7 +89,7 @@ class HubServer:
         self.token = token
         self.redirect_files = redirect_files
         self.requests: list[tuple[str, str, str | None]] = []
-        self.cuts: dict[str, int] = {}  # key -> bytes the next GET sends before the connection closes
+        self.cuts: dict[str, list] = {}  # key -> [bytes a GET sends before the connection closes, GETs left to cut]
         self.corrupted: set[str] = set()
 
     def __enter__(self):
@@ -114,10 +114,10 @@ class HubServer:
         """The repo's one commit: fixed, so a test can pin it as a revision."""
         return hashlib.sha1(repo.encode()).hexdigest()
 
-    def cut_after(self, key: str, n_bytes: int) -> None:
-        """The next GET of the file sends `n_bytes` of its body, then the connection closes."""
+    def cut_after(self, key: str, n_bytes: int, times: int = 1) -> None:
+        """The next `times` GETs of the file send `n_bytes` of its body each, then the connection closes."""
         self._check(key)
-        self.cuts[key] = n_bytes
+        self.cuts[key] = [n_bytes, times]
 
     def corrupt(self, key: str) -> None:
         """From now on the file's bytes have one flipped; its headers still carry the true sha256 and size."""
@@ -266,8 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         body = (_flip_a_byte(content) if key in hub.corrupted else content)[start : end + 1]
-        if (cut := hub.cuts.pop(key, None)) is not None:
-            body, self.close_connection = body[:cut], True
+        if (cut := hub.cuts.get(key)) is not None:
+            cut[1] -= 1
+            if not cut[1]:
+                del hub.cuts[key]
+            body, self.close_connection = body[: cut[0]], True
         self.wfile.write(body)
 
     def send_json(self, value, status=200, headers=None):
