@@ -140,10 +140,10 @@ def add_mode_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--list", action="store_true", help="List the server's models and exit; with --all, the catalog of models "
         "--pull fetches by name (default: generate)")  # fmt: skip
-    add("--all", action="store_true", help="With --list: the catalog too")
+    add("--all", action="store_true", help="With --list: the catalog, not the models here (default off)")
     add("--pull", metavar="NAME", help="Fetch a model by name into the server's models folder (no server: the local "
-        "one), e.g. dreamshaper-8 or z-image-turbo:bf16; --list --all lists the names")  # fmt: skip
-    add("--rm", metavar="NAME", help="Remove a pulled model, keeping the files other models use")
+        "one), e.g. dreamshaper-8 or z-image-turbo:bf16; --list --all lists the names (default: none)")  # fmt: skip
+    add("--rm", metavar="NAME", help="Remove a pulled model, keeping the files other models use (default: none)")
     add("--server", metavar="URL", help=f"Server URL (IMAGINE_SERVER, default {DEFAULT_SERVER})")
     add("--local", action="store_true", help="Generate in this process instead of on the server")
     add("--detach", action="store_true", help="Queue it as a job on the server, print the job's id and exit "

@@ -60,10 +60,12 @@ def a1111_titles(catalog, hashes: ModelHashes) -> dict:
     for entry in catalog.listing():
         if entry.get("error") or entry["builtin"]:
             continue
-        found = find_in_folders(folders, entry["name"], CHECKPOINT_SUFFIXES)
+        # A pulled model is titled by the name it was pulled as (its file's is beside it, in `file`).
+        found = find_in_folders(folders, entry.get("file", entry["name"]), CHECKPOINT_SUFFIXES)
         real = real_path(found)
         sha256 = hashes.get(real) if real.is_file() else None
-        name = entry["name"] if entry["name"].endswith(found.suffix) else entry["name"] + found.suffix
+        whole = "file" in entry or entry["name"].endswith(found.suffix)  # a pulled name, or one with its suffix
+        name = entry["name"] if whole else entry["name"] + found.suffix
         title = f"{name} [{sha256[:10]}]" if sha256 else name
         model_name = os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0]
         listed[str(real)] = {"title": title, "model_name": model_name, "hash": sha256 and sha256[:10], "sha256": sha256}

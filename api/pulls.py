@@ -89,7 +89,8 @@ def catalog_fields(library: Library, folders: list, memory: int) -> list:
 def catalog_route():
     engine = current_engine()
     folders = model_folders(engine.settings.models_dir)
-    models = engine.catalog.reader.read(lambda: catalog_fields(current_puller().library, folders, memory()))
+    library, here = current_puller().library, memory()
+    models = engine.catalog.reader.read(lambda: catalog_fields(library, folders, here))
     return jsonify(models=models)
 
 
@@ -143,7 +144,7 @@ def pull_body(first: dict, lines, release):
         release()
 
 
-@blueprint.delete("/models/<path:name>")
+@blueprint.delete("/models/<name>")
 def remove_route(name):
     check_may_pull()
     engine = current_engine()

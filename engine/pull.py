@@ -66,8 +66,8 @@ class Puller:
         total = sum(found[remote.id].size for remote in missing)
         files = [{"file": remote.destination, "size": found[remote.id].size, "present": present[remote.id] is not None}
                  for remote in variant.files]  # fmt: skip
-        yield {"status": f"pulling {variant.label}", "model": base, "reason": why, "total": total, "files": files}
         self.check_space(sum(found[remote.id].size - self.part_size(self.part(remote)) for remote in missing))
+        yield {"status": f"pulling {variant.label}", "model": base, "reason": why, "total": total, "files": files}
         # 2. Fetch, check and place each missing file.
         for remote in missing:
             yield from self.fetched(remote, found[remote.id])
@@ -137,8 +137,7 @@ class Puller:
         """Fetches the rest of a hub file into `part` and checks its size and sha256; lines name it `shown`."""
         part.parent.mkdir(parents=True, exist_ok=True)
         line = {"status": "downloading", "file": shown, "total": found.size}
-        yield from reported(lambda report: fetch_hub_file(remote, found, part, report), line)
-        yield {**line, "completed": part.stat().st_size}
+        yield from reported(lambda report: fetch_hub_file(remote, found, part, report), line, self.part_size(part))
         if part.stat().st_size != found.size:
             raise ImagineError(f"{shown} came to {part.stat().st_size} of {found.size} bytes; pull again", 502)
         if found.sha256 is not None:
@@ -162,8 +161,8 @@ class Puller:
         remote = hub and RemoteFile(url, hub[1], hub[3], "", hub[3].rpartition("/")[2], hub[2] or "main")
         found = remote and hub_file(remote)
         size = found.size if found else url_size(url)
-        yield {"status": f"pulling {shown}", "reason": "a file named by its URL", "total": size or 0}
         self.check_space((size or 0) - self.part_size(part))
+        yield {"status": f"pulling {shown}", "reason": "a file named by its URL", "total": size or 0}
         lock = self.lock_for(str(part))
         while not lock.acquire(timeout=1):
             yield {"status": "waiting for another pull", "file": shown}
@@ -230,11 +229,14 @@ class Puller:
         return {"removed": removed, "kept": kept}
 
 
-def reported(work: Callable[[Callable[[int], None]], object], line: dict) -> Generator[dict, None, object]:
+def reported(
+    work: Callable[[Callable[[int], None]], object], line: dict, start: int = 0
+) -> Generator[dict, None, object]:
     """Runs `work(report)` on a thread of its own and yields `line` with the latest count it reported as
-    "completed", every PROGRESS_SECONDS, until it ends; returns its result or raises what it raised. Closing the
-    generator (its reader left) stops the work at its next report."""
-    latest, outcome, stop = [0], {}, threading.Event()
+    "completed": as it starts, every PROGRESS_SECONDS, and once it has ended well; returns its result or raises what
+    it raised. Closing the generator (its reader left) stops the work at its next report. `start`: the count so far
+    (what a resumed fetch had already)."""
+    latest, outcome, stop = [start], {}, threading.Event()
 
     def report(count: int) -> None:
         if stop.is_set():
@@ -251,12 +253,12 @@ def reported(work: Callable[[Callable[[int], None]], object], line: dict) -> Gen
     thread.start()
     try:
         while thread.is_alive():
+            yield {**line, "completed": latest[0]}
             thread.join(PROGRESS_SECONDS)
-            if thread.is_alive():
-                yield {**line, "completed": latest[0]}
     finally:
         stop.set()
         thread.join(timeout=60)
     if "error" in outcome:
         raise outcome["error"]
+    yield {**line, "completed": latest[0]}
     return outcome.get("value")

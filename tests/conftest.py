@@ -4,6 +4,7 @@ Bulkier groups of helpers live in modules of their own beside it (tiny_pipelines
 
 import base64
 import contextlib
+import importlib.util
 import io
 import os
 import shutil
@@ -260,6 +261,15 @@ def start_server(tmp_path):
 
 CLI = Path(__file__).resolve().parent.parent / "imagine-cli.py"
 TINY = ["-w", "64", "-h", "64", "-n", "4", "--seed", "42"]  # the CLI's flags for FAST
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """imagine-cli.py imported as a module, for tests that call main() in this process."""
+    spec = importlib.util.spec_from_file_location("imagine_cli", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args, cwd, server=None, env_extra=None, **options):

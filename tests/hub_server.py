@@ -89,7 +89,7 @@ class HubServer:
         self.token = token
         self.redirect_files = redirect_files
         self.requests: list[tuple[str, str, str | None]] = []
-        self.cuts: dict[str, list] = {}  # key -> [bytes a GET sends before the connection closes, GETs left to cut]
+        self.cuts: dict[str, list] = {}  # key -> the bytes each of its next GETs sends before the connection closes
         self.corrupted: set[str] = set()
 
     def __enter__(self):
@@ -114,10 +114,11 @@ class HubServer:
         """The repo's one commit: fixed, so a test can pin it as a revision."""
         return hashlib.sha1(repo.encode()).hexdigest()
 
-    def cut_after(self, key: str, n_bytes: int, times: int = 1) -> None:
-        """The next `times` GETs of the file send `n_bytes` of its body each, then the connection closes."""
+    def cut_after(self, key: str, *n_bytes: int) -> None:
+        """The next GETs of the file, one for each of `n_bytes`, send that many bytes of their body, then the connection
+        closes."""
         self._check(key)
-        self.cuts[key] = [n_bytes, times]
+        self.cuts[key] = list(n_bytes)
 
     def corrupt(self, key: str) -> None:
         """From now on the file's bytes have one flipped; its headers still carry the true sha256 and size."""
@@ -266,11 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         body = (_flip_a_byte(content) if key in hub.corrupted else content)[start : end + 1]
-        if (cut := hub.cuts.get(key)) is not None:
-            cut[1] -= 1
-            if not cut[1]:
-                del hub.cuts[key]
-            body, self.close_connection = body[: cut[0]], True
+        if hub.cuts.get(key):
+            body, self.close_connection = body[: hub.cuts[key].pop(0)], True
         self.wfile.write(body)
 
     def send_json(self, value, status=200, headers=None):

@@ -1,6 +1,5 @@
 """imagine-cli.py as a user runs it: against a live server on a free port, and with --local."""
 
-import importlib.util
 import json
 import os
 import pty
@@ -16,15 +15,6 @@ from conftest import CLI, FAST, TINY, decode_png, free_port, png_data, run_cli, 
 from PIL import Image
 
 from engine.samplers import SAMPLER_NAMES, sampler_label
-
-
-@pytest.fixture(scope="module")
-def cli():
-    """imagine-cli.py imported as a module, for tests that call main() in this process."""
-    spec = importlib.util.spec_from_file_location("imagine_cli", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def saved_image(result, cwd: Path) -> Image.Image:
