@@ -4,7 +4,11 @@ where they belong, checked, resumed, shared between models, removed; and drawn b
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -16,6 +20,7 @@ from encoder_files import ae_tensors, clip_l_tensors, flux2_vae_tensors, qwen3_t
 from hub_server import HubServer
 from huggingface_hub import constants
 from ldm_checkpoint import save_ldm_checkpoint
+from PIL import Image
 from safetensors.torch import save
 
 import engine.pull
@@ -420,3 +425,31 @@ def test_the_cli_with_no_server_pulls_into_the_local_models_folder(cli, hub, tmp
     assert (tmp_path / "models" / "checkpoints" / "dreamshaper_8.safetensors").is_file()
     assert cli.main(["--rm", "dreamshaper-8"]) == 0
     assert not (tmp_path / "models" / "checkpoints" / "dreamshaper_8.safetensors").exists()
+
+
+def run_docs_example(mark: str, url: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The example of README.md or docs/*.md holding `mark`, as written, in a folder holding imagine-cli.py (as its
+    `./imagine-cli.py` assumes), against the server at `url`."""
+    root = Path(imagine.__file__).parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
+    [example] = {block for block in blocks if mark in block}
+    (cwd / "imagine-cli.py").symlink_to(root / "imagine-cli.py")
+    env = {**os.environ, "IMAGINE_SERVER": url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", example], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_readmes_first_real_model_is_one_pull_then_a_picture_by_that_name(server, serve, hub, tmp_path):
+    result = run_docs_example("--pull dreamshaper-8", serve(server[0]), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "dreamshaper-8\nlighthouse-dusk.png\n"
+    assert "Model: dreamshaper_8" in Image.open(tmp_path / "lighthouse-dusk.png").info["parameters"]
+
+
+def test_the_models_pages_example_lists_the_catalog_then_pulls_a_flow_model(server, serve, hub, tmp_path):
+    result = run_docs_example("--pull z-image-turbo", serve(server[0]), tmp_path)
+    assert result.returncode == 0, result.stderr
+    table, pulled = result.stdout.rsplit("\n", 2)[:2]
+    assert table.startswith("NAME ") and "z-image-turbo:bf16" in table and pulled == "z-image-turbo"

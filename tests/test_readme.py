@@ -66,7 +66,9 @@ NEW_EXAMPLES = {
 }
 ERROR_EXAMPLE = example('"width": 100')
 KEYED_EXAMPLE = example("Authorization: Bearer")
-CLI_EXAMPLE = example("./imagine-cli.py ")
+CLI_EXAMPLE = example("./imagine-cli.py 'a photo of an astronaut")
+# Run by tests/test_pull.py, against a stand-in of the hub.
+PULL_EXAMPLES = [example("--pull dreamshaper-8"), example("--pull z-image-turbo")]
 PROMPT_EXAMPLES = [
     example("> lighthouse.png"),
     example("> lighthouse-lora.png"),
@@ -74,7 +76,7 @@ PROMPT_EXAMPLES = [
     example("localhost:5000/samplers"),
     example("> cat-lcm.png"),
 ]
-NAMED = [*EXAMPLES, *NEW_EXAMPLES.values(), ERROR_EXAMPLE, KEYED_EXAMPLE, CLI_EXAMPLE, *PROMPT_EXAMPLES]
+NAMED = [*EXAMPLES, *NEW_EXAMPLES.values(), ERROR_EXAMPLE, KEYED_EXAMPLE, CLI_EXAMPLE, *PULL_EXAMPLES, *PROMPT_EXAMPLES]
 OTHER_EXAMPLES = [block for block in TALKS_TO_THE_SERVER if block not in NAMED]
 
 
