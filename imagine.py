@@ -11,6 +11,7 @@ API, AUTOMATIC1111's and OpenAI's dialects, the guard and the server), and main(
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -195,6 +196,7 @@ if __name__ == "__main__":
     log.info("loading torch and diffusers...")  # 10 s or so on a small machine: the start is not stuck
 
 # The heavy libraries (torch, diffusers) come with the engine, imported once the settings are parsed.
+import requests  # noqa: E402
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 
@@ -272,9 +274,13 @@ def check_default_model(engine: Engine) -> None:
     try:
         engine.catalog.resolve(settings.model)
     except ImagineError as error:
-        folders = ", ".join(str(folder) for folder in model_folders(settings.models_dir))
-        where = f"the models folders {folders} (--models-dir, IMAGINE_MODELS_DIR)"
+        folders = model_folders(settings.models_dir)
+        missing = [str(folder) for folder in folders if not folder.is_dir()]
+        where = f"the models folders {', '.join(str(folder) for folder in folders)} (--models-dir, IMAGINE_MODELS_DIR)"
         why = f"is neither in {where} nor a path to a model" if error.status == 404 else f"cannot be used: {error}"
+        if missing and error.status == 404:  # most likely the mistake: say it first
+            why = f"cannot be found: the models folder {', '.join(missing)} does not exist (--models-dir, "
+            why += "IMAGINE_MODELS_DIR)"
         raise SystemExit(f"imagine: the default model {settings.model!r} (--model, IMAGINE_MODEL) {why}") from None
 
 
@@ -294,6 +300,21 @@ def check_models_folders(settings: Settings) -> None:
         log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
 
 
+def cannot_listen(settings: Settings, error: OSError) -> str:
+    """Why the server cannot start on its port, and what to do: where the port is taken, another Imagine (its /health
+    answers as Imagine's does) may be what holds it."""
+    message = f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}"
+    if error.errno != errno.EADDRINUSE:
+        return message
+    try:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        answer = requests.get(f"http://{host}:{settings.port}/health", timeout=2).json()
+    except (requests.RequestException, ValueError):
+        answer = None
+    holder = "another Imagine server is running there" if answer and answer.get("status") == "ok" else "another program"
+    return f"{message}: {holder}; stop it, or start this one on another port with -p (e.g. -p {settings.port + 1})"
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -307,7 +328,7 @@ def main(argv=None) -> None:
     try:
         server = create_server(engine, settings.host, settings.port)
     except OSError as error:
-        raise SystemExit(f"imagine: cannot listen on {settings.host}:{settings.port}: {error.strerror}") from None
+        raise SystemExit(cannot_listen(settings, error)) from None
     # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns.
     # The handler only sets an event: stop() takes locks that the interrupted main thread may hold.
     stop_requested = threading.Event()

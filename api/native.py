@@ -184,16 +184,23 @@ def release_after(chunks, release):
 
 
 def read_json_body() -> dict:
+    """The request's JSON object; a body that is no JSON is refused saying where it stops being JSON."""
     if not request.is_json:
         raise ImagineError("send a JSON body with Content-Type: application/json", 415)
-    body = parse_json(request.get_data(cache=False))
+    try:
+        body = parse_json(request.get_data(cache=False))
+    except json.JSONDecodeError as error:
+        where = f"{error.msg} at line {error.lineno}, column {error.colno}"
+        raise ImagineError(f"the body is not valid JSON: {where}") from None
+    except ValueError:
+        raise ImagineError("the body is not valid JSON: it is not UTF-8 text") from None
     if not isinstance(body, dict):
         raise ImagineError('the body must be a JSON object, e.g. {"prompt": "a cat"}')
     return body
 
 
 def parse_json(raw: bytes):
-    """The parsed body, or None if it is not JSON; one that would cost too much to parse is refused unparsed."""
+    """The parsed JSON (a ValueError where it is none); one that would cost too much to parse is refused unparsed."""
     marks = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
     if marks > MAX_JSON_MARKS:
         raise ImagineError(f"the body has {marks} brackets and commas; at most {MAX_JSON_MARKS} are accepted")
@@ -201,8 +208,6 @@ def parse_json(raw: bytes):
         return json.loads(raw)
     except RecursionError:
         raise ImagineError("the body's JSON is nested too deeply") from None
-    except ValueError:  # not JSON, or not UTF-8
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,8 +179,10 @@ def form_fields(form) -> dict:
         elif key == "stream" and value in ("true", "false"):
             body[key] = value == "true"
         elif key == "loras":  # JSON text; text that is no JSON stays, for lora_field to refuse
-            parsed = parse_json(value.encode())
-            body[key] = value if parsed is None else parsed
+            try:
+                body[key] = parse_json(value.encode())
+            except ValueError:
+                body[key] = value
         else:
             body[key] = value
     if loras:

@@ -26,6 +26,9 @@ from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")
 
+PROGRESS_LOG_SECONDS = 10  # a long picture's progress is logged at this pace
+LONG_PICTURE_SECONDS = 300  # a picture estimated longer than this is said to take minutes, in the log and its answer
+
 
 class Engine:
     """Owns the models and runs every generation, one at a time, on one long-lived thread.
@@ -253,12 +256,18 @@ class Engine:
         """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's
         readers asked for (Job.previews_at); it stops a cancelled job and says when one should finish early."""
         began = time.perf_counter()
+        told = [began]  # when the log last told how far it got
 
         def on_step(step, steps, latents):
             if job.cancelled():
                 raise Cancelled
+            now = time.perf_counter()
             if step == 1:
-                log_time_left(time.perf_counter() - began, steps)
+                tell_time_left(job, now - began, steps)
+            elif now - told[0] >= PROGRESS_LOG_SECONDS and step < steps:
+                log.info("step %d/%d; about %.0f s left", step, steps, (now - began) / step * (steps - step))
+            if step == 1 or now - told[0] >= PROGRESS_LOG_SECONDS:
+                told[0] = now
             job.step, job.steps = step, steps
             job.events.put(Progress(step, steps))
             for index in range(job.previews_at(step, steps)):
@@ -275,7 +284,16 @@ def send_preview(job: Job, preview: Preview) -> None:
     job.events.put(preview)
 
 
-def log_time_left(took: float, steps: int) -> None:
+def tell_time_left(job: Job, took: float, steps: int) -> None:
     """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
-    picture takes about a minute on a small CPU, and the first request used to sit silent)."""
+    picture takes about a minute on a small CPU, and the first request used to sit silent); a picture of minutes is
+    said to take them, in the log and in its answer's notices."""
     log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))
+    if took * steps >= LONG_PICTURE_SECONDS:
+        minutes = max(1, round(took * steps / 60))
+        notice = (
+            f"this picture takes about {minutes} minutes here ({took:.1f} s a step, {steps} steps): fewer pixels or "
+            "steps are quicker, about in proportion"
+        )
+        log.warning("%s", notice)
+        job.request.notices.append(notice)

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shlex
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -13,9 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import free_port, read_log_until_listening, serving, wait_until
+from conftest import FAST, free_port, read_log_until_listening, serving, wait_until
 from PIL import Image
 
+import engine.engine
 import imagine
 from engine.devices import pick_dtype
 from engine.request import RANDOM_SEEDS
@@ -268,3 +271,81 @@ def test_auto_precision_never_warns_about_emulated_bfloat16(monkeypatch, caplog)
     with caplog.at_level("INFO", logger="imagine"):
         assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+# Round three (issue 38): what a new user hit following the README word for word.
+
+
+def start_up_error(*flags: str, port: int | None = None) -> str:
+    """The one line a server that cannot start ends with."""
+    command = [sys.executable, str(ROOT / "imagine.py"), *flags, "-d", "cpu", "-f", "32", "--port", str(port or 1)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    return result.stderr.splitlines()[-1]
+
+
+def test_a_port_another_imagine_holds_is_said_to_be_and_p_is_suggested(start_server, tmp_path):
+    port = free_port()
+    start_server(port)
+    line = start_up_error("--models-dir", str(tmp_path), port=port)
+    assert line.startswith(
+        f"imagine: cannot listen on 127.0.0.1:{port}: Address already in use: another Imagine server"
+    )
+    assert line.endswith(f"stop it, or start this one on another port with -p (e.g. -p {port + 1})")
+
+
+def test_a_port_another_program_holds_is_said_to_be(tmp_path):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        line = start_up_error("--models-dir", str(tmp_path), port=port)
+    assert line.endswith(f"Address already in use: another program; stop it, or start this one on another port with "
+                         f"-p (e.g. -p {port + 1})")  # fmt: skip
+
+
+def test_a_models_folder_that_does_not_exist_is_named_first_as_why_the_default_model_is_not_found(tmp_path):
+    missing = tmp_path / "ComfyUI" / "models"
+    line = start_up_error("--models-dir", str(missing), "--model", "z_image_turbo_bf16")
+    assert line == (
+        f"imagine: the default model 'z_image_turbo_bf16' (--model, IMAGINE_MODEL) cannot be found: the models folder "
+        f"{missing} does not exist (--models-dir, IMAGINE_MODELS_DIR)"
+    )
+
+
+def test_a_long_picture_logs_its_progress_at_a_steady_pace_and_says_in_its_answer_that_it_takes_minutes(
+    client, monkeypatch, caplog
+):
+    monkeypatch.setattr(engine.engine, "PROGRESS_LOG_SECONDS", 0)
+    monkeypatch.setattr(engine.engine, "LONG_PICTURE_SECONDS", 0)
+    caplog.set_level("INFO", logger="imagine")
+    answer = client.post("/generate", json={"prompt": "a cat", **FAST}).get_json()
+    steps = [record.getMessage() for record in caplog.records if record.getMessage().startswith("step ")]
+    assert steps[0].startswith("step 1/4 took") and [line[:9] for line in steps[1:]] == ["step 2/4;", "step 3/4;"]
+    [notice] = answer["notices"]
+    assert notice.startswith("this picture takes about 1 minutes here (") and "s a step, 4 steps)" in notice
+
+
+def test_a_file_cut_off_in_its_header_says_it_is_truncated_with_its_size_and_what_to_do(make_engine, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(struct.pack("<Q", 5000) + b'{"model.diffusion_model.x": {"dtype": "F16", "sha')
+    client = imagine.create_app(make_engine(model="demo")).test_client()
+    error = client.post("/generate", json={"prompt": "a cat", "model": "cut", **FAST}).get_json()["error"]
+    assert error.startswith(f"the file is truncated: it holds {path.stat().st_size} bytes where its header says 5008")
+    assert "Download it again" in error
+
+
+NOT_JSON = "the body is not valid JSON: "
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ('{"prompt": "a cat",}', NOT_JSON + "Expecting property name enclosed in double quotes at line 1, column 20"),
+        (b'{"prompt": "\xff"}', NOT_JSON + "it is not UTF-8 text"),
+        ('["a cat"]', 'the body must be a JSON object, e.g. {"prompt": "a cat"}'),
+    ],
+)
+def test_a_body_that_is_no_json_object_says_what_is_wrong_and_where(client, body, words):
+    response = client.post("/generate", data=body, content_type="application/json")
+    assert response.status_code == 400 and response.get_json()["error"] == words

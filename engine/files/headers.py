@@ -46,8 +46,11 @@ def read_header(path: Path) -> dict:
             (length,) = struct.unpack("<Q", file.read(8))
             if length > MAX_HEADER_BYTES:
                 raise ValueError("header too long")
-            header = json.loads(file.read(length))
             size = file.seek(0, 2)
+            if size < 8 + length:
+                raise truncated(size, 8 + length)
+            file.seek(8)
+            header = json.loads(file.read(length))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
         raise ImagineError(f"the file cannot be read as .safetensors ({type(error).__name__})", 422) from None
     tensors = {}
@@ -61,8 +64,16 @@ def read_header(path: Path) -> dict:
         except (KeyError, TypeError, IndexError):
             raise ImagineError("the file's .safetensors header is damaged", 422) from None
     if 8 + length + end > size:  # a download cut short: the header promises more than the file holds
-        raise Truncated("the file is truncated: it holds less than its header says (an unfinished download?)", 422)
+        raise truncated(size, 8 + length + end)
     return tensors
+
+
+def truncated(size: int, promised: int) -> Truncated:
+    return Truncated(
+        f"the file is truncated: it holds {size} bytes where its header says {promised}: a download that did not "
+        "finish? Download it again (or pull it again: a pull resumes)",
+        422,
+    )
 
 
 def with_prefix(header: dict, prefix: str) -> dict:
