@@ -3,6 +3,7 @@ tiny models on disk (SD1, SDXL and SD2 checkpoints, a ComfyUI folder of flow mod
 Bulkier groups of helpers live in modules of their own beside it (tiny_pipelines, flow_models, jobs_client, ...)."""
 
 import base64
+import collections
 import contextlib
 import importlib.util
 import io
@@ -517,3 +518,14 @@ def offline(request):
     over_loopback...); the flow modules ask it for every test (pytestmark)."""
     if not any(name.startswith("over_loopback") for name in request.fixturenames):
         request.getfixturevalue("no_network")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for each reason tests were skipped, at the end of the run: a run without chromium or k-diffusion says
+    what it left out and how to have it."""
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"skipped {count} test{'s' if count > 1 else ''}: {reason}")

@@ -37,8 +37,10 @@ def quick_start_commands() -> list:
 
 def test_ci_runs_the_readmes_test_command_word_for_word():
     [test_command] = [command for command in quick_start_commands() if command.endswith("python -m pytest")]
-    assert test_command.endswith("pip install -r requirements-dev.txt && python -m pytest")
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "pip install -r requirements-dev.txt && pip install --no-deps -r requirements-reference.txt" in test_command
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+    assert not [line for line in ci if line.startswith("pip install") and "torch==" not in line]  # nothing else
 
 
 def test_the_dev_requirements_hold_the_runtime_ones_and_every_test_tool():
@@ -51,9 +53,12 @@ def test_the_dev_requirements_hold_the_runtime_ones_and_every_test_tool():
 def test_the_quick_start_gives_linux_without_a_gpu_its_own_command_installing_the_cpu_only_build():
     """Copying the CUDA/Apple line there would download the multi-GB CUDA build instead."""
     section = quick_start()
-    starts = [command for command in quick_start_commands() if command.endswith("python imagine.py --model demo")]
-    assert len(starts) == 2  # one per kind of machine; the tests' command is the other
-    cuda_or_apple, cpu_only = starts
+    installs = [command for command in quick_start_commands() if command.endswith("pip install -r requirements.txt")]
+    assert len(installs) == 2  # one per kind of machine; then one start, which the tests' line does not repeat
+    assert [command for command in quick_start_commands() if "imagine.py" in command] == [
+        "python imagine.py --model demo"
+    ]
+    cuda_or_apple, cpu_only = installs
     assert "--index-url" not in cuda_or_apple
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -r requirements.txt" in (
         cpu_only
