@@ -393,6 +393,11 @@ def open_page(browser, url):
     wait_until(lambda: element(browser, "sampler").get_attribute("value"), "the samplers are listed")
 
 
+def severe_console_messages(browser) -> list:
+    """The browser console's errors since the last call."""
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
 def element(browser, id_):
     """The page's element of this id."""
     return browser.find_element(By.ID, id_)

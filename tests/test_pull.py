@@ -13,21 +13,18 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import FAST, free_port, run_cli, save_config_folder, save_tiny_folder
-from diffusers import StableDiffusionPipeline
+from catalog_hub import HF_TOKEN, LIBRARY, catalog_files, catalog_hub, tiny_sd1_checkpoint
+from conftest import FAST, free_port, run_cli, save_config_folder
 from diffusion_model_files import flux1_tensors, flux2_tensors, z_image_tensors
 from encoder_files import ae_tensors, clip_l_tensors, flux2_vae_tensors, qwen3_tensors, t5_tensors
 from hub_server import HubServer
 from huggingface_hub import constants
-from ldm_checkpoint import save_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save
 
 import engine.pull
 import imagine
-from engine.files.library import Library
 
-LIBRARY = Library()
 BIG = 10 * 2**20 + 300_000  # over huggingface_hub's 10 MiB chunk, which a resumed download starts from
 SMALL = {"width": 64, "height": 64, "seed": 7, "num_steps": 2}
 
@@ -35,10 +32,7 @@ SMALL = {"width": 64, "height": 64, "seed": 7, "num_steps": 2}
 @pytest.fixture(scope="module")
 def sd1_checkpoint(tmp_path_factory) -> tuple:
     """(a tiny SD1 checkpoint as a file's bytes, configs that fit it and the tiny flow models)."""
-    folder = tmp_path_factory.mktemp("tiny-sd1")
-    pipe = StableDiffusionPipeline.from_pretrained(save_tiny_folder(folder / "tiny", seed=3))
-    save_ldm_checkpoint(pipe, folder / "tiny.safetensors")
-    return (folder / "tiny.safetensors").read_bytes(), pipe
+    return tiny_sd1_checkpoint(tmp_path_factory.mktemp("tiny-sd1"))
 
 
 @pytest.fixture(scope="module")
@@ -55,39 +49,27 @@ def tensors_file(tensors: dict) -> bytes:
 
 @pytest.fixture(scope="module")
 def files(sd1_checkpoint) -> dict:
-    """Each catalog file's bytes on the stand-in: tiny models of its kind where a test draws with it, else a few
-    bytes of noise."""
-    made = {
-        "dreamshaper_8": sd1_checkpoint[0],
-        "z_image_turbo_bf16": tensors_file(z_image_tensors()),
-        "qwen_3_4b": tensors_file(qwen3_tensors()),
-        "ae": tensors_file(ae_tensors()),
-        "flux_2_klein_4b": tensors_file(flux2_tensors()),
-        "flux2_vae": tensors_file(flux2_vae_tensors()),
-        "flux1_dev": tensors_file(flux1_tensors(guidance=True)),
-        "flux1_schnell": tensors_file(flux1_tensors(guidance=False)),
-        "clip_l": tensors_file(clip_l_tensors()),
-        "t5xxl_fp16": tensors_file(t5_tensors()),
-    }
-    every = {file.id: file for entry in LIBRARY.entries.values() for v in entry.variants.values() for file in v.files}
-    return {key: made.get(key, os.urandom(1000)) for key in every}
-
-
-def repos_of(files: dict) -> dict:
-    repos = {}
-    for entry in LIBRARY.entries.values():
-        for variant in entry.variants.values():
-            for file in variant.files:
-                repos.setdefault(file.repo, {})[file.path] = files[file.id]
-    return repos
+    """Each catalog file's bytes on the stand-in: tiny models of its kind where a test draws with it."""
+    return catalog_files(
+        {
+            "dreamshaper_8": sd1_checkpoint[0],
+            "z_image_turbo_bf16": tensors_file(z_image_tensors()),
+            "qwen_3_4b": tensors_file(qwen3_tensors()),
+            "ae": tensors_file(ae_tensors()),
+            "flux_2_klein_4b": tensors_file(flux2_tensors()),
+            "flux2_vae": tensors_file(flux2_vae_tensors()),
+            "flux1_dev": tensors_file(flux1_tensors(guidance=True)),
+            "flux1_schnell": tensors_file(flux1_tensors(guidance=False)),
+            "clip_l": tensors_file(clip_l_tensors()),
+            "t5xxl_fp16": tensors_file(t5_tensors()),
+        }
+    )
 
 
 @pytest.fixture
 def hub(files, monkeypatch):
     """The stand-in, serving the catalog's repos (FLUX.1-dev gated, as on the hub), huggingface_hub pointed at it."""
-    with HubServer(repos_of(files), gated={"black-forest-labs/FLUX.1-dev"}, token="hf_test") as server:
-        server.point_huggingface_hub(monkeypatch)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
+    with catalog_hub(files, monkeypatch) as server:
         yield server
 
 
@@ -303,9 +285,9 @@ def test_a_gated_model_needs_a_token_and_says_where_to_accept_its_licence(server
     message = refused.get_json()["error"]
     assert "black-forest-labs/FLUX.1-dev is gated" in message and "HF_TOKEN" in message
     assert "https://huggingface.co/black-forest-labs/FLUX.1-dev" in message
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     assert pull(client, "flux1-dev:bf16")[-1]["status"] == "success"
-    assert "hf_test" not in caplog.text
+    assert HF_TOKEN not in caplog.text
 
 
 def test_a_pull_the_disk_cannot_hold_is_refused_before_the_first_byte(server, hub, monkeypatch):

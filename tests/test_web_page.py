@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import FAST, element, fill_form, finished, open_page, pixels, serving, wait_until
+from conftest import FAST, element, fill_form, finished, open_page, pixels, serving, severe_console_messages, wait_until
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -42,10 +42,6 @@ def api_picture(url, body) -> np.ndarray:
 def health(url) -> dict:
     with urllib.request.urlopen(url + "/health", timeout=30) as response:
         return json.load(response)
-
-
-def severe_console_messages(browser) -> list:
-    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def test_the_page_loads_without_console_errors_with_strict_security_headers(browser, live_server):

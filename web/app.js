@@ -1,4 +1,5 @@
-// Imagine's web page: a client of the public API only (GET /models, /samplers, /loras; POST /jobs and its events).
+// Imagine's web page: a client of the public API only (GET /models, /samplers, /loras; POST /jobs and its events);
+// models.js adds the models panel.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -51,18 +52,23 @@ function showError(message) {
 
 async function loadLists() {
   const [models, samplers, loras] = await Promise.all([api("/models"), api("/samplers"), api("/loras")]);
-  const names = models.models.map((m) => m.name);
-  if (!names.includes(models.default)) names.unshift(models.default);
-  fill($("model"), names, models.default);
-  $("model").dataset.families = JSON.stringify(
-    Object.fromEntries(models.models.map((m) => [m.name, m.family || "sd1"])),
-  );
+  fillModels(models, models.default);
   fill($("sampler"), samplers.samplers, samplers.default);
   fillSchedules(samplers);
   for (const lora of loras.loras) $("lora").append(new Option(lora.name, lora.name));
   updatePresets();
   await applyModelDefaults();
   showDemoNote();
+}
+
+// The model menu from GET /models, `selected` chosen (the models panel refills it after a pull or a removal).
+function fillModels(models, selected) {
+  const names = models.models.map((m) => m.name);
+  if (!names.includes(models.default)) names.unshift(models.default);
+  fill($("model"), names, selected);
+  $("model").dataset.families = JSON.stringify(
+    Object.fromEntries(models.models.map((m) => [m.name, m.family || "sd1"])),
+  );
 }
 
 // A model's own steps, guidance and samplers (Z-Image-Turbo draws in 8 steps without guidance, with Euler), from
