@@ -435,3 +435,13 @@ def test_the_models_pages_example_lists_the_catalog_then_pulls_a_flow_model(serv
     assert result.returncode == 0, result.stderr
     table, pulled = result.stdout.rsplit("\n", 2)[:2]
     assert table.startswith("NAME ") and "z-image-turbo:bf16" in table and pulled == "z-image-turbo"
+
+
+def test_the_models_page_lists_every_catalog_variant_with_each_files_source():
+    page = (Path(imagine.__file__).parent / "docs" / "models.md").read_text()
+    for entry in LIBRARY.entries.values():
+        for variant in entry.variants.values():
+            [row] = [line for line in page.splitlines() if line.startswith(f"| `{variant.label}` |")]
+            assert f"{variant.size / 1e9:.1f} GB" in row
+            for file in variant.files:
+                assert f"`{file.destination}` from `{file.repo}`" in row
