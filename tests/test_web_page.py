@@ -178,7 +178,9 @@ def test_no_web_comes_from_a_flag_or_the_environment(monkeypatch):
     assert imagine.parse_settings([]).no_web is True
 
 
-def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arrives(browser, make_engine, serve, hold):
+def test_a_reload_during_a_generation_reattaches_to_its_job_with_its_settings_and_the_picture_arrives(
+    browser, make_engine, serve, hold
+):
     held = hold(3)  # the page has seen steps 1 and 2 and their previews
     live_server = serve(make_engine(model="demo", generate=held.generate))
     open_page(browser, live_server)
@@ -197,6 +199,8 @@ def test_a_reload_during_a_generation_reattaches_to_its_job_and_the_picture_arri
     )
     assert element(browser, "status").text == "generating…"
     assert pixels(element(browser, "picture").get_attribute("src").partition(",")[2]).shape == (64, 64, 3)  # forming
+    form = {field: element(browser, field).get_attribute("value") for field in ("prompt", "num_steps", "seed", "width")}
+    assert form == {"prompt": "a sunrise over the sea", "num_steps": "8", "seed": "77", "width": "64"}  # the job's own
     held.release()
     wait_until(lambda: finished(browser), "the picture arrived after the reload")
 

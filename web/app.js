@@ -199,7 +199,9 @@ function reattach() {
   } catch {
     localStorage.removeItem(JOB_STORE);
   }
-  if (saved && saved.id && !controller) runJob(saved.body, async () => saved.id);
+  if (!saved || !saved.id || controller) return;
+  copySettings(saved.body); // the form shows the job's own settings, so that Generate after it draws them again
+  runJob(saved.body, async () => saved.id);
 }
 
 async function followJob(id, body, started, signal) {
