@@ -189,11 +189,11 @@ class Puller:
         stem = Path(name).stem
         check_pull_name(stem)
         destination = self.folders[0] / folder / name
-        if destination.exists():
+        if destination.exists() and destination.stat().st_size != part.stat().st_size:
             message = f"{folder}/{name} is in the models folder already: move it away or remove it, then pull again"
             raise ImagineError(message, 409)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        part.replace(destination)
+        part.replace(destination)  # the same file pulled again: in place of itself
         if folder in ("checkpoints", "diffusion_models"):
             entry = {"file": f"{folder}/{name}", "size": destination.stat().st_size, "ours": True, "source": source,
                      "sha256": found and found.sha256, "revision": found and found.commit}  # fmt: skip

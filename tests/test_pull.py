@@ -356,6 +356,8 @@ def test_a_file_from_a_url_goes_where_its_header_says_and_a_model_draws_by_its_n
     assert client.post("/generate", json={"prompt": "a cat", "model": "civitai_model", **FAST}).status_code == 200
     assert pull(client, f"{civitai.url}/api/download/models/102")[-1]["folder"] == "loras"
     assert (engine.settings.models_dir / "loras" / "detail_slider.safetensors").is_file()
+    again = pull(client, f"{civitai.url}/api/download/models/101?token=secret")  # the same file: it stays
+    assert again[-1] == {"status": "success", "model": "civitai_model", "folder": "checkpoints"}
 
 
 @pytest.mark.parametrize(
