@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
 
 from api.a1111_files import ModelHashes, a1111_model_name, a1111_titles, png_info
-from api.guard import is_loopback
+from api.guard import has_one_owner, is_loopback
 from api.native import Answer, current_engine, current_settings, generation_slot, last_event, read_json_body, respond
 from engine.errors import ImagineError
 from engine.fields import decode_image, integer, rounded_size, text
@@ -178,7 +178,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
 def a1111_img2img_fields(body: dict) -> dict:
     """img2img's own fields as /generate's: the picture to start from, the strength, and inpainting's mask."""
     images = body.get("init_images")
-    if not isinstance(images, list) or not images:
+    if not isinstance(images, list) or not images or images[0] is None:
         raise ImagineError("init_images must be a list holding the picture to start from, as base64")
     only_masked = body.get("inpaint_full_res", True)
     return {
@@ -379,7 +379,8 @@ def set_options_route():
 @blueprint.get("/progress")
 def progress_route():
     job = current_engine().generating()
-    skip = request.args.get("skip_current_image", "false").lower() == "true"
+    # A keyless server open to other machines shows no stranger another's picture (see has_one_owner).
+    skip = request.args.get("skip_current_image", "false").lower() == "true" or not has_one_owner(current_settings())
     latest = None if job is None or skip else job.latest_preview()  # asking keeps previews coming (Job.latest_preview)
     return jsonify(a1111_progress(job, None if latest is None else latest.png))
 

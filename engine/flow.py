@@ -18,6 +18,7 @@ IGNORED_NEGATIVE = "neg is ignored: {label} draws without classifier-free guidan
 NEGATIVE_AT_NO_GUIDANCE = "neg is ignored at guidance 0: {label} reads a negative prompt only with guidance above 0"
 IGNORED_GUIDANCE = "guidance is ignored: {label} is distilled to draw without it"
 IGNORED_SCHEDULE = "schedule {schedule!r} is ignored: {label} keeps its own shifted schedule"
+IGNORED_CLIP_SKIP = "clip_skip is ignored: it picks a CLIP layer of SD models; {label} reads its encoder's own"
 STRIPPED_WEIGHTS = "the prompt's (word:weight) emphasis is A1111's for CLIP models; {label} reads it as plain text"
 
 
@@ -109,6 +110,8 @@ def flow_notices(family, req) -> list:
         notices.append(IGNORED_SCHEDULE.format(schedule=req.schedule, label=family.label))
     if plain_prompt(req.prompt)[1]:
         notices.append(STRIPPED_WEIGHTS.format(label=family.label))
+    if req.clip_skip != 1:
+        notices.append(IGNORED_CLIP_SKIP.format(label=family.label))
     return notices
 
 

@@ -32,6 +32,18 @@ COMMA_BACKTRACK = 20  # a chunk full in mid-phrase ends at its last comma if tha
 BREAK = None  # the weight that marks a BREAK in a parsed prompt
 
 
+def check_chunk_count(text: str, field: str = "prompt") -> None:
+    """Refuses, before the queue, a prompt of more BREAKs than CLIP chunks a prompt may have (CLIP models only: the
+    flow families' encoders read a prompt whole)."""
+    breaks = sum(weight is BREAK for _, weight in parse_prompt_attention(text, field))
+    if breaks >= MAX_PROMPT_CHUNKS:
+        raise ImagineError(
+            f"{named(field)} is at least {breaks + 1} chunks of 75 tokens (each BREAK starts one); "
+            f"at most {MAX_PROMPT_CHUNKS} are accepted",
+            field=field,
+        )
+
+
 def parse_prompt_attention(text: str, field: str = "prompt") -> list:
     """Splits a prompt into (text, weight) pieces as AUTOMATIC1111 does: `(x)` x1.1, `[x]` /1.1,
     `(x:1.3)`; a bracket left open weighs to the end, a stray closing one is text; `BREAK` becomes
@@ -65,13 +77,6 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list:
                 if index:
                     pieces.append(["BREAK", BREAK])
                 pieces.append([part, 1.0])
-    breaks = sum(weight is BREAK for _, weight in pieces)
-    if breaks >= MAX_PROMPT_CHUNKS:
-        raise ImagineError(
-            f"{named(field)} is at least {breaks + 1} chunks of 75 tokens (each BREAK starts one); "
-            f"at most {MAX_PROMPT_CHUNKS} are accepted",
-            field=field,
-        )
     for start in round_open:
         multiply(start, ATTENTION_STEP)
     for start in square_open:

@@ -15,7 +15,7 @@ from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
 from engine.previews import PREVIEW_MODES
-from engine.prompts import parse_prompt_attention
+from engine.prompts import check_chunk_count, parse_prompt_attention
 from engine.samplers import (
     DEFAULT_SAMPLER,
     PREDICTIONS,
@@ -281,6 +281,9 @@ def for_family(req: GenerationRequest, family: Family, max_size: int) -> Generat
         notices=flow_notices(family, req) if family.flow else [],
     )
     check_for_family(filled, family)
+    if not family.flow:
+        check_chunk_count(filled.prompt)
+        check_chunk_count(filled.neg, "neg")
     if filled.img is not None:
         check_steps_left(filled)
     return filled

@@ -210,6 +210,19 @@ def test_a_schedule_asked_of_a_flow_model_is_ignored_with_a_notice(flow_client):
     assert answer["img"] == generate(flow_client, model="z_image_turbo_bf16", num_steps=2)["img"]
 
 
+def test_clip_skip_asked_of_a_flow_model_is_ignored_with_a_notice(flow_client):
+    answer = generate(flow_client, model="z_image_turbo_bf16", clip_skip=2, num_steps=2)
+    notice = "clip_skip is ignored: it picks a CLIP layer of SD models; Z-Image reads its encoder's own"
+    assert answer["notices"] == [notice]
+
+
+def test_a_prompt_of_more_breaks_than_clip_has_chunks_is_refused_for_sd_only(flow_client):
+    prompt = " BREAK ".join(["a lighthouse"] * 70)
+    assert generate(flow_client, model="z_image_turbo_bf16", prompt=prompt, num_steps=1)["img"]
+    refused = flow_client.post("/generate", json={"prompt": prompt, **SMALL})  # the demo model: SD 1.5's CLIP
+    assert refused.status_code == 400 and "chunks of 75 tokens (each BREAK starts one)" in refused.get_json()["error"]
+
+
 def test_forge_clients_draw_flux1_dev_with_their_distilled_cfg_scale_and_read_it_back_as_forge_reports_it(
     flow_client,
 ):
