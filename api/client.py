@@ -20,6 +20,10 @@ class NoServer(ClientError):
     """Nothing listens at the server's address."""
 
 
+class Busy(ClientError):
+    """The server refused for now (503): it has no room for the request, which may be tried again or another way."""
+
+
 def api_headers(extra: dict | None = None) -> dict:
     key = os.environ.get("IMAGINE_API_KEY")
     return {**({"Authorization": f"Bearer {key}"} if key else {}), **(extra or {})}
@@ -97,7 +101,7 @@ def refusal(response: requests.Response) -> ClientError:
     message = f"the server answered {response.status_code}: {error_message(response)}"
     if response.status_code == 401:
         message += "; set IMAGINE_API_KEY to the server's key"
-    return ClientError(message)
+    return Busy(message) if response.status_code == 503 else ClientError(message)
 
 
 def error_message(response: requests.Response) -> str:
@@ -138,6 +142,7 @@ def remove_model(server: str, name: str) -> dict:
 
 JOB_ENDS = ("done", "failed", "cancelled")
 RECONNECTS = 5  # times in a row a broken event stream is picked up again before the CLI gives up
+POLL_SECONDS = 1.0  # how often a job is asked where it stands when the server has no event stream to spare
 
 
 def detach(server: str, body: dict) -> str:
@@ -154,12 +159,17 @@ def job_path(job_id: str) -> str:
 
 def job_updates(server: str, job_id: str, every: int | None):
     """The job's events as updates. A stream that breaks (a proxy's idle cut, a network change)
-    is picked up where it broke, with the id of the last event seen (Last-Event-ID)."""
+    is picked up where it broke, with the id of the last event seen (Last-Event-ID); a server that has no stream to
+    spare (503) is polled instead."""
     path = job_path(job_id) + "/events" + (f"?every={every}" if every else "")
     last_id, breaks = None, 0
     while breaks < RECONNECTS:
         headers = {"Last-Event-ID": last_id} if last_id else {}
-        response = server_request("GET", server, path, headers=headers, stream=True, timeout=(10, 120))
+        try:
+            response = server_request("GET", server, path, headers=headers, stream=True, timeout=(10, 120))
+        except Busy:
+            yield from polled_updates(server, job_id, every)
+            return
         try:
             with response:
                 for event_id, kind, data in sse_events(response.iter_lines(decode_unicode=True)):
@@ -173,6 +183,23 @@ def job_updates(server: str, job_id: str, every: int | None):
         time.sleep(1)
     message = f"the connection to {server} broke {RECONNECTS} times in a row; try again: imagine --job {job_id}"
     raise ClientError(message)
+
+
+def polled_updates(server: str, job_id: str, every: int | None):
+    """The job's updates as GET /jobs/<id> shows them, asked for every POLL_SECONDS: a step when it moved on, with
+    the latest preview where previews are asked for, then its end."""
+    path = job_path(job_id) + ("?preview=1" if every else "")
+    step = None
+    while True:
+        answer = answer_fields(server_request("GET", server, path).content)
+        if answer.get("status") in JOB_ENDS:
+            yield job_update(answer["status"], answer)
+            return
+        if answer.get("step") != step and answer.get("steps"):
+            step = answer.get("step")
+            shown = {"img": answer["preview"]} if answer.get("preview") else {}
+            yield job_update("progress", {"step": step, "steps": answer["steps"], **shown})
+        time.sleep(POLL_SECONDS)
 
 
 def sse_events(lines):

@@ -28,6 +28,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def has_one_owner(settings: Settings) -> bool:
+    """Whether everyone who reaches the server is its owner: it holds an API key (the guard lets in only its holders),
+    or it listens on loopback only (this machine's users). A keyless server open to other machines serves strangers
+    side by side: it lists no job, shows no running picture and pulls no model for them."""
+    return bool(settings.api_key) or is_loopback(settings.host)
+
+
 def host_name(host_header: str) -> str:
     """'localhost:5000' -> 'localhost', '[::1]:5000' -> '::1'."""
     if host_header.startswith("["):

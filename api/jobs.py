@@ -7,6 +7,7 @@ import json
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from api.guard import has_one_owner
 from api.native import current_settings, generation_slot, read_json_body, to_answer
 from api.native import to_error as native_error
 from api.native import to_whole as native_whole
@@ -18,7 +19,9 @@ from engine.request import MAX_STEPS
 
 blueprint = Blueprint("jobs", __name__)
 
-CANCEL_WAIT = 30  # seconds DELETE waits for a running job to stop (cancel points come within a fraction of a step)
+# Event streams one job may have open at once: a page and a CLI watching it, and one to spare. One client cannot take
+# the server's stream threads with streams of its own job; a client refused polls GET /jobs/<id> instead.
+STREAMS_PER_JOB = 3
 KEEPALIVE_SECONDS = 15  # a comment line on a quiet stream: proxies keep it open, and a client that left is seen
 WAIT_SLICE = 1.0  # seconds a stream waits for a new event before it looks whether its client is still there
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects after the stream broke
@@ -150,6 +153,10 @@ def submit_route():
 
 @blueprint.get("/jobs")
 def list_route():
+    # A job's id is what lets a client read its pictures and cancel it: the list of ids is for the server's owner only.
+    if not has_one_owner(current_settings()):
+        message = "this server is open to other machines without an API key: it lists no jobs (set IMAGINE_API_KEY)"
+        raise ImagineError(message, 403)
     store = current_jobs()
     return jsonify(jobs=[{"id": held.id, "status": held.status, "created": held.created} for held in
                          store.listing()])  # fmt: skip
@@ -170,15 +177,31 @@ def events_route(job_id):
     last_id = last_event_id(held)
     if held.status in ENDED and last_id >= held.last_id:
         return Response(status=204)  # it has seen the end: a 204 tells EventSource to stop reconnecting
-    slots = stream_slots(current_app)
-    if not slots.acquire(blocking=False):
-        raise ImagineError("too many event streams are open; try again, or poll GET /jobs/<id>", 503, retry_after=1)
+    release = take_stream_slot(held)
     client_gone = request.environ.get("waitress.client_disconnected")
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold events back
     body = event_stream(store, held, last_id, every, client_gone)
     response = Response(body, mimetype="text/event-stream", headers=headers)
-    response.call_on_close(slots.release)  # the server closes every answer: once sent, or once its client left
+    response.call_on_close(release)  # the server closes every answer: once sent, or once its client left
     return response
+
+
+def take_stream_slot(held: HeldJob):
+    """Takes one of the server's event-stream threads and one of the job's STREAMS_PER_JOB, or refuses with a 503
+    that says to poll instead; returns what gives them back."""
+    slots = stream_slots(current_app)
+    busy = "too many event streams are open{}; poll GET /jobs/<id> instead, or try again"
+    if not slots.acquire(blocking=False):
+        raise ImagineError(busy.format(""), 503, retry_after=1)
+    if not held.open_stream(STREAMS_PER_JOB):
+        slots.release()
+        raise ImagineError(busy.format(f" for job {held.id} (at most {STREAMS_PER_JOB})"), 503, retry_after=1)
+
+    def release():
+        held.close_stream()
+        slots.release()
+
+    return release
 
 
 @blueprint.delete("/jobs/<job_id>")
@@ -189,5 +212,8 @@ def cancel_route(job_id):
         message = f"job {held.id} has already ended ({held.status}): there is nothing to cancel"
         return jsonify(error=message, id=held.id, status=held.status), 409
     store.cancel(held)
-    held.wait_end(CANCEL_WAIT)
-    return jsonify(job_fields(store, held))
+    # A queued job is cancelled at once (200); a running one stops at its next cancel point, which a model that loads
+    # reaches only when it has loaded: the answer does not wait on a server thread for it (202, "cancelling").
+    if held.status in ENDED:
+        return jsonify(job_fields(store, held))
+    return jsonify({**job_fields(store, held), "cancelling": True}), 202

@@ -27,7 +27,7 @@ log = logging.getLogger("imagine")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # the web page: index.html, its scripts and style
 # The page's files (flat in web/); anything else under /web/ is a 404, so no path reaches the disk from a URL.
-WEB_FILES = ("index.html", "app.js", "models.js", "style.css")
+WEB_FILES = ("index.html", "app.js", "jobs.js", "models.js", "style.css")
 MAX_BODY_BYTES = 64 * 2**20  # a request body; a large input picture as base64 PNG fits
 # What parsing a body may cost: a /generate body is one flat object with a few dozen of the marks that make
 # values ([, { and ,), and two prompts full of them stay far below this. Counting them is cheap; parsing

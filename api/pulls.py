@@ -8,7 +8,7 @@ import threading
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from api.guard import is_loopback
+from api.guard import has_one_owner
 from api.native import current_engine, current_settings, last_event, ndjson, read_json_body
 from api.native import to_error as native_error
 from engine.devices import device_memory
@@ -46,7 +46,7 @@ def check_may_pull() -> None:
     settings = current_settings()
     if settings.no_pull:
         raise ImagineError("pulling and removing models is switched off on this server (--no-pull)", 403)
-    if not settings.api_key and not is_loopback(settings.host):
+    if not has_one_owner(settings):
         message = "this server is open to other machines without an API key: set one (IMAGINE_API_KEY) to pull"
         raise ImagineError(message, 403)
 

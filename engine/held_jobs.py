@@ -49,6 +49,7 @@ class HeldJob:
         self.answer = None  # the translated result, kept in its place
         self.log = []
         self.last_id = 0
+        self.streams = 0  # its event streams open now (api/jobs.py caps them)
         self.changed = threading.Condition()  # guards all of the above; notified at each new record
 
     def attach(self, job) -> None:
@@ -117,6 +118,23 @@ class HeldJob:
         with self.changed:
             self.changed.wait_for(lambda: self.status in ENDED, timeout)
 
+    def open_stream(self, most: int) -> bool:
+        """Counts an event stream opening, if fewer than `most` are open; False where as many are."""
+        with self.changed:
+            if self.streams >= most:
+                return False
+            self.streams += 1
+            return True
+
+    def close_stream(self) -> None:
+        with self.changed:
+            self.streams -= 1
+
+    def collected(self) -> bool:
+        """Whether the job holds nothing left for its client to collect: it failed, was cancelled, or its pictures
+        were fetched once (GET /jobs/<id> or its stream's `done` event)."""
+        return self.status != "done" or self.answer is not None
+
     def result_fields(self, translate) -> dict:
         """The finished job's answer, translated (`translate(finished)`) the first time it is asked for; the
         pictures are encoded off the engine's thread, then kept as encoded only."""
@@ -129,7 +147,9 @@ class HeldJob:
 class JobStore:
     """The jobs the server holds, by id. Ids are 128 random bits: anyone who can reach the server could otherwise
     fetch another client's pictures. A finished job goes after `job_ttl` seconds, or earlier when more than
-    `max_jobs` have finished (the oldest finished first); the unfinished are bounded by the engine's queue."""
+    `max_jobs` have finished: first those that hold no picture to collect (failed, cancelled, or done and collected),
+    the oldest first; a done job whose pictures nobody has collected stays its whole TTL, so that another client's
+    flood of jobs cannot push it out. The unfinished are bounded by the engine's queue."""
 
     def __init__(self, engine: Engine, clock=time.time):
         self.engine = engine
@@ -180,14 +200,17 @@ class JobStore:
         return None if job is None else self.engine.position(job)
 
     def expire(self) -> None:
-        """Drops the finished jobs past the TTL, and the oldest finished past the cap, freeing their pictures."""
+        """Drops the finished jobs past the TTL, then, past the cap, those holding nothing left to collect, oldest
+        first, freeing their pictures."""
         settings, now = self.engine.settings, self.clock()
         with self.lock:
-            ended = sorted((held for held in self.held.values() if held.finished is not None), key=finished_at)
-            over = len(ended) - settings.max_jobs
-            for index, held in enumerate(ended):
-                if index < over or now - held.finished >= settings.job_ttl:
+            for held in list(self.held.values()):
+                if held.finished is not None and now - held.finished >= settings.job_ttl:
                     del self.held[held.id]
+            ended = [held for held in self.held.values() if held.finished is not None]
+            collected = sorted((held for held in ended if held.collected()), key=finished_at)
+            for held in collected[: max(0, len(ended) - settings.max_jobs)]:
+                del self.held[held.id]
 
 
 def finished_at(held: HeldJob) -> float:

@@ -8,6 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import requests
 from conftest import FAST, element, fill_form, finished, open_page, pixels, serving, severe_console_messages, wait_until
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
@@ -210,6 +211,30 @@ def test_a_reload_during_a_generation_reattaches_to_its_job_with_its_settings_an
         assert [each["id"] for each in json.load(response)["jobs"]] == [job_id]  # the same job, not a new one
     assert browser.execute_script("return localStorage.getItem('imagine.job')") is None
     assert severe_console_messages(browser) == []
+
+
+def test_a_page_refused_an_event_stream_follows_its_job_by_polling_and_the_picture_arrives(
+    browser, make_engine, serve, hold
+):
+    held = hold(3)
+    live_server = serve(make_engine(model="demo", max_queue=2, generate=held.generate))  # three event streams
+    open_page(browser, live_server)
+    body = {"prompt": "a sunrise over the sea", **FAST, "num_steps": 8, "seed": 77, "stream": 1}
+    job_id = requests.post(f"{live_server}/jobs", json=body, timeout=30).json()["id"]
+    held.reached(3)
+    taken = [requests.get(f"{live_server}/jobs/{job_id}/events", stream=True, timeout=30) for _ in range(3)]
+    assert all(response.status_code == 200 for response in taken)  # another client holds every stream there is
+
+    script = "localStorage.setItem('imagine.job', JSON.stringify({id: arguments[0], body: arguments[1]}))"
+    browser.execute_script(script, job_id, body)
+    browser.refresh()  # the page reattaches to the job, and is refused a stream of its own
+    wait_until(lambda: element(browser, "progress-text").text.startswith("step 2 / 8"), "the page polled step 2")
+    assert element(browser, "status").text == "generating…"
+    held.release()
+    wait_until(lambda: finished(browser), "the picture arrived by polling")
+    for response in taken:
+        response.close()
+    assert np.array_equal(shown_picture(browser), api_picture(live_server, body | {"stream": 0}))
 
 
 # The first impression (issue 22.6): no broken picture before the first one, demo's size as the API draws it, a
