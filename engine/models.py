@@ -81,7 +81,7 @@ class Models:
             return self.loaded[key]
         # Check the model before unloading another for it: a request for a file that cannot load
         # must not cost the next request a reload of the model it evicted.
-        family = self.catalog.family_of(key)
+        family = self.catalog.checked_family(key)
         evicted = []
         while len(self.loaded) >= self.settings.max_loaded:
             evicted.append(next(iter(self.loaded)))
@@ -127,7 +127,7 @@ class Models:
 
     def reload(self, key: str) -> None:
         try:
-            self.loaded[key] = self.load(key, self.catalog.family_of(key))
+            self.loaded[key] = self.load(key, self.catalog.checked_family(key))
             log.info("reloaded %s", self.loaded[key].name)
         except Exception:
             log.exception("cannot reload %s", key)
