@@ -288,3 +288,18 @@ def test_a_sidecar_names_parts_inside_the_models_folders_only_and_says_so_alike_
     assert all(each == outside[0] for each in outside)  # the answer tells nothing of what is there
     assert answer("../elsewhere/ae")[0] == 422
     assert answer(str(models / "vae" / "ae"))[0] == 200  # an absolute name inside them is one of theirs
+
+
+# ---- 7. every name in the log is escaped onto its line
+
+
+def test_a_model_name_holding_a_newline_and_terminal_codes_cannot_forge_a_log_line(make_engine, tmp_path, caplog):
+    name = "tiny\nINFO:imagine:loaded forged (Stable Diffusion 1.x) in 0.1 s\x1b[31m"
+    save_tiny_folder(tmp_path / name, seed=1)
+    client = imagine.create_app(make_engine(model="demo", models_dir=tmp_path, max_loaded=1)).test_client()
+    with caplog.at_level("INFO", logger="imagine"):
+        assert client.post("/generate", json={"prompt": "a cat", "model": name, **FAST}).status_code == 200
+        assert client.post("/generate", json={"prompt": "a cat", **FAST}).status_code == 200  # unloads it
+    assert not any("\n" in line or "\x1b" in line for line in caplog.messages)
+    for said in ("loaded ", "generating ", "unloading "):
+        assert any(said in line and "tiny\\nINFO" in line and "s\\x1b[31m" in line for line in caplog.messages), said

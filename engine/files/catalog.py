@@ -40,6 +40,7 @@ from engine.files.parts import PartFinder, gguf_not_yet
 from engine.files.pulled import read_manifests
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.tensors import file_version
+from engine.logs import escaped
 from engine.settings import DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -109,7 +110,11 @@ class Catalog:
             if error.status != 404:
                 raise
         if name not in self.fallen_back:
-            log.info("model %r is not here; the default model %r draws instead", str(name)[:80], self.default)
+            log.info(
+                "model '%s' is not here; the default model '%s' draws instead",
+                escaped(str(name)[:80]),
+                escaped(self.default),
+            )
         self.fallen_back[name] = True  # the newest FALLBACKS_KEPT names: no state grows with every name sent
         self.fallen_back.move_to_end(name)
         while len(self.fallen_back) > FALLBACKS_KEPT:
