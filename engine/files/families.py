@@ -315,11 +315,6 @@ def folder_family(path: Path) -> Family:
     return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
 
 
-# The line of an LDM config (`.yaml`) that marks a v-prediction model, matched a line at a time: one pattern over the
-# whole text, whose leading \s* also spans newlines, took quadratic time on a file of blank lines (issue 35).
-V_PARAMETERIZATION = re.compile(r"""\s*parameterization:\s*["']?v["']?\s*""")
-
-
 def check_folder_configs(path: Path) -> None:
     """Refuses (422) a diffusers folder whose models' configs (`<part>/config.json`) are unreadable or would build a
     model beyond check_config_numbers' bounds: diffusers builds what a config says before it reads a weight, and a
@@ -332,6 +327,11 @@ def check_folder_configs(path: Path) -> None:
             raise ImagineError(f"the model folder's {where} cannot be read ({error.strerror})", 422) from None
         except ValueError as error:
             raise ImagineError(f"the model folder's {where} is not readable JSON ({error})", 422) from None
+
+
+# The line of an LDM config (`.yaml`) that marks a v-prediction model, matched a line at a time: one pattern over the
+# whole text, whose leading \s* also spans newlines, took quadratic time on a file of blank lines (issue 35).
+V_PARAMETERIZATION = re.compile(r"""\s*parameterization:\s*["']?v["']?\s*""")
 
 
 def sd2_family(path: Path) -> Family:
