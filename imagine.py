@@ -207,6 +207,7 @@ from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.files.folders import model_folders  # noqa: E402
 from engine.held_jobs import JobStore  # noqa: E402
+from engine.logs import escaped  # noqa: E402
 
 DIALECTS = {"native": native, "jobs": jobs, "pulls": pulls, "openai": openai, "a1111": a1111}
 # A URL that reached no route (404, 405) still gets its dialect's error shape, by the dialect's prefix.
@@ -293,11 +294,11 @@ def check_models_folders(settings: Settings) -> None:
         try:
             if settings.models_dir == Settings().models_dir:
                 folder.mkdir(parents=True)
-                log.info("created the models folder %s; put models there (--models-dir names others)", folder)
+                log.info("created the models folder %s; put models there (--models-dir names others)", escaped(folder))
                 continue
         except OSError as error:
-            log.warning("cannot create the models folder %s: %s", folder, error.strerror)
-        log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", folder)
+            log.warning("cannot create the models folder %s: %s", escaped(folder), error.strerror)
+        log.warning("models folder %s does not exist; models there cannot be found (--models-dir)", escaped(folder))
 
 
 def cannot_listen(settings: Settings, error: OSError) -> str:
@@ -322,7 +323,7 @@ def main(argv=None) -> None:
     check_default_model(engine)
     log.info(
         "device %s, precision %s, default model %s, models folders %s",
-        engine.device, str(engine.dtype).removeprefix("torch."), settings.model, settings.models_dir,
+        engine.device, str(engine.dtype).removeprefix("torch."), escaped(settings.model), escaped(settings.models_dir),
     )  # fmt: skip
     check_models_folders(settings)
     try:

@@ -6,13 +6,13 @@ import binascii
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 import socket
 
 from flask import Flask, Response, request
 
 from engine.errors import ImagineError
+from engine.logs import escaped
 from engine.settings import Settings
 
 log = logging.getLogger("imagine")
@@ -142,8 +142,8 @@ def log_access(response: Response) -> None:
     if status >= 400 and response.is_json:
         error = (response.get_json(silent=True) or {}).get("error", "")
         message = error.get("message", "") if isinstance(error, dict) else error  # OpenAI's shape on /v1/
-        reason = " " + json.dumps(str(message), ensure_ascii=False)[:300]
-    path = json.dumps(request.path, ensure_ascii=False)[1:-1][:300]
+        reason = f' "{escaped(str(message)[:300])}"'
+    path = escaped(request.path[:300])
     level = logging.INFO if status < 400 else logging.WARNING
     log.log(level, '%s "%s %s" %d%s', request.remote_addr, request.method, path, status, reason)
 

@@ -341,7 +341,7 @@ def samplers_route():
         )
     engine = current_engine()
     try:
-        family = engine.catalog.family_of(engine.catalog.resolve(name))
+        family = engine.catalog.checked_family(engine.catalog.resolve(name))
     except ImagineError as error:
         return jsonify(to_error(error)), error.status
     return jsonify(model_samplers(family))

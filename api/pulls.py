@@ -16,6 +16,7 @@ from engine.errors import ImagineError
 from engine.fields import text
 from engine.files.folders import find_in_folders, model_folders
 from engine.files.library import Library
+from engine.logs import escaped
 from engine.pull import Puller
 from engine.request import MAX_NAME_CHARS
 
@@ -117,7 +118,7 @@ def pull_route():
     except BaseException:
         slots.release()
         raise
-    log.info("pulling %s: %s", name, first["reason"])
+    log.info("pulling %s: %s", escaped(name), escaped(first["reason"]))
     if not stream:
         try:
             last = [first, *lines][-1]
@@ -153,5 +154,5 @@ def remove_route(name):
         last_event(engine.unload_model(str(key)))
     used = engine.catalog.reader.read(lambda: engine.catalog.files_in_use(but=key))
     removed = current_puller().remove(name, used)
-    log.info("removed %s: %s", name, removed)
+    log.info("removed %s: %s", escaped(name), escaped(removed))
     return jsonify(model=name, **removed)

@@ -17,6 +17,7 @@ from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded
+from engine.logs import escaped
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
@@ -218,7 +219,7 @@ class Engine:
         steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
         log.info(
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
-            req.n, req.width, req.height, steps, req.sampler, req.seed, model.name,
+            req.n, req.width, req.height, steps, req.sampler, req.seed, escaped(model.name),
         )  # fmt: skip
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)

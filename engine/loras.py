@@ -13,6 +13,7 @@ from engine.errors import ImagineError
 from engine.files.families import FAMILIES, refuse_pickles_that_could_run
 from engine.files.folders import find_in_folders, model_folders, real_path, walk_folders
 from engine.files.tensors import file_version
+from engine.logs import escaped
 from engine.models import LoadedModel
 from engine.prompts import CHUNK_TOKENS
 from engine.settings import Settings
@@ -166,7 +167,7 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
             pipe.delete_adapters(adapter)
         reason = lora_error_reason(error)
         raise ImagineError(f"lora {name!r} does not fit this model ({model.family.label}): {reason}") from error
-    log.info("loaded lora %s", name)
+    log.info("loaded lora %s", escaped(name))
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter

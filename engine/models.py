@@ -21,6 +21,7 @@ from engine.errors import Cancelled, ImagineError
 from engine.files.catalog import Catalog
 from engine.files.families import Family
 from engine.files.parts import build_flow_pipeline, read_sidecar
+from engine.logs import escaped
 from engine.settings import CONFIGS_DIR, DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -81,7 +82,7 @@ class Models:
             return self.loaded[key]
         # Check the model before unloading another for it: a request for a file that cannot load
         # must not cost the next request a reload of the model it evicted.
-        family = self.catalog.family_of(key)
+        family = self.catalog.checked_family(key)
         evicted = []
         while len(self.loaded) >= self.settings.max_loaded:
             evicted.append(next(iter(self.loaded)))
@@ -95,7 +96,7 @@ class Models:
             for each in evicted:
                 self.reload(each)
             raise
-        log.info("loaded %s (%s) in %.1f s", model.name, model.family.label, time.perf_counter() - started)
+        log.info("loaded %s (%s) in %.1f s", escaped(model.name), model.family.label, time.perf_counter() - started)
         self.loaded[key] = model
         return model
 
@@ -104,10 +105,10 @@ class Models:
         folder's config that gives it another family (whose scheduler settings it was loaded with)."""
         model = self.loaded[key]
         if sidecar_changed(model, Path(key)):
-            log.info("the sidecar of %s changed: loading it again", model.name)
+            log.info("the sidecar of %s changed: loading it again", escaped(model.name))
             return True
         if self.catalog.known_family(key) is not model.family:
-            log.info("the family of %s changed: loading it again", model.name)
+            log.info("the family of %s changed: loading it again", escaped(model.name))
             return True
         return False
 
@@ -118,7 +119,7 @@ class Models:
         except (ImagineError, torch.OutOfMemoryError):
             raise
         except Exception as error:
-            log.exception("cannot load %s", key)
+            log.exception("cannot load %s", escaped(key))
             raise ImagineError(
                 f"the model cannot be loaded: its files are incomplete or damaged ({type(error).__name__}); "
                 "the server log has the details",
@@ -127,13 +128,13 @@ class Models:
 
     def reload(self, key: str) -> None:
         try:
-            self.loaded[key] = self.load(key, self.catalog.family_of(key))
-            log.info("reloaded %s", self.loaded[key].name)
+            self.loaded[key] = self.load(key, self.catalog.checked_family(key))
+            log.info("reloaded %s", escaped(self.loaded[key].name))
         except Exception:
-            log.exception("cannot reload %s", key)
+            log.exception("cannot reload %s", escaped(key))
 
     def unload(self, key: str) -> None:
-        log.info("unloading %s", self.loaded.pop(key).name)
+        log.info("unloading %s", escaped(self.loaded.pop(key).name))
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

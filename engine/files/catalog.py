@@ -34,11 +34,13 @@ from engine.files.folders import (
     relative_to_folders,
     walk_folders,
 )
-from engine.files.headers import Headers, Truncated
+from engine.files.header_json import Damaged
+from engine.files.headers import Headers
 from engine.files.parts import PartFinder, gguf_not_yet
 from engine.files.pulled import read_manifests
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.tensors import file_version
+from engine.logs import escaped
 from engine.settings import DEMO_MODEL, Settings
 
 log = logging.getLogger("imagine")
@@ -108,7 +110,11 @@ class Catalog:
             if error.status != 404:
                 raise
         if name not in self.fallen_back:
-            log.info("model %r is not here; the default model %r draws instead", str(name)[:80], self.default)
+            log.info(
+                "model '%s' is not here; the default model '%s' draws instead",
+                escaped(str(name)[:80]),
+                escaped(self.default),
+            )
         self.fallen_back[name] = True  # the newest FALLBACKS_KEPT names: no state grows with every name sent
         self.fallen_back.move_to_end(name)
         while len(self.fallen_back) > FALLBACKS_KEPT:
@@ -181,22 +187,29 @@ class Catalog:
         return described
 
     def cached_family(self, real: Path) -> dict:
-        """{"family": its name} or {"family": None, "error": why}: family_of, cached by the size and date of each file
-        that decides it (a checkpoint and the SD2 `.yaml` beside it; a diffusers folder's index and configs), so the
-        listing and each request read a model once per version of it."""
+        """{"family": its name} or {"family": None, "error": why}: the verdict on the model, as the listing gives it."""
+        verdict = self.verdict(real)
+        if isinstance(verdict, ImagineError):
+            return {"family": None, "error": verdict.message}
+        return {"family": verdict.name}
+
+    def verdict(self, real: Path) -> Family | ImagineError:
+        """family_of, or the ImagineError it refuses with, cached by the size and date of each file that decides it (a
+        checkpoint and the SD2 `.yaml` beside it; a diffusers folder's index and configs), so that the listing and
+        each request read a model once per version of it, a damaged or hostile one too."""
         deciding = versions(family_deciding_files(real))
         cached = self.family_cache.get(str(real))
         if cached is None or cached[0] != deciding:
             cached = self.family_cache[str(real)] = (deciding, self.described_family(real))
         return cached[1]
 
-    def described_family(self, real: Path) -> dict:
+    def described_family(self, real: Path) -> Family | ImagineError:
         try:
-            return {"family": self.family_of(str(real)).name}
-        except ImagineError as error:
-            return {"family": None, "error": error.message}
+            return self.family_of(str(real))
+        except ImagineError as error:  # kept without its traceback, whose frames hold all that was read
+            return ImagineError(error.message, error.status)
         except Exception as error:  # noqa: BLE001 (a listing must answer whatever a file holds)
-            return {"family": None, "error": f"cannot be read ({type(error).__name__})"}
+            return ImagineError(f"cannot be read ({type(error).__name__})", 422)
 
     def known_family(self, key: str) -> Family | None:
         """The family of the model `key` (see resolve), from the cache where its file was read before; None where
@@ -204,7 +217,19 @@ class Catalog:
         path = Path(key)
         if key == DEMO_MODEL or not path.exists():
             return self.family_of(key)
-        return FAMILIES.get(self.cached_family(path)["family"])
+        verdict = self.verdict(path)
+        return None if isinstance(verdict, ImagineError) else verdict
+
+    def checked_family(self, key: str) -> Family:
+        """The family of the model `key` (see resolve), from the cache where its file was read before; what it was
+        refused with raised (afresh: threads never raise one instance at once) where it cannot be loaded."""
+        path = Path(key)
+        if key == DEMO_MODEL or not path.exists():
+            return self.family_of(key)
+        verdict = self.verdict(path)
+        if isinstance(verdict, ImagineError):
+            raise ImagineError(verdict.message, verdict.status)
+        return verdict
 
     def family_of(self, key: str) -> Family:
         """The model's family, from a glance at the file or folder; refuses what cannot be loaded."""
@@ -226,12 +251,13 @@ class Catalog:
 
     def readable_header(self, path: Path) -> dict | None:
         """A .safetensors file's header, read once for all that family detection reads there; None for a .ckpt, or a
-        file whose header cannot be read, which the SD reading then refuses. A truncated file is refused here."""
+        file with no header to read, which the SD reading then refuses. A truncated or damaged file (Damaged) is
+        refused here: no other reader is to try it again."""
         if path.suffix != ".safetensors":
             return None
         try:
             return self.headers.read(path)
-        except Truncated:
+        except Damaged:
             raise
         except ImagineError:
             return None

@@ -1,7 +1,6 @@
 """The model families (the family table) and how a file or folder shows which one it is."""
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -26,7 +25,8 @@ from diffusers import (
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.files.folders import read_regular_file
+from engine.files.folders import read_regular_file, read_small_json
+from engine.files.tensors import check_config_numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,18 +264,18 @@ FOLDER_FAMILY_FILES = (  # what folder_family reads
 
 
 def family_deciding_files(path: Path) -> list[Path]:
-    """The files whose contents decide a model's family: a diffusers folder's index and configs, or a checkpoint and
-    the SD2 `.yaml` that may lie beside it (sd2_family)."""
+    """The files whose contents decide a model's family, or its refusal: a diffusers folder's index and configs (its
+    models' too: check_folder_configs), or a checkpoint and the SD2 `.yaml` that may lie beside it (sd2_family)."""
     if path.is_dir():
-        return [path / name for name in FOLDER_FAMILY_FILES]
+        return [path / name for name in FOLDER_FAMILY_FILES] + sorted(path.glob("*/config.json"))
     return [path, path.with_suffix(".yaml")]
 
 
 def pipeline_class_name(folder: Path) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names, or None where it names none readably."""
     try:
-        index = json.loads(read_regular_file(folder / "model_index.json"))
-    except (OSError, ValueError, RecursionError):  # missing, not JSON, not UTF-8
+        index = read_small_json(folder / "model_index.json")
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
         return None
     return index.get("_class_name") if isinstance(index, dict) else None
 
@@ -304,34 +304,56 @@ def folder_family(path: Path) -> Family:
     base = PIPELINE_BASES.get(pipeline_class_name(path))
     if base is None:
         raise ImagineError("the model folder is not a Stable Diffusion pipeline this server can load")
+    check_folder_configs(path)
     if FAMILIES[base].flow:
         return folder_flow_family(path, FAMILIES[base])
     family = folder_sd2_family(path) or FAMILIES[base]
     try:
-        channels = json.loads(read_regular_file(path / "unet" / "config.json")).get("in_channels", 4)
+        channels = read_small_json(path / "unet" / "config.json").get("in_channels", 4)
     except (OSError, ValueError, AttributeError):
         channels = 4  # diffusers itself will say what is missing
     return FAMILIES[INPAINT_FAMILIES[family.name]] if channels == 9 else family
 
 
+def check_folder_configs(path: Path) -> None:
+    """Refuses (422) a diffusers folder whose models' configs (`<part>/config.json`) are unreadable or would build a
+    model beyond check_config_numbers' bounds: diffusers builds what a config says before it reads a weight, and a
+    text encoder of 10^9 layers never finished building (issue 35)."""
+    for config in sorted(path.glob("*/config.json")):
+        where = f"{config.parent.name}/config.json"
+        try:
+            check_config_numbers(read_small_json(config), where)
+        except OSError as error:
+            raise ImagineError(f"the model folder's {where} cannot be read ({error.strerror})", 422) from None
+        except ValueError as error:
+            raise ImagineError(f"the model folder's {where} is not readable JSON ({error})", 422) from None
+
+
+# The line of an LDM config (`.yaml`) that marks a v-prediction model, matched a line at a time: one pattern over the
+# whole text, whose leading \s* also spans newlines, took quadratic time on a file of blank lines (issue 35).
+V_PARAMETERIZATION = re.compile(r"""\s*parameterization:\s*["']?v["']?\s*""")
+
+
 def sd2_family(path: Path) -> Family:
     """SD2 512 (epsilon) or 768 (v-prediction), from the best evidence there is: the LDM config
     that other tools read from beside the checkpoint (`name.yaml`, whose `parameterization: "v"`
-    marks a v model); without one, the 768 v-prediction model, the flagship of SD 2.0 and 2.1.
-    A request's `prediction` field overrides this for that request."""
+    marks a v model; its first SMALL_FILE_BYTES are read, Stability's is 2 KB); without one, the 768 v-prediction
+    model, the flagship of SD 2.0 and 2.1. A request's `prediction` field overrides this for that request."""
     yaml = path.with_suffix(".yaml")
-    if yaml.is_file():
-        v = re.search(r"""^\s*parameterization:\s*["']?v["']?\s*$""", yaml.read_text(errors="replace"), re.M)
-        return FAMILIES["sd2-v" if v else "sd2"]
-    return FAMILIES["sd2-v"]
+    try:
+        text = read_regular_file(yaml).decode(errors="replace")
+    except OSError:  # none there (or a FIFO, a folder: none to read)
+        return FAMILIES["sd2-v"]
+    v = any(V_PARAMETERIZATION.fullmatch(line) for line in text.splitlines())
+    return FAMILIES["sd2-v" if v else "sd2"]
 
 
 def folder_sd2_family(path: Path) -> Family | None:
     """An SD2 diffusers folder shares SD1's pipeline class; its OpenCLIP text encoder (gelu, where
     OpenAI's CLIP uses quick_gelu) and its scheduler's prediction type tell which SD2 it is."""
     try:
-        text_encoder = json.loads(read_regular_file(path / "text_encoder" / "config.json"))
-        scheduler = json.loads(read_regular_file(path / "scheduler" / "scheduler_config.json"))
+        text_encoder = read_small_json(path / "text_encoder" / "config.json")
+        scheduler = read_small_json(path / "scheduler" / "scheduler_config.json")
     except (OSError, ValueError):
         return None  # diffusers itself will say what is missing
     if not (isinstance(text_encoder, dict) and isinstance(scheduler, dict)):
@@ -346,7 +368,7 @@ def folder_flow_family(path: Path, family: Family) -> Family:
     if family.name != "flux1-dev":
         return family
     try:
-        transformer = json.loads(read_regular_file(path / "transformer" / "config.json"))
+        transformer = read_small_json(path / "transformer" / "config.json")
     except (OSError, ValueError):
         return family  # diffusers itself will say what is missing
     guidance = transformer.get("guidance_embeds", True) if isinstance(transformer, dict) else True

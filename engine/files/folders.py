@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import errno
+import json
 import logging
 import os
 import queue
@@ -14,6 +15,9 @@ from engine.errors import ImagineError
 log = logging.getLogger("imagine")
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# The most read of a small file beside a model (a config, a sidecar, an SD2 .yaml): theirs are a few KB, and one
+# longer is no config but a damaged or hostile file, whose reading must cost little.
+SMALL_FILE_BYTES = 64 * 1024
 
 
 def real_path(path: Path) -> Path | None:
@@ -123,14 +127,27 @@ def is_model_entry(path: Path, real: Path) -> bool:
     return path.suffix in CHECKPOINT_SUFFIXES and real.is_file()  # a FIFO or device is never opened
 
 
-def read_regular_file(path: Path) -> bytes:
-    """A small file's bytes; anything but a regular file (a FIFO, a device) is an OSError, found without waiting:
-    opening a FIFO for reading would wait for a writer forever."""
+def read_regular_file(path: Path, limit: int = SMALL_FILE_BYTES) -> bytes:
+    """The first `limit` bytes of a small file; anything but a regular file (a FIFO, a device) is an OSError, found
+    without waiting: opening a FIFO for reading would wait for a writer forever."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with open(descriptor, "rb") as file:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return file.read()
+        return file.read(limit)
+
+
+def read_small_json(path: Path):
+    """The JSON value of a small file (a config, a sidecar): an OSError as read_regular_file's; a ValueError where it
+    is not JSON, longer than SMALL_FILE_BYTES, or nested deeper than the interpreter recurses (RecursionError, after
+    at most about a thousand levels of the bounded text)."""
+    data = read_regular_file(path, SMALL_FILE_BYTES + 1)
+    if len(data) > SMALL_FILE_BYTES:
+        raise ValueError(f"longer than {SMALL_FILE_BYTES >> 10} KiB")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
 
 
 FOLDER_WAITERS = 4  # requests that may wait for them at once (each holds a thread of its own; see create_server)

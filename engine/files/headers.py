@@ -4,12 +4,13 @@ type, under one key prefix."""
 
 import collections
 import dataclasses
-import json
+import mmap
 import struct
 import threading
 from pathlib import Path
 
 from engine.errors import ImagineError
+from engine.files.header_json import Damaged, parse_entries
 from engine.files.tensors import file_version
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a longer "header" is a damaged or hostile file
@@ -17,7 +18,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a longer "header
 HEADERS_KEPT = 32
 
 
-class Truncated(ImagineError):
+class Truncated(Damaged):
     """A file whose header promises more bytes than it holds: a download cut short."""
 
 
@@ -40,7 +41,8 @@ class Part:
 
 
 def read_header(path: Path) -> dict:
-    """{tensor name: Tensor} from a .safetensors file's header; a file that is not one is refused, naming no path."""
+    """{tensor name: Tensor} from a .safetensors file's header; a file that is not one is refused, naming no path:
+    Damaged where it has a header no sound file has, Truncated where it holds less than its header says."""
     try:
         with open(path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
@@ -49,23 +51,14 @@ def read_header(path: Path) -> dict:
             size = file.seek(0, 2)
             if size < 8 + length:
                 raise truncated(size, 8 + length)
-            file.seek(8)
-            header = json.loads(file.read(length))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
+            with mmap.mmap(file.fileno(), 8 + length, access=mmap.ACCESS_READ) as mapped:
+                entries = parse_entries(mapped, 8, 8 + length)  # read as hostile input: engine/files/header_json.py
+    except (OSError, struct.error, ValueError) as error:
         raise ImagineError(f"the file cannot be read as .safetensors ({type(error).__name__})", 422) from None
-    tensors = {}
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            tensors[name] = Tensor(tuple(entry["shape"]), entry["dtype"])
-            end = max(end, entry["data_offsets"][1])
-        except (KeyError, TypeError, IndexError):
-            raise ImagineError("the file's .safetensors header is damaged", 422) from None
+    end = max((end for _, _, end in entries.values()), default=0)
     if 8 + length + end > size:  # a download cut short: the header promises more than the file holds
         raise truncated(size, 8 + length + end)
-    return tensors
+    return {name: Tensor(shape, dtype) for name, (dtype, shape, _) in entries.items()}
 
 
 def truncated(size: int, promised: int) -> Truncated:
@@ -100,8 +93,8 @@ class Headers:
         if header is None:
             try:
                 header = read_header(path)
-            except ImagineError as refusal:
-                header = refusal
+            except ImagineError as refusal:  # kept without its traceback, whose frames hold all that was read
+                header = type(refusal)(refusal.message, refusal.status)
         with self.lock:
             self.kept[version] = header
             while len(self.kept) > HEADERS_KEPT:

@@ -15,7 +15,14 @@ from transformers import AutoTokenizer
 
 from engine.errors import ImagineError
 from engine.files.diffusion_models import load_diffusion_model
-from engine.files.folders import check_model_name, find_in_folders, read_regular_file, real_path, walk_folders
+from engine.files.folders import (
+    check_model_name,
+    find_in_folders,
+    read_small_json,
+    real_path,
+    relative_to_folders,
+    walk_folders,
+)
 from engine.files.headers import Headers, Part
 from engine.files.tensors import file_version
 from engine.files.text_encoders import load_text_encoder, recognise_text_encoders
@@ -73,25 +80,37 @@ def describe_part(part: Part) -> str:
 
 class PartFinder:
     """Finds the parts of flow-matching models, from the headers of the part files (`headers`), each file's parts
-    recognised once per version of it: a listing looks at every part file for every flow model it lists."""
+    recognised once per version of it: a listing looks at every part file for every flow model it lists. A damaged
+    file holds no part, and why is kept, for the answers that name it."""
 
     def __init__(self, headers: Headers):
         self.headers = headers
-        self.recognised = {}  # path -> (its file_version, the parts in it): one entry a file, replaced as it changes
+        # path -> (its file_version, the parts in it, why it holds none where it cannot be read): one entry a file,
+        # replaced as it changes
+        self.recognised = {}
 
     def parts_of(self, path: Path) -> list:
+        return self.recognise(path)[1]
+
+    def damage_of(self, path: Path) -> str | None:
+        """Why the file at `path` holds no part where it cannot be read (a damaged or hostile file), or None."""
+        return self.recognise(path)[2]
+
+    def recognise(self, path: Path) -> tuple:
         try:
             version = file_version(path)
         except OSError:
-            return []
+            return (), [], None
         kept = self.recognised.get(str(path))
         if kept is None or kept[0] != version:
             try:
-                parts = parts_in(self.headers.read(path))
-            except ImagineError:  # not a .safetensors file, or a damaged one: no part of anything
-                parts = []
-            kept = self.recognised[str(path)] = (version, parts)
-        return kept[1]
+                kept = (version, parts_in(self.headers.read(path)), None)
+            except ImagineError as error:  # not a .safetensors file, or a damaged one: no part of anything
+                kept = (version, [], error.message)
+            except Exception as error:  # noqa: BLE001 (one file, whatever it holds, must not fail every flow model)
+                kept = (version, [], f"it cannot be read ({type(error).__name__})")
+            self.recognised[str(path)] = kept
+        return kept
 
     def candidates(self, folders: list) -> list:
         """Every part file of the models folders' part sub-folders, as Found, by name."""
@@ -99,6 +118,11 @@ class PartFinder:
         for name, real in part_files(folders, ".safetensors"):
             found += [Found(name.removesuffix(".safetensors"), real, part) for part in self.parts_of(real)]
         return sorted(found, key=lambda each: each.name)
+
+    def damaged(self, folders: list) -> list:
+        """'name (why)' of each part file of the models folders that cannot be read."""
+        files = part_files(folders, ".safetensors")
+        return [f"{name.removesuffix('.safetensors')} ({why})" for name, real in files if (why := self.damage_of(real))]
 
     def find(self, model_path: Path, model: Part, family, folders: list) -> dict:
         """{pipeline component: Found} for each part the family needs, or a 422 naming what is missing."""
@@ -123,15 +147,27 @@ class PartFinder:
                 missing.append(wanted)
         if missing:
             ggufs = sorted(name for name, _ in part_files(folders, ".gguf"))
-            raise ImagineError(missing_message(model_path.stem, family, missing, candidates or [], ggufs), 422)
+            others = {"ggufs": ggufs, "damaged": self.damaged(folders)}
+            raise ImagineError(missing_message(model_path.stem, family, missing, candidates or [], others), 422)
         return found
 
     def named_part(self, name: str, component: str, wanted: str, model: Part, family, folders: list) -> Found:
-        """The part a sidecar names, refused where it is not there or not of the kind the model needs."""
+        """The part a sidecar names, refused where it is not there, cannot be read or is not of the kind the model
+        needs. As a request's model name, the name may only walk down the models folders: one outside them is
+        refused before it is looked for, so that the answer tells nothing of what is there."""
         what = f"the sidecar's {component} {name!r}"
         if not isinstance(name, str) or not name:
             raise ImagineError(f"the sidecar's {component} must name a file in the models folders", 422)
-        check_model_name(name, field=f"the sidecar's {component}")
+        try:
+            check_model_name(name, field=f"the sidecar's {component}")
+        except ImagineError as error:  # the file's fault, not the request's
+            raise ImagineError(error.message, 422) from None
+        try:
+            name = relative_to_folders(name, folders)
+        except ImagineError:  # an absolute name outside them
+            raise ImagineError(
+                f'{what} is outside the models folders: name a file inside them, as "vae/ae"', 422
+            ) from None
         path = find_in_folders(folders, name, (".safetensors", ".gguf"))
         real = path and real_path(path)
         if not real or not real.is_file():
@@ -142,6 +178,9 @@ class PartFinder:
         for part in parts:
             if fits(part, wanted, model):
                 return Found(name, real, part)
+        why = self.damage_of(real)
+        if why is not None:
+            raise ImagineError(f"{what} cannot be read: {why}", 422)
         held = ", ".join(describe_part(part) for part in parts) or "no text encoder or VAE"
         need = DOWNLOADS[wanted][0]
         raise ImagineError(f"{what} holds {held}; {family.label} needs {need} that fits it", 422)
@@ -155,7 +194,7 @@ def read_sidecar(model_path: Path) -> dict:
     """The parts a `<model>.json` beside the model names, {} where there is none."""
     sidecar = model_path.with_suffix(".json")
     try:
-        named = json.loads(read_regular_file(sidecar))
+        named = read_small_json(sidecar)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
@@ -175,16 +214,18 @@ def part_files(folders: list, suffix: str):
                     yield f"{sub}/{relative}", real
 
 
-def missing_message(name: str, family, missing: list, candidates: list, ggufs: list) -> str:
-    """What to download and where, for each missing part, and what was found that does not fit."""
+def missing_message(name: str, family, missing: list, candidates: list, others: dict) -> str:
+    """What to download and where, for each missing part, and what was found that does not fit: parts of other
+    kinds or widths, and the files of `others` ("ggufs": GGUF files, "damaged": 'name (why)' of damaged ones)."""
     needs = []
     for wanted in missing:
         what, folder, download = DOWNLOADS[wanted]
         needs.append(f"{what}: download {download} into {folder}/ of a models folder")
     wrong = sorted({f"{each.name} ({describe_part(each.part)})" for each in candidates})
     found = f"; found, but not fitting it: {', '.join(wrong)}" if wrong else ""
-    not_yet = f"; GGUF files, which Imagine cannot load yet: {', '.join(ggufs)}" if ggufs else ""
-    return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}{not_yet}"
+    damaged = f"; found, but damaged: {', '.join(others['damaged'])}" if others["damaged"] else ""
+    not_yet = f"; GGUF files, which Imagine cannot load yet: {', '.join(others['ggufs'])}" if others["ggufs"] else ""
+    return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}{damaged}{not_yet}"
 
 
 def build_flow_pipeline(family, model_path: Path, model: Part, parts: dict, config_dir: Path, dtype):

@@ -20,6 +20,9 @@ SCALES = (".weight_scale", ".scale_weight")
 # What fp8 matrix products use (the activations' scale) and the format note: casting to the compute dtype needs
 # neither.
 UNUSED = (".input_scale", ".scale_input", ".comfy_quant")
+# A format note as ComfyUI writes it: the bytes of a short JSON text, in a tensor of bytes.
+NOTE_DTYPES = ("U8", "I8", torch.uint8, torch.int8)  # as a header and safetensors name them, and as torch does
+MAX_NOTE_BYTES = 1024
 # The dtype a scaled weight is kept in once multiplied out where the model computes in float32: finer than fp8 (8
 # bits of mantissa to its 3), so the product loses nothing that matters, at twice the fp8 file's size.
 DEQUANTISED = torch.bfloat16
@@ -62,9 +65,11 @@ def refuse_block_scaled(path: Path, header: dict) -> None:
     for name, tensor in header.items():
         if name.endswith(SCALES) and math.prod(tensor.shape) > 1:
             stem = name.removesuffix(".weight_scale").removesuffix(".scale_weight")
-            with safe_open(path, framework="pt") as file:
-                notes = {note: file.get_slice(note) for note in [stem + ".comfy_quant"] if note in header}
-                raise block_scaled(f"{stem}.weight", math.prod(tensor.shape), quantised_format(notes, stem))
+            notes = {}
+            if is_short_note(header.get(stem + ".comfy_quant")):
+                with safe_open(path, framework="pt") as file:
+                    notes = {stem + ".comfy_quant": file.get_slice(stem + ".comfy_quant")}
+            raise block_scaled(f"{stem}.weight", math.prod(tensor.shape), quantised_format(notes, stem))
 
 
 def block_scaled(name: str, scales: int, format_name: str) -> ImagineError:
@@ -76,10 +81,21 @@ def block_scaled(name: str, scales: int, format_name: str) -> ImagineError:
 
 
 def quantised_format(tensors: dict, stem: str) -> str:
-    """The format a layer's `comfy_quant` note names (JSON bytes, e.g. {"format": "nvfp4"}), or "unnamed"."""
-    if stem + ".comfy_quant" not in tensors:
+    """The format a layer's `comfy_quant` note names (JSON bytes, e.g. {"format": "nvfp4"}), or "unnamed" where it has
+    none, or none that is_short_note."""
+    note = tensors.get(stem + ".comfy_quant")
+    if not is_short_note(note):
         return "unnamed"
     try:
-        return str(json.loads(bytes(tensors[stem + ".comfy_quant"][...].tolist()))["format"])
+        return str(json.loads(bytes(note[...].tolist()))["format"])
     except (ValueError, KeyError, TypeError):
         return "unnamed"
+
+
+def is_short_note(note) -> bool:
+    """Whether a format note (a header's Tensor, a torch tensor or a safetensors slice; None: none) is what a note is:
+    a few bytes. Read whole, a note of 50 M floats in a 200 MB file once became a Python list of 2 GB (issue 35)."""
+    if note is None:
+        return False
+    dtype, shape = (note.get_dtype(), note.get_shape()) if hasattr(note, "get_shape") else (note.dtype, note.shape)
+    return dtype in NOTE_DTYPES and math.prod(shape) <= MAX_NOTE_BYTES

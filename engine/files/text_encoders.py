@@ -10,9 +10,10 @@ import torch
 import transformers
 from diffusers.hooks import apply_layerwise_casting_hook
 
+from engine.errors import ImagineError
 from engine.files.headers import Part
 from engine.files.scaled_fp8 import dequantised, kept_dtype
-from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, tensor_slices
+from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, check_widths, tensor_slices
 
 QWEN3_VOCAB = 151936  # every Qwen3 size shares this vocabulary (151643 BPE tokens, specials, padding)
 T5_VOCAB = 32128  # T5 v1.1's 32100 pieces and extra ids, padded to a multiple of 128
@@ -86,16 +87,30 @@ COMPUTE_DTYPE_LAYERS = re.compile(r"embed_tokens$|shared$|embeddings\.|\.wo$")
 def recognise_text_encoders(header: dict) -> list[Part]:
     """Every Qwen3, T5-XXL and CLIP-L text encoder in a header, in a file of its own (prefix "") or in an all-in-one
     checkpoint (ComfyUI's `text_encoders.<name>.transformer.` prefixes); recognised by layout and vocabulary, so a
-    file of any width or depth is found, with those numbers read from its shapes."""
+    file of any width or depth is found, with those numbers read from its shapes. One that lacks a tensor its layout
+    has, or has numbers no model has, is refused (422): a damaged file."""
     parts = []
     for name in sorted(header):
         for anchor, recognise in RECOGNISERS:
             prefix = name[: -len(anchor)]
             if name.endswith(anchor) and _is_text_encoder_prefix(prefix):
-                part = recognise(header, prefix)
+                part = _recognised(recognise, header, prefix)
                 if part is not None:
                     parts.append(part)
     return parts
+
+
+def _recognised(recognise, header: dict, prefix: str) -> Part | None:
+    try:
+        part = recognise(header, prefix)
+    except KeyError as error:
+        raise ImagineError(f"the file's text encoder lacks its tensor {error.args[0]}: a damaged file", 422) from None
+    except (ValueError, ZeroDivisionError):  # a shape of other dimensions, a norm of width 0
+        shapes = "the file's text encoder has tensors of shapes no text encoder has"
+        raise ImagineError(f"{shapes}: a damaged file", 422) from None
+    if part is not None:
+        check_widths(part.numbers, "text encoder")
+    return part
 
 
 def inner_layers(depth: int) -> tuple:
@@ -131,7 +146,7 @@ def _recognise_qwen3(header: dict, prefix: str) -> Part | None:
     head_dim = header[layer + "self_attn.q_norm.weight"].shape[0]
     numbers = {
         "width": width,
-        "depth": block_count(header, prefix + "model.layers."),
+        "depth": block_count(header, prefix + "model.layers.", "self_attn.q_proj.weight"),
         "heads": header[layer + "self_attn.q_proj.weight"].shape[0] // head_dim,
         "kv_heads": header[layer + "self_attn.k_proj.weight"].shape[0] // head_dim,
         "head_dim": head_dim,
@@ -150,7 +165,7 @@ def _recognise_t5(header: dict, prefix: str) -> Part | None:
     heads = header[block + "0.SelfAttention.relative_attention_bias.weight"].shape[1]
     numbers = {
         "width": width,
-        "depth": block_count(header, prefix + "encoder.block."),
+        "depth": block_count(header, prefix + "encoder.block.", "layer.0.SelfAttention.q.weight"),
         "heads": heads,
         "head_dim": header[block + "0.SelfAttention.q.weight"].shape[0] // heads,
         "intermediate": header[block + "1.DenseReluDense.wi_0.weight"].shape[0],
@@ -167,7 +182,7 @@ def _recognise_clip_l(header: dict, prefix: str) -> Part | None:
     # CLIP's shapes do not tell its head count (64-wide heads in every released CLIP): the config's stays.
     numbers = {
         "width": width,
-        "depth": block_count(header, prefix + "text_model.encoder.layers."),
+        "depth": block_count(header, prefix + "text_model.encoder.layers.", "self_attn.q_proj.weight"),
         "intermediate": header[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         "vocab": vocab,
         "positions": header[prefix + "text_model.embeddings.position_embedding.weight"].shape[0],

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
+from engine.errors import ImagineError
 from engine.files.headers import Part
-from engine.files.tensors import block_count, check_tensors, read_tensors
+from engine.files.tensors import block_count, check_tensors, check_widths, read_tensors
 
 VAE_PREFIXES = ("", "vae.")
 LATENT_TYPES = {16: "ae", 32: "flux2-vae"}
@@ -43,11 +44,15 @@ TOP_LEVEL_NAMES = {
 
 def recognise_vae(header: dict) -> Part | None:
     """The FLUX.1 `ae` or FLUX.2 VAE in a header (a VAE file, or an all-in-one checkpoint's `vae.`), or None; numbers:
-    "latent_channels", "block_out_channels", "layers_per_block", "dtype"."""
+    "latent_channels", "block_out_channels", "layers_per_block", "dtype". One lacking a block below its last, or of
+    shapes or numbers no VAE has, is refused (422): a damaged file."""
     for prefix in VAE_PREFIXES:
         decoder_in = header.get(prefix + "decoder.conv_in.weight")
         if decoder_in is None or prefix + "encoder.down.0.block.0.conv1.weight" not in header:
             continue
+        if len(decoder_in.shape) != 4:
+            shape = f"a {prefix}decoder.conv_in.weight of shape {decoder_in.shape}"
+            raise ImagineError(f"the file's VAE has {shape}: a damaged file", 422)
         latent_channels = decoder_in.shape[1]
         vae_type = LATENT_TYPES.get(latent_channels)
         has_batch_norm = prefix + "bn.running_var" in header
@@ -56,9 +61,10 @@ def recognise_vae(header: dict) -> Part | None:
         numbers = {
             "latent_channels": latent_channels,
             "block_out_channels": _block_widths(header, prefix),
-            "layers_per_block": block_count(header, prefix + "encoder.down.0.block."),
+            "layers_per_block": block_count(header, prefix + "encoder.down.0.block.", "conv1.weight"),
             "dtype": decoder_in.dtype,
         }
+        check_widths(numbers, "VAE")
         return Part("vae", vae_type, prefix, numbers)
     return None
 
@@ -88,8 +94,9 @@ def load_vae(path: Path, part: Part, config_dir: Path, dtype: torch.dtype):
 
 
 def _block_widths(header: dict, prefix: str) -> tuple:
-    count = block_count(header, prefix + "encoder.down.")
-    return tuple(header[f"{prefix}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(count))
+    count = block_count(header, prefix + "encoder.down.", "block.0.conv2.weight")
+    shapes = [header[f"{prefix}encoder.down.{i}.block.0.conv2.weight"].shape for i in range(count)]
+    return tuple(shape[0] if shape else 0 for shape in shapes)  # a width of 0 (a scalar's) is refused as no VAE's
 
 
 def _diffusers_state(tensors: dict, blocks: int) -> dict:
