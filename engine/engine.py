@@ -287,14 +287,14 @@ def send_preview(job: Job, preview: Preview) -> None:
 
 def tell_time_left(job: Job, took: float, steps: int) -> None:
     """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
-    picture takes about a minute on a small CPU, and the first request used to sit silent); a picture of minutes is
+    picture of a real model takes minutes on a small CPU, and the first request used to sit silent); a picture of minutes is
     said to take them, in the log and in its answer's notices."""
     log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))
     if took * steps >= LONG_PICTURE_SECONDS:
         minutes = max(1, round(took * steps / 60))
         notice = (
-            f"this picture takes about {minutes} minutes here ({took:.1f} s a step, {steps} steps): fewer pixels or "
-            "steps are quicker, about in proportion"
+            f"this picture takes about {minutes} minutes here ({took:.1f} s a step, {steps} steps): fewer steps are "
+            "quicker in proportion, fewer pixels more than that"
         )
         log.warning("%s", notice)
         job.request.notices.append(notice)
