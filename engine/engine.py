@@ -287,8 +287,8 @@ def send_preview(job: Job, preview: Preview) -> None:
 
 def tell_time_left(job: Job, took: float, steps: int) -> None:
     """One line once the first step is timed, so that someone watching the log knows how long to wait (a 512x512
-    picture of a real model takes minutes on a small CPU, and the first request used to sit silent); a picture of minutes is
-    said to take them, in the log and in its answer's notices."""
+    picture of a real model takes minutes on a small CPU, and the first request used to sit silent); a picture of
+    minutes is said to take them, in the log and in its answer's notices."""
     log.info("step 1/%d took %.1f s; about %.0f s left", steps, took, took * (steps - 1))
     if took * steps >= LONG_PICTURE_SECONDS:
         minutes = max(1, round(took * steps / 60))
