@@ -1,14 +1,11 @@
 """Several pictures per request (`n`): seeds seed, seed+1, ...; every picture as its single request draws it."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, decode_png, noise_picture, png_data, square_mask
+from conftest import FAST, decode_png, noise_picture, png_data, run_cli, square_mask
 
 import imagine
 from engine import pipeline
@@ -17,7 +14,6 @@ from engine.errors import ImagineError
 from engine.job import Failed
 from engine.request import GenerationRequest
 
-ROOT = Path(__file__).resolve().parent.parent
 # A batched call computes in other matrix shapes, so its sums may round differently in the last bit; through the
 # tiny random model's steps that came to at most 4 levels of 255 here (0 on the SD1.5-architecture bench model).
 MAX_BATCH_DIFFERENCE = 4
@@ -110,15 +106,8 @@ def test_cancelling_a_batch_stops_all_its_pictures_at_the_next_step(make_engine)
 
 
 def test_cli_batch_writes_name_png_name_2_png_and_prints_every_path(live_server, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "imagine-cli.py"), "a cat", "-w", "64", "-h", "64", "-n", "2", "--seed", "7"]
-        + ["-b", "3", "-o", "cat.png"],
-        cwd=tmp_path,
-        env={**os.environ, "IMAGINE_SERVER": live_server},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    options = ["-w", "64", "-h", "64", "-n", "2", "--seed", "7", "-b", "3", "-o", "cat.png"]
+    result = run_cli("a cat", *options, cwd=tmp_path, server=live_server)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["cat.png", "cat-2.png", "cat-3.png"]
     seeds = [decode_png_file(tmp_path / name).split("Seed: ")[1].split(",")[0] for name in result.stdout.split()]

@@ -2,15 +2,11 @@
 checkpoints (a 9-channel UNet) of SD1, SD2 and SDXL written in the original layout and loaded offline."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_png, noise_picture, pixels, png_data, save_tiny_folder, square_mask
+from conftest import FAST, decode_png, noise_picture, pixels, png_data, run_cli, save_tiny_folder, square_mask
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from ldm_checkpoint import ldm_shapes, save_ldm_checkpoint
 from PIL import Image, ImageFilter
@@ -250,15 +246,8 @@ def test_cli_mask_inpaints_the_img_it_is_given(live_server, tmp_path):
     img, mask = noise_picture(), square_mask()
     img.save(tmp_path / "in.png")
     mask.save(tmp_path / "mask.png")
-    cli = Path(__file__).resolve().parent.parent / "imagine-cli.py"
-    result = subprocess.run(
-        [sys.executable, str(cli), "a red ball", "--img", "in.png", "--mask", "mask.png", "-n", "4", "-o", "out.png"],
-        cwd=tmp_path,
-        env={**os.environ, "IMAGINE_SERVER": live_server},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    options = ["--img", "in.png", "--mask", "mask.png", "-n", "4", "-o", "out.png"]
+    result = run_cli("a red ball", *options, cwd=tmp_path, server=live_server)
     assert result.returncode == 0, result.stderr
     out = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.int16)
     keep = untouched(mask, 4)
