@@ -431,7 +431,13 @@ def loras_route():
     settings = current_settings()
     return jsonify(
         [
-            {"name": lora["name"], "alias": lora["name"], "path": lora["name"], "metadata": {}}
+            {
+                "name": lora["name"],
+                "alias": lora["name"],
+                "path": lora["name"],
+                "metadata": {},
+                "family": lora["family"],  # Imagine's own: which family the LoRA is for (None where it cannot tell)
+            }
             for lora in current_engine().catalog.reader.read(lambda: lora_listing(settings))
         ]
     )

@@ -10,6 +10,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 
 from engine.files.text_encoders import inner_layers
 from engine.infotext import names_schedule
+from engine.loras import without_lora_tags
 from engine.prompts import parse_prompt_attention
 from engine.schedules import AUTOMATIC
 
@@ -108,7 +109,7 @@ def flow_notices(family, req) -> list:
     inferred = req.parameters is not None and not names_schedule(req.parameters)
     if req.schedule != AUTOMATIC and not inferred:
         notices.append(IGNORED_SCHEDULE.format(schedule=req.schedule, label=family.label))
-    if plain_prompt(req.prompt)[1]:
+    if plain_prompt(without_lora_tags(req.prompt))[1]:
         notices.append(STRIPPED_WEIGHTS.format(label=family.label))
     if req.clip_skip != 1:
         notices.append(IGNORED_CLIP_SKIP.format(label=family.label))
@@ -119,7 +120,7 @@ def guidance_inputs(model, req) -> dict:
     """The pipeline arguments that carry `guidance` and the negative prompt, as the family reads them."""
     family = model.family
     if family.guidance == "cfg":  # Z-Image: classifier-free guidance, off at 0 (Turbo's default)
-        return {"guidance_scale": req.guidance, "negative_prompt": req.neg or None}
+        return {"guidance_scale": req.guidance, "negative_prompt": without_lora_tags(req.neg) or None}
     if family.guidance == "distilled":  # FLUX.1-dev: a guidance embedding, one pass per step
         return {"guidance_scale": req.guidance}
     return {"guidance_scale": 1.0} if family.transformer == "flux2" else {"guidance_scale": 0.0}
@@ -146,7 +147,7 @@ def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
 
     with torch.inference_mode():
         return pipe(
-            prompt=plain_prompt(req.prompt)[0],
+            prompt=plain_prompt(without_lora_tags(req.prompt))[0],  # the PNG keeps the tags; the encoder reads none
             num_inference_steps=req.num_steps,
             generator=generators if req.n > 1 else generators[0],
             num_images_per_prompt=req.n,

@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from engine.errors import ImagineError
-from engine.files.families import FAMILIES, refuse_pickles_that_could_run
+from engine.files.families import refuse_pickles_that_could_run
 from engine.files.folders import find_in_folders, model_folders, real_path, walk_folders
+from engine.files.lora_layouts import diffusers_readable, lora_family
 from engine.files.tensors import file_version
 from engine.logs import escaped
 from engine.models import LoadedModel
@@ -86,21 +88,6 @@ def read_tensors(path: Path, what: str) -> tuple:
         raise ImagineError(f"{what} cannot be read ({type(error).__name__})") from error
 
 
-def lora_family(keys, metadata: dict) -> str | None:
-    """The family a LoRA file was trained for, from kohya's metadata or its key layout; None if it does not say."""
-    base = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
-    if "xl" in base:
-        return "sdxl"
-    if base.startswith(("sd_v2", "stable-diffusion-v2")) or metadata.get("ss_v2") == "True":
-        return "sd2"
-    if base.startswith(("sd_v1", "stable-diffusion-v1")):
-        return "sd1"
-    sdxl_keys = ("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks", "text_encoder_2.")
-    if any(key.startswith(sdxl_keys) for key in keys):
-        return "sdxl"
-    return None
-
-
 def lora_listing(settings: Settings) -> list:
     listing = []
     for name, path in list_files(settings, "loras", LORA_SUFFIXES).items():
@@ -108,7 +95,9 @@ def lora_listing(settings: Settings) -> list:
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    family = lora_family(f.keys(), f.metadata() or {})
+                    names = f.keys()  # safe_open is not iterable
+                    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+                    family = lora_family(shapes, f.metadata() or {})
             except Exception:  # a broken file is listed; using it gets a 400 that says why
                 family = None
         listing.append({"name": name, "size": path.stat().st_size, "family": family})
@@ -151,17 +140,16 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     tensors, metadata = read_tensors(path, f"lora {name!r}")
     if any("hada_" in key or "lokr_" in key for key in tensors):
         raise ImagineError(f"lora {name!r} is a LoHa/LoKr (LyCORIS) file; only LoRA files can be loaded")
-    family, wanted = lora_family(tensors, metadata), model.family.group
-    if family is not None and family != wanted:
-        raise ImagineError(f"lora {name!r} is for {FAMILIES[family].label}; the model is {model.family.label}")
+    check_lora_family(name, lora_family(tensor_shapes(tensors), metadata), model)
     if len(model.loras) >= MAX_LORAS_KEPT:
         delete_adapter(model, model.loras.popitem(last=False)[1])
     adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
     pipe = model.txt2img
     try:
-        pipe.load_lora_weights(tensors, adapter_name=adapter)
+        pipe.load_lora_weights(diffusers_readable(tensors, model.family.group), adapter_name=adapter)
         if not any(adapter in names for names in pipe.get_list_adapters().values()):
             raise ValueError("none of its layers is in this model")
+        compute_in_model_dtype(pipe, adapter)
     except Exception as error:
         if any(adapter in names for names in pipe.get_list_adapters().values()):
             pipe.delete_adapters(adapter)
@@ -171,6 +159,37 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
+
+
+def tensor_shapes(tensors: dict) -> dict:
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items() if isinstance(tensor, torch.Tensor)}
+
+
+# What a LoRA's family is called in a refusal: the groups of Family.group, and "sd" for the layers SD 1.x and 2.x share.
+LORA_FAMILY_LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sd": "Stable Diffusion 1.x/2.x",
+                      "sdxl": "SDXL", "z-image": "Z-Image", "flux2": "FLUX.2", "flux1": "FLUX.1"}  # fmt: skip
+
+
+def check_lora_family(name: str, family: str | None, model: LoadedModel) -> None:
+    """Refuses (422) a LoRA whose file says it is for another family than the model's; one that does not say is
+    tried, and refused by load_lora where its layers do not fit."""
+    wanted = model.family.group
+    if family is None or family == wanted or (family == "sd" and wanted in ("sd1", "sd2")):
+        return
+    raise ImagineError(f"lora {name!r} is for {LORA_FAMILY_LABELS[family]}; the model is {model.family.label}", 422)
+
+
+def compute_in_model_dtype(pipe, adapter: str) -> None:
+    """peft makes a LoRA's layers in its base layer's dtype; where the transformer keeps its layers in fp8 and
+    computes in bf16 or fp32 (layerwise casting, as an fp8 file loads), the LoRA's layers must be in the dtype the
+    model computes in, which diffusers reports as its dtype."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            module.lora_A[adapter].to(transformer.dtype)
+            module.lora_B[adapter].to(transformer.dtype)
 
 
 def delete_adapter(model: LoadedModel, adapter: str) -> None:
@@ -196,7 +215,8 @@ def lora_short_hash(path: Path, metadata: dict) -> str:
 def lora_error_reason(error: Exception) -> str:
     """Why diffusers could not load a LoRA, in words for the client (its own message lists every layer)."""
     message = str(error)
-    if "size mismatch" in message or "mismatched_sizes" in message:  # diffusers' words, and transformers'
+    # diffusers' words, transformers', and the asserts of diffusers' FLUX converters, which split layers by size
+    if "size mismatch" in message or "mismatched_sizes" in message or isinstance(error, AssertionError):
         return "its layers have other sizes than this model's"
     if "above report" in message:  # transformers' other load errors point at a report only the log shows
         return "its layers cannot be loaded into this model; the server log has the details"

@@ -316,8 +316,6 @@ def check_for_family(req: GenerationRequest, family: Family) -> None:
         field = "distilled_guidance" if apart else "guidance"
         message = f"{named(field)} must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
         raise ImagineError(message, field=field)
-    if family.flow and req.loras:
-        raise ImagineError(f"{named('loras')} for {family.label} models are not supported yet", field="loras")
     if family.flow and req.prediction is not None:
         message = f"{named('prediction')} applies to SD models; {family.label} predicts a flow"
         raise ImagineError(message, field="prediction")

@@ -3,6 +3,7 @@
 import re
 
 import torch
+from diffusion_model_files import original_layout, tiny_model_state
 
 UNET_LAYERS = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$|ff\.net\.(0\.proj|2)$")
 TEXT_LAYERS = re.compile(r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$")
@@ -58,3 +59,44 @@ def diffusers_lora(pipe, seed=3, rank=4, scale=0.5) -> dict:
 def token_vectors(encoder, tokenizer, text) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return encoder.get_input_embeddings().weight[ids].detach().clone()
+
+
+# The layers a flow LoRA trains: each transformer block's linear layers (attention, MLP, and FLUX.1's modulation),
+# named as diffusers names them or, for FLUX, as BFL's original layout does (kohya's and ComfyUI's files).
+FLOW_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|layers|double_blocks|single_blocks)\.\d+\.")
+
+
+def flow_layers(config: dict, original: bool) -> dict:
+    """{layer name: (out, in)} of each linear layer a flow LoRA trains in the tiny model `config` describes: diffusers'
+    names, or (`original`) FLUX's BFL names; Z-Image's trainers use diffusers' names either way."""
+    state = tiny_model_state(config, torch.float32)
+    if original and config["_class_name"] != "ZImageTransformer2DModel":
+        state = original_layout(state, config)
+    if original and config["_class_name"] == "FluxTransformer2DModel":
+        # diffusers' FLUX.1 converter splits a single block's linear1 at FLUX.1's real widths (3072), not the tiny ones
+        state = {name: tensor for name, tensor in state.items() if ".linear1." not in name}
+    return {
+        name.removesuffix(".weight"): tuple(tensor.shape)
+        for name, tensor in state.items()
+        if FLOW_BLOCK.match(name) and name.endswith(".weight") and tensor.dim() == 2 and "norm" not in name
+    }
+
+
+def flow_lora(config: dict, layout: str, seed: int = 0, rank: int = 4, scale: float = 0.3) -> dict:
+    """A LoRA for the tiny flow model `config` describes, in one of the layouts people share: "diffusers" (diffusers'
+    and ai-toolkit's FLUX.1 files: transformer.<module>.lora_A/B), "kohya" (lora_unet_<module with _>.lora_down/up
+    and alpha, over BFL's modules for FLUX) or "comfyui" (diffusion_model.<module>.lora_A/B: ai-toolkit's FLUX.2 and
+    Z-Image files, BFL's own)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (rows, columns) in flow_layers(config, original=layout != "diffusers").items():
+        down = torch.randn(rank, columns, generator=generator) * scale
+        up = torch.randn(rows, rank, generator=generator) * scale
+        if layout == "kohya":
+            stem = "lora_unet_" + name.replace(".", "_")
+            state |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+            state[f"{stem}.alpha"] = torch.tensor(2.0)  # half the rank: the layer counts at half its weight
+        else:
+            stem = ("transformer." if layout == "diffusers" else "diffusion_model.") + name
+            state |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
+    return state

@@ -110,7 +110,6 @@ def test_a_negative_prompt_guidance_and_emphasis_the_family_does_without_are_not
         ({"width": 72}, "width", "multiple of 16"),
         ({"sampler": "heun"}, "sampler", "euler, euler a, dpm++ 2m"),
         ({"guidance": 12}, "guidance", "between 0 and 10.0"),
-        ({"loras": [{"name": "x"}]}, "loras", "not supported yet"),
     ],
 )
 def test_what_a_flow_family_cannot_draw_is_refused_before_any_work(flow_client, body, field, words):
