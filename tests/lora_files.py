@@ -100,3 +100,20 @@ def flow_lora(config: dict, layout: str, seed: int = 0, rank: int = 4, scale: fl
             stem = ("transformer." if layout == "diffusers" else "diffusion_model.") + name
             state |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
     return state
+
+
+def z_image_fused(state: dict) -> tuple:
+    """(the Z-Image LoRA `state` of ComfyUI's layout with each attention's q, k and v in one `qkv` layer and `out`
+    for `to_out.0`, as Z-Image's original names have them; the same LoRA in diffusers' split layers). A fused layer
+    has one down matrix for q, k and v: the split LoRA takes q's for all three, so the two are the same LoRA."""
+    fused, split = {}, dict(state)
+    for name, tensor in state.items():
+        if ".attention.to_q.lora_A." in name:
+            for x in "kv":
+                split[name.replace("to_q", f"to_{x}")] = tensor.clone()
+            fused[name.replace("to_q", "qkv")] = tensor
+        elif ".attention.to_q.lora_B." in name:
+            fused[name.replace("to_q", "qkv")] = torch.cat([state[name.replace("to_q", f"to_{x}")] for x in "qkv"])
+        elif ".attention.to_k." not in name and ".attention.to_v." not in name:
+            fused[name.replace(".attention.to_out.0.", ".attention.out.")] = tensor
+    return fused, split

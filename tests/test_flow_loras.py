@@ -7,7 +7,7 @@ import pytest
 from conftest import pixels
 from diffusion_model_files import TINY_CONFIGS
 from flow_models import SMALL
-from lora_files import flow_lora, kohya_lora
+from lora_files import flow_lora, kohya_lora, z_image_fused
 from safetensors.torch import save_file
 
 from engine.demo import build_demo_pipeline
@@ -27,14 +27,18 @@ FP8_CASES = [
 
 @pytest.fixture(scope="module")
 def loras(comfyui):
-    """The ComfyUI folder's loras/: for each family a LoRA in each layout (<family>-<layout>), a second klein one, one
-    shaped for klein 9B, one whose ranks do not match, and SD 1.5's with and without kohya's metadata."""
+    """The ComfyUI folder's loras/: for each family a LoRA in each layout (<family>-<layout>), a second klein one, a
+    Z-Image one with fused qkv layers and the same LoRA split, one shaped for klein 9B, one whose ranks do not match,
+    and SD 1.5's with and without kohya's metadata."""
     folder = comfyui / "loras"
     folder.mkdir()
     for family in MODELS:
         for layout in LAYOUTS:
             save_file(flow_lora(TINY_CONFIGS[family], layout), folder / f"{family}-{layout}.safetensors")
     save_file(flow_lora(TINY_CONFIGS["flux2-klein"], "comfyui", seed=1), folder / "klein-second.safetensors")
+    fused, split = z_image_fused(flow_lora(TINY_CONFIGS["z-image"], "comfyui", seed=2))
+    save_file(fused, folder / "z-image-fused.safetensors")
+    save_file(split, folder / "z-image-split.safetensors")
     save_file(flow_lora(TINY_CONFIGS["flux2-klein/transformer-9b"], "comfyui"), folder / "klein-9b.safetensors")
     ranks = flow_lora(TINY_CONFIGS["flux2-klein"], "diffusers")
     first = next(name for name in ranks if name.endswith("lora_B.weight"))
@@ -78,6 +82,13 @@ def test_a_lora_of_each_family_and_layout_changes_the_picture_and_the_next_reque
     assert np.array_equal(picture(client, model, prompt=f"<lora:{lora}:1>a lighthouse at dusk"), with_lora)
 
 
+def test_a_z_image_lora_of_fused_qkv_layers_draws_what_the_same_lora_split_draws(client):
+    model = MODELS["z-image"]
+    fused = picture(client, model, loras=[{"name": "z-image-fused"}])
+    assert differs(fused, picture(client, model, loras=[{"name": "z-image-comfyui"}]))
+    assert np.array_equal(fused, picture(client, model, loras=[{"name": "z-image-split"}]))
+
+
 def test_several_loras_apply_together_each_at_its_weight(client):
     model, first = MODELS["flux2-klein"], [{"name": "flux2-klein-diffusers", "weight": 0.8}]
     one = picture(client, model, loras=first)
@@ -101,9 +112,10 @@ def test_a_lora_for_another_family_is_refused_naming_both_and_nothing_is_left_lo
     client, flow_engine, model, lora, error
 ):
     base = picture(client, model)
+    loaded = adapters(flow_engine)
     response = client.post("/generate", json={"prompt": "p", **SMALL, "model": model, "loras": [{"name": lora}]})
     assert (response.status_code, response.get_json()) == (422, {"error": error})
-    assert adapters(flow_engine) == set()
+    assert adapters(flow_engine) == loaded
     assert np.array_equal(picture(client, model), base)
 
 
@@ -111,10 +123,11 @@ def test_a_lora_for_another_family_is_refused_naming_both_and_nothing_is_left_lo
 def test_a_lora_whose_shapes_do_not_fit_is_refused_naming_it_and_the_model_draws_as_before(client, flow_engine, lora):
     model = MODELS["flux2-klein"]
     base = picture(client, model)
+    loaded = adapters(flow_engine)
     response = client.post("/generate", json={"prompt": "p", **SMALL, "model": model, "loras": [{"name": lora}]})
     assert response.status_code == 400
     assert response.get_json()["error"].startswith(f"lora {lora!r} does not fit this model (FLUX.2 klein): ")
-    assert adapters(flow_engine) == set()
+    assert adapters(flow_engine) == loaded
     assert np.array_equal(picture(client, model), base)
 
 

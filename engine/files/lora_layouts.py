@@ -99,10 +99,35 @@ def bfl_family(shapes: dict) -> str | None:
 
 
 def diffusers_readable(tensors: dict, group: str) -> dict:
-    """The LoRA's tensors as the family's diffusers loader reads them: FLUX.1's loader reads BFL-layout files
-    (`diffusion_model.` names) only with kohya's `lora_down`/`lora_up`, and takes ai-toolkit's and BFL's
-    `lora_A`/`lora_B` there for diffusers-layout names it then cannot find; the same matrices, renamed, load (with no
-    `alpha`, kohya's converter scales by 1, as those files mean)."""
-    if group != "flux1" or not any(name.startswith("diffusion_model.") and ".lora_A." in name for name in tensors):
-        return tensors
-    return {name.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): t for name, t in tensors.items()}
+    """The LoRA's tensors as the family's diffusers loader reads them, where a layout people share needs a rename for
+    its converter to take it (the same matrices, respelled names)."""
+    if group == "flux1" and any(name.startswith("diffusion_model.") and ".lora_A." in name for name in tensors):
+        # FLUX.1's loader reads BFL-layout files (`diffusion_model.` names) only with kohya's lora_down/lora_up, and
+        # takes ai-toolkit's and BFL's lora_A/lora_B there for diffusers names it then cannot find. With no `alpha`,
+        # kohya's converter scales by 1, as those files mean.
+        return respelled(tensors, {".lora_A.": ".lora_down.", ".lora_B.": ".lora_up."})
+    if group == "z-image" and any(FUSED_QKV.search(name) for name in tensors):
+        # Z-Image's converter splits an attention's fused qkv layer (Z-Image's original names, as ComfyUI's files
+        # have them) only in the `.lora.down`/`.lora.up` spelling; in the others it keeps `qkv`, which diffusers'
+        # model does not have, and diffusers drops those layers with only a warning.
+        return respelled(tensors, Z_IMAGE_DOTTED)
+    return tensors
+
+
+FUSED_QKV = re.compile(r"\.attention\.qkv\.lora_(A|down)\.weight$")
+Z_IMAGE_DOTTED = {
+    ".lora_A.weight": ".lora.down.weight",
+    ".lora_down.weight": ".lora.down.weight",
+    ".lora_B.weight": ".lora.up.weight",
+    ".lora_up.weight": ".lora.up.weight",
+}
+
+
+def respelled(tensors: dict, spellings: dict) -> dict:
+    """The tensors with each part of their names that `spellings` holds spelled as it says."""
+    out = {}
+    for name, tensor in tensors.items():
+        for old, new in spellings.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
