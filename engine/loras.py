@@ -1,6 +1,7 @@
 """LoRA and embedding files beside the models: found, read, loaded once per model, switched per request."""
 
 import collections
+import contextlib
 import hashlib
 import logging
 import re
@@ -146,9 +147,13 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     adapter = f"lora{next(model.adapter_numbers)}"  # peft adapter names may not hold the dots of a file name
     pipe = model.txt2img
     try:
-        pipe.load_lora_weights(diffusers_readable(tensors, model.family.group), adapter_name=adapter)
+        with layers_left_out() as left_out:
+            pipe.load_lora_weights(diffusers_readable(tensors, model.family.group), adapter_name=adapter)
         if not any(adapter in names for names in pipe.get_list_adapters().values()):
             raise ValueError("none of its layers is in this model")
+        if left_out:
+            verb = "is" if len(left_out) == 1 else "are"
+            raise ValueError(f"{len(left_out)} of its layers {verb} not in this model: {', '.join(left_out[:3])}")
         compute_in_model_dtype(pipe, adapter)
     except Exception as error:
         if any(adapter in names for names in pipe.get_list_adapters().values()):
@@ -159,6 +164,34 @@ def load_lora(settings: Settings, model: LoadedModel, name: str) -> str:
     model.loras[key] = adapter
     model.lora_hashes[adapter] = lora_short_hash(path, metadata)
     return adapter
+
+
+class LeftOutLayers(logging.Handler):
+    """The layers of a LoRA that diffusers could not place in the model, from the warning that is all it gives: a
+    LoRA whose converted names the model does not have loads without them (a half-loaded LoRA, refused)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.layers = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "led to unexpected keys found in the model:" in message:
+            keys = message.partition(" found in the model:")[2].split(". Loading")[0].strip(" .").split(", ")
+            for layer in (key.partition(".lora_")[0] for key in keys):
+                if layer not in self.layers:
+                    self.layers.append(layer)
+
+
+@contextlib.contextmanager
+def layers_left_out():
+    """The list of the layers diffusers leaves out of the LoRA it loads within (see LeftOutLayers)."""
+    handler, logger = LeftOutLayers(), logging.getLogger("diffusers.utils.peft_utils")
+    logger.addHandler(handler)
+    try:
+        yield handler.layers
+    finally:
+        logger.removeHandler(handler)
 
 
 def tensor_shapes(tensors: dict) -> dict:

@@ -4,6 +4,7 @@ naming the file where they are for another family or do not fit, and listed with
 
 import numpy as np
 import pytest
+import torch
 from conftest import pixels
 from diffusion_model_files import TINY_CONFIGS
 from flow_models import SMALL
@@ -28,7 +29,8 @@ FP8_CASES = [
 @pytest.fixture(scope="module")
 def loras(comfyui):
     """The ComfyUI folder's loras/: for each family a LoRA in each layout (<family>-<layout>), a second klein one, a
-    Z-Image one with fused qkv layers and the same LoRA split, one shaped for klein 9B, one whose ranks do not match,
+    Z-Image one with fused qkv layers and the same LoRA split, one shaped for klein 9B, one whose ranks do not match, a
+    Z-Image one with a layer the model does not have,
     and SD 1.5's with and without kohya's metadata."""
     folder = comfyui / "loras"
     folder.mkdir()
@@ -44,6 +46,9 @@ def loras(comfyui):
     first = next(name for name in ranks if name.endswith("lora_B.weight"))
     ranks[first] = ranks[first][:, :2].contiguous()  # lora_A has rank 4, lora_B rank 2
     save_file(ranks, folder / "klein-ranks.safetensors")
+    extra = flow_lora(TINY_CONFIGS["z-image"], "diffusers")
+    extra |= {f"transformer.layers.0.attention.to_z.lora_{x}.weight": torch.ones(4, 4) for x in "AB"}
+    save_file(extra, folder / "z-image-extra.safetensors")
     sd = kohya_lora(build_demo_pipeline(CONFIGS_DIR / "sd1"), text=False)
     save_file(sd, folder / "sd15.safetensors", metadata={"ss_base_model_version": "sd_v1"})
     save_file(sd, folder / "sd-unknown.safetensors")
@@ -119,14 +124,23 @@ def test_a_lora_for_another_family_is_refused_naming_both_and_nothing_is_left_lo
     assert np.array_equal(picture(client, model), base)
 
 
-@pytest.mark.parametrize("lora", ["klein-9b", "klein-ranks"])
-def test_a_lora_whose_shapes_do_not_fit_is_refused_naming_it_and_the_model_draws_as_before(client, flow_engine, lora):
-    model = MODELS["flux2-klein"]
+@pytest.mark.parametrize(
+    "model, lora, reason",
+    [
+        ("flux-2-klein-4b", "klein-9b", "its layers have other sizes than this model's"),
+        ("flux-2-klein-4b", "klein-ranks", "its layers have other sizes than this model's"),
+        ("z_image_turbo_bf16", "z-image-extra", "1 of its layers is not in this model: layers.0.attention.to_z"),
+    ],
+)
+def test_a_lora_that_does_not_fit_is_refused_naming_it_and_why_and_the_model_draws_as_before(
+    client, flow_engine, model, lora, reason
+):
     base = picture(client, model)
     loaded = adapters(flow_engine)
     response = client.post("/generate", json={"prompt": "p", **SMALL, "model": model, "loras": [{"name": lora}]})
     assert response.status_code == 400
-    assert response.get_json()["error"].startswith(f"lora {lora!r} does not fit this model (FLUX.2 klein): ")
+    family = "Z-Image" if model.startswith("z_image") else "FLUX.2 klein"
+    assert response.get_json()["error"].startswith(f"lora {lora!r} does not fit this model ({family}): {reason}")
     assert adapters(flow_engine) == loaded
     assert np.array_equal(picture(client, model), base)
 
