@@ -5,18 +5,25 @@ naming the file where they are for another family or do not fit, and listed with
 import numpy as np
 import pytest
 import torch
-from conftest import pixels
+from conftest import decode_png, pixels
 from diffusion_model_files import TINY_CONFIGS
 from flow_models import SMALL
 from lora_files import flow_lora, kohya_lora, z_image_fused
 from safetensors.torch import save_file
 
 from engine.demo import build_demo_pipeline
+from engine.infotext import infotext_strings
 from engine.settings import CONFIGS_DIR
 
 pytestmark = pytest.mark.usefixtures("offline")
 
 LAYOUTS = ("diffusers", "kohya", "comfyui")
+# kohya's metadata as musubi-tuner (modelspec) and sd-scripts write it for LoRAs of each family.
+METADATA = {
+    "musubi-z-image": {"modelspec.architecture": "Z-Image/lora"},
+    "musubi-klein": {"modelspec.architecture": "Flux.2-klein-4b/lora"},
+    "sd-scripts-flux1": {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"},
+}
 MODELS = {"z-image": "z_image_turbo_bf16", "flux2-klein": "flux-2-klein-4b", "flux1-dev": "flux1-dev"}
 # Each family's fp8 model (weights kept in fp8, computed in the model's dtype), with a LoRA of one layout each.
 FP8_CASES = [
@@ -30,8 +37,8 @@ FP8_CASES = [
 def loras(comfyui):
     """The ComfyUI folder's loras/: for each family a LoRA in each layout (<family>-<layout>), a second klein one, a
     Z-Image one with fused qkv layers and the same LoRA split, one shaped for klein 9B, one whose ranks do not match, a
-    Z-Image one with a layer the model does not have,
-    and SD 1.5's with and without kohya's metadata."""
+    Z-Image one with a layer the model does not have, SD 1.5's with and without kohya's metadata, and files whose
+    metadata alone says their family (METADATA)."""
     folder = comfyui / "loras"
     folder.mkdir()
     for family in MODELS:
@@ -49,6 +56,8 @@ def loras(comfyui):
     extra = flow_lora(TINY_CONFIGS["z-image"], "diffusers")
     extra |= {f"transformer.layers.0.attention.to_z.lora_{x}.weight": torch.ones(4, 4) for x in "AB"}
     save_file(extra, folder / "z-image-extra.safetensors")
+    for name, metadata in METADATA.items():
+        save_file({"x.lora_down.weight": torch.zeros(1, 1)}, folder / f"{name}.safetensors", metadata=metadata)
     sd = kohya_lora(build_demo_pipeline(CONFIGS_DIR / "sd1"), text=False)
     save_file(sd, folder / "sd15.safetensors", metadata={"ss_base_model_version": "sd_v1"})
     save_file(sd, folder / "sd-unknown.safetensors")
@@ -103,6 +112,15 @@ def test_several_loras_apply_together_each_at_its_weight(client):
     assert np.array_equal(picture(client, model, loras=[*first, {"name": "klein-second", "weight": 0}]), one)
 
 
+def test_the_png_keeps_the_lora_tag_and_names_each_loras_short_hash(client):
+    body = {"prompt": "<lora:z-image-kohya:0.5>a lighthouse", **SMALL, "model": MODELS["z-image"]}
+    response = client.post("/generate", json={**body, "loras": [{"name": "z-image-comfyui"}]})
+    parameters = decode_png(response.get_json()["img"]).info["parameters"]
+    assert parameters.startswith("<lora:z-image-kohya:0.5>a lighthouse\n")
+    hashes = infotext_strings(parameters)["Lora hashes"].strip('"').split(", ")
+    assert sorted(each.split(": ")[0] for each in hashes) == ["z-image-comfyui", "z-image-kohya"]
+
+
 @pytest.mark.parametrize(
     "model, lora, error",
     [
@@ -152,3 +170,4 @@ def test_both_lora_lists_say_which_family_each_lora_is_for(client):
     for family, group in {"z-image": "z-image", "flux2-klein": "flux2", "flux1-dev": "flux1"}.items():
         assert [native[f"{family}-{layout}"] for layout in LAYOUTS] == [group] * 3
     assert (native["klein-9b"], native["sd15"], native["sd-unknown"]) == ("flux2", "sd1", "sd")
+    assert [native[name] for name in METADATA] == ["z-image", "flux2", "flux1"]
