@@ -1,20 +1,30 @@
 """The diffusion models (transformers) of FLUX.1, FLUX.2 (klein) and Z-Image, read from the files people download:
-recognised from a .safetensors header in their original key layout (BFL's for FLUX, the one ComfyUI's Z-Image files
-use), in a file of their own or under ComfyUI's `model.diffusion_model.` prefix, and loaded into diffusers' classes
-with diffusers' own key converters, strictly, from a shipped config folder, with no network."""
+recognised from a .safetensors or GGUF header in their original key layout (BFL's for FLUX, the one ComfyUI's Z-Image
+files use), in a file of their own or under ComfyUI's `model.diffusion_model.` prefix, and loaded into diffusers'
+classes with diffusers' own key converters, strictly, from a shipped config folder, with no network; a GGUF file's
+weights stay quantized in memory, in diffusers' GGUF layers."""
 
 import json
 from pathlib import Path
 
 import torch
-from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, ZImageTransformer2DModel
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    GGUFQuantizationConfig,
+    ZImageTransformer2DModel,
+)
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
+from diffusers.quantizers.gguf.gguf_quantizer import GGUFQuantizer
+from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
+from diffusers.utils import get_module_from_name
 
 from engine.errors import ImagineError
+from engine.files.gguf_files import read_gguf_tensors
 from engine.files.headers import Part, with_prefix
 from engine.files.scaled_fp8 import dequantised, is_scaled, kept_dtype
 from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, read_tensors
@@ -127,6 +137,8 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     `dtype` (a scaled fp8 file's are multiplied out: engine/files/scaled_fp8.py). A file that does not fit the config is
     refused (422), naming what did not fit."""
     config = fitted_config(part, config_dir)
+    if path.suffix == ".gguf":
+        return load_gguf_model(path, part, config, dtype)
     storage = storage_dtype(part, dtype)
     with torch.device("meta"):  # no memory for weights the file replaces anyway
         model = CLASSES[part.type].from_config(config).to(dtype)
@@ -137,6 +149,30 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     check_tensors(state, expected, REFUSALS)
     # each tensor in the dtype the model keeps it in: fp8 where layerwise casting stores it so, `dtype` elsewhere
     model.load_state_dict({name: state[name].to(expected[name].dtype) for name in expected}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_gguf_model(path: Path, part: Part, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The transformer of a GGUF file, as diffusers' GGUF quantizer builds it: each linear layer whose weight the file
+    quantizes becomes a GGUFLinear keeping that weight's blocks and dequantizing it to `dtype` as it computes; every
+    other tensor (the file's F32/F16/BF16 ones) is kept in `dtype`. Checked whole before a weight is placed."""
+    with torch.device("meta"):
+        model = CLASSES[part.type].from_config(config).to(dtype)
+    state = to_diffusers(part, read_gguf_tensors(path, part.prefix))
+    check_tensors(state, model.state_dict(), REFUSALS)
+    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=dtype))
+    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=[], state_dict=state)
+    quantized = {}
+    for name, tensor in state.items():
+        module, _ = get_module_from_name(model, name)
+        if isinstance(module, GGUFLinear) and name.endswith(".weight"):
+            quantized[name] = tensor
+        else:  # a norm or bias quantized too: dequantized once, as no GGUF layer computes with it
+            state[name] = dequantize_gguf_tensor(tensor).to(dtype)
+    model.load_state_dict({n: t for n, t in state.items() if n not in quantized}, strict=False, assign=True)
+    for name, tensor in quantized.items():
+        quantizer.create_quantized_param(model, tensor, name, torch.device("cpu"))
+    model.hf_quantizer = quantizer
     return model.eval().requires_grad_(False)
 
 

@@ -146,5 +146,17 @@ def naturals(value) -> bool:
     return isinstance(value, list) and all(type(each) is int and each >= 0 for each in value)
 
 
+class Truncated(Damaged):
+    """A file whose header promises more bytes than it holds: a download cut short."""
+
+
+def truncated(size: int, promised: int) -> Truncated:
+    return Truncated(
+        f"the file is truncated: it holds {size} bytes where its header says {promised}: a download that did not "
+        "finish? Download it again (or pull it again: a pull resumes)",
+        422,
+    )
+
+
 def damaged(why: str) -> Damaged:
     return Damaged(f"the file's .safetensors header is damaged: {why}", 422)
