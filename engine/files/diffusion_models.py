@@ -24,7 +24,7 @@ from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
 from diffusers.utils import get_module_from_name
 
 from engine.errors import ImagineError
-from engine.files.gguf_files import read_gguf_tensors
+from engine.files.gguf_files import LOADABLE_NAMES, GGUFHeader, read_gguf_tensors, unloadable_types
 from engine.files.headers import Part, with_prefix
 from engine.files.scaled_fp8 import dequantised, is_scaled, kept_dtype
 from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, read_tensors
@@ -59,6 +59,29 @@ def recognise_diffusion_model(header: dict) -> Part | None:
             if numbers is not None:
                 return Part("diffusion_model", kind, prefix, numbers)
     return None
+
+
+def gguf_diffusion_model(header: GGUFHeader) -> Part:
+    """The diffusion model of a GGUF file (read_gguf_header's answer); a 422 saying what the file holds where that is
+    no model Imagine draws with (an LLM's GGUF, say), or where its weights are of a quant type it cannot compute
+    with."""
+    part = recognise_diffusion_model(header)
+    if part is None:
+        held = f"a {header.architecture!r} model" if header.architecture else "no model Imagine knows"
+        raise ImagineError(
+            f"the GGUF file holds {held}, not the diffusion model of FLUX.1, FLUX.2 klein or Z-Image; a text encoder's "
+            "GGUF does not go in the models' folders (and Imagine loads text encoders from .safetensors only)",
+            422,
+        )
+    unloadable = unloadable_types(with_prefix(header, part.prefix))
+    if unloadable:
+        loadable = ", ".join(sorted(LOADABLE_NAMES))
+        raise ImagineError(
+            f"the GGUF file holds {len(unloadable)} tensor(s) of a quant type Imagine cannot compute with, e.g. "
+            f"{unloadable[0]}; it computes with {loadable}",
+            422,
+        )
+    return part
 
 
 def flux_numbers(tensors: dict) -> dict:
@@ -136,9 +159,9 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
     `dtype` (a scaled fp8 file's are multiplied out: engine/files/scaled_fp8.py). A file that does not fit the config is
     refused (422), naming what did not fit."""
-    config = fitted_config(part, config_dir)
     if path.suffix == ".gguf":
-        return load_gguf_model(path, part, config, dtype)
+        return load_gguf_model(path, part, config_dir, dtype)
+    config = fitted_config(part, config_dir)
     storage = storage_dtype(part, dtype)
     with torch.device("meta"):  # no memory for weights the file replaces anyway
         model = CLASSES[part.type].from_config(config).to(dtype)
@@ -152,7 +175,15 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     return model.eval().requires_grad_(False)
 
 
-def load_gguf_model(path: Path, part: Part, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+def load_gguf_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """quantized_model, a file that does not fit refused (422) naming it."""
+    try:
+        return quantized_model(path, part, fitted_config(part, config_dir), dtype)
+    except ImagineError as error:
+        raise ImagineError(f"{path.name}: {error.message}", error.status) from None
+
+
+def quantized_model(path: Path, part: Part, config: dict, dtype: torch.dtype) -> torch.nn.Module:
     """The transformer of a GGUF file, as diffusers' GGUF quantizer builds it: each linear layer whose weight the file
     quantizes becomes a GGUFLinear keeping that weight's blocks and dequantizing it to `dtype` as it computes; every
     other tensor (the file's F32/F16/BF16 ones) is kept in `dtype`. Checked whole before a weight is placed."""

@@ -34,6 +34,7 @@ TORCH_TYPES = {
     gguf.GGMLQuantizationType.BF16: torch.bfloat16,
 }
 LOADABLE = set(TORCH_TYPES) | set(SUPPORTED_GGUF_QUANT_TYPES)
+LOADABLE_NAMES = {kind.name for kind in LOADABLE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,13 +179,13 @@ def unloadable_types(tensors: dict) -> list:
     return [f"{name} ({t.dtype})" for name, t in tensors.items() if gguf.GGMLQuantizationType[t.dtype] not in LOADABLE]
 
 
-def quant_name(header: GGUFHeader, weight: str) -> str:
-    """The quant type as people name the file: llama.cpp's file type (Q4_K_S) where the file gives it, else the type
-    of its `weight` tensor (Q8_0)."""
+def quant_name(header: GGUFHeader, weights: str) -> str:
+    """The quant type as people name the file: llama.cpp's file type (Q4_K_S) where the file gives it, else
+    `weights`, the type of its big weights (Q8_0)."""
     try:
         return gguf.LlamaFileType(header.file_type).name.removeprefix("MOSTLY_")
     except ValueError:  # none given, or one this gguf package does not know
-        return header[weight].dtype
+        return weights
 
 
 def read_gguf_tensors(path: Path, prefix: str) -> dict:
