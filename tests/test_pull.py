@@ -17,6 +17,7 @@ from catalog_hub import HF_TOKEN, LIBRARY, catalog_files, catalog_hub, tiny_sd1_
 from conftest import FAST, free_port, run_cli, save_config_folder
 from diffusion_model_files import flux1_tensors, flux2_tensors, z_image_tensors
 from encoder_files import ae_tensors, clip_l_tensors, flux2_vae_tensors, qwen3_tensors, t5_tensors
+from gguf_model_files import write_gguf
 from hub_server import HubServer
 from huggingface_hub import constants
 from PIL import Image
@@ -334,8 +335,12 @@ def test_who_may_pull_and_remove(make_engine, tmp_path, hub, settings, status, w
 LORA = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}
 
 
+def gguf_bytes(folder: Path, tensors: dict, architecture: str = "lumina2") -> bytes:
+    return write_gguf(folder / "model.gguf", tensors, "z-image", architecture=architecture).read_bytes()
+
+
 @pytest.fixture
-def civitai(files, monkeypatch):
+def civitai(files, monkeypatch, tmp_path):
     """A Civitai-like site: download links that redirect to the file, named by Content-Disposition."""
     served = {
         "/api/download/models/101": (files["dreamshaper_8"], "civitai_model.safetensors"),
@@ -343,6 +348,11 @@ def civitai(files, monkeypatch):
         "/api/download/models/103": (b"<!DOCTYPE html><html>log in</html>", "model.safetensors"),
         "/api/download/models/104": (b"\x80\x02pickle", "old_model.ckpt"),
         "/api/download/models/105": (b"GGUF\x03\x00\x00\x00", "flux1-dev-Q4_K_S.gguf"),
+        "/api/download/models/106": (gguf_bytes(tmp_path, z_image_tensors()), "z_image_turbo-Q8_0.gguf"),
+        "/api/download/models/107": (
+            gguf_bytes(tmp_path, {"token_embd.weight": torch.zeros(64, 32)}, "qwen3"),
+            "Qwen3-4B-Q8_0.gguf",
+        ),
     }
     with HubServer(files=served, redirect_files=True) as server:
         yield server
@@ -360,9 +370,21 @@ def test_a_file_from_a_url_goes_where_its_header_says_and_a_model_draws_by_its_n
     assert again[-1] == {"status": "success", "model": "civitai_model", "folder": "checkpoints"}
 
 
+def test_a_gguf_diffusion_model_from_a_url_goes_to_diffusion_models(server, civitai):
+    engine, client = server
+    lines = pull(client, f"{civitai.url}/api/download/models/106")
+    assert lines[-1] == {"status": "success", "model": "z_image_turbo-Q8_0", "folder": "diffusion_models"}
+    assert (engine.settings.models_dir / "diffusion_models" / "z_image_turbo-Q8_0.gguf").is_file()
+
+
 @pytest.mark.parametrize(
     "number, words",
-    [(103, "is a web page, not a model file"), (104, "is not a .safetensors file"), (105, "is a GGUF file")],
+    [
+        (103, "is a web page, not a model file"),
+        (104, "is not a .safetensors file"),
+        (105, "the file cannot be read as GGUF"),
+        (107, "holds a 'qwen3' model, not the diffusion model"),
+    ],
 )
 def test_a_url_to_what_imagine_cannot_load_is_refused_saying_why_and_nothing_is_kept(server, civitai, number, words):
     engine, client = server
