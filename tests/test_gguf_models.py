@@ -234,20 +234,24 @@ def test_an_llms_gguf_in_diffusion_models_is_refused_saying_what_it_holds(client
 
 
 @pytest.mark.parametrize(
-    "header",
+    "header, why",
     [
-        b"GGUF" + struct.pack("<IQQ", 3, 1 << 62, 0),  # more tensors than any file
-        b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 1 << 60) + b"key",  # a key longer than the file
-        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 1 << 40),
-        b"GGUF" + struct.pack("<IQQ", 1, 0, 0),  # version 1
-        b"GGUF",
+        (b"GGUF" + struct.pack("<IQQ", 3, 1 << 62, 0), f"{1 << 62} tensors"),  # more than any file: refused at once
+        (b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 1 << 60) + b"key", "runs past its bound"),
+        (
+            b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 1 << 40),
+            f"a metadata array of {1 << 40} items",
+        ),
+        (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "GGUF version 1"),
+        (b"GGUF", "4 bytes, fewer than a GGUF header's"),
+        (b"GGML" + bytes(40), "it does not start as GGUF files do"),
     ],
-    ids=["tensor-count", "key-length", "array-length", "version", "magic-only"],
+    ids=["tensor-count", "key-length", "array-length", "version", "magic-only", "no-magic"],
 )
-def test_a_hostile_or_damaged_gguf_header_is_refused_without_reading_what_it_promises(client, bad_file, header):
+def test_a_hostile_or_damaged_gguf_header_is_refused_before_reading_what_it_promises(client, bad_file, header, why):
     bad_file.write_bytes(header)
     error = refusal(client, "bad")
-    assert error.startswith("bad.gguf: the file cannot be read as GGUF")
+    assert error.startswith("bad.gguf: the file cannot be read as GGUF") and why in error
 
 
 # ---- GGUF text encoders

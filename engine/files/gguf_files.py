@@ -107,8 +107,9 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     try:
         with open(path, "rb") as file:
             size = file.seek(0, 2)
-            if size < 24 or not _starts_as_gguf(file):
-                raise ValueError("no GGUF magic")
+            if size < 24:  # magic, version and the two counts
+                raise ValueError(f"{size} bytes, fewer than a GGUF header's")
+            _check_start(file)
             end = min(size, MAX_HEADER_BYTES)
             with mmap.mmap(file.fileno(), end, access=mmap.ACCESS_READ) as mapped:
                 header = _parse(Cursor(mapped, end))
@@ -120,16 +121,17 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     return header
 
 
-def _starts_as_gguf(file) -> bool:
+def _check_start(file) -> None:
     file.seek(0)
     magic, version = struct.unpack("<4sI", file.read(8))
-    if magic == MAGIC and version not in VERSIONS:
+    if magic != MAGIC:
+        raise ValueError("it does not start as GGUF files do")
+    if version not in VERSIONS:
         raise ValueError(f"GGUF version {version}; Imagine reads versions 2 and 3")
-    return magic == MAGIC
 
 
 def _parse(cursor: Cursor) -> GGUFHeader:
-    cursor.skip(8)  # magic and version, read by _starts_as_gguf
+    cursor.skip(8)  # magic and version, read by _check_start
     count, entries = cursor.take("<Q"), cursor.take("<Q")
     if count > MAX_TENSORS or entries > MAX_ENTRIES:
         raise ValueError(f"{count} tensors and {entries} metadata entries")
