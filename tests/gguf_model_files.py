@@ -2,8 +2,8 @@
 ComfyUI-GGUF's convert.py writes the published ones: the original key names, `general.architecture` "flux" (FLUX.1
 and FLUX.2) or "lumina2" (Z-Image), the weight matrices in the quant type asked for where their rows fit its blocks,
 everything else (biases, norms, pad tokens, rows too short for the blocks) in F32. gguf-py quantizes Q8_0, Q5_0,
-Q4_0, BF16 and F16 itself; the K-quants (Q6_K, Q5_K, Q4_K), which it only reads, are written as random blocks with
-sound scales, so that their values are what gguf-py's own dequantize reads from them."""
+Q4_0, Q5_1, Q4_1, BF16 and F16 itself; the K-quants and IQ4 types, which it only reads, are written as random
+blocks with sound scales, so that their values are what gguf-py's own dequantize reads from them."""
 
 from pathlib import Path
 
@@ -13,8 +13,10 @@ import torch
 
 ARCHITECTURES = {"flux1": "flux", "flux2": "flux", "z-image": "lumina2"}
 Q = gguf.GGMLQuantizationType
-# Where each K-quant block keeps its fp16 scales (d, and dmin where it has one), as offsets into the block.
-K_SCALES = {Q.Q6_K: (208,), Q.Q5_K: (0, 2), Q.Q4_K: (0, 2)}
+# The types gguf-py reads but does not write, and where each of their blocks keeps its fp16 scales (d, and dmin
+# where it has one), as offsets into the block.
+K_SCALES = {Q.Q6_K: (208,), Q.Q5_K: (0, 2), Q.Q4_K: (0, 2), Q.Q3_K: (108,), Q.Q2_K: (80, 82), Q.IQ4_XS: (0,),
+            Q.IQ4_NL: (0,)}  # fmt: skip
 K_SCALE = 2.0**-12  # the blocks' scale: weights of about 0.02 at most, as the tiny models' are
 
 
@@ -25,8 +27,8 @@ def quantizable(name: str, tensor: torch.Tensor, kind) -> bool:
 
 
 def k_quant_blocks(rows: int, columns: int, kind, seed: int = 0) -> np.ndarray:
-    """Random K-quant blocks for a rows x columns weight, each block's fp16 scales set to K_SCALE (random bytes there
-    could be NaN or huge)."""
+    """Random blocks of a K-quant or IQ4 type for a rows x columns weight, each block's fp16 scales set to K_SCALE
+    (random bytes there could be NaN or huge)."""
     block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     data = np.random.default_rng(seed).integers(0, 256, (rows * columns // block, block_bytes), dtype=np.uint8)
     for offset in K_SCALES[kind]:
