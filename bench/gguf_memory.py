@@ -1,8 +1,8 @@
 """What a GGUF diffusion model takes in memory against its bf16 file: shallow transformers of the released widths
 (Z-Image 3840 wide, FLUX.2 klein 4B and FLUX.1 3072 wide, each with a few of its blocks), random weights written as
 bf16 .safetensors and as GGUF Q8_0 and Q4_0 (tests/gguf_model_files.py, as ComfyUI-GGUF writes them), each loaded by
-Imagine's loader in a fresh process and run once at 256x256 in bfloat16; the process's resident memory after that
-step, less what it held before loading, per parameter. docs/performance.md has the figures.
+Imagine's loader in a fresh process and run once at 256x256 in bfloat16; the process's resident memory once loaded
+and after that step, less what it held before loading. docs/performance.md has the figures.
 
     python bench/gguf_memory.py            # about 4 GB of disk in a temp dir and 3 GB of memory at most
 """
@@ -83,12 +83,14 @@ def measure(path: Path, name: str) -> dict:
     before = process.memory_info().rss
     part = recognise_diffusion_model(read_any_header(path))
     model = load_diffusion_model(path, part, CONFIGS_DIR / name, torch.bfloat16)
+    gc.collect()
+    loaded = process.memory_info().rss - before
     with torch.inference_mode():
         one_step(model, family)
     gc.collect()
-    held = process.memory_info().rss - before
+    stepped = process.memory_info().rss - before
     parameters = sum(math.prod(p.quant_shape if hasattr(p, "quant_shape") else p.shape) for p in model.parameters())
-    return {"file": path.name, "file_bytes": path.stat().st_size, "parameters": parameters, "rss_added": held}
+    return {"file": path.name, "size": path.stat().st_size, "parameters": parameters, "loaded": loaded, "run": stepped}
 
 
 def main():
@@ -98,8 +100,8 @@ def main():
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1])))
         return
-    print("| file | parameters | file size | resident memory added | bytes per parameter |")
-    print("|---|---|---|---|---|")
+    print("| file | parameters | file size | resident once loaded | after one step | bytes per parameter (after) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name in SHALLOW:
             paths = write_files(Path(folder), name)
@@ -108,9 +110,10 @@ def main():
                     [sys.executable, __file__, "--measure", str(path), name], capture_output=True, text=True, check=True
                 )
                 row = json.loads(result.stdout.splitlines()[-1])
-                per = row["rss_added"] / row["parameters"]
-                print(f"| {row['file']} | {row['parameters'] / 1e6:.0f} M | {row['file_bytes'] / 1e6:.0f} MB | "
-                      f"{row['rss_added'] / 1e6:.0f} MB | {per:.2f} |", flush=True)  # fmt: skip
+                per = row["run"] / row["parameters"]
+                print(f"| {row['file']} | {row['parameters'] / 1e6:.0f} M | {row['size'] / 1e6:.0f} MB | "
+                      f"{row['loaded'] / 1e6:.0f} MB | {row['run'] / 1e6:.0f} MB | {per:.2f} |",
+                      flush=True)  # fmt: skip
             for path in paths:
                 path.unlink()
 
