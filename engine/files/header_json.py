@@ -3,7 +3,8 @@ read in place (the file mapped, never copied or decoded whole) one member at a t
 MAX_ENTRY_BYTES, at most MAX_TENSORS entries, each entry's dtype and shape checked against the bytes it claims: no
 step holds the interpreter long. Read whole by json.loads, a header of a million entries just under safetensors'
 100 MiB held the interpreter (and so every other thread: /health) for seconds and took a GB of memory, and one nested
-100,000 deep raised RecursionError where an answer was due (issue 35)."""
+100,000 deep raised RecursionError where an answer was due (issue 35). The refusals of a damaged file and of one cut
+short (Truncated) are here too, for the GGUF reader's use as well."""
 
 import codecs
 import json
