@@ -32,7 +32,7 @@ from PIL import Image
 import imagine
 from engine.engine import Engine
 from engine.files.diffusion_models import load_diffusion_model, recognise_diffusion_model
-from engine.files.gguf_files import read_gguf_header
+from engine.files.gguf_files import GGUFHeader, quant_name, read_gguf_header
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -142,6 +142,16 @@ def test_the_header_gives_torch_shapes_from_the_files_reversed_dimensions(tmp_pa
     assert header.architecture == "flux"
     assert {name: tensor.shape for name, tensor in header.items()} == {n: tuple(t.shape) for n, t in tensors.items()}
     assert header["img_in.weight"].dtype == "Q8_0" and header["img_in.bias"].dtype == "F32"
+
+
+@pytest.mark.parametrize(
+    "file_type, weights, listed_as",
+    [(14, "Q4_K", "Q4_K_S"), (8, "Q8_0", "Q8_0"), (None, "Q5_0", "Q5_0"), (1, "F16", "F16")],
+    ids=["llama-quantize", "convert.py's-q8_0", "none", "f16"],
+)
+def test_the_quant_type_listed_is_llama_cpps_file_type_where_it_agrees_with_the_weights(file_type, weights, listed_as):
+    # ComfyUI-GGUF's convert.py writes the GGML type (Q8_0 is 8) where llama.cpp's file type is meant (8 is Q5_0)
+    assert quant_name(GGUFHeader({}, "flux", file_type), weights) == listed_as
 
 
 # ---- the folder: listing and drawing

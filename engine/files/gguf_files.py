@@ -182,12 +182,14 @@ def unloadable_types(tensors: dict) -> list:
 
 
 def quant_name(header: GGUFHeader, weights: str) -> str:
-    """The quant type as people name the file: llama.cpp's file type (Q4_K_S) where the file gives it, else
-    `weights`, the type of its big weights (Q8_0)."""
+    """The quant type as people name the file: llama.cpp's file type (Q4_K_S) where the file gives one of its big
+    weights' type, else `weights`, that type (Q8_0). ComfyUI-GGUF's convert.py writes the weights' GGML type number
+    as the file type, which llama.cpp's numbering reads as another type (its Q8_0 files would say Q5_0)."""
     try:
-        return gguf.LlamaFileType(header.file_type).name.removeprefix("MOSTLY_")
+        named = gguf.LlamaFileType(header.file_type).name.removeprefix("MOSTLY_")
     except ValueError:  # none given, or one this gguf package does not know
         return weights
+    return named if named.startswith(weights) else weights
 
 
 def read_gguf_tensors(path: Path, prefix: str) -> dict:
