@@ -156,7 +156,8 @@ def test_a_model_whose_parts_are_missing_says_what_to_download_and_where(lacking
     assert response.status_code == 422
     assert "qwen_3_4b.safetensors" in error and "text_encoders/" in error and "ae.safetensors" in error
     assert "text_encoders/t5xxl_fp16 (a T5-XXL text encoder" in error  # what is there, and why it does not fit
-    assert error.endswith("; GGUF files, which Imagine cannot load yet: text_encoders/Qwen3-4B-Q4_K_M.gguf")
+    gguf = "text_encoders/Qwen3-4B-Q4_K_M.gguf"
+    assert error.endswith(f"; GGUF files, which Imagine loads as diffusion models only: {gguf}")
     assert str(models) not in error
     listed = {e["name"]: e for e in client.get("/models").get_json()["models"]}
     assert "qwen_3_4b.safetensors" in listed["z_image_turbo_bf16"]["parts"]["missing"]
@@ -214,15 +215,13 @@ def test_a_request_for_a_model_read_before_reads_no_header_again_until_its_file_
     assert path in reads  # the spy sees the reads there are
 
 
-def test_a_gguf_file_is_refused_saying_it_is_not_supported_yet(flow_client, comfyui):
+def test_a_gguf_file_of_four_bytes_is_refused_by_either_name_as_no_gguf(flow_client, comfyui):
     (comfyui / "diffusion_models" / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
     for name in ("flux1-dev-Q4_K_S", "flux1-dev-Q4_K_S.gguf"):
         response = flow_client.post("/generate", json={"prompt": "p", "model": name})
         assert response.status_code == 422
-        assert (
-            response.get_json()["error"]
-            == f"model {name!r} is a GGUF file, which Imagine cannot load yet; use its .safetensors release"
-        )
+        assert response.get_json()["error"].startswith("flux1-dev-Q4_K_S.gguf: the file cannot be read as GGUF")
+    (comfyui / "diffusion_models" / "flux1-dev-Q4_K_S.gguf").unlink()
 
 
 def test_a_truncated_diffusion_model_is_refused_as_damaged(flow_client, comfyui):

@@ -17,6 +17,7 @@ from catalog_hub import HF_TOKEN, LIBRARY, catalog_files, catalog_hub, tiny_sd1_
 from conftest import FAST, free_port, run_cli, save_config_folder
 from diffusion_model_files import flux1_tensors, flux2_tensors, z_image_tensors
 from encoder_files import ae_tensors, clip_l_tensors, flux2_vae_tensors, qwen3_tensors, t5_tensors
+from gguf_model_files import Q, write_gguf
 from hub_server import HubServer
 from huggingface_hub import constants
 from PIL import Image
@@ -48,12 +49,13 @@ def tensors_file(tensors: dict) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def files(sd1_checkpoint) -> dict:
+def files(sd1_checkpoint, tmp_path_factory) -> dict:
     """Each catalog file's bytes on the stand-in: tiny models of its kind where a test draws with it."""
     return catalog_files(
         {
             "dreamshaper_8": sd1_checkpoint[0],
             "z_image_turbo_bf16": tensors_file(z_image_tensors()),
+            "z_image_turbo_q5_0": gguf_bytes(tmp_path_factory.mktemp("gguf"), z_image_tensors(), kind=Q.Q5_0),
             "qwen_3_4b": tensors_file(qwen3_tensors()),
             "ae": tensors_file(ae_tensors()),
             "flux_2_klein_4b": tensors_file(flux2_tensors()),
@@ -119,15 +121,24 @@ def test_the_catalog_names_each_model_and_variant_with_its_licence_size_and_whet
 
 
 def test_a_bare_name_takes_the_largest_variant_that_fits_and_says_why():
-    big, small = LIBRARY.entries["flux2-klein-4b"].variants["bf16"], LIBRARY.entries["flux2-klein-4b"].variants["fp8"]
+    variants = LIBRARY.entries["flux2-klein-4b"].variants
+    big, gguf, small = variants["bf16"], variants["q8_0"], variants["fp8"]
     assert LIBRARY.variant("flux2-klein-4b", big.memory)[0] is big
     taken, why = LIBRARY.variant("flux2-klein-4b", big.memory - 1)
-    assert taken is small and why.startswith("flux2-klein-4b:fp8 (the largest that fits): it needs about")
+    assert taken is gguf and why.startswith("flux2-klein-4b:q8_0 (the largest that fits): it needs about")
+    assert LIBRARY.variant("flux2-klein-4b", gguf.memory - 1)[0] is small
     taken, why = LIBRARY.variant("flux2-klein-4b", 10**9)
     assert taken is small and "the smallest" in why
     assert LIBRARY.variant("flux2-klein-4b:bf16", 10**9)[0] is big  # asked for by name: taken whatever the memory
-    with pytest.raises(Exception, match="has no variant 'q4'; choose one of: flux2-klein-4b:bf16, flux2-klein-4b:fp8"):
+    choices = "flux2-klein-4b:bf16, flux2-klein-4b:fp8, flux2-klein-4b:q8_0"
+    with pytest.raises(Exception, match=f"has no variant 'q4'; choose one of: {choices}"):
         LIBRARY.variant("flux2-klein-4b:q4", 10**12)
+
+
+def test_on_a_machine_of_16_gib_the_bare_names_of_z_image_and_flux1_take_their_gguf_variants():
+    for name, variant in (("z-image-turbo", "q5_0"), ("flux1-schnell", "q4_k_s"), ("flux1-dev", "q4_k_s")):
+        taken, why = LIBRARY.variant(name, 16 * 2**30)
+        assert taken.name == variant and taken.files[0].destination.endswith(".gguf"), why
 
 
 def test_a_name_the_catalog_lacks_is_a_404_listing_the_names(server, hub):
@@ -172,7 +183,7 @@ def test_stream_false_answers_once_at_the_end(server, hub):
 
 def test_a_flow_model_comes_with_its_parts_each_where_it_belongs_and_draws(server, hub):
     engine, client = server
-    assert pull(client, "z-image-turbo")[-1] == {"status": "success", "model": "z-image-turbo"}
+    assert pull(client, "z-image-turbo:bf16")[-1] == {"status": "success", "model": "z-image-turbo"}
     models = engine.settings.models_dir
     for file in ("diffusion_models/z_image_turbo_bf16", "text_encoders/qwen_3_4b", "vae/ae"):
         assert (models / f"{file}.safetensors").is_file()
@@ -180,10 +191,19 @@ def test_a_flow_model_comes_with_its_parts_each_where_it_belongs_and_draws(serve
     assert answer.status_code == 200, answer.get_json()
 
 
+def test_a_gguf_variant_comes_with_its_safetensors_parts_and_draws(server, hub):
+    engine, client = server
+    assert pull(client, "z-image-turbo:q5_0")[-1] == {"status": "success", "model": "z-image-turbo"}
+    assert (engine.settings.models_dir / "diffusion_models" / "z_image_turbo-Q5_0.gguf").is_file()
+    answer = client.post("/generate", json={"prompt": "a cat", "model": "z-image-turbo", **SMALL})
+    assert answer.status_code == 200, answer.get_json()
+    assert client.get("/models").get_json()["models"][1]["quant"] == "Q5_0"
+
+
 def test_a_part_two_models_use_is_fetched_once_kept_once_and_kept_when_one_is_removed(server, hub):
     engine, client = server
     qwen = resolve_path(file_of("z-image-turbo", index=1))
-    pull(client, "z-image-turbo")
+    pull(client, "z-image-turbo:bf16")
     second = pull(client, "flux2-klein-4b:bf16")
     assert {"file": "text_encoders/qwen_3_4b.safetensors", "size": second[0]["files"][1]["size"], "present": True} in (
         second[0]["files"]
@@ -334,8 +354,13 @@ def test_who_may_pull_and_remove(make_engine, tmp_path, hub, settings, status, w
 LORA = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}
 
 
+def gguf_bytes(folder: Path, tensors: dict, architecture: str = "lumina2", kind=Q.Q8_0) -> bytes:
+    """A Z-Image GGUF's bytes (or, with another `architecture`, an LLM's)."""
+    return write_gguf(folder / "model.gguf", tensors, "z-image", kind, architecture=architecture).read_bytes()
+
+
 @pytest.fixture
-def civitai(files, monkeypatch):
+def civitai(files, monkeypatch, tmp_path):
     """A Civitai-like site: download links that redirect to the file, named by Content-Disposition."""
     served = {
         "/api/download/models/101": (files["dreamshaper_8"], "civitai_model.safetensors"),
@@ -343,6 +368,11 @@ def civitai(files, monkeypatch):
         "/api/download/models/103": (b"<!DOCTYPE html><html>log in</html>", "model.safetensors"),
         "/api/download/models/104": (b"\x80\x02pickle", "old_model.ckpt"),
         "/api/download/models/105": (b"GGUF\x03\x00\x00\x00", "flux1-dev-Q4_K_S.gguf"),
+        "/api/download/models/106": (gguf_bytes(tmp_path, z_image_tensors()), "z_image_turbo-Q8_0.gguf"),
+        "/api/download/models/107": (
+            gguf_bytes(tmp_path, {"token_embd.weight": torch.zeros(64, 32)}, "qwen3"),
+            "Qwen3-4B-Q8_0.gguf",
+        ),
     }
     with HubServer(files=served, redirect_files=True) as server:
         yield server
@@ -360,9 +390,21 @@ def test_a_file_from_a_url_goes_where_its_header_says_and_a_model_draws_by_its_n
     assert again[-1] == {"status": "success", "model": "civitai_model", "folder": "checkpoints"}
 
 
+def test_a_gguf_diffusion_model_from_a_url_goes_to_diffusion_models(server, civitai):
+    engine, client = server
+    lines = pull(client, f"{civitai.url}/api/download/models/106")
+    assert lines[-1] == {"status": "success", "model": "z_image_turbo-Q8_0", "folder": "diffusion_models"}
+    assert (engine.settings.models_dir / "diffusion_models" / "z_image_turbo-Q8_0.gguf").is_file()
+
+
 @pytest.mark.parametrize(
     "number, words",
-    [(103, "is a web page, not a model file"), (104, "is not a .safetensors file"), (105, "is a GGUF file")],
+    [
+        (103, "is a web page, not a model file"),
+        (104, "is not a .safetensors file"),
+        (105, "the file cannot be read as GGUF"),
+        (107, "holds a 'qwen3' model, not the diffusion model"),
+    ],
 )
 def test_a_url_to_what_imagine_cannot_load_is_refused_saying_why_and_nothing_is_kept(server, civitai, number, words):
     engine, client = server

@@ -55,6 +55,7 @@ SETUP_MARKS = (
     "systemctl",
     "bench/bench.py",
     "bench/flow_step.py",
+    "bench/gguf_memory.py",
 )
 
 EXAMPLES = [example("> astronaut.png"), example("> city.png"), example('"stream": 5')]

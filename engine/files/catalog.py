@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from engine.errors import ImagineError
-from engine.files.diffusion_models import recognise_diffusion_model
+from engine.files.diffusion_models import gguf_diffusion_model, recognise_diffusion_model
 from engine.files.families import (
     FAMILIES,
     Family,
@@ -34,9 +34,10 @@ from engine.files.folders import (
     relative_to_folders,
     walk_folders,
 )
+from engine.files.gguf_files import quant_name
 from engine.files.header_json import Damaged
 from engine.files.headers import Headers
-from engine.files.parts import PartFinder, gguf_not_yet
+from engine.files.parts import PartFinder
 from engine.files.pulled import read_manifests
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.tensors import file_version
@@ -85,13 +86,9 @@ class Catalog:
             real = real_path(found)
             if real is not None and (real.is_dir() or (real.is_file() and found.suffix in CHECKPOINT_SUFFIXES)):
                 return str(real)
-            if found.suffix == ".gguf":
-                raise gguf_not_yet(f"model {name!r}")
-            raise ImagineError(f"model {name!r} is not a .safetensors or .ckpt file or a diffusers folder")
+            raise ImagineError(f"model {name!r} is not a .safetensors, .gguf or .ckpt file or a diffusers folder")
         if self.settings.allow_downloads and is_repo_id(name):
             return name
-        if find_in_folders(folders, relative_to_folders(name, folders), (".gguf",)) is not None:
-            raise gguf_not_yet(f"model {name!r}")
         raise ImagineError(
             f"model {name!r} not found in the models folders (--models-dir, IMAGINE_MODELS_DIR); "
             "GET /models lists the models a request can name, 'demo' (built in) among them",
@@ -184,7 +181,14 @@ class Catalog:
         if family is not None and family.flow:  # found afresh each time: parts come and go beside the model
             in_folder = {component: "in the folder" for component, _ in family.parts}
             described["parts"] = self.parts_listing(real) if real.is_file() else in_folder
+            if real.suffix == ".gguf":
+                described["quant"] = self.gguf_quant(real)
         return described
+
+    def gguf_quant(self, real: Path) -> str:
+        """The quant type of a GGUF diffusion model, for GET /models."""
+        header = self.headers.read(real)
+        return quant_name(header, recognise_diffusion_model(header).numbers["dtype"])
 
     def cached_family(self, real: Path) -> dict:
         """{"family": its name} or {"family": None, "error": why}: the verdict on the model, as the listing gives it."""
@@ -240,6 +244,8 @@ class Catalog:
             return folder_family(path)
         if not path.is_file():  # a FIFO or a device would block or never end: only regular files are opened
             raise ImagineError("the model is not a regular file")
+        if path.suffix == ".gguf":
+            return self.gguf_family(path)
         refuse_pickles_that_could_run(path)
         header = self.readable_header(path)
         if header is not None:
@@ -248,6 +254,13 @@ class Catalog:
             if part is not None:
                 return FAMILIES[flow_family_name(part)]
         return checkpoint_family(path, header)
+
+    def gguf_family(self, path: Path) -> Family:
+        """The family of a GGUF file's diffusion model; a file Imagine cannot draw with is refused (422), naming it."""
+        try:
+            return FAMILIES[flow_family_name(gguf_diffusion_model(self.headers.read(path)))]
+        except ImagineError as error:
+            raise ImagineError(f"{path.name}: {error.message}", error.status) from None
 
     def readable_header(self, path: Path) -> dict | None:
         """A .safetensors file's header, read once for all that family detection reads there; None for a .ckpt, or a

@@ -1,20 +1,30 @@
 """The diffusion models (transformers) of FLUX.1, FLUX.2 (klein) and Z-Image, read from the files people download:
-recognised from a .safetensors header in their original key layout (BFL's for FLUX, the one ComfyUI's Z-Image files
-use), in a file of their own or under ComfyUI's `model.diffusion_model.` prefix, and loaded into diffusers' classes
-with diffusers' own key converters, strictly, from a shipped config folder, with no network."""
+recognised from a .safetensors or GGUF header in their original key layout (BFL's for FLUX, the one ComfyUI's Z-Image
+files use), in a file of their own or under ComfyUI's `model.diffusion_model.` prefix, and loaded into diffusers'
+classes with diffusers' own key converters, strictly, from a shipped config folder, with no network; a GGUF file's
+weights stay quantized in memory, in diffusers' GGUF layers."""
 
 import json
 from pathlib import Path
 
 import torch
-from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, ZImageTransformer2DModel
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    GGUFQuantizationConfig,
+    ZImageTransformer2DModel,
+)
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
+from diffusers.quantizers.gguf.gguf_quantizer import GGUFQuantizer
+from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
+from diffusers.utils import get_module_from_name
 
 from engine.errors import ImagineError
+from engine.files.gguf_files import LOADABLE_NAMES, GGUFHeader, read_gguf_tensors, unloadable_types
 from engine.files.headers import Part, with_prefix
 from engine.files.scaled_fp8 import dequantised, is_scaled, kept_dtype
 from engine.files.tensors import FP8_DTYPES, block_count, check_tensors, read_tensors
@@ -49,6 +59,29 @@ def recognise_diffusion_model(header: dict) -> Part | None:
             if numbers is not None:
                 return Part("diffusion_model", kind, prefix, numbers)
     return None
+
+
+def gguf_diffusion_model(header: GGUFHeader) -> Part:
+    """The diffusion model of a GGUF file (read_gguf_header's answer); a 422 saying what the file holds where that is
+    no model Imagine draws with (an LLM's GGUF, say), or where its weights are of a quant type it cannot compute
+    with."""
+    part = recognise_diffusion_model(header)
+    if part is None:
+        held = f"a {header.architecture!r} model" if header.architecture else "no model Imagine knows"
+        raise ImagineError(
+            f"the GGUF file holds {held}, not the diffusion model of FLUX.1, FLUX.2 klein or Z-Image; a text encoder's "
+            "GGUF does not go in the models' folders (and Imagine loads text encoders from .safetensors only)",
+            422,
+        )
+    unloadable = unloadable_types(with_prefix(header, part.prefix))
+    if unloadable:
+        loadable = ", ".join(sorted(LOADABLE_NAMES))
+        raise ImagineError(
+            f"the GGUF file holds {len(unloadable)} tensor(s) of a quant type Imagine cannot compute with, e.g. "
+            f"{unloadable[0]}; it computes with {loadable}",
+            422,
+        )
+    return part
 
 
 def flux_numbers(tensors: dict) -> dict:
@@ -126,6 +159,8 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     with the file's block counts, in eval mode. Weights load as `dtype`; an fp8 file's stay fp8 and compute in
     `dtype` (a scaled fp8 file's are multiplied out: engine/files/scaled_fp8.py). A file that does not fit the config is
     refused (422), naming what did not fit."""
+    if path.suffix == ".gguf":
+        return load_gguf_model(path, part, config_dir, dtype)
     config = fitted_config(part, config_dir)
     storage = storage_dtype(part, dtype)
     with torch.device("meta"):  # no memory for weights the file replaces anyway
@@ -137,6 +172,38 @@ def load_diffusion_model(path: Path, part: Part, config_dir: Path, dtype: torch.
     check_tensors(state, expected, REFUSALS)
     # each tensor in the dtype the model keeps it in: fp8 where layerwise casting stores it so, `dtype` elsewhere
     model.load_state_dict({name: state[name].to(expected[name].dtype) for name in expected}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_gguf_model(path: Path, part: Part, config_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """quantized_model, a file that does not fit refused (422) naming it."""
+    try:
+        return quantized_model(path, part, fitted_config(part, config_dir), dtype)
+    except ImagineError as error:
+        raise ImagineError(f"{path.name}: {error.message}", error.status) from None
+
+
+def quantized_model(path: Path, part: Part, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The transformer of a GGUF file, as diffusers' GGUF quantizer builds it: each linear layer whose weight the file
+    quantizes becomes a GGUFLinear keeping that weight's blocks and dequantizing it to `dtype` as it computes; every
+    other tensor (the file's F32/F16/BF16 ones) is kept in `dtype`. Checked whole before a weight is placed."""
+    with torch.device("meta"):
+        model = CLASSES[part.type].from_config(config).to(dtype)
+    state = to_diffusers(part, read_gguf_tensors(path, part.prefix))
+    check_tensors(state, model.state_dict(), REFUSALS)
+    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=dtype))
+    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=[], state_dict=state)
+    quantized = {}
+    for name, tensor in state.items():
+        module, _ = get_module_from_name(model, name)
+        if isinstance(module, GGUFLinear) and name.endswith(".weight"):
+            quantized[name] = tensor
+        else:  # a norm or bias quantized too: dequantized once, as no GGUF layer computes with it
+            state[name] = dequantize_gguf_tensor(tensor).to(dtype)
+    model.load_state_dict({n: t for n, t in state.items() if n not in quantized}, strict=False, assign=True)
+    for name, tensor in quantized.items():
+        quantizer.create_quantized_param(model, tensor, name, torch.device("cpu"))
+    model.hf_quantizer = quantizer
     return model.eval().requires_grad_(False)
 
 

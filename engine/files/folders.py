@@ -14,7 +14,7 @@ from engine.errors import ImagineError
 
 log = logging.getLogger("imagine")
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: FLUX and Z-Image diffusion models (gguf_files.py)
 # The most read of a small file beside a model (a config, a sidecar, an SD2 .yaml): theirs are a few KB, and one
 # longer is no config but a damaged or hostile file, whose reading must cost little.
 SMALL_FILE_BYTES = 64 * 1024

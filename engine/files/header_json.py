@@ -3,7 +3,8 @@ read in place (the file mapped, never copied or decoded whole) one member at a t
 MAX_ENTRY_BYTES, at most MAX_TENSORS entries, each entry's dtype and shape checked against the bytes it claims: no
 step holds the interpreter long. Read whole by json.loads, a header of a million entries just under safetensors'
 100 MiB held the interpreter (and so every other thread: /health) for seconds and took a GB of memory, and one nested
-100,000 deep raised RecursionError where an answer was due (issue 35)."""
+100,000 deep raised RecursionError where an answer was due (issue 35). The refusals of a damaged file and of one cut
+short (Truncated) are here too, for the GGUF reader's use as well."""
 
 import codecs
 import json
@@ -144,6 +145,18 @@ def tensor_entry(header: Header, index: int, name: str) -> tuple:
 def naturals(value) -> bool:
     """Whether `value` is a list of whole numbers of 0 or more (JSON's true and false are not)."""
     return isinstance(value, list) and all(type(each) is int and each >= 0 for each in value)
+
+
+class Truncated(Damaged):
+    """A file whose header promises more bytes than it holds: a download cut short."""
+
+
+def truncated(size: int, promised: int) -> Truncated:
+    return Truncated(
+        f"the file is truncated: it holds {size} bytes where its header says {promised}: a download that did not "
+        "finish? Download it again (or pull it again: a pull resumes)",
+        422,
+    )
 
 
 def damaged(why: str) -> Damaged:

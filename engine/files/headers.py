@@ -1,6 +1,6 @@
-"""What a .safetensors file holds, read from its header alone (names, shapes, dtypes; no tensor is loaded) once per
-version of the file, and the `Part` a recogniser finds in it: a diffusion model, a text encoder or a VAE, of one
-type, under one key prefix."""
+"""What a .safetensors or GGUF file holds, read from its header alone (names, shapes, dtypes; no tensor is loaded)
+once per version of the file, and the `Part` a recogniser finds in it: a diffusion model, a text encoder or a VAE,
+of one type, under one key prefix."""
 
 import collections
 import dataclasses
@@ -10,16 +10,13 @@ import threading
 from pathlib import Path
 
 from engine.errors import ImagineError
-from engine.files.header_json import Damaged, parse_entries
+from engine.files.gguf_files import read_gguf_header
+from engine.files.header_json import parse_entries, truncated
 from engine.files.tensors import file_version
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a longer "header" is a damaged or hostile file
 # Headers kept read: a big checkpoint's takes about 1 MB of memory, and a models folder may hold hundreds of them.
 HEADERS_KEPT = 32
-
-
-class Truncated(Damaged):
-    """A file whose header promises more bytes than it holds: a download cut short."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,38 +58,35 @@ def read_header(path: Path) -> dict:
     return {name: Tensor(shape, dtype) for name, (dtype, shape, _) in entries.items()}
 
 
-def truncated(size: int, promised: int) -> Truncated:
-    return Truncated(
-        f"the file is truncated: it holds {size} bytes where its header says {promised}: a download that did not "
-        "finish? Download it again (or pull it again: a pull resumes)",
-        422,
-    )
-
-
 def with_prefix(header: dict, prefix: str) -> dict:
     """The entries under `prefix`, with the prefix taken off their names."""
     return {name[len(prefix) :]: tensor for name, tensor in header.items() if name.startswith(prefix)}
 
 
+def read_any_header(path: Path) -> dict:
+    """read_header, or read_gguf_header for a .gguf file."""
+    return read_gguf_header(path) if path.suffix == ".gguf" else read_header(path)
+
+
 class Headers:
-    """The headers of .safetensors files, each read once per version of the file (read_header's answer, a refusal
-    too), the HEADERS_KEPT most recently read kept: what family detection and the parts finder read."""
+    """The headers of .safetensors and GGUF files, each read once per version of the file (read_any_header's answer,
+    a refusal too), the HEADERS_KEPT most recently read kept: what family detection and the parts finder read."""
 
     def __init__(self):
         self.kept = collections.OrderedDict()  # file_version -> its header, or the ImagineError it was refused with
         self.lock = threading.Lock()  # the folder reader's thread and the engine's read at once
 
     def read(self, path: Path) -> dict:
-        """read_header(path), from memory where this version of the file was read before."""
+        """read_any_header(path), from memory where this version of the file was read before."""
         try:
             version = file_version(path)
         except OSError:
-            return read_header(path)  # not there, or not to be read: refused, naming why
+            return read_any_header(path)  # not there, or not to be read: refused, naming why
         with self.lock:
             header = self.kept.pop(version, None)
         if header is None:
             try:
-                header = read_header(path)
+                header = read_any_header(path)
             except ImagineError as refusal:  # kept without its traceback, whose frames hold all that was read
                 header = type(refusal)(refusal.message, refusal.status)
         with self.lock:

@@ -173,7 +173,7 @@ class PartFinder:
         if not real or not real.is_file():
             raise ImagineError(f"{what} is not in the models folders", 422)
         if path.suffix == ".gguf":
-            raise gguf_not_yet(what)
+            raise gguf_part(what, wanted)
         parts = self.parts_of(real)
         for part in parts:
             if fits(part, wanted, model):
@@ -186,8 +186,15 @@ class PartFinder:
         raise ImagineError(f"{what} holds {held}; {family.label} needs {need} that fits it", 422)
 
 
-def gguf_not_yet(what: str) -> ImagineError:
-    return ImagineError(f"{what} is a GGUF file, which Imagine cannot load yet; use its .safetensors release", 422)
+def gguf_part(what: str, wanted: str) -> ImagineError:
+    """The refusal of a GGUF text encoder or VAE, naming the .safetensors file to use instead: transformers reads a
+    GGUF text encoder only by dequantizing it whole to float32, more memory than the .safetensors file takes."""
+    what_kind, folder, download = DOWNLOADS[wanted]
+    return ImagineError(
+        f"{what} is a GGUF file; Imagine loads {what_kind} from .safetensors only: download {download} into "
+        f"{folder}/ of a models folder",
+        422,
+    )
 
 
 def read_sidecar(model_path: Path) -> dict:
@@ -224,7 +231,8 @@ def missing_message(name: str, family, missing: list, candidates: list, others: 
     wrong = sorted({f"{each.name} ({describe_part(each.part)})" for each in candidates})
     found = f"; found, but not fitting it: {', '.join(wrong)}" if wrong else ""
     damaged = f"; found, but damaged: {', '.join(others['damaged'])}" if others["damaged"] else ""
-    not_yet = f"; GGUF files, which Imagine cannot load yet: {', '.join(others['ggufs'])}" if others["ggufs"] else ""
+    ggufs = ", ".join(others["ggufs"])
+    not_yet = f"; GGUF files, which Imagine loads as diffusion models only: {ggufs}" if ggufs else ""
     return f"model {name!r} ({family.label}) needs {'; and '.join(needs)}{found}{damaged}{not_yet}"
 
 

@@ -1,14 +1,14 @@
 """Where a file fetched from a URL goes in a models folder, from what its header holds (ComfyUI's sub-folders:
 checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, embeddings/), or why Imagine will not keep it: a web
-page where a file was expected, a pickle, a GGUF file, a file of no model it loads."""
+page where a file was expected, a pickle, a GGUF file of no diffusion model it draws, a file of no model it loads."""
 
 from pathlib import Path
 
 from engine.errors import ImagineError
-from engine.files.diffusion_models import recognise_diffusion_model
+from engine.files.diffusion_models import gguf_diffusion_model, recognise_diffusion_model
 from engine.files.families import FAMILY_KEY_PREFIXES
+from engine.files.gguf_files import read_gguf_header
 from engine.files.headers import read_header
-from engine.files.parts import gguf_not_yet
 from engine.files.scaled_fp8 import refuse_block_scaled
 from engine.files.text_encoders import recognise_text_encoders
 from engine.files.vaes import recognise_vae
@@ -31,7 +31,7 @@ def folder_for(path: Path, name: str) -> str:
         )
     suffix = Path(name).suffix.lower()
     if suffix == ".gguf" or start.startswith(b"GGUF"):
-        raise gguf_not_yet(repr(name))
+        return gguf_folder(path, name)
     if suffix in PICKLES or suffix != ".safetensors":
         raise ImagineError(
             f"{name!r} is not a .safetensors file: Imagine pulls only those from a URL (a pickle such as .ckpt can run "
@@ -41,6 +41,17 @@ def folder_for(path: Path, name: str) -> str:
     header = read_header(path)
     refuse_block_scaled(path, header)
     return header_folder(header, name)
+
+
+def gguf_folder(path: Path, name: str) -> str:
+    """diffusion_models, for a GGUF file of a diffusion model Imagine draws with; refused (422) otherwise."""
+    if Path(name).suffix.lower() != ".gguf":  # the loaders go by the suffix
+        raise ImagineError(f"{name!r} is a GGUF file under another suffix: name it .gguf", 422)
+    try:
+        gguf_diffusion_model(read_gguf_header(path))
+    except ImagineError as error:
+        raise ImagineError(f"{name!r}: {error.message}", error.status) from None
+    return "diffusion_models"
 
 
 def header_folder(header: dict, name: str) -> str:

@@ -102,7 +102,10 @@ def check_config_numbers(config, where: str) -> None:
 
 
 def shape_of(tensor) -> tuple:
-    """The shape of a torch tensor or a safetensors slice."""
+    """The shape of a torch tensor or a safetensors slice; a quantized GGUF weight's as it dequantizes, not its
+    blocks' bytes."""
+    if hasattr(tensor, "quant_shape"):
+        return tuple(tensor.quant_shape)
     return tuple(tensor.shape if isinstance(tensor, torch.Tensor) else tensor.get_shape())
 
 
