@@ -1,13 +1,14 @@
 """LoRAs for Z-Image, FLUX.2 klein and FLUX.1, in the layouts people share (diffusers/ai-toolkit, kohya, ComfyUI/BFL),
-written by the tests for the tiny flow models of flow_models: applied per request on bf16 and fp8 models, refused
+written by the tests for the tiny flow models of flow_models: applied per request on bf16, fp8 and GGUF models, refused
 naming the file where they are for another family or do not fit, and listed with their family."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import decode_png, pixels
-from diffusion_model_files import TINY_CONFIGS
+from diffusion_model_files import TINY_CONFIGS, flux1_tensors, flux2_tensors, z_image_tensors
 from flow_models import SMALL
+from gguf_model_files import Q, write_gguf
 from lora_files import flow_lora, kohya_lora, z_image_fused
 from safetensors.torch import save_file
 
@@ -31,14 +32,27 @@ FP8_CASES = [
     ("flux-2-klein-4b-fp8", "flux2-klein-comfyui"),
     ("flux1-dev-fp8-e4m3fn", "flux1-dev-diffusers"),
 ]
+# Each family's GGUF model (weights kept quantized, dequantized layer by layer), with a LoRA of one layout each.
+GGUF_MODELS = {
+    "z-image-q8_0": (z_image_tensors, "z-image", Q.Q8_0),
+    "flux-2-klein-4b-q4_0": (flux2_tensors, "flux2", Q.Q4_0),
+    "flux1-dev-q8_0": (flux1_tensors, "flux1", Q.Q8_0),
+}
+GGUF_CASES = [
+    ("z-image-q8_0", "z-image-diffusers"),
+    ("flux-2-klein-4b-q4_0", "flux2-klein-kohya"),
+    ("flux1-dev-q8_0", "flux1-dev-comfyui"),
+]
 
 
 @pytest.fixture(scope="module")
 def loras(comfyui):
-    """The ComfyUI folder's loras/: for each family a LoRA in each layout (<family>-<layout>), a second klein one, a
-    Z-Image one with fused qkv layers and the same LoRA split, one shaped for klein 9B, one whose ranks do not match, a
-    Z-Image one with a layer the model does not have, SD 1.5's with and without kohya's metadata, and files whose
-    metadata alone says their family (METADATA)."""
+    """The ComfyUI folder's GGUF models (GGUF_MODELS), and its loras/: for each family a LoRA in each layout
+    (<family>-<layout>), a second klein one, a Z-Image one with fused qkv layers and the same LoRA split, one shaped
+    for klein 9B, one whose ranks do not match, a Z-Image one with a layer the model does not have, SD 1.5's with and
+    without kohya's metadata, and files whose metadata alone says their family (METADATA)."""
+    for name, (tensors, family, kind) in GGUF_MODELS.items():
+        write_gguf(comfyui / "diffusion_models" / f"{name}.gguf", tensors(), family, kind)
     folder = comfyui / "loras"
     folder.mkdir()
     for family in MODELS:
@@ -86,7 +100,7 @@ def adapters(engine):
 
 @pytest.mark.parametrize(
     "model, lora",
-    [(MODELS[family], f"{family}-{layout}") for family in MODELS for layout in LAYOUTS] + FP8_CASES,
+    [(MODELS[family], f"{family}-{layout}") for family in MODELS for layout in LAYOUTS] + FP8_CASES + GGUF_CASES,
 )
 def test_a_lora_of_each_family_and_layout_changes_the_picture_and_the_next_request_draws_as_before(client, model, lora):
     base = picture(client, model)
