@@ -207,9 +207,10 @@ SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # 
 
 
 def a1111_hires_fields(body: dict, sampler: str) -> tuple:
-    """(txt2img's hires fix fields as /generate's, those dropped). As A1111 does, an upscaler it has no such name for
-    falls back to Latent; so do a second-pass sampler or schedule unknown here to the first pass's. What the second
-    pass cannot take apart from the first (its own prompts, guidance or checkpoint) is dropped and named."""
+    """(txt2img's hires fix fields as /generate's, those dropped). An upscaler Imagine lacks (a model's) falls back to
+    Latent, A1111's default, so that a client's full form still draws; a second-pass sampler or schedule unknown here
+    falls back to the first pass's. What the second pass cannot take apart from the first (its own prompts, guidance
+    or checkpoint) is dropped. Each is named in imagine_ignored."""
     upscaler, dropped = body.get("hr_upscaler"), []
     if upscaler is not None and upscaler not in UPSCALERS:
         upscaler, dropped = None, ["hr_upscaler"]
@@ -222,9 +223,9 @@ def a1111_hires_fields(body: dict, sampler: str) -> tuple:
         dropped += [] if schedule else ["hr_scheduler"]
     if schedule is not None and schedule not in schedules_for(hires_sampler or sampler):
         schedule = None
-    for field, first in (("hr_prompt", "prompt"), ("hr_negative_prompt", "negative_prompt"), ("hr_cfg", "cfg_scale")):
-        if body.get(field) not in (None, "", body.get(first)):
-            dropped.append(field)
+    own = {"hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt", "hr_cfg": "cfg_scale",
+           "hr_distilled_cfg": "distilled_cfg_scale"}  # fmt: skip
+    dropped += [field for field, first in own.items() if body.get(field) not in (None, "", body.get(first))]
     if body.get("hr_checkpoint_name") not in (None, *SAME):
         dropped.append("hr_checkpoint_name")
     fields = {

@@ -122,13 +122,16 @@ def test_the_flow_families_are_refused_the_hires_fix_with_a_clear_error():
 
 def test_a1111s_enable_hr_draws_the_upscaled_size_and_writes_a1111s_infotext(client):
     body = {"prompt": "a cat", "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
-            "hr_second_pass_steps": 2, **SMALL}  # fmt: skip
+            "hr_second_pass_steps": 2, "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras", **SMALL}  # fmt: skip
     answer = client.post("/sdapi/v1/txt2img", json=body).get_json()
     assert decode_png(answer["images"][0]).size == (128, 128)
     info = json.loads(answer["info"])
     assert (info["width"], info["height"], info["denoising_strength"]) == (128, 128, 0.6)
     assert "Size: 64x64" in info["infotexts"][0]
-    assert "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in info["infotexts"][0]
+    assert (
+        "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, Hires sampler: DPM++ 2M, "
+        "Hires schedule type: Karras" in info["infotexts"][0]
+    )
     assert info["imagine_ignored"] == []
 
 
