@@ -14,6 +14,7 @@ from engine.errors import ImagineError
 from engine.files.families import Family
 from engine.hires import DEFAULT_UPSCALER, UPSCALERS, wants_hires
 from engine.samplers import sampler_label, schedule_label, schedules_for, split_sampler
+from engine.schedules import AUTOMATIC
 
 if TYPE_CHECKING:  # engine.request reads pasted data with this module
     from engine.request import GenerationRequest
@@ -79,7 +80,8 @@ def hires_parameters(req: "GenerationRequest") -> dict:
     settings["Hires upscaler"] = req.hires_upscaler
     if req.hires_sampler is not None and req.hires_sampler != req.sampler:
         settings["Hires sampler"] = sampler_label(req.hires_sampler)
-        settings["Hires schedule type"] = schedule_label(req.hires_sampler, req.hires_schedule, False)
+    if req.hires_schedule != AUTOMATIC and req.hires_schedule != req.schedule:
+        settings["Hires schedule type"] = schedule_label(req.hires_sampler or req.sampler, req.hires_schedule, False)
     return settings
 
 

@@ -15,6 +15,7 @@ from engine.previews import latents_to_preview, vae_preview
 from engine.prompts import prompt_embeddings
 from engine.request import GenerationRequest
 from engine.samplers import scheduler_for
+from engine.schedules import AUTOMATIC
 
 
 def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> list:
@@ -89,11 +90,10 @@ def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, con
     as A1111's interrupt does, and returns the first pass's pictures."""
     width, height = hires_size(req)
     schedule_steps, steps = second_pass_steps(req)
-    same_sampler = req.hires_sampler is None
+    own_schedule = req.hires_sampler is not None or req.hires_schedule != AUTOMATIC
     second = dataclasses.replace(
         req, width=width, height=height, num_steps=schedule_steps, hires_scale=None, hires_width=0, hires_height=0,
-        sampler=req.sampler if same_sampler else req.hires_sampler,
-        schedule=req.schedule if same_sampler else req.hires_schedule,
+        sampler=req.hires_sampler or req.sampler, schedule=req.hires_schedule if own_schedule else req.schedule,
     )  # fmt: skip
     first_steps = evaluations(model, req, 0)
     total = first_steps + evaluations(model, second, schedule_steps - steps)

@@ -11,7 +11,7 @@ from engine import fields
 from engine.errors import ImagineError, named
 from engine.files.families import Family
 from engine.flow import flow_notices
-from engine.hires import check_hires, hires_field, hires_fields, wants_hires
+from engine.hires import DEFAULT_UPSCALER, HIRES_STRENGTH, check_hires, hires_field, hires_fields, wants_hires
 from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
@@ -78,9 +78,9 @@ class GenerationRequest:
     hires_scale: float | None = None
     hires_width: int = 0  # 0: from the other side and the aspect ratio (both 0: by hires_scale)
     hires_height: int = 0
-    hires_upscaler: str = "Latent"
+    hires_upscaler: str = DEFAULT_UPSCALER
     hires_steps: int = 0  # 0: the first pass's
-    hires_strength: float = 0.7
+    hires_strength: float = HIRES_STRENGTH
     hires_sampler: str | None = None  # None: the first pass's sampler and schedule
     hires_schedule: str = AUTOMATIC
     clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
