@@ -131,6 +131,8 @@ def add_picture_options(parser: argparse.ArgumentParser) -> None:
     add("--strength", type=float, metavar="S", help="Image to image: how much to change the input, 0 to 1 (default "
         "0.8)")  # fmt: skip
     add("--mask", type=Path, metavar="FILE", help="With --img: repaint the mask's white part (default: none, img2img)")
+    add("--hires", type=float, metavar="SCALE", help="Hires fix: draw, upscale the latents by SCALE, draw again at "
+        "that size (A1111's, strength 0.7; SD models only; default off)")  # fmt: skip
     add("-b", "--batch", type=int, metavar="N", help="Pictures to make, seeds seed, seed+1...: name.png, name-2.png... "
         "(default 1)")  # fmt: skip
 
@@ -162,6 +164,8 @@ def request_body(args: argparse.Namespace) -> dict:
             body[field] = getattr(args, field)
     if args.batch is not None:
         body["n"] = args.batch
+    if args.hires is not None:
+        body["hires_scale"] = args.hires
     for field, path, what in (("img", args.img, "input image"), ("mask", args.mask, "mask")):
         if path is not None:
             try:

@@ -15,6 +15,7 @@ from api.guard import has_one_owner, is_loopback
 from api.native import Answer, current_engine, current_settings, generation_slot, last_event, read_json_body, respond
 from engine.errors import ImagineError
 from engine.fields import decode_image, integer, rounded_size, text
+from engine.hires import LATENT_UPSCALERS, PICTURE_UPSCALERS, UPSCALERS, wants_hires
 from engine.job import Finished, Job
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
@@ -50,13 +51,20 @@ A1111_FIELD_NAMES = {
     "inpaint_padding": "inpaint_full_res_padding",
     "n": "batch_size",
     "model": "override_settings.sd_model_checkpoint",
+    "hires_scale": "hr_scale",
+    "hires_width": "hr_resize_x",
+    "hires_height": "hr_resize_y",
+    "hires_upscaler": "hr_upscaler",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_strength": "denoising_strength",
+    "hires_sampler": "hr_sampler_name",
+    "hires_schedule": "hr_scheduler",
 }
 
 
 # Features of A1111 that Imagine lacks, and how a request switches each on: they are ignored, logged once,
 # and named in info's imagine_ignored, so that a client sending its full form never fails.
 A1111_UNSUPPORTED = {
-    "enable_hr": lambda value: value is True,
     "restore_faces": lambda value: value is True,
     "tiling": lambda value: value is True,
     "script_name": lambda value: bool(value),
@@ -163,6 +171,10 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         generate_body["model"] = model_name(text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
     if img2img:
         generate_body |= a1111_img2img_fields(body)
+    elif body.get("enable_hr") is True:
+        hires, hires_dropped = a1111_hires_fields(body, sampler)
+        generate_body |= hires
+        dropped += hires_dropped
     req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
     understood = {
         "sampler_name": sampler_name,
@@ -189,6 +201,44 @@ def a1111_img2img_fields(body: dict) -> dict:
         "inpaint_area": "masked" if only_masked not in (False, 0) else "whole",
         "inpaint_padding": body.get("inpaint_full_res_padding"),
     }
+
+
+SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # A1111's words for the first pass's
+
+
+def a1111_hires_fields(body: dict, sampler: str) -> tuple:
+    """(txt2img's hires fix fields as /generate's, those dropped). An upscaler Imagine lacks (a model's) falls back to
+    Latent, A1111's default, so that a client's full form still draws; a second-pass sampler or schedule unknown here
+    falls back to the first pass's. What the second pass cannot take apart from the first (its own prompts, guidance
+    or checkpoint) is dropped. Each is named in imagine_ignored."""
+    upscaler, dropped = body.get("hr_upscaler"), []
+    if upscaler is not None and upscaler not in UPSCALERS:
+        upscaler, dropped = None, ["hr_upscaler"]
+    hires_sampler, schedule = None, None
+    if body.get("hr_sampler_name") not in (None, *SAME):
+        hires_sampler, schedule = split_sampler(str(body["hr_sampler_name"]))
+        dropped += [] if hires_sampler else ["hr_sampler_name"]
+    if body.get("hr_scheduler") not in (None, *SAME) and str(body["hr_scheduler"]).lower() != AUTOMATIC:
+        schedule = schedule_name(str(body["hr_scheduler"]))
+        dropped += [] if schedule else ["hr_scheduler"]
+    if schedule is not None and schedule not in schedules_for(hires_sampler or sampler):
+        schedule = None
+    own = {"hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt", "hr_cfg": "cfg_scale",
+           "hr_distilled_cfg": "distilled_cfg_scale"}  # fmt: skip
+    dropped += [field for field, first in own.items() if body.get(field) not in (None, "", body.get(first))]
+    if body.get("hr_checkpoint_name") not in (None, *SAME):
+        dropped.append("hr_checkpoint_name")
+    fields = {
+        "hires_scale": 2.0 if body.get("hr_scale") is None else body["hr_scale"],
+        "hires_width": body.get("hr_resize_x"),
+        "hires_height": body.get("hr_resize_y"),
+        "hires_upscaler": upscaler,
+        "hires_steps": body.get("hr_second_pass_steps"),
+        "hires_strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
+        "hires_sampler": (hires_sampler or sampler) if hires_sampler or schedule else None,
+        "hires_schedule": schedule,
+    }
+    return fields, dropped
 
 
 def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title: dict) -> dict:
@@ -218,7 +268,7 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "restore_faces": False,
         "sd_model_name": Path(event.model).stem,
         "sd_model_hash": title.get("hash"),
-        "denoising_strength": req.strength if req.img is not None else None,
+        "denoising_strength": req.strength if req.img is not None else req.hires_strength if wants_hires(req) else None,
         "index_of_first_image": 0,
         "infotexts": [parameters for _, parameters in event.pictures],
         "styles": [],
@@ -457,11 +507,17 @@ def embeddings_route():
 @blueprint.get("/upscalers")
 def upscalers_route():
     # SillyTavern takes the first as "None" and puts the latent modes after it.
-    return jsonify([{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}])
+    none = {"model_name": None, "model_path": None, "model_url": None, "scale": 4}
+    return jsonify([{"name": name, **none} for name in PICTURE_UPSCALERS])
+
+
+@blueprint.get("/latent-upscale-modes")
+def latent_upscale_modes_route():
+    return jsonify([{"name": name} for name in LATENT_UPSCALERS])
 
 
 # sd-modules is Forge's list of extra text encoders and VAEs, which SillyTavern 1.19 asks for on every Connect.
-for _name in ("sd-vae", "sd-modules", "latent-upscale-modes", "face-restorers", "prompt-styles", "hypernetworks"):
+for _name in ("sd-vae", "sd-modules", "face-restorers", "prompt-styles", "hypernetworks"):
     blueprint.add_url_rule(f"/{_name}", f"{_name}_route", lambda: jsonify([]))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
+from engine.hires import second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded
 from engine.logs import escaped
@@ -217,6 +218,8 @@ class Engine:
         req = job.request = for_family(job.request, model.family, self.settings.max_size)
         # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
         steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
+        if wants_hires(req):  # the hires fix's second pass follows, at its own size
+            steps += second_pass_steps(req)[1]
         log.info(
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
             req.n, req.width, req.height, steps, req.sampler, req.seed, escaped(model.name),

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from engine.errors import ImagineError
 from engine.files.families import Family
+from engine.hires import DEFAULT_UPSCALER, UPSCALERS, wants_hires
 from engine.samplers import sampler_label, schedule_label, schedules_for, split_sampler
+from engine.schedules import AUTOMATIC
 
 if TYPE_CHECKING:  # engine.request reads pasted data with this module
     from engine.request import GenerationRequest
@@ -45,6 +47,8 @@ def generation_parameters(
     }
     if req.img is not None:
         settings["Denoising strength"] = req.strength
+    if wants_hires(req):
+        settings |= hires_parameters(req)
     if req.mask is not None:
         settings["Mask blur"] = req.mask_blur
         if req.inpaint_area == "masked":
@@ -61,6 +65,24 @@ def generation_parameters(
         settings["Steps"] = cut[0]
         settings["Interrupted"] = f"after step {cut[0]} of {cut[1]}"
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+def hires_parameters(req: "GenerationRequest") -> dict:
+    """The hires fix's settings as A1111 writes them; Size stays the first pass's."""
+    settings = {"Denoising strength": req.hires_strength}
+    if req.hires_width or req.hires_height:
+        settings["Hires resize"] = f"{req.hires_width}x{req.hires_height}"
+    else:
+        scale = 2.0 if req.hires_scale is None else req.hires_scale
+        settings["Hires upscale"] = int(scale) if scale.is_integer() else scale  # "2", as A1111's slider writes it
+    if req.hires_steps:
+        settings["Hires steps"] = req.hires_steps
+    settings["Hires upscaler"] = req.hires_upscaler
+    if req.hires_sampler is not None and req.hires_sampler != req.sampler:
+        settings["Hires sampler"] = sampler_label(req.hires_sampler)
+    if req.hires_schedule != AUTOMATIC and req.hires_schedule != req.schedule:
+        settings["Hires schedule type"] = schedule_label(req.hires_sampler or req.sampler, req.hires_schedule, False)
+    return settings
 
 
 # ---- The settings line, scanned in one pass
@@ -148,6 +170,13 @@ def rng(key: str, value: str) -> str:
     return RNG_NAMES[value.lower()]
 
 
+def hires_resize(key: str, value: str) -> dict:
+    match = re.fullmatch(r"(\d+)x(\d+)", value)
+    if match is None:
+        raise ImagineError(f"parameters: Hires resize must be WIDTHxHEIGHT, not {value!r}", field="parameters")
+    return {"hires_width": int(match[1]), "hires_height": int(match[2])}
+
+
 def inpaint_area(key: str, value: str) -> str:
     if value not in INPAINT_AREAS:
         message = f"parameters: Inpaint area must be Whole picture or Only masked, not {value!r}"
@@ -171,6 +200,12 @@ FIELDS = {
     "Mask blur": ("mask_blur", integer),
     "Inpaint area": ("inpaint_area", inpaint_area),
     "Masked area padding": ("inpaint_padding", integer),
+    "Hires upscale": ("hires_scale", number),
+    "Hires resize": (None, hires_resize),
+    "Hires steps": ("hires_steps", integer),
+    "Hires upscaler": ("hires_upscaler", lambda key, value: value),
+    "Hires sampler": ("hires_sampler", lambda key, value: value),
+    "Hires schedule type": ("hires_schedule", lambda key, value: value),
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}
@@ -236,7 +271,19 @@ def infotext_fields(text: str) -> tuple:
             fields |= converted if field is None else {field: converted}
         elif key not in UNDERSTOOD:
             ignored.append(key)
-    return fields | older_schedule(fields), ignored
+    return fields | older_schedule(fields) | hires_settings(fields, ignored), ignored
+
+
+def hires_settings(fields: dict, ignored: list) -> dict:
+    """A hires picture's Denoising strength is its second pass's; an upscaler Imagine lacks (a model's, such as
+    R-ESRGAN) is A1111's default latent one, its key named among the ignored."""
+    if not any(field.startswith("hires_") for field in fields):
+        return {}
+    hires = {"hires_strength": fields.pop("strength")} if "strength" in fields else {}
+    if fields.get("hires_upscaler", DEFAULT_UPSCALER) not in UPSCALERS:
+        hires["hires_upscaler"] = DEFAULT_UPSCALER
+        ignored.append("Hires upscaler")
+    return hires
 
 
 def names_schedule(text: str) -> bool:

@@ -1,9 +1,13 @@
-"""Generation: one diffusers pipeline call for a request's pictures, txt2img, img2img or inpainting."""
+"""Generation: one diffusers pipeline call for a request's pictures, txt2img, img2img or inpainting; two for the
+hires fix (txt2img, then img2img on its upscaled result)."""
+
+import dataclasses
 
 import torch
 from PIL import Image, ImageFilter
 
 from engine.flow import call_flow, vae_latents
+from engine.hires import LATENT_UPSCALERS, hires_size, second_pass_steps, upscaled, wants_hires
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
 from engine.noise import PictureNoise
@@ -11,6 +15,7 @@ from engine.previews import latents_to_preview, vae_preview
 from engine.prompts import prompt_embeddings
 from engine.request import GenerationRequest
 from engine.samplers import scheduler_for
+from engine.schedules import AUTOMATIC
 
 
 def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> list:
@@ -28,6 +33,8 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
         return inpaint(model, req, on_step, conditioning)
     if model.family.flow:
         return generate_flow(model, req, on_step)
+    if wants_hires(req):
+        return generate_hires(model, req, on_step, conditioning)
     pipe = model.img2img if req.img is not None else model.txt2img
     size_args = (
         {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
@@ -49,7 +56,8 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
     pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
     if isinstance(scheduler, KDiffusionScheduler):
         scheduler.use_noise(noise)
-    if inputs.get("strength", 1.0) < 1.0:  # the pipeline noises the picture through the scheduler's add_noise
+    # img2img noises its picture through the scheduler's add_noise (at any strength), inpainting below strength 1.
+    if inputs.get("strength", 1.0) < 1.0 or pipe is model.img2img:
         scheduler.starting_noise = noise.next()
     else:
         inputs["latents"] = noise.next().to(pipe.unet.dtype)
@@ -73,6 +81,48 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
             callback_on_step_end=step_end,
             **inputs,
         ).images
+
+
+def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
+    """A1111's hires fix (its txt2img sample and sample_hr_pass): txt2img at width x height, the result upscaled
+    (engine/hires.py), then img2img on it at the hires size with a noise drawn afresh from the pictures' seeds at that
+    size, as A1111 draws it. Progress counts both passes' steps as one run; a stop in the first pass skips the second,
+    as A1111's interrupt does, and returns the first pass's pictures."""
+    width, height = hires_size(req)
+    schedule_steps, steps = second_pass_steps(req)
+    own_schedule = req.hires_sampler is not None or req.hires_schedule != AUTOMATIC
+    second = dataclasses.replace(
+        req, width=width, height=height, num_steps=schedule_steps, hires_scale=None, hires_width=0, hires_height=0,
+        sampler=req.hires_sampler or req.sampler, schedule=req.hires_schedule if own_schedule else req.schedule,
+    )  # fmt: skip
+    first_steps = evaluations(model, req, 0)
+    total = first_steps + evaluations(model, second, schedule_steps - steps)
+    stopped = []
+
+    def first_step(step, _, latents):
+        stopped.append(on_step is not None and on_step(step, total, latents))
+        return stopped[-1]
+
+    def second_step(step, _, latents):
+        return on_step is not None and on_step(first_steps + step, total, latents)
+
+    latent = req.hires_upscaler in LATENT_UPSCALERS
+    size = {"width": req.width, "height": req.height, "output_type": "latent" if latent else "pil"}
+    first = call_pipeline(model, model.txt2img, req, first_step, conditioning, **size)
+    if stopped and stopped[-1]:
+        with torch.inference_mode():
+            return [vae_preview(model.txt2img.vae, each[None]) for each in first] if latent else first
+    # The diffusers pipeline runs int(num_steps * strength) steps of its schedule: this strength makes that `steps`.
+    strength = min(1.0, (steps + 0.5) / schedule_steps)
+    image = upscaled(first, req)
+    return call_pipeline(model, model.img2img, second, second_step, conditioning, image=image, strength=strength)
+
+
+def evaluations(model: LoadedModel, req: GenerationRequest, skipped: int) -> int:
+    """The model evaluations a pass of `req` runs when it skips its first `skipped` steps: its pipeline's count."""
+    scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
+    scheduler.set_timesteps(req.num_steps)
+    return len(scheduler.timesteps) - skipped * scheduler.order
 
 
 def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
@@ -155,4 +205,5 @@ def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Ten
         if model.family.flow:
             return vae_preview(vae, vae_latents(model, latents), scaled=False)
         return vae_preview(vae, latents)
-    return latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height), model.family.latent_rgb_bias)
+    size = hires_size(req) if wants_hires(req) else (req.width, req.height)  # both passes' previews at the final size
+    return latents_to_preview(latents, model.family.latent_rgb, size, model.family.latent_rgb_bias)

@@ -11,6 +11,7 @@ from engine import fields
 from engine.errors import ImagineError, named
 from engine.files.families import Family
 from engine.flow import flow_notices
+from engine.hires import DEFAULT_UPSCALER, HIRES_STRENGTH, check_hires, hires_field, hires_fields, wants_hires
 from engine.infotext import with_infotext
 from engine.loras import MAX_LORA_WEIGHT, MAX_LORAS_KEPT, lora_tags
 from engine.noise import MAX_SEED, RNG_SOURCES
@@ -73,6 +74,15 @@ class GenerationRequest:
     inpaint_area: str = "whole"
     inpaint_padding: int = 32
     n: int = 1  # pictures, with seeds seed, seed+1, ...
+    # A1111's hires fix (engine/hires.py): a hires_scale, or a hires_width or hires_height, turns it on.
+    hires_scale: float | None = None
+    hires_width: int = 0  # 0: from the other side and the aspect ratio (both 0: by hires_scale)
+    hires_height: int = 0
+    hires_upscaler: str = DEFAULT_UPSCALER
+    hires_steps: int = 0  # 0: the first pass's
+    hires_strength: float = HIRES_STRENGTH
+    hires_sampler: str | None = None  # None: the first pass's sampler and schedule
+    hires_schedule: str = AUTOMATIC
     clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
     loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
     parameters: str | None = None  # pasted A1111 generation data, which filled the fields the body left out
@@ -119,6 +129,8 @@ def parse_request(
         neg=neg,
         **picture_fields(body, max_size),
         **drawing_fields(body, rng, max_batch),
+        **hires_fields(body, max_size, MAX_STEPS),
+        **hires_sampler(body),
         model=fields.text(body, "model", None, MAX_NAME_CHARS),
         stream=fields.integer(body, "stream", 0, 0, MAX_STEPS),
         preview=one_of(body, "preview", defaults.preview, PREVIEW_MODES),
@@ -130,6 +142,8 @@ def parse_request(
     parse_prompt_attention(parsed.neg, "neg")
     if parsed.img is not None and parsed.num_steps is not None:
         check_steps_left(parsed)
+    if wants_hires(parsed) and parsed.width is not None and parsed.height is not None:
+        check_hires(parsed, max_size)
     return parsed
 
 
@@ -213,24 +227,33 @@ def seed(body: dict, n: int) -> int | None:
     return value
 
 
-def sampler_and_schedule(body: dict) -> tuple:
+def sampler_and_schedule(body: dict, prefix: str = "") -> tuple:
     """The sampler (None: the family's own) and schedule: `sampler` may name a schedule too, as A1111's "DPM++ 2M
-    Karras" does, which must then agree with a `schedule` field given beside it."""
-    text = fields.text(body, "sampler", None)
+    Karras" does, which must then agree with a `schedule` field given beside it. `prefix`: "hires_" for the hires
+    fix's second pass."""
+    sampler_field, schedule_field = f"{prefix}sampler", f"{prefix}schedule"
+    text = fields.text(body, sampler_field, None)
     if text is None:  # the family's sampler, known once the model is: for_family checks the schedule then
-        schedule = fields.text(body, "schedule", None)
-        return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule)
+        schedule = fields.text(body, schedule_field, None)
+        return None, AUTOMATIC if schedule is None else checked_schedule(DEFAULT_SAMPLER, schedule, schedule_field)
     sampler, in_name = split_sampler(text)
     if sampler is None:
-        message = f"{named('sampler')} {text!r} is unknown; choose one of: {', '.join(SAMPLER_NAMES)}"
-        raise ImagineError(message, field="sampler")
-    schedule = checked_schedule(sampler, fields.text(body, "schedule", None))
+        message = f"{named(sampler_field)} {text!r} is unknown; choose one of: {', '.join(SAMPLER_NAMES)}"
+        raise ImagineError(message, field=sampler_field)
+    schedule = checked_schedule(sampler, fields.text(body, schedule_field, None), schedule_field)
     if in_name is not None:
         if schedule not in (AUTOMATIC, in_name):
-            message = f"{named('sampler')} {text!r} names schedule {in_name!r}, but {named('schedule')} is {schedule!r}"
-            raise ImagineError(message, field="schedule")
-        schedule = checked_schedule(sampler, in_name, "sampler")
+            given = f"{named(schedule_field)} is {schedule!r}"
+            message = f"{named(sampler_field)} {text!r} names schedule {in_name!r}, but {given}"
+            raise ImagineError(message, field=schedule_field)
+        schedule = checked_schedule(sampler, in_name, sampler_field)
     return sampler, schedule
+
+
+def hires_sampler(body: dict) -> dict:
+    """The hires fix's second-pass sampler and schedule, where given: as `sampler` and `schedule` are read."""
+    sampler, schedule = sampler_and_schedule(body, "hires_")
+    return {"hires_sampler": sampler, "hires_schedule": schedule}
 
 
 def rng_source(body: dict, default: str) -> str:
@@ -286,7 +309,20 @@ def for_family(req: GenerationRequest, family: Family, max_size: int) -> Generat
         check_chunk_count(filled.neg, "neg")
     if filled.img is not None:
         check_steps_left(filled)
+    if wants_hires(filled):
+        check_hires_for_family(filled, family, max_size)
     return filled
+
+
+def check_hires_for_family(req: GenerationRequest, family: Family, max_size: int) -> None:
+    """The hires fix's second pass is SD's img2img on the first pass's latents: the flow-matching families and the
+    inpainting checkpoints, whose pipelines take no latents to start from, are refused it."""
+    field = hires_field(req)
+    if family.flow or family.unet_channels == 9:
+        kind = family.label if family.flow else "inpainting"
+        message = f"{named(field)}: the hires fix is not supported for {kind} models; draw at the size you want"
+        raise ImagineError(message, field=field)
+    check_hires(req, max_size)
 
 
 def family_guidance(req: GenerationRequest, family: Family) -> float:

@@ -111,7 +111,8 @@ def test_sillytavern_sets_up_switches_waits_for_idle_and_generates_with_its_whol
     assert get("options").ok
     upscalers = [x["name"] for x in get("upscalers").json()]
     assert upscalers[0] == "None"
-    assert [x["name"] for x in get("latent-upscale-modes").json()] == []
+    upscale_modes = [x["name"] for x in get("latent-upscale-modes").json()]
+    assert upscale_modes[0] == "Latent" and "Latent (nearest-exact)" in upscale_modes
     assert [x["model_name"] for x in get("sd-vae").json()] == []
     samplers = [x["name"] for x in get("samplers").json()]
     assert {"Euler a", "DPM++ 2M", "DDIM"} <= set(samplers)
@@ -132,7 +133,7 @@ def test_sillytavern_sets_up_switches_waits_for_idle_and_generates_with_its_whol
         "scheduler": "normal",
         "cfg_scale": 7,
         "restore_faces": False,
-        "enable_hr": False,
+        "enable_hr": True,
         "hr_upscaler": "Latent",
         "hr_scale": 2.0,
         "denoising_strength": 0.7,
@@ -150,9 +151,10 @@ def test_sillytavern_sets_up_switches_waits_for_idle_and_generates_with_its_whol
     answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body, headers=auth)
     assert answer.status_code == 200
     data = answer.json()
-    assert decode_png(data["images"][0]).size == (64, 64)
+    assert decode_png(data["images"][0]).size == (128, 128)  # its hires fix: twice the size
     info = json.loads(data["info"])
     assert info["seed"] == 123 and info["sampler_name"] == "DDIM" and info["clip_skip"] == 2
+    assert "Size: 64x64" in info["infotexts"][0] and "Hires upscale: 2, Hires upscaler: Latent" in info["infotexts"][0]
     # A1111 draws DDIM on its own timesteps whatever the scheduler: so does Imagine, and info says so.
     assert info["sd_model_name"] == "tiny" and info["imagine_ignored"] == ["scheduler"]
     assert info["scheduler"] == "Automatic" and "Sampler: DDIM, Schedule type: Automatic" in info["infotexts"][0]
@@ -173,6 +175,26 @@ def test_librechat_reads_seed_size_and_infotext_and_passes_the_key_in_the_url(se
     wrong = url.replace("http://", "http://user:wrong@")
     assert requests.get(f"{wrong}/sdapi/v1/options").status_code == 401
     assert requests.get(f"{url}/sdapi/v1/options", headers={"Authorization": "Basic "}).status_code == 401
+
+
+# What webuiapi's txt2img sends of the hires fix, its defaults with enable_hr switched on.
+WEBUIAPI_HIRES = {
+    "enable_hr": True, "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2,
+    "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
+    "hr_sampler_name": None, "hr_prompt": "", "hr_negative_prompt": "",
+}  # fmt: skip
+
+
+def test_webuiapi_hires_fix_draws_at_twice_the_size_and_its_png_info_reads_the_hires_settings(server):
+    url, _ = server(model="demo")
+    body = {"prompt": "a cat", "seed": 7, "sampler_name": "Euler a", **SMALL, **WEBUIAPI_HIRES}
+    answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()
+    assert decode_png(answer["images"][0]).size == (128, 128)
+    info = json.loads(answer["info"])
+    assert (info["width"], info["height"], info["imagine_ignored"]) == (128, 128, [])
+    png = requests.post(f"{url}/sdapi/v1/png-info", json={"image": answer["images"][0]}).json()["parameters"]
+    assert (png["Size-1"], png["Hires upscale"], png["Hires upscaler"], png["Denoising strength"]) == (
+        "64", "2", "Latent", "0.7")  # fmt: skip
 
 
 def test_webuiapi_batches_seeds_and_reads_the_pictures_parameters_back(server):
@@ -276,7 +298,6 @@ def test_unknown_and_unsupported_fields_are_no_error_and_switched_on_features_ar
     url, _ = server(model="demo")
     body = {
         "prompt": "a cat",
-        "enable_hr": True,
         "restore_faces": True,
         "alwayson_scripts": {},
         "script_args": [],
@@ -286,7 +307,7 @@ def test_unknown_and_unsupported_fields_are_no_error_and_switched_on_features_ar
     }
     answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body)
     assert answer.status_code == 200
-    assert json.loads(answer.json()["info"])["imagine_ignored"] == ["enable_hr", "restore_faces"]
+    assert json.loads(answer.json()["info"])["imagine_ignored"] == ["restore_faces"]
 
 
 @pytest.mark.parametrize(

@@ -214,3 +214,67 @@ def test_the_other_samplers_and_schedules_draw_a1111s_picture_too(
 @pytest.mark.parametrize("sampler", ["euler a", "dpm++ sde"])
 def test_nv_noise_draws_a1111s_gpu_picture(client32, pipe, k_diffusion, conditioning, sampler):
     assert mean_difference(client32, pipe, k_diffusion, conditioning, sampler, "automatic", 3, rng="nv") < BOUND
+
+
+# ---- The hires fix's second pass, as A1111's sample_hr_pass runs it: the first pass's latents upscaled by "Latent"
+# (bilinear), noised by a noise drawn afresh from the seeds at the new size, then sampled with hr_second_pass_steps
+# steps of a schedule of int(steps / strength) steps (A1111's setup_img2img_steps), from where they are left.
+HIRES_STEPS, HIRES_STRENGTH = 3, 0.5
+
+
+def imagine_hires_pictures(client, sampler, schedule, steps) -> np.ndarray:
+    body = {"hires_scale": 2, "hires_steps": HIRES_STEPS, "hires_strength": HIRES_STRENGTH, "hires_upscaler": "Latent"}
+    answer = client.post("/generate", json={**hires_body(sampler, schedule, steps), **body}).get_json()
+    assert answer["seeds"] == SEEDS, answer
+    return np.stack([pixels(image) for image in answer["images"]]).astype(np.float64)
+
+
+def hires_body(sampler, schedule, steps) -> dict:
+    return {"prompt": PROMPT, "neg": NEG, "width": SIZE, "height": SIZE, "num_steps": steps, "guidance": GUIDANCE,
+            "sampler": sampler, "schedule": schedule, "rng": "cpu", "seed": SEEDS[0], "n": len(SEEDS)}  # fmt: skip
+
+
+def second_pass_sigmas(pipe, sampler, schedule, a1111_fix_steps=True) -> torch.Tensor:
+    """The sigmas A1111's second pass samples on; without its fixed steps, those its img2img tab would take."""
+    options = KSAMPLERS[sampler]
+    resolved = options.schedule if schedule == "automatic" else schedule
+    steps = int(HIRES_STEPS / HIRES_STRENGTH) if a1111_fix_steps else HIRES_STEPS
+    sigmas = sampling_sigmas(resolved, steps, _schedule_of(pipe), discard_penultimate=options.discard_penultimate)
+    return sigmas[steps - HIRES_STEPS :] if a1111_fix_steps else sigmas[steps - int(HIRES_STRENGTH * steps) - 1 :]
+
+
+def reference_hires_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, sigmas) -> np.ndarray:
+    sampling, external = k_diffusion
+    denoise, _ = cfg_denoiser(pipe, external, conditioning)
+    with torch.inference_mode():
+        first = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, "cpu")
+        size = (SIZE * 2 // 8, SIZE * 2 // 8)
+        latents = torch.nn.functional.interpolate(first, size=size, mode="bilinear", antialias=False)
+        noise = PictureNoise("cpu", SEEDS, (4, *size))  # A1111's new ImageRNG for the second pass's shape
+        start = latents + noise.next() * sigmas[0]
+        sampling.torch = TorchWithNoise(noise)
+        try:
+            x = getattr(sampling, K_FUNCTIONS[sampler])(denoise, start, sigmas, disable=True)
+        finally:
+            sampling.torch = torch
+        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+        return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.float64)
+
+
+@pytest.mark.parametrize("sampler, schedule", [("euler a", "automatic"), ("dpm++ 2m", "karras"), ("heun", "automatic")])
+def test_the_hires_fixs_second_pass_draws_a1111s_picture(client32, pipe, k_diffusion, conditioning, sampler, schedule):
+    ours = imagine_hires_pictures(client32, sampler, schedule, 4)
+    sigmas = second_pass_sigmas(pipe, sampler, schedule)
+    reference = reference_hires_pictures(pipe, k_diffusion, conditioning, sampler, schedule, 4, sigmas)
+    difference = float(np.abs(ours - reference).mean())
+    print(f"hires {sampler} / {schedule}: {difference:.4f} of 255")
+    assert difference < BOUND
+
+
+def test_the_hires_comparison_tells_the_img2img_tabs_steps_from_the_second_passs(
+    client32, pipe, k_diffusion, conditioning
+):
+    ours = imagine_hires_pictures(client32, "euler a", "automatic", 4)
+    sigmas = second_pass_sigmas(pipe, "euler a", "automatic", a1111_fix_steps=False)
+    reference = reference_hires_pictures(pipe, k_diffusion, conditioning, "euler a", "automatic", 4, sigmas)
+    assert float(np.abs(ours - reference).mean()) > BOUND

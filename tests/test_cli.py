@@ -117,6 +117,16 @@ def test_img2img_from_a_file_keeps_its_size_and_records_the_strength(live_server
     assert image.info["parameters"].endswith("Size: 96x64, Model: demo, Denoising strength: 0.5, RNG: CPU")
 
 
+def test_hires_draws_again_at_the_scale_and_records_the_hires_settings(live_server, tmp_path):
+    result = run_cli("a red wall", *TINY, "--hires", "1.5", cwd=tmp_path, server=live_server)
+    image = saved_image(result, tmp_path)
+    assert image.size == (96, 96)
+    assert (
+        "Size: 64x64, Model: demo, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent"
+        in (image.info["parameters"])
+    )
+
+
 def test_a_missing_input_image_is_one_line_and_exit_1(live_server, tmp_path):
     result = run_cli("a wall", "--img", "nothing.png", cwd=tmp_path, server=live_server, check=False)
     assert result.returncode == 1

@@ -62,6 +62,13 @@ def test_sdxl_img2img_keeps_the_input_size(tiny_engine):
     assert decode_png(result["img"]).size == (96, 64)
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_sdxl_draws_the_hires_fix_at_the_upscaled_size(tiny_engine, upscaler):
+    fields = {"hires_scale": 1.5, "hires_steps": 1, "hires_upscaler": upscaler}
+    result = answer(tiny_engine, model="xl", width=64, height=64, num_steps=2, **fields)
+    assert decode_png(result["img"]).size == (96, 96) and result["steps"] == 3
+
+
 def test_sdxl_streams_previews_made_with_the_sdxl_latent_factors(tiny_engine):
     client = imagine.create_app(tiny_engine).test_client()
     response = client.post("/generate", json={"prompt": "a cat", **FAST, "model": "xl", "width": 96, "stream": 2})

@@ -111,7 +111,15 @@ def test_parameters_must_be_text():
     assert refusal({"parameters": 5}) == "parameters must be a string, not 5"
 
 
-@pytest.mark.parametrize("fields", [{"sampler": "euler a", "rng": "nv"}, {"sampler": "dpm++ sde", "schedule": "beta"}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sampler": "euler a", "rng": "nv"},
+        {"sampler": "dpm++ sde", "schedule": "beta"},
+        {"sampler": "euler a", "hires_width": 96, "hires_steps": 2, "hires_strength": 0.6, "hires_sampler": "euler",
+         "hires_upscaler": "Nearest"},  # the hires fix's own sampler, a resize and a picture upscaler
+    ],
+)  # fmt: skip
 def test_a_saved_pictures_own_parameters_pasted_back_redraw_it_exactly(client, fields):
     first = client.post("/generate", json={"prompt": "a (red:1.2) boat", "neg": "fog", **FAST, **fields}).get_json()
     text = decode_png(first["img"]).info["parameters"]
@@ -122,9 +130,9 @@ def test_a_saved_pictures_own_parameters_pasted_back_redraw_it_exactly(client, f
 
 
 def test_the_answer_lists_the_keys_that_set_nothing(client):
-    text = "a boat\nSteps: 2, Sampler: Euler, Seed: 3, Size: 64x64, Hires upscale: 2, Version: v1.10.1"
+    text = "a boat\nSteps: 2, Sampler: Euler, Seed: 3, Size: 64x64, Face restoration: CodeFormer, Version: v1.10.1"
     answer = client.post("/generate", json={"parameters": text}).get_json()
-    assert answer["parameters_ignored"] == ["Hires upscale", "Version"]
+    assert answer["parameters_ignored"] == ["Face restoration", "Version"]
 
 
 @pytest.mark.parametrize(
