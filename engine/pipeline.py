@@ -7,7 +7,7 @@ from engine.flow import call_flow, vae_latents
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
 from engine.noise import PictureNoise
-from engine.previews import latents_to_preview, vae_preview
+from engine.previews import latents_to_preview, taesd_preview, vae_preview
 from engine.prompts import prompt_embeddings
 from engine.request import GenerationRequest
 from engine.samplers import scheduler_for
@@ -147,12 +147,15 @@ def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None) -> l
 
 
 @torch.inference_mode()
-def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
-    """A picture of step latents (one picture's): the cheap factor mapping, or with `preview: full` a VAE decode, on
-    the engine's thread (its step callback) under inference mode, as the pipeline's own decode."""
+def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor, decoder=None) -> Image.Image:
+    """A picture of step latents (one picture's): with `preview: full` a VAE decode, else with a TAESD `decoder` (see
+    engine/files/taesd.py: the request's and the folders' choice) its decode, else the cheap factor mapping; on the
+    engine's thread (its step callback) under inference mode, as the pipeline's own decode."""
     if req.preview == "full":
         vae = model.txt2img.vae
         if model.family.flow:
             return vae_preview(vae, vae_latents(model, latents), scaled=False)
         return vae_preview(vae, latents)
+    if decoder is not None:
+        return taesd_preview(decoder, latents)
     return latents_to_preview(latents, model.family.latent_rgb, (req.width, req.height), model.family.latent_rgb_bias)

@@ -111,7 +111,8 @@ def test_the_catalog_names_each_model_and_variant_with_its_licence_size_and_whet
         assert name in models
     dev = models["flux1-dev:bf16"]
     assert dev["license"] == {"name": "FLUX.1 [dev] Non-Commercial License", "non_commercial": True, "gated": True}
-    assert [file["folder"] for file in dev["files"]] == ["diffusion_models", "text_encoders", "text_encoders", "vae"]
+    folders = ["diffusion_models", "text_encoders", "text_encoders", "vae", "vae_approx"]  # and its TAESD decoder
+    assert [file["folder"] for file in dev["files"]] == folders
     assert dev["size"] == sum(file["size"] for file in dev["files"]) and not dev["present"]
     assert sum("taken" in model for model in models.values() if model["name"].startswith("flux2-klein-4b:")) == 1
     pull(client, "dreamshaper-8")
