@@ -31,6 +31,10 @@ log = logging.getLogger("imagine")
 
 PROGRESS_LOG_SECONDS = 10  # a long picture's progress is logged at this pace
 LONG_PICTURE_SECONDS = 300  # a picture estimated longer than this is said to take minutes, in the log and its answer
+# The most of a generation's time its TAESD previews may take: a decode costs about a quarter of an SD1.5 step on a
+# small CPU, so one at every step would make `stream: 1` 1.25 times `stream: 0`; within this share it stays under 1.10
+# (docs/performance.md). A due preview over it is left out, and the next due one is built once the steps caught up.
+TAESD_SHARE = 0.08
 
 
 class Engine:
@@ -260,10 +264,11 @@ class Engine:
 
     def step_reporter(self, job: Job, model, each: list, decoder=None):
         """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's
-        readers asked for (Job.previews_at), with the TAESD `decoder` where there is one; it stops a cancelled job and
-        says when one should finish early."""
+        readers asked for (Job.previews_at), with the TAESD `decoder` where there is one, within TAESD_SHARE of the
+        time; it stops a cancelled job and says when one should finish early."""
         began = time.perf_counter()
         told = [began]  # when the log last told how far it got
+        decoding = [0.0]  # seconds the TAESD previews took so far
 
         def on_step(step, steps, latents):
             if job.cancelled():
@@ -277,9 +282,14 @@ class Engine:
                 told[0] = now
             job.step, job.steps = step, steps
             job.events.put(Progress(step, steps))
-            for index in range(job.previews_at(step, steps)):
+            previews = job.previews_at(step, steps)
+            if decoder is not None and decoding[0] > TAESD_SHARE * (now - began):
+                previews = 0  # over the TAESD previews' share of the time: this step's are left out
+            for index in range(previews):
                 image = preview_image(model, each[index], latents[index : index + 1], decoder)
                 send_preview(job, Preview(step, steps, image, index))
+            if decoder is not None:
+                decoding[0] += time.perf_counter() - now
             return job.stop_early is not None
 
         return on_step

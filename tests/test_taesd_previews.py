@@ -36,6 +36,13 @@ def reference_picture(vae: AutoencoderTiny, latents: torch.Tensor) -> np.ndarray
     return ((decoded + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+@pytest.fixture(autouse=True)
+def every_due_preview(monkeypatch):
+    """TAESD previews at every step they are due, whatever they cost against a step (the share of the time they may
+    take is a cost rule, tested on its own): all the time may go to them, which the time they took is part of."""
+    monkeypatch.setattr(engine.engine, "TAESD_SHARE", 1.0)
+
+
 @pytest.fixture
 def previews_built(monkeypatch) -> list:
     """Records each preview the engine builds from here on, as (the latents it was built from, its picture)."""
@@ -109,6 +116,15 @@ def test_a_decoder_of_the_wrong_channel_count_is_refused_naming_it_and_auto_fall
     assert response.status_code == 422
     message = response.get_json()["error"]
     assert "vae_approx/taesd_decoder.safetensors" in message and "16" in message and str(tmp_path) not in message
+
+
+def test_taesd_previews_over_their_share_of_the_time_are_left_out(make_engine, tmp_path, monkeypatch):
+    write_decoder(tmp_path, tiny_autoencoder(4), "taesd")
+    client = imagine.create_app(make_engine(model="demo")).test_client()
+    monkeypatch.setattr(engine.engine, "TAESD_SHARE", 0.0)  # the first one spends all there is
+    lines = streamed(client, num_steps=4)
+    assert [line.get("step") for line in lines[:-1]] == [1]
+    assert [line.get("step") for line in streamed(client, num_steps=4, preview="fast")[:-1]] == [1, 2, 3]
 
 
 class WritesAFile:
