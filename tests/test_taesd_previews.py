@@ -149,6 +149,16 @@ def test_a_pth_decoder_that_would_run_code_is_refused_and_runs_nothing(make_engi
     assert client.post("/generate", json={**SD_REQUEST, "stream": 0}).status_code == 200  # serving as before
 
 
+def test_a_decoder_file_far_too_large_is_refused_before_it_is_read(make_engine, tmp_path):
+    (tmp_path / "vae_approx").mkdir()
+    with open(tmp_path / "vae_approx" / "taesd_decoder.safetensors", "wb") as file:
+        file.truncate(65 * 2**20)  # sparse: no disk written
+    client = imagine.create_app(make_engine(model="demo")).test_client()
+    response = client.post("/generate", json={**SD_REQUEST, "stream": 0, "preview": "taesd"})
+    assert response.status_code == 422
+    assert "vae_approx/taesd_decoder.safetensors is 65 MB: far too large" in response.get_json()["error"]
+
+
 @pytest.fixture
 def z_image_folder(tmp_path) -> Path:
     """A models folder holding a tiny Z-Image with its parts, and a taef1 decoder (tiny_autoencoder(16, seed=1))."""

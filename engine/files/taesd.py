@@ -25,6 +25,9 @@ TAESD_FOLDERS = ("vae_approx", "VAE-approx")
 DECODER_CHANNELS = {"taesd": 4, "taesdxl": 4, "taef1": 16}  # the latent channels each decoder reads
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WIDTH = 64  # every block of the decoder
+# The largest file read as a decoder: a decoder is 2.5-5 MB, a diffusers folder's whole autoencoder 10 MB; a file far
+# larger is another model's, and is refused before it is read.
+MAX_DECODER_BYTES = 64 * 2**20
 REFUSALS = {
     "missing": "{name} lacks the decoder's tensor {{name}}: a damaged file, or no TAESD decoder",
     "unexpected": "{name} has a tensor {{name}} that no TAESD decoder has",
@@ -102,14 +105,17 @@ def read_decoder_tensors(path: Path) -> dict:
     """The decoder's tensors by their original names: a .safetensors file's, a .pth's read as tensors only (a pickle
     that would run code is refused), or a diffusers folder's decoder renamed; 422 naming the file if it cannot be
     read."""
+    file = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    if file.stat().st_size > MAX_DECODER_BYTES:
+        raise ImagineError(f"{shown(path)} is {file.stat().st_size >> 20} MB: far too large for a TAESD decoder", 422)
     if path.suffix == ".pth":
         refuse_pickles_that_could_run(path.with_suffix(".ckpt"))  # the same pickle, the same guard
     try:
         if path.suffix == ".pth":
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
         else:
-            with safe_open(str(path / DIFFUSERS_WEIGHTS if path.is_dir() else path), framework="pt") as file:
-                tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not iterable)
+            with safe_open(str(file), framework="pt") as opened:
+                tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118 (not iterable)
     except Exception as error:  # a pickle holding more than tensors, a truncated download
         raise ImagineError(f"{shown(path)} cannot be read as tensors ({type(error).__name__})", 422) from None
     if not isinstance(tensors, dict) or not all(isinstance(each, torch.Tensor) for each in tensors.values()):
@@ -173,7 +179,7 @@ class TinyDecoders:
                 raise ImagineError(message + "; use fast or full", field="preview")
             raise ImagineError(
                 f"preview 'taesd' needs {name}_decoder.safetensors (or .pth, or a diffusers folder {name}/) in "
-                f"vae_approx/ of the models folders (imagine --pull fetches it with a model of its family)",
+                "vae_approx/ of the models folders (imagine --pull fetches it with a model of its family)",
                 field="preview",
             )
         version, decoder = self.loaded_decoder(path, name)
