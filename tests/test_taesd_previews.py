@@ -70,7 +70,7 @@ def assert_same_pixels(one: np.ndarray, other: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("form", ["safetensors", "pth", "diffusers folder"])
-def test_sd1_streams_taesd_previews_of_the_predicted_latents_at_full_size(make_engine, tmp_path, previews_built, form):
+def test_sd1_streams_previews_decoded_by_taesd_at_the_pictures_full_size(make_engine, tmp_path, previews_built, form):
     vae = tiny_autoencoder(4)
     write_decoder(tmp_path, vae, "taesd", form)
     client = imagine.create_app(make_engine(model="demo")).test_client()
@@ -169,7 +169,7 @@ def z_image_folder(tmp_path) -> Path:
     return tmp_path
 
 
-def test_z_image_streams_taef1_previews_of_the_predicted_latents_at_full_size(
+def test_z_image_streams_previews_decoded_by_taef1_at_the_pictures_full_size(
     make_engine, tiny_configs, z_image_folder, previews_built
 ):
     client = imagine.create_app(make_engine(model="demo", configs_dir=tiny_configs)).test_client()
