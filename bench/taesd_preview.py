@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from ldm_checkpoint import ldm_state_dict, random_sd15_modules  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import engine.engine  # noqa: E402
 import imagine  # noqa: E402
 from engine.files.families import FAMILIES  # noqa: E402
 from engine.files.taesd import tiny_decoder  # noqa: E402
@@ -82,6 +83,20 @@ def preview_costs(size: int, repeats: int) -> dict:
         }
 
 
+def time_previews(spent: list) -> None:
+    """Adds each preview's build time (its decode, on the engine's thread) to `spent`: the cost the engine's share
+    bounds, which a busy machine's noise does not blur as it blurs whole generations."""
+    build = engine.engine.preview_image
+
+    def timed(*args):
+        started = time.perf_counter()
+        image = build(*args)
+        spent.append(time.perf_counter() - started)
+        return image
+
+    engine.engine.preview_image = timed
+
+
 def generation(client, model: str, size: int, steps: int, stream: int) -> tuple:
     """(one generation's wall time, every line of its answer read; the steps of its previews, TAESD's)."""
     body = {"prompt": "a lighthouse at dusk", "model": model, "width": size, "height": size, "num_steps": steps,
@@ -100,27 +115,31 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     for what, (median, low, high) in preview_costs(args.size, args.decodes).items():
         print(f"| {what} at {args.size}x{args.size} | {median * 1000:.0f} ms ({low * 1000:.0f}-{high * 1000:.0f}) |")
-    engine = imagine.Engine(imagine.Settings(model=model, models_dir=args.workdir))
-    engine.start()
+    imagine_engine = imagine.Engine(imagine.Settings(model=model, models_dir=args.workdir))
+    imagine_engine.start()
     try:
-        client = imagine.create_app(engine).test_client()
+        client = imagine.create_app(imagine_engine).test_client()
         generation(client, model, 64, 2, 1)  # loads the model and the decoder
-        times, previewed = {0: [], 1: []}, []
+        times, previewed, spent = {0: [], 1: []}, [], []
+        time_previews(spent)
         for index in range(args.rounds):
             for stream in (0, 1) if index % 2 == 0 else (1, 0):
+                spent.clear()
                 seconds, steps = generation(client, model, args.size, args.steps, stream)
                 times[stream].append(seconds)
-                previewed += [steps] if stream else []
+                previewed += [(steps, sum(spent) / seconds)] if stream else []
                 print(f"round {index + 1}, stream {stream}: {seconds:.1f} s, previews at {steps}", file=sys.stderr)
     finally:
-        engine.stop()
+        imagine_engine.stop()
     step = statistics.median(times[0]) / args.steps
     ratio = statistics.median(times[1]) / statistics.median(times[0])
     print(f"| a step at {args.size}x{args.size} (stream 0 / steps) | {step:.2f} s |")
     spread = ", ".join(f"{one:.1f}/{zero:.1f} s" for one, zero in zip(times[1], times[0], strict=True))
     print(f"| stream 1 / stream 0, {args.steps} steps, TAESD previews | {ratio:.3f} ({spread}) |")
-    counts = ", ".join(str(len(steps)) for steps in previewed)
+    counts = ", ".join(str(len(steps)) for steps, _ in previewed)
     print(f"| TAESD previews streamed of the {args.steps - 1} due | {counts} |")
+    shares = ", ".join(f"{share:.1%}" for _, share in previewed)
+    print(f"| the previews' own time, of the stream 1 generation's | {shares} |")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ log = logging.getLogger("imagine")
 
 PROGRESS_LOG_SECONDS = 10  # a long picture's progress is logged at this pace
 LONG_PICTURE_SECONDS = 300  # a picture estimated longer than this is said to take minutes, in the log and its answer
-# The most of a generation's time its TAESD previews may take: a decode costs about a quarter of an SD1.5 step on a
-# small CPU, so one at every step would make `stream: 1` 1.25 times `stream: 0`; within this share it stays under 1.10
-# (docs/performance.md). A due preview over it is left out, and the next due one is built once the steps caught up.
+# The most of a generation's time its TAESD previews may take: at 512x512 on 2 CPU cores a decode took 2.3 s beside
+# SD1.5 steps of 12-15 s, and one at every step made `stream: 1` 1.36 times `stream: 0`; within this share their own
+# time adds at most about 1/(1 - 0.08) = 1.09 (docs/performance.md, TAESD previews). A due preview over it is left
+# out, and the next due one is built once the steps have caught up.
 TAESD_SHARE = 0.08
 
 
