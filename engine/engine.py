@@ -15,6 +15,8 @@ import torch
 
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
+from engine.files.folders import model_folders
+from engine.files.taesd import TinyDecoders
 from engine.hires import second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded
@@ -30,6 +32,11 @@ log = logging.getLogger("imagine")
 
 PROGRESS_LOG_SECONDS = 10  # a long picture's progress is logged at this pace
 LONG_PICTURE_SECONDS = 300  # a picture estimated longer than this is said to take minutes, in the log and its answer
+# The most of a generation's time its TAESD previews may take: at 512x512 on 2 CPU cores a decode took 2.3 s beside
+# SD1.5 steps of 12-15 s, and one at every step made `stream: 1` 1.36 times `stream: 0`; within this share their own
+# time adds at most about 1/(1 - 0.08) = 1.09 (docs/performance.md, TAESD previews). A due preview over it is left
+# out, and the next due one is built once the steps have caught up.
+TAESD_SHARE = 0.08
 
 
 class Engine:
@@ -50,6 +57,7 @@ class Engine:
         self.dtype = pick_dtype(settings.fp_prec, self.device)
         self.models = Models(settings, self.device, self.dtype, configs_dir)  # what is loaded
         self.catalog = self.models.catalog  # what is on disk: model names, the listing, families
+        self.tiny_decoders = TinyDecoders(self.device)  # the TAESD decoders previews use, shared by the models
         self.jobs = queue.Queue()
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
@@ -224,6 +232,8 @@ class Engine:
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
             req.n, req.width, req.height, steps, req.sampler, req.seed, escaped(model.name),
         )  # fmt: skip
+        # The TAESD decoder its previews take, if they take one: a request for one that cannot be had ends here.
+        decoder = self.tiny_decoders.for_previews(model_folders(self.settings.models_dir), model.family, req.preview)
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
         prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
@@ -239,7 +249,7 @@ class Engine:
         # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
         # same peak memory (docs/performance.md, Batches).
         each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
-        images = self.generate(model, req, self.step_reporter(job, model, each), conditioning)
+        images = self.generate(model, req, self.step_reporter(job, model, each, decoder), conditioning)
         # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
         cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
         pictures = [
@@ -256,11 +266,13 @@ class Engine:
         )
         return dataclasses.replace(finished, interrupted=cut is not None, notices=req.notices)
 
-    def step_reporter(self, job: Job, model, each: list):
+    def step_reporter(self, job: Job, model, each: list, decoder=None):
         """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's
-        readers asked for (Job.previews_at); it stops a cancelled job and says when one should finish early."""
+        readers asked for (Job.previews_at), with the TAESD `decoder` where there is one, within TAESD_SHARE of the
+        time; it stops a cancelled job and says when one should finish early."""
         began = time.perf_counter()
         told = [began]  # when the log last told how far it got
+        decoding = [0.0]  # seconds the TAESD previews took so far
 
         def on_step(step, steps, latents):
             if job.cancelled():
@@ -274,9 +286,14 @@ class Engine:
                 told[0] = now
             job.step, job.steps = step, steps
             job.events.put(Progress(step, steps))
-            for index in range(job.previews_at(step, steps)):
-                image = preview_image(model, each[index], latents[index : index + 1])
+            previews = job.previews_at(step, steps)
+            if decoder is not None and decoding[0] > TAESD_SHARE * (now - began):
+                previews = 0  # over the TAESD previews' share of the time: this step's are left out
+            for index in range(previews):
+                image = preview_image(model, each[index], latents[index : index + 1], decoder)
                 send_preview(job, Preview(step, steps, image, index))
+            if decoder is not None:
+                decoding[0] += time.perf_counter() - now
             return job.stop_early is not None
 
         return on_step

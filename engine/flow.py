@@ -70,7 +70,7 @@ def flow_scheduler(model, sampler: str, generators: list) -> FlowMatchEulerDiscr
     "euler" as trained, "euler a" adding fresh noise at each step, drawn from each picture's own seed, "dpm++ 2m"
     the second-order multistep solver."""
     if sampler == "dpm++ 2m":
-        return FlowDPMSolver2M.from_config(model.scheduler_config)
+        return keep_flow_predictions(FlowDPMSolver2M.from_config(model.scheduler_config))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         model.scheduler_config, stochastic_sampling=sampler == "euler a"
     )
@@ -82,6 +82,24 @@ def flow_scheduler(model, sampler: str, generators: list) -> FlowMatchEulerDiscr
         return step(*args, **{**kwargs, "generator": generators if len(generators) > 1 else generators[0]})
 
     scheduler.step = seeded_step
+    return keep_flow_predictions(scheduler)
+
+
+def keep_flow_predictions(scheduler):
+    """Makes `scheduler.step` keep each step's prediction of the finished latents in `scheduler.predicted`, as
+    engine/previews.py keep_predictions does for SD: x0 = sample - sigma * velocity, at the sigma the step started
+    from. Previews of it show the picture where the current latents still show mostly noise."""
+    step = scheduler.step
+
+    @functools.wraps(step)
+    def step_and_keep(model_output, timestep, sample, *args, **kwargs):
+        output = step(model_output, timestep, sample, *args, **kwargs)
+        sigma = scheduler.sigmas[scheduler.step_index - 1]  # step() has moved its index on
+        scheduler.predicted = (sample.float() - sigma * model_output.float()).to(sample.dtype)
+        return output
+
+    scheduler.step = step_and_keep
+    scheduler.predicted = None
     return scheduler
 
 
@@ -141,7 +159,10 @@ def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
     size = (req.height, req.width)
 
     def step_end(pipeline, index, timestep, tensors):
-        if on_step is not None and on_step(index + 1, pipeline.num_timesteps, spatial_latents(model, tensors, size)):
+        if on_step is None:
+            return tensors
+        latents = tensors["latents"] if pipe.scheduler.predicted is None else pipe.scheduler.predicted
+        if on_step(index + 1, pipeline.num_timesteps, spatial_latents(model, latents, size)):
             pipeline._interrupt = True  # skips the remaining steps; the latents so far are decoded
         return tensors
 
@@ -159,10 +180,10 @@ def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
         ).images
 
 
-def spatial_latents(model, tensors: dict, size: tuple) -> torch.Tensor:
-    """The step's latents as the VAE's channels on the picture's grid (1/8 of its size), which previews show:
-    FLUX packs them 2x2 into tokens, FLUX.2 normalises them as well; Z-Image keeps them as they are."""
-    latents = tensors["latents"]
+def spatial_latents(model, latents: torch.Tensor, size: tuple) -> torch.Tensor:
+    """A step's latents (as the pipeline packs them) as the VAE's channels on the picture's grid (1/8 of its size),
+    which previews show: FLUX packs them 2x2 into tokens, FLUX.2 normalises them as well; Z-Image keeps them as they
+    are."""
     height, width = size[0] // 8, size[1] // 8
     kind = model.family.transformer
     if kind == "z-image":

@@ -11,7 +11,7 @@ from engine.hires import LATENT_UPSCALERS, hires_size, second_pass_steps, upscal
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
 from engine.noise import PictureNoise
-from engine.previews import latents_to_preview, vae_preview
+from engine.previews import latents_to_preview, taesd_preview, vae_preview
 from engine.prompts import prompt_embeddings
 from engine.request import GenerationRequest
 from engine.samplers import scheduler_for
@@ -197,13 +197,17 @@ def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None) -> l
 
 
 @torch.inference_mode()
-def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor) -> Image.Image:
-    """A picture of step latents (one picture's): the cheap factor mapping, or with `preview: full` a VAE decode, on
-    the engine's thread (its step callback) under inference mode, as the pipeline's own decode."""
+def preview_image(model: LoadedModel, req: GenerationRequest, latents: torch.Tensor, decoder=None) -> Image.Image:
+    """A picture of step latents (one picture's): with `preview: full` a VAE decode, else with a TAESD `decoder` (see
+    engine/files/taesd.py: the request's and the folders' choice) its decode, else the cheap factor mapping; on the
+    engine's thread (its step callback) under inference mode, as the pipeline's own decode."""
     if req.preview == "full":
         vae = model.txt2img.vae
         if model.family.flow:
             return vae_preview(vae, vae_latents(model, latents), scaled=False)
         return vae_preview(vae, latents)
     size = hires_size(req) if wants_hires(req) else (req.width, req.height)  # both passes' previews at the final size
+    if decoder is not None:
+        picture = taesd_preview(decoder, latents)
+        return picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)
     return latents_to_preview(latents, model.family.latent_rgb, size, model.family.latent_rgb_bias)

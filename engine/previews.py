@@ -1,4 +1,5 @@
-"""Pictures of the latents while they form (cheap 4x3 factors, or a full VAE decode) and PNG encoding."""
+"""Pictures of the latents while they form (cheap 4x3 factors, a tiny TAESD decode, or a full VAE decode) and PNG
+encoding."""
 
 import base64
 import functools
@@ -8,7 +9,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-PREVIEW_MODES = ("fast", "full")  # fast: the 4x3 mapping below; full: a VAE decode, costlier than a step
+# auto: a TAESD decode where a decoder that fits the model is present (engine/files/taesd.py), else fast; taesd: one
+# always (refused where none fits); fast: the 4x3 mapping below; full: a VAE decode, costlier than a step.
+PREVIEW_MODES = ("auto", "taesd", "fast", "full")
 
 
 def predicted_clean(scheduler, output) -> torch.Tensor | None:
@@ -47,6 +50,13 @@ def vae_preview(vae, latents: torch.Tensor, scaled: bool = True) -> Image.Image:
     latents = latents.to(vae.dtype) / vae.config.scaling_factor if scaled else latents.to(vae.dtype)
     decoded = vae.decode(latents).sample[0]
     pixels = ((decoded.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+    return Image.fromarray(pixels.cpu().numpy())
+
+
+def taesd_preview(decoder, latents: torch.Tensor) -> Image.Image:
+    """A TAESD decoder's picture of the latents as the sampler sees them (TAESD's scale factor is 1), at full size."""
+    decoded = decoder(latents.to(device=next(decoder.parameters()).device, dtype=torch.float32))[0]
+    pixels = decoded.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
     return Image.fromarray(pixels.cpu().numpy())
 
 

@@ -68,7 +68,7 @@ class GenerationRequest:
     strength: float = 0.8
     stream: int = 0
     prediction: str | None = None  # None: what the model's config says
-    preview: str = "fast"
+    preview: str = "auto"
     mask: Image.Image | None = None  # L, the size of img: white repaints, black keeps
     mask_blur: int = 4
     inpaint_area: str = "whole"

@@ -22,6 +22,7 @@ from hub_server import HubServer
 from huggingface_hub import constants
 from PIL import Image
 from safetensors.torch import save
+from taesd_files import original_layout, tiny_autoencoder
 
 import engine.pull
 import imagine
@@ -64,6 +65,8 @@ def files(sd1_checkpoint, tmp_path_factory) -> dict:
             "flux1_schnell": tensors_file(flux1_tensors(guidance=False)),
             "clip_l": tensors_file(clip_l_tensors()),
             "t5xxl_fp16": tensors_file(t5_tensors()),
+            "taesd_decoder": tensors_file(original_layout(tiny_autoencoder(4))),
+            "taef1_decoder": tensors_file(original_layout(tiny_autoencoder(16))),
         }
     )
 
@@ -113,7 +116,8 @@ def test_the_catalog_names_each_model_and_variant_with_its_licence_size_and_whet
         assert name in models
     dev = models["flux1-dev:bf16"]
     assert dev["license"] == {"name": "FLUX.1 [dev] Non-Commercial License", "non_commercial": True, "gated": True}
-    assert [file["folder"] for file in dev["files"]] == ["diffusion_models", "text_encoders", "text_encoders", "vae"]
+    folders = ["diffusion_models", "text_encoders", "text_encoders", "vae", "vae_approx"]  # and its TAESD decoder
+    assert [file["folder"] for file in dev["files"]] == folders
     assert dev["size"] == sum(file["size"] for file in dev["files"]) and not dev["present"]
     assert sum("taken" in model for model in models.values() if model["name"].startswith("flux2-klein-4b:")) == 1
     pull(client, "dreamshaper-8")
@@ -154,11 +158,13 @@ def test_a_pull_streams_its_progress_then_the_model_draws_by_its_name_in_every_d
     engine, client = server
     lines = pull(client, "dreamshaper-8")
     first, *progress, last = lines
-    size = len(files["dreamshaper_8"])
-    assert (
-        first["status"] == "pulling dreamshaper-8:fp16" and first["total"] == size and "needs about" in first["reason"]
-    )
-    assert first["files"] == [{"file": "checkpoints/dreamshaper_8.safetensors", "size": size, "present": False}]
+    size, decoder = len(files["dreamshaper_8"]), len(files["taesd_decoder"])
+    assert first["status"] == "pulling dreamshaper-8:fp16" and "needs about" in first["reason"]
+    assert first["total"] == size + decoder
+    assert first["files"] == [
+        {"file": "checkpoints/dreamshaper_8.safetensors", "size": size, "present": False},
+        {"file": "vae_approx/taesd_decoder.safetensors", "size": decoder, "present": False},  # its previews'
+    ]
     assert {"status": "downloading", "file": "checkpoints/dreamshaper_8.safetensors", "total": size,
             "completed": size} in progress  # fmt: skip
     assert any(line["status"] == "verifying sha256" for line in progress)
@@ -213,7 +219,11 @@ def test_a_part_two_models_use_is_fetched_once_kept_once_and_kept_when_one_is_re
     assert removed.status_code == 200
     assert removed.get_json() == {
         "model": "z-image-turbo",
-        "removed": ["diffusion_models/z_image_turbo_bf16.safetensors", "vae/ae.safetensors"],
+        "removed": [
+            "diffusion_models/z_image_turbo_bf16.safetensors",
+            "vae/ae.safetensors",
+            "vae_approx/taef1_decoder.safetensors",  # klein's previews take none
+        ],
         "kept": ["text_encoders/qwen_3_4b.safetensors"],
     }
     assert (engine.settings.models_dir / "text_encoders" / "qwen_3_4b.safetensors").is_file()
@@ -438,7 +448,9 @@ def test_the_cli_pulls_on_the_running_server_lists_the_catalog_and_removes(serve
     listed = run_cli("--list", cwd=tmp_path, server=url).stdout
     assert "\ndreamshaper-8 " in listed
     removed = run_cli("--rm", "dreamshaper-8", cwd=tmp_path, server=url)
-    assert removed.returncode == 0 and removed.stdout == "removed checkpoints/dreamshaper_8.safetensors\n"
+    assert removed.returncode == 0 and removed.stdout == (
+        "removed checkpoints/dreamshaper_8.safetensors, vae_approx/taesd_decoder.safetensors\n"
+    )
 
 
 def test_the_cli_with_no_server_pulls_into_the_local_models_folder(cli, hub, tmp_path, monkeypatch, capsys):

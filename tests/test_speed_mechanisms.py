@@ -65,10 +65,12 @@ def test_full_and_fast_previews_show_different_pictures_of_the_same_run(client):
 
 
 @pytest.mark.parametrize("value", ["FULL", "vae", 1])
-def test_preview_must_be_fast_or_full(client, value):
+def test_preview_must_be_auto_taesd_fast_or_full(client, value):
     response = client.post("/generate", json={"prompt": "x", "preview": value})
     assert response.status_code == 400
-    assert "preview" in response.get_json()["error"] and str(value) in response.get_json()["error"]
+    message = response.get_json()["error"]
+    assert "preview" in message and str(value) in message
+    assert "auto, taesd, fast, full" in message or "must be a string" in message
 
 
 def preview_correlations(model, sampler, monkeypatch):

@@ -12,6 +12,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 DREAMSHAPER = "checkpoints/dreamshaper_8.safetensors"
+TAESD = "vae_approx/taesd_decoder.safetensors"  # dreamshaper-8's previews' decoder, which the pull brings with it
 # Every status the panel says, and whether all its buttons were disabled as it said it, in window.said.
 RECORD_STATUS = """window.said = [];
 new MutationObserver(() => window.said.push([document.getElementById('models-status').textContent,
@@ -107,7 +108,11 @@ def test_pull_shows_each_files_progress_then_success_and_the_model_menu_offers_a
     assert said[1] == [f"pulling dreamshaper-8:fp16: {megabytes} MB to fetch", True]
     assert [f"downloading {DREAMSHAPER}", True] in said and [f"verifying sha256 {DREAMSHAPER}", True] in said
     assert said[-1][0] == "success: dreamshaper-8 is in the model menu"
-    assert element(browser, "pull-files").text == f"{DREAMSHAPER}: verifying sha256, {megabytes} of {megabytes} MB"
+    small = f"{len(files['taesd_decoder']) / 2**20:.1f}"
+    assert element(browser, "pull-files").text == (
+        f"{DREAMSHAPER}: verifying sha256, {megabytes} of {megabytes} MB\n"
+        f"{TAESD}: verifying sha256, {small} of {small} MB"
+    )
     bar = browser.find_element(By.CSS_SELECTOR, "#pull-files progress")
     assert bar.get_attribute("aria-label") == DREAMSHAPER and bar.get_attribute("value") == bar.get_attribute("max")
     assert (models / DREAMSHAPER).read_bytes() == files["dreamshaper_8"]
@@ -128,7 +133,7 @@ def test_delete_asks_first_then_removes_the_model_from_the_disk_the_panel_and_th
     press(browser, "Delete dreamshaper-8")
     browser.switch_to.alert.accept()
     wait_until(lambda: status(browser).startswith("removed"), "the page says what it removed")
-    assert status(browser) == f"removed dreamshaper-8: {DREAMSHAPER}"
+    assert status(browser) == f"removed dreamshaper-8: {DREAMSHAPER}, {TAESD}"
     assert not (models / DREAMSHAPER).exists()
     wait_until(lambda: "dreamshaper-8" not in model_menu(browser), "the menu leaves the model out")
     assert element(browser, "model").get_attribute("value") == "demo"

@@ -1,6 +1,7 @@
 """Where a file fetched from a URL goes in a models folder, from what its header holds (ComfyUI's sub-folders:
-checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, embeddings/), or why Imagine will not keep it: a web
-page where a file was expected, a pickle, a GGUF file of no diffusion model it draws, a file of no model it loads."""
+checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, embeddings/, vae_approx/), or why Imagine will not keep
+it: a web page where a file was expected, a pickle, a GGUF file of no diffusion model it draws, a file of no model it
+loads."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from engine.files.families import FAMILY_KEY_PREFIXES
 from engine.files.gguf_files import read_gguf_header
 from engine.files.headers import read_header
 from engine.files.scaled_fp8 import refuse_block_scaled
+from engine.files.taesd import is_taesd_decoder
 from engine.files.text_encoders import recognise_text_encoders
 from engine.files.vaes import recognise_vae
 
@@ -70,4 +72,6 @@ def header_folder(header: dict, name: str) -> str:
         return "text_encoders"
     if recognise_vae(header) is not None:
         return "vae"
+    if is_taesd_decoder(names):
+        return "vae_approx"
     raise ImagineError(f"{name!r} holds no model, part, LoRA or embedding that Imagine can load", 422)
