@@ -49,6 +49,16 @@ def number(body: dict, field: str, default, low: float, high: float):
     return float(in_range(field, value_of(body, field, (int, float), "a number"), low, high))
 
 
+def boolean(body: dict, field: str, default: bool) -> bool:
+    """true or false, or `default` where the field is left out or null."""
+    if body.get(field) is None:
+        return default
+    value = body[field]
+    if not isinstance(value, bool):
+        raise ImagineError(f"{named(field)} must be true or false, not {json.dumps(value)[:80]}", field=field)
+    return value
+
+
 def text(body: dict, field: str, default, max_chars: int | None = None):
     """A string of at most `max_chars` characters, valid Unicode, or `default` where the field is left out or null."""
     if body.get(field) is None:
