@@ -18,7 +18,7 @@ from engine.errors import ImagineError
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, due
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
-from engine.request import GenerationRequest, parse_request, picture_seeds
+from engine.request import GenerationRequest, parse_request
 from engine.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, schedules_for
 from engine.schedules import LABELS, SCHEDULE_NAMES
 from engine.settings import Settings
@@ -249,7 +249,8 @@ def to_lines(job: Job, event) -> list:
     """The NDJSON lines of one event: a preview every `stream` steps, then the finished picture."""
     if isinstance(event, Preview) and due(event.step, event.steps, job.request.stream):
         step = {"step": event.step, "steps": event.steps, "index": event.index}
-        return [ndjson({"img": event.png, **step, "seed": picture_seeds(job.request)[event.index][0], "done": False})]
+        seed = job.request.seed + (0 if job.request.variation_strength else event.index)  # a variation batch keeps it
+        return [ndjson({"img": event.png, **step, "seed": seed, "done": False})]
     if isinstance(event, Finished):
         return [ndjson({**to_whole(job, event), "done": True})]
     return []

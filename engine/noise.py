@@ -1,5 +1,6 @@
 """Noise sources for a picture's seed, as AUTOMATIC1111 draws them: torch's CPU generator ("CPU") or the numbers
-torch.randn gives on an NVIDIA GPU ("GPU"/"NV"), recomputed here with Philox 4x32-10 so they come out on any device.
+torch.randn gives on an NVIDIA GPU ("GPU"/"NV"), recomputed here with Philox 4x32-10 so they come out on any device;
+and a batch's noise from them, with A1111's variation seeds (slerp) and "Resize seed from".
 """
 
 import contextlib

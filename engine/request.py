@@ -209,15 +209,16 @@ def one_of(body: dict, field: str, default: str, choices: tuple) -> str:
 def seed_fields(body: dict, n: int, max_size: int) -> dict:
     """The seed, the variation seed and its strength, and the size the seed's noise is drawn at."""
     strength = fields.number(body, "variation_strength", 0.0, 0.0, 1.0)
-    width = fields.size(body, "seed_resize_from_width", None, max_size)
-    height = fields.size(body, "seed_resize_from_height", None, max_size)
+    # A1111 draws the seed's noise at any size down to one latent pixel (8 pixels)
+    width = fields.size(body, "seed_resize_from_width", None, max_size, 8)
+    height = fields.size(body, "seed_resize_from_height", None, max_size, 8)
     if (width is None) != (height is None):
         given, missing = ("width", "height") if height is None else ("height", "width")
         message = f"{named('seed_resize_from_' + given)} needs {named('seed_resize_from_' + missing)} beside it"
         raise ImagineError(message, field=f"seed_resize_from_{missing}")
     return {
         "seed": seed(body, "seed", 1 if strength else n),  # with variation seeds, a batch keeps its seed
-        "variation_seed": seed(body, "variation_seed", n),
+        "variation_seed": seed(body, "variation_seed", n if strength else 1),
         "variation_strength": strength,
         "seed_resize_from_width": width,
         "seed_resize_from_height": height,
