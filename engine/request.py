@@ -35,6 +35,9 @@ MAX_GUIDANCE = 30.0
 RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as A1111 draws them; any 64-bit seed is accepted
 
 
+SEED_RESIZE_MIN = 16  # the smallest "Resize seed from" width or height: 2 latent pixels
+
+
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
 
 
@@ -209,9 +212,10 @@ def one_of(body: dict, field: str, default: str, choices: tuple) -> str:
 def seed_fields(body: dict, n: int, max_size: int) -> dict:
     """The seed, the variation seed and its strength, and the size the seed's noise is drawn at."""
     strength = fields.number(body, "variation_strength", 0.0, 0.0, 1.0)
-    # A1111 draws the seed's noise at any size down to one latent pixel (8 pixels)
-    width = fields.size(body, "seed_resize_from_width", None, max_size, 8)
-    height = fields.size(body, "seed_resize_from_height", None, max_size, 8)
+    # Down to 2 latent pixels, below A1111's picture sizes: slerp's angles run down a column, which one row would
+    # make 0 or 180 degrees, dividing by a sine of 0 into a noise of NaNs.
+    width = fields.size(body, "seed_resize_from_width", None, max_size, SEED_RESIZE_MIN)
+    height = fields.size(body, "seed_resize_from_height", None, max_size, SEED_RESIZE_MIN)
     if (width is None) != (height is None):
         given, missing = ("width", "height") if height is None else ("height", "width")
         message = f"{named('seed_resize_from_' + given)} needs {named('seed_resize_from_' + missing)} beside it"

@@ -100,6 +100,7 @@ def test_tiling_is_for_its_request_alone_and_for_every_picture_of_a_batch(client
         ({"variation_seed": 2**64}, "variation_seed", "variation_seed must be between 0 and"),
         ({"seed_resize_from_width": 512}, "seed_resize_from_height", "needs seed_resize_from_height beside it"),
         ({"seed_resize_from_width": 500, "seed_resize_from_height": 512}, "seed_resize_from_width", "multiple of 8"),
+        ({"seed_resize_from_width": 64, "seed_resize_from_height": 8}, "seed_resize_from_height", "between 16 and"),
         ({"tiling": "yes"}, "tiling", 'tiling must be true or false, not "yes"'),
     ],
 )
