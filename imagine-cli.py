@@ -125,6 +125,11 @@ def add_picture_options(parser: argparse.ArgumentParser) -> None:
     add("-g", "--guidance", type=float, help="Guidance scale (default: the model's: 7.0 for SD, 3.5 for FLUX.1-dev)")
     add("-s", "--sampler", help=f"Sampler, in any case (default: DPM++ 2M for SD, Euler for FLUX): {SAMPLER_NAMES}")
     add("--seed", type=int, help="Seed, 0 to 2**64-1 (default, or -1: random; the seed used is printed on stderr)")
+    add("--variation_seed", type=int, metavar="SEED", help="A second seed whose noise is blended in, A1111's variation "
+        "seed (default, or -1: random); a batch counts it up: SEED, SEED+1...")  # fmt: skip
+    add("--variation_strength", type=float, metavar="S", help="How far towards the variation seed's picture, 0 to 1 "
+        "(default 0: off)")  # fmt: skip
+    add("--tiling", action="store_true", help="A seamless picture, one that tiles (SD models; default off)")
     add("--neg", help="Negative prompt (default none)")
     add("--stream", type=int, help="Stream steps samples to output image: rewrite it every N steps (default off)")
     add("--img", type=Path, metavar="FILE", help="Input image: turns on image to image")
@@ -159,9 +164,12 @@ def add_mode_options(parser: argparse.ArgumentParser) -> None:
 def request_body(args: argparse.Namespace) -> dict:
     """The /generate body: the prompt and the fields given; the server's defaults fill in the rest."""
     body = {"prompt": " ".join(args.prompt)}
-    for field in ("model", "width", "height", "num_steps", "guidance", "sampler", "seed", "neg", "strength"):
+    fields = ("model", "width", "height", "num_steps", "guidance", "sampler", "seed", "neg", "strength")
+    for field in (*fields, "variation_seed", "variation_strength"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
+    if args.tiling:
+        body["tiling"] = True
     if args.batch is not None:
         body["n"] = args.batch
     if args.hires is not None:

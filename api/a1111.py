@@ -19,7 +19,7 @@ from engine.hires import LATENT_UPSCALERS, PICTURE_UPSCALERS, UPSCALERS, wants_h
 from engine.job import Finished, Job
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
-from engine.request import MAX_NAME_CHARS, parse_request
+from engine.request import MAX_NAME_CHARS, parse_request, picture_seeds
 from engine.samplers import SAMPLER_NAMES, sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC, LABELS, SCHEDULE_NAMES, SCHEDULES, schedule_name
 from engine.settings import Settings
@@ -50,6 +50,10 @@ A1111_FIELD_NAMES = {
     "img": "init_images[0]",
     "inpaint_padding": "inpaint_full_res_padding",
     "n": "batch_size",
+    "variation_seed": "subseed",
+    "variation_strength": "subseed_strength",
+    "seed_resize_from_width": "seed_resize_from_w",
+    "seed_resize_from_height": "seed_resize_from_h",
     "model": "override_settings.sd_model_checkpoint",
     "hires_scale": "hr_scale",
     "hires_width": "hr_resize_x",
@@ -66,11 +70,9 @@ A1111_FIELD_NAMES = {
 # and named in info's imagine_ignored, so that a client sending its full form never fails.
 A1111_UNSUPPORTED = {
     "restore_faces": lambda value: value is True,
-    "tiling": lambda value: value is True,
     "script_name": lambda value: bool(value),
     "alwayson_scripts": lambda value: bool(value),
     "styles": lambda value: bool(value),
-    "subseed_strength": lambda value: bool(value),
     "refiner_checkpoint": lambda value: bool(value),
 }
 
@@ -164,8 +166,10 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         "schedule": schedule,
         "rng": a1111_rng(overrides),
         "seed": body.get("seed"),
+        **a1111_variation(body),
         "n": batch_size * n_iter,
         "clip_skip": clip_skip,
+        "tiling": body.get("tiling"),
     }
     if overrides.get("sd_model_checkpoint"):
         generate_body["model"] = model_name(text(overrides, "sd_model_checkpoint", None, MAX_NAME_CHARS))
@@ -185,6 +189,19 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
         "ignored": a1111_ignored(body) + dropped,
     }
     return req, understood
+
+
+def a1111_variation(body: dict) -> dict:
+    """The variation seed fields: A1111 sends subseed -1 (random) and a strength of 0 when they are off, and a seed
+    resize size of 0 or -1 when it is."""
+    resize = [body.get(field) for field in ("seed_resize_from_w", "seed_resize_from_h")]
+    off = any(isinstance(value, int) and not isinstance(value, bool) and value <= 0 for value in resize)
+    return {
+        "variation_seed": body.get("subseed") if body.get("subseed_strength") else None,
+        "variation_strength": body.get("subseed_strength"),
+        "seed_resize_from_width": None if off else rounded_size(resize[0]),
+        "seed_resize_from_height": None if off else rounded_size(resize[1]),
+    }
 
 
 def a1111_img2img_fields(body: dict) -> dict:
@@ -254,9 +271,7 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "all_negative_prompts": [req.neg] * len(seeds),
         "seed": event.seed,
         "all_seeds": seeds,
-        "subseed": event.seed,
-        "all_subseeds": seeds,
-        "subseed_strength": 0,
+        **a1111_subseeds(req, seeds),
         "width": event.image.width,
         "height": event.image.height,
         "sampler_name": understood["sampler_name"],
@@ -294,6 +309,19 @@ def a1111_answer(body: dict, event: Finished, job: Job, understood: dict, title:
         "denoising_strength": info["denoising_strength"],
     }
     return {"images": images if understood["send_images"] else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+def a1111_subseeds(req, seeds: list) -> dict:
+    """The variation seeds as A1111's info reports them; without them, the seeds (A1111 would draw unused ones)."""
+    subseeds = [variation_seed for _, variation_seed in picture_seeds(req)] if req.variation_strength else seeds
+    resize = (req.seed_resize_from_width, req.seed_resize_from_height)
+    return {
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": req.variation_strength,
+        "seed_resize_from_w": -1 if resize[0] is None else resize[0],
+        "seed_resize_from_h": -1 if resize[1] is None else resize[1],
+    }
 
 
 def a1111_guidance(req, family) -> dict:

@@ -249,7 +249,8 @@ def to_lines(job: Job, event) -> list:
     """The NDJSON lines of one event: a preview every `stream` steps, then the finished picture."""
     if isinstance(event, Preview) and due(event.step, event.steps, job.request.stream):
         step = {"step": event.step, "steps": event.steps, "index": event.index}
-        return [ndjson({"img": event.png, **step, "seed": job.request.seed + event.index, "done": False})]
+        seed = job.request.seed + (0 if job.request.variation_strength else event.index)  # a variation batch keeps it
+        return [ndjson({"img": event.png, **step, "seed": seed, "done": False})]
     if isinstance(event, Finished):
         return [ndjson({**to_whole(job, event), "done": True})]
     return []

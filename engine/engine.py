@@ -25,7 +25,7 @@ from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use
 from engine.models import Models, cancel_check
 from engine.pipeline import generate, preview_image
 from engine.prompts import prompt_embeddings
-from engine.request import RANDOM_SEEDS, GenerationRequest, for_family
+from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, picture_seeds
 from engine.settings import CONFIGS_DIR, Settings
 
 log = logging.getLogger("imagine")
@@ -83,7 +83,9 @@ class Engine:
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         if req.seed is None:
-            job.request = dataclasses.replace(req, seed=secrets.randbelow(RANDOM_SEEDS))
+            job.request = dataclasses.replace(job.request, seed=secrets.randbelow(RANDOM_SEEDS))
+        if req.variation_strength and req.variation_seed is None:
+            job.request = dataclasses.replace(job.request, variation_seed=secrets.randbelow(RANDOM_SEEDS))
         return self.queue(job)
 
     def for_model(self, req: GenerationRequest, key: str) -> GenerationRequest:
@@ -248,7 +250,10 @@ class Engine:
         job.events.put(Started())
         # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
         # same peak memory (docs/performance.md, Batches).
-        each = [dataclasses.replace(req, seed=req.seed + index, n=1) for index in range(req.n)]
+        each = [
+            dataclasses.replace(req, seed=seed, variation_seed=variation_seed, n=1)
+            for seed, variation_seed in picture_seeds(req)
+        ]
         images = self.generate(model, req, self.step_reporter(job, model, each, decoder), conditioning)
         # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
         cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
@@ -259,7 +264,7 @@ class Engine:
         seconds = time.perf_counter() - started
         self.last_seconds = seconds
         log.info("generated in %.1f s (seed %d)", seconds, req.seed)
-        seeds = [req.seed + index for index in range(len(pictures))]
+        seeds = [picture.seed for picture in each]
         image, parameters = pictures[0]
         finished = Finished(
             image, parameters, req.seed, model.name, model.family, job.step, round(seconds, 3), pictures, seeds

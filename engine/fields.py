@@ -49,6 +49,16 @@ def number(body: dict, field: str, default, low: float, high: float):
     return float(in_range(field, value_of(body, field, (int, float), "a number"), low, high))
 
 
+def boolean(body: dict, field: str, default: bool) -> bool:
+    """true or false, or `default` where the field is left out or null."""
+    if body.get(field) is None:
+        return default
+    value = body[field]
+    if not isinstance(value, bool):
+        raise ImagineError(f"{named(field)} must be true or false, not {json.dumps(value)[:80]}", field=field)
+    return value
+
+
 def text(body: dict, field: str, default, max_chars: int | None = None):
     """A string of at most `max_chars` characters, valid Unicode, or `default` where the field is left out or null."""
     if body.get(field) is None:
@@ -66,9 +76,9 @@ def text(body: dict, field: str, default, max_chars: int | None = None):
     return value
 
 
-def size(body: dict, field: str, default, max_size: int):
-    """A width or height: a multiple of 8 (the latents are 1/8 of the picture) from MIN_SIZE to `max_size`."""
-    value = integer(body, field, default, MIN_SIZE, max_size)
+def size(body: dict, field: str, default, max_size: int, min_size: int = MIN_SIZE):
+    """A width or height: a multiple of 8 (the latents are 1/8 of the picture) from `min_size` to `max_size`."""
+    value = integer(body, field, default, min_size, max_size)
     if value is not None and value % 8:
         raise ImagineError(f"{named(field)} must be a multiple of 8, not {value}", field=field)
     return value

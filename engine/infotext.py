@@ -44,6 +44,7 @@ def generation_parameters(
         "Seed": req.seed,
         "Size": f"{req.width}x{req.height}",
         "Model": model_name,
+        **variation_settings(req),
     }
     if req.img is not None:
         settings["Denoising strength"] = req.strength
@@ -58,6 +59,8 @@ def generation_parameters(
         settings["Clip skip"] = req.clip_skip
     if req.rng != "gpu":  # A1111 names its RNG only where it is not its default, the GPU's
         settings["RNG"] = req.rng.upper()
+    if req.tiling:
+        settings["Tiling"] = "True"
     if lora_hashes:  # quoted as JSON, as A1111 writes a value holding commas or colons
         hashes = ", ".join(f"{name}: {short}" for name, short in lora_hashes.items())
         settings["Lora hashes"] = json.dumps(hashes, ensure_ascii=False)
@@ -82,6 +85,18 @@ def hires_parameters(req: "GenerationRequest") -> dict:
         settings["Hires sampler"] = sampler_label(req.hires_sampler)
     if req.hires_schedule != AUTOMATIC and req.hires_schedule != req.schedule:
         settings["Hires schedule type"] = schedule_label(req.hires_sampler or req.sampler, req.hires_schedule, False)
+    return settings
+
+
+def variation_settings(req: "GenerationRequest") -> dict:
+    """The variation seed and the size the seed's noise was drawn at, written only where they are used, as A1111
+    writes them."""
+    settings = {}
+    if req.variation_strength:
+        settings["Variation seed"] = req.variation_seed
+        settings["Variation seed strength"] = req.variation_strength
+    if req.seed_resize_from_width is not None:
+        settings["Seed resize from"] = f"{req.seed_resize_from_width}x{req.seed_resize_from_height}"
     return settings
 
 
@@ -160,8 +175,19 @@ def number(key: str, value: str) -> float:
 def size(key: str, value: str) -> dict:
     match = re.fullmatch(r"(\d+)x(\d+)", value)
     if match is None:
-        raise ImagineError(f"parameters: Size must be WIDTHxHEIGHT, not {value!r}", field="parameters")
+        raise ImagineError(f"parameters: {key} must be WIDTHxHEIGHT, not {value!r}", field="parameters")
     return {"width": int(match[1]), "height": int(match[2])}
+
+
+def seed_resize(key: str, value: str) -> dict:
+    width_height = size(key, value)
+    return {"seed_resize_from_width": width_height["width"], "seed_resize_from_height": width_height["height"]}
+
+
+def truth(key: str, value: str) -> bool:
+    if value not in ("True", "False"):
+        raise ImagineError(f"parameters: {key} must be True or False, not {value!r}", field="parameters")
+    return value == "True"
 
 
 def rng(key: str, value: str) -> str:
@@ -184,7 +210,7 @@ def inpaint_area(key: str, value: str) -> str:
     return INPAINT_AREAS[value]
 
 
-# A1111's key -> (our field, how its text becomes the value); "Size" sets two fields.
+# A1111's key -> (our field, how its text becomes the value); "Size" and "Seed resize from" set two fields.
 FIELDS = {
     "Steps": ("num_steps", integer),
     "Sampler": ("sampler", lambda key, value: value),
@@ -193,6 +219,10 @@ FIELDS = {
     "Distilled CFG Scale": ("distilled_guidance", number),  # Forge's, for FLUX.1-dev: see GenerationRequest
     "Seed": ("seed", integer),
     "Size": (None, size),
+    "Variation seed": ("variation_seed", integer),
+    "Variation seed strength": ("variation_strength", number),
+    "Seed resize from": (None, seed_resize),
+    "Tiling": ("tiling", truth),
     "Clip skip": ("clip_skip", integer),
     "Model": ("model", lambda key, value: value),
     "RNG": ("rng", rng),

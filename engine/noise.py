@@ -1,8 +1,10 @@
 """Noise sources for a picture's seed, as AUTOMATIC1111 draws them: torch's CPU generator ("CPU") or the numbers
-torch.randn gives on an NVIDIA GPU ("GPU"/"NV"), recomputed here with Philox 4x32-10 so they come out on any device.
+torch.randn gives on an NVIDIA GPU ("GPU"/"NV"), recomputed here with Philox 4x32-10 so they come out on any device;
+and a batch's noise from them, with A1111's variation seeds (slerp) and "Resize seed from".
 """
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -98,23 +100,87 @@ class PictureNoise:
 
     The first `next()` is the starting noise; each later one is a sampler's extra noise for a step (ancestral and
     SDE samplers), drawn from the same generators in turn. `delta` is A1111's "Eta noise seed delta" (ENSD): when set,
-    the extra noise comes from generators for seed + delta instead.
+    the extra noise comes from generators for seed + delta instead. `variation` (a Variation) blends a second seed's
+    noise into the starting noise and may draw it at another size first, as A1111's variation seeds do.
     """
 
-    def __init__(self, rng: str, seeds: list, shape: tuple, delta: int = 0):
+    def __init__(self, rng: str, seeds: list, shape: tuple, delta: int = 0, variation: "Variation | None" = None):
         self.rng, self.seeds, self.shape, self.delta = rng, list(seeds), tuple(shape), delta
+        self.variation = variation or Variation()
         self.generators = [make_generator(rng, seed) for seed in self.seeds]
         self.started = False
 
     def next(self) -> torch.Tensor:
-        noise = torch.stack([generator.randn(self.shape) for generator in self.generators])
-        if not self.started:
-            self.started = True
-            if self.delta:
-                self.generators = [
-                    make_generator(self.rng, (seed + self.delta) % (MAX_SEED + 1)) for seed in self.seeds
-                ]
+        if self.started:
+            return torch.stack([generator.randn(self.shape) for generator in self.generators])
+        self.started = True
+        noise = torch.stack([self.starting(index) for index in range(len(self.seeds))])
+        if self.delta:
+            self.generators = [make_generator(self.rng, (seed + self.delta) % (MAX_SEED + 1)) for seed in self.seeds]
         return noise
+
+    def starting(self, index: int) -> torch.Tensor:
+        """Picture `index`'s starting noise. Its generator draws the full-size noise first whatever else is drawn, so
+        its step noise continues from the same place; the other draws come from fresh generators of their seeds."""
+        noise = self.generators[index].randn(self.shape)
+        variation, seed = self.variation, self.seeds[index]
+        drawn_shape = self.shape if variation.resize_from is None else variation.latent_shape(self.shape[0])
+        blended = noise if drawn_shape == self.shape else make_generator(self.rng, seed).randn(drawn_shape)
+        if variation.strength:
+            other = make_generator(self.rng, variation.seeds[index]).randn(drawn_shape)
+            blended = slerp(variation.strength, blended, other)
+        return blended if drawn_shape == self.shape else centred_paste(blended, noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variation:
+    """A1111's variation seeds: each picture's starting noise is its seed's slerped `strength` of the way (0 to 1)
+    towards its variation seed's; with `resize_from` (width, height), both are drawn at that picture size and pasted
+    into the middle of the seed's noise at the size drawn, so a picture keeps its look at another size."""
+
+    seeds: tuple = ()  # one per picture
+    strength: float = 0.0
+    resize_from: tuple | None = None
+
+    def latent_shape(self, channels: int) -> tuple:
+        width, height = self.resize_from
+        return channels, height // 8, width // 8
+
+
+def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical blend of two noises (channels, height, width), `strength` of the way from `low` to `high`.
+    As A1111 computes it, the angle is taken per channel and column (the norms run down dim 1), and where the two
+    are almost parallel on average it falls back to a straight blend whose weights are the other way round: copied
+    as it is, since it decides which picture a seed draws."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    cosine = (low_unit * high_unit).sum(1)
+    if cosine.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    angle = torch.acos(cosine)
+    sine = torch.sin(angle)
+    low_weight = (torch.sin((1.0 - strength) * angle) / sine).unsqueeze(1)
+    high_weight = (torch.sin(strength * angle) / sine).unsqueeze(1)
+    return low_weight * low + high_weight * high
+
+
+def centred_paste(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    """`large` with `small` in its middle: A1111's "Resize seed from". Where `small` is the larger along an axis, its
+    middle part is taken; an odd difference puts the extra row or column after it (A1111's floor division)."""
+    result = large.clone()
+    (rows, row_from, row_to), (columns, column_from, column_to) = (
+        overlap(small.shape[axis], large.shape[axis]) for axis in (1, 2)
+    )
+    result[:, row_to : row_to + rows, column_to : column_to + columns] = small[
+        :, row_from : row_from + rows, column_from : column_from + columns
+    ]
+    return result
+
+
+def overlap(small: int, large: int) -> tuple:
+    """(length, start in small, start in large) of the centred overlap of two lengths along one axis."""
+    shift = (large - small) // 2
+    return (small, 0, shift) if shift >= 0 else (small + 2 * shift, -shift, 0)
 
 
 def _torchsde_cuda_randn(size, dtype, device, seed):

@@ -1,6 +1,7 @@
 """Generation: one diffusers pipeline call for a request's pictures, txt2img, img2img or inpainting; two for the
-hires fix (txt2img, then img2img on its upscaled result)."""
+hires fix (txt2img, then img2img on its upscaled result); seamless where the request asks for tiling."""
 
+import contextlib
 import dataclasses
 
 import torch
@@ -10,10 +11,10 @@ from engine.flow import call_flow, vae_latents
 from engine.hires import LATENT_UPSCALERS, hires_size, second_pass_steps, upscaled, wants_hires
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
-from engine.noise import PictureNoise
+from engine.noise import PictureNoise, Variation
 from engine.previews import latents_to_preview, taesd_preview, vae_preview
 from engine.prompts import prompt_embeddings
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, picture_seeds
 from engine.samplers import scheduler_for
 from engine.schedules import AUTOMATIC
 
@@ -29,6 +30,12 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
     returned. `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice
     `num_steps`.
     """
+    with seamless(model, req.tiling):
+        return draw(model, req, on_step, conditioning)
+
+
+def draw(model: LoadedModel, req: GenerationRequest, on_step, conditioning) -> list:
+    """The pipeline call that draws `req`: inpainting, a flow-matching family's, img2img or txt2img."""
     if req.mask is not None or model.family.unet_channels == 9:
         return inpaint(model, req, on_step, conditioning)
     if model.family.flow:
@@ -47,10 +54,14 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
 def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, conditioning, **inputs) -> list:
     """One pipeline call for the `req.n` pictures of `req` with the sampler, seeds, encoded prompt and step callback
     set; `inputs` are the picture's."""
-    # One seed and noise stream per picture, as A1111's: picture k is the picture that seed+k alone draws. The
-    # pipeline is handed each picture's starting noise; the sampler draws its step noise from the same streams.
-    seeds = [req.seed + index for index in range(req.n)]
-    noise = PictureNoise(req.rng, seeds, (pipe.vae.config.latent_channels, req.height // 8, req.width // 8))
+    # One seed and noise stream per picture, as A1111's: picture k is the picture that its seed (seed+k, or with
+    # variation seeds the seed and variation_seed+k) alone draws. The pipeline is handed each picture's starting noise;
+    # the sampler draws its step noise from the same streams.
+    seeds, variation_seeds = zip(*picture_seeds(req), strict=True)
+    resize_from = (req.seed_resize_from_width, req.seed_resize_from_height)
+    variation = Variation(variation_seeds, req.variation_strength, None if resize_from[0] is None else resize_from)
+    shape = (pipe.vae.config.latent_channels, req.height // 8, req.width // 8)
+    noise = PictureNoise(req.rng, seeds, shape, variation=variation)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # for what else the pipeline draws
     one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
     pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
@@ -123,6 +134,26 @@ def evaluations(model: LoadedModel, req: GenerationRequest, skipped: int) -> int
     scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
     scheduler.set_timesteps(req.num_steps)
     return len(scheduler.timesteps) - skipped * scheduler.order
+
+
+@contextlib.contextmanager
+def seamless(model: LoadedModel, tiling: bool):
+    """While open with `tiling`, every convolution of the UNet and the VAE pads by wrapping round the picture's edges,
+    as A1111's Tiling sets them ("circular" padding), so that the picture tiles without a seam; on leaving, whatever
+    happened inside, each gets its own padding back, so that the next request of the cached model draws as before."""
+    if not tiling:
+        yield
+        return
+    parts = (model.txt2img.unet, model.txt2img.vae)  # the img2img and inpaint pipelines share these modules
+    convolutions = [module for part in parts for module in part.modules() if isinstance(module, torch.nn.Conv2d)]
+    modes = [convolution.padding_mode for convolution in convolutions]
+    for convolution in convolutions:
+        convolution.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for convolution, mode in zip(convolutions, modes, strict=True):
+            convolution.padding_mode = mode
 
 
 def inpaint(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:

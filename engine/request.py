@@ -36,6 +36,9 @@ MAX_GUIDANCE = 30.0
 RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as A1111 draws them; any 64-bit seed is accepted
 
 
+SEED_RESIZE_MIN = 16  # the smallest "Resize seed from" width or height: 2 latent pixels
+
+
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have fewer layers
 
 
@@ -63,6 +66,13 @@ class GenerationRequest:
     schedule: str = AUTOMATIC  # a schedule type (engine/schedules.py); automatic: the sampler's own, as in A1111
     rng: str = "cpu"  # the noise source: torch's CPU numbers, or NVIDIA's ("gpu", "nv") computed on any device
     seed: int | None = None
+    # A1111's variation seeds (engine.noise.Variation): picture k blends the noise of variation_seed + k into its
+    # seed's, variation_strength of the way; a batch then keeps one seed. None: a random one, where strength is set.
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    seed_resize_from_width: int | None = None  # A1111's "Resize seed from": the noises drawn at this size first
+    seed_resize_from_height: int | None = None
+    tiling: bool = False  # a seamless picture: the UNet's and VAE's convolutions wrap around its edges
     neg: str = ""
     img: Image.Image | None = None
     strength: float = 0.8
@@ -128,7 +138,7 @@ def parse_request(
         prompt=prompt,
         neg=neg,
         **picture_fields(body, max_size),
-        **drawing_fields(body, rng, max_batch),
+        **drawing_fields(body, rng, max_batch, max_size),
         **hires_fields(body, max_size, MAX_STEPS),
         **hires_sampler(body),
         model=fields.text(body, "model", None, MAX_NAME_CHARS),
@@ -183,7 +193,7 @@ def picture_fields(body: dict, max_size: int) -> dict:
     }
 
 
-def drawing_fields(body: dict, rng: str, max_batch: int) -> dict:
+def drawing_fields(body: dict, rng: str, max_batch: int, max_size: int) -> dict:
     """How the pictures are drawn: steps, guidance, sampler and schedule, noise, seed and count."""
     defaults = GenerationRequest(prompt="")
     sampler, schedule = sampler_and_schedule(body)
@@ -199,9 +209,10 @@ def drawing_fields(body: dict, rng: str, max_batch: int) -> dict:
         "schedule": schedule,
         "prediction": prediction,
         "rng": rng_source(body, rng),
-        "seed": seed(body, n),
+        **seed_fields(body, n, max_size),
         "n": n,
         "clip_skip": fields.integer(body, "clip_skip", defaults.clip_skip, 1, MAX_CLIP_SKIP),
+        "tiling": fields.boolean(body, "tiling", defaults.tiling),
     }
 
 
@@ -212,19 +223,47 @@ def one_of(body: dict, field: str, default: str, choices: tuple) -> str:
     return value
 
 
-def seed(body: dict, n: int) -> int | None:
-    """The seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it. Any seed torch
+def seed_fields(body: dict, n: int, max_size: int) -> dict:
+    """The seed, the variation seed and its strength, and the size the seed's noise is drawn at."""
+    strength = fields.number(body, "variation_strength", 0.0, 0.0, 1.0)
+    # Down to 2 latent pixels, below A1111's picture sizes: slerp's angles run down a column, which one row would
+    # make 0 or 180 degrees, dividing by a sine of 0 into a noise of NaNs.
+    width = fields.size(body, "seed_resize_from_width", None, max_size, SEED_RESIZE_MIN)
+    height = fields.size(body, "seed_resize_from_height", None, max_size, SEED_RESIZE_MIN)
+    if (width is None) != (height is None):
+        given, missing = ("width", "height") if height is None else ("height", "width")
+        message = f"{named('seed_resize_from_' + given)} needs {named('seed_resize_from_' + missing)} beside it"
+        raise ImagineError(message, field=f"seed_resize_from_{missing}")
+    return {
+        "seed": seed(body, "seed", 1 if strength else n),  # with variation seeds, a batch keeps its seed
+        "variation_seed": seed(body, "variation_seed", n if strength else 1),
+        "variation_strength": strength,
+        "seed_resize_from_width": width,
+        "seed_resize_from_height": height,
+    }
+
+
+def seed(body: dict, field: str, n: int) -> int | None:
+    """A seed, or None for a random one: left out, null, or -1 as AUTOMATIC1111's users send it. Any seed torch
     takes (64 bits) is accepted, as A1111 accepts it; a batch's seeds seed, seed+1, ... must all be seeds too."""
-    if body.get("seed") == -1 and isinstance(body["seed"], int):
+    if body.get(field) == -1 and isinstance(body[field], int):
         return None
-    value = fields.integer(body, "seed", None, 0, MAX_SEED)
+    value = fields.integer(body, field, None, 0, MAX_SEED)
     if value is not None and value + n - 1 > MAX_SEED:
         raise ImagineError(
-            f"{named('seed')} {value} with {named('n')} {n} needs the seeds up to {value + n - 1}, beyond {MAX_SEED}; "
+            f"{named(field)} {value} with {named('n')} {n} needs the seeds up to {value + n - 1}, beyond {MAX_SEED}; "
             f"give a seed at most {MAX_SEED - n + 1}",
-            field="seed",
+            field=field,
         )
     return value
+
+
+def picture_seeds(req: GenerationRequest) -> list:
+    """(seed, variation seed) of each picture of a filled-in request, as A1111 numbers them: seed, seed+1, ...; with
+    variation seeds, the seed alone and variation_seed, variation_seed+1, ..."""
+    if req.variation_strength:
+        return [(req.seed, req.variation_seed + index) for index in range(req.n)]
+    return [(req.seed + index, req.variation_seed) for index in range(req.n)]
 
 
 def sampler_and_schedule(body: dict, prefix: str = "") -> tuple:
@@ -352,7 +391,23 @@ def check_for_family(req: GenerationRequest, family: Family) -> None:
         field = "distilled_guidance" if apart else "guidance"
         message = f"{named(field)} must be between 0 and {family.max_guidance} for {family.label}, not {req.guidance}"
         raise ImagineError(message, field=field)
-    if family.flow and req.prediction is not None:
+    if family.flow:
+        check_for_flow(req, family)
+
+
+def check_for_flow(req: GenerationRequest, family: Family) -> None:
+    """What the flow-matching families draw without: tiling, variation seeds, an SD prediction type."""
+    if req.tiling:
+        message = (
+            f"{named('tiling')} needs a UNet: {family.label} draws with a transformer, whose pictures its VAE alone "
+            "cannot make seamless"
+        )
+        raise ImagineError(message, field="tiling")
+    if req.variation_strength or req.seed_resize_from_width is not None:
+        field = "variation_strength" if req.variation_strength else "seed_resize_from_width"
+        message = f"{named(field)} for {family.label} models is not supported yet; it applies to SD models"
+        raise ImagineError(message, field=field)
+    if req.prediction is not None:
         message = f"{named('prediction')} applies to SD models; {family.label} predicts a flow"
         raise ImagineError(message, field="prediction")
 

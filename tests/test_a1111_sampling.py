@@ -1,6 +1,7 @@
 """Imagine's samplers draw AUTOMATIC1111's picture: the same UNet sampled by k-diffusion's own functions (A1111's
 sampling code) with A1111's noise and sigmas is the reference, compared in pixels after the VAE."""
 
+import a1111_rng_reference
 import kdiffusion_reference
 import numpy as np
 import pytest
@@ -113,10 +114,10 @@ def types_namespace(function):
     return Inner()
 
 
-def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE):
+def reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE, noise=None):
     sampling, external = k_diffusion
     denoise, model = cfg_denoiser(pipe, external, conditioning)
-    noise = PictureNoise(rng, SEEDS, (4, size // 8, size // 8))
+    noise = noise or PictureNoise(rng, SEEDS, (4, size // 8, size // 8))
     start = noise.next()
     if sampler == "ddim":  # A1111's DDIM (eta 0) is Euler in sigma space on its timesteps' sigmas
         timesteps = a1111_ddim_timesteps(steps)
@@ -156,10 +157,13 @@ class TorchWithNoise:
         return self.noise.next()
 
 
-def reference_pictures(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE) -> np.ndarray:
-    """The two pictures A1111's sampling draws, decoded and rounded to 0..255 as the pipeline rounds them."""
+def reference_pictures(
+    pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size=SIZE, noise=None
+) -> np.ndarray:
+    """The two pictures A1111's sampling draws (from `noise`, its ImageRNG's; None: the seeds' own), decoded and
+    rounded to 0..255 as the pipeline rounds them."""
     with torch.inference_mode():
-        x = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size)
+        x = reference_latents(pipe, k_diffusion, conditioning, sampler, schedule, steps, rng, size, noise)
         if sampler == "ddim" and steps == 1:  # A1111's DDIM evaluates the model steps - 1 times: none here
             x = PictureNoise(rng, SEEDS, (4, size // 8, size // 8)).next()
         decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
@@ -278,3 +282,33 @@ def test_the_hires_comparison_tells_the_img2img_tabs_steps_from_the_second_passs
     sigmas = second_pass_sigmas(pipe, "euler a", "automatic", a1111_fix_steps=False)
     reference = reference_hires_pictures(pipe, k_diffusion, conditioning, "euler a", "automatic", 4, sigmas)
     assert float(np.abs(ours - reference).mean()) > BOUND
+
+
+class A1111VariationNoise(PictureNoise):
+    """The seeds' noise with A1111's variation starting noise (tests/a1111_rng_reference.py) in place of theirs: the
+    step noise goes on from each seed's generator, as in A1111 (test_noise.py checks that it does here too)."""
+
+    def __init__(self, rng, seeds, subseeds, strength, resize_from):
+        super().__init__(rng, seeds, (4, SIZE // 8, SIZE // 8))
+        first = a1111_rng_reference.first_noise(rng, self.shape, seeds, subseeds, strength, resize_from)
+        self.first = torch.from_numpy(first).float()
+
+    def next(self):
+        started, noise = self.started, super().next()
+        return noise if started else self.first
+
+
+@pytest.mark.parametrize("sampler, rng", [("euler a", "cpu"), ("dpm++ 2m", "nv")])
+def test_variation_seeds_draw_a1111s_pictures(client32, pipe, k_diffusion, conditioning, sampler, rng):
+    variation = {"variation_seed": 2**64 - 2, "variation_strength": 0.4}
+    resize = {"seed_resize_from_width": 48, "seed_resize_from_height": 80}
+    body = {"prompt": PROMPT, "neg": NEG, "width": SIZE, "height": SIZE, "num_steps": 3, "guidance": GUIDANCE,
+            "sampler": sampler, "rng": rng, "seed": 7, "n": 2, **variation, **resize}  # fmt: skip
+    answer = client32.post("/generate", json=body).get_json()
+    assert answer["seeds"] == [7, 7]  # as A1111's all_seeds: the batch varies by its variation seeds
+    ours = np.stack([pixels(image) for image in answer["images"]]).astype(np.float64)
+    noise = A1111VariationNoise(rng, [7, 7], SEEDS, 0.4, (48, 80))
+    reference = reference_pictures(pipe, k_diffusion, conditioning, sampler, "automatic", 3, rng, noise=noise)
+    assert float(np.abs(ours - reference).mean()) < BOUND
+    without = reference_pictures(pipe, k_diffusion, conditioning, sampler, "automatic", 3, rng)
+    assert float(np.abs(ours - without).mean()) > BOUND  # the variation changed the pictures

@@ -52,6 +52,16 @@ def test_cli_png_carries_its_settings_in_the_parameters_chunk(live_server, tmp_p
     )
 
 
+def test_cli_variation_seed_and_tiling_flags_draw_what_the_api_draws_and_are_recorded(live_server, client, tmp_path):
+    flags = ("--variation_seed", "7", "--variation_strength", "0.5", "--tiling")
+    image = saved_image(run_cli("a wall", *TINY, *flags, cwd=tmp_path, server=live_server), tmp_path)
+    body = {"prompt": "a wall", **FAST, "variation_seed": 7, "variation_strength": 0.5, "tiling": True}
+    answer = client.post("/generate", json=body).get_json()
+    assert (as_array(image) == as_array(decode_png(answer["img"]))).all()
+    assert "Variation seed: 7, Variation seed strength: 0.5" in image.info["parameters"]
+    assert image.info["parameters"].endswith("Tiling: True")
+
+
 def test_local_mode_draws_the_same_picture_as_the_server_without_one(live_server, tmp_path):
     remote = saved_image(run_cli("a lighthouse", *TINY, cwd=tmp_path, server=live_server), tmp_path)
     nowhere = f"http://127.0.0.1:{free_port()}"

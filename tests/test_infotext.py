@@ -178,6 +178,7 @@ PICTURE, MASK = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
 DRAWN = (
     *("prompt", "neg", "model", "width", "height", "num_steps", "guidance", "sampler", "schedule", "rng", "seed"),
     *("strength", "mask_blur", "inpaint_area", "inpaint_padding", "clip_skip", "loras"),
+    *("variation_seed", "variation_strength", "seed_resize_from_width", "seed_resize_from_height", "tiling"),
 )
 ROUND_TRIPS = {
     "sd": (
@@ -195,6 +196,11 @@ ROUND_TRIPS = {
     ),
     "sdxl-clip-skip-nv": ("sdxl", {"prompt": "a fox", "clip_skip": 2, "rng": "nv", "sampler": "euler a"}),
     "sd-gpu-beta": ("sd1", {"prompt": "a cat: grey, small", "rng": "gpu", "sampler": "dpm++ sde", "schedule": "beta"}),
+    "variation-seeds-and-tiling": (
+        "sd1",
+        {"prompt": "tiles", "schedule": "karras", "variation_seed": 7, "variation_strength": 0.25, "tiling": True}
+        | {"seed_resize_from_width": 512, "seed_resize_from_height": 768},
+    ),
     "img2img": ("sd1", {"prompt": "a harbour", "img": PICTURE, "strength": 0.6, "schedule": "exponential"}),
     "inpaint-only-masked": (
         "sd1-inpaint",
@@ -275,6 +281,18 @@ def test_png_info_answers_an_inpainting_pictures_infotext_as_its_strings():
         "Size-1": "64",
         "Size-2": "64",
     }
+
+
+def test_variation_seeds_and_tiling_are_written_as_a1111_writes_them():
+    _, text = written("sd1", ROUND_TRIPS["variation-seeds-and-tiling"][1])
+    variation = "Variation seed: 7, Variation seed strength: 0.25, Seed resize from: 512x768"
+    assert f", Model: dreamshaper_8, {variation}, " in text
+    assert text.endswith(", RNG: CPU, Tiling: True")
+
+
+def test_no_variation_seed_is_written_at_strength_0_as_a1111_leaves_it_out():
+    _, text = written("sd1", {"prompt": "a cat", "variation_seed": 7})
+    assert "Variation" not in text and "Tiling" not in text
 
 
 def test_an_automatic_schedule_is_written_as_the_one_drawn_and_reads_back_as_it():

@@ -1,5 +1,6 @@
 """The noise a seed gives: torch's CPU numbers ("cpu") and NVIDIA's ("gpu"/"nv", Philox 4x32-10) on any device."""
 
+import a1111_rng_reference
 import numpy as np
 import pytest
 import torch
@@ -8,10 +9,12 @@ from engine.noise import (
     MAX_SEED,
     PhiloxGenerator,
     PictureNoise,
+    Variation,
     box_muller,
     brownian_noise_as_on_a_gpu,
     make_generator,
     philox4x32_10,
+    slerp,
 )
 
 # Random123's known-answer vectors for Philox 4x32-10 (kat_vectors): counter, key, output.
@@ -123,3 +126,39 @@ def test_brownian_trees_draw_nvidia_numbers_inside_the_context_and_torchs_again_
         assert torch.equal(increment(), as_on_a_gpu)
     assert not torch.allclose(plain, as_on_a_gpu)
     assert torch.equal(increment(), plain)
+
+
+# (width, height) the seed's noise is drawn at for a 64x48 picture: none, its own, larger, smaller, odd differences.
+RESIZES = [None, (64, 48), (96, 80), (40, 32), (56, 72), (88, 40)]
+
+
+@pytest.mark.parametrize("rng", ["cpu", "nv"])
+@pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("resize_from", RESIZES)
+def test_variation_noise_is_a1111s_and_the_step_noise_continues_each_seeds_stream(rng, strength, resize_from):
+    seeds, subseeds, shape = [7, 7], [2**64 - 2, 2**64 - 1], (4, 6, 8)
+    expected = a1111_rng_reference.first_noise(rng, shape, seeds, subseeds, strength, resize_from)
+    noise = PictureNoise(rng, seeds, shape, variation=Variation(tuple(subseeds), strength, resize_from))
+    assert np.allclose(noise.next().numpy(), expected, rtol=0, atol=1e-5)  # float32 against float64
+    # Each picture's generator has drawn the full-size noise once, whatever else was drawn: the step noise goes on.
+    plain = PictureNoise(rng, seeds, shape)
+    plain.next()
+    assert torch.equal(noise.next(), plain.next())
+
+
+def test_a_nearly_parallel_pair_of_noises_is_blended_straight_with_a1111s_weights():
+    low = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1))
+    high = low + 1e-3 * torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(2))
+    expected = a1111_rng_reference.a1111_slerp(0.3, low.numpy(), high.numpy())
+    assert np.allclose(slerp(0.3, low, high).numpy(), expected, rtol=0, atol=1e-5)
+    assert np.allclose(expected, 0.3 * low.numpy() + 0.7 * high.numpy(), atol=1e-6)
+
+
+def test_a_variation_seed_changes_the_noise_more_the_stronger_it_is_and_strength_1_is_its_own_noise():
+    def noise(strength):
+        return PictureNoise("cpu", [1], (4, 8, 8), variation=Variation((2,), strength)).next()
+
+    plain, other = PictureNoise("cpu", [1], (4, 8, 8)).next(), PictureNoise("cpu", [2], (4, 8, 8)).next()
+    distances = [float((noise(strength) - plain).abs().mean()) for strength in (0.0, 0.1, 0.5, 0.9)]
+    assert distances[0] == 0 and distances == sorted(distances) and len(set(distances)) == 4
+    assert torch.equal(noise(1.0), other)

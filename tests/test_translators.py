@@ -56,6 +56,13 @@ def test_native_stream_gives_a_preview_line_per_preview_event_then_the_done_line
     assert json.loads(answer.error_chunk(ImagineError("boom", 500))) == {"error": "boom", "done": True}
 
 
+def test_a_variation_batchs_stream_previews_carry_the_batchs_one_seed():
+    body = {"prompt": "a cat", "stream": 2, "seed": 7, "n": 2, "variation_seed": 3, "variation_strength": 0.5}
+    answer = native.to_answer(body, SETTINGS)
+    [preview] = answer.chunks(job_for(answer), Preview(2, 4, Image.new("RGB", (8, 8)), index=1))
+    assert json.loads(preview)["seed"] == 7
+
+
 def test_native_errors_are_one_field():
     assert native.to_error(ImagineError("num_steps must be between 1 and 150, not 0", field="num_steps")) == {
         "error": "num_steps must be between 1 and 150, not 0"
