@@ -38,7 +38,7 @@ def post(engine, model):
         ("~root/x", 404, "not found"),
         ("tiny\0", 400, "NUL byte"),
         ("missing", 404, "not found"),
-        ("notes.txt", 400, "not a .safetensors or .ckpt file or a diffusers folder"),
+        ("notes.txt", 400, "not a .safetensors, .gguf or .ckpt file or a diffusers folder"),
         ("link-out.safetensors", 422, "cannot be read as a checkpoint"),
         ("x" * 5000, 400, "at most 512 are accepted"),
     ],
