@@ -169,10 +169,9 @@ def stop_if_cancelled() -> None:
 
 
 def model_dtype(model, dtype: torch.dtype) -> torch.dtype:
-    """The engine's 16-bit precision where the architecture supports it (spandrel says which), else float32."""
-    if dtype == torch.float16 and model.supports_half or dtype == torch.bfloat16 and model.supports_bfloat16:
-        return dtype
-    return torch.float32
+    """float16 where the engine runs in it (a GPU) and the architecture supports it (spandrel says which), else
+    float32: on a CPU, bfloat16 made a Real-ESRGAN slower, not faster (docs/performance.md, Upscaling)."""
+    return dtype if dtype == torch.float16 and model.supports_half else torch.float32
 
 
 class Upscalers:
