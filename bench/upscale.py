@@ -3,8 +3,9 @@
 RealESRGAN_x4plus's exact architecture (23 RRDB blocks of 64 features) and random weights: speed and memory do not
 depend on the weight values.
 
-    python bench/upscale.py                      # a 1024x1024 picture made 4x larger (4096x4096), in float32
-    python bench/upscale.py --size 256 --fp 16   # a smaller picture; 16-bit (bfloat16 on a CPU, float16 on a GPU)
+    python bench/upscale.py                               # a 1024x1024 picture made 4x larger (4096x4096)
+    python bench/upscale.py --size 256                    # one tile's worth: 256x256 to 1024x1024
+    python bench/upscale.py --device cuda --fp 16         # on a GPU, in float16 (a CPU runs upscalers in float32)
 
 Prints one line: the picture's size, the precision, the seconds of the upscale (the model already loaded) and the
 process's peak resident memory (ru_maxrss), which includes torch itself and the model.
@@ -34,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="the input picture's width and height")
     parser.add_argument("--scale", type=float, default=4.0)
-    parser.add_argument("--fp", choices=("16", "32"), default="32", help="precision, as --fp_prec")
+    parser.add_argument("--fp", choices=("16", "32"), default="32", help="precision, as --fp_prec (16: a GPU's)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     import_spandrel()

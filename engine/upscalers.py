@@ -144,17 +144,18 @@ def run_tiled(model, image: Image.Image, device: torch.device, dtype: torch.dtyp
     """`image` through `model` (scale s) tile by tile (TILE, TILE_PAD): the picture s times larger."""
     pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255).permute(2, 0, 1)[None]
     height, width, s = image.height, image.width, model.scale
-    out = torch.empty(1, 3, height * s, width * s)
+    # The picture's bytes, filled tile by tile: a float32 copy of a 4096x4096 result would take 192 MiB, and converting
+    # it at the end several times that.
+    out = torch.empty(height * s, width * s, 3, dtype=torch.uint8)
     for top in range(0, height, TILE):
         for left in range(0, width, TILE):
             stop_if_cancelled()
             rows, cols = (top, min(top + TILE, height)), (left, min(left + TILE, width))
             (y0, y1), (x0, x1) = padded(rows, height), padded(cols, width)
             result = model(pixels[:, :, y0:y1, x0:x1].to(device, dtype)).float().cpu()
-            inner = result[:, :, (rows[0] - y0) * s : (rows[1] - y0) * s, (cols[0] - x0) * s : (cols[1] - x0) * s]
-            out[:, :, rows[0] * s : rows[1] * s, cols[0] * s : cols[1] * s] = inner
-    array = (out[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(array)
+            inner = result[0, :, (rows[0] - y0) * s : (rows[1] - y0) * s, (cols[0] - x0) * s : (cols[1] - x0) * s]
+            out[rows[0] * s : rows[1] * s, cols[0] * s : cols[1] * s] = (inner.permute(1, 2, 0) * 255).round()
+    return Image.fromarray(out.numpy())
 
 
 def padded(span: tuple, length: int) -> tuple:
