@@ -110,13 +110,13 @@ def read_state_dict(path: Path, relative: str) -> dict:
 
 def load_model(path: Path, relative: str):
     """The file as spandrel's ImageModelDescriptor, in float32 on the CPU, or an ImagineError naming the file."""
-    # Imported here: spandrel imports every architecture it knows, which the server needs only once it upscales.
+    state_dict = read_state_dict(path, relative)
+    # Imported here: spandrel imports every architecture it knows (a second or two), which only upscaling needs.
     try:
         import spandrel
     except ImportError as error:
         message = f"upscaler file {relative!r} needs spandrel, which cannot be imported here ({error})"
         raise ImagineError(message, 422) from error
-    state_dict = read_state_dict(path, relative)
     try:
         model = spandrel.ModelLoader().load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError:
