@@ -10,9 +10,19 @@ from pathlib import Path
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
 
+from api.a1111_extras import EXTRAS_FIELD_NAMES, a1111_upscaler, extras_images, extras_request
 from api.a1111_files import ModelHashes, a1111_model_name, a1111_titles, png_info
 from api.guard import has_one_owner, is_loopback
-from api.native import Answer, current_engine, current_settings, generation_slot, last_event, read_json_body, respond
+from api.native import (
+    Answer,
+    current_engine,
+    current_settings,
+    generation_slot,
+    last_event,
+    read_json_body,
+    respond,
+    upscaled,
+)
 from engine.errors import ImagineError
 from engine.fields import decode_image, integer, rounded_size, text
 from engine.hires import LATENT_UPSCALERS, PICTURE_UPSCALERS, UPSCALERS, wants_hires
@@ -63,6 +73,7 @@ A1111_FIELD_NAMES = {
     "hires_strength": "denoising_strength",
     "hires_sampler": "hr_sampler_name",
     "hires_schedule": "hr_scheduler",
+    **EXTRAS_FIELD_NAMES,
 }
 
 
@@ -534,9 +545,35 @@ def embeddings_route():
 
 @blueprint.get("/upscalers")
 def upscalers_route():
-    # SillyTavern takes the first as "None" and puts the latent modes after it.
-    none = {"model_name": None, "model_path": None, "model_url": None, "scale": 4}
-    return jsonify([{"name": name, **none} for name in PICTURE_UPSCALERS])
+    # Those that can be used: a broken file is listed, with why, by Imagine's own GET /upscalers.
+    engine = current_engine()
+    listing = engine.catalog.reader.read(engine.upscalers.listing)
+    return jsonify([a1111_upscaler(upscaler) for upscaler in listing if upscaler.error is None])
+
+
+@blueprint.post("/extra-single-image")
+def extra_single_image_route():
+    info, event = extras(single=True)
+    return jsonify(html_info=info, image=png_base64(event.images[0]))
+
+
+@blueprint.post("/extra-batch-images")
+def extra_batch_images_route():
+    info, event = extras(single=False)
+    return jsonify(html_info=info, images=[png_base64(image) for image in event.images])
+
+
+def extras(single: bool) -> tuple:
+    """(html_info, Upscaled) of an Extras request, read and run through the engine (native.upscaled)."""
+    said = {}
+
+    def read():
+        body, settings = read_json_body(), current_settings()
+        req, said["info"] = extras_request(body, extras_images(body, single, settings), settings)
+        return req
+
+    event = upscaled(read)
+    return said["info"], event
 
 
 @blueprint.get("/latent-upscale-modes")

@@ -15,13 +15,14 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 from api.guard import has_key
 from engine.engine import Engine
 from engine.errors import ImagineError
-from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, due
+from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Upscaled, due
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
 from engine.request import GenerationRequest, parse_request
 from engine.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, schedules_for
 from engine.schedules import LABELS, SCHEDULE_NAMES
 from engine.settings import Settings
+from engine.upscalers import UpscaleRequest, parse_upscale_request
 
 log = logging.getLogger("imagine")
 
@@ -125,6 +126,17 @@ def respond(translate: Callable[[], Answer]) -> Response:
         raise
     release()
     return response
+
+
+def upscaled(read: Callable[[], UpscaleRequest]) -> Upscaled:
+    """An upscale in any dialect: in a generation slot, `read()` reads the request; the engine checks and queues it,
+    and its pictures come back once it has run (a failure raised as its ImagineError)."""
+    with generation_slot():
+        job = current_engine().upscale(read(), request.environ.get("waitress.client_disconnected"))
+        for event in job:
+            if isinstance(event, Failed):
+                raise event.error
+        return event
 
 
 def spool_free_bytes() -> int:
@@ -290,6 +302,8 @@ ENDPOINTS = {
         "GET /health": "whether the server is up (no key needed); with the key, its device, loaded models and queue",
         "GET /loras": "the LoRAs in the loras/ sub-folders, for <lora:name:weight> in a prompt or the loras field",
         "GET /embeddings": "the textual inversions in the embeddings/ sub-folders, used by writing their name",
+        "GET /upscalers": "the upscalers: None, Lanczos, Nearest and the models in upscale_models/, with scales",
+        "POST /upscale": 'a picture made larger: {"img": ..., "upscaler": "4x-UltraSharp", "scale": 2}, a PNG out',
         "POST /v1/images/generations": "OpenAI's Images API: a picture from a prompt, as the openai SDK asks",
         "POST /v1/images/edits": "OpenAI's Images API: a picture edited (multipart), with a mask for inpainting",
         "GET /v1/images/files/<name>": "a picture answered as a link (response_format url), kept for an hour",
@@ -306,7 +320,9 @@ ENDPOINTS = {
         "GET /sdapi/v1/schedulers": "AUTOMATIC1111's schedule types",
         "GET /sdapi/v1/loras": "the LoRAs, as AUTOMATIC1111 lists them",
         "GET /sdapi/v1/embeddings": "the textual inversions, as AUTOMATIC1111 lists them",
-        "GET /sdapi/v1/upscalers": "the upscalers without a model: None, Lanczos, Nearest",
+        "GET /sdapi/v1/upscalers": "the upscalers, as AUTOMATIC1111 lists them",
+        "POST /sdapi/v1/extra-single-image": "AUTOMATIC1111's Extras: one picture upscaled",
+        "POST /sdapi/v1/extra-batch-images": "AUTOMATIC1111's Extras: several pictures upscaled",
         "GET /sdapi/v1/sd-vae": "empty: the models' own VAEs are used",
         "GET /sdapi/v1/sd-modules": "empty: Forge's extra text encoders and VAEs, which SillyTavern asks for",
         "GET /sdapi/v1/latent-upscale-modes": "the hires fix's latent upscalers",
@@ -418,3 +434,22 @@ def loras_route():
 def embeddings_route():
     settings = current_settings()
     return jsonify(embeddings=current_engine().catalog.reader.read(lambda: embedding_listing(settings)))
+
+
+@blueprint.get("/upscalers")
+def upscalers_route():
+    engine = current_engine()
+    return jsonify(upscalers=[upscaler_entry(each) for each in engine.catalog.reader.read(engine.upscalers.listing)])
+
+
+def upscaler_entry(upscaler) -> dict:
+    """An upscaler as GET /upscalers lists it: a model's file below the models folder, and why it cannot be used."""
+    entry = {"name": upscaler.name, "scale": upscaler.scale, "architecture": upscaler.architecture}
+    return {**entry, "file": upscaler.relative, "error": upscaler.error}
+
+
+@blueprint.post("/upscale")
+def upscale_route():
+    event = upscaled(lambda: parse_upscale_request(read_json_body()))
+    image = event.images[0]
+    return jsonify(img=png_base64(image), width=image.width, height=image.height, seconds=event.seconds)

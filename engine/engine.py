@@ -19,7 +19,7 @@ from engine.files.folders import model_folders
 from engine.files.taesd import TinyDecoders
 from engine.hires import second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
-from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded
+from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded, Upscaled
 from engine.logs import escaped
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
@@ -27,6 +27,7 @@ from engine.pipeline import generate, preview_image
 from engine.prompts import prompt_embeddings
 from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, picture_seeds
 from engine.settings import CONFIGS_DIR, Settings
+from engine.upscalers import UpscaleRequest, Upscalers, check_upscale_request
 
 log = logging.getLogger("imagine")
 
@@ -58,6 +59,7 @@ class Engine:
         self.models = Models(settings, self.device, self.dtype, configs_dir)  # what is loaded
         self.catalog = self.models.catalog  # what is on disk: model names, the listing, families
         self.tiny_decoders = TinyDecoders(self.device)  # the TAESD decoders previews use, shared by the models
+        self.upscalers = Upscalers(settings.models_dir, self.device, self.dtype)  # the upscalers and the one loaded
         self.jobs = queue.Queue()
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
@@ -103,6 +105,12 @@ class Engine:
         """Queues the unloading of the model `key` (a resolve() key), after the jobs ahead of it: the job ends with
         Unloaded."""
         return self.queue(Job(GenerationRequest(prompt=""), key, only="unload"))
+
+    def upscale(self, req: UpscaleRequest, client_gone=None) -> Job:
+        """Queues an upscale, checked first (check_upscale_request): it runs on the engine's thread as a generation
+        does, so that no two requests run models at once, and ends with Upscaled."""
+        check_upscale_request(req, self.upscalers, self.settings.max_size)
+        return self.queue(Job(req, None, client_gone, only="upscale"))
 
     def queue(self, job: Job) -> Job:
         with self.accepting:
@@ -219,6 +227,11 @@ class Engine:
             if job.model_key in self.models.loaded:
                 self.models.unload(job.model_key)
             return Unloaded()
+        if job.only == "upscale":
+            images = self.upscalers.upscale_pictures(job.request)
+            seconds = time.perf_counter() - started
+            log.info("upscaled %d pictures in %.1f s", len(images), seconds)
+            return Upscaled(images, round(seconds, 3))
         # 1. Load the model (or find it loaded); a load job ends here.
         model = self.models.get(job.model_key)
         if job.only == "load":

@@ -81,6 +81,14 @@ class Finished:
 
 
 @dataclasses.dataclass
+class Upscaled:
+    """An upscale job's pictures (Engine.upscale), in the order of its request's."""
+
+    images: list
+    seconds: float
+
+
+@dataclasses.dataclass
 class Failed:
     error: ImagineError
     cancelled: bool = False  # stopped on purpose (cancelled, its client gone, the server stopping), not broken
@@ -109,7 +117,7 @@ class Job:
         self.request = request
         self.model_key = model_key
         # "load" or "unload" the model and nothing else (Engine.load_model, unload_model): it ends with Loaded, or
-        # Unloaded.
+        # Unloaded; "upscale" pictures (Engine.upscale, its request an UpscaleRequest): it ends with Upscaled.
         self.only = only
         # Where the engine puts the events (it only ever calls put): a queue the caller iterates over, or a
         # held job's record (engine/held_jobs.py), which keeps them for clients that come and go.
@@ -134,8 +142,8 @@ class Job:
                 return
 
     def ends_with(self, event) -> bool:
-        ends = {None: (Finished, Failed), "load": (Loaded, Failed), "unload": (Unloaded, Failed)}[self.only]
-        return isinstance(event, ends)
+        ends = {None: Finished, "load": Loaded, "unload": Unloaded, "upscale": Upscaled}[self.only]
+        return isinstance(event, (ends, Failed))
 
     def cancel(self, reason: ImagineError) -> None:
         """Stops the job before its next step, or before it starts; `reason` is what its client is told."""

@@ -37,7 +37,7 @@ def quick_start_commands() -> list:
 
 def test_ci_runs_the_readmes_test_command_word_for_word():
     [test_command] = [command for command in quick_start_commands() if command.endswith("python -m pytest")]
-    assert "pip install -r requirements-dev.txt && pip install --no-deps -r requirements-reference.txt" in test_command
+    assert "pip install -r requirements-dev.txt && pip install --no-deps -r requirements-no-deps.txt" in test_command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
     assert not [line for line in ci if line.startswith("pip install") and "torch==" not in line]  # nothing else

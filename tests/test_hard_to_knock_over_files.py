@@ -140,6 +140,8 @@ FOLDER_ROUTES = (
     "/sdapi/v1/options",
     "/sdapi/v1/loras",
     "/sdapi/v1/embeddings",
+    "/upscalers",
+    "/sdapi/v1/upscalers",
 )
 
 
@@ -151,11 +153,19 @@ def fifos(tmp_path):
 
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
+    (tmp_path / "upscale_models").mkdir()
     (tmp_path / "folder" / "unet").mkdir(parents=True)
     (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     paths = [
         tmp_path / name
-        for name in ("x.safetensors", "y.ckpt", "loras/z.safetensors", "embeddings/e.pt", "folder/unet/config.json")
+        for name in (
+            "x.safetensors",
+            "y.ckpt",
+            "loras/z.safetensors",
+            "embeddings/e.pt",
+            "upscale_models/u.pth",
+            "folder/unet/config.json",
+        )
     ]
     for path in paths:
         os.mkfifo(path)

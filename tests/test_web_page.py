@@ -9,7 +9,19 @@ import urllib.request
 import numpy as np
 import pytest
 import requests
-from conftest import FAST, element, fill_form, finished, open_page, pixels, serving, severe_console_messages, wait_until
+from conftest import (
+    FAST,
+    element,
+    fill_form,
+    finished,
+    noise_picture,
+    open_page,
+    pixels,
+    png_data,
+    serving,
+    severe_console_messages,
+    wait_until,
+)
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -274,3 +286,19 @@ def test_a_note_says_demo_draws_noise_while_demo_is_chosen(browser, live_server)
     assert not note.is_displayed()
     Select(element(browser, "model")).select_by_visible_text("demo")
     assert note.is_displayed()
+
+
+def test_upscale_on_a_history_picture_adds_the_larger_picture_to_the_history(browser, live_server):
+    small = noise_picture(32, 24)
+    open_page(browser, live_server)
+    entry = "[{img: arguments[0], params: {prompt: 'a fox', seed: 7}}]"
+    browser.execute_script(f"localStorage.setItem('imagine.history', JSON.stringify({entry}))", png_data(small))
+    browser.refresh()
+    open_page(browser, live_server)
+    assert Select(element(browser, "upscaler")).first_selected_option.text == "Lanczos"  # no models: the built-ins
+    browser.find_element(By.XPATH, "//ol[@id='history']//button[text()='upscale']").click()
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#history img")) == 2, "the upscaled picture")
+    newest = browser.find_elements(By.CSS_SELECTOR, "#history img")[0].get_attribute("src").partition(",")[2]
+    assert np.array_equal(pixels(newest), np.asarray(small.resize((64, 48), Image.Resampling.LANCZOS)))
+    assert element(browser, "status").text.startswith("upscaled to 64x48")
+    assert severe_console_messages(browser) == []

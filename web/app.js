@@ -59,6 +59,7 @@ async function loadLists() {
   updatePresets();
   await applyModelDefaults();
   showDemoNote();
+  await loadUpscalers();
 }
 
 // The model menu from GET /models, `selected` chosen (the models panel refills it after a pull or a removal).
@@ -229,8 +230,39 @@ function historyItem(entry) {
   copy.type = "button";
   copy.textContent = "copy settings";
   copy.addEventListener("click", () => copySettings(entry.params));
-  item.append(thumb, download, copy);
+  const upscaleButton = document.createElement("button");
+  upscaleButton.type = "button";
+  upscaleButton.textContent = "upscale";
+  upscaleButton.addEventListener("click", () => upscale(entry));
+  item.append(thumb, download, copy, upscaleButton);
   return item;
+}
+
+// Upscaling: a history picture made larger (POST /upscale) by an upscaler GET /upscalers lists, a model first where
+// there is one; the larger picture joins the history.
+async function loadUpscalers() {
+  const usable = (await api("/upscalers")).upscalers.filter((u) => !u.error && u.name !== "None");
+  fill($("upscaler"), usable.map((u) => u.name), (usable.find((u) => u.architecture) || usable[0]).name);
+}
+
+async function upscale(entry) {
+  const upscaler = $("upscaler").value;
+  const scale = Number($("upscale-scale").value);
+  showError("");
+  $("status").textContent = `upscaling ${scale}x with ${upscaler}`;
+  try {
+    const body = JSON.stringify({ img: entry.img, upscaler, scale });
+    const response = await fetch("/upscale", { method: "POST", headers: headers(), body });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    const larger = { img: answer.img, params: { ...entry.params, upscaled: `${upscaler} ${scale}x` } };
+    addToHistory(larger);
+    show(larger);
+    $("status").textContent = `upscaled to ${answer.width}x${answer.height} in ${answer.seconds.toFixed(1)} s`;
+  } catch (error) {
+    $("status").textContent = "";
+    showError(error.message);
+  }
 }
 
 function copySettings(params) {

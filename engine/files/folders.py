@@ -105,8 +105,8 @@ def is_repo_id(name: str) -> bool:
 # Sub-folders of a models folder that hold other kinds of files: Imagine's, ComfyUI's and AUTOMATIC1111's.
 # Imagine's own: what it pulled (.pulled, manifests) and what it is fetching (.pulling, not yet checked).
 NOT_CHECKPOINTS = ("loras", "Lora", "LyCORIS", "embeddings", "text_encoders", "clip", "vae", "VAE", "clip_vision",
-                   "controlnet", "ControlNet", "upscale_models", "ESRGAN", "hypernetworks", "vae_approx", "VAE-approx",
-                   ".pulled", ".pulling")  # fmt: skip
+                   "controlnet", "ControlNet", "upscale_models", "ESRGAN", "RealESRGAN", "SwinIR", "DAT",
+                   "hypernetworks", "vae_approx", "VAE-approx", ".pulled", ".pulling")  # fmt: skip
 
 # Sub-folders of a models folder that hold models: ComfyUI's (checkpoints, and diffusion models alone, once named unet)
 # and AUTOMATIC1111's (Stable-diffusion). So that `--models-dir ~/ComfyUI/models` works whole.
