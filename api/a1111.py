@@ -25,7 +25,7 @@ from api.native import (
 )
 from engine.errors import ImagineError
 from engine.fields import decode_image, integer, rounded_size, text
-from engine.hires import LATENT_UPSCALERS, PICTURE_UPSCALERS, UPSCALERS, wants_hires
+from engine.hires import LATENT_UPSCALERS, UPSCALERS, wants_hires
 from engine.job import Finished, Job
 from engine.loras import embedding_listing, lora_listing
 from engine.previews import png_base64
@@ -154,10 +154,10 @@ def a1111_ignored(body: dict) -> list:
     return ignored
 
 
-def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> tuple:
+def a1111_request(body: dict, img2img: bool, model_name, settings: Settings, upscalers: tuple = UPSCALERS) -> tuple:
     """An A1111 txt2img/img2img body as (GenerationRequest, what else the answer needs). Its fields become a
     /generate body that parse_request checks; an error names A1111's field. `model_name(checkpoint)` finds the
-    model a checkpoint title names."""
+    model a checkpoint title names; `upscalers` are the hires fix's upscalers that can be used."""
     overrides = a1111_overrides(body)
     sampler, schedule, sampler_name, dropped = a1111_sampler(body)
     batch_size = integer(body, "batch_size", 1, 1, settings.max_batch)
@@ -187,7 +187,7 @@ def a1111_request(body: dict, img2img: bool, model_name, settings: Settings) -> 
     if img2img:
         generate_body |= a1111_img2img_fields(body)
     elif body.get("enable_hr") is True:
-        hires, hires_dropped = a1111_hires_fields(body, sampler)
+        hires, hires_dropped = a1111_hires_fields(body, sampler, upscalers)
         generate_body |= hires
         dropped += hires_dropped
     req = parse_request(generate_body, settings.max_size, settings.max_batch, settings.rng)
@@ -234,13 +234,13 @@ def a1111_img2img_fields(body: dict) -> dict:
 SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # A1111's words for the first pass's
 
 
-def a1111_hires_fields(body: dict, sampler: str) -> tuple:
-    """(txt2img's hires fix fields as /generate's, those dropped). An upscaler Imagine lacks (a model's) falls back to
-    Latent, A1111's default, so that a client's full form still draws; a second-pass sampler or schedule unknown here
-    falls back to the first pass's. What the second pass cannot take apart from the first (its own prompts, guidance
-    or checkpoint) is dropped. Each is named in imagine_ignored."""
+def a1111_hires_fields(body: dict, sampler: str, upscalers: tuple) -> tuple:
+    """(txt2img's hires fix fields as /generate's, those dropped). An upscaler not among `upscalers` (those that can
+    be used) falls back to Latent, A1111's default, so that a client's full form still draws; a second-pass sampler
+    or schedule unknown here falls back to the first pass's. What the second pass cannot take apart from the first
+    (its own prompts, guidance or checkpoint) is dropped. Each is named in imagine_ignored."""
     upscaler, dropped = body.get("hr_upscaler"), []
-    if upscaler is not None and upscaler not in UPSCALERS:
+    if upscaler is not None and upscaler not in upscalers:
         upscaler, dropped = None, ["hr_upscaler"]
     hires_sampler, schedule = None, None
     if body.get("hr_sampler_name") not in (None, *SAME):
@@ -401,10 +401,15 @@ def to_error(error: ImagineError) -> dict:
     return {"error": message, "detail": message}
 
 
-def to_answer(body: dict, img2img: bool, settings: Settings, titles: dict) -> Answer:
+def to_answer(body: dict, img2img: bool, settings: Settings, titles: dict, upscalers: tuple = UPSCALERS) -> Answer:
     """An A1111 txt2img or img2img body as the engine's request and the way to answer it; `titles` are the models as
-    sd-models lists them (a1111_titles), by which a body names its checkpoint and the answer gives its hash."""
-    req, understood = a1111_request(body, img2img, lambda checkpoint: a1111_model_name(titles, checkpoint), settings)
+    sd-models lists them (a1111_titles), by which a body names its checkpoint and the answer gives its hash;
+    `upscalers` the hires fix's upscalers that can be used (usable_upscalers)."""
+
+    def model_name(checkpoint: str) -> str:
+        return a1111_model_name(titles, checkpoint)
+
+    req, understood = a1111_request(body, img2img, model_name, settings, upscalers)
 
     def whole(job: Job, event: Finished) -> dict:
         return a1111_answer(body, event, job, understood, titles.get(job.model_key, {}))
@@ -415,7 +420,7 @@ def to_answer(body: dict, img2img: bool, settings: Settings, titles: dict) -> An
 
 @blueprint.post("/txt2img")
 def txt2img_route():
-    return respond(lambda: to_answer(read_json_body(), False, current_settings(), titles()))
+    return respond(lambda: to_answer(read_json_body(), False, current_settings(), titles(), usable_upscalers()))
 
 
 @blueprint.post("/img2img")
@@ -546,9 +551,17 @@ def embeddings_route():
 @blueprint.get("/upscalers")
 def upscalers_route():
     # Those that can be used: a broken file is listed, with why, by Imagine's own GET /upscalers.
+    return jsonify([a1111_upscaler(upscaler) for upscaler in usable_upscaler_listing()])
+
+
+def usable_upscaler_listing() -> list:
     engine = current_engine()
-    listing = engine.catalog.reader.read(engine.upscalers.listing)
-    return jsonify([a1111_upscaler(upscaler) for upscaler in listing if upscaler.error is None])
+    return [upscaler for upscaler in engine.catalog.reader.read(engine.upscalers.listing) if upscaler.error is None]
+
+
+def usable_upscalers() -> tuple:
+    """The names a hires fix can upscale with: the latent modes and every upscaler that can be used."""
+    return (*LATENT_UPSCALERS, *(upscaler.name for upscaler in usable_upscaler_listing()))
 
 
 @blueprint.post("/extra-single-image")

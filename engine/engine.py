@@ -3,6 +3,7 @@ its previews built here, on that thread, where its readers asked for them."""
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import queue
@@ -17,13 +18,14 @@ from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.files.folders import model_folders
 from engine.files.taesd import TinyDecoders
-from engine.hires import second_pass_steps, wants_hires
+from engine.hires import UPSCALERS, second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded, Upscaled
 from engine.logs import escaped
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
 from engine.models import Models, cancel_check
-from engine.pipeline import generate, preview_image
+from engine.pipeline import generate as pipeline_generate
+from engine.pipeline import preview_image
 from engine.prompts import prompt_embeddings
 from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, picture_seeds
 from engine.settings import CONFIGS_DIR, Settings
@@ -48,18 +50,19 @@ class Engine:
     slower still with a thread per request (docs/performance.md, Figures behind the code); main() therefore
     runs the engine on the main thread.
 
-    `generate` draws the pictures (pipeline.generate); tests hand in another to hold or fail a generation.
+    `generate` draws the pictures (pipeline.generate, with the upscalers a hires fix may name); tests hand in another
+    to hold or fail a generation.
     """
 
-    def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR, generate=generate):
+    def __init__(self, settings: Settings, configs_dir: Path = CONFIGS_DIR, generate=None):
         self.settings = settings
-        self.generate = generate
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.fp_prec, self.device)
         self.models = Models(settings, self.device, self.dtype, configs_dir)  # what is loaded
         self.catalog = self.models.catalog  # what is on disk: model names, the listing, families
         self.tiny_decoders = TinyDecoders(self.device)  # the TAESD decoders previews use, shared by the models
         self.upscalers = Upscalers(settings.models_dir, self.device, self.dtype)  # the upscalers and the one loaded
+        self.generate = generate or functools.partial(pipeline_generate, upscale=self.upscalers.upscale)
         self.jobs = queue.Queue()
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
@@ -84,6 +87,8 @@ class Engine:
         job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
+        if wants_hires(req) and req.hires_upscaler not in UPSCALERS:  # so is an upscaler model that cannot be used
+            self.catalog.reader.read(lambda: self.upscalers.find(req.hires_upscaler, "hires_upscaler"))
         if req.seed is None:
             job.request = dataclasses.replace(job.request, seed=secrets.randbelow(RANDOM_SEEDS))
         if req.variation_strength and req.variation_seed is None:

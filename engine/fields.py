@@ -59,6 +59,9 @@ def boolean(body: dict, field: str, default: bool) -> bool:
     return value
 
 
+MAX_NAME_CHARS = 512  # a model's, LoRA's or upscaler's name: a path below a models folder, not a text
+
+
 def text(body: dict, field: str, default, max_chars: int | None = None):
     """A string of at most `max_chars` characters, valid Unicode, or `default` where the field is left out or null."""
     if body.get(field) is None:

@@ -36,10 +36,8 @@ def hires_fields(body: dict, max_size: int, max_steps: int) -> dict:
     if strength == 0:
         message = f"{named('hires_strength')} must be more than 0: at 0 the second pass has no step to run"
         raise ImagineError(message, field="hires_strength")
-    upscaler = fields.text(body, "hires_upscaler", DEFAULT_UPSCALER)
-    if upscaler not in UPSCALERS:
-        message = f"{named('hires_upscaler')} must be one of: {', '.join(UPSCALERS)}, not {upscaler!r}"
-        raise ImagineError(message, field="hires_upscaler")
+    # Another name is an upscaler model's, which the engine finds (Upscalers.find) before the request queues.
+    upscaler = fields.text(body, "hires_upscaler", DEFAULT_UPSCALER, fields.MAX_NAME_CHARS)
     return {
         "hires_scale": scale,
         "hires_width": fields.integer(body, "hires_width", 0, 0, max_size),
@@ -109,9 +107,10 @@ def second_pass_steps(req) -> tuple:
     return int(steps / min(req.hires_strength, MAX_HIRES_STRENGTH)), steps
 
 
-def upscaled(pictures, req):
+def upscaled(pictures, req, upscale=None):
     """The first pass's result upscaled for the second: latents (shape N, C, h, w) interpolated by a latent
-    upscaler, or pictures (PIL, decoded) resized by a picture upscaler, either cropped to the hires size."""
+    upscaler, or pictures (PIL, decoded) resized by a picture upscaler or made larger by an upscaler model
+    (`upscale(picture, name, scale)`, the engine's Upscalers.upscale), either cropped to the hires size."""
     to_x, to_y, crop_x, crop_y = upscale_target(req)
     if req.hires_upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[req.hires_upscaler]
@@ -121,14 +120,16 @@ def upscaled(pictures, req):
         return latents[:, :, crop_y // 2 : to_y // 8 - (crop_y + 1) // 2, crop_x // 2 : to_x // 8 - (crop_x + 1) // 2]
     size = (to_x // 8 * 8, to_y // 8 * 8)
     box = (crop_x // 2 * 8, crop_y // 2 * 8, size[0] - (crop_x + 1) // 2 * 8, size[1] - (crop_y + 1) // 2 * 8)
-    return [picture_upscaled(picture, req.hires_upscaler, size).crop(box) for picture in pictures]
+    return [picture_upscaled(picture, req.hires_upscaler, size, upscale).crop(box) for picture in pictures]
 
 
-def picture_upscaled(picture: Image.Image, upscaler: str, size: tuple) -> Image.Image:
-    """A1111's resize_image with a model-less upscaler: its filter by the scale, then Lanczos onto `size` (the
-    upscaler's own rounding to a multiple of 8 first, as A1111's Upscaler.upscale does)."""
+def picture_upscaled(picture: Image.Image, upscaler: str, size: tuple, upscale=None) -> Image.Image:
+    """A1111's resize_image with an upscaler: a model's (by `upscale`) or a filter by the scale, then Lanczos onto
+    `size` (the upscaler's own rounding to a multiple of 8 first, as A1111's Upscaler.upscale does)."""
     scale = max(size[0] / picture.width, size[1] / picture.height)
-    if PICTURE_UPSCALERS[upscaler] is not None and scale > 1:
+    if upscaler not in PICTURE_UPSCALERS:
+        picture = upscale(picture, upscaler, scale)
+    elif PICTURE_UPSCALERS[upscaler] is not None and scale > 1:
         upscaler_size = (int(picture.width * scale) // 8 * 8, int(picture.height * scale) // 8 * 8)
         picture = picture.resize((int(picture.width * scale), int(picture.height * scale)), PICTURE_UPSCALERS[upscaler])
         if picture.size != upscaler_size:

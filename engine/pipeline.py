@@ -19,7 +19,9 @@ from engine.samplers import scheduler_for
 from engine.schedules import AUTOMATIC
 
 
-def generate(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None) -> list:
+def generate(
+    model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None, upscale=None
+) -> list:
     """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
     encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings),
     and returns its `req.n` pictures, drawn together from the seeds seed, seed+1, ...
@@ -28,20 +30,20 @@ def generate(model: LoadedModel, req: GenerationRequest, on_step=None, condition
     should show, one per picture: the predicted finished latents where the sampler gives them, else the
     current ones; if it returns True, the remaining steps are skipped and the pictures as far as they got are
     returned. `steps` counts model evaluations, so second-order samplers (heun, dpm2) report about twice
-    `num_steps`.
+    `num_steps`. `upscale(picture, name, scale)` runs the upscaler models a hires fix may name (Upscalers.upscale).
     """
     with seamless(model, req.tiling):
-        return draw(model, req, on_step, conditioning)
+        return draw(model, req, on_step, conditioning, upscale)
 
 
-def draw(model: LoadedModel, req: GenerationRequest, on_step, conditioning) -> list:
+def draw(model: LoadedModel, req: GenerationRequest, on_step, conditioning, upscale) -> list:
     """The pipeline call that draws `req`: inpainting, a flow-matching family's, img2img or txt2img."""
     if req.mask is not None or model.family.unet_channels == 9:
         return inpaint(model, req, on_step, conditioning)
     if model.family.flow:
         return generate_flow(model, req, on_step)
     if wants_hires(req):
-        return generate_hires(model, req, on_step, conditioning)
+        return generate_hires(model, req, on_step, conditioning, upscale)
     pipe = model.img2img if req.img is not None else model.txt2img
     size_args = (
         {"image": req.img.resize((req.width, req.height), Image.Resampling.LANCZOS), "strength": req.strength}
@@ -94,7 +96,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
         ).images
 
 
-def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
+def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None, upscale=None) -> list:
     """A1111's hires fix (its txt2img sample and sample_hr_pass): txt2img at width x height, the result upscaled
     (engine/hires.py), then img2img on it at the hires size with a noise drawn afresh from the pictures' seeds at that
     size, as A1111 draws it. Progress counts both passes' steps as one run; a stop in the first pass skips the second,
@@ -125,7 +127,7 @@ def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, con
             return [vae_preview(model.txt2img.vae, each[None]) for each in first] if latent else first
     # The diffusers pipeline runs int(num_steps * strength) steps of its schedule: this strength makes that `steps`.
     strength = min(1.0, (steps + 0.5) / schedule_steps)
-    image = upscaled(first, req)
+    image = upscaled(first, req, upscale)
     return call_pipeline(model, model.img2img, second, second_step, conditioning, image=image, strength=strength)
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from engine import fields
 from engine.errors import ImagineError, named
+from engine.fields import MAX_NAME_CHARS
 from engine.files.families import Family
 from engine.flow import flow_notices
 from engine.hires import DEFAULT_UPSCALER, HIRES_STRENGTH, check_hires, hires_field, hires_fields, wants_hires
@@ -45,9 +46,6 @@ MAX_CLIP_SKIP = 12  # AUTOMATIC1111's limit; a model's own text encoder may have
 # A prompt is tokenised and stored in the PNG: 16k characters is some 200 CLIP chunks of 75 tokens,
 # far beyond any prompt people write, and bounds the work an unbounded one would cost.
 MAX_PROMPT_CHARS = 16_000
-
-
-MAX_NAME_CHARS = 512  # a model's or LoRA's name: a path below a models folder, not a text
 
 
 @dataclasses.dataclass

@@ -138,7 +138,7 @@ def make_engine(tmp_path):
     hold or fail a generation, count loads or change limits; each is stopped when the test ends."""
     engines = []
 
-    def make(generate=generate, configs_dir=CONFIGS_DIR, **settings):
+    def make(generate=None, configs_dir=CONFIGS_DIR, **settings):
         settings.setdefault("models_dir", tmp_path)
         engines.append(Engine(imagine.Settings(**settings), configs_dir, generate))
         engines[-1].start()

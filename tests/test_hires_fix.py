@@ -3,9 +3,12 @@
 
 import json
 
+import numpy as np
 import pytest
+import safetensors.torch
 from conftest import decode_png, pixels
 from jobs_client import events, stream, submit, wait_for
+from upscaler_files import compact
 
 import imagine
 from engine.errors import ImagineError
@@ -100,7 +103,6 @@ def test_a_pasted_model_upscaler_draws_with_latent_and_says_so(client):
         ({"hires_scale": -2}, "hires_scale must be between"),
         ({"hires_scale": 40}, "hires_scale 40.0 makes 2560x2560 from 64x64"),
         ({"hires_width": 4096}, "hires_width must be between 0 and 2048"),
-        ({"hires_scale": 2, "hires_upscaler": "R-ESRGAN 4x+"}, "hires_upscaler must be one of: Latent"),
         ({"hires_scale": 2, "hires_strength": 0}, "hires_strength must be more than 0"),
         ({"hires_scale": 2, "hires_sampler": "fast"}, "hires_sampler 'fast' is unknown"),
     ],
@@ -108,6 +110,33 @@ def test_a_pasted_model_upscaler_draws_with_latent_and_says_so(client):
 def test_bad_hires_fields_are_refused_naming_the_field_and_value(client, fields, message):
     answer = client.post("/generate", json={**FIRST, **fields})
     assert answer.status_code == 400 and answer.get_json()["error"].startswith(message), answer.get_json()
+
+
+@pytest.fixture
+def upscaler_client(make_engine, tmp_path):
+    """A client of an engine whose models folder holds one upscaler model, a tiny Real-ESRGAN Compact of scale 2."""
+    (tmp_path / "upscale_models").mkdir()
+    safetensors.torch.save_file(compact(scale=2), tmp_path / "upscale_models" / "tiny-compact-2x.safetensors")
+    return imagine.create_app(make_engine(model="demo", models_dir=tmp_path)).test_client()
+
+
+def test_an_upscaler_model_upscales_between_the_passes_for_native_and_a1111_clients(upscaler_client):
+    answer = drawn(upscaler_client, {**HIRES, "hires_upscaler": "tiny-compact-2x"})
+    picture = decode_png(answer["images"][0])
+    assert picture.size == (128, 128) and "Hires upscaler: tiny-compact-2x" in picture.info["parameters"]
+    lanczos = drawn(upscaler_client, {**HIRES, "hires_upscaler": "Lanczos"})
+    assert np.abs(pixels(answer["images"][0]) - pixels(lanczos["images"][0])).mean() > 1
+    body = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "tiny-compact-2x", **SMALL}
+    info = json.loads(upscaler_client.post("/sdapi/v1/txt2img", json=body).get_json()["info"])
+    assert "Hires upscaler: tiny-compact-2x" in info["infotexts"][0] and info["imagine_ignored"] == []
+
+
+def test_an_upscaler_model_the_folders_lack_is_refused_before_any_work_naming_the_field(upscaler_client):
+    answer = upscaler_client.post("/generate", json={**HIRES, "hires_upscaler": "R-ESRGAN 4x+"})
+    assert answer.status_code == 422
+    assert answer.get_json()["error"].startswith(
+        "hires_upscaler: no upscaler 'R-ESRGAN 4x+'; GET /upscalers lists them"
+    )
 
 
 def test_the_flow_families_are_refused_the_hires_fix_with_a_clear_error():

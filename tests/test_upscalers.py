@@ -17,7 +17,6 @@ from engine import upscalers
 from engine.job import Upscaled
 from engine.upscalers import UpscaleRequest, imported_spandrel
 
-
 FAST = {"width": 64, "height": 64, "num_steps": 2, "seed": 1}
 
 
