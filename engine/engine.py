@@ -18,7 +18,7 @@ from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.files.folders import model_folders
 from engine.files.taesd import TinyDecoders
-from engine.hires import UPSCALERS, second_pass_steps, wants_hires
+from engine.hires import DEFAULT_UPSCALER, UPSCALERS, second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded, Upscaled
 from engine.logs import escaped
@@ -83,17 +83,30 @@ class Engine:
         is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it early
         (Job.finish_early)."""
         key = self.catalog.resolve_or_default(req.model) if default_if_unknown else self.catalog.resolve(req.model)
-        req = self.for_model(req, key)
+        req = self.with_usable_upscaler(self.for_model(req, key))
         job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
-        if wants_hires(req) and req.hires_upscaler not in UPSCALERS:  # so is an upscaler model that cannot be used
-            self.catalog.reader.read(lambda: self.upscalers.find(req.hires_upscaler, "hires_upscaler"))
         if req.seed is None:
             job.request = dataclasses.replace(job.request, seed=secrets.randbelow(RANDOM_SEEDS))
         if req.variation_strength and req.variation_seed is None:
             job.request = dataclasses.replace(job.request, variation_seed=secrets.randbelow(RANDOM_SEEDS))
         return self.queue(job)
+
+    def with_usable_upscaler(self, req: GenerationRequest) -> GenerationRequest:
+        """The request, its hires fix's upscaler model checked before it queues: one that cannot be used is refused
+        (422 naming hires_upscaler), or, where pasted generation data named it (a picture drawn elsewhere, with an
+        upscaler these folders lack), replaced by A1111's default, Latent, and named among the data's ignored."""
+        if not wants_hires(req) or req.hires_upscaler in UPSCALERS:
+            return req
+        try:
+            self.catalog.reader.read(lambda: self.upscalers.find(req.hires_upscaler, "hires_upscaler"))
+            return req
+        except ImagineError:
+            if req.parameters is None:
+                raise
+        ignored = [*req.parameters_ignored, "Hires upscaler"]
+        return dataclasses.replace(req, hires_upscaler=DEFAULT_UPSCALER, parameters_ignored=ignored)
 
     def for_model(self, req: GenerationRequest, key: str) -> GenerationRequest:
         """The request filled in and checked for the model's family (for_family) before it queues, where a glance at

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from engine.errors import ImagineError
 from engine.files.families import Family
-from engine.hires import DEFAULT_UPSCALER, UPSCALERS, wants_hires
+from engine.hires import wants_hires
 from engine.samplers import sampler_label, schedule_label, schedules_for, split_sampler
 from engine.schedules import AUTOMATIC
 
@@ -305,15 +305,11 @@ def infotext_fields(text: str) -> tuple:
 
 
 def hires_settings(fields: dict, ignored: list) -> dict:
-    """A hires picture's Denoising strength is its second pass's; an upscaler Imagine lacks (a model's, such as
-    R-ESRGAN) is A1111's default latent one, its key named among the ignored."""
+    """A hires picture's Denoising strength is its second pass's. (An upscaler model the folders lack, such as
+    R-ESRGAN, is replaced by A1111's default latent one where the engine knows its upscalers: Engine.submit.)"""
     if not any(field.startswith("hires_") for field in fields):
         return {}
-    hires = {"hires_strength": fields.pop("strength")} if "strength" in fields else {}
-    if fields.get("hires_upscaler", DEFAULT_UPSCALER) not in UPSCALERS:
-        hires["hires_upscaler"] = DEFAULT_UPSCALER
-        ignored.append("Hires upscaler")
-    return hires
+    return {"hires_strength": fields.pop("strength")} if "strength" in fields else {}
 
 
 def names_schedule(text: str) -> bool:

@@ -131,6 +131,16 @@ def test_an_upscaler_model_upscales_between_the_passes_for_native_and_a1111_clie
     assert "Hires upscaler: tiny-compact-2x" in info["infotexts"][0] and info["imagine_ignored"] == []
 
 
+def test_a_pasted_upscaler_model_the_folders_have_draws_with_it(upscaler_client):
+    parameters = (
+        "a lighthouse\nSteps: 2, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, "
+        "Hires upscaler: tiny-compact-2x"
+    )
+    answer = drawn(upscaler_client, {"parameters": parameters})
+    assert answer["parameters_ignored"] == []
+    assert "Hires upscaler: tiny-compact-2x" in decode_png(answer["images"][0]).info["parameters"]
+
+
 def test_an_upscaler_model_the_folders_lack_is_refused_before_any_work_naming_the_field(upscaler_client):
     answer = upscaler_client.post("/generate", json={**HIRES, "hires_upscaler": "R-ESRGAN 4x+"})
     assert answer.status_code == 422
