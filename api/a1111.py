@@ -73,6 +73,9 @@ A1111_FIELD_NAMES = {
     "hires_strength": "denoising_strength",
     "hires_sampler": "hr_sampler_name",
     "hires_schedule": "hr_scheduler",
+    "hires_prompt": "hr_prompt",
+    "hires_neg": "hr_negative_prompt",
+    "hires_guidance": "hr_cfg",
     **EXTRAS_FIELD_NAMES,
 }
 
@@ -238,7 +241,7 @@ def a1111_hires_fields(body: dict, sampler: str, upscalers: tuple) -> tuple:
     """(txt2img's hires fix fields as /generate's, those dropped). An upscaler not among `upscalers` (those that can
     be used) falls back to Latent, A1111's default, so that a client's full form still draws; a second-pass sampler
     or schedule unknown here falls back to the first pass's. What the second pass cannot take apart from the first
-    (its own prompts, guidance or checkpoint) is dropped. Each is named in imagine_ignored."""
+    (its own checkpoint or distilled guidance) is dropped. Each is named in imagine_ignored."""
     upscaler, dropped = body.get("hr_upscaler"), []
     if upscaler is not None and upscaler not in upscalers:
         upscaler, dropped = None, ["hr_upscaler"]
@@ -251,9 +254,9 @@ def a1111_hires_fields(body: dict, sampler: str, upscalers: tuple) -> tuple:
         dropped += [] if schedule else ["hr_scheduler"]
     if schedule is not None and schedule not in schedules_for(hires_sampler or sampler):
         schedule = None
-    own = {"hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt", "hr_cfg": "cfg_scale",
-           "hr_distilled_cfg": "distilled_cfg_scale"}  # fmt: skip
-    dropped += [field for field, first in own.items() if body.get(field) not in (None, "", body.get(first))]
+    # Forge's hires distilled guidance is FLUX.1-dev's, and the flow families draw no hires fix.
+    if body.get("hr_distilled_cfg") not in (None, body.get("distilled_cfg_scale")):
+        dropped.append("hr_distilled_cfg")
     if body.get("hr_checkpoint_name") not in (None, *SAME):
         dropped.append("hr_checkpoint_name")
     fields = {
@@ -265,6 +268,10 @@ def a1111_hires_fields(body: dict, sampler: str, upscalers: tuple) -> tuple:
         "hires_strength": A1111_STRENGTH if body.get("denoising_strength") is None else body["denoising_strength"],
         "hires_sampler": (hires_sampler or sampler) if hires_sampler or schedule else None,
         "hires_schedule": schedule,
+        # An empty second-pass prompt is the first pass's, as A1111 reads it.
+        "hires_prompt": body.get("hr_prompt") or None,
+        "hires_neg": body.get("hr_negative_prompt") or None,
+        "hires_guidance": body.get("hr_cfg"),
     }
     return fields, dropped
 

@@ -18,12 +18,12 @@ from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.files.folders import model_folders
 from engine.files.taesd import TinyDecoders
-from engine.hires import DEFAULT_UPSCALER, UPSCALERS, second_pass_steps, wants_hires
+from engine.hires import DEFAULT_UPSCALER, SECOND_PASS, UPSCALERS, second_pass_prompts, second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded, Upscaled
 from engine.logs import escaped
 from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
-from engine.models import Models, cancel_check
+from engine.models import LoadedModel, Models, cancel_check
 from engine.pipeline import generate as pipeline_generate
 from engine.pipeline import preview_image
 from engine.prompts import prompt_embeddings
@@ -269,14 +269,15 @@ class Engine:
         decoder = self.tiny_decoders.for_previews(model_folders(self.settings.models_dir), model.family, req.preview)
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
-        prompt, neg = without_lora_tags(req.prompt), without_lora_tags(req.neg)
-        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes). The flow-matching pipelines
-        # encode their own, with their own chat templates and no SD embeddings.
+        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes), the hires fix's second pass's
+        # too where it has its own. The flow-matching pipelines encode their own, with their own chat templates and
+        # no SD embeddings.
         conditioning = None
         if not model.family.flow:
-            embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
-            with torch.inference_mode():
-                conditioning = prompt_embeddings(model.txt2img, prompt, neg, req.clip_skip, embeddings)
+            conditioning = self.encoded(model, req.prompt, req.neg, req.clip_skip)
+            second_prompts = second_pass_prompts(req)
+            if wants_hires(req) and second_prompts != (req.prompt, req.neg):
+                conditioning[SECOND_PASS] = self.encoded(model, *second_prompts, req.clip_skip)
         job.started = time.time()
         job.events.put(Started())
         # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
@@ -301,6 +302,13 @@ class Engine:
             image, parameters, req.seed, model.name, model.family, job.step, round(seconds, 3), pictures, seeds
         )
         return dataclasses.replace(finished, interrupted=cut is not None, notices=req.notices)
+
+    def encoded(self, model: LoadedModel, prompt: str, neg: str, clip_skip: int) -> dict:
+        """A prompt and negative prompt encoded with the embeddings they name; their <lora:...> tags are no text."""
+        prompt, neg = without_lora_tags(prompt), without_lora_tags(neg)
+        embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
+        with torch.inference_mode():
+            return prompt_embeddings(model.txt2img, prompt, neg, clip_skip, embeddings)
 
     def step_reporter(self, job: Job, model, each: list, decoder=None):
         """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's

@@ -24,6 +24,9 @@ PICTURE_UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest
 UPSCALERS = (*LATENT_UPSCALERS, *PICTURE_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
 HIRES_STRENGTH = 0.7  # A1111's UI default for the second pass's denoising strength
+# The key of a conditioning (engine/prompts.py's prompt_embeddings) under which the second pass's own encoded prompts
+# ride along with the first pass's, where it has its own.
+SECOND_PASS = "second_pass"
 MAX_HIRES_STRENGTH = 0.999  # A1111 caps the strength here: the second pass always starts from the upscaled picture
 
 
@@ -105,6 +108,12 @@ def second_pass_steps(req) -> tuple:
     1 / strength, starting where its noise level matches the strength."""
     steps = req.hires_steps or req.num_steps
     return int(steps / min(req.hires_strength, MAX_HIRES_STRENGTH)), steps
+
+
+def second_pass_prompts(req) -> tuple:
+    """(prompt, negative prompt) the second pass draws with: its own where given, else the first pass's."""
+    prompt = req.prompt if req.hires_prompt is None else req.hires_prompt
+    return prompt, req.neg if req.hires_neg is None else req.hires_neg
 
 
 def upscaled(pictures, req, upscale=None):

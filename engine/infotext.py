@@ -85,7 +85,20 @@ def hires_parameters(req: "GenerationRequest") -> dict:
         settings["Hires sampler"] = sampler_label(req.hires_sampler)
     if req.hires_schedule != AUTOMATIC and req.hires_schedule != req.schedule:
         settings["Hires schedule type"] = schedule_label(req.hires_sampler or req.sampler, req.hires_schedule, False)
+    # A1111 writes the second pass's prompts (Forge its CFG scale) only where they differ from the first pass's.
+    if req.hires_prompt is not None and req.hires_prompt != req.prompt:
+        settings["Hires prompt"] = quoted(req.hires_prompt)
+    if req.hires_neg is not None and req.hires_neg != req.neg:
+        settings["Hires negative prompt"] = quoted(req.hires_neg)
+    if req.hires_guidance is not None and req.hires_guidance != req.guidance:
+        settings["Hires CFG Scale"] = req.hires_guidance
     return settings
+
+
+def quoted(text: str) -> str:
+    """A value as A1111's quote writes it: plain, or as a JSON string where it holds a comma, colon or line break (a
+    quote too, here, so that a value opening with one reads back as itself)."""
+    return json.dumps(text, ensure_ascii=False) if any(mark in text for mark in ',:\n"') else text
 
 
 def variation_settings(req: "GenerationRequest") -> dict:
@@ -236,6 +249,9 @@ FIELDS = {
     "Hires upscaler": ("hires_upscaler", lambda key, value: value),
     "Hires sampler": ("hires_sampler", lambda key, value: value),
     "Hires schedule type": ("hires_schedule", lambda key, value: value),
+    "Hires prompt": ("hires_prompt", lambda key, value: value),
+    "Hires negative prompt": ("hires_neg", lambda key, value: value),
+    "Hires CFG Scale": ("hires_guidance", number),  # Forge's
 }
 # Keys understood without a field of their own: the prompt's <lora:...> tags load the LoRAs these name.
 UNDERSTOOD = {"Lora hashes"}

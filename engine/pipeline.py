@@ -8,7 +8,15 @@ import torch
 from PIL import Image, ImageFilter
 
 from engine.flow import call_flow, vae_latents
-from engine.hires import LATENT_UPSCALERS, hires_size, second_pass_steps, upscaled, wants_hires
+from engine.hires import (
+    LATENT_UPSCALERS,
+    SECOND_PASS,
+    hires_size,
+    second_pass_prompts,
+    second_pass_steps,
+    upscaled,
+    wants_hires,
+)
 from engine.ksampling import KDiffusionScheduler
 from engine.models import LoadedModel
 from engine.noise import PictureNoise, Variation
@@ -23,8 +31,9 @@ def generate(
     model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None, upscale=None
 ) -> list:
     """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
-    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings),
-    and returns its `req.n` pictures, drawn together from the seeds seed, seed+1, ...
+    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings; a hires fix's
+    second pass's own under SECOND_PASS), and returns its `req.n` pictures, drawn together from the seeds seed,
+    seed+1, ...
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show, one per picture: the predicted finished latents where the sampler gives them, else the
@@ -104,10 +113,17 @@ def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, con
     width, height = hires_size(req)
     schedule_steps, steps = second_pass_steps(req)
     own_schedule = req.hires_sampler is not None or req.hires_schedule != AUTOMATIC
+    prompt, neg = second_pass_prompts(req)
     second = dataclasses.replace(
         req, width=width, height=height, num_steps=schedule_steps, hires_scale=None, hires_width=0, hires_height=0,
         sampler=req.hires_sampler or req.sampler, schedule=req.hires_schedule if own_schedule else req.schedule,
+        prompt=prompt, neg=neg, guidance=req.guidance if req.hires_guidance is None else req.hires_guidance,
     )  # fmt: skip
+    # The engine's conditioning carries the second pass's own encoded prompts under SECOND_PASS, where it has them;
+    # without a conditioning, each pass encodes its own request's prompts.
+    conditioning = conditioning or {}
+    first_conditioning = {key: value for key, value in conditioning.items() if key != SECOND_PASS} or None
+    second_conditioning = conditioning.get(SECOND_PASS, first_conditioning)
     first_steps = evaluations(model, req, 0)
     total = first_steps + evaluations(model, second, schedule_steps - steps)
     stopped = []
@@ -121,14 +137,14 @@ def generate_hires(model: LoadedModel, req: GenerationRequest, on_step=None, con
 
     latent = req.hires_upscaler in LATENT_UPSCALERS
     size = {"width": req.width, "height": req.height, "output_type": "latent" if latent else "pil"}
-    first = call_pipeline(model, model.txt2img, req, first_step, conditioning, **size)
+    first = call_pipeline(model, model.txt2img, req, first_step, first_conditioning, **size)
     if stopped and stopped[-1]:
         with torch.inference_mode():
             return [vae_preview(model.txt2img.vae, each[None]) for each in first] if latent else first
     # The diffusers pipeline runs int(num_steps * strength) steps of its schedule: this strength makes that `steps`.
     strength = min(1.0, (steps + 0.5) / schedule_steps)
     image = upscaled(first, req, upscale)
-    return call_pipeline(model, model.img2img, second, second_step, conditioning, image=image, strength=strength)
+    return call_pipeline(model, model.img2img, second, second_step, second_conditioning, image=image, strength=strength)
 
 
 def evaluations(model: LoadedModel, req: GenerationRequest, skipped: int) -> int:

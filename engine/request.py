@@ -91,6 +91,9 @@ class GenerationRequest:
     hires_strength: float = HIRES_STRENGTH
     hires_sampler: str | None = None  # None: the first pass's sampler and schedule
     hires_schedule: str = AUTOMATIC
+    hires_prompt: str | None = None  # None: the first pass's prompt, negative prompt and guidance
+    hires_neg: str | None = None
+    hires_guidance: float | None = None
     clip_skip: int = 1  # 1: the text encoder's last layer; 2: the one before, as AUTOMATIC1111 counts
     loras: list = dataclasses.field(default_factory=list)  # (name, weight): the field's, then the prompt's tags
     parameters: str | None = None  # pasted A1111 generation data, which filled the fields the body left out
@@ -115,7 +118,7 @@ REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"par
 
 # Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
 # documented ones.
-FIELD_ALIASES = {"negative_prompt": "neg", "steps": "num_steps"}
+FIELD_ALIASES = {"negative_prompt": "neg", "hires_negative_prompt": "hires_neg", "steps": "num_steps"}
 
 
 def parse_request(
@@ -139,6 +142,7 @@ def parse_request(
         **drawing_fields(body, rng, max_batch, max_size),
         **hires_fields(body, max_size, MAX_STEPS),
         **hires_sampler(body),
+        **hires_prompts(body),
         model=fields.text(body, "model", None, MAX_NAME_CHARS),
         stream=fields.integer(body, "stream", 0, 0, MAX_STEPS),
         preview=one_of(body, "preview", defaults.preview, PREVIEW_MODES),
@@ -148,6 +152,9 @@ def parse_request(
     )
     parse_prompt_attention(parsed.prompt)
     parse_prompt_attention(parsed.neg, "neg")
+    for field in ("hires_prompt", "hires_neg"):
+        if getattr(parsed, field) is not None:
+            parse_prompt_attention(getattr(parsed, field), field)
     if parsed.img is not None and parsed.num_steps is not None:
         check_steps_left(parsed)
     if wants_hires(parsed) and parsed.width is not None and parsed.height is not None:
@@ -164,6 +171,16 @@ def check_field_names(body: dict) -> None:
     if body.get("model") == "":
         message = f"{named('model')} must name a model, not be empty; leave it out for the default"
         raise ImagineError(message, field="model")
+
+
+def hires_prompts(body: dict) -> dict:
+    """The hires fix's second-pass prompt, negative prompt and guidance, where given: as `prompt`, `neg` and
+    `guidance` are read. Its prompt's <lora:...> tags load nothing: the first pass's LoRAs draw both passes."""
+    return {
+        "hires_prompt": fields.text(body, "hires_prompt", None, MAX_PROMPT_CHARS),
+        "hires_neg": fields.text(body, "hires_neg", None, MAX_PROMPT_CHARS),
+        "hires_guidance": fields.number(body, "hires_guidance", None, 0.0, MAX_GUIDANCE),
+    }
 
 
 def picture_fields(body: dict, max_size: int) -> dict:
@@ -344,6 +361,9 @@ def for_family(req: GenerationRequest, family: Family, max_size: int) -> Generat
     if not family.flow:
         check_chunk_count(filled.prompt)
         check_chunk_count(filled.neg, "neg")
+        for field in ("hires_prompt", "hires_neg"):
+            if getattr(filled, field) is not None:
+                check_chunk_count(getattr(filled, field), field)
     if filled.img is not None:
         check_steps_left(filled)
     if wants_hires(filled):

@@ -86,6 +86,33 @@ def test_a_hires_pictures_pasted_parameters_draw_the_same_picture(client):
     assert (pixels(again) == pixels(first)).all()
 
 
+def test_a_second_pass_prompt_or_negative_prompt_changes_the_picture_and_one_equal_to_the_first_passes_does_not(
+    client,
+):
+    plain = pixels(drawn(client, HIRES)["images"][0])
+    same = drawn(client, {**HIRES, "hires_prompt": "a lighthouse", "hires_neg": ""})["images"][0]
+    assert (pixels(same) == plain).all()
+    assert "Hires prompt" not in decode_png(same).info["parameters"]
+    for fields in ({"hires_prompt": "a red barn"}, {"hires_negative_prompt": "fog"}):
+        assert not (pixels(drawn(client, {**HIRES, **fields})["images"][0]) == plain).all(), fields
+
+
+def test_a_second_pass_guidance_changes_the_picture_and_the_first_passes_does_not(client):
+    plain = pixels(drawn(client, {**HIRES, "guidance": 7})["images"][0])
+    assert (pixels(drawn(client, {**HIRES, "guidance": 7, "hires_guidance": 7})["images"][0]) == plain).all()
+    assert not (pixels(drawn(client, {**HIRES, "guidance": 7, "hires_guidance": 2})["images"][0]) == plain).all()
+
+
+def test_pasted_parameters_with_a_second_pass_prompt_and_guidance_draw_the_same_picture(client):
+    own = {"hires_prompt": "a red barn, at dusk", "hires_neg": "fog", "hires_guidance": 3}
+    first = drawn(client, {**HIRES, **own})["images"][0]
+    parameters = decode_png(first).info["parameters"]
+    assert 'Hires prompt: "a red barn, at dusk", Hires negative prompt: fog, Hires CFG Scale: 3.0' in parameters
+    answer = drawn(client, {"parameters": parameters})
+    assert answer["parameters_ignored"] == [] and (pixels(answer["images"][0]) == pixels(first)).all()
+    assert not (pixels(drawn(client, HIRES)["images"][0]) == pixels(first)).all()
+
+
 def test_a_pasted_model_upscaler_draws_with_latent_and_says_so(client):
     parameters = (
         "a lighthouse\nSteps: 2, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, "
@@ -105,6 +132,9 @@ def test_a_pasted_model_upscaler_draws_with_latent_and_says_so(client):
         ({"hires_width": 4096}, "hires_width must be between 0 and 2048"),
         ({"hires_scale": 2, "hires_strength": 0}, "hires_strength must be more than 0"),
         ({"hires_scale": 2, "hires_sampler": "fast"}, "hires_sampler 'fast' is unknown"),
+        ({"hires_scale": 2, "hires_prompt": 5}, "hires_prompt must be a string, not 5"),
+        ({"hires_scale": 2, "hires_neg": "(fog:1.2.3)"}, "hires_neg weight '1.2.3' is not a number"),
+        ({"hires_scale": 2, "hires_guidance": 1000}, "hires_guidance must be between 0.0 and 30.0, not 1000"),
     ],
 )
 def test_bad_hires_fields_are_refused_naming_the_field_and_value(client, fields, message):
@@ -180,7 +210,18 @@ def test_an_unknown_hr_upscaler_falls_back_to_latent_as_in_a1111_and_is_named_ig
     info = json.loads(answer["info"])
     assert decode_png(answer["images"][0]).size == (128, 128)  # hr_scale's default, 2
     assert "Hires upscaler: Latent" in info["infotexts"][0]
-    assert info["imagine_ignored"] == ["hr_upscaler", "hr_prompt"]
+    assert info["imagine_ignored"] == ["hr_upscaler"]
+
+
+def test_a1111s_hr_prompt_hr_negative_prompt_and_hr_cfg_draw_the_second_pass_and_are_not_ignored(client):
+    body = {"prompt": "a cat", "enable_hr": True, "hr_prompt": "", "hr_negative_prompt": "", "cfg_scale": 7, **SMALL}
+    plain = client.post("/sdapi/v1/txt2img", json=body).get_json()
+    own = {"hr_prompt": "a dog, asleep", "hr_negative_prompt": "fog", "hr_cfg": 3}
+    answer = client.post("/sdapi/v1/txt2img", json={**body, **own}).get_json()
+    info = json.loads(answer["info"])
+    assert info["imagine_ignored"] == [] and "Hires prompt" not in json.loads(plain["info"])["infotexts"][0]
+    assert 'Hires prompt: "a dog, asleep", Hires negative prompt: fog, Hires CFG Scale: 3.0' in info["infotexts"][0]
+    assert not (pixels(answer["images"][0]) == pixels(plain["images"][0])).all()
 
 
 @pytest.mark.parametrize(

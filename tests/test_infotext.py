@@ -118,6 +118,8 @@ def test_parameters_must_be_text():
         {"sampler": "dpm++ sde", "schedule": "beta"},
         {"sampler": "euler a", "hires_width": 96, "hires_steps": 2, "hires_strength": 0.6, "hires_sampler": "euler",
          "hires_upscaler": "Nearest"},  # the hires fix's own sampler, a resize and a picture upscaler
+        {"hires_scale": 2, "hires_steps": 2, "hires_prompt": 'a "tall" (barn:1.2)\nat dusk', "hires_neg": "",
+         "hires_guidance": 4},  # the second pass's own prompts (quoted, an empty one too) and guidance
     ],
 )  # fmt: skip
 def test_a_saved_pictures_own_parameters_pasted_back_redraw_it_exactly(client, fields):
