@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE, Settings
+from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE, STATE_DIR, Settings
 
 log = logging.getLogger("imagine")
 
@@ -120,6 +120,20 @@ OPTIONS = (
         int,
     ),
     Option(
+        "state_dir",
+        ("--state-dir",),
+        "where jobs (POST /jobs) are kept so that they outlive a restart: a database and the pictures beside it; "
+        "one server a folder (default ~/.imagine)",
+        Path,
+    ),
+    Option(
+        "job_attempts",
+        ("--job-attempts",),
+        "times a job is started before the server stopping while it draws (a crash, an out-of-memory kill) fails it "
+        "(default 2)",
+        int,
+    ),
+    Option(
         "api_key",
         ("--api-key",),
         "require 'Authorization: Bearer KEY' on every request; prefer the variable: flags show in ps (default none)",
@@ -149,7 +163,7 @@ def parse_settings(argv=None) -> Settings:
         "route (the web page in a browser).",
         epilog="Each flag falls back to the environment variable shown, e.g. IMAGINE_PORT=5001.",
     )
-    defaults = Settings()
+    defaults = Settings(state_dir=STATE_DIR)  # the server keeps its jobs; an engine alone (Settings()) keeps none
     for option in OPTIONS:
         env = f"IMAGINE_{option.name.upper()}"
         default = os.environ.get(env, getattr(defaults, option.name))
@@ -165,7 +179,8 @@ def parse_settings(argv=None) -> Settings:
     for problem in setting_problems(args):
         parser.error(problem)
     origins = tuple(origin.strip().rstrip("/") for origin in str(args.cors_origins).split(",") if origin.strip())
-    return Settings(**{**vars(args), "models_dir": Path(args.models_dir).expanduser(), "cors_origins": origins})
+    paths = {"models_dir": Path(args.models_dir).expanduser(), "state_dir": Path(args.state_dir).expanduser()}
+    return Settings(**{**vars(args), **paths, "cors_origins": origins})
 
 
 def setting_problems(args) -> list:
@@ -182,6 +197,7 @@ def setting_problems(args) -> list:
         (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
         (args.folder_timeout >= 1, f"--folder-timeout must be at least 1 (seconds), not {args.folder_timeout}"),
         (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
+        (args.job_attempts >= 1, f"--job-attempts must be at least 1, not {args.job_attempts}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),
     ]  # fmt: skip
@@ -207,6 +223,7 @@ from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.files.folders import model_folders  # noqa: E402
 from engine.held_jobs import JobStore  # noqa: E402
+from engine.job_ledger import FolderUnusable, JobLedger  # noqa: E402
 from engine.logs import escaped  # noqa: E402
 
 DIALECTS = {"native": native, "jobs": jobs, "pulls": pulls, "openai": openai, "a1111": a1111}
@@ -220,7 +237,7 @@ def create_app(engine: Engine) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = native.MAX_BODY_BYTES  # larger bodies get 413 before they are read
     app.extensions["imagine.engine"] = engine
     app.extensions["imagine.slots"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
-    app.extensions["imagine.jobs"] = JobStore(engine)
+    app.extensions["imagine.jobs"] = JobStore(engine, ledger=open_ledger(engine.settings))
     # An event stream for each job the engine may hold; each holds a thread of its own (see create_server).
     app.extensions["imagine.streams"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
     guard(app, engine.settings)
@@ -252,6 +269,15 @@ def create_app(engine: Engine) -> Flask:
         return jsonify(dialect_error(ImagineError("internal error; the server log has the details", 500))), 500
 
     return app
+
+
+def open_ledger(settings: Settings) -> JobLedger | None:
+    """Where jobs outlive the process (--state-dir), taken for this server; None where the settings name no folder."""
+    if settings.state_dir is None:
+        return None
+    ledger = JobLedger(settings.state_dir)
+    log.info("jobs are kept in %s (--state-dir)", escaped(settings.state_dir))
+    return ledger
 
 
 def current_dialect() -> str:
@@ -328,6 +354,8 @@ def main(argv=None) -> None:
     check_models_folders(settings)
     try:
         server = create_server(engine, settings.host, settings.port)
+    except FolderUnusable as error:
+        raise SystemExit(str(error)) from None
     except OSError as error:
         raise SystemExit(cannot_listen(settings, error)) from None
     # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns.

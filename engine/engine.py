@@ -7,7 +7,6 @@ import functools
 import logging
 import math
 import queue
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from engine.models import LoadedModel, Models, cancel_check
 from engine.pipeline import generate as pipeline_generate
 from engine.pipeline import preview_image
 from engine.prompts import prompt_embeddings
-from engine.request import RANDOM_SEEDS, GenerationRequest, for_family, picture_seeds
+from engine.request import GenerationRequest, for_family, picture_seeds, with_seeds
 from engine.settings import CONFIGS_DIR, Settings
 from engine.upscalers import UpscaleRequest, Upscalers, check_upscale_request
 
@@ -87,10 +86,7 @@ class Engine:
         job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
-        if req.seed is None:
-            job.request = dataclasses.replace(job.request, seed=secrets.randbelow(RANDOM_SEEDS))
-        if req.variation_strength and req.variation_seed is None:
-            job.request = dataclasses.replace(job.request, variation_seed=secrets.randbelow(RANDOM_SEEDS))
+        job.request = with_seeds(job.request)
         return self.queue(job)
 
     def with_usable_upscaler(self, req: GenerationRequest) -> GenerationRequest:

@@ -1,8 +1,12 @@
 """Jobs that outlive their connection (POST /jobs): each held with the log of its events, so that a client that
-comes back picks its stream up where it left it; finished ones are kept --job-ttl seconds, at most --max-jobs."""
+comes back picks its stream up where it left it; finished ones are kept --job-ttl seconds, at most --max-jobs. With a
+ledger (engine/job_ledger.py, the server's --state-dir), they outlive the process too: each change is written there,
+and a server that starts takes back the jobs the last one left."""
 
 import dataclasses
+import logging
 import secrets
+import sqlite3
 import threading
 import time
 import weakref
@@ -10,7 +14,10 @@ import weakref
 from engine.engine import Engine
 from engine.errors import ImagineError
 from engine.job import Failed, Finished, Job, Loading, Preview, Progress, Started
-from engine.request import GenerationRequest
+from engine.job_ledger import JobLedger
+from engine.request import GenerationRequest, with_seeds
+
+log = logging.getLogger("imagine")
 
 ENDED = ("done", "failed", "cancelled")
 SWEEP_SECONDS = 1.0  # how often expired jobs are looked for, so that their pictures go without a request
@@ -36,11 +43,15 @@ class HeldJob:
     engine's Job (its request and input pictures) are let go: what stays is the log, a few numbers and the finished
     pictures."""
 
-    def __init__(self, job_id: str, clock, prompt: str, steps: int):
+    def __init__(self, job_id: str, clock, prompt: str, steps: int, keep=None, ticks=time.monotonic):
         self.id = job_id
         self.prompt = prompt  # what the job draws, for a client that names its file after it (imagine --job)
         self.clock = clock
         self.created, self.started, self.finished = clock(), None, None
+        # ticks() when it ended, which its age is measured from: a wall clock set back or forward cannot expire it
+        self.ticks, self.ended = ticks, None
+        self.keep = keep  # keep(held, event) writes what each event changed to the ledger; None: kept in memory only
+        self.attempts = 0  # how often it started running, in this process and those before it
         self.status = "queued"
         self.step, self.steps = 0, steps
         self.error = None  # why it failed or was cancelled
@@ -59,26 +70,32 @@ class HeldJob:
                 self.steps = self.steps or job.request.num_steps or 0  # the family's, where the request gave none
 
     def put(self, event) -> None:
-        """Takes one event from the engine (on its thread, or on the thread that cancels the job)."""
+        """Takes one event from the engine (on its thread, or on the thread that cancels the job), then keeps it."""
         with self.changed:
             if self.status in ENDED:
                 return
-            if isinstance(event, Loading):  # running from the moment the engine takes it, its model loading included
-                self.status = "running"
-            elif isinstance(event, Started):
-                self.started = self.clock()
-            elif isinstance(event, Progress):
-                self.step, self.steps = event.step, event.steps
-                self.append("progress")
-            elif isinstance(event, Preview) and event.index == 0:  # the first picture's, in the last one's place
-                self.log = [record for record in self.log if record.kind != "preview"]
-                self.append("preview", event)
-            elif isinstance(event, Finished):
-                self.result = event
-                self.end("done")
-            elif isinstance(event, Failed):
-                self.error = event.error.message
-                self.end("cancelled" if event.cancelled else "failed")
+            self.take(event)
+        if self.keep is not None:  # outside the lock: a finished job's pictures are written while its clients read
+            self.keep(self, event)
+
+    def take(self, event) -> None:
+        if isinstance(event, Loading):  # running from the moment the engine takes it, its model loading included
+            self.status = "running"
+            self.attempts += 1
+        elif isinstance(event, Started):
+            self.started = self.clock()
+        elif isinstance(event, Progress):
+            self.step, self.steps = event.step, event.steps
+            self.append("progress")
+        elif isinstance(event, Preview) and event.index == 0:  # the first picture's, in the last one's place
+            self.log = [record for record in self.log if record.kind != "preview"]
+            self.append("preview", event)
+        elif isinstance(event, Finished):
+            self.result = event
+            self.end("done")
+        elif isinstance(event, Failed):
+            self.error = event.error.message
+            self.end("cancelled" if event.cancelled else "failed")
 
     def append(self, kind: str, preview: Preview | None = None) -> None:
         self.last_id += 1
@@ -86,7 +103,7 @@ class HeldJob:
         self.changed.notify_all()
 
     def end(self, status: str) -> None:
-        self.status, self.finished = status, self.clock()
+        self.status, self.finished, self.ended = status, self.clock(), self.ticks()
         self.job = None
         self.log = [record for record in self.log if record.kind != "preview"]
         self.append(status)
@@ -149,25 +166,50 @@ class JobStore:
     fetch another client's pictures. A finished job goes after `job_ttl` seconds, or earlier when more than
     `max_jobs` have finished: first those that hold no picture to collect (failed, cancelled, or done and collected),
     the oldest first; a done job whose pictures nobody has collected stays its whole TTL, so that another client's
-    flood of jobs cannot push it out. The unfinished are bounded by the engine's queue."""
+    flood of jobs cannot push it out. The unfinished are bounded by the engine's queue.
 
-    def __init__(self, engine: Engine, clock=time.time):
+    With a `ledger`, every job is written there before its 202 and each change after, and the jobs it holds are taken
+    back at once (restore). `clock` gives the wall-clock times jobs show and the ledger keeps; `ticks` the monotonic
+    one their age is measured by."""
+
+    def __init__(self, engine: Engine, clock=time.time, ledger: JobLedger | None = None, ticks=time.monotonic):
         self.engine = engine
-        self.clock = clock
+        self.clock, self.ticks = clock, ticks
+        self.ledger = ledger
         self.held = {}  # id -> HeldJob, oldest first
         self.lock = threading.Lock()
+        if ledger is not None:
+            self.restore()
         sweeper = threading.Thread(target=sweep, args=(weakref.ref(self),), name="job-sweeper", daemon=True)
         sweeper.start()
 
     def submit(self, req: GenerationRequest) -> HeldJob:
-        """Queues a request as a job; refused as the engine refuses (full queue, unknown model), keeping nothing."""
-        held = HeldJob(secrets.token_hex(16), self.clock, req.prompt, req.num_steps or 0)
+        """Queues a request as a job; refused as the engine refuses (full queue, unknown model), or with 507 where the
+        ledger's disk is full, keeping nothing. Its seeds are drawn here, so that the ledger keeps them."""
+        req = with_seeds(req)
+        held = self.new_job(secrets.token_hex(16), req.prompt, req.num_steps or 0)
+        if self.ledger is not None:
+            self.ledger.check_room(req, self.engine.settings.max_size)
+            self.ledger.add(held.id, req, held.created)
+        try:
+            self.queue(held, req)
+        except ImagineError:
+            if self.ledger is not None:
+                self.ledger.forget([held.id])
+            raise
+        self.expire()
+        return held
+
+    def new_job(self, job_id: str, prompt: str, steps: int) -> HeldJob:
+        keep = None if self.ledger is None else self.keep
+        return HeldJob(job_id, self.clock, prompt, steps, keep, self.ticks)
+
+    def queue(self, held: HeldJob, req: GenerationRequest) -> None:
+        """Hands the job to the engine and holds it."""
         # No client_gone: a client that leaves (a reload, a phone asleep) does not cancel its job.
         held.attach(self.engine.submit(req, None, events=held))
         with self.lock:
             self.held[held.id] = held
-        self.expire()
-        return held
 
     def get(self, job_id: str) -> HeldJob:
         """The job `job_id`: the same dictionary look-up, and the same 404, for an id never given and an expired
@@ -201,20 +243,108 @@ class JobStore:
 
     def expire(self) -> None:
         """Drops the finished jobs past the TTL, then, past the cap, those holding nothing left to collect, oldest
-        first, freeing their pictures."""
-        settings, now = self.engine.settings, self.clock()
+        first, freeing their pictures (and the ledger's rows and files)."""
+        settings, now = self.engine.settings, self.ticks()
         with self.lock:
-            for held in list(self.held.values()):
-                if held.finished is not None and now - held.finished >= settings.job_ttl:
-                    del self.held[held.id]
-            ended = [held for held in self.held.values() if held.finished is not None]
-            collected = sorted((held for held in ended if held.collected()), key=finished_at)
-            for held in collected[: max(0, len(ended) - settings.max_jobs)]:
+            ended = [held for held in self.held.values() if held.ended is not None]
+            gone = [held for held in ended if now - held.ended >= settings.job_ttl]
+            ended = [held for held in ended if held not in gone]
+            collected = sorted((held for held in ended if held.collected()), key=ended_at)
+            gone += collected[: max(0, len(ended) - settings.max_jobs)]
+            for held in gone:
                 del self.held[held.id]
+        if gone and self.ledger is not None:
+            self.ledger.forget([held.id for held in gone])
+
+    # -----------------------------------------------------------------------------------------
+    # The ledger
+    # -----------------------------------------------------------------------------------------
+
+    def keep(self, held: HeldJob, event) -> None:
+        """Writes to the ledger what `event` changed of `held` (on the engine's thread, mostly). A write that fails
+        is logged: the job goes on in memory, and the server with it."""
+        ledger, job_id = self.ledger, held.id
+        try:
+            if isinstance(event, Loading):
+                ledger.update(job_id, status="running", attempts=held.attempts, step=0)
+            elif isinstance(event, Started):
+                ledger.update(job_id, started=held.started)
+            elif isinstance(event, Progress) or isinstance(event, Preview) and event.index == 0:  # those it logs
+                ledger.update(job_id, step=held.step, steps=held.steps, last_id=held.last_id)
+            elif isinstance(event, Failed) and self.stopped_by_server(event):
+                ledger.requeue(job_id, held.last_id)
+            elif isinstance(event, (Finished, Failed)):
+                columns = {"status": held.status, "finished": held.finished, "last_id": held.last_id}
+                columns |= {"error": held.error, "step": held.step, "steps": held.steps}
+                if isinstance(event, Finished):
+                    ledger.finish(job_id, event, **columns)
+                else:
+                    ledger.update(job_id, **columns)
+        except (OSError, sqlite3.Error, ValueError) as error:
+            log.error("could not keep job %s in the state folder: %s", job_id, error)
+
+    def stopped_by_server(self, event: Failed) -> bool:
+        """Whether a job was cancelled by the server stopping (SIGTERM: an upgrade, systemctl restart), which runs
+        it again when it starts, rather than by its client."""
+        return event.cancelled and self.engine.stopping and event.error.status == 503
+
+    def restore(self) -> None:
+        """Takes back the jobs the ledger holds, in the order they were accepted: ended ones as they ended, until
+        their TTL; unfinished ones queued again, one that was running drawn again from the start with the same seeds,
+        unless the server stopped --job-attempts times while drawing it."""
+        now, tick = self.clock(), self.ticks()
+        counts = {"queued again": 0, "ended": 0, "failed": 0}
+        for row in self.ledger.rows():
+            held = self.new_job(row["id"], row["prompt"], row["steps"])
+            held.created, held.started, held.attempts = row["created"], row["started"], row["attempts"]
+            held.step, held.last_id = row["step"], row["last_id"]
+            if row["status"] in ENDED:
+                self.restore_ended(held, row, now, tick)
+                counts["ended"] += 1
+            else:
+                counts["queued again" if self.requeue(held, row) else "failed"] += 1
+        if any(counts.values()):
+            log.info(
+                "took back the jobs kept in %s: %s",
+                self.ledger.folder, ", ".join(f"{count} {what}" for what, count in counts.items()),
+            )  # fmt: skip
+        self.expire()
+
+    def restore_ended(self, held: HeldJob, row: dict, now: float, tick: float) -> None:
+        """An ended job as it ended. Its age is the wall clock's since it ended, taken as 0 where the clock reads
+        earlier than that (it was set back), and from then on the monotonic clock's: no clock's jump drops it early."""
+        held.status, held.finished, held.error, held.steps = row["status"], row["finished"], row["error"], row["steps"]
+        held.ended = tick - min(max(now - row["finished"], 0.0), self.engine.settings.job_ttl)
+        if held.status == "done":
+            try:
+                held.result = self.ledger.read_result(row)
+            except (OSError, ValueError, KeyError) as error:
+                held.status, held.error, held.result = "failed", f"its pictures could not be read back: {error}", None
+        held.log = [Record(held.last_id, held.status, held.step, held.steps)]
+        with self.lock:
+            self.held[held.id] = held
+
+    def requeue(self, held: HeldJob, row: dict) -> bool:
+        """Queues an unfinished job again; False where it failed instead, saying why."""
+        attempts = self.engine.settings.job_attempts
+        with self.lock:
+            self.held[held.id] = held
+        try:
+            if row["status"] == "running" and row["attempts"] >= attempts:
+                times = "once" if attempts == 1 else f"{attempts} times"
+                why = f"the server stopped {times} while drawing it (--job-attempts {attempts})"
+                raise ImagineError(why, 500)
+            self.queue(held, self.ledger.read_request(row))
+            return True
+        except (OSError, ValueError, KeyError) as error:
+            held.put(Failed(ImagineError(f"its request could not be read back: {error}", 500)))
+        except ImagineError as error:
+            held.put(Failed(error))
+        return False
 
 
-def finished_at(held: HeldJob) -> float:
-    return held.finished
+def ended_at(held: HeldJob) -> float:
+    return held.ended
 
 
 def sweep(store_ref) -> None:

@@ -4,6 +4,7 @@ the pictures it carries decoded once; the settings a finished picture records.""
 import dataclasses
 import json
 import math
+import secrets
 
 from PIL import Image
 
@@ -271,6 +272,16 @@ def seed(body: dict, field: str, n: int) -> int | None:
             field=field,
         )
     return value
+
+
+def with_seeds(req: GenerationRequest) -> GenerationRequest:
+    """The request with the seeds it leaves to chance drawn, as the engine draws them when it queues a request: a job
+    kept across restarts is drawn again with the same ones."""
+    if req.seed is None:
+        req = dataclasses.replace(req, seed=secrets.randbelow(RANDOM_SEEDS))
+    if req.variation_strength and req.variation_seed is None:
+        req = dataclasses.replace(req, variation_seed=secrets.randbelow(RANDOM_SEEDS))
+    return req
 
 
 def picture_seeds(req: GenerationRequest) -> list:

@@ -7,6 +7,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # model config
 DEMO_MODEL = "demo"
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
 MAX_BATCH = 8  # pictures one request may ask for (`n`); a setting
+STATE_DIR = Path("~/.imagine").expanduser()  # where the server keeps its jobs (imagine.py's default)
 
 
 @dataclasses.dataclass
@@ -28,6 +29,10 @@ class Settings:
     folder_timeout: int = 10  # seconds a request waits for the models folders to be read before it gets 503
     job_ttl: int = 600  # seconds a finished job (POST /jobs) is kept for its client to collect
     max_jobs: int = 64  # finished jobs kept at once; the oldest finished goes first
+    # Where POST /jobs jobs are kept across restarts (engine/job_ledger.py); None keeps them in memory only, as an
+    # engine does that no server runs (the CLI drawing on its own, tests). The server's default is STATE_DIR.
+    state_dir: Path | None = None
+    job_attempts: int = 2  # times a job is started before the server stopping during it fails it
     api_key: str = ""
     cors_origins: tuple = ()
     no_web: bool = False

@@ -88,6 +88,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A state folder of the test's own (IMAGINE_STATE_DIR) for every server it starts: none keeps its jobs in
+    ~/.imagine, and none takes back another test's."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("IMAGINE_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """A models directory holding one extra tiny model, as a diffusers folder named 'tiny'."""
@@ -250,6 +259,7 @@ def start_server(tmp_path):
     def start(port):
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         command = [str(link), "--model", "demo", "--models-dir", str(tmp_path), "--port", str(port), "-d", "cpu"]
+        command += ["--state-dir", str(tmp_path / f"state-{port}")]  # beside another server the test starts
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         processes.append(process)
         return f"http://127.0.0.1:{port}", read_log_until_listening(process)

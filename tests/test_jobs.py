@@ -259,7 +259,7 @@ def test_a_finished_job_is_kept_for_the_ttl_then_answers_as_an_unknown_id_does(m
     now = [1000.0]
     engine = make_engine(model="demo", job_ttl=10)
     app = imagine.create_app(engine)
-    app.extensions["imagine.jobs"] = JobStore(engine, clock=lambda: now[0])
+    app.extensions["imagine.jobs"] = JobStore(engine, clock=lambda: now[0], ticks=lambda: now[0])
     client = app.test_client()
     submitted = submit(client)
     wait_for(client, submitted["id"], "done")
