@@ -254,7 +254,10 @@ class JobStore:
             for held in gone:
                 del self.held[held.id]
         if gone and self.ledger is not None:
-            self.ledger.forget([held.id for held in gone])
+            try:
+                self.ledger.forget([held.id for held in gone])
+            except (OSError, sqlite3.Error) as error:  # the sweeper, which calls this, must outlive a bad disk
+                log.error("could not delete expired jobs from the state folder: %s", error)
 
     # -----------------------------------------------------------------------------------------
     # The ledger

@@ -61,7 +61,11 @@ class JobLedger:
     def __init__(self, folder: Path):
         self.folder = folder
         self.lock = take_folder(folder)
-        self.db = open_database(folder / DATABASE, folder / PICTURES)
+        try:
+            self.db = open_database(folder / DATABASE, folder / PICTURES)
+        except (OSError, sqlite3.Error) as error:  # a fresh database cannot be made either: nothing to put aside
+            self.lock.close()
+            raise FolderUnusable(f"imagine: cannot keep jobs in {where(folder)}: {error}") from None
         self.writing = threading.Lock()
         self.tidy()
 
@@ -148,12 +152,11 @@ class JobLedger:
 def take_folder(folder: Path):
     """Makes the state folder and takes its lock, writing this process's id in the lock file; the lock goes with
     the process, however it ends (kill -9 included)."""
-    where = f"the state folder {escaped(folder)} (--state-dir, IMAGINE_STATE_DIR)"
     try:
         (folder / PICTURES).mkdir(parents=True, exist_ok=True)
         lock = open(folder / LOCK, "a+")  # noqa: SIM115 - held open as long as the server runs
     except OSError as error:
-        raise FolderUnusable(f"imagine: cannot use {where}: {error.strerror}") from None
+        raise FolderUnusable(f"imagine: cannot use {where(folder)}: {error.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -162,13 +165,17 @@ def take_folder(folder: Path):
         lock.close()
         process = f" (process {owner})" if owner.isdigit() else ""
         raise FolderUnusable(
-            f"imagine: {where} is in use by another Imagine server{process}: one server keeps its jobs there at a "
-            "time; stop that one, or give this one a state folder of its own with --state-dir"
+            f"imagine: {where(folder)} is in use by another Imagine server{process}: one server keeps its jobs there "
+            "at a time; stop that one, or give this one a state folder of its own with --state-dir"
         ) from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def where(folder: Path) -> str:
+    return f"the state folder {escaped(folder)} (--state-dir, IMAGINE_STATE_DIR)"
 
 
 def open_database(path: Path, pictures: Path) -> sqlite3.Connection:

@@ -24,7 +24,7 @@ import imagine
 from engine import job_ledger
 from engine.errors import ImagineError
 from engine.held_jobs import JobStore
-from engine.job_ledger import DATABASE, JobLedger
+from engine.job_ledger import DATABASE, FolderUnusable, JobLedger
 from engine.request import parse_request
 
 ROOT = Path(imagine.__file__).resolve().parent
@@ -216,6 +216,16 @@ def test_a_second_server_on_the_same_state_folder_is_refused_naming_it_and_the_o
         f"imagine: the state folder {state_dir} (--state-dir, IMAGINE_STATE_DIR) is in use by another Imagine server "
         f"(process {os.getpid()}): one server keeps its jobs there at a time; stop that one, or give this one a state "
         "folder of its own with --state-dir"
+    )
+
+
+def test_a_state_folder_that_cannot_be_made_stops_the_start_naming_it(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(FolderUnusable) as refused:
+        JobLedger(blocked)
+    assert str(refused.value) == (
+        f"imagine: cannot use the state folder {blocked} (--state-dir, IMAGINE_STATE_DIR): Not a directory"
     )
 
 
