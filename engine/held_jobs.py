@@ -305,6 +305,9 @@ class JobStore:
                 self.restore_ended(held, row, now, tick)
                 counts["ended"] += 1
             else:
+                # Its streams may have sent one event more than was written (the server died between the two): a
+                # client's Last-Event-ID may be that one, and the events from now on are numbered after it.
+                held.last_id += 1
                 counts["queued again" if self.requeue(held, row) else "failed"] += 1
         if any(counts.values()):
             log.info(
