@@ -337,7 +337,7 @@ class JobStore:
             self.held[held.id] = held
         try:
             if row["status"] == "running" and row["attempts"] >= attempts:
-                times = "once" if attempts == 1 else f"{attempts} times"
+                times = "once" if row["attempts"] == 1 else f"{row['attempts']} times"
                 why = f"the server stopped {times} while drawing it (--job-attempts {attempts})"
                 raise ImagineError(why, 500)
             self.queue(held, self.ledger.read_request(row))
