@@ -48,6 +48,15 @@ def kept_rows(state_dir: Path) -> list:
         return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY seq")]
 
 
+def wait_kept(state_dir: Path, job_id: str, status: str) -> None:
+    """Waits until the state folder holds the job as `status`: a job shows done as its pictures are being written."""
+
+    def kept() -> bool:
+        return any(row["id"] == job_id and row["status"] == status for row in kept_rows(state_dir))
+
+    wait_until(kept, f"job {job_id} is kept as {status}")
+
+
 def left_by_a_server(state_dir: Path, *jobs: tuple) -> list:
     """Writes jobs into the state folder as a server that died would have left them: (body, status, attempts) each;
     returns their ids."""
@@ -97,7 +106,7 @@ def test_a_job_the_server_stopped_under_job_attempts_times_fails_saying_so(make_
     assert failed["status"] == "failed"
     assert failed["error"] == "the server stopped 2 times while drawing it (--job-attempts 2)"
     assert wait_for(restarted, once, "done")["seed"] == 3  # its second attempt
-    crash(restarted)
+    wait_kept(state_dir, once, "done")
     assert [row["status"] for row in kept_rows(state_dir)] == ["failed", "done"]
 
 
@@ -144,6 +153,7 @@ def test_a_finished_jobs_pictures_survive_a_restart_then_go_with_its_files_after
     before = server(make_engine, state_dir, job_ttl=60)
     job_id = submit(before, n=2)["id"]
     drawn = wait_for(before, job_id, "done")
+    wait_kept(state_dir, job_id, "done")
     crash(before)
     now = [time.time()]
     after = restarted_with_clock(make_engine, state_dir, now)
@@ -169,6 +179,7 @@ def test_a_wall_clock_set_back_or_forward_expires_no_job_early(make_engine, stat
     before = server(make_engine, state_dir, job_ttl=60)
     job_id = submit(before)["id"]
     finished = wait_for(before, job_id, "done")["finished"]
+    wait_kept(state_dir, job_id, "done")
     crash(before)
     wall, tick = [finished - 3600], [0.0]  # the next start's clock an hour behind (a machine that kept a stale time)
     engine = make_engine(model="demo", state_dir=state_dir, job_ttl=60)
