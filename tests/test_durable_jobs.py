@@ -165,6 +165,17 @@ def test_a_finished_jobs_pictures_survive_a_restart_then_go_with_its_files_after
     assert kept_rows(state_dir) == [] and not (state_dir / "jobs" / job_id).exists()
 
 
+def test_a_job_pushed_out_past_max_jobs_leaves_no_row_or_picture_behind(make_engine, state_dir):
+    client = server(make_engine, state_dir, max_jobs=1)
+    first = submit(client, seed=1)["id"]
+    wait_for(client, first, "done")  # and collected: nothing left to collect, it goes first
+    wait_kept(state_dir, first, "done")
+    second = submit(client, seed=2)["id"]
+    wait_for(client, second, "done")
+    wait_until(lambda: [row["id"] for row in kept_rows(state_dir)] == [second], "the first job's row is gone")
+    assert not (state_dir / "jobs" / first).exists() and client.get(f"/jobs/{first}").status_code == 404
+
+
 def restarted_with_clock(make_engine, state_dir: Path, now: list):
     """A server started on `state_dir` whose wall clock and monotonic clock are both `now[0]`, for the test to move."""
     engine = make_engine(model="demo", state_dir=state_dir, job_ttl=60)
