@@ -3,6 +3,8 @@
 import dataclasses
 from pathlib import Path
 
+from engine.encodings import PROMPT_CACHE
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # model configs and tokenizers, shipped
 DEMO_MODEL = "demo"
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
@@ -18,6 +20,7 @@ class Settings:
     model: str = DEMO_MODEL
     models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
     max_loaded: int = 1
+    prompt_cache: int = PROMPT_CACHE  # encoded prompts each loaded model keeps (0: none)
     allow_downloads: bool = False
     compile: bool = False
     offload: str = "none"  # none, model or sequential: diffusers' CPU offload, for GPUs a model does not fit
