@@ -42,10 +42,12 @@ PROMPT = (
 )
 
 
-def random_encoder(model_class, config_dir: Path, dtype: torch.dtype):
-    """A text encoder of the released architecture in `config_dir`, random weights made directly in `dtype` (Qwen3-4B
-    in float32 would take 16 GB)."""
+def random_encoder(model_class, config_dir: Path, dtype: torch.dtype, layers: int | None = None):
+    """A text encoder of the released architecture in `config_dir` (`layers` of its layers where given), random
+    weights made directly in `dtype` (Qwen3-4B in float32 would take 16 GB)."""
     config = model_class.config_class.from_pretrained(config_dir)
+    if layers:
+        config.num_hidden_layers = layers
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -58,7 +60,7 @@ def tokenizer(config_dir: Path):
     return transformers.AutoTokenizer.from_pretrained(config_dir, local_files_only=True)
 
 
-def build(family: str, dtype: torch.dtype, qwen3=None):
+def build(family: str, dtype: torch.dtype, qwen3=None, layers: int | None = None):
     """(the family's pipeline holding only its tokenizers and text encoders, the Qwen3 encoder it holds or None)."""
     configs = CONFIGS_DIR / family.replace("sd15", "sd1")
     if family == "sd15":
@@ -76,7 +78,7 @@ def build(family: str, dtype: torch.dtype, qwen3=None):
             tokenizer=tokenizer(configs / "tokenizer"), tokenizer_2=tokenizer(configs / "tokenizer_2"),
         )  # fmt: skip
         return pipe, None
-    qwen3 = qwen3 or random_encoder(transformers.Qwen3Model, configs / "text_encoder", dtype)
+    qwen3 = qwen3 or random_encoder(transformers.Qwen3Model, configs / "text_encoder", dtype, layers)
     parts = {"vae": None, "transformer": None, "scheduler": None, "text_encoder": qwen3}
     if family == "z-image":
         return diffusers.ZImagePipeline(tokenizer=tokenizer(configs / "tokenizer"), **parts), qwen3
@@ -128,16 +130,24 @@ def main() -> None:
     parser.add_argument("--family", nargs="+", choices=("sd15", "sdxl", "z-image", "flux2-klein"), required=True)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of a new prompt and the same again")
+    parser.add_argument(
+        "--qwen3-layers",
+        type=int,
+        help="build Qwen3-4B with this many of its 36 layers, where memory is short (8 GB in bfloat16 for all): "
+        "the time grows with the layers, so the full encoder takes about 36/N times as long",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     engine = Engine(imagine.Settings(models_dir=Path(tempfile.mkdtemp())))  # for Engine.encoded; it runs nothing
     results, qwen3 = {}, None
     for family in args.family:
-        pipe, qwen3 = build(family, dtype, qwen3)
+        pipe, qwen3 = build(family, dtype, qwen3, args.qwen3_layers)
         with torch.inference_mode():
             results[family] = measure(family, pipe, args.repeats, engine)
     threads = torch.get_num_threads()
     print(f"\nEncoding a prompt and its negative: {args.dtype}, {threads} threads, {args.repeats} rounds")
+    if qwen3 is not None:
+        print(f"Qwen3-4B with {qwen3.config.num_hidden_layers} of its 36 layers")
     print("\n| family | prompt tokens | first time, s | again, ms | again ÷ first | one entry |")
     print("|---|---|---|---|---|---|")
     for family, result in results.items():

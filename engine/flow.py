@@ -185,19 +185,6 @@ def encoded_text(model, text: str, encodings: Encodings) -> dict:
     return encodings.get((text, text_encoder_loras(model)), encode)
 
 
-def prompt_inputs(model, conditioning: dict, n: int) -> dict:
-    """The pipeline's arguments for `n` pictures of one encoded prompt (flow_conditioning's, never changed here).
-    Z-Image's and klein's pipelines repeat it for each picture; FLUX.1's repeats only the prompts it encodes itself,
-    so it is handed one row per picture, as n prompts of one picture each."""
-    kind = model.family.transformer
-    if kind == "flux1":
-        rows = {name: value.repeat(n, *[1] * (value.dim() - 1)) for name, value in conditioning.items()}
-        return {**rows, "num_images_per_prompt": 1}
-    if kind == "z-image":  # lists of tensors: the pipeline gets lists of its own
-        conditioning = {name: list(value) for name, value in conditioning.items()}
-    return {**conditioning, "num_images_per_prompt": n}
-
-
 def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
     """One pipeline call for the `req.n` pictures of `req`: the counterpart of pipeline.call_pipeline. Picture k draws
     from the generator of seed+k alone, so it is the picture that seed draws in a request of its own. `conditioning`
@@ -216,9 +203,14 @@ def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
 
     if conditioning is None:
         conditioning = flow_conditioning(model, req, Encodings(0))
+    if model.family.transformer == "z-image":  # its lists of tensors: the pipeline gets lists of its own
+        conditioning = {name: list(value) for name, value in conditioning.items()}
     with torch.inference_mode():
+        # One picture's encoded prompt: Z-Image's and klein's pipelines repeat it for each picture, FLUX.1's
+        # transformer broadcasts it over them.
         return pipe(
-            **prompt_inputs(model, conditioning, req.n),
+            **conditioning,
+            num_images_per_prompt=req.n,
             num_inference_steps=req.num_steps,
             generator=generators if req.n > 1 else generators[0],
             callback_on_step_end=step_end,

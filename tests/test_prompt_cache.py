@@ -106,7 +106,7 @@ def test_prompt_cache_0_encodes_every_prompt_again(uncached):
 
 @pytest.mark.parametrize(
     "changed",
-    [{"neg": "fog"}, {"clip_skip": 2}, {"prompt": "a cat <lora:detail:0.8>"}, {"prompt": "a cat, at night"}],
+    [{"neg": "fog"}, {"clip_skip": 2}, {"loras": [{"name": "detail", "weight": 0.8}]}, {"prompt": "a cat, at night"}],
     ids=["negative", "clip-skip", "text-encoder-lora", "prompt"],
 )
 def test_what_changes_the_encoders_output_encodes_anew_and_draws_what_a_fresh_encoding_draws(cached, uncached, changed):
