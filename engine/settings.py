@@ -20,7 +20,6 @@ class Settings:
     model: str = DEMO_MODEL
     models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
     max_loaded: int = 1
-    prompt_cache: int = PROMPT_CACHE  # encoded prompts each loaded model keeps (0: none)
     allow_downloads: bool = False
     compile: bool = False
     offload: str = "none"  # none, model or sequential: diffusers' CPU offload, for GPUs a model does not fit
@@ -35,3 +34,4 @@ class Settings:
     cors_origins: tuple = ()
     no_web: bool = False
     no_pull: bool = False
+    prompt_cache: int = PROMPT_CACHE  # encoded prompts each loaded model keeps (0: none)
