@@ -91,6 +91,19 @@ def test_a_prompt_drawn_again_with_another_seed_skips_the_text_encoder_and_draws
     assert not np.array_equal(first, again)  # the seed still counts
 
 
+def test_an_sdxl_prompt_drawn_again_skips_both_text_encoders_and_draws_what_a_fresh_encoding_draws(
+    tiny_engine, tiny_files, make_engine
+):
+    models, configs, _ = tiny_files
+    uncached = make_engine(model="xl", models_dir=models, fp_prec="32", configs_dir=configs, prompt_cache=0)
+    fields = {"model": "xl", "prompt": WEIGHTED, "neg": "blurry", "clip_skip": 2}
+    picture(tiny_engine, **fields, seed=1)
+    with encoder_calls(loaded(tiny_engine, "xl")) as calls:
+        again = picture(tiny_engine, **fields, seed=2)
+    assert calls == []
+    assert np.array_equal(again, picture(uncached, **fields, seed=2))
+
+
 def test_weights_and_break_still_change_the_picture_once_prompts_are_kept(cached):
     plain = picture(cached, prompt="a lighthouse at dawn calm sea")
     assert not np.array_equal(plain, picture(cached, prompt=WEIGHTED))
