@@ -145,7 +145,7 @@ def main() -> None:
         with torch.inference_mode():
             results[family] = measure(family, pipe, args.repeats, engine)
     threads = torch.get_num_threads()
-    print(f"\nEncoding a prompt and its negative: {args.dtype}, {threads} threads, {args.repeats} rounds")
+    print(f"\nEncoding a prompt (SD: and its negative): {args.dtype}, {threads} threads, {args.repeats} rounds")
     if qwen3 is not None:
         print(f"Qwen3-4B with {qwen3.config.num_hidden_layers} of its 36 layers")
     print("\n| family | prompt tokens | first time, s | again, ms | again ÷ first | one entry |")
