@@ -63,6 +63,13 @@ OPTIONS = (
         int,
     ),
     Option(
+        "prompt_cache",
+        ("--prompt-cache",),
+        "encoded prompts each loaded model keeps, so that a prompt drawn again skips its text encoders; 0 turns "
+        "it off (default 100)",
+        int,
+    ),
+    Option(
         "allow_downloads",
         ("--allow-downloads",),
         "let a model named like 'owner/repo' be fetched from the Hugging Face hub (default off)",
@@ -190,6 +197,7 @@ def setting_problems(args) -> list:
          f"--device must be auto, cpu, cuda, cuda:N or mps, not {args.device!r}"),
         (args.fp_prec in ("auto", "16", "32"), f"--fp_prec must be 16, 32 or auto, not {args.fp_prec!r}"),
         (args.max_loaded >= 1, f"--max-loaded must be at least 1, not {args.max_loaded}"),
+        (args.prompt_cache >= 0, f"--prompt-cache must be 0 or more, not {args.prompt_cache}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),

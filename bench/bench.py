@@ -6,6 +6,7 @@
     python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
     python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
     python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
+    python bench/bench.py --quick --repeat-prompt      # a prompt drawn again (another seed) against a new one
     python bench/bench.py --device cuda --batch 4      # on a GPU, in float16
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
@@ -20,6 +21,7 @@ import base64
 import gc
 import http.client
 import io
+import itertools
 import json
 import re
 import socket
@@ -43,6 +45,7 @@ from lora_files import kohya_lora  # noqa: E402
 
 import imagine  # noqa: E402
 from engine.devices import cpu_bf16_feature, pick_dtype  # noqa: E402
+from engine.engine import Engine  # noqa: E402
 from engine.loras import use_loras  # noqa: E402
 from engine.models import Models  # noqa: E402
 from engine.prompts import prompt_embeddings  # noqa: E402
@@ -72,6 +75,11 @@ def parse_args(argv=None):
         "--progress", action="store_true", help="only a generation with and without /sdapi/v1/progress polled at 2 Hz"
     )
     parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
+    parser.add_argument(
+        "--repeat-prompt",
+        action="store_true",
+        help="only a request whose prompt was drawn before (another seed) against one with a new prompt",
+    )
     parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda, mps; GPUs in float16")
     parser.add_argument(
         "--loras-only",
@@ -290,6 +298,38 @@ def measure_progress(checkpoint: Path, fp_prec: str, device: str, size: int, ste
     return times["progress polled"], times["not polled"]
 
 
+def measure_repeat_prompt(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, repeats: int) -> list:
+    """The same request with a new seed, its prompt found encoded (engine/encodings.py), against one with a prompt
+    not drawn before, in alternating rounds through the server; and, in process, encoding a prompt and its negative
+    the first time against finding them."""
+    fresh, seeds = itertools.count(), itertools.count(SEED + 1)
+    server = Server(checkpoint, fp_prec, device)
+    try:
+        server.generate(size, steps)  # loads the model and keeps PROMPT
+        times = rounds(
+            {
+                "new prompt": lambda: server.generate(size, steps, prompt=f"{PROMPT}, take {next(fresh)}"),
+                "prompt again": lambda: server.generate(size, steps, seed=next(seeds)),
+            },
+            repeats,
+        )
+    finally:
+        server.stop()
+    gc.collect()
+    engine = Engine(imagine.Settings(models_dir=checkpoint.parent, fp_prec=fp_prec, device=device))
+    model = engine.models.get(str(checkpoint.resolve()))
+    first, again = [], []
+    for _ in range(repeats):
+        prompt = f"{PROMPT}, take {next(fresh)}"
+        first.append(timed(lambda prompt=prompt: engine.encoded(model, prompt, NEG, 1)))
+        again.append(timed(lambda prompt=prompt: engine.encoded(model, prompt, NEG, 1)))
+    return [
+        ratio_row("request with a prompt drawn before (new seed) ÷ with a new prompt", times["prompt again"],
+                  times["new prompt"], None),
+        ratio_row("encoding a prompt drawn before ÷ a new one (in process)", again, first, 0.01),
+    ]  # fmt: skip
+
+
 def batched_generate(pipe, size: int, steps: int, n: int) -> list:
     """One pipeline call for n pictures, each with its own generator (seeds SEED, SEED+1, ...)."""
     generators = [torch.Generator("cpu").manual_seed(SEED + k) for k in range(n)]
@@ -454,6 +494,10 @@ def main(argv=None) -> None:
         return
     if args.batch:
         compare_batch(checkpoint, ours, device, size, steps, args.batch, repeats)
+        return
+    if args.repeat_prompt:
+        rows = measure_repeat_prompt(checkpoint, ours, device, size, steps, repeats)
+        print_table(rows, device, size, steps, repeats, bf16_feature)
         return
     rows = [] if args.loras_only else server_rows(checkpoint, ours, dtype, device, size, steps, repeats, bf16_feature)
     rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)

@@ -17,11 +17,20 @@ from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.files.folders import model_folders
 from engine.files.taesd import TinyDecoders
+from engine.flow import flow_conditioning
 from engine.hires import DEFAULT_UPSCALER, SECOND_PASS, UPSCALERS, second_pass_prompts, second_pass_steps, wants_hires
 from engine.infotext import generation_parameters
 from engine.job import Failed, Finished, Job, Loaded, Loading, Preview, Progress, Started, Unloaded, Upscaled
 from engine.logs import escaped
-from engine.loras import LORA_SUFFIXES, find_file, prompt_embedding_vectors, use_loras, without_lora_tags
+from engine.loras import (
+    LORA_SUFFIXES,
+    embedding_versions,
+    find_file,
+    prompt_embedding_vectors,
+    text_encoder_loras,
+    use_loras,
+    without_lora_tags,
+)
 from engine.models import LoadedModel, Models, cancel_check
 from engine.pipeline import generate as pipeline_generate
 from engine.pipeline import preview_image
@@ -266,10 +275,11 @@ class Engine:
         # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
         lora_hashes = use_loras(self.settings, model, req.loras)
         # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes), the hires fix's second pass's
-        # too where it has its own. The flow-matching pipelines encode their own, with their own chat templates and
-        # no SD embeddings.
-        conditioning = None
-        if not model.family.flow:
+        # too where it has its own, or find them encoded by an earlier request (engine/encodings.py). The flow-matching
+        # families' prompts are encoded by their pipelines' encode_prompt, with their chat templates and no embeddings.
+        if model.family.flow:
+            conditioning = flow_conditioning(model, req, model.encodings)
+        else:
             conditioning = self.encoded(model, req.prompt, req.neg, req.clip_skip)
             second_prompts = second_pass_prompts(req)
             if wants_hires(req) and second_prompts != (req.prompt, req.neg):
@@ -300,11 +310,17 @@ class Engine:
         return dataclasses.replace(finished, interrupted=cut is not None, notices=req.notices)
 
     def encoded(self, model: LoadedModel, prompt: str, neg: str, clip_skip: int) -> dict:
-        """A prompt and negative prompt encoded with the embeddings they name; their <lora:...> tags are no text."""
+        """A prompt and negative prompt encoded with the embeddings they name; their <lora:...> tags are no text. Kept
+        in the model's encodings for the next request that sends its text encoders the same (engine/encodings.py)."""
         prompt, neg = without_lora_tags(prompt), without_lora_tags(neg)
         embeddings = prompt_embedding_vectors(self.settings, model, prompt, neg)
-        with torch.inference_mode():
-            return prompt_embeddings(model.txt2img, prompt, neg, clip_skip, embeddings)
+        key = (prompt, neg, clip_skip, text_encoder_loras(model), embedding_versions(model, embeddings))
+
+        def encode():
+            with torch.inference_mode():
+                return prompt_embeddings(model.txt2img, prompt, neg, clip_skip, embeddings)
+
+        return dict(model.encodings.get(key, encode))  # a copy: the hires fix adds its second pass's to it
 
     def step_reporter(self, job: Job, model, each: list, decoder=None):
         """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's

@@ -8,9 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from engine.encodings import Encodings
 from engine.files.text_encoders import inner_layers
 from engine.infotext import names_schedule
-from engine.loras import without_lora_tags
+from engine.loras import text_encoder_loras, without_lora_tags
 from engine.prompts import parse_prompt_attention
 from engine.schedules import AUTOMATIC
 
@@ -134,26 +135,60 @@ def flow_notices(family, req) -> list:
     return notices
 
 
-def guidance_inputs(model, req) -> dict:
-    """The pipeline arguments that carry `guidance` and the negative prompt, as the family reads them."""
+def guidance_scale(model, req) -> float:
+    """The pipeline's `guidance_scale` for `req`, as the family reads it."""
     family = model.family
-    if family.guidance == "cfg":  # Z-Image: classifier-free guidance, off at 0 (Turbo's default)
-        return {"guidance_scale": req.guidance, "negative_prompt": without_lora_tags(req.neg) or None}
-    if family.guidance == "distilled":  # FLUX.1-dev: a guidance embedding, one pass per step
-        return {"guidance_scale": req.guidance}
-    return {"guidance_scale": 1.0} if family.transformer == "flux2" else {"guidance_scale": 0.0}
+    if family.guidance in ("cfg", "distilled"):  # Z-Image's classifier-free guidance (off at 0), FLUX.1-dev's embedded
+        return req.guidance
+    return 1.0 if family.transformer == "flux2" else 0.0
 
 
-def encoder_inputs(model) -> dict:
-    """klein conditions on three inner layers of its Qwen3 encoder: a quarter, half and three quarters of its depth."""
-    if model.family.transformer != "flux2":
-        return {}
-    return {"text_encoder_out_layers": inner_layers(model.txt2img.text_encoder.config.num_hidden_layers)}
+def prompt_texts(model, req) -> tuple:
+    """(the prompt, the negative prompt) as the family's encoders read them: no <lora:...> tags, no A1111 emphasis in
+    the prompt; the negative prompt only where Z-Image's classifier-free guidance is on (the pipeline reads none as
+    the empty one), else None: nothing reads it."""
+    prompt = plain_prompt(without_lora_tags(req.prompt))[0]  # the PNG keeps the tags; the encoder reads none
+    if model.family.guidance != "cfg" or req.guidance <= 0:
+        return prompt, None
+    return prompt, without_lora_tags(req.neg)
+
+
+def flow_conditioning(model, req, encodings: Encodings) -> dict:
+    """The pipeline's encoded-prompt arguments for `req`: each text from `encodings` (the model's) where a request
+    sent it to the text encoders before, else encoded now and kept there. Z-Image encodes its negative prompt as a
+    prompt of its own, so a negative prompt kept for one prompt serves the next."""
+    prompt, negative = prompt_texts(model, req)
+    conditioning = dict(encoded_text(model, prompt, encodings))
+    if negative is not None:
+        conditioning["negative_prompt_embeds"] = encoded_text(model, negative, encodings)["prompt_embeds"]
+    return conditioning
+
+
+def encoded_text(model, text: str, encodings: Encodings) -> dict:
+    """One text encoded by the pipeline's own encode_prompt, for one picture (what the pipeline would encode from
+    it), kept in `encodings` by the text and the LoRAs that change a text encoder."""
+
+    def encode():
+        pipe, tokens = model.txt2img, model.family.prompt_tokens
+        device = pipe._execution_device
+        with torch.inference_mode():
+            if model.family.transformer == "z-image":
+                return {"prompt_embeds": pipe.encode_prompt(text, device, False, max_sequence_length=tokens)[0]}
+            if model.family.transformer == "flux2":
+                # klein conditions on three inner layers of its Qwen3 encoder: a quarter, half and three quarters.
+                layers = inner_layers(pipe.text_encoder.config.num_hidden_layers)
+                embeds, _ = pipe.encode_prompt(text, device, max_sequence_length=tokens, text_encoder_out_layers=layers)
+                return {"prompt_embeds": embeds}
+            embeds, pooled, _ = pipe.encode_prompt(text, None, device, max_sequence_length=tokens)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    return encodings.get((text, text_encoder_loras(model)), encode)
 
 
 def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
     """One pipeline call for the `req.n` pictures of `req`: the counterpart of pipeline.call_pipeline. Picture k draws
-    from the generator of seed+k alone, so it is the picture that seed draws in a request of its own."""
+    from the generator of seed+k alone, so it is the picture that seed draws in a request of its own. `conditioning`
+    is flow_conditioning's (None: encoded now, kept nowhere)."""
     generators = [torch.Generator("cpu").manual_seed(req.seed + index) for index in range(req.n)]
     pipe.scheduler = flow_scheduler(model, req.sampler, generators)
     size = (req.height, req.width)
@@ -166,16 +201,20 @@ def call_flow(model, pipe, req, on_step, conditioning=None, **inputs) -> list:
             pipeline._interrupt = True  # skips the remaining steps; the latents so far are decoded
         return tensors
 
+    if conditioning is None:
+        conditioning = flow_conditioning(model, req, Encodings(0))
+    if model.family.transformer == "z-image":  # its lists of tensors: the pipeline gets lists of its own
+        conditioning = {name: list(value) for name, value in conditioning.items()}
     with torch.inference_mode():
+        # One picture's encoded prompt: Z-Image's and klein's pipelines repeat it for each picture, FLUX.1's
+        # transformer broadcasts it over them.
         return pipe(
-            prompt=plain_prompt(without_lora_tags(req.prompt))[0],  # the PNG keeps the tags; the encoder reads none
+            **conditioning,
+            num_images_per_prompt=req.n,
             num_inference_steps=req.num_steps,
             generator=generators if req.n > 1 else generators[0],
-            num_images_per_prompt=req.n,
             callback_on_step_end=step_end,
-            max_sequence_length=model.family.prompt_tokens,
-            **guidance_inputs(model, req),
-            **encoder_inputs(model),
+            guidance_scale=guidance_scale(model, req),
             **inputs,
         ).images
 

@@ -266,6 +266,7 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
     for adapter, weight in adapters:
         summed[adapter] += weight
     active = [(adapter, weight) for adapter, weight in summed.items() if weight != 0]
+    model.active_loras = tuple(active)
     pipe = model.txt2img
     if not active:
         if model.loras:
@@ -275,6 +276,20 @@ def use_loras(settings: Settings, model: LoadedModel, loras: list) -> dict:
         names, weights = zip(*active, strict=True)
         pipe.set_adapters(list(names), list(weights))
     return {name: model.lora_hashes[adapter] for (name, _), (adapter, _) in zip(loras, adapters, strict=True)}
+
+
+def text_encoder_loras(model: LoadedModel) -> tuple:
+    """The (adapter, weight) of each LoRA the model draws with now that has layers in a text encoder: what, beside
+    the texts, changes an encoded prompt (a LoRA of the UNet or transformer alone does not)."""
+    listed = model.txt2img.get_list_adapters()  # component -> the adapters with layers in it
+    touching = {name for component, names in listed.items() if component.startswith("text_encoder") for name in names}
+    return tuple(sorted((adapter, weight) for adapter, weight in model.active_loras if adapter in touching))
+
+
+def embedding_versions(model: LoadedModel, embeddings: dict) -> tuple:
+    """The file version of each of `embeddings` (prompt_embedding_vectors's), by name: a file saved again gives
+    other vectors."""
+    return tuple(sorted((name, model.embeddings[name][0]) for name in embeddings))
 
 
 def embedding_vectors(name: str, path: Path, model: LoadedModel) -> dict:

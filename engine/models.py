@@ -17,6 +17,7 @@ import transformers
 from diffusers import DiffusionPipeline
 
 from engine.demo import build_demo_pipeline
+from engine.encodings import Encodings
 from engine.errors import Cancelled, ImagineError
 from engine.files.catalog import Catalog
 from engine.files.families import Family
@@ -48,6 +49,8 @@ class LoadedModel:
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # adapter -> short hash (see lora_short_hash)
     adapter_numbers: itertools.count = dataclasses.field(default_factory=itertools.count)
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> (file_version, vectors per text encoder)
+    active_loras: tuple = ()  # (adapter, weight) of each LoRA the model draws with now (loras.use_loras)
+    encodings: Encodings = dataclasses.field(default_factory=Encodings)  # its encoded prompts (engine/encodings.py)
     # A flow model file's sidecar as it was loaded with ({} where it had none; engine/files/parts.py): when it is
     # edited, the model loads again with the parts it now names. None for other models.
     sidecar: dict | None = None
@@ -134,7 +137,11 @@ class Models:
             log.exception("cannot reload %s", escaped(key))
 
     def unload(self, key: str) -> None:
-        log.info("unloading %s", escaped(self.loaded.pop(key).name))
+        model = self.loaded.pop(key)
+        log.info("unloading %s", escaped(model.name))
+        # Its encoded prompts go now, even where a reference to the model outlives this (an out-of-memory error's
+        # traceback holds the job's frames): the memory is what an unload is for.
+        model.encodings.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -171,6 +178,7 @@ class Models:
             dict(pipe.scheduler.config),
             inpaint=inpaint,
             sidecar=sidecar,
+            encodings=Encodings(self.settings.prompt_cache),
         )
         add_cancel_points(model)
         return model

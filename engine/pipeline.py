@@ -31,9 +31,9 @@ def generate(
     model: LoadedModel, req: GenerationRequest, on_step=None, conditioning: dict | None = None, upscale=None
 ) -> list:
     """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
-    encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings; a hires fix's
-    second pass's own under SECOND_PASS), and returns its `req.n` pictures, drawn together from the seeds seed,
-    seed+1, ...
+    encoded prompt `conditioning` (see prompt_embeddings, and flow.flow_conditioning for the flow-matching families;
+    None: the request's prompts, no embeddings; a hires fix's second pass's own under SECOND_PASS), and returns its
+    `req.n` pictures, drawn together from the seeds seed, seed+1, ...
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show, one per picture: the predicted finished latents where the sampler gives them, else the
@@ -50,7 +50,7 @@ def draw(model: LoadedModel, req: GenerationRequest, on_step, conditioning, upsc
     if req.mask is not None or model.family.unet_channels == 9:
         return inpaint(model, req, on_step, conditioning)
     if model.family.flow:
-        return generate_flow(model, req, on_step)
+        return generate_flow(model, req, on_step, conditioning)
     if wants_hires(req):
         return generate_hires(model, req, on_step, conditioning, upscale)
     pipe = model.img2img if req.img is not None else model.txt2img
@@ -234,15 +234,16 @@ def _widen(low: int, high: int, length: int, limit: int) -> tuple:
     return max(0, high - length), high
 
 
-def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None) -> list:
-    """txt2img or img2img with a flow-matching family; FLUX.2 klein's img2img is its inpaint pipeline, all repainted."""
+def generate_flow(model: LoadedModel, req: GenerationRequest, on_step=None, conditioning=None) -> list:
+    """txt2img or img2img with a flow-matching family on the encoded prompt `conditioning` (flow.flow_conditioning;
+    None: encoded now); FLUX.2 klein's img2img is its inpaint pipeline, all repainted."""
     if req.img is None:
-        return call_flow(model, model.txt2img, req, on_step, width=req.width, height=req.height)
+        return call_flow(model, model.txt2img, req, on_step, conditioning, width=req.width, height=req.height)
     image = req.img.resize((req.width, req.height), Image.Resampling.LANCZOS)
     inputs = {"image": [image] * req.n, "strength": req.strength, "width": req.width, "height": req.height}
     if model.family.img2img is model.family.inpaint:
         inputs["mask_image"] = [Image.new("L", image.size, 255)] * req.n
-    return call_flow(model, model.img2img, req, on_step, **inputs)
+    return call_flow(model, model.img2img, req, on_step, conditioning, **inputs)
 
 
 @torch.inference_mode()

@@ -3,6 +3,8 @@
 import dataclasses
 from pathlib import Path
 
+from engine.encodings import PROMPT_CACHE
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # model configs and tokenizers, shipped
 DEMO_MODEL = "demo"
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
@@ -37,3 +39,4 @@ class Settings:
     cors_origins: tuple = ()
     no_web: bool = False
     no_pull: bool = False
+    prompt_cache: int = PROMPT_CACHE  # encoded prompts each loaded model keeps (0: none)

@@ -322,7 +322,8 @@ def test_a_cancel_stops_a_flow_model_at_the_next_block_not_at_the_end_of_its_ste
         lambda module, args: ran_after.append(module) if flow_engine.running.cancelled() else None
     )
     try:
-        job = flow_engine.submit(parse_request({"prompt": "p", "model": name, **SMALL}))
+        # A prompt of its own: one encoded before is found in the model's encodings, and its encoder does not run.
+        job = flow_engine.submit(parse_request({"prompt": f"p {cancelled_in}", "model": name, **SMALL}))
         events = list(job)
     finally:
         cancel.remove()
