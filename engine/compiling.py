@@ -24,7 +24,7 @@ MIN_PARAMETERS = 100_000_000
 # What a first generation waits, said in its notice: measured on 2 cores (docs/performance.md, Compiled kernels).
 COMPILING = (
     "this generation first compiles the UNet (--compile): about 2 minutes on 2 CPU cores, once per model, and once "
-    "more at its second size; later ones run faster"
+    "more the first time its width, height, prompt length or batch changes; later ones run faster"
 )
 
 
@@ -42,14 +42,14 @@ def compile_pays(setting: str, device: torch.device, dtype: torch.dtype, unet: t
         # Not measured here: 1.2-2x faster steps reported for SD1.5 in float16 on an A100 (docs/performance.md).
         return True, "reported 1.2-2x faster steps on GPUs"
     if device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_feature():
-        # Measured on 2 cores with avx512_bf16: SD1.5's UNet step at 512x512 in 0.75x eager's time.
+        # Measured on 2 cores with avx512_bf16: SD1.5's UNet step in 0.91x eager's time at 512x512, 0.745x at 256x256.
         return True, f"bfloat16 on a CPU that runs it natively ({cpu_bf16_feature()})"
     return False, "no measured gain here (float32 on a CPU, or MPS)"
 
 
 def compiled_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet compiled by inductor on its first call, its weights frozen into the kernels (freezing: constant
-    folding and prepacked oneDNN weights, the larger part of the gain on a CPU)."""
+    folding and oneDNN's prepacked weights)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     return torch.compile(unet, options={"freezing": True})
 
@@ -69,8 +69,10 @@ def choose_unet(model, req) -> None:
 
 @contextlib.contextmanager
 def telling_when_compiling(notices: list):
-    """While a generation runs: when the compiler starts (a model's first picture; a second size, which compiles
-    kernels for every size), says so in the log and in `notices`, the answer's, and how long it took in the log."""
+    """While a generation runs: when the compiler starts, says so in the log and in `notices`, the answer's, and how
+    long it took in the log. It starts at a model's first picture, and again the first time a dimension (width,
+    height, prompt length, batch) changes: dynamo's automatic dynamic shapes then compile kernels for any value of
+    it, so compiling does not happen per size."""
     started = []
 
     def tell(args) -> None:
