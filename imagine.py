@@ -73,7 +73,8 @@ OPTIONS = (
         "compile",
         ("--compile",),
         "auto | on | off: torch.compile the UNet (SD1.5, SDXL); auto where it pays: GPUs, and CPUs with native "
-        "bfloat16 in bfloat16; a model's first picture then waits for minutes of compiling, once (default auto)",
+        "bfloat16 in bfloat16; a model's first picture then waits minutes for it, and the first to change a size "
+        "(default auto)",
         bare="on",
     ),
     Option(

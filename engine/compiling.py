@@ -13,8 +13,9 @@ from engine.devices import cpu_bf16_feature
 
 log = logging.getLogger("imagine")
 
-# Where inductor keeps what it compiled (its FX graph cache), so that a restart finds it: a later start pays the
-# tracing only (docs/performance.md, Compiled kernels). TORCHINDUCTOR_CACHE_DIR, torch's own variable, wins.
+# Where inductor keeps what it compiled (its FX graph cache and C++ kernels), so that a restart finds it: a later start
+# still traces and freezes, about a third of the first compile (docs/performance.md, Compiled kernels).
+# TORCHINDUCTOR_CACHE_DIR, torch's own variable, wins.
 CACHE_DIR = Path("~/.imagine/compiled")
 
 # Compiling a UNet costs a minute or more on a small CPU whatever its size, and saves in proportion to its work: the
