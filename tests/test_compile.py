@@ -1,7 +1,7 @@
 """Compiled kernels (--compile auto|on|off, issue 36): the setting, where auto compiles, and that a compiled UNet draws
 the picture the plain one draws, says that it compiles, and leaves LoRAs their effect.
 
-Compiling the tiny model takes about a minute on 2 busy cores, so the tests that compile run only with
+Compiling the tiny model took 200 s on 2 busy cores, so the tests that compile run only with
 IMAGINE_TEST_COMPILE=1; bench/bench.py --compile measures the speed.
 """
 
@@ -21,7 +21,7 @@ from engine.demo import build_demo_pipeline
 from engine.settings import CONFIGS_DIR
 
 compiles = pytest.mark.skipif(
-    os.environ.get("IMAGINE_TEST_COMPILE") != "1", reason="compiles the tiny model (a minute): IMAGINE_TEST_COMPILE=1"
+    os.environ.get("IMAGINE_TEST_COMPILE") != "1", reason="compiles the tiny model (minutes): IMAGINE_TEST_COMPILE=1"
 )
 
 
