@@ -33,6 +33,7 @@ class Option:
     flags: tuple
     help: str  # ends with the default, as --help shows it
     kind: type = str  # bool: a switch, on with the flag or IMAGINE_<NAME>=1
+    bare: str | None = None  # what the flag alone means, for a setting whose flag may come without a value
 
 
 OPTIONS = (
@@ -78,8 +79,10 @@ OPTIONS = (
     Option(
         "compile",
         ("--compile",),
-        "torch.compile the UNet: faster steps on GPUs after minutes of compiling per new size (default off)",
-        bool,
+        "auto | on | off: torch.compile the UNet (SD1.5, SDXL); auto where it pays: GPUs, and CPUs with native "
+        "bfloat16 in bfloat16; a model's first picture then waits minutes for it, and the first to change a size "
+        "(default auto)",
+        bare="on",
     ),
     Option(
         "offload",
@@ -160,6 +163,8 @@ OPTIONS = (
     ),
 )
 SWITCHED_ON = ("1", "true", "yes")
+# --compile was a switch (IMAGINE_COMPILE=1): its old spellings still mean on and off.
+COMPILE_SPELLINGS = {**dict.fromkeys(SWITCHED_ON, "on"), **dict.fromkeys(("0", "false", "no"), "off")}
 OFFLOADS = ("none", "model", "sequential")
 
 
@@ -180,9 +185,13 @@ def parse_settings(argv=None) -> Settings:
         if option.kind is bool:
             on = str(default).lower() in SWITCHED_ON
             parser.add_argument(*option.flags, dest=option.name, action="store_true", default=on, help=help)
+        elif option.bare is not None:
+            bare = {"nargs": "?", "const": option.bare}
+            parser.add_argument(*option.flags, dest=option.name, **bare, default=default, help=help)
         else:
             parser.add_argument(*option.flags, dest=option.name, type=option.kind, default=default, help=help)
     args = parser.parse_args(argv)
+    args.compile = COMPILE_SPELLINGS.get(args.compile.lower(), args.compile.lower())
     for problem in setting_problems(args):
         parser.error(problem)
     origins = tuple(origin.strip().rstrip("/") for origin in str(args.cors_origins).split(",") if origin.strip())
@@ -201,6 +210,7 @@ def setting_problems(args) -> list:
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
+        (args.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, not {args.compile!r}"),
         (args.offload in OFFLOADS, f"--offload must be none, model or sequential, not {args.offload!r}"),
         (args.job_ttl >= 1, f"--job-ttl must be at least 1 (seconds), not {args.job_ttl}"),
         (args.folder_timeout >= 1, f"--folder-timeout must be at least 1 (seconds), not {args.folder_timeout}"),

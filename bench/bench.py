@@ -8,6 +8,7 @@
     python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
     python bench/bench.py --quick --repeat-prompt      # a prompt drawn again (another seed) against a new one
     python bench/bench.py --device cuda --batch 4      # on a GPU, in float16
+    python bench/bench.py --quick --compile            # --compile on against off and bare diffusers; its first waits
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
 as in production: `imagine.py` in its own process, generations on its main thread, requests over HTTP.
@@ -23,6 +24,7 @@ import http.client
 import io
 import itertools
 import json
+import os
 import re
 import socket
 import statistics
@@ -80,6 +82,12 @@ def parse_args(argv=None):
         action="store_true",
         help="only a request whose prompt was drawn before (another seed) against one with a new prompt",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="only --compile on against --compile off and bare diffusers, and what compiling makes a first picture "
+        "wait on a first start and after a restart",
+    )
     parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda, mps; GPUs in float16")
     parser.add_argument(
         "--loras-only",
@@ -130,13 +138,13 @@ def bare_generate(pipe, size: int, steps: int) -> Image.Image:
 class Server:
     """`imagine.py` started as a user starts it, on a free port; keeps its log."""
 
-    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu"):
+    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu", compile: str = "off", env: dict = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", device]
-        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port)]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port), "--compile", compile]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{port}/generate"
         self.log = []
         self.log_times = []  # when each line of self.log arrived (time.perf_counter)
@@ -499,6 +507,10 @@ def main(argv=None) -> None:
         rows = measure_repeat_prompt(checkpoint, ours, device, size, steps, repeats)
         print_table(rows, device, size, steps, repeats, bf16_feature)
         return
+    if args.compile:
+        rows = compile_rows(checkpoint, args.workdir, ours, dtype, device, size, steps, repeats, bf16_feature)
+        print_table(rows, device, size, steps, repeats, bf16_feature)
+        return
     rows = [] if args.loras_only else server_rows(checkpoint, ours, dtype, device, size, steps, repeats, bf16_feature)
     rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)
     print_table(rows, device, size, steps, repeats, bf16_feature)
@@ -547,6 +559,50 @@ def server_rows(checkpoint, ours: str, dtype, device: str, size: int, steps: int
             "resident memory added by img2img after txt2img",
             f"{rss_added * 100:+.1f} % of {rss_txt2img / 2**30:.2f} GiB",
             *("", "", "<= 5 %", rss_added <= 0.05),
+        ),
+    ]
+
+
+def compile_rows(checkpoint, workdir, ours, dtype, device, size, steps, repeats, bf16_feature) -> list:
+    """--compile on against off and a bare diffusers call, interleaved; and the compiling a first picture waits for,
+    on a first start (an empty cache folder) and on a second start with the first's cache (two processes in turn)."""
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"compiled-{time.time():.0f}")}
+    bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
+    pipe = bare_pipeline(checkpoint, dtype, device)
+    servers = {"off": Server(checkpoint, ours, device, "off")}
+    try:
+        print("first pictures (compiling):", file=sys.stderr)
+        firsts = {"off": timed(lambda: servers["off"].generate(size, steps))}
+        for start in ("first start", "second start"):
+            servers["on"] = Server(checkpoint, ours, device, "on", cache)
+            firsts[start] = timed(lambda: servers["on"].generate(size, steps))
+            print(f"  {start}: {firsts[start]:.1f} s; --compile off: {firsts['off']:.1f} s", file=sys.stderr)
+            if start == "first start":
+                servers.pop("on").stop()
+        bare_generate(pipe, size, steps)
+        contestants = {
+            bare: lambda: bare_generate(pipe, size, steps),
+            "--compile on": lambda: servers["on"].generate(size, steps),
+            "--compile off": lambda: servers["off"].generate(size, steps),
+        }
+        print("generations:", file=sys.stderr)
+        times = rounds(contestants, repeats)
+    finally:
+        for server in servers.values():
+            server.stop()
+    warm = statistics.median(times["--compile on"])
+    target = 0.77 if bf16_feature else None  # issue 36's target is for CPUs with native bfloat16
+    compiling = {start: firsts[start] - warm for start in ("first start", "second start")}
+    return [
+        ratio_row("/generate --compile on ÷ bare diffusers call", times["--compile on"], times[bare], target),
+        ratio_row("/generate --compile on ÷ --compile off", times["--compile on"], times["--compile off"], None),
+        (
+            "first picture's compiling after a restart ÷ on a first start",
+            f"{compiling['second start']:.1f} s",
+            f"{compiling['first start']:.1f} s",
+            f"{compiling['second start'] / compiling['first start']:.3f}",
+            "<= 0.2",
+            compiling["second start"] <= 0.2 * compiling["first start"],
         ),
     ]
 

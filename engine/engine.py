@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine.compiling import COMPILING, choose_unet, telling_when_compiling
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
 from engine.files.folders import model_folders
@@ -272,7 +273,8 @@ class Engine:
         )  # fmt: skip
         # The TAESD decoder its previews take, if they take one: a request for one that cannot be had ends here.
         decoder = self.tiny_decoders.for_previews(model_folders(self.settings.models_dir), model.family, req.preview)
-        # 3. Switch the model's LoRAs to the request's, and find the embeddings its prompts use.
+        # 3. Pick the UNet (compiled or not), switch its LoRAs to the request's, find the embeddings its prompts use.
+        choose_unet(model, req)
         lora_hashes = use_loras(self.settings, model, req.loras)
         # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes), the hires fix's second pass's
         # too where it has its own, or find them encoded by an earlier request (engine/encodings.py). The flow-matching
@@ -292,7 +294,8 @@ class Engine:
             dataclasses.replace(req, seed=seed, variation_seed=variation_seed, n=1)
             for seed, variation_seed in picture_seeds(req)
         ]
-        images = self.generate(model, req, self.step_reporter(job, model, each, decoder), conditioning)
+        with telling_when_compiling(req.notices):
+            images = self.generate(model, req, self.step_reporter(job, model, each, decoder), conditioning)
         # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
         cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
         pictures = [
@@ -334,7 +337,7 @@ class Engine:
             if job.cancelled():
                 raise Cancelled
             now = time.perf_counter()
-            if step == 1:
+            if step == 1 and COMPILING not in job.request.notices:  # a step that compiled says nothing of the rest
                 tell_time_left(job, now - began, steps)
             elif now - told[0] >= PROGRESS_LOG_SECONDS and step < steps:
                 log.info("step %d/%d; about %.0f s left", step, steps, (now - began) / step * (steps - step))

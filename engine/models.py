@@ -16,6 +16,7 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
+from engine.compiling import compile_pays, compiled_unet
 from engine.demo import build_demo_pipeline
 from engine.encodings import Encodings
 from engine.errors import Cancelled, ImagineError
@@ -54,6 +55,8 @@ class LoadedModel:
     # A flow model file's sidecar as it was loaded with ({} where it had none; engine/files/parts.py): when it is
     # edited, the model loads again with the parts it now names. None for other models.
     sidecar: dict | None = None
+    # The UNet compiled (--compile; engine/compiling.py), run by requests without LoRAs; None where not compiled.
+    compiled_unet: torch.nn.Module | None = None
 
 
 def sidecar_changed(model: LoadedModel, path: Path) -> bool:
@@ -179,6 +182,7 @@ class Models:
             inpaint=inpaint,
             sidecar=sidecar,
             encodings=Encodings(self.settings.prompt_cache),
+            compiled_unet=pipe.unet if hasattr(pipe.unet, "_orig_mod") else None,
         )
         add_cancel_points(model)
         return model
@@ -203,15 +207,15 @@ class Models:
             self.speed_up_unet(pipe)
 
     def speed_up_unet(self, pipe) -> None:
-        """GPU options that pay off; attention already uses PyTorch's fused SDPA (diffusers' default)."""
+        """The options that pay off here; attention already uses PyTorch's fused SDPA (diffusers' default)."""
         if self.device.type == "cuda":
             # Faster fp16 steps on NVIDIA GPUs by diffusers' figures; slower on a CPU, so GPUs only
             # (docs/performance.md, Figures behind the code).
             pipe.unet.to(memory_format=torch.channels_last)
-        if self.settings.compile:
-            # Compiles on the first generation at each new size (minutes); later steps run faster on GPUs,
-            # not on a CPU (docs/performance.md, Figures behind the code), hence a setting, off by default.
-            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+        compile, why = compile_pays(self.settings.compile, self.device, self.dtype, pipe.unet)
+        log.info("compiled UNet: %s (%s)", "yes, on its first generation" if compile else "no", why)
+        if compile:
+            pipe.unet = compiled_unet(pipe.unet)
 
     def download(self, repo_id: str, family: Family):
         try:
@@ -242,7 +246,7 @@ def add_cancel_points(model: LoadedModel) -> None:
             raise Cancelled
 
     for component in model.txt2img.components.values():
-        # A compiled UNet (--compile) is traced whole (fullgraph); a hook that may raise would break that.
+        # A compiled UNet (--compile) would be cut into pieces at each hook: it stops at the end of a step only.
         if isinstance(component, torch.nn.Module) and not hasattr(component, "_orig_mod"):
             for module in component.modules():
                 if type(module).__name__ in CANCEL_POINTS:

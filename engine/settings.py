@@ -22,7 +22,7 @@ class Settings:
     models_dir: Path = Path("~/.imagine/models").expanduser()  # one folder, or several joined by os.pathsep
     max_loaded: int = 1
     allow_downloads: bool = False
-    compile: bool = False
+    compile: str = "auto"  # auto, on or off: torch.compile the UNet (engine/compiling.py)
     offload: str = "none"  # none, model or sequential: diffusers' CPU offload, for GPUs a model does not fit
     max_size: int = MAX_SIZE
     max_queue: int = 8

@@ -54,7 +54,8 @@ def parameter(module, name):
 
 def serve_once(models, name):
     """Generates 64x64 in 2 steps from the checkpoint `name`; returns the engine's loaded model."""
-    engine = Engine(imagine.Settings(model=name, models_dir=models, fp_prec="16"))
+    # Uncompiled: these check the configs, and compiling a full-size UNet would cost minutes (tests/test_compile.py).
+    engine = Engine(imagine.Settings(model=name, models_dir=models, fp_prec="16", compile="off"))
     engine.start()
     response = (
         imagine.create_app(engine)

@@ -180,15 +180,8 @@ def test_attention_uses_pytorchs_fused_sdpa_by_default(engine):
         assert {type(p).__name__ for p in module.attn_processors.values()} == {"AttnProcessor2_0"}
 
 
-def test_compile_is_opt_in_by_flag_or_environment(monkeypatch):
-    assert imagine.parse_settings([]).compile is False
-    assert imagine.parse_settings(["--compile"]).compile is True
-    monkeypatch.setenv("IMAGINE_COMPILE", "1")
-    assert imagine.parse_settings([]).compile is True
-
-
 def test_compile_wraps_the_unet_that_img2img_shares():
-    model = Models(imagine.Settings(compile=True), torch.device("cpu"), torch.float32).get("demo")
+    model = Models(imagine.Settings(compile="on"), torch.device("cpu"), torch.float32).get("demo")
     assert isinstance(model.txt2img.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert model.img2img.unet is model.txt2img.unet
 
