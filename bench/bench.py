@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -144,6 +145,9 @@ class Server:
             port = s.getsockname()[1]
         command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", device]
         command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port), "--compile", compile]
+        # Each its own state folder: the benchmark runs servers side by side, and one folder has one server.
+        self.state = tempfile.TemporaryDirectory(prefix="imagine-bench-state-")
+        command += ["--state-dir", self.state.name]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{port}/generate"
         self.log = []
@@ -205,6 +209,7 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
+        self.state.cleanup()
 
 
 # ---- measuring
