@@ -6,6 +6,7 @@
     python bench/bench.py --cancel                     # how soon a cancelled generation makes way, 512x512
     python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
     python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
+    python bench/bench.py --concurrent --steps 4       # 4 concurrent clients (one batch) against 4 sequential requests
     python bench/bench.py --device cuda --batch 4      # on a GPU, in float16
 
 The model has the exact SD1.5 architecture (speed does not depend on the weight values). Imagine runs
@@ -72,6 +73,11 @@ def parse_args(argv=None):
         "--progress", action="store_true", help="only a generation with and without /sdapi/v1/progress polled at 2 Hz"
     )
     parser.add_argument("--batch", type=int, metavar="N", help="only compare N pictures in one call and one by one")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="only 4 clients at once (drawn as one batch) against 4 requests one after another",
+    )
     parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda, mps; GPUs in float16")
     parser.add_argument(
         "--loras-only",
@@ -122,12 +128,12 @@ def bare_generate(pipe, size: int, steps: int) -> Image.Image:
 class Server:
     """`imagine.py` started as a user starts it, on a free port; keeps its log."""
 
-    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu"):
+    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu", *flags: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", device]
-        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port)]
+        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port), *flags]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{port}/generate"
         self.log = []
@@ -339,6 +345,61 @@ def compare_batch(checkpoint: Path, fp_prec: str, device: str, size: int, steps:
     print(f"\nImagine's pictures against the single requests with their seeds: largest pixel difference {differences}")
 
 
+CLIENTS = 4  # concurrent clients in --concurrent
+# Batching on whatever the picture's size (the wait is long enough for 4 clients' requests to arrive on a busy
+# machine), against batching off for the requests one after another, which then lose no wait.
+BATCHING, NOT_BATCHING = ("--batch-wait-ms", "500"), ("--batch-wait-ms", "0")
+
+
+def concurrent_clients(server, size: int, steps: int) -> list:
+    """CLIENTS clients post at once, each its own prompt and seed; returns their answers' last objects."""
+    answers = [None] * CLIENTS
+
+    def client(index):
+        answers[index] = server.generate(size, steps, prompt=f"{PROMPT}, {index}", seed=SEED + 10 * index)[-1]
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def sequential_requests(server, size: int, steps: int) -> list:
+    """The same CLIENTS requests, one after another."""
+    return [
+        server.generate(size, steps, prompt=f"{PROMPT}, {index}", seed=SEED + 10 * index)[-1]
+        for index in range(CLIENTS)
+    ]
+
+
+def measure_concurrent(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, repeats: int) -> tuple:
+    """CLIENTS concurrent clients on a server that batches them against the same requests one after another on one
+    that does not, in alternating rounds; returns (the two lists of seconds, the batched calls' sizes its log told,
+    the largest pixel difference between a client's picture batched and drawn alone)."""
+    batching, alone = Server(checkpoint, fp_prec, device, *BATCHING), Server(checkpoint, fp_prec, device, *NOT_BATCHING)
+    try:
+        for server in (batching, alone):
+            server.generate(size, steps)  # loads the model
+        together = concurrent_clients(batching, size, steps)
+        one_by_one = sequential_requests(alone, size, steps)
+        times = rounds(
+            {
+                f"{CLIENTS} concurrent clients": lambda: concurrent_clients(batching, size, steps),
+                f"{CLIENTS} sequential requests": lambda: sequential_requests(alone, size, steps),
+            },
+            repeats,
+        )
+    finally:
+        for server in (batching, alone):
+            server.stop()
+    batches = [int(m.group(1)) for line in batching.log if (m := re.search(r"drawing (\d+) requests as one", line))]
+    pairs = zip(together, one_by_one, strict=True)
+    difference = max(int(np.abs(pixels(a["img"]) - pixels(b["img"])).max()) for a, b in pairs)
+    return times[f"{CLIENTS} concurrent clients"], times[f"{CLIENTS} sequential requests"], batches, difference
+
+
 def build_loras(checkpoint: Path, pipe) -> list:
     """Two random rank-32 LoRAs on every attention and MLP layer of the UNet and the text encoder, in kohya's
     layout, in the `loras` folder beside the checkpoint (the server's models directory)."""
@@ -454,6 +515,13 @@ def main(argv=None) -> None:
         return
     if args.batch:
         compare_batch(checkpoint, ours, device, size, steps, args.batch, repeats)
+        return
+    if args.concurrent:
+        together, one_by_one, batches, difference = measure_concurrent(checkpoint, ours, device, size, steps, repeats)
+        what = f"{CLIENTS} concurrent clients (one batch) ÷ {CLIENTS} sequential requests"
+        print_table([ratio_row(what, together, one_by_one, None)], device, size, steps, repeats, bf16_feature)
+        print(f"\nrequests per batched call, as the server logged them: {batches}")
+        print(f"largest pixel difference, each client's picture batched against drawn alone: {difference}")
         return
     rows = [] if args.loras_only else server_rows(checkpoint, ours, dtype, device, size, steps, repeats, bf16_feature)
     rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)

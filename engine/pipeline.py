@@ -75,6 +75,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
     noise = PictureNoise(req.rng, seeds, shape, variation=variation)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # for what else the pipeline draws
     one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
+    per_prompt = 1 if req.batch else req.n  # a batch's conditioning has a row a picture (joined_conditioning)
     pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
     if isinstance(scheduler, KDiffusionScheduler):
         scheduler.use_noise(noise)
@@ -99,7 +100,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
             num_inference_steps=req.num_steps,
             guidance_scale=req.guidance,
             generator=one_or_all(generators),
-            num_images_per_prompt=req.n,
+            num_images_per_prompt=per_prompt,
             callback_on_step_end=step_end,
             **inputs,
         ).images
