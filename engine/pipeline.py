@@ -33,7 +33,8 @@ def generate(
     """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
     encoded prompt `conditioning` (see prompt_embeddings; None: the request's prompts, no embeddings; a hires fix's
     second pass's own under SECOND_PASS), and returns its `req.n` pictures, drawn together from the seeds seed,
-    seed+1, ...
+    seed+1, ...; or, for several requests drawn as one (`req.batch`, engine/batching.py), from each one's seeds, with a
+    row of `conditioning` a picture.
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show, one per picture: the predicted finished latents where the sampler gives them, else the

@@ -79,9 +79,10 @@ def test_requests_waiting_together_are_drawn_in_one_call_each_picture_as_it_is_d
 
 def test_each_client_gets_its_own_seed_and_infotext(make_engine, hold):
     requests = [request("a cat", 5), request("a dog", 11, neg="ugly")]
-    _, held, _, jobs, _ = queued_behind_a_held_one(make_engine, hold, requests)
+    _, held, calls, jobs, _ = queued_behind_a_held_one(make_engine, hold, requests)
     held.release()
     cat, dog = (last_event(job) for job in jobs)
+    assert calls[1:] == [(2, 2)]
     assert (cat.seed, dog.seed) == (5, 11)
     assert cat.parameters.startswith("a cat\nSteps: 3") and "Seed: 5," in cat.parameters
     assert dog.parameters.startswith("a dog\nNegative prompt: ugly\nSteps: 3") and "Seed: 11," in dog.parameters
@@ -135,13 +136,14 @@ def test_cancelling_one_request_of_a_batch_ends_it_at_once_and_the_others_finish
     cat, bird = last_event(jobs[0]), last_event(jobs[2])
     assert isinstance(cat, Finished) and isinstance(bird, Finished)
     assert (cat.seed, bird.seed, cat.steps, bird.steps) == (1, 3, 4, 4)
+    assert calls[1:] == [(3, 3)]
     assert np.abs(pixels(cat.image) - pixels(drawn_alone(engine, requests[0]).image)).max() <= MAX_BATCH_DIFFERENCE
     wait_until(lambda: engine.unfinished == 0, "the queue's count is back to none")
 
 
 def test_cancelling_every_request_of_a_batch_stops_its_call(make_engine, hold):
     requests = [request("a cat", 1, num_steps=8), request("a dog", 2, num_steps=8)]
-    engine, held, _, jobs, _ = queued_behind_a_held_one(make_engine, hold, requests)
+    engine, held, calls, jobs, _ = queued_behind_a_held_one(make_engine, hold, requests)
     held.stop_at(2)
     held.release(1)
     held.reached(2)
@@ -152,6 +154,7 @@ def test_cancelling_every_request_of_a_batch_stops_its_call(make_engine, hold):
     assert all(isinstance(end, Failed) and end.cancelled for end in ends)
     wait_until(lambda: engine.unfinished == 0, "the batch ends")
     assert max(held.steps) <= 3  # stopped at the next cancel point, not drawn to step 8
+    assert calls[1:] == [(2, 2)]
 
 
 def test_a_request_whose_own_part_fails_fails_alone_and_the_others_draw(make_engine, hold, tmp_path):
