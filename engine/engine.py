@@ -259,22 +259,17 @@ class Engine:
             decoders = self.each_alone(batch, lambda job: self.filled(job, model)[1])
             lora_hashes = use_loras(self.settings, model, jobs[0].request.loras)
             conditionings = self.each_alone(batch, lambda job: self.conditioning(model, job.request))
-        except Exception as error:
+            # 5. Prompts of other lengths give conditionings of other shapes, which cannot share a call: a call each.
+            groups = {}
+            for job in batch.live():
+                groups.setdefault(conditioning_shape(conditionings[job]), []).append(job)
+            for group in groups.values():
+                self.draw_group_alone(batch, group, model, decoders, conditionings, lora_hashes)
+        except Exception as error:  # the server must outlive any failure inside a generation
             for job in batch.live():
                 batch.end(job, self.failed(job, error))
+        finally:
             self.running, self.batch = None, []
-            return
-        # 5. Prompts of other lengths give conditionings of other shapes, which cannot share a call: one call each.
-        groups = {}
-        for job in batch.live():
-            groups.setdefault(conditioning_shape(conditionings[job]), []).append(job)
-        for group in groups.values():
-            try:
-                self.draw_group(batch, group, model, decoders, conditionings, lora_hashes)
-            except Exception as error:
-                for job in batch.live(group):
-                    batch.end(job, self.failed(job, error))
-        self.running, self.batch = None, []
 
     def each_alone(self, batch: Batch, work) -> dict:
         """Job -> work(job) for each job of the batch that still draws, each under its own cancel check: a job that
@@ -291,6 +286,14 @@ class Engine:
             finally:
                 cancel_check.reset(token)
         return done
+
+    def draw_group_alone(self, batch: Batch, jobs: list, *inputs) -> None:
+        """draw_group, whose failure (or whose jobs all cancelled) ends its own jobs only, not the next group's."""
+        try:
+            self.draw_group(batch, jobs, *inputs)
+        except Exception as error:
+            for job in batch.live(jobs):
+                batch.end(job, self.failed(job, error))
 
     def draw_group(self, batch: Batch, jobs: list, model, decoders: dict, conditionings: dict, lora_hashes) -> None:
         """Draws `jobs` of the batch in one pipeline call, each picture from its own request's prompts and seed, and
@@ -310,6 +313,7 @@ class Engine:
             if batch.all_cancelled(jobs):
                 raise Cancelled
             drawing = batch.live(jobs)
+            # A list, not a generator: every job still drawing is told of the step, whichever asks to finish early.
             return any([report(step, steps, latents[part]) for job, part, report in reporters if job in drawing])
 
         log.info("drawing %d requests as one batch of %d pictures", len(jobs), sum(req.n for req in requests))
