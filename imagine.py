@@ -102,7 +102,20 @@ OPTIONS = (
         "requests that may wait while one generates; more get 503 with Retry-After (default 8)",
         int,
     ),
-    Option("max_batch", ("--max-batch",), f"most pictures one request may ask for with n (default {MAX_BATCH})", int),
+    Option(
+        "max_batch",
+        ("--max-batch",),
+        f"most pictures one pipeline call draws: one request's n, or several requests' drawn together (default "
+        f"{MAX_BATCH})",
+        int,
+    ),
+    Option(
+        "batch_wait_ms",
+        ("--batch-wait-ms",),
+        "milliseconds a request waits for others of the same model, size, steps, sampler and guidance to be drawn "
+        "with it in one batch; 0 turns batching off; auto: 5 on a GPU, and on a CPU for pictures up to 256x256, "
+        "where it measured faster (default auto)",
+    ),
     Option(
         "rng",
         ("--rng",),
@@ -208,6 +221,8 @@ def setting_problems(args) -> list:
         (args.max_loaded >= 1, f"--max-loaded must be at least 1, not {args.max_loaded}"),
         (args.prompt_cache >= 0, f"--prompt-cache must be 0 or more, not {args.prompt_cache}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, not {args.max_batch}"),
+        (args.batch_wait_ms == "auto" or args.batch_wait_ms.isdigit(),
+         f"--batch-wait-ms must be auto or a whole number of milliseconds, not {args.batch_wait_ms!r}"),
         (args.max_queue >= 0, f"--max-queue must be 0 or more, not {args.max_queue}"),
         (args.rng in ("cpu", "gpu", "nv"), f"--rng must be cpu, gpu or nv, not {args.rng!r}"),
         (args.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, not {args.compile!r}"),

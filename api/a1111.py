@@ -419,9 +419,10 @@ def progress_route():
 def finish_early(how: str):
     # Only a generation asked for through this API: an interrupt from one A1111 client (a SillyTavern Stop)
     # must not cut the picture of a client of /generate or /v1 that knows nothing of it.
-    running = current_engine().running
-    if running is not None and running.interruptible:
-        running.finish_early(how)
+    # A batch's jobs are all of this API or none (engine/batching.py): A1111's interrupt ends the batch, as in A1111.
+    for running in current_engine().batch:
+        if running.interruptible:
+            running.finish_early(how)
 
 
 @blueprint.post("/interrupt")

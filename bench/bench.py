@@ -7,6 +7,7 @@
     python bench/bench.py --quick --batch 4            # a batch: one batched call against one call per picture
     python bench/bench.py --quick --progress           # what polling /sdapi/v1/progress twice a second costs
     python bench/bench.py --quick --repeat-prompt      # a prompt drawn again (another seed) against a new one
+    python bench/bench.py --concurrent --steps 4       # 4 concurrent clients (one batch) against 4 sequential requests
     python bench/bench.py --device cuda --batch 4      # on a GPU, in float16
     python bench/bench.py --quick --compile            # --compile on against off and bare diffusers; its first waits
 
@@ -89,6 +90,11 @@ def parse_args(argv=None):
         help="only --compile on against --compile off and bare diffusers, and what compiling makes a first picture "
         "wait on a first start and after a restart",
     )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="only 4 clients at once (drawn as one batch) against 4 requests one after another",
+    )
     parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda, mps; GPUs in float16")
     parser.add_argument(
         "--loras-only",
@@ -139,12 +145,23 @@ def bare_generate(pipe, size: int, steps: int) -> Image.Image:
 class Server:
     """`imagine.py` started as a user starts it, on a free port; keeps its log."""
 
-    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu", compile: str = "off", env: dict = None):
+    def __init__(self, checkpoint: Path, fp_prec: str, device: str = "cpu", *flags: str, env: dict = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, str(ROOT / "imagine.py"), "--model", checkpoint.stem, "-d", device]
-        command += ["--models-dir", str(checkpoint.parent), "-f", fp_prec, "--port", str(port), "--compile", compile]
+        # Uncompiled unless the flags say otherwise: compiling would cost minutes in every row that does not measure it.
+        command += [
+            "--models-dir",
+            str(checkpoint.parent),
+            "-f",
+            fp_prec,
+            "--port",
+            str(port),
+            "--compile",
+            "off",
+            *flags,
+        ]
         # Each its own state folder: the benchmark runs servers side by side, and one folder has one server.
         self.state = tempfile.TemporaryDirectory(prefix="imagine-bench-state-")
         command += ["--state-dir", self.state.name]
@@ -392,6 +409,61 @@ def compare_batch(checkpoint: Path, fp_prec: str, device: str, size: int, steps:
     print(f"\nImagine's pictures against the single requests with their seeds: largest pixel difference {differences}")
 
 
+CLIENTS = 4  # concurrent clients in --concurrent
+# Batching on whatever the picture's size (the wait is long enough for 4 clients' requests to arrive on a busy
+# machine), against batching off for the requests one after another, which then lose no wait.
+BATCHING, NOT_BATCHING = ("--batch-wait-ms", "500"), ("--batch-wait-ms", "0")
+
+
+def concurrent_clients(server, size: int, steps: int) -> list:
+    """CLIENTS clients post at once, each its own prompt and seed; returns their answers' last objects."""
+    answers = [None] * CLIENTS
+
+    def client(index):
+        answers[index] = server.generate(size, steps, prompt=f"{PROMPT}, {index}", seed=SEED + 10 * index)[-1]
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def sequential_requests(server, size: int, steps: int) -> list:
+    """The same CLIENTS requests, one after another."""
+    return [
+        server.generate(size, steps, prompt=f"{PROMPT}, {index}", seed=SEED + 10 * index)[-1]
+        for index in range(CLIENTS)
+    ]
+
+
+def measure_concurrent(checkpoint: Path, fp_prec: str, device: str, size: int, steps: int, repeats: int) -> tuple:
+    """CLIENTS concurrent clients on a server that batches them against the same requests one after another on one
+    that does not, in alternating rounds; returns (the two lists of seconds, the batched calls' sizes its log told,
+    the largest pixel difference between a client's picture batched and drawn alone)."""
+    batching, alone = Server(checkpoint, fp_prec, device, *BATCHING), Server(checkpoint, fp_prec, device, *NOT_BATCHING)
+    try:
+        for server in (batching, alone):
+            server.generate(size, steps)  # loads the model
+        together = concurrent_clients(batching, size, steps)
+        one_by_one = sequential_requests(alone, size, steps)
+        times = rounds(
+            {
+                f"{CLIENTS} concurrent clients": lambda: concurrent_clients(batching, size, steps),
+                f"{CLIENTS} sequential requests": lambda: sequential_requests(alone, size, steps),
+            },
+            repeats,
+        )
+    finally:
+        for server in (batching, alone):
+            server.stop()
+    batches = [int(m.group(1)) for line in batching.log if (m := re.search(r"drawing (\d+) requests as one", line))]
+    pairs = zip(together, one_by_one, strict=True)
+    difference = max(int(np.abs(pixels(a["img"]) - pixels(b["img"])).max()) for a, b in pairs)
+    return times[f"{CLIENTS} concurrent clients"], times[f"{CLIENTS} sequential requests"], batches, difference
+
+
 def build_loras(checkpoint: Path, pipe) -> list:
     """Two random rank-32 LoRAs on every attention and MLP layer of the UNet and the text encoder, in kohya's
     layout, in the `loras` folder beside the checkpoint (the server's models directory)."""
@@ -516,6 +588,13 @@ def main(argv=None) -> None:
         rows = compile_rows(checkpoint, args.workdir, ours, dtype, device, size, steps, repeats, bf16_feature)
         print_table(rows, device, size, steps, repeats, bf16_feature)
         return
+    if args.concurrent:
+        together, one_by_one, batches, difference = measure_concurrent(checkpoint, ours, device, size, steps, repeats)
+        what = f"{CLIENTS} concurrent clients (one batch) ÷ {CLIENTS} sequential requests"
+        print_table([ratio_row(what, together, one_by_one, None)], device, size, steps, repeats, bf16_feature)
+        print(f"\nrequests per batched call, as the server logged them: {batches}")
+        print(f"largest pixel difference, each client's picture batched against drawn alone: {difference}")
+        return
     rows = [] if args.loras_only else server_rows(checkpoint, ours, dtype, device, size, steps, repeats, bf16_feature)
     rows += lora_rows(checkpoint, dtype, device, size, steps, repeats)
     print_table(rows, device, size, steps, repeats, bf16_feature)
@@ -574,12 +653,12 @@ def compile_rows(checkpoint, workdir, ours, dtype, device, size, steps, repeats,
     cache = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"compiled-{time.time():.0f}")}
     bare = f"bare diffusers ({str(dtype).removeprefix('torch.')})"
     pipe = bare_pipeline(checkpoint, dtype, device)
-    servers = {"off": Server(checkpoint, ours, device, "off")}
+    servers = {"off": Server(checkpoint, ours, device)}
     try:
         print("first pictures (compiling):", file=sys.stderr)
         firsts = {"off": timed(lambda: servers["off"].generate(size, steps))}
         for start in ("first start", "second start"):
-            servers["on"] = Server(checkpoint, ours, device, "on", cache)
+            servers["on"] = Server(checkpoint, ours, device, "--compile", "on", env=cache)
             firsts[start] = timed(lambda: servers["on"].generate(size, steps))
             print(f"  {start}: {firsts[start]:.1f} s; --compile off: {firsts['off']:.1f} s", file=sys.stderr)
             if start == "first start":

@@ -69,8 +69,8 @@ def choose_unet(model, req) -> None:
 
 
 @contextlib.contextmanager
-def telling_when_compiling(notices: list):
-    """While a generation runs: when the compiler starts, says so in the log and in `notices`, the answer's, and how
+def telling_when_compiling(*notices: list):
+    """While a generation runs: when the compiler starts, says so in the log and in `notices`, its answers', and how
     long it took in the log. It starts at a model's first picture, and again the first time a dimension (width,
     height, prompt length, batch) changes: dynamo's automatic dynamic shapes then compile kernels for any value of
     it, so compiling does not happen per size."""
@@ -78,7 +78,8 @@ def telling_when_compiling(notices: list):
 
     def tell(args) -> None:
         if not started:
-            notices.append(COMPILING)
+            for answer_notices in notices:
+                answer_notices.append(COMPILING)
             log.warning("%s", COMPILING)
         started.append(time.perf_counter())
 

@@ -1,5 +1,6 @@
-"""The engine: a queue of jobs, run one at a time on one thread, each telling its progress as events (engine/job.py),
-its previews built here, on that thread, where its readers asked for them."""
+"""The engine: a queue of jobs, run one at a time on one thread, or several that may share a pipeline call drawn as one
+batch (engine/batching.py), each telling its progress as events (engine/job.py), its previews built here, on that
+thread, where its readers asked for them."""
 
 import contextlib
 import dataclasses
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine.batching import Batch, batch_request, batch_wait, conditioning_shape, gather, joined_conditioning, rows
 from engine.compiling import COMPILING, choose_unet, telling_when_compiling
 from engine.devices import pick_device, pick_dtype
 from engine.errors import Cancelled, ImagineError
@@ -54,7 +56,8 @@ TAESD_SHARE = 0.08
 class Engine:
     """Owns the models and runs every generation, one at a time, on one long-lived thread.
 
-    One at a time because a device runs one generation well and two badly. One long-lived thread because
+    One at a time because a device runs one generation well and two badly; requests that may share a pipeline call
+    and come within --batch-wait-ms are drawn as one batch, one call (engine/batching.py). One long-lived thread because
     the same diffusers call ran slower on a freshly started thread than on the process's main thread, and
     slower still with a thread per request (docs/performance.md, Figures behind the code); main() therefore
     runs the engine on the main thread.
@@ -75,7 +78,8 @@ class Engine:
         self.jobs = queue.Queue()
         self.accepting = threading.Lock()  # makes "is there room?" and "queue it" one step
         self.stopping = False
-        self.running = None  # the job generating now
+        self.running = None  # the job generating now; of a batch, its first
+        self.batch = []  # the jobs generating now: the running one, or a batch's
         self.unfinished = 0  # jobs accepted and not yet done: the running one and those waiting
         self.last_seconds = 1.0  # how long the last generation took, for Retry-After
 
@@ -173,18 +177,29 @@ class Engine:
         return waiting.index(job) if job in waiting else None
 
     def generating(self) -> Job | None:
-        """The job whose generation runs now (its model loaded and its prompts encoded), or None."""
-        job = self.running
-        return job if job is not None and job.started is not None else None
+        """The job whose generation runs now (its model loaded and its prompts encoded), or None; of a batch, the
+        first that still draws (all its jobs are at the same step)."""
+        drawing = [job for job in self.batch if job.started is not None and job.cancel_reason is None]
+        return drawing[0] if drawing else None
 
     def run_forever(self) -> None:
-        """Runs jobs until stop() is called."""
+        """Runs jobs, alone or as a batch, until stop() is called."""
         while (job := self.next_job()) is not None:
+            jobs = self.joined(job)
             try:
-                self.run(job)
+                self.run(job) if len(jobs) == 1 else self.run_batch(jobs)
             finally:
                 with self.accepting:
-                    self.unfinished -= 1
+                    self.unfinished -= len(jobs)
+
+    def joined(self, job: Job) -> list:
+        """`job` and the waiting jobs that may share its pipeline call, which arrive within --batch-wait-ms, up to
+        --max-batch pictures in all (engine/batching.py); `job` alone where it draws alone."""
+        family = None if job.only is not None else self.catalog.known_family(job.model_key)
+        wait = batch_wait(self.settings.batch_wait_ms, self.device, job, family)
+        if wait <= 0 or job.cancelled():
+            return [job]
+        return gather(self.jobs, job, wait, self.settings.max_batch)
 
     def next_job(self) -> Job | None:
         """Waits for the next job (None: stop) in slices of a second. The kernel may hand a signal for the process
@@ -206,8 +221,8 @@ class Engine:
             if self.stopping:
                 return
             self.stopping = True
-            if self.running is not None:
-                self.running.cancel(shutting_down)
+            for running in self.batch:
+                running.cancel(shutting_down)
             while not self.jobs.empty():
                 waiting = self.jobs.get_nowait()
                 waiting.cancel(shutting_down)
@@ -220,29 +235,128 @@ class Engine:
             log.info("dropped a request: %s", job.cancel_reason.message)
             job.events.put(Failed(job.cancel_reason, cancelled=True))
             return
-        self.running = job
+        self.running, self.batch = job, [job]
         if job.only != "unload":
             job.events.put(Loading())
         token = cancel_check.set(job.cancelled)  # what the cancel points inside every layer ask
         try:
             job.events.put(self.draw(job))
-        except Cancelled:
-            log.info("stopped after step %d: %s", job.step, job.cancel_reason.message)
-            job.events.put(Failed(job.cancel_reason, cancelled=True))
-        except ImagineError as error:
-            job.events.put(Failed(error))
-        except torch.OutOfMemoryError:
-            # As ComfyUI does: give the memory back by unloading every model; the next request reloads one.
-            log.exception("out of memory; unloading every model")
-            for key in list(self.models.loaded):
-                self.models.unload(key)
-            job.events.put(Failed(ImagineError("the device ran out of memory; try a smaller picture", 500)))
         except Exception as error:  # the server must outlive any failure inside a generation
-            log.exception("generation failed")
-            job.events.put(Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500)))
+            job.events.put(self.failed(job, error))
         finally:
             cancel_check.reset(token)
-            self.running = None
+            self.running, self.batch = None, []
+
+    def run_batch(self, jobs: list) -> None:
+        """Runs jobs that may share a pipeline call (engine/batching.py) as one batch, each ended with its own last
+        event: a job cancelled, or whose own part fails before drawing (its prompts' embeddings, its previews'
+        decoder), ends alone and the others draw on; what fails for all (the model, the LoRAs) ends all."""
+        batch = Batch(jobs)
+        self.running, self.batch = jobs[0], jobs
+        for job in jobs:
+            job.events.put(Loading())
+        try:
+            # 1. Load the model (or find it loaded), once for all.
+            model = self.models.get(jobs[0].model_key)
+            for job in batch.live():
+                job.events.put(Loaded())
+            # 2.-4. Each request filled in, its previews' decoder found and its prompts encoded, each on its own: one
+            # that fails ends alone. The LoRAs, the same for all, are switched once, before any prompt is encoded.
+            decoders = self.each_alone(batch, lambda job: self.filled(job, model)[1])
+            choose_unet(model, jobs[0].request)
+            lora_hashes = use_loras(self.settings, model, jobs[0].request.loras)
+            conditionings = self.each_alone(batch, lambda job: self.conditioning(model, job.request))
+            # 5. Prompts of other lengths give conditionings of other shapes, which cannot share a call: a call each.
+            groups = {}
+            for job in batch.live():
+                groups.setdefault(conditioning_shape(conditionings[job]), []).append(job)
+            for group in groups.values():
+                self.draw_group_alone(batch, group, model, decoders, conditionings, lora_hashes)
+        except Exception as error:  # the server must outlive any failure inside a generation
+            for job in batch.live():
+                batch.end(job, self.failed(job, error))
+        finally:
+            self.running, self.batch = None, []
+
+    def each_alone(self, batch: Batch, work) -> dict:
+        """Job -> work(job) for each job of the batch that still draws, each under its own cancel check: a job that
+        is cancelled, or that `work` fails for, ends alone."""
+        done = {}
+        for job in batch.live():
+            token = cancel_check.set(job.cancelled)
+            try:
+                if job.cancelled():
+                    raise Cancelled
+                done[job] = work(job)
+            except Exception as error:
+                batch.end(job, self.failed(job, error))
+            finally:
+                cancel_check.reset(token)
+        return done
+
+    def draw_group_alone(self, batch: Batch, jobs: list, *inputs) -> None:
+        """draw_group, whose failure (or whose jobs all cancelled) ends its own jobs only, not the next group's."""
+        try:
+            self.draw_group(batch, jobs, *inputs)
+        except Exception as error:
+            for job in batch.live(jobs):
+                batch.end(job, self.failed(job, error))
+
+    def draw_group(self, batch: Batch, jobs: list, model, decoders: dict, conditionings: dict, lora_hashes) -> None:
+        """Draws `jobs` of the batch in one pipeline call, each picture from its own request's prompts and seed, and
+        ends each with its own Finished. Each job sees its own rows: its Progress, its previews, its cancel. A job
+        cancelled meanwhile ends at once; its rows are computed to the end with the others', and the call stops only
+        once none is left."""
+        started = time.perf_counter()
+        requests = [job.request for job in jobs]
+        parts = rows(requests)
+        conditioning = joined_conditioning([conditionings[job] for job in jobs], [req.n for req in requests])
+        reporters = [
+            (job, part, self.step_reporter(job, model, pictures_of(job.request), decoders[job]))
+            for job, part in zip(jobs, parts, strict=True)
+        ]
+
+        def on_step(step, steps, latents):
+            if batch.all_cancelled(jobs):
+                raise Cancelled
+            drawing = batch.live(jobs)
+            # A list, not a generator: every job still drawing is told of the step, whichever asks to finish early.
+            return any([report(step, steps, latents[part]) for job, part, report in reporters if job in drawing])
+
+        log.info("drawing %d requests as one batch of %d pictures", len(jobs), sum(req.n for req in requests))
+        for job in jobs:
+            job.started = time.time()
+            job.events.put(Started())
+        token = cancel_check.set(lambda: batch.all_cancelled(jobs))
+        try:
+            with telling_when_compiling(*(req.notices for req in requests)):
+                images = self.generate(model, batch_request(requests), on_step, conditioning)
+        finally:
+            cancel_check.reset(token)
+        seconds = time.perf_counter() - started
+        self.last_seconds = seconds / len(jobs)  # for Retry-After: what one request of the queue costs
+        log.info("generated %d requests in %.1f s", len(jobs), seconds)
+        stopped = any(job.stop_early is not None for job in jobs)
+        for job, part in zip(jobs, parts, strict=True):
+            if not job.cancelled():
+                batch.end(job, self.finished(job, model, images[part], lora_hashes, seconds, stopped))
+        batch.all_cancelled(jobs)
+
+    def failed(self, job: Job, error: Exception) -> Failed:
+        """The last event of a job that `error` ended, logged; running out of memory unloads every model."""
+        if isinstance(error, Cancelled):
+            log.info("stopped after step %d: %s", job.step, job.cancel_reason.message)
+            return Failed(job.cancel_reason, cancelled=True)
+        if isinstance(error, ImagineError):
+            return Failed(error)
+        if isinstance(error, torch.OutOfMemoryError):
+            # As ComfyUI does: give the memory back by unloading every model; the next request reloads one.
+            log.error("out of memory; unloading every model", exc_info=error)
+            for key in list(self.models.loaded):
+                self.models.unload(key)
+            return Failed(ImagineError("the device ran out of memory; try a smaller picture", 500))
+        log.error("generation failed", exc_info=error)
+        return Failed(ImagineError(f"generation failed: {type(error).__name__}: {error}", 500))
 
     def draw(self, job: Job):
         """The job's recipe; returns its last event (Loaded or Unloaded for a load or unload job, else Finished)."""
@@ -261,7 +375,31 @@ class Engine:
         if job.only == "load":
             return Loaded()
         job.events.put(Loaded())
-        # 2. Fill in what the request left out (size, steps, guidance, sampler): the family's own, within --max-size.
+        # 2. Fill the request in, and find the TAESD decoder its previews take.
+        req, decoder = self.filled(job, model)
+        # 3. Pick the UNet (compiled or not), switch its LoRAs to the request's.
+        choose_unet(model, req)
+        lora_hashes = use_loras(self.settings, model, req.loras)
+        # 4. Encode the prompts.
+        conditioning = self.conditioning(model, req)
+        job.started = time.time()
+        job.events.put(Started())
+        # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
+        # same peak memory (docs/performance.md, Batches).
+        each = pictures_of(req)
+        on_step = cancellable(job, self.step_reporter(job, model, each, decoder))
+        with telling_when_compiling(req.notices):
+            images = self.generate(model, req, on_step, conditioning)
+        # 6. Each picture with its settings, as its PNG will carry them.
+        seconds = time.perf_counter() - started
+        self.last_seconds = seconds
+        log.info("generated in %.1f s (seed %d)", seconds, req.seed)
+        return self.finished(job, model, images, lora_hashes, seconds, job.stop_early is not None)
+
+    def filled(self, job: Job, model: LoadedModel) -> tuple:
+        """(the job's request filled in where it left size, steps, guidance and sampler out: the family's own, within
+        --max-size; the TAESD decoder its previews take, or None), its drawing logged. A request for a decoder that
+        cannot be had ends here."""
         req = job.request = for_family(job.request, model.family, self.settings.max_size)
         # img2img and inpainting skip the first part of the schedule: int(num_steps * strength) steps run.
         steps = req.num_steps if req.img is None else int(req.num_steps * req.strength)
@@ -271,40 +409,32 @@ class Engine:
             "generating %d x %dx%d, %d steps, %s, seed %d, model %s",
             req.n, req.width, req.height, steps, req.sampler, req.seed, escaped(model.name),
         )  # fmt: skip
-        # The TAESD decoder its previews take, if they take one: a request for one that cannot be had ends here.
         decoder = self.tiny_decoders.for_previews(model_folders(self.settings.models_dir), model.family, req.preview)
-        # 3. Pick the UNet (compiled or not), switch its LoRAs to the request's, find the embeddings its prompts use.
-        choose_unet(model, req)
-        lora_hashes = use_loras(self.settings, model, req.loras)
-        # 4. Encode the prompts (cancellable too: a long prompt is many encoder passes), the hires fix's second pass's
-        # too where it has its own, or find them encoded by an earlier request (engine/encodings.py). The flow-matching
-        # families' prompts are encoded by their pipelines' encode_prompt, with their chat templates and no embeddings.
+        return req, decoder
+
+    def conditioning(self, model: LoadedModel, req: GenerationRequest) -> dict:
+        """The request's prompts encoded (cancellable too: a long prompt is many encoder passes), the hires fix's
+        second pass's too where it has its own, or found encoded by an earlier request (engine/encodings.py). The
+        flow-matching families' prompts are encoded by their pipelines' encode_prompt, with their chat templates and
+        no embeddings."""
         if model.family.flow:
-            conditioning = flow_conditioning(model, req, model.encodings)
-        else:
-            conditioning = self.encoded(model, req.prompt, req.neg, req.clip_skip)
-            second_prompts = second_pass_prompts(req)
-            if wants_hires(req) and second_prompts != (req.prompt, req.neg):
-                conditioning[SECOND_PASS] = self.encoded(model, *second_prompts, req.clip_skip)
-        job.started = time.time()
-        job.events.put(Started())
-        # 5. Draw the batch in one pipeline call, on CPUs too: faster than one by one there as well, in the
-        # same peak memory (docs/performance.md, Batches).
-        each = [
-            dataclasses.replace(req, seed=seed, variation_seed=variation_seed, n=1)
-            for seed, variation_seed in picture_seeds(req)
-        ]
-        with telling_when_compiling(req.notices):
-            images = self.generate(model, req, self.step_reporter(job, model, each, decoder), conditioning)
-        # 6. Each picture with its settings, as its PNG will carry them; a picture cut short with the steps it ran.
-        cut = (job.step, job.steps) if job.stop_early is not None and job.step < job.steps else None
+            return flow_conditioning(model, req, model.encodings)
+        conditioning = self.encoded(model, req.prompt, req.neg, req.clip_skip)
+        second_prompts = second_pass_prompts(req)
+        if wants_hires(req) and second_prompts != (req.prompt, req.neg):
+            conditioning[SECOND_PASS] = self.encoded(model, *second_prompts, req.clip_skip)
+        return conditioning
+
+    def finished(self, job: Job, model, images: list, lora_hashes, seconds: float, stopped: bool) -> Finished:
+        """The job's Finished: each picture with its settings, as its PNG will carry them; where the call `stopped`
+        early (A1111's interrupt or skip), a picture cut short with the steps it ran."""
+        req = job.request
+        each = pictures_of(req)
+        cut = (job.step, job.steps) if stopped and job.step < job.steps else None
         pictures = [
             (image, generation_parameters(picture, model.name, model.family, lora_hashes, cut))
             for image, picture in zip(images, each, strict=True)
         ]
-        seconds = time.perf_counter() - started
-        self.last_seconds = seconds
-        log.info("generated in %.1f s (seed %d)", seconds, req.seed)
         seeds = [picture.seed for picture in each]
         image, parameters = pictures[0]
         finished = Finished(
@@ -326,16 +456,14 @@ class Engine:
         return dict(model.encodings.get(key, encode))  # a copy: the hires fix adds its second pass's to it
 
     def step_reporter(self, job: Job, model, each: list, decoder=None):
-        """The pipeline's step callback for `job`: it records the step, sends Progress and the previews the job's
-        readers asked for (Job.previews_at), with the TAESD `decoder` where there is one, within TAESD_SHARE of the
-        time; it stops a cancelled job and says when one should finish early."""
+        """The step callback for `job` (its rows of the latents): it records the step, sends Progress and the
+        previews the job's readers asked for (Job.previews_at), with the TAESD `decoder` where there is one, within
+        TAESD_SHARE of the time, and says when the job should finish early."""
         began = time.perf_counter()
         told = [began]  # when the log last told how far it got
         decoding = [0.0]  # seconds the TAESD previews took so far
 
         def on_step(step, steps, latents):
-            if job.cancelled():
-                raise Cancelled
             now = time.perf_counter()
             if step == 1 and COMPILING not in job.request.notices:  # a step that compiled says nothing of the rest
                 tell_time_left(job, now - began, steps)
@@ -356,6 +484,25 @@ class Engine:
             return job.stop_early is not None
 
         return on_step
+
+
+def pictures_of(req: GenerationRequest) -> list:
+    """Each picture of a request as a request of its own, with its seeds: what its PNG says drew it."""
+    return [
+        dataclasses.replace(req, seed=seed, variation_seed=variation_seed, n=1)
+        for seed, variation_seed in picture_seeds(req)
+    ]
+
+
+def cancellable(job: Job, on_step):
+    """A step callback that stops a cancelled job before it reports the step."""
+
+    def on_step_unless_cancelled(step, steps, latents):
+        if job.cancelled():
+            raise Cancelled
+        return on_step(step, steps, latents)
+
+    return on_step_unless_cancelled
 
 
 def send_preview(job: Job, preview: Preview) -> None:

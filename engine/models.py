@@ -182,7 +182,7 @@ class Models:
             inpaint=inpaint,
             sidecar=sidecar,
             encodings=Encodings(self.settings.prompt_cache),
-            compiled_unet=pipe.unet if hasattr(pipe.unet, "_orig_mod") else None,
+            compiled_unet=compiled(getattr(pipe, "unet", None)),  # the flow families' pipelines have no UNet
         )
         add_cancel_points(model)
         return model
@@ -234,6 +234,11 @@ CANCEL_POINTS = ("ResnetBlock2D", "Attention", "FeedForward", "CLIPEncoderLayer"
                  # The flow-matching families' transformer blocks and text-encoder layers.
                  "FluxTransformerBlock", "FluxSingleTransformerBlock", "Flux2TransformerBlock",
                  "Flux2SingleTransformerBlock", "ZImageTransformerBlock", "Qwen3DecoderLayer", "T5Block")  # fmt: skip
+
+
+def compiled(unet) -> torch.nn.Module | None:
+    """The UNet if torch.compile wrapped it (speed_up_unet), else None."""
+    return unet if hasattr(unet, "_orig_mod") else None
 
 
 def add_cancel_points(model: LoadedModel) -> None:

@@ -33,7 +33,8 @@ def generate(
     """Runs the diffusers pipeline once for `req` (whose seed, width and height must be set) on the
     encoded prompt `conditioning` (see prompt_embeddings, and flow.flow_conditioning for the flow-matching families;
     None: the request's prompts, no embeddings; a hires fix's second pass's own under SECOND_PASS), and returns its
-    `req.n` pictures, drawn together from the seeds seed, seed+1, ...
+    `req.n` pictures, drawn together from the seeds seed, seed+1, ...; or, for several requests drawn as one
+    (`req.batch`, engine/batching.py), from each one's seeds, with a row of `conditioning` a picture.
 
     `on_step(step, steps, latents)` is called after each denoising step with the latents a preview
     should show, one per picture: the predicted finished latents where the sampler gives them, else the
@@ -75,6 +76,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
     noise = PictureNoise(req.rng, seeds, shape, variation=variation)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # for what else the pipeline draws
     one_or_all = (lambda each: each[0]) if req.n == 1 else (lambda each: each)  # diffusers' form for one picture
+    per_prompt = 1 if req.batch else req.n  # a batch's conditioning has a row a picture (joined_conditioning)
     pipe.scheduler = scheduler = scheduler_for(model, req.sampler, req.schedule, req.prediction)
     if isinstance(scheduler, KDiffusionScheduler):
         scheduler.use_noise(noise)
@@ -99,7 +101,7 @@ def call_pipeline(model: LoadedModel, pipe, req: GenerationRequest, on_step, con
             num_inference_steps=req.num_steps,
             guidance_scale=req.guidance,
             generator=one_or_all(generators),
-            num_images_per_prompt=req.n,
+            num_images_per_prompt=per_prompt,
             callback_on_step_end=step_end,
             **inputs,
         ).images

@@ -100,6 +100,9 @@ class GenerationRequest:
     parameters: str | None = None  # pasted A1111 generation data, which filled the fields the body left out
     parameters_ignored: list = dataclasses.field(default_factory=list)  # its keys that set nothing here
     notices: list = dataclasses.field(default_factory=list)  # what the answer says of fields the model does without
+    # The requests this one draws together in one call (engine/batching.py), each with its own prompts, seeds and n,
+    # which add up to this one's n; empty: it draws its own.
+    batch: tuple = ()
 
 
 INPAINT_AREAS = ("whole", "masked")  # A1111's "Whole picture" and "Only masked"
@@ -114,7 +117,7 @@ MAX_MASK_BLUR = 64
 MAX_INPAINT_PADDING = 256
 
 
-REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored", "notices"}
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"parameters_ignored", "notices", "batch"}
 
 
 # Other names for fields, as OpenAI's extra_body and AUTOMATIC1111 call them; the fields' own names stay the
@@ -286,7 +289,9 @@ def with_seeds(req: GenerationRequest) -> GenerationRequest:
 
 def picture_seeds(req: GenerationRequest) -> list:
     """(seed, variation seed) of each picture of a filled-in request, as A1111 numbers them: seed, seed+1, ...; with
-    variation seeds, the seed alone and variation_seed, variation_seed+1, ..."""
+    variation seeds, the seed alone and variation_seed, variation_seed+1, ...; a batch's, its requests' in turn."""
+    if req.batch:
+        return [each for member in req.batch for each in picture_seeds(member)]
     if req.variation_strength:
         return [(req.seed, req.variation_seed + index) for index in range(req.n)]
     return [(req.seed + index, req.variation_seed) for index in range(req.n)]

@@ -8,7 +8,7 @@ from engine.encodings import PROMPT_CACHE
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # model configs and tokenizers, shipped
 DEMO_MODEL = "demo"
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels, each a multiple of 8 (the VAE downsamples by 8); MAX_SIZE is a setting
-MAX_BATCH = 8  # pictures one request may ask for (`n`); a setting
+MAX_BATCH = 8  # pictures one pipeline call draws: one request's `n`, and several requests drawn together; a setting
 STATE_DIR = Path("~/.imagine").expanduser()  # where the server keeps its jobs (imagine.py's default)
 
 
@@ -27,6 +27,7 @@ class Settings:
     max_size: int = MAX_SIZE
     max_queue: int = 8
     max_batch: int = MAX_BATCH
+    batch_wait_ms: str = "auto"  # how long a request waits for others to draw with it: auto (engine/batching.py), or ms
     rng: str = "cpu"  # the noise source of a request that names none (see engine/noise.py)
     folder_timeout: int = 10  # seconds a request waits for the models folders to be read before it gets 503
     job_ttl: int = 600  # seconds a finished job (POST /jobs) is kept for its client to collect
