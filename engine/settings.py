@@ -32,3 +32,4 @@ class Settings:
     cors_origins: tuple = ()
     no_web: bool = False
     no_pull: bool = False
+    queue: str = ""  # a Redis URL whose queue this server shares with others (engine/fleet.py); "" for its own
