@@ -8,6 +8,8 @@ What Redis holds, every key under imagine: (the servers trust it as they trust t
                    hands out one stream's entries in order only. An entry stays pending with the server that drew it
                    until the job ends, so that a dead server's jobs are claimed (XCLAIM) and drawn again by another.
 - models           the model keys that have a stream.
+- submitted        a stream with a mark for each submission, capped: idle servers wait on it, so that a job is drawn
+                   at once rather than at their next look.
 - waiting, jobs    sorted sets of job ids in submission order: the jobs not yet drawn, and every job not yet expired.
 - job:<id>         a hash: the request (engine/job_codec.py), its status, the server that drew it and the attempt
                    (how many times it was drawn), and its latest preview of each picture (preview:<index>).
@@ -40,15 +42,18 @@ log = logging.getLogger("imagine")
 
 PREFIX = "imagine:"
 GROUP = "drawers"
-WAITING, JOBS, MODELS, SEQUENCE = (PREFIX + name for name in ("waiting", "jobs", "models", "sequence"))
+WAITING, JOBS, MODELS, SEQUENCE, SUBMITTED = (
+    PREFIX + name for name in ("waiting", "jobs", "models", "sequence", "submitted")
+)
 HEARTBEAT_SECONDS = 1.0  # how often a server tells Redis it is alive
 HEARTBEAT_TTL = 5  # seconds after a server's last heartbeat that the jobs it drew are drawn again by another
-LOOK_SECONDS = 0.2  # how often an idle server looks for a job, and a drawing one for its job's cancel and watchers
+LOOK_SECONDS = 0.2  # how often a drawing server looks for its job's cancel and watchers, and an idle one for a job
 RETRY_AFTER = 5  # seconds a client is told to wait while Redis cannot be reached
 ENDED = ("done", "failed", "cancelled")
 
 # Submits a job: its hash, its place in the sorted sets and its entry in its model's stream, at once.
-# KEYS: job hash, waiting, jobs, model stream, models, sequence; ARGV: id, model key, group, then the hash's fields.
+# KEYS: job hash, waiting, jobs, model stream, models, sequence, submitted; ARGV: id, model key, group, then the
+# hash's fields.
 ENQUEUE = """
 local sequence = redis.call('INCR', KEYS[6])
 local now = redis.call('TIME')
@@ -59,6 +64,7 @@ redis.call('ZADD', KEYS[3], sequence, ARGV[1])
 redis.pcall('XGROUP', 'CREATE', KEYS[4], ARGV[3], '0', 'MKSTREAM')
 redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[2])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'job', ARGV[1])
 return tostring(created)
 """
 
@@ -166,6 +172,7 @@ class Fleet:
         self.writes = queue.Queue()  # (Sink, event) for write_forever
         self.stopping = False
         self.connected_since = None  # time.monotonic() since Redis answers again; None while it does not
+        self.submitted = "$"  # the last submission mark seen (see wait)
         self.scripts = {name: client.register_script(text) for name, text in
                         (("enqueue", ENQUEUE), ("claim", CLAIM), ("write", WRITE), ("cancel", CANCEL))}  # fmt: skip
 
@@ -207,7 +214,7 @@ class Fleet:
         req = job.request
         options = {"default_if_unknown": default_if_unknown, "interruptible": interruptible}
         fields = ["request", json.dumps(request_data(req)), "prompt", req.prompt, "steps", req.num_steps or 0]
-        keys = [job_key(job_id), WAITING, JOBS, queue_key(job.model_key), MODELS, SEQUENCE]
+        keys = [job_key(job_id), WAITING, JOBS, queue_key(job.model_key), MODELS, SEQUENCE, SUBMITTED]
         try:
             self.check_room()
             created = self.scripts["enqueue"](keys, [job_id, job.model_key, GROUP, *fields, "options",
@@ -369,13 +376,23 @@ class Fleet:
                     self.heartbeat()
                     beaten = time.monotonic()
                 self.watch_drawn()
-                if self.engine.unfinished == 0 and not self.engine.stopping:
-                    self.reclaim() or self.take()
+                idle = self.engine.unfinished == 0 and not self.engine.stopping
+                if not (idle and (self.reclaim() or self.take())):
+                    self.wait(idle)
             except redis.RedisError as error:
                 if self.connected_since is not None:
                     log.warning("the fleet's queue at %s cannot be reached: %s", self.url, error)
                 self.connected_since = None
+                time.sleep(LOOK_SECONDS)
+
+    def wait(self, idle: bool) -> None:
+        """Waits LOOK_SECONDS; an idle server wakes as soon as a job is submitted anywhere."""
+        if not idle:
             time.sleep(LOOK_SECONDS)
+            return
+        answer = self.redis.xread({SUBMITTED: self.submitted}, count=100, block=int(LOOK_SECONDS * 1000))
+        for _, entries in answer:
+            self.submitted = entries[-1][0]
 
     def heartbeat(self) -> None:
         value = {"server": self.server, "room": self.engine.settings.max_queue + 1, "drawing": len(self.drawing)}

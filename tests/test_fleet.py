@@ -216,6 +216,33 @@ def test_health_reports_the_fleets_queue_beside_the_servers_own(fleet):
     assert progress["fleet"]["servers"] == 3
 
 
+def test_a_synchronous_client_that_leaves_cancels_its_job_on_the_server_drawing_it(fleet):
+    body = {"prompt": "left early", "seed": 4, "stream": 1, **LONG}
+    with requests.post(f"{fleet[0].url}/generate", json=body, stream=True, timeout=300) as answer:
+        assert answer.status_code == 200
+        next(answer.iter_lines())  # a first preview: it runs
+    left = requests.get(f"{fleet[1].url}/jobs", timeout=30).json()["jobs"][0]
+    ended = wait_status(fleet[1], left["id"], "cancelled", "done", "failed")
+    assert ended["status"] == "cancelled" and ended["error"] == "the client disconnected"
+
+
+def test_a_server_that_stalls_and_comes_back_after_its_job_was_drawn_again_writes_nothing_of_it(fleet):
+    stalled_id = submit(fleet[0], "stalls", 8, LONG)
+    drawer = wait_running(fleet[0], stalled_id)["server"]
+    stalled = next(server for server in fleet if drawer.endswith(f":{server.port}"))
+    stalled.process.send_signal(signal.SIGSTOP)
+    try:
+        other = next(server for server in fleet if server is not stalled)
+        wait_until(lambda: job(other, stalled_id)["attempts"] == 2, "another server draws it again", 300)
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: "is drawn again by another server" in stalled.text(), "the stalled server stops it", 300)
+    ended = wait_status(other, stalled_id, "done", "failed", "cancelled")
+    assert ended["status"] == "done" and ended["attempts"] == 2 and ended["server"] != drawer
+    events = requests.get(f"{stalled.url}/jobs/{stalled_id}/events", timeout=60).text
+    assert events.count("event: done") == 1 and "event: cancelled" not in events
+
+
 def test_three_servers_draw_twelve_jobs_between_them_and_a_killed_servers_job_is_finished_by_another(fleet):
     reference = requests.post(f"{fleet[0].url}/generate", json={"prompt": "the long one", "seed": 7, **LONG})
     assert reference.status_code == 200, reference.text
