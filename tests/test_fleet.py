@@ -10,15 +10,20 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import redis
 import requests
-from conftest import free_port, pixels, wait_until
+from conftest import FAST, free_port, pixels, wait_until
 from jobs_client import parse_events
 
 import imagine
+from api.native import last_event
+from engine.fleet import Fleet, connect, job_key
+from engine.fleet_jobs import FleetStore
+from engine.request import GenerationRequest
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(
@@ -91,6 +96,7 @@ class Imagine:
         self.log = folder / f"{name}.log"
         command = [sys.executable, str(IMAGINE), "--port", str(self.port), "-d", "cpu", "--models-dir", str(folder)]
         clean = {key: value for key, value in os.environ.items() if not key.startswith("IMAGINE_")}
+        self.queue = queue
         with self.log.open("w") as log:
             self.process = subprocess.Popen([*command, "--queue", queue], env=clean | (env or {}), stderr=log)
 
@@ -204,6 +210,18 @@ def test_a_synchronous_generate_on_a_busy_server_is_drawn_by_another_and_a_job_i
     assert ended["step"] < LONG["num_steps"]
 
 
+def test_a_server_stopped_with_sigterm_hands_its_running_job_back_to_the_fleet(fleet, tmp_path):
+    handed_back = submit(fleet[0], "handed back", 9, LONG)
+    drawer = wait_running(fleet[0], handed_back)["server"]
+    index = next(index for index, server in enumerate(fleet) if drawer.endswith(f":{server.port}"))
+    fleet[index].process.send_signal(signal.SIGTERM)
+    assert fleet[index].process.wait(timeout=120) == 0
+    other = next(server for server in fleet if server is not fleet[index])
+    ended = wait_status(other, handed_back, "done", "failed", "cancelled")
+    assert ended["status"] == "done" and ended["attempts"] == 2 and ended["server"] != drawer
+    fleet[index] = start_servers(tmp_path, fleet[index].queue, 1)[0]  # the next tests want three
+
+
 def test_health_reports_the_fleets_queue_beside_the_servers_own(fleet):
     def health():
         return requests.get(f"{fleet[0].url}/health", timeout=30).json()
@@ -263,6 +281,47 @@ def test_three_servers_draw_twelve_jobs_between_them_and_a_killed_servers_job_is
     draws = {server.port: [job_id for job_id in server.drawn() if job_id in ours] for server in fleet}
     assert sorted(sum(draws.values(), [])) == sorted([*ids, long_id, long_id])  # none twice but the killed one
     assert all(draws.values())  # each drew some
+
+
+# ---- one server of a fleet in this process, on the tests' shared engine
+
+
+@pytest.fixture
+def joined(redis_server, engine):
+    """Makes this process's shared engine a server of a fleet on a Redis of its own; it leaves the fleet after."""
+    server = redis_server()
+    fleets = []
+
+    def join():
+        fleets.append(Fleet(connect(server.url), engine, "in-process:1", server.url))
+        return fleets[-1]
+
+    yield join
+    for fleet in fleets:
+        fleet.stop()
+
+
+def test_an_idle_server_draws_a_job_for_its_loaded_model_before_an_older_one_for_another_model(engine, joined):
+    last_event(engine.submit(GenerationRequest(prompt="loads the demo", **FAST)))
+    fleet = joined()
+    older, _ = fleet.enqueue(engine.accept(GenerationRequest(prompt="another model", model="tiny", **FAST)))
+    newer, _ = fleet.enqueue(engine.accept(GenerationRequest(prompt="the loaded model", **FAST)))
+    fleet.start()
+    status = lambda job_id: fleet.redis.hget(job_key(job_id), "status")  # noqa: E731
+    wait_until(lambda: status(older) == status(newer) == "done", "both jobs are drawn")
+    started = {job_id: float(fleet.redis.hget(job_key(job_id), "started")) for job_id in (older, newer)}
+    assert started[newer] < started[older]
+
+
+def test_a_server_whose_clock_runs_an_hour_ahead_expires_no_fleet_job_early(engine, joined):
+    fleet = joined()
+    fleet.start()
+    store = FleetStore(fleet, clock=lambda: time.time() + 3600)  # past --job-ttl (600 s) by its own clock
+    held = store.submit(GenerationRequest(prompt="kept its ttl", **FAST))
+    held.wait_end(300)
+    store.expire()
+    again = store.get(held.id)
+    assert again.status == "done" and again.result_fields(lambda finished: finished.seeds) == [FAST["seed"]]
 
 
 # ---- Redis itself: unreachable, lost mid-run, with a password
