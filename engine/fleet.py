@@ -34,6 +34,7 @@ import time
 import redis
 
 from engine.errors import ImagineError
+from engine.fleet_scripts import CANCEL, CLAIM, ENQUEUE, WRITE
 from engine.job import POLL_SECONDS, Failed, Finished, Loading, Preview, Started
 from engine.job_codec import event_data, event_from_data, request_data, request_from_data
 from engine.logs import shown_url
@@ -49,78 +50,8 @@ HEARTBEAT_SECONDS = 1.0  # how often a server tells Redis it is alive
 HEARTBEAT_TTL = 5  # seconds after a server's last heartbeat that the jobs it drew are drawn again by another
 LOOK_SECONDS = 0.2  # how often a drawing server looks for its job's cancel and watchers, and an idle one for a job
 RETRY_AFTER = 5  # seconds a client is told to wait while Redis cannot be reached
+PRUNED_EACH_BEAT = 20  # expired jobs' ids a heartbeat may take out of the list of jobs: more than a fleet draws
 ENDED = ("done", "failed", "cancelled")
-
-# Submits a job: its hash, its place in the sorted sets and its entry in its model's stream, at once.
-# KEYS: job hash, waiting, jobs, model stream, models, sequence, submitted; ARGV: id, model key, group, then the
-# hash's fields.
-ENQUEUE = """
-local sequence = redis.call('INCR', KEYS[6])
-local now = redis.call('TIME')
-local created = now[1] + now[2] / 1000000
-redis.call('HSET', KEYS[1], 'created', created, 'status', 'queued', 'model', ARGV[2], unpack(ARGV, 4))
-redis.call('ZADD', KEYS[2], sequence, ARGV[1])
-redis.call('ZADD', KEYS[3], sequence, ARGV[1])
-redis.pcall('XGROUP', 'CREATE', KEYS[4], ARGV[3], '0', 'MKSTREAM')
-redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[2])
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'job', ARGV[1])
-return tostring(created)
-"""
-
-# A server takes a job it read from a stream: the job's attempt counts up, and only that attempt's events are written
-# from then on (WRITE), so that a server that comes back after its job was drawn again writes nothing. 0: the job
-# has ended (cancelled while it waited) or is gone. KEYS: job hash, waiting; ARGV: id, server, consumer.
-CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'running' then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'running', 'server', ARGV[2], 'consumer', ARGV[3])
-return redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-"""
-
-# Writes one event of the attempt ARGV[1], with Redis's time, or nothing (0) where the job was drawn again since. The
-# end's status
-# acknowledges and deletes the job's stream entry and starts its keys' TTL. KEYS: job hash, events, model stream;
-# ARGV: attempt, event (JSON), a field stamped with the time or '', the end's status or '', TTL, group, entry id,
-# then fields for the hash.
-WRITE = """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
-local now = redis.call('TIME')
-local at = now[1] + now[2] / 1000000
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], at) end
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[2], 'at', at)
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[4])
-  redis.call('XACK', KEYS[3], ARGV[6], ARGV[7])
-  redis.call('XDEL', KEYS[3], ARGV[7])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-return 1
-"""
-
-# Cancels a job from any server: a waiting one ends at once ('withdrawn'); a running one is marked, and the server
-# drawing it stops it ('cancelling'); an ended one is left as it is (its status). KEYS: job hash, events, waiting;
-# ARGV: id, reason, the Failed event (JSON), TTL.
-CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == 'queued' then
-  local now = redis.call('TIME')
-  local at = now[1] + now[2] / 1000000
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', at)
-  redis.call('XADD', KEYS[2], '*', 'event', ARGV[3], 'at', at)
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return 'withdrawn'
-end
-if status ~= 'running' then return status end
-redis.call('HSET', KEYS[1], 'cancel', ARGV[2])
-return 'cancelling'
-"""
 
 
 def job_key(job_id: str) -> str:
@@ -226,10 +157,11 @@ class Fleet:
     def check_room(self) -> None:
         """Refuses a job while as many wait as the live servers have room for: one drawing and --max-queue waiting
         each, as a lone server holds."""
-        room = sum(server["room"] for server in self.servers()) or self.engine.settings.max_queue + 1
+        servers = self.servers()
+        room = sum(server["room"] for server in servers) or self.engine.settings.max_queue + 1
         waiting = self.redis.zcard(WAITING)
         if waiting >= room:
-            retry_after = max(1, round(self.engine.last_seconds * waiting / max(1, len(self.servers()))))
+            retry_after = max(1, round(self.engine.last_seconds * waiting / max(1, len(servers))))
             raise ImagineError(f"the fleet is busy: {waiting} requests are waiting; try again", 503, retry_after)
 
     def follow(self, job_id: str, put, job=None) -> None:
@@ -316,6 +248,17 @@ class Fleet:
             raise self.unreachable(error) from None
         return None if values[0] is None else dict(zip(("status", *names), values, strict=True))
 
+    def forget_expired(self, most: int) -> None:
+        """Takes out of the list of jobs the oldest `most` whose keys have expired, so that it does not grow without
+        end where nobody lists the jobs (GET /jobs takes out every one)."""
+        ids = self.redis.zrange(JOBS, 0, most - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(job_key(job_id))
+        gone = [job_id for job_id, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+        if gone:
+            self.redis.zrem(JOBS, *gone)
+
     def listing(self) -> list:
         """Every job of the fleet not yet expired, newest first, as dicts {id, status, created, server, attempts};
         the ids of expired ones leave the list."""
@@ -374,6 +317,7 @@ class Fleet:
             try:
                 if time.monotonic() - beaten >= HEARTBEAT_SECONDS:
                     self.heartbeat()
+                    self.forget_expired(PRUNED_EACH_BEAT)
                     beaten = time.monotonic()
                 self.watch_drawn()
                 idle = self.engine.unfinished == 0 and not self.engine.stopping
@@ -383,6 +327,9 @@ class Fleet:
                 if self.connected_since is not None:
                     log.warning("the fleet's queue at %s cannot be reached: %s", self.url, error)
                 self.connected_since = None
+                time.sleep(LOOK_SECONDS)
+            except Exception:  # the server must go on drawing whatever one look at Redis met
+                log.exception("the fleet's drawer failed; it goes on")
                 time.sleep(LOOK_SECONDS)
 
     def wait(self, idle: bool) -> None:
@@ -455,12 +402,14 @@ class Fleet:
             return
         sink = Sink(job_id, attempt, stream, entry_id, self.writes)
         request, options = self.redis.hmget(job_key(job_id), "request", "options")
-        options = json.loads(options)
         try:
-            req = request_from_data(json.loads(request))
+            req, options = request_from_data(json.loads(request)), json.loads(options)
             job = self.engine.submit(req, None, options["default_if_unknown"], sink, options["interruptible"])
         except ImagineError as error:
             sink.put(Failed(error))
+            return
+        except ValueError as error:  # data of another version of Imagine, say
+            sink.put(Failed(ImagineError(f"job {job_id}'s request cannot be read here: {error}", 500)))
             return
         log.info("drawing job %s (attempt %d)", job_id, attempt)
         self.drawing[job_id] = (job, attempt)

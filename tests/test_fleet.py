@@ -21,7 +21,7 @@ from jobs_client import parse_events
 
 import imagine
 from api.native import last_event
-from engine.fleet import Fleet, connect, job_key
+from engine.fleet import JOBS, WAITING, Fleet, connect, job_key
 from engine.fleet_jobs import FleetStore
 from engine.request import GenerationRequest
 
@@ -322,6 +322,17 @@ def test_a_server_whose_clock_runs_an_hour_ahead_expires_no_fleet_job_early(engi
     store.expire()
     again = store.get(held.id)
     assert again.status == "done" and again.result_fields(lambda finished: finished.seeds) == [FAST["seed"]]
+
+
+def test_an_ended_jobs_keys_leave_redis_job_ttl_seconds_after_its_end_and_its_id_the_list(engine, joined, monkeypatch):
+    monkeypatch.setattr(engine.settings, "job_ttl", 1)
+    fleet = joined()
+    fleet.start()
+    job_id, _ = fleet.enqueue(engine.accept(GenerationRequest(prompt="short-lived", **FAST)))
+    wait_until(lambda: fleet.redis.hget(job_key(job_id), "status") is not None, "the job is in Redis")
+    gone = lambda: fleet.redis.keys(f"{job_key(job_id)}*") == [] and fleet.redis.zscore(JOBS, job_id) is None  # noqa: E731
+    wait_until(gone, "the job's keys and its id are gone")
+    assert fleet.redis.zcard(WAITING) == 0
 
 
 # ---- Redis itself: unreachable, lost mid-run, with a password
