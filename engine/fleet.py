@@ -51,7 +51,6 @@ HEARTBEAT_TTL = 5  # seconds after a server's last heartbeat that the jobs it dr
 LOOK_SECONDS = 0.2  # how often a drawing server looks for its job's cancel and watchers, and an idle one for a job
 RETRY_AFTER = 5  # seconds a client is told to wait while Redis cannot be reached
 PRUNED_EACH_BEAT = 20  # expired jobs' ids a heartbeat may take out of the list of jobs: more than a fleet draws
-ENDED = ("done", "failed", "cancelled")
 
 
 def job_key(job_id: str) -> str:
@@ -114,7 +113,8 @@ class Fleet:
 
     def stop(self) -> None:
         """Stops drawing and lets the jobs drawn here go back to the fleet: their cancel by the engine's stop is not
-        written, and, the heartbeat gone, another server draws them again. Waits for the events already written."""
+        written, and, the heartbeat gone, another server draws them again. Waits (10 s at most) for the events the
+        engine put before to be written."""
         self.stopping = True
         self.writes.put((None, None))
         self.writer.join(timeout=10)
@@ -168,7 +168,10 @@ class Fleet:
         """Hands the job's events to `put(event, data)` from its first: those already in Redis now, on this thread,
         the rest on a thread of their own until its end. Where `job` (the engine's Job of a client that waits on
         it) is cancelled, as when its client leaves, the job is cancelled in the fleet."""
-        last = self.relay_once(job_id, put, "0", block=None)
+        try:
+            last = self.relay_once(job_id, put, "0", block=None)
+        except redis.RedisError:  # the job is in Redis: its events come once Redis is back
+            last = "0"
         if last is not None:
             threading.Thread(target=self.relay, args=(job_id, put, last, job), name="fleet-relay", daemon=True).start()
 
@@ -181,6 +184,10 @@ class Fleet:
                     job = None
             except (redis.RedisError, ImagineError):
                 time.sleep(1)  # Redis is away: the events wait there until it is back
+            except Exception:  # its client must hear of it rather than wait for ever
+                log.exception("job %s's events cannot be read", job_id)
+                put(Failed(ImagineError("the job's events cannot be read; the server log has the details", 500)), {})
+                return
 
     def relay_once(self, job_id: str, put, last: str, block: int | None) -> str | None:
         """Hands the events after `last` to `put`; the last one's id, or None once the job has ended."""
@@ -190,7 +197,8 @@ class Fleet:
                 last = entry_id
                 data = json.loads(fields["event"]) | {"at": float(fields["at"])}  # when, on Redis's clock
                 event = self.event_from(job_id, data)
-                put(event, data)
+                if event is not None:
+                    put(event, data)
                 if isinstance(event, (Finished, Failed)):
                     return None
         if not answer and block is not None and not self.redis.exists(job_key(job_id)):
@@ -199,9 +207,13 @@ class Fleet:
         return last
 
     def event_from(self, job_id: str, data: dict):
-        """The event the data in the job's stream stands for; a preview's mark with the latest picture."""
+        """The event the data in the job's stream stands for; a preview's mark with the latest picture (None once the
+        job's keys expired)."""
         if data["event"] == "preview":
-            data = {**data, "image": {"png": self.redis.hget(job_key(job_id), f"preview:{data['index']}")}}
+            png = self.redis.hget(job_key(job_id), f"preview:{data['index']}")
+            if png is None:
+                return None
+            data = {**data, "image": {"png": png}}
         return event_from_data(data)
 
     def cancel(self, job_id: str, reason: str) -> str | None:

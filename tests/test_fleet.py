@@ -210,7 +210,7 @@ def test_a_synchronous_generate_on_a_busy_server_is_drawn_by_another_and_a_job_i
     assert ended["step"] < LONG["num_steps"]
 
 
-def test_a_server_stopped_with_sigterm_hands_its_running_job_back_to_the_fleet(fleet, tmp_path):
+def test_a_server_stopped_with_sigterm_hands_its_running_job_back_to_the_fleet(fleet):
     handed_back = submit(fleet[0], "handed back", 9, LONG)
     drawer = wait_running(fleet[0], handed_back)["server"]
     index = next(index for index, server in enumerate(fleet) if drawer.endswith(f":{server.port}"))
@@ -219,7 +219,9 @@ def test_a_server_stopped_with_sigterm_hands_its_running_job_back_to_the_fleet(f
     other = next(server for server in fleet if server is not fleet[index])
     ended = wait_status(other, handed_back, "done", "failed", "cancelled")
     assert ended["status"] == "done" and ended["attempts"] == 2 and ended["server"] != drawer
-    fleet[index] = start_servers(tmp_path, fleet[index].queue, 1)[0]  # the next tests want three
+    replacement = Imagine(fleet[index].log.parent, "replacement", fleet[index].queue)  # the next tests want three
+    replacement.wait_listening()
+    fleet[index] = replacement
 
 
 def test_health_reports_the_fleets_queue_beside_the_servers_own(fleet):
