@@ -17,9 +17,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
+from engine.logs import shown_url
 from engine.settings import MAX_BATCH, MAX_SIZE, MIN_SIZE, STATE_DIR, Settings
 
 log = logging.getLogger("imagine")
@@ -174,6 +177,12 @@ OPTIONS = (
         "turn pulling models by name (POST /pull) and removing them (DELETE /models/NAME) off (default on)",
         bool,
     ),
+    Option(
+        "queue",
+        ("--queue",),
+        "redis://HOST:PORT/DB: share one queue with every server on that Redis, which must be closed to clients; "
+        "its password from IMAGINE_REDIS_PASSWORD, or redis://:PASSWORD@HOST... (default none: this server's own)",
+    ),
 )
 SWITCHED_ON = ("1", "true", "yes")
 # --compile was a switch (IMAGINE_COMPILE=1): its old spellings still mean on and off.
@@ -231,6 +240,8 @@ def setting_problems(args) -> list:
         (args.folder_timeout >= 1, f"--folder-timeout must be at least 1 (seconds), not {args.folder_timeout}"),
         (args.max_jobs >= 1, f"--max-jobs must be at least 1, not {args.max_jobs}"),
         (args.job_attempts >= 1, f"--job-attempts must be at least 1, not {args.job_attempts}"),
+        (not args.queue or urllib.parse.urlsplit(args.queue).scheme in ("redis", "rediss", "unix"),
+         f"--queue must be a redis://, rediss:// or unix:// URL, not {shown_url(args.queue)!r}"),
         (args.max_size >= MIN_SIZE and args.max_size % 8 == 0,
          f"--max-size must be a multiple of 8 from {MIN_SIZE}, not {args.max_size}"),
     ]  # fmt: skip
@@ -255,6 +266,8 @@ from api.guard import guard, is_loopback  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.errors import ImagineError  # noqa: E402
 from engine.files.folders import model_folders  # noqa: E402
+from engine.fleet import Fleet, connect  # noqa: E402
+from engine.fleet_jobs import FleetStore  # noqa: E402
 from engine.held_jobs import JobStore  # noqa: E402
 from engine.job_ledger import FolderUnusable, JobLedger  # noqa: E402
 from engine.logs import escaped  # noqa: E402
@@ -264,13 +277,18 @@ DIALECTS = {"native": native, "jobs": jobs, "pulls": pulls, "openai": openai, "a
 PREFIXES = (("/v1/", "openai"), ("/sdapi/", "a1111"))
 
 
-def create_app(engine: Engine) -> Flask:
-    """The Flask app: the guard in front, each dialect's routes, and errors in the shape of the dialect asked."""
+def create_app(engine: Engine, fleet: Fleet | None = None) -> Flask:
+    """The Flask app: the guard in front, each dialect's routes, and errors in the shape of the dialect asked. With
+    a `fleet` (--queue), every generation goes to the queue it shares with other servers."""
     app = Flask("imagine")
     app.config["MAX_CONTENT_LENGTH"] = native.MAX_BODY_BYTES  # larger bodies get 413 before they are read
     app.extensions["imagine.engine"] = engine
     app.extensions["imagine.slots"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
-    app.extensions["imagine.jobs"] = JobStore(engine, ledger=open_ledger(engine.settings))
+    if fleet is None:
+        app.extensions["imagine.jobs"] = JobStore(engine, ledger=open_ledger(engine.settings))
+    else:  # the fleet's jobs are kept in Redis, not in this server's state folder
+        app.extensions["imagine.jobs"] = FleetStore(fleet)
+        app.extensions["imagine.fleet"] = fleet
     # An event stream for each job the engine may hold; each holds a thread of its own (see create_server).
     app.extensions["imagine.streams"] = threading.BoundedSemaphore(engine.settings.max_queue + 1)
     guard(app, engine.settings)
@@ -323,9 +341,9 @@ def dialect_error(error: ImagineError) -> dict:
     return DIALECTS[current_dialect()].to_error(error)
 
 
-def create_server(engine: Engine, host: str, port: int):
-    """The production HTTP server (waitress) serving the app on `engine`."""
-    return create_waitress_server(create_app(engine), engine.settings.max_queue, host, port)
+def create_server(engine: Engine, host: str, port: int, fleet: Fleet | None = None):
+    """The production HTTP server (waitress) serving the app on `engine` (and `fleet`)."""
+    return create_waitress_server(create_app(engine, fleet), engine.settings.max_queue, host, port)
 
 
 def check_default_model(engine: Engine) -> None:
@@ -375,6 +393,23 @@ def cannot_listen(settings: Settings, error: OSError) -> str:
     return f"{message}: {holder}; stop it, or start this one on another port with -p (e.g. -p {settings.port + 1})"
 
 
+def join_fleet(engine: Engine, settings: Settings) -> Fleet | None:
+    """With --queue, this server's part of the fleet on that Redis, drawing jobs; the start ends where Redis cannot
+    be reached."""
+    if not settings.queue:
+        return None
+    fleet = Fleet(connect(settings.queue), engine, f"{socket.gethostname()}:{settings.port}", settings.queue)
+    fleet.start()
+    log.info("sharing the queue at %s", shown_url(settings.queue))
+    return fleet
+
+
+def stop(engine: Engine, fleet: Fleet | None) -> None:
+    if fleet is not None:
+        fleet.stop()
+    engine.stop()
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -385,16 +420,18 @@ def main(argv=None) -> None:
         engine.device, str(engine.dtype).removeprefix("torch."), escaped(settings.model), escaped(settings.models_dir),
     )  # fmt: skip
     check_models_folders(settings)
+    fleet = join_fleet(engine, settings)
     try:
-        server = create_server(engine, settings.host, settings.port)
+        server = create_server(engine, settings.host, settings.port, fleet)
     except FolderUnusable as error:
         raise SystemExit(str(error)) from None
     except OSError as error:
         raise SystemExit(cannot_listen(settings, error)) from None
-    # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns.
+    # SIGTERM (systemctl stop) and Ctrl-C cancel the running and waiting requests, then main() returns; in a fleet,
+    # the jobs this server drew go back to the fleet first (Fleet.stop).
     # The handler only sets an event: stop() takes locks that the interrupted main thread may hold.
     stop_requested = threading.Event()
-    threading.Thread(target=lambda: stop_requested.wait() and engine.stop(), name="stop", daemon=True).start()
+    threading.Thread(target=lambda: stop_requested.wait() and stop(engine, fleet), name="stop", daemon=True).start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     threading.Thread(target=server.run, name="http", daemon=True).start()

@@ -413,7 +413,10 @@ def progress_route():
     # A keyless server open to other machines shows no stranger another's picture (see has_one_owner).
     skip = request.args.get("skip_current_image", "false").lower() == "true" or not has_one_owner(current_settings())
     latest = None if job is None or skip else job.latest_preview()  # asking keeps previews coming (Job.latest_preview)
-    return jsonify(a1111_progress(job, None if latest is None else latest.png))
+    progress = a1111_progress(job, None if latest is None else latest.png)
+    if (fleet := current_app.extensions.get("imagine.fleet")) is not None:
+        progress["fleet"] = fleet.health()  # beside this server's own generation: the shared queue (engine/fleet.py)
+    return jsonify(progress)
 
 
 def finish_early(how: str):

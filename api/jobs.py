@@ -61,11 +61,18 @@ def job_fields(store: JobStore, held: HeldJob, with_preview: bool = False) -> di
     }
     if held.error is not None:
         fields["error"] = held.error
+    fields |= drawn_by(held)
     if status == "done":
         fields |= held.result_fields(lambda finished: native_whole(None, finished))  # to_whole reads only the event
     if with_preview:
         fields["preview"] = held.preview()
     return fields
+
+
+def drawn_by(held) -> dict:
+    """In a fleet (--queue), the server that drew the job and how many times it was drawn (again where a server
+    died drawing it); nothing on a lone server, or before it is drawn."""
+    return {} if held.server is None else {"server": held.server, "attempts": held.attempts}
 
 
 def switch(name: str) -> bool:
@@ -158,8 +165,10 @@ def list_route():
         message = "this server is open to other machines without an API key: it lists no jobs (set IMAGINE_API_KEY)"
         raise ImagineError(message, 403)
     store = current_jobs()
-    return jsonify(jobs=[{"id": held.id, "status": held.status, "created": held.created} for held in
-                         store.listing()])  # fmt: skip
+    jobs = [
+        {"id": held.id, "status": held.status, "created": held.created} | drawn_by(held) for held in store.listing()
+    ]
+    return jsonify(jobs=jobs)
 
 
 @blueprint.get("/jobs/<job_id>")

@@ -52,6 +52,12 @@ def current_engine() -> Engine:
     return current_app.extensions["imagine.engine"]
 
 
+def current_queue():
+    """Where generations queue: the engine's own queue, or a fleet's in Redis (--queue) whichever server draws them,
+    both with Engine.submit's arguments."""
+    return current_app.extensions.get("imagine.fleet") or current_engine()
+
+
 def current_settings() -> Settings:
     return current_engine().settings
 
@@ -106,7 +112,7 @@ def respond(translate: Callable[[], Answer]) -> Response:
         check_answer_spool(answer.request, current_settings())
         client_gone = request.environ.get("waitress.client_disconnected")
         engine = current_engine()
-        job = engine.submit(
+        job = current_queue().submit(
             answer.request,
             client_gone,
             default_if_unknown=answer.default_if_unknown,
@@ -421,7 +427,11 @@ def health_route():
         return jsonify(status="ok")
     loaded = [model.name for model in list(engine.models.loaded.values())]
     running = engine.running is not None
-    return jsonify(status="ok", device=str(engine.device), loaded=loaded, queue=engine.jobs.qsize(), running=running)
+    answer = {"status": "ok", "device": str(engine.device), "loaded": loaded, "queue": engine.jobs.qsize()}
+    answer["running"] = running
+    if (fleet := current_app.extensions.get("imagine.fleet")) is not None:
+        answer["fleet"] = fleet.health()  # the shared queue; the fields above are this server's own
+    return jsonify(answer)
 
 
 @blueprint.get("/loras")

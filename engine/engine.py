@@ -91,17 +91,29 @@ class Engine:
         events=None,
         interruptible: bool = False,
     ) -> Job:
-        """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work.
-        With `default_if_unknown`, a model name the folders lack is drawn by the default model instead; `events`
-        is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it early
-        (Job.finish_early)."""
+        """Queues a request; an unknown model, a full queue or a stopping server is refused here, before any work
+        (see accept for the arguments)."""
+        return self.queue(self.accept(req, client_gone, default_if_unknown, events, interruptible))
+
+    def accept(
+        self,
+        req: GenerationRequest,
+        client_gone=None,
+        default_if_unknown: bool = False,
+        events=None,
+        interruptible: bool = False,
+    ) -> Job:
+        """The job for a request, checked and its seeds drawn, not yet queued: an unknown model or LoRA is refused
+        here. With `default_if_unknown`, a model name the folders lack is drawn by the default model instead;
+        `events` is where the job's events go (see Job); with `interruptible`, A1111's interrupt and skip may end it
+        early (Job.finish_early). A fleet (engine/fleet.py) queues the job in Redis instead of here."""
         key = self.catalog.resolve_or_default(req.model) if default_if_unknown else self.catalog.resolve(req.model)
         req = self.with_usable_upscaler(self.for_model(req, key))
         job = Job(req, key, client_gone, events=events, interruptible=interruptible)
         for name, _ in req.loras:  # an unknown LoRA is refused before the request waits in the queue
             find_file(self.settings, "loras", "lora", name, LORA_SUFFIXES)
         job.request = with_seeds(job.request)
-        return self.queue(job)
+        return job
 
     def with_usable_upscaler(self, req: GenerationRequest) -> GenerationRequest:
         """The request, its hires fix's upscaler model checked before it queues: one that cannot be used is refused

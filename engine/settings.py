@@ -41,3 +41,4 @@ class Settings:
     no_web: bool = False
     no_pull: bool = False
     prompt_cache: int = PROMPT_CACHE  # encoded prompts each loaded model keeps (0: none)
+    queue: str = ""  # a Redis URL whose queue this server shares with others (engine/fleet.py); "" for its own
