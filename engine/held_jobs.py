@@ -55,7 +55,7 @@ class HeldJob:
         self.status = "queued"
         self.step, self.steps = 0, steps
         self.error = None  # why it failed or was cancelled
-        self.server, self.attempts = None, None  # in a fleet, the server that drew it and how often it was drawn
+        self.server = None  # in a fleet, the server that drew it (attempts then counts the fleet's draws)
         self.job = None  # the engine's Job, until it ends
         self.result = None  # the Finished event, until the first client that asks has it translated
         self.answer = None  # the translated result, kept in its place
